@@ -1,0 +1,84 @@
+"""The ``sfmpairs`` command: a thin layer over the Python API of each stage."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+
+import click
+
+from . import __version__
+from .common import SfmpairsError
+
+
+def _fail_cleanly(fn):
+    """Bad input: one line on stderr naming the file and the problem, exit code 2."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except SfmpairsError as e:
+            click.echo(f"sfmpairs: error: {e}", err=True)
+            sys.exit(e.exit_code)
+        except KeyboardInterrupt:
+            click.echo("sfmpairs: interrupted", err=True)
+            sys.exit(130)
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="sfmpairs")
+@click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors; no progress bars.")
+def main(verbose: int, quiet: bool):
+    """Matching and non-matching image pairs from COLMAP Structure-from-Motion models,
+    for training image-retrieval CNNs (Radenovic, Tolias and Chum)."""
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("sfmpairs").setLevel(level)
+
+
+@main.command()
+@click.argument("paths", nargs=-1, type=click.Path(path_type=str))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="The SfM store to write (HDF5).")
+@click.option("--manifest", type=click.Path(dir_okay=False),
+              help="TOML file listing models, cluster names and image folders.")
+@click.option("--images-root", type=click.Path(file_okay=False),
+              help="Folder the stored image names are relative to "
+                   "(default: the common folder of the models' photos).")
+@click.option("--cluster-by", type=click.Choice(["model", "scene"]), default="model",
+              show_default=True,
+              help="One cluster per model, or one per scene (scene/sparse/N share one).")
+@click.option("--reader", type=click.Choice(["auto", "pycolmap"]), default="auto",
+              show_default=True,
+              help="auto: the fast readers; pycolmap: the slower reference reader.")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+@_fail_cleanly
+def ingest(paths, output, manifest, images_root, cluster_by, reader, overwrite):
+    """COLMAP models (PATHS: model folders or trees of them) to one HDF5 SfM store.
+
+    Each model becomes a cluster named after its path. Binary and text models, with
+    or without rigs/frames (COLMAP 3.12+), are read.
+    """
+    from .sfm_io.ingest import ingest as run
+
+    if not paths and not manifest:
+        raise SfmpairsError("no input: give model paths or --manifest")
+    run(list(paths), output, manifest=manifest, images_root=images_root,
+        cluster_by=cluster_by, reader=reader, overwrite=overwrite)
+
+
+@main.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@_fail_cleanly
+def info(file):
+    """Summarise any file sfmpairs writes: contents, schema and how it was made."""
+    from .info import summary
+
+    click.echo(summary(file))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

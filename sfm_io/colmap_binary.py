@@ -1,0 +1,315 @@
+"""A fast reader of COLMAP binary models (cameras.bin, images.bin, points3D.bin and,
+from COLMAP 3.12 on, rigs.bin and frames.bin).
+
+It reads the files through ``mmap`` and numpy views instead of building millions of
+Python or C++ objects, checks every count and offset against the file size (a
+truncated or corrupt file gives a one-line :class:`SfmpairsError`, never a crash or
+a huge allocation), and gives exactly what the pycolmap reader
+(:mod:`.colmap_pycolmap`) gives. The byte layout is COLMAP's
+``src/colmap/scene/reconstruction_io_binary.cc``; all integers little-endian.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from ..common import SfmpairsError
+from .model import (
+    INVALID_POINT3D_ID, Model, build_observations, camera_models, check_finite,
+    check_pose_quaternions, check_tracks, check_unique, point_lookup, poses_from_frames,
+)
+
+_U64 = struct.Struct("<Q")
+_CAMERA = struct.Struct("<IiQQ")  # camera_id, model_id, width, height
+_IMAGE = struct.Struct("<I4d3dI")  # image_id, qvec, tvec, camera_id  (64 bytes)
+_POINT_HEAD = 43  # point3D_id u64, xyz 3 f8, rgb 3 u8, error f8; then track_length u64
+_POINT2D = np.dtype([("x", "<f8"), ("y", "<f8"), ("id", "<u8")])  # 24 bytes
+_MAX_NAME = 4096
+_SENSOR_CAMERA = 0
+
+
+class _File:
+    """A read-only view of one model file with bounds-checked reads."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size == 0:
+                    raise SfmpairsError(f"{path}: empty file")
+                self.buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except OSError as e:
+            raise SfmpairsError(f"{path}: cannot read ({e.strerror or e})") from None
+        self.size = size
+        self._released = 0
+
+    def fail(self, problem: str):
+        raise SfmpairsError(f"{self.path}: {problem}")
+
+    def need(self, offset: int, nbytes: int, what: str) -> None:
+        if offset + nbytes > self.size:
+            self.fail(f"truncated: {what} runs past the end of the file "
+                      f"(needs byte {offset + nbytes}, file has {self.size})")
+
+    def unpack(self, st: struct.Struct, offset: int, what: str):
+        self.need(offset, st.size, what)
+        return st.unpack_from(self.buf, offset)
+
+    def count(self, offset: int, min_record: int, what: str) -> int:
+        (n,) = self.unpack(_U64, offset, f"number of {what}")
+        if n * min_record > self.size - offset - 8:
+            self.fail(f"corrupt: says {n} {what}, more than the file can hold")
+        return n
+
+    def end(self, offset: int) -> None:
+        if offset != self.size:
+            self.fail(f"corrupt: {self.size - offset} unexpected bytes after the last record")
+
+    def release(self, upto: int) -> None:
+        """Drop the pages before ``upto`` from memory (they were read and are clean)."""
+        upto -= upto % mmap.PAGESIZE
+        if upto - self._released >= 1 << 25:
+            self.buf.madvise(mmap.MADV_DONTNEED, self._released, upto - self._released)
+            self._released = upto
+
+    def close(self):
+        try:
+            self.buf.close()
+        except BufferError:  # a numpy view is still alive (we are unwinding an error)
+            pass
+
+
+def read_cameras(path: Path) -> dict[int, tuple[str, int, int, np.ndarray]]:
+    """camera id -> (model name, width, height, params)."""
+    f = _File(path)
+    table = camera_models()
+    cameras = {}
+    try:
+        n = f.count(0, _CAMERA.size, "cameras")
+        off = 8
+        for _ in range(n):
+            cid, mid, w, h = f.unpack(_CAMERA, off, "camera record")
+            if mid not in table:
+                f.fail(f"camera {cid} has unknown camera model id {mid}")
+            name, nparams, _ = table[mid]
+            off += _CAMERA.size
+            f.need(off, 8 * nparams, f"parameters of camera {cid}")
+            params = np.frombuffer(f.buf, "<f8", nparams, off).astype(np.float64)
+            off += 8 * nparams
+            if cid in cameras:
+                f.fail(f"camera id {cid} appears twice")
+            if not (0 < w < 2**31 and 0 < h < 2**31):
+                f.fail(f"camera {cid} has an invalid size {w}x{h}")
+            if not np.all(np.isfinite(params)):
+                f.fail(f"camera {cid} has non-finite parameters")
+            cameras[cid] = (name, w, h, params)
+        f.end(off)
+    finally:
+        f.close()
+    return cameras
+
+
+def read_rigs(path: Path) -> dict[int, dict[int, tuple | None]]:
+    """rig id -> {camera id: (q, t) sensor_from_rig, None for the reference sensor}."""
+    f = _File(path)
+    rigs = {}
+    head, sensor = struct.Struct("<II"), struct.Struct("<iI")
+    flag, pose = struct.Struct("<B"), struct.Struct("<7d")
+    try:
+        n = f.count(0, 8, "rigs")
+        off = 8
+        for _ in range(n):
+            rig_id, num_sensors = f.unpack(head, off, "rig record")
+            off += head.size
+            sensors = {}
+            for j in range(num_sensors):
+                stype, sid = f.unpack(sensor, off, f"sensor of rig {rig_id}")
+                off += sensor.size
+                value = None
+                if j > 0:
+                    (has_pose,) = f.unpack(flag, off, "sensor pose flag")
+                    off += flag.size
+                    if has_pose:
+                        vals = f.unpack(pose, off, "sensor pose")
+                        off += pose.size
+                        value = (np.array(vals[:4]), np.array(vals[4:]))
+                        if not np.all(np.isfinite(vals)):
+                            f.fail(f"rig {rig_id} has a non-finite sensor pose")
+                    else:
+                        f.fail(f"rig {rig_id}: sensor {sid} has no pose relative to the rig")
+                if stype == _SENSOR_CAMERA:
+                    sensors[sid] = value
+            rigs[rig_id] = sensors
+        f.end(off)
+    finally:
+        f.close()
+    return rigs
+
+
+def read_frames(path: Path) -> dict[int, tuple[np.ndarray, np.ndarray, int]]:
+    """image id -> (q, t) rig_from_world of the image's frame and the rig id."""
+    f = _File(path)
+    head, data = struct.Struct("<II7dI"), struct.Struct("<iIQ")
+    frames = {}
+    try:
+        n = f.count(0, head.size, "frames")
+        off = 8
+        for _ in range(n):
+            frame_id, rig_id, *pose, num_data = f.unpack(head, off, "frame record")
+            off += head.size
+            if not np.all(np.isfinite(pose)):
+                f.fail(f"frame {frame_id} has a non-finite pose")
+            q, t = np.array(pose[:4]), np.array(pose[4:])
+            f.need(off, num_data * data.size, f"data ids of frame {frame_id}")
+            for _ in range(num_data):
+                stype, _sid, data_id = data.unpack_from(f.buf, off)
+                off += data.size
+                if stype == _SENSOR_CAMERA:
+                    frames[data_id] = (q, t, rig_id)
+        f.end(off)
+    finally:
+        f.close()
+    return frames
+
+
+def _image_headers(f: _File):
+    """Offsets, ids, poses, camera ids, names and 2D point counts of every image."""
+    n = f.count(0, _IMAGE.size + 9, "images")
+    off = 8
+    recs = []
+    buf = f.buf
+    for _ in range(n):
+        iid, qw, qx, qy, qz, tx, ty, tz, cid = f.unpack(_IMAGE, off, "image record")
+        start = off + _IMAGE.size
+        stop = buf.find(b"\0", start, min(start + _MAX_NAME, f.size))
+        if stop < 0:
+            f.fail(f"truncated or corrupt: name of image {iid} is not terminated")
+        try:
+            name = buf[start:stop].decode("utf-8")
+        except UnicodeDecodeError:
+            f.fail(f"corrupt: name of image {iid} is not UTF-8")
+        (npts,) = f.unpack(_U64, stop + 1, f"2D point count of image {iid}")
+        pts = stop + 9
+        f.need(pts, npts * _POINT2D.itemsize, f"2D points of image {iid}")
+        recs.append((iid, (qw, qx, qy, qz), (tx, ty, tz), cid, name, pts, npts))
+        off = pts + npts * _POINT2D.itemsize
+    f.end(off)
+    return recs
+
+
+def _point_offsets(f: _File) -> np.ndarray:
+    """Byte offset of every record of points3D.bin (records have variable length)."""
+    n = f.count(0, _POINT_HEAD + 8, "3D points")
+    offsets = [0] * n
+    unpack, buf = _U64.unpack_from, f.buf
+    off = 8
+    try:
+        for i in range(n):  # the one Python loop over points: 0.3 us a record
+            offsets[i] = off
+            off += _POINT_HEAD + 8 + 8 * unpack(buf, off + _POINT_HEAD)[0]
+            if not i & 0xFFFF:
+                f.release(off)
+    except struct.error:
+        f.fail(f"truncated: 3D point record {i} runs past the end of the file")
+    f.end(off)
+    return np.array(offsets, np.int64)
+
+
+def _gather(f: _File, offsets: np.ndarray, dtype: str, count: int = 1) -> np.ndarray:
+    """``count`` consecutive 8-byte values of ``dtype`` at each of ``offsets``.
+
+    Records start at arbitrary byte offsets; for each of the 8 alignments we view the
+    file as an array of that type shifted by it and gather with fancy indexing.
+    """
+    dt = np.dtype(dtype)
+    assert dt.itemsize == 8
+    out = np.empty((len(offsets), count), dt)
+    shift = offsets % 8
+    for s in range(8):
+        sel = np.flatnonzero(shift == s)
+        if len(sel):
+            view = np.frombuffer(f.buf, dt, (f.size - s) // 8, s)
+            base = (offsets[sel] - s) // 8
+            for c in range(count):
+                out[sel, c] = view[base + c]
+            del view
+    return out if count > 1 else out[:, 0]
+
+
+def read_points(path: Path):
+    """Sorted point ids, xyz and the track length each record declares."""
+    f = _File(path)
+    try:
+        offsets = _point_offsets(f)
+        ids = _gather(f, offsets, "<u8")
+        xyz = _gather(f, offsets + 8, "<f8", 3)
+        track = _gather(f, offsets + _POINT_HEAD, "<u8")
+    finally:
+        f.close()
+    if not np.all(ids[1:] > ids[:-1]):  # COLMAP < 3.12 wrote points in hash order
+        order = np.argsort(ids, kind="stable")
+        ids, xyz, track = ids[order], xyz[order], track[order]
+        check_unique(ids, "3D point", str(path))
+    check_finite(xyz, "3D point position", str(path))
+    return ids, xyz, track
+
+
+def read_model(folder: str | os.PathLike) -> Model:
+    """Read the binary COLMAP model in ``folder``."""
+    folder = Path(folder)
+    cams = read_cameras(folder / "cameras.bin")
+    point_ids, xyz, file_tracks = read_points(folder / "points3D.bin")
+    images_path = folder / "images.bin"
+    f = _File(images_path)
+    try:
+        heads = sorted(_image_headers(f), key=lambda r: r[0])
+        image_ids = np.array([r[0] for r in heads], np.uint32)
+        check_unique(image_ids, "image", str(images_path))
+        camera_ids = np.array([r[3] for r in heads], np.uint32)
+        missing = [c for c in camera_ids.tolist() if c not in cams]
+        if missing:
+            raise SfmpairsError(f"{images_path}: an image uses camera {missing[0]}, "
+                                f"which cameras.bin does not have")
+        qvec = np.array([r[1] for r in heads], np.float64).reshape(-1, 4)
+        tvec = np.array([r[2] for r in heads], np.float64).reshape(-1, 3)
+        rigs_path, frames_path = folder / "rigs.bin", folder / "frames.bin"
+        if rigs_path.exists() or frames_path.exists():
+            rigs = read_rigs(rigs_path)
+            frames = read_frames(frames_path)
+            qvec, tvec = poses_from_frames(image_ids, camera_ids, frames, rigs, str(frames_path))
+        check_pose_quaternions(qvec, str(images_path))
+        check_finite(tvec, "image translation", str(images_path))
+
+        def rows():
+            for r in heads:
+                block = np.frombuffer(f.buf, "<f8", 3 * r[6], r[5]).reshape(-1, 3)
+                ids = block[:, 2].view("<u8")
+                valid = ids != INVALID_POINT3D_ID
+                yield r[0], ids[valid], block[valid, :2]
+                f.release(r[5])
+
+        capacity = sum(r[6] for r in heads)
+        indptr, point, obs_xy, track_length, raw_counts = build_observations(
+            rows(), len(heads), point_lookup(point_ids), len(point_ids), capacity,
+            str(images_path))
+    finally:
+        f.close()
+    check_finite(obs_xy, "2D point position", str(images_path))
+    model = Model(
+        path=str(folder), format="binary",
+        image_ids=image_ids, names=[r[4] for r in heads], camera_ids=camera_ids,
+        qvec=qvec, tvec=tvec,
+        camera_model=[cams[c][0] for c in camera_ids.tolist()],
+        params=[cams[c][3] for c in camera_ids.tolist()],
+        width=np.array([cams[c][1] for c in camera_ids.tolist()], np.int64),
+        height=np.array([cams[c][2] for c in camera_ids.tolist()], np.int64),
+        point_ids=point_ids, xyz=xyz, indptr=indptr, point=point, xy=obs_xy, track_length=track_length,
+    )
+    check_tracks(model, file_tracks, raw_counts, str(folder / "points3D.bin"))
+    return model

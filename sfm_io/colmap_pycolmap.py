@@ -1,0 +1,88 @@
+"""The reference reader: any COLMAP model (binary or text) through pycolmap.
+
+Slow on large models (it walks every 2D point in Python) but independent of the fast
+readers' parsing; tests require both to give the same :class:`.model.Model`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..common import SfmpairsError
+from .model import (
+    Model, build_observations, check_pose_quaternions, check_tracks, compose_poses,
+    point_lookup,
+)
+
+
+def _xyzw_to_wxyz(q) -> np.ndarray:
+    q = np.asarray(q, np.float64)
+    return np.array([q[3], q[0], q[1], q[2]])
+
+
+def read_model(folder: str | os.PathLike, fmt: str = "binary") -> Model:
+    import pycolmap
+
+    folder = Path(folder)
+    try:
+        rec = pycolmap.Reconstruction()
+        if fmt == "binary":
+            rec.read_binary(str(folder))
+        else:
+            rec.read_text(str(folder))
+    except Exception as e:  # pycolmap raises ValueError/RuntimeError with C++ context
+        msg = " ".join(str(e).split())
+        raise SfmpairsError(f"{folder}: pycolmap cannot read the model: {msg}") from None
+
+    image_ids = np.array(sorted(i for i, im in rec.images.items() if im.has_pose), np.uint32)
+    images = [rec.images[int(i)] for i in image_ids]
+    qvec = np.empty((len(images), 4))
+    tvec = np.empty((len(images), 3))
+    for k, im in enumerate(images):
+        # cam_from_world = sensor_from_rig * rig_from_world, composed as the fast
+        # readers compose it so that both give the same bits
+        frame = rec.frames[im.frame_id]
+        rig = rec.rigs[frame.rig_id]
+        q = _xyzw_to_wxyz(frame.rig_from_world.rotation.quat)
+        t = np.asarray(frame.rig_from_world.translation, np.float64)
+        ref = rig.ref_sensor_id
+        if not (ref.type == pycolmap.SensorType.CAMERA and ref.id == im.camera_id):
+            sensor = pycolmap.sensor_t(type=pycolmap.SensorType.CAMERA, id=im.camera_id)
+            s_from_r = rig.sensor_from_rig(sensor)
+            qq, tt = compose_poses(_xyzw_to_wxyz(s_from_r.rotation.quat)[None],
+                                   np.asarray(s_from_r.translation)[None], q[None], t[None])
+            q, t = qq[0], tt[0]
+        qvec[k], tvec[k] = q, t
+    check_pose_quaternions(qvec, str(folder))
+
+    point_ids = np.array(sorted(rec.points3D), np.uint64)
+    xyz = np.array([rec.points3D[int(p)].xyz for p in point_ids], np.float64).reshape(-1, 3)
+    file_tracks = np.array([rec.points3D[int(p)].track.length() for p in point_ids], np.int64)
+
+    def rows():
+        for iid, im in zip(image_ids.tolist(), images):
+            pts = [p for p in im.points2D if p.has_point3D()]
+            ids = np.array([p.point3D_id for p in pts], np.uint64)
+            xy = np.array([p.xy for p in pts], np.float64).reshape(-1, 2)
+            yield iid, ids, xy
+
+    capacity = sum(im.num_points3D for im in images)
+    indptr, point, obs_xy, track_length, raw_counts = build_observations(
+        rows(), len(images), point_lookup(point_ids), len(point_ids), capacity, str(folder))
+    cams = [rec.cameras[im.camera_id] for im in images]
+    model = Model(
+        path=str(folder), format=fmt,
+        image_ids=image_ids, names=[im.name for im in images],
+        camera_ids=np.array([im.camera_id for im in images], np.uint32),
+        qvec=qvec, tvec=tvec,
+        camera_model=[c.model.name for c in cams],
+        params=[np.asarray(c.params, np.float64) for c in cams],
+        width=np.array([c.width for c in cams], np.int64),
+        height=np.array([c.height for c in cams], np.int64),
+        point_ids=point_ids, xyz=xyz, indptr=indptr, point=point, xy=obs_xy, track_length=track_length,
+    )
+    check_tracks(model, file_tracks, raw_counts, str(folder))
+    return model

@@ -1,0 +1,159 @@
+"""``sfmpairs ingest``: COLMAP models to one HDF5 SfM store.
+
+Every model becomes a cluster (or, with ``cluster_by="scene"``, the models of one
+scene share one); pools and geometry stay per model, each in its own frame.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import h5py
+
+from ..common import SfmpairsError, atomic_output, progress, provenance_attrs
+from . import colmap_binary, colmap_pycolmap, colmap_text
+from .discover import MODEL_FILES, ModelSource, from_manifest, from_paths
+from .model import Model
+from .store import SCHEMA, SCHEMA_VERSION, append_model, create_store, write_table
+
+logger = logging.getLogger("sfmpairs.ingest")
+
+READERS = ("auto", "pycolmap")
+
+
+def read_model(folder: str | os.PathLike, fmt: str, reader: str = "auto") -> Model:
+    """Read one model: the fast readers by default, pycolmap with ``reader="pycolmap"``."""
+    if reader == "pycolmap":
+        return colmap_pycolmap.read_model(folder, fmt)
+    if reader != "auto":
+        raise SfmpairsError(f"unknown reader {reader!r} (choose from {', '.join(READERS)})")
+    return (colmap_binary if fmt == "binary" else colmap_text).read_model(folder)
+
+
+def _image_prefixes(sources: list[ModelSource], images_root: Path | None):
+    """The images root of the store and each model's prefix of image names under it.
+
+    A model whose photo folder is known gets the folder's path under the root; one
+    whose photos are unknown gets its model name, unless the user named the root.
+    """
+    given = images_root is not None
+    if images_root is None:
+        known = [str(s.images_dir) for s in sources if s.images_dir]
+        images_root = Path(os.path.commonpath(known)) if known else None
+    else:
+        images_root = Path(images_root).resolve()
+    prefixes = []
+    for s in sources:
+        prefix = "" if given else s.name + "/"
+        if images_root is not None and s.images_dir is not None:
+            prefix = ""
+            rel = os.path.relpath(s.images_dir, images_root)
+            if rel.startswith(".."):
+                logger.warning("%s: photos at %s are outside the images root %s",
+                               s.path, s.images_dir, images_root)
+            elif rel != ".":
+                prefix = Path(rel).as_posix() + "/"
+        prefixes.append(prefix)
+    return images_root, prefixes
+
+
+def _inputs(sources: list[ModelSource]) -> list[dict]:
+    out = []
+    for s in sources:
+        ext = "bin" if s.format == "binary" else "txt"
+        files = {}
+        for f in (*MODEL_FILES, "rigs", "frames"):
+            p = s.path / f"{f}.{ext}"
+            if p.exists():
+                st = p.stat()
+                files[p.name] = {"bytes": st.st_size, "mtime": int(st.st_mtime)}
+        out.append({"path": str(s.path.resolve()), "format": s.format, "name": s.name,
+                    "cluster": s.cluster, "files": files})
+    return out
+
+
+def ingest(paths: list[str | os.PathLike] | None, output: str | os.PathLike, *,
+           manifest: str | os.PathLike | None = None,
+           images_root: str | os.PathLike | None = None,
+           cluster_by: str = "model", reader: str = "auto",
+           overwrite: bool = False) -> dict:
+    """Read COLMAP models and write the SfM store ``output``; returns a short summary.
+
+    ``paths`` are model folders or trees of them; ``manifest`` a TOML file listing
+    models (both may be given). Raises :class:`SfmpairsError` on bad input, leaving no
+    output behind.
+    """
+    t0 = time.perf_counter()
+    if cluster_by not in ("model", "scene"):
+        raise SfmpairsError(f"unknown --cluster-by {cluster_by!r} (choose model or scene)")
+    sources: list[ModelSource] = []
+    if manifest is not None:
+        listed, manifest_root = from_manifest(manifest, cluster_by)
+        sources += listed
+        images_root = images_root or manifest_root
+    sources += from_paths(list(paths or []), cluster_by)
+    if not sources:
+        raise SfmpairsError("no input: give model paths or --manifest")
+    seen = {}
+    for s in sources:
+        if s.name in seen:
+            raise SfmpairsError(f"{s.path}: model name {s.name!r} is also that of {seen[s.name]}; "
+                                f"name them in a manifest")
+        seen[s.name] = s.path
+    root, prefixes = _image_prefixes(sources, images_root)
+    cluster_names = list(dict.fromkeys(s.cluster for s in sources))
+    cluster_index = {c: i for i, c in enumerate(cluster_names)}
+    parameters = {"cluster_by": cluster_by, "reader": reader,
+                  "images_root": str(root) if root else None,
+                  "manifest": str(Path(manifest).resolve()) if manifest else None}
+
+    totals = {"images": 0, "points": 0, "observations": 0}
+    with atomic_output(output, overwrite) as tmp:
+        with h5py.File(tmp, "w") as h5:
+            create_store(h5)
+            names_seen: dict[str, str] = {}
+            ranges = []
+            for k, (src, prefix) in enumerate(progress(list(zip(sources, prefixes)),
+                                                      desc="ingest", unit="model")):
+                model = read_model(src.path, src.format, reader)
+                if model.num_images == 0:
+                    raise SfmpairsError(f"{src.path}: empty model (no registered images)")
+                names = [prefix + n for n in model.names]
+                for n in names:
+                    if n in names_seen:
+                        raise SfmpairsError(
+                            f"{src.path}: image name {n!r} is also in model {names_seen[n]}; give "
+                            f"each model its photo folder (--images-root or a manifest)")
+                    names_seen[n] = src.name
+                start = (totals["images"], totals["points"])
+                append_model(h5, model, k, cluster_index[src.cluster], names)
+                totals["images"] += model.num_images
+                totals["points"] += model.num_points
+                totals["observations"] += len(model.point)
+                ranges.append((*start, totals["images"], totals["points"]))
+                logger.info("%s: %d images, %d points, %d observations (%s)", src.name,
+                            model.num_images, model.num_points, len(model.point), src.format)
+                del model
+            write_table(h5, "clusters", {
+                "name": cluster_names,
+                "source": [";".join(str(s.path.resolve()) for s in sources if s.cluster == c)
+                           for c in cluster_names]})
+            write_table(h5, "models", {
+                "name": [s.name for s in sources],
+                "path": [str(s.path.resolve()) for s in sources],
+                "format": [s.format for s in sources],
+                "cluster": [cluster_index[s.cluster] for s in sources],
+                "images_dir": [str(s.images_dir) if s.images_dir else "" for s in sources],
+                "image_range": [(r[0], r[2]) for r in ranges],
+                "point_range": [(r[1], r[3]) for r in ranges]})
+            h5.attrs.update(provenance_attrs(SCHEMA, SCHEMA_VERSION, parameters, _inputs(sources)))
+            h5.attrs["images_root"] = str(root) if root else ""
+    seconds = time.perf_counter() - t0
+    logger.info("wrote %s: %d clusters, %d models, %d images, %d points, %d observations in %.1f s",
+                output, len(cluster_names), len(sources), totals["images"], totals["points"],
+                totals["observations"], seconds)
+    return {"output": str(output), "clusters": len(cluster_names), "models": len(sources),
+            **totals, "seconds": seconds}

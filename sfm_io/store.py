@@ -1,0 +1,160 @@
+"""The SfM store: every model of a dataset in one HDF5 file (schema in docs/formats.md).
+
+Written model by model into resizable datasets, so that ingesting many models needs
+memory for the largest one only.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from ..common import SfmpairsError
+from .model import Model, camera_centres, camera_models, focal_lengths, quat_to_rotmat
+
+SCHEMA = "sfmpairs/sfm-store"
+SCHEMA_VERSION = 1
+
+_STR = h5py.string_dtype("utf-8")
+_IMAGE_CHUNK = 4096
+_OBS_CHUNK = 1 << 19
+
+
+def max_params() -> int:
+    return max(n for _, n, _ in camera_models().values())
+
+
+# (group/name, dtype, shape after the first axis, chunk rows)
+_LAYOUT = [
+    ("images/name", _STR, (), _IMAGE_CHUNK),
+    ("images/colmap_name", _STR, (), _IMAGE_CHUNK),
+    ("images/model", np.int32, (), _IMAGE_CHUNK),
+    ("images/cluster", np.int32, (), _IMAGE_CHUNK),
+    ("images/colmap_id", np.uint32, (), _IMAGE_CHUNK),
+    ("images/camera_colmap_id", np.uint32, (), _IMAGE_CHUNK),
+    ("images/camera_model", _STR, (), _IMAGE_CHUNK),
+    ("images/params", np.float64, (None,), _IMAGE_CHUNK),  # width filled in create_store
+    ("images/num_params", np.uint8, (), _IMAGE_CHUNK),
+    ("images/focal", np.float64, (), _IMAGE_CHUNK),
+    ("images/width", np.int64, (), _IMAGE_CHUNK),
+    ("images/height", np.int64, (), _IMAGE_CHUNK),
+    ("images/qvec", np.float64, (4,), _IMAGE_CHUNK),
+    ("images/tvec", np.float64, (3,), _IMAGE_CHUNK),
+    ("images/rotation", np.float64, (3, 3), _IMAGE_CHUNK),
+    ("images/centre", np.float64, (3,), _IMAGE_CHUNK),
+    ("points/xyz", np.float64, (3,), _OBS_CHUNK),
+    ("points/track_length", np.int32, (), _OBS_CHUNK),
+    ("points/colmap_id", np.uint64, (), _OBS_CHUNK),
+    ("points/model", np.int32, (), _OBS_CHUNK),
+    ("observations/point", np.int32, (), _OBS_CHUNK),
+    ("observations/xy", np.float32, (2,), _OBS_CHUNK),
+]
+
+
+def create_store(h5: h5py.File) -> None:
+    """Empty, resizable datasets for :func:`append_model`."""
+    width = max_params()
+    for name, dtype, tail, chunk in _LAYOUT:
+        tail = (width,) if tail == (None,) else tail
+        h5.create_dataset(name, shape=(0, *tail), maxshape=(None, *tail), dtype=dtype,
+                          chunks=(chunk, *tail))
+    h5.create_dataset("observations/indptr", data=np.zeros(1, np.int64), maxshape=(None,),
+                      chunks=(_IMAGE_CHUNK,))
+
+
+def _append(ds: h5py.Dataset, values) -> None:
+    n = len(ds)
+    ds.resize(n + len(values), axis=0)
+    if len(values):
+        ds[n:] = values
+
+
+def append_model(h5: h5py.File, model: Model, model_index: int, cluster_index: int,
+                 names: list[str]) -> None:
+    """Append one model's images, points and observations."""
+    n, m = model.num_images, model.num_points
+    point_offset = len(h5["points/xyz"])
+    obs_offset = int(h5["observations/indptr"][-1])
+    params = np.full((n, h5["images/params"].shape[1]), np.nan)
+    for i, p in enumerate(model.params):
+        params[i, :len(p)] = p
+    columns = {
+        "images/name": names,
+        "images/colmap_name": model.names,
+        "images/model": np.full(n, model_index, np.int32),
+        "images/cluster": np.full(n, cluster_index, np.int32),
+        "images/colmap_id": model.image_ids,
+        "images/camera_colmap_id": model.camera_ids,
+        "images/camera_model": model.camera_model,
+        "images/params": params,
+        "images/num_params": np.array([len(p) for p in model.params], np.uint8),
+        "images/focal": focal_lengths(model.camera_model, model.params),
+        "images/width": model.width,
+        "images/height": model.height,
+        "images/qvec": model.qvec,
+        "images/tvec": model.tvec,
+        "images/rotation": quat_to_rotmat(model.qvec),
+        "images/centre": camera_centres(model.qvec, model.tvec),
+        "points/xyz": model.xyz,
+        "points/track_length": model.track_length,
+        "points/colmap_id": model.point_ids,
+        "points/model": np.full(m, model_index, np.int32),
+        "observations/xy": model.xy,
+    }
+    for name, values in columns.items():
+        _append(h5[name], values)
+    point = model.point
+    if point_offset:
+        point = point + np.int32(point_offset)
+    _append(h5["observations/point"], point)
+    _append(h5["observations/indptr"], model.indptr[1:] + obs_offset)
+
+
+def write_table(h5: h5py.File, group: str, columns: dict) -> None:
+    for key, values in columns.items():
+        values = list(values) if isinstance(values, (list, tuple)) else values
+        if len(values) and isinstance(values[0], str):
+            h5.create_dataset(f"{group}/{key}", data=values, dtype=_STR)
+        else:
+            h5.create_dataset(f"{group}/{key}", data=np.asarray(values))
+
+
+def open_store(path: str | Path) -> h5py.File:
+    """Open an SfM store for reading; a clear error for anything else."""
+    path = Path(path)
+    try:
+        h5 = h5py.File(path, "r")
+    except FileNotFoundError:
+        raise SfmpairsError(f"{path}: no such file") from None
+    except OSError as e:
+        raise SfmpairsError(f"{path}: not an HDF5 file ({e})") from None
+    schema = h5.attrs.get("schema")
+    version = h5.attrs.get("schema_version")
+    if schema != SCHEMA:
+        h5.close()
+        raise SfmpairsError(f"{path}: not an SfM store (schema {schema!r}, expected {SCHEMA!r})")
+    if version != SCHEMA_VERSION:
+        h5.close()
+        raise SfmpairsError(f"{path}: SfM store schema version {version}, this sfmpairs reads "
+                            f"version {SCHEMA_VERSION}")
+    return h5
+
+
+def read_store(path: str | Path, observations: bool = True) -> dict:
+    """Every dataset of the store as numpy arrays (strings decoded), plus ``attrs``."""
+    out = {}
+    with open_store(path) as h5:
+        def visit(name, obj):
+            if isinstance(obj, h5py.Dataset):
+                if not observations and name.startswith("observations/") and name != "observations/indptr":
+                    return
+                out[name] = obj.asstr()[()] if h5py.check_string_dtype(obj.dtype) else obj[()]
+        h5.visititems(visit)
+        out["attrs"] = {k: (v.item() if hasattr(v, "item") else v) for k, v in h5.attrs.items()}
+    for key in ("parameters", "inputs"):
+        if key in out["attrs"]:
+            out["attrs"][key] = json.loads(out["attrs"][key])
+    return out

@@ -1,0 +1,126 @@
+"""Random COLMAP models built with pycolmap, for tests and benchmarks.
+
+The geometry is consistent (2D points are exact pinhole projections of the 3D points
+into cameras that look at them), ids are odd on purpose (not 1..N, with gaps), and a
+few tracks list an image twice, as real models do. The photo-realistic synthetic
+world of ``sfmpairs synth`` is a different thing; this is the small, fast generator
+for exercising readers and miners.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _look_at(centres: np.ndarray, targets: np.ndarray, rng) -> np.ndarray:
+    """Rotations (cam_from_world) of cameras at ``centres`` looking at ``targets``."""
+    z = targets - centres
+    z /= np.linalg.norm(z, axis=1, keepdims=True)
+    up = np.array([0.0, -1.0, 0.0]) + rng.normal(0, 0.05, (len(z), 3))
+    x = np.cross(up, z)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    y = np.cross(z, x)
+    return np.stack([x, y, z], axis=1)  # rows are the camera axes in world coordinates
+
+
+def random_reconstruction(
+    num_images: int = 30,
+    num_points: int = 500,
+    track_length: int = 4,
+    *,
+    camera_models: tuple[str, ...] = ("SIMPLE_RADIAL",),
+    shared_cameras: bool = True,
+    duplicate_fraction: float = 0.02,
+    untriangulated_per_image: int = 5,
+    id_start: int = 5,
+    id_step: int = 3,
+    point_id_gaps: bool = True,
+    seed: int = 0,
+):
+    """A pycolmap.Reconstruction of ``num_images`` cameras on a winding path around a
+    scene of ``num_points`` points, each seen by ``track_length`` consecutive cameras.
+
+    ``camera_models`` cycles over images (one camera per model when
+    ``shared_cameras``, else one per image).
+    """
+    import pycolmap
+
+    rng = np.random.default_rng(seed)
+    n, m = num_images, num_points
+    L = max(1, min(track_length, n))
+    # cameras on a circle of radius 10 (with noise), looking at the scene centre
+    ang = np.linspace(0, 2 * np.pi * (1 - 1 / max(n, 1)), n) + rng.normal(0, 0.01, n)
+    radius = 10 + rng.normal(0, 1.5, n)
+    centres = np.stack([radius * np.cos(ang), rng.normal(0, 0.5, n), radius * np.sin(ang)], 1)
+    R = _look_at(centres, rng.normal(0, 0.3, (n, 3)), rng)
+    t = -np.einsum("nij,nj->ni", R, centres)
+
+    rec = pycolmap.Reconstruction()
+    width, height = 640, 480
+    cam_ids = []
+    for k in range(n if not shared_cameras else len(camera_models)):
+        model = camera_models[k % len(camera_models)]
+        cid = id_start + id_step * k + 2
+        focal = 500.0 + 40 * k if not shared_cameras else 520.0
+        cam = pycolmap.Camera.create_from_model_name(cid, model, focal, width + 16 * (k % 3), height)
+        params = np.asarray(cam.params, np.float64).copy()
+        extra = list(cam.extra_params_idxs())
+        params[extra] = rng.normal(0, 0.01, len(extra))
+        cam.params = params
+        rec.add_camera_with_trivial_rig(cam)
+        cam_ids.append(cid)
+    image_ids = id_start + id_step * np.arange(n)
+    image_cam = [cam_ids[i % len(cam_ids)] for i in range(n)]
+
+    # each point: near the scene centre, seen by L consecutive cameras on the path,
+    # the first camera chosen at random (wrapping around the circle)
+    first = rng.integers(0, n, m)
+    seen_by = (first[:, None] + np.arange(L)) % n  # (m, L)
+    mid = centres[seen_by].mean(1)
+    xyz = rng.normal(0, 1.0, (m, 3)) + 0.3 * mid / np.maximum(np.linalg.norm(mid, axis=1, keepdims=True), 1)
+    # a few tracks list one image twice (another 2D point of the same 3D point)
+    dup = rng.random(m) < duplicate_fraction
+    obs_point = np.concatenate([np.repeat(np.arange(m), L), np.flatnonzero(dup)])
+    obs_image = np.concatenate([seen_by.ravel(), seen_by[dup, 0]])
+    Xc = np.einsum("nij,nj->ni", R[obs_image], xyz[obs_point]) + t[obs_image]
+    f = np.array([rec.cameras[c].mean_focal_length() for c in image_cam])[obs_image]
+    uv = f[:, None] * Xc[:, :2] / Xc[:, 2:3] + np.array([width / 2, height / 2])
+    uv[len(uv) - dup.sum():] += rng.normal(0, 0.5, (dup.sum(), 2))
+
+    order = np.lexsort((obs_point, obs_image))
+    obs_image, obs_point, uv = obs_image[order], obs_point[order], uv[order]
+    starts = np.searchsorted(obs_image, np.arange(n + 1))
+    kp_index = np.empty(len(order), np.int64)
+    for i in range(n):
+        a, b = starts[i], starts[i + 1]
+        extra = rng.uniform([0, 0], [width, height], (untriangulated_per_image, 2))
+        kps = np.concatenate([extra[: untriangulated_per_image // 2], uv[a:b],
+                              extra[untriangulated_per_image // 2:]])
+        kp_index[a:b] = untriangulated_per_image // 2 + np.arange(b - a)
+        img = pycolmap.Image(name=f"seq/img_{int(image_ids[i]):05d}.jpg", keypoints=kps,
+                             camera_id=image_cam[i], image_id=int(image_ids[i]))
+        pose = pycolmap.Rigid3d(pycolmap.Rotation3d(R[i]), t[i])
+        rec.add_image_with_trivial_frame(img, pose)
+
+    # points: ids with gaps (add a spare point after every third and delete it later)
+    by_point = np.argsort(obs_point, kind="stable")
+    pstarts = np.searchsorted(obs_point[by_point], np.arange(m + 1))
+    spares = []
+    for p in range(m):
+        sel = by_point[pstarts[p]:pstarts[p + 1]]
+        track = pycolmap.Track([pycolmap.TrackElement(int(image_ids[obs_image[s]]), int(kp_index[s]))
+                                for s in sel])
+        rec.add_point3D(xyz[p], track)
+        if point_id_gaps and p % 3 == 0:
+            spares.append(rec.add_point3D(xyz[p], pycolmap.Track()))
+    for s in spares:
+        rec.delete_point3D(s)
+    return rec
+
+
+def write_model(rec, folder, fmt: str = "binary") -> None:
+    """Write a pycolmap.Reconstruction as a binary or text COLMAP model."""
+    from pathlib import Path
+
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    (rec.write_binary if fmt == "binary" else rec.write_text)(str(folder))
