@@ -17,11 +17,12 @@ import struct
 from pathlib import Path
 
 import numpy as np
+from numpy.lib.stride_tricks import as_strided
 
 from ..common import SfmpairsError
 from .model import (
     INVALID_POINT3D_ID, Model, build_observations, camera_models, check_finite,
-    check_pose_quaternions, check_tracks, check_unique, point_lookup, poses_from_frames,
+    check_pose_quaternions, check_unique, poses_from_frames,
 )
 
 _U64 = struct.Struct("<Q")
@@ -213,33 +214,10 @@ def _point_offsets(f: _File) -> np.ndarray:
         for i in range(n):  # the one Python loop over points: 0.3 us a record
             offsets[i] = off
             off += _POINT_HEAD + 8 + 8 * unpack(buf, off + _POINT_HEAD)[0]
-            if not i & 0xFFFF:
-                f.release(off)
     except struct.error:
         f.fail(f"truncated: 3D point record {i} runs past the end of the file")
     f.end(off)
     return np.array(offsets, np.int64)
-
-
-def _gather(f: _File, offsets: np.ndarray, dtype: str, count: int = 1) -> np.ndarray:
-    """``count`` consecutive 8-byte values of ``dtype`` at each of ``offsets``.
-
-    Records start at arbitrary byte offsets; for each of the 8 alignments we view the
-    file as an array of that type shifted by it and gather with fancy indexing.
-    """
-    dt = np.dtype(dtype)
-    assert dt.itemsize == 8
-    out = np.empty((len(offsets), count), dt)
-    shift = offsets % 8
-    for s in range(8):
-        sel = np.flatnonzero(shift == s)
-        if len(sel):
-            view = np.frombuffer(f.buf, dt, (f.size - s) // 8, s)
-            base = (offsets[sel] - s) // 8
-            for c in range(count):
-                out[sel, c] = view[base + c]
-            del view
-    return out if count > 1 else out[:, 0]
 
 
 def read_points(path: Path):
@@ -247,9 +225,18 @@ def read_points(path: Path):
     f = _File(path)
     try:
         offsets = _point_offsets(f)
-        ids = _gather(f, offsets, "<u8")
-        xyz = _gather(f, offsets + 8, "<f8", 3)
-        track = _gather(f, offsets + _POINT_HEAD, "<u8")
+        ids = np.empty(len(offsets), np.uint64)
+        xyz = np.empty((len(offsets), 3))
+        track = np.empty(len(offsets), np.uint64)
+        if len(offsets):
+            raw = np.frombuffer(f.buf, np.uint8)
+            head = as_strided(raw, (f.size - _POINT_HEAD - 7, _POINT_HEAD + 8), (1, 1))
+            for s in range(0, len(offsets), 1 << 18):  # the fixed-size head of each record
+                rec = head[offsets[s:s + (1 << 18)]]
+                ids[s:s + len(rec)] = rec[:, :8].view("<u8")[:, 0]
+                xyz[s:s + len(rec)] = rec[:, 8:32].view("<f8")
+                track[s:s + len(rec)] = rec[:, _POINT_HEAD:].view("<u8")[:, 0]
+            del raw, head, rec
     finally:
         f.close()
     if not np.all(ids[1:] > ids[:-1]):  # COLMAP < 3.12 wrote points in hash order
@@ -258,6 +245,30 @@ def read_points(path: Path):
         check_unique(ids, "3D point", str(path))
     check_finite(xyz, "3D point position", str(path))
     return ids, xyz, track
+
+
+def _point2d_batches(f: _File, heads: list, batch: int = 1 << 16):
+    """The 2D points that name a 3D point, for runs of consecutive images in ``heads``
+    order of about ``batch`` 2D points (the batches of
+    :func:`.model.build_observations`). Batching keeps numpy's per-call overhead off
+    the 10,000-image hot loop."""
+    start = 0
+    while start < len(heads):
+        stop, total = start, 0
+        while stop < len(heads) and (stop == start or total + heads[stop][6] <= batch):
+            total += heads[stop][6]
+            stop += 1
+        group = heads[start:stop]
+        block = np.concatenate([np.frombuffer(f.buf, "<f8", 3 * r[6], r[5]) for r in group])
+        block = block.reshape(-1, 3)
+        ids = block[:, 2].view("<u8")
+        valid = ids != INVALID_POINT3D_ID
+        ends = np.cumsum([r[6] for r in group])
+        cum = np.concatenate([[0], np.cumsum(valid)])
+        counts = cum[ends] - cum[ends - [r[6] for r in group]]
+        yield [r[0] for r in group], counts, ids[valid], block[valid, :2]
+        f.release(group[-1][5])
+        start = stop
 
 
 def read_model(folder: str | os.PathLike) -> Model:
@@ -286,18 +297,11 @@ def read_model(folder: str | os.PathLike) -> Model:
         check_pose_quaternions(qvec, str(images_path))
         check_finite(tvec, "image translation", str(images_path))
 
-        def rows():
-            for r in heads:
-                block = np.frombuffer(f.buf, "<f8", 3 * r[6], r[5]).reshape(-1, 3)
-                ids = block[:, 2].view("<u8")
-                valid = ids != INVALID_POINT3D_ID
-                yield r[0], ids[valid], block[valid, :2]
-                f.release(r[5])
-
+        batches = _point2d_batches(f, heads)
         capacity = sum(r[6] for r in heads)
-        indptr, point, obs_xy, track_length, raw_counts = build_observations(
-            rows(), len(heads), point_lookup(point_ids), len(point_ids), capacity,
-            str(images_path))
+        indptr, point, obs_xy, track_length = build_observations(
+            batches, len(heads), point_ids, file_tracks, capacity, str(images_path),
+            str(folder / "points3D.bin"))
     finally:
         f.close()
     check_finite(obs_xy, "2D point position", str(images_path))
@@ -311,5 +315,4 @@ def read_model(folder: str | os.PathLike) -> Model:
         height=np.array([cams[c][2] for c in camera_ids.tolist()], np.int64),
         point_ids=point_ids, xyz=xyz, indptr=indptr, point=point, xy=obs_xy, track_length=track_length,
     )
-    check_tracks(model, file_tracks, raw_counts, str(folder / "points3D.bin"))
     return model

@@ -13,8 +13,8 @@ import numpy as np
 
 from ..common import SfmpairsError
 from .model import (
-    Model, build_observations, check_pose_quaternions, check_tracks, compose_poses,
-    point_lookup,
+    Model, build_observations, check_pose_quaternions, compose_poses,
+   
 )
 
 
@@ -67,11 +67,11 @@ def read_model(folder: str | os.PathLike, fmt: str = "binary") -> Model:
             pts = [p for p in im.points2D if p.has_point3D()]
             ids = np.array([p.point3D_id for p in pts], np.uint64)
             xy = np.array([p.xy for p in pts], np.float64).reshape(-1, 2)
-            yield iid, ids, xy
+            yield [iid], [len(ids)], ids, xy
 
     capacity = sum(im.num_points3D for im in images)
-    indptr, point, obs_xy, track_length, raw_counts = build_observations(
-        rows(), len(images), point_lookup(point_ids), len(point_ids), capacity, str(folder))
+    indptr, point, obs_xy, track_length = build_observations(
+        rows(), len(images), point_ids, file_tracks, capacity, str(folder), str(folder))
     cams = [rec.cameras[im.camera_id] for im in images]
     model = Model(
         path=str(folder), format=fmt,
@@ -84,5 +84,4 @@ def read_model(folder: str | os.PathLike, fmt: str = "binary") -> Model:
         height=np.array([c.height for c in cams], np.int64),
         point_ids=point_ids, xyz=xyz, indptr=indptr, point=point, xy=obs_xy, track_length=track_length,
     )
-    check_tracks(model, file_tracks, raw_counts, str(folder))
     return model

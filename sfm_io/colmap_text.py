@@ -16,7 +16,7 @@ import numpy as np
 from ..common import SfmpairsError
 from .model import (
     Model, build_observations, camera_model_ids, camera_models, check_finite,
-    check_pose_quaternions, check_tracks, check_unique, point_lookup, poses_from_frames,
+    check_pose_quaternions, check_unique, poses_from_frames,
 )
 
 
@@ -245,10 +245,10 @@ def read_model(folder: str | os.PathLike) -> Model:
                                        read_rigs(rigs_path), str(frames_path))
     check_pose_quaternions(qvec, str(images_path))
     parsed = [_parse_points2d(r[5]) for r in recs]
-    rows = ((r[0], ids, xy) for r, (ids, xy) in zip(recs, parsed))
-    indptr, point, obs_xy, track_length, raw_counts = build_observations(
-        rows, len(recs), point_lookup(point_ids), len(point_ids),
-        sum(len(p[0]) for p in parsed), str(images_path))
+    rows = (([r[0]], [len(ids)], ids, xy) for r, (ids, xy) in zip(recs, parsed))
+    indptr, point, obs_xy, track_length = build_observations(
+        rows, len(recs), point_ids, file_tracks, sum(len(p[0]) for p in parsed),
+        str(images_path), str(folder / "points3D.txt"))
     check_finite(obs_xy, "2D point position", str(images_path))
     model = Model(
         path=str(folder), format="text",
@@ -260,5 +260,4 @@ def read_model(folder: str | os.PathLike) -> Model:
         height=np.array([cams[c][2] for c in camera_ids.tolist()], np.int64),
         point_ids=point_ids, xyz=xyz, indptr=indptr, point=point, xy=obs_xy, track_length=track_length,
     )
-    check_tracks(model, file_tracks, raw_counts, str(folder / "points3D.txt"))
     return model

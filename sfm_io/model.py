@@ -80,13 +80,14 @@ def camera_model_ids() -> dict[str, int]:
 
 def focal_lengths(camera_model: list[str], params: list[np.ndarray]) -> np.ndarray:
     """Mean focal length in pixels of each image's camera (NaN for models without one)."""
-    table = camera_models()
-    ids = camera_model_ids()
+    table, ids = camera_models(), camera_model_ids()
     out = np.full(len(params), np.nan)
-    for i, (name, p) in enumerate(zip(camera_model, params)):
-        idxs = table[ids[name]][2]
+    models = np.array(camera_model, dtype=object)
+    for name in set(camera_model):
+        rows = np.flatnonzero(models == name)
+        idxs = list(table[ids[name]][2])
         if idxs:
-            out[i] = np.mean(p[list(idxs)])
+            out[rows] = np.stack([params[r][idxs] for r in rows]).mean(axis=1)
     return out
 
 
@@ -151,15 +152,17 @@ def poses_from_frames(image_ids, camera_ids, frames: dict, rigs: dict, where: st
 
 # --------------------------------------------------------------------------- points
 def point_lookup(point_ids: np.ndarray):
-    """Return f(ids) -> indices into the sorted ``point_ids``; -1 where an id is absent."""
+    """Return f(ids) -> indices into the sorted uint64 ``point_ids``; -1 where absent."""
     m = len(point_ids)
     if m == 0:
         return lambda ids: np.full(len(ids), -1, np.int64)
     max_id = int(point_ids[-1])
-    if max_id < 4 * m + (1 << 20):  # dense ids: a lookup table is fastest
+    if max_id < 4 * m + (1 << 20) and point_ids[0] > 0:  # dense ids: a lookup table
         lut = np.full(max_id + 2, -1, np.int32 if m < 2**31 else np.int64)
         lut[point_ids] = np.arange(m, dtype=lut.dtype)
-        return lambda ids: lut[np.minimum(ids, np.uint64(max_id + 1))]
+        # ids past the table clip to its last entry (-1); ids >= 2**63 wrap negative and
+        # clip to entry 0 (-1 too, as no point has id 0 here)
+        return lambda ids: np.take(lut, ids.view(np.int64), mode="clip")
 
     def lookup(ids):
         pos = np.searchsorted(point_ids, ids)
@@ -168,50 +171,76 @@ def point_lookup(point_ids: np.ndarray):
     return lookup
 
 
-def build_observations(rows, num_images: int, lookup, num_points: int, capacity: int,
-                       where: str):
-    """The CSR co-observation table from per-image rows.
+def build_observations(batches, num_images: int, point_ids: np.ndarray,
+                       file_track_lengths: np.ndarray, capacity: int, where: str,
+                       points_file: str):
+    """The CSR co-observation table from the images' 2D points.
 
-    ``rows`` yields, image by image in store order, ``(image_id, point3D_ids, xy)`` of
-    the image's 2D points that name a 3D point, in the image's 2D point order. A 3D
-    point that an image observes twice is kept once, at its first 2D point. Returns
-    ``(indptr, point, xy, track_length, raw_counts)``: ``track_length`` counts the
-    distinct images that observe each point, ``raw_counts`` its observations before
-    duplicates were dropped (to check against the track lengths that points3D lists).
+    ``batches`` yields, for consecutive images in store order, ``(image_ids, counts,
+    point3D_ids, xy)``: the images' 2D points that name a 3D point, image after image,
+    each in its 2D point order, ``counts`` of them per image. A 3D point that an image
+    observes twice is kept once, at its first 2D point. The observations of each
+    point, repeats included, must number what its track in points3D says
+    (``file_track_lengths``). Returns ``(indptr, point, xy, track_length)``,
+    ``track_length`` counting the distinct images that observe each point.
     """
+    num_points = len(point_ids)
+    lookup = point_lookup(point_ids)
     indptr = np.zeros(num_images + 1, np.int64)
     point = np.empty(capacity, np.int32)
     out_xy = np.empty((capacity, 2), np.float32)
-    stamp = np.empty(num_points, np.int64)  # scratch: first position of a point in a row
     track_length = np.zeros(num_points, np.int32)
-    dropped = []
-    pos = 0
-    for i, (image_id, ids, xy) in enumerate(rows):
+    pos, row = 0, 0
+    for image_ids, counts, ids, xy in batches:
         idx = lookup(ids)
-        k = len(idx)
-        if k and idx.min() < 0:
-            bad = int(ids[np.flatnonzero(idx < 0)[0]])
-            raise SfmpairsError(f"{where}: image {image_id} observes 3D point {bad}, "
+        if len(idx) and idx.min() < 0:
+            j = np.flatnonzero(idx < 0)[0]
+            image = image_ids[np.searchsorted(np.cumsum(counts), j, side="right")]
+            raise SfmpairsError(f"{where}: image {int(image)} observes 3D point {int(ids[j])}, "
                                 f"which the model does not have")
-        # stamp[p] <- position of p's first occurrence in this row (written last)
-        positions = np.arange(k)
-        stamp[idx[::-1]] = positions[::-1]
-        keep = stamp[idx] == positions
-        if not keep.all():
-            dropped.append(idx[~keep])
-            idx, xy = idx[keep], xy[keep]
-            k = len(idx)
-        track_length[idx] += 1  # idx has no repeats now
-        point[pos:pos + k] = idx
-        out_xy[pos:pos + k] = xy
-        pos += k
-        indptr[i + 1] = pos
+        point[pos:pos + len(idx)] = idx
+        out_xy[pos:pos + len(idx)] = xy
+        if len(counts) == 1:  # the common case: one image
+            track_length[idx] += 1  # fancy +=: a point repeated in a row counts once
+            pos, row = pos + len(idx), row + 1
+            indptr[row] = pos
+            continue
+        for k in counts:
+            track_length[point[pos:pos + k]] += 1
+            pos, row = pos + k, row + 1
+            indptr[row] = pos
     point = point[:pos].copy() if pos < capacity // 2 else _shrink(point, pos)
     out_xy = out_xy[:pos].copy() if pos < capacity // 2 else _shrink(out_xy, pos)
     raw_counts = track_length
-    if dropped:
-        raw_counts = track_length + np.bincount(np.concatenate(dropped), minlength=num_points)
-    return indptr, point, out_xy, track_length, raw_counts
+    if pos != track_length.sum():  # some image observes a point twice: drop repeats
+        drop = _repeats_in_rows(indptr, point, track_length != file_track_lengths)
+        if len(drop) != pos - track_length.sum():  # inconsistent file: look everywhere
+            drop = _repeats_in_rows(indptr, point, np.ones(num_points, bool))
+        raw_counts = track_length + np.bincount(point[drop], minlength=num_points)
+        keep = np.ones(pos, bool)
+        keep[drop] = False
+        indptr = indptr - np.searchsorted(drop, indptr)
+        point, out_xy = point[keep], out_xy[keep]
+    bad = np.flatnonzero(raw_counts != file_track_lengths)
+    if len(bad):
+        i = bad[0]
+        raise SfmpairsError(
+            f"{points_file}: the track of 3D point {int(point_ids[i])} has "
+            f"{int(file_track_lengths[i])} observations but the images list {int(raw_counts[i])}")
+    return indptr, point, out_xy, track_length
+
+
+def _repeats_in_rows(indptr: np.ndarray, point: np.ndarray, suspect: np.ndarray) -> np.ndarray:
+    """Sorted positions of observations that repeat a point already seen earlier in
+    the same row, looking only at observations of ``suspect`` points."""
+    hits = np.flatnonzero(suspect[point])
+    rows = np.searchsorted(indptr, hits, side="right") - 1
+    key = rows * np.int64(len(suspect)) + point[hits]
+    order = np.argsort(key, kind="stable")  # equal keys keep their order in the row
+    key = key[order]
+    repeat = np.zeros(len(key), bool)
+    repeat[1:] = key[1:] == key[:-1]
+    return np.sort(hits[order[repeat]])
 
 
 def _shrink(a: np.ndarray, n: int) -> np.ndarray:
@@ -229,17 +258,6 @@ def check_unique(ids: np.ndarray, what: str, where: str) -> None:
 def check_finite(a: np.ndarray, what: str, where: str) -> None:
     if not np.all(np.isfinite(a)):
         raise SfmpairsError(f"{where}: non-finite {what}")
-
-
-def check_tracks(model: Model, file_track_lengths: np.ndarray, raw_counts: np.ndarray,
-                 where: str) -> None:
-    """The track lengths that points3D lists must match the observations in images."""
-    bad = np.flatnonzero(file_track_lengths != raw_counts)
-    if len(bad):
-        i = bad[0]
-        raise SfmpairsError(
-            f"{where}: 3D point {int(model.point_ids[i])} has a track of "
-            f"{int(file_track_lengths[i])} observations but the images list {int(raw_counts[i])}")
 
 
 def check_pose_quaternions(qvec: np.ndarray, where: str) -> None:
