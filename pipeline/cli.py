@@ -27,16 +27,40 @@ def _fail_cleanly(fn):
     return wrapper
 
 
+def _set_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("sfmpairs").setLevel(level)
+
+
+def _verbosity(fn):
+    """-v/-q on every command too, so that ``sfmpairs ingest -q ...`` works."""
+    def callback(ctx, param, value):
+        if value:
+            state = ctx.ensure_object(dict)
+            state[param.name] = value
+            _set_logging(state.get("verbose", 0), state.get("quiet", False))
+        return value
+    fn = click.option("-v", "--verbose", count=True, expose_value=False, callback=callback,
+                      help="More logging (-vv for debug).")(fn)
+    fn = click.option("-q", "--quiet", is_flag=True, expose_value=False, callback=callback,
+                      help="Only warnings and errors; no progress bars.")(fn)
+    return fn
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="sfmpairs")
 @click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors; no progress bars.")
-def main(verbose: int, quiet: bool):
+@click.pass_context
+def main(ctx, verbose: int, quiet: bool):
     """Matching and non-matching image pairs from COLMAP Structure-from-Motion models,
-    for training image-retrieval CNNs (Radenovic, Tolias and Chum)."""
-    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
-    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
-    logging.getLogger("sfmpairs").setLevel(level)
+    for training image-retrieval CNNs (Radenovic, Tolias and Chum).
+
+    Typical use: sfmpairs ingest COLMAP_DIR -o sfm.h5; sfmpairs info sfm.h5.
+    """
+    ctx.ensure_object(dict).update(verbose=verbose, quiet=quiet)
+    _set_logging(verbose, quiet)
 
 
 @main.command()
@@ -55,6 +79,7 @@ def main(verbose: int, quiet: bool):
               show_default=True,
               help="auto: the fast readers; pycolmap: the slower reference reader.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+@_verbosity
 @_fail_cleanly
 def ingest(paths, output, manifest, images_root, cluster_by, reader, overwrite):
     """COLMAP models (PATHS: model folders or trees of them) to one HDF5 SfM store.
@@ -72,12 +97,31 @@ def ingest(paths, output, manifest, images_root, cluster_by, reader, overwrite):
 
 @main.command()
 @click.argument("file", type=click.Path(dir_okay=False))
+@_verbosity
 @_fail_cleanly
 def info(file):
     """Summarise any file sfmpairs writes: contents, schema and how it was made."""
     from .info import summary
 
     click.echo(summary(file))
+
+
+@main.command()
+@click.option("--workdir", type=click.Path(file_okay=False), default="sfmpairs-demo",
+              show_default=True, help="Folder for the demo's inputs and outputs.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
+@click.option("--overwrite", is_flag=True, help="Replace earlier outputs in WORKDIR.")
+@_verbosity
+@_fail_cleanly
+def demo(workdir, seed, overwrite):
+    """Run the pipeline end to end on a small synthetic dataset it makes itself.
+
+    Writes a few random COLMAP models (one scene each) to WORKDIR/colmap, ingests
+    them into WORKDIR/sfm.h5 and summarises the result.
+    """
+    from .demo import run_demo
+
+    run_demo(workdir, seed=seed, overwrite=overwrite)
 
 
 if __name__ == "__main__":  # pragma: no cover

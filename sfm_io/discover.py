@@ -61,9 +61,12 @@ def find_model_folders(path: Path) -> list[tuple[Path, str]]:
 
 
 def default_name(folder: Path, root: Path) -> str:
-    """A model's name: its path relative to the input; for a lone model folder, the
-    folder's name (with its scene for ``scene/sparse/N``)."""
+    """A model's name: its path relative to the input (with the input's own name when
+    the input is a scene, ``scene/sparse/N``); for a lone model folder, the folder's
+    name (with its scene for ``scene/sparse/N``)."""
     rel = folder.resolve().relative_to(root.resolve()).as_posix()
+    if rel.split("/")[0] == "sparse":
+        return f"{root.resolve().name}/{rel}"
     if rel != ".":
         return rel
     parts = folder.resolve().parts
@@ -95,14 +98,32 @@ def default_images_dir(folder: Path) -> Path | None:
 
 
 def from_paths(paths: list[str | Path], cluster_by: str = "model") -> list[ModelSource]:
-    sources = []
+    found = []
     for p in paths:
         root = Path(p)
-        for folder, fmt in find_model_folders(root):
-            name = default_name(folder, root)
-            cluster = name if cluster_by == "model" else scene_of(name)
-            sources.append(ModelSource(folder, fmt, name, cluster, default_images_dir(folder)))
+        found += [(folder, fmt, default_name(folder, root)) for folder, fmt in find_model_folders(root)]
+    names = _unique_names([(folder, name) for folder, _, name in found])
+    sources = []
+    for (folder, fmt, _), name in zip(found, names):
+        cluster = name if cluster_by == "model" else scene_of(name)
+        sources.append(ModelSource(folder, fmt, name, cluster, default_images_dir(folder)))
     return sources
+
+
+def _unique_names(entries: list[tuple[Path, str]]) -> list[str]:
+    """Lengthen clashing names with parent folders (``a/binary``, ``b/binary``)."""
+    names = [name for _, name in entries]
+    for _ in range(64):
+        counts = {n: names.count(n) for n in names}
+        clash = [i for i, n in enumerate(names) if counts[n] > 1]
+        if not clash:
+            break
+        for i in clash:
+            parts = entries[i][0].resolve().parts
+            depth = len(names[i].split("/"))
+            if depth < len(parts) - 1:
+                names[i] = "/".join(parts[-depth - 1:])
+    return names
 
 
 def from_manifest(manifest: str | Path, cluster_by: str = "model") -> tuple[list[ModelSource], Path | None]:

@@ -33,13 +33,13 @@ def read_model(folder: str | os.PathLike, fmt: str, reader: str = "auto") -> Mod
     return (colmap_binary if fmt == "binary" else colmap_text).read_model(folder)
 
 
-def _image_prefixes(sources: list[ModelSource], images_root: Path | None):
+def _image_prefixes(sources: list[ModelSource], images_root: Path | None, given: bool):
     """The images root of the store and each model's prefix of image names under it.
 
     A model whose photo folder is known gets the folder's path under the root; one
-    whose photos are unknown gets its model name, unless the user named the root.
+    whose photos are unknown gets its model name, unless the user gave the root
+    (``given``: the COLMAP names are then taken as relative to it).
     """
-    given = images_root is not None
     if images_root is None:
         known = [str(s.images_dir) for s in sources if s.images_dir]
         images_root = Path(os.path.commonpath(known)) if known else None
@@ -90,6 +90,7 @@ def ingest(paths: list[str | os.PathLike] | None, output: str | os.PathLike, *,
     if cluster_by not in ("model", "scene"):
         raise SfmpairsError(f"unknown --cluster-by {cluster_by!r} (choose model or scene)")
     sources: list[ModelSource] = []
+    given_root = images_root is not None
     if manifest is not None:
         listed, manifest_root = from_manifest(manifest, cluster_by)
         sources += listed
@@ -103,7 +104,7 @@ def ingest(paths: list[str | os.PathLike] | None, output: str | os.PathLike, *,
             raise SfmpairsError(f"{s.path}: model name {s.name!r} is also that of {seen[s.name]}; "
                                 f"name them in a manifest")
         seen[s.name] = s.path
-    root, prefixes = _image_prefixes(sources, images_root)
+    root, prefixes = _image_prefixes(sources, images_root, given_root)
     cluster_names = list(dict.fromkeys(s.cluster for s in sources))
     cluster_index = {c: i for i, c in enumerate(cluster_names)}
     parameters = {"cluster_by": cluster_by, "reader": reader,

@@ -1,0 +1,76 @@
+"""Shared fixtures: real COLMAP models from the shared data folder, synthetic models."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("SFMPAIRS_DATA", REPO.parent / "shared" / "data"))
+COLMAP = DATA / "colmap"
+
+
+def real_model_dirs() -> list[Path]:
+    if not COLMAP.is_dir():
+        return []
+    return sorted(p.parent for p in COLMAP.glob("*/sparse/*/cameras.bin"))
+
+
+def needs_real_data():
+    return pytest.mark.skipif(not COLMAP.is_dir(), reason=f"real COLMAP models not found at {COLMAP} "
+                              "(set SFMPAIRS_DATA to the folder holding colmap/)")
+
+
+REAL_MODELS = real_model_dirs()
+REAL_IDS = [str(p.relative_to(COLMAP)) for p in REAL_MODELS]
+
+
+@pytest.fixture(scope="session")
+def colmap_root() -> Path:
+    if not COLMAP.is_dir():
+        pytest.skip(f"real COLMAP models not found at {COLMAP} (set SFMPAIRS_DATA)")
+    return COLMAP
+
+
+MODEL_FIELDS = ("image_ids", "camera_ids", "qvec", "tvec", "width", "height", "point_ids",
+                "xyz", "indptr", "point", "xy", "track_length")
+
+
+def assert_models_equal(a, b) -> None:
+    """Bit-for-bit equality of two sfm_io.model.Model."""
+    for key in MODEL_FIELDS:
+        x, y = getattr(a, key), getattr(b, key)
+        assert x.dtype == y.dtype, key
+        assert np.array_equal(x, y), key
+    assert a.names == b.names
+    assert a.camera_model == b.camera_model
+    assert len(a.params) == len(b.params)
+    for p, q in zip(a.params, b.params):
+        assert np.array_equal(p, q)
+
+
+@pytest.fixture(scope="session")
+def synthetic_models(tmp_path_factory):
+    """Synthetic models written with pycolmap, binary and text: every camera model
+    pycolmap knows, shared and per-image cameras, odd ids."""
+    from sfmpairs.sfm_io.model import camera_models
+    from sfmpairs.sfm_io.synthetic import random_reconstruction, write_model
+
+    all_models = tuple(name for name, _, _ in camera_models().values())
+    root = tmp_path_factory.mktemp("synthetic")
+    out = {}
+    for key, kwargs in {
+        "per-image-cameras": dict(num_images=len(all_models) + 3, num_points=400, track_length=5,
+                                  camera_models=all_models, shared_cameras=False, seed=1),
+        "shared-cameras": dict(num_images=30, num_points=600, track_length=4,
+                               camera_models=("PINHOLE", "SIMPLE_RADIAL", "OPENCV"), seed=2,
+                               id_start=1000, id_step=7),
+    }.items():
+        rec = random_reconstruction(**kwargs)
+        for fmt in ("binary", "text"):
+            write_model(rec, root / key / fmt, fmt)
+        out[key] = root / key
+    return out

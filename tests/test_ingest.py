@@ -1,0 +1,190 @@
+"""``ingest``: the SfM store, its names, clusters, provenance and the documented schema."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from sfmpairs.sfm_io import colmap_binary
+from sfmpairs.sfm_io.ingest import ingest
+from sfmpairs.sfm_io.model import camera_centres
+from sfmpairs.sfm_io.store import SCHEMA, SCHEMA_VERSION, read_store
+
+from conftest import REPO, needs_real_data
+
+
+def _datasets(path):
+    out = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda n, o: out.__setitem__(n, o[()]) if isinstance(o, h5py.Dataset) else None)
+    return out
+
+
+def test_store_holds_each_model_exactly(synthetic_models, tmp_path):
+    folders = [synthetic_models[k] / "binary" for k in ("per-image-cameras", "shared-cameras")]
+    ingest(folders, tmp_path / "sfm.h5")
+    s = read_store(tmp_path / "sfm.h5")
+    models = [colmap_binary.read_model(f) for f in folders]
+    n = [m.num_images for m in models]
+    m_pts = [m.num_points for m in models]
+    assert len(s["images/name"]) == sum(n)
+    np.testing.assert_array_equal(s["images/model"], np.repeat([0, 1], n))
+    np.testing.assert_array_equal(s["images/colmap_id"], np.concatenate([m.image_ids for m in models]))
+    np.testing.assert_array_equal(s["points/colmap_id"], np.concatenate([m.point_ids for m in models]))
+    np.testing.assert_array_equal(s["models/image_range"], [[0, n[0]], [n[0], sum(n)]])
+    np.testing.assert_array_equal(s["models/point_range"], [[0, m_pts[0]], [m_pts[0], sum(m_pts)]])
+    # the second model's observations index its own points, after the first model's
+    second = models[1]
+    rows = s["observations/indptr"][n[0]:]
+    np.testing.assert_array_equal(rows - rows[0], second.indptr)
+    np.testing.assert_array_equal(s["observations/point"][rows[0]:], second.point + m_pts[0])
+    np.testing.assert_array_equal(s["observations/xy"][rows[0]:], second.xy)
+    np.testing.assert_array_equal(s["points/track_length"][m_pts[0]:], second.track_length)
+    # every observation is of a point of the image's own model
+    img_of_obs = np.repeat(np.arange(sum(n)), np.diff(s["observations/indptr"]))
+    assert np.array_equal(s["points/model"][s["observations/point"]], s["images/model"][img_of_obs])
+    # derived geometry: centre = -R^T t, and R is a rotation
+    R = s["images/rotation"]
+    np.testing.assert_allclose(np.einsum("nij,nkj->nik", R, R), np.broadcast_to(np.eye(3), R.shape), atol=1e-12)
+    np.testing.assert_allclose(s["images/centre"], -np.einsum("nji,nj->ni", R, s["images/tvec"]), atol=1e-12)
+    np.testing.assert_array_equal(s["images/centre"], camera_centres(s["images/qvec"], s["images/tvec"]))
+    # track length = distinct images observing the point
+    np.testing.assert_array_equal(s["points/track_length"],
+                                  np.bincount(s["observations/point"], minlength=sum(m_pts)))
+    assert np.all(np.isfinite(s["images/focal"]) | np.isin(s["images/camera_model"], ["EQUIRECTANGULAR"]))
+    k = s["images/num_params"]
+    assert all(np.isnan(p[j:]).all() and np.isfinite(p[:j]).all() for p, j in zip(s["images/params"], k))
+
+
+def test_store_records_how_it_was_made(synthetic_models, tmp_path):
+    ingest([synthetic_models["shared-cameras"] / "binary"], tmp_path / "sfm.h5", cluster_by="scene")
+    attrs = read_store(tmp_path / "sfm.h5")["attrs"]
+    assert attrs["schema"] == SCHEMA and attrs["schema_version"] == SCHEMA_VERSION
+    assert attrs["tool"] == "sfmpairs" and attrs["tool_version"]
+    assert re.match(r"\d{4}-\d\d-\d\dT", attrs["created"])
+    assert attrs["parameters"]["cluster_by"] == "scene"
+    (entry,) = attrs["inputs"]
+    assert entry["format"] == "binary" and "points3D.bin" in entry["files"]
+
+
+def test_pycolmap_reader_gives_the_identical_store(synthetic_models, tmp_path):
+    folders = [synthetic_models[k] / "binary" for k in ("per-image-cameras", "shared-cameras")]
+    ingest(folders, tmp_path / "fast.h5")
+    ingest(folders, tmp_path / "ref.h5", reader="pycolmap")
+    ingest([synthetic_models[k] / "text" for k in ("per-image-cameras", "shared-cameras")],
+           tmp_path / "text.h5")
+    fast, ref, text = (_datasets(tmp_path / f) for f in ("fast.h5", "ref.h5", "text.h5"))
+    assert fast.keys() == ref.keys() == text.keys()
+    for key in fast:
+        a, b, c = fast[key], ref[key], text[key]
+        assert a.dtype == b.dtype == c.dtype, key
+        assert np.array_equal(a, b, equal_nan=a.dtype.kind == "f"), key
+        if key not in ("models/format", "models/path", "clusters/source", "models/name",
+                       "clusters/name", "images/name"):  # these name the text folders
+            assert np.array_equal(a, c, equal_nan=a.dtype.kind == "f"), key
+
+
+@needs_real_data()
+def test_real_models_give_identical_stores_with_both_readers(colmap_root, tmp_path):
+    ingest([colmap_root], tmp_path / "fast.h5")
+    ingest([colmap_root], tmp_path / "ref.h5", reader="pycolmap")
+    fast, ref = _datasets(tmp_path / "fast.h5"), _datasets(tmp_path / "ref.h5")
+    assert fast.keys() == ref.keys()
+    for key in fast:
+        assert np.array_equal(fast[key], ref[key], equal_nan=fast[key].dtype.kind == "f"), key
+
+
+@needs_real_data()
+def test_tree_of_real_models_names_clusters_and_photos(colmap_root, tmp_path):
+    ingest([colmap_root], tmp_path / "sfm.h5")
+    s = read_store(tmp_path / "sfm.h5", observations=False)
+    clusters = list(s["clusters/name"])
+    assert "statue-of-liberty/sparse/0" in clusters
+    assert sum(c.startswith("video-submodels-no-photos/") for c in clusters) == 10
+    names = s["images/name"]
+    assert len(set(names)) == len(names)
+    root = Path(s["attrs"]["images_root"])
+    assert root == colmap_root.resolve()
+    has_photos = s["models/images_dir"] != ""
+    for model in np.flatnonzero(has_photos):
+        a, b = s["models/image_range"][model]
+        for name in names[a:b]:
+            assert (root / name).is_file(), name
+    # a model whose photos are unknown gets its model name as prefix
+    video = np.flatnonzero(s["images/model"] == clusters.index("video-submodels-no-photos/sparse/0"))
+    assert names[video[0]].startswith("video-submodels-no-photos/sparse/0/")
+
+
+@needs_real_data()
+def test_cluster_by_scene_merges_a_scenes_models(colmap_root, tmp_path):
+    ingest([colmap_root / "video-submodels-no-photos", colmap_root / "statue-of-liberty"],
+           tmp_path / "sfm.h5", cluster_by="scene")
+    s = read_store(tmp_path / "sfm.h5", observations=False)
+    assert list(s["clusters/name"]) == ["video-submodels-no-photos", "statue-of-liberty"]
+    assert s["models/name"][3] == "video-submodels-no-photos/sparse/3"
+    assert len(s["models/name"]) == 11
+    assert set(s["models/cluster"][:10]) == {0}
+    # models stay separate: every image keeps its own model, 10 distinct for the video
+    assert len(set(s["images/model"][s["images/cluster"] == 0])) == 10
+
+
+@needs_real_data()
+def test_manifest_for_shared_data(colmap_root, tmp_path):
+    manifest = REPO / "data_manifests" / "shared_colmap.toml"
+    ingest(None, tmp_path / "sfm.h5", manifest=manifest)
+    s = read_store(tmp_path / "sfm.h5", observations=False)
+    assert list(s["clusters/name"]) == ["statue-of-liberty", "fountain-p11", "computer-mouse",
+                                        "drinks-can", "eyedrop-box", "lego-batmobile",
+                                        "video-submodels", "many-cameras"]
+    assert np.sum(s["models/cluster"] == 6) == 10
+    assert s["attrs"]["parameters"]["manifest"] == str(manifest.resolve())
+    root = Path(s["attrs"]["images_root"])
+    statue = s["images/cluster"] == 0
+    assert all((root / n).is_file() for n in s["images/name"][statue])
+
+
+def test_formats_doc_example_runs_without_sfmpairs(synthetic_models, tmp_path, monkeypatch, capsys):
+    """The h5py example in docs/formats.md, run as written on a real store."""
+    ingest([synthetic_models["shared-cameras"] / "binary"], tmp_path / "sfm.h5")
+    doc = (REPO / "docs" / "formats.md").read_text()
+    example = re.search(r"Reading it without sfmpairs:\s*```python\n(.*?)```", doc, re.S).group(1)
+    assert "sfmpairs" not in example
+    monkeypatch.chdir(tmp_path)
+    exec(compile(example, "formats.md", "exec"), {})
+    s = read_store(tmp_path / "sfm.h5")
+    out = capsys.readouterr().out
+    assert out.startswith(s["images/name"][0])
+    assert f"{s['observations/indptr'][1]} points" in out
+
+
+def test_formats_doc_lists_every_dataset(synthetic_models, tmp_path):
+    ingest([synthetic_models["shared-cameras"] / "binary"], tmp_path / "sfm.h5")
+    doc = (REPO / "docs" / "formats.md").read_text()
+    for name in _datasets(tmp_path / "sfm.h5"):
+        assert f"`{name}`" in doc or name.replace("height", "width") and (
+            name in ("images/width", "images/height") and "`images/width`, `images/height`" in doc), name
+
+
+def test_json_attrs_are_valid(synthetic_models, tmp_path):
+    ingest([synthetic_models["shared-cameras"] / "text"], tmp_path / "sfm.h5")
+    with h5py.File(tmp_path / "sfm.h5") as f:
+        json.loads(f.attrs["parameters"])
+        assert json.loads(f.attrs["inputs"])[0]["format"] == "text"
+
+
+def test_existing_output_is_kept_without_overwrite(synthetic_models, tmp_path):
+    from sfmpairs import SfmpairsError
+
+    out = tmp_path / "sfm.h5"
+    out.write_text("mine")
+    with pytest.raises(SfmpairsError, match="exists"):
+        ingest([synthetic_models["shared-cameras"] / "binary"], out)
+    assert out.read_text() == "mine"
+    ingest([synthetic_models["shared-cameras"] / "binary"], out, overwrite=True)
+    assert h5py.is_hdf5(out)
+    assert list(tmp_path.iterdir()) == [out]  # no temporary files left
