@@ -65,7 +65,7 @@ class _File:
     def count(self, offset: int, min_record: int, what: str) -> int:
         (n,) = self.unpack(_U64, offset, f"number of {what}")
         if n * min_record > self.size - offset - 8:
-            self.fail(f"corrupt: says {n} {what}, more than the file can hold")
+            self.fail(f"truncated or corrupt: says {n} {what}, more than the file can hold")
         return n
 
     def end(self, offset: int) -> None:
@@ -214,8 +214,8 @@ def _point_offsets(f: _File) -> np.ndarray:
         for i in range(n):  # the one Python loop over points: 0.3 us a record
             offsets[i] = off
             off += _POINT_HEAD + 8 + 8 * unpack(buf, off + _POINT_HEAD)[0]
-    except struct.error:
-        f.fail(f"truncated: 3D point record {i} runs past the end of the file")
+    except (struct.error, OverflowError):  # a track length that leaves the file
+        f.fail(f"truncated or corrupt: 3D point record {i} runs past the end of the file")
     f.end(off)
     return np.array(offsets, np.int64)
 

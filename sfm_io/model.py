@@ -199,7 +199,8 @@ def build_observations(batches, num_images: int, point_ids: np.ndarray,
             raise SfmpairsError(f"{where}: image {int(image)} observes 3D point {int(ids[j])}, "
                                 f"which the model does not have")
         point[pos:pos + len(idx)] = idx
-        out_xy[pos:pos + len(idx)] = xy
+        with np.errstate(over="ignore"):  # huge values become inf: check_finite reports them
+            out_xy[pos:pos + len(idx)] = xy
         if len(counts) == 1:  # the common case: one image
             track_length[idx] += 1  # fancy +=: a point repeated in a row counts once
             pos, row = pos + len(idx), row + 1
@@ -262,7 +263,8 @@ def check_finite(a: np.ndarray, what: str, where: str) -> None:
 
 def check_pose_quaternions(qvec: np.ndarray, where: str) -> None:
     check_finite(qvec, "image pose", where)
-    norms = np.linalg.norm(qvec, axis=1)
+    with np.errstate(over="ignore", invalid="ignore"):
+        norms = np.linalg.norm(qvec, axis=1)
     bad = np.flatnonzero(np.abs(norms - 1.0) > 1e-3)
     if len(bad):
         raise SfmpairsError(f"{where}: pose quaternion of image row {int(bad[0])} is not of unit length "

@@ -1,0 +1,183 @@
+"""Bad input: one line naming the file and the problem, exit code 2, no output file."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from sfmpairs.cli import main
+
+
+@pytest.fixture
+def model(synthetic_models, tmp_path):
+    """A private copy of a binary synthetic model to break."""
+    dst = tmp_path / "model"
+    shutil.copytree(synthetic_models["shared-cameras"] / "binary", dst)
+    return dst
+
+
+@pytest.fixture
+def text_model(synthetic_models, tmp_path):
+    dst = tmp_path / "text"
+    shutil.copytree(synthetic_models["shared-cameras"] / "text", dst)
+    return dst
+
+
+def run_cli(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return result.exit_code, result.stderr, result.stdout
+
+
+def assert_clean_failure(tmp_path, args, *expect):
+    out = tmp_path / "out.h5"
+    code, err, _ = run_cli("ingest", *args, "-o", out)
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sfmpairs: error: "), err
+    for text in expect:
+        assert text in lines[0], lines[0]
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.h5")]
+    return lines[0]
+
+
+def test_missing_file(model, tmp_path):
+    (model / "points3D.bin").unlink()
+    assert_clean_failure(tmp_path, [model], "points3D.bin", "missing")
+
+
+def test_directory_in_place_of_a_file(model, tmp_path):
+    (model / "cameras.bin").unlink()
+    (model / "cameras.bin").mkdir()
+    assert_clean_failure(tmp_path, [model], "cameras.bin", "missing")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
+def test_unreadable_file(model, tmp_path):
+    (model / "images.bin").chmod(0)
+    assert_clean_failure(tmp_path, [model], "images.bin", "cannot read")
+
+
+@pytest.mark.parametrize("name", ["cameras.bin", "images.bin", "points3D.bin", "frames.bin"])
+def test_truncated_binary(model, tmp_path, name):
+    data = (model / name).read_bytes()
+    (model / name).write_bytes(data[: len(data) * 2 // 3])
+    assert_clean_failure(tmp_path, [model], name, "truncated")
+
+
+@pytest.mark.parametrize("name,what", [("images.bin", "images"), ("points3D.bin", "3D points"),
+                                       ("cameras.bin", "cameras"), ("frames.bin", "frames")])
+def test_corrupt_count(model, tmp_path, name, what):
+    data = bytearray((model / name).read_bytes())
+    data[:8] = struct.pack("<Q", 2**40)
+    (model / name).write_bytes(bytes(data))
+    assert_clean_failure(tmp_path, [model], name, "corrupt", what)
+
+
+def test_trailing_garbage(model, tmp_path):
+    with open(model / "points3D.bin", "ab") as f:
+        f.write(b"\0" * 5)
+    assert_clean_failure(tmp_path, [model], "points3D.bin", "unexpected bytes")
+
+
+def test_empty_file(model, tmp_path):
+    (model / "images.bin").write_bytes(b"")
+    assert_clean_failure(tmp_path, [model], "images.bin", "empty file")
+
+
+def test_empty_model(model, tmp_path):
+    for name in ("images.bin", "points3D.bin", "frames.bin"):
+        (model / name).write_bytes(struct.pack("<Q", 0))
+    assert_clean_failure(tmp_path, [model], str(model), "empty model")
+
+
+def _edit_line(path: Path, index: int, edit):
+    lines = path.read_text().splitlines()
+    data = [i for i, line in enumerate(lines) if line and not line.startswith("#")]
+    lines[data[index]] = edit(lines[data[index]])
+    path.write_text("\n".join(lines) + "\n")
+    return data[index] + 1
+
+
+@pytest.mark.parametrize("name,index,edit,expect", [
+    ("cameras.txt", 0, lambda s: s.replace("PINHOLE", "PINHOLEX", 1), "unknown camera model"),
+    ("cameras.txt", 1, lambda s: " ".join(s.split()[:-1]), "parameters"),
+    ("images.txt", 0, lambda s: "x" + s, "bad image id"),
+    ("images.txt", 0, lambda s: s.replace(".", ",", 1), "bad number"),
+    ("images.txt", 1, lambda s: s + " 1.0", "triples"),
+    ("points3D.txt", 2, lambda s: " ".join(s.split()[:5]), "expected"),
+    ("points3D.txt", 0, lambda s: s + " 7", "pairs"),
+])
+def test_text_model_bad_lines(text_model, tmp_path, name, index, edit, expect):
+    lineno = _edit_line(text_model / name, index, edit)
+    assert_clean_failure(tmp_path, [text_model], f"{name} line {lineno}", expect)
+
+
+def test_text_observation_of_a_missing_point(text_model, tmp_path):
+    path = text_model / "points3D.txt"
+    lines = path.read_text().splitlines()
+    first = next(i for i, line in enumerate(lines) if line and not line.startswith("#"))
+    del lines[first]
+    path.write_text("\n".join(lines) + "\n")
+    assert_clean_failure(tmp_path, [text_model], "images.txt", "observes 3D point", "does not have")
+
+
+def test_text_track_mismatch(text_model, tmp_path):
+    _edit_line(text_model / "points3D.txt", 0, lambda s: " ".join(s.split()[:-2]))
+    assert_clean_failure(tmp_path, [text_model], "points3D.txt", "track of 3D point")
+
+
+def test_path_with_no_model(tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert_clean_failure(tmp_path, [tmp_path / "empty"], "no COLMAP model found")
+
+
+def test_path_that_does_not_exist(tmp_path):
+    assert_clean_failure(tmp_path, [tmp_path / "nope"], "nope", "no such file")
+
+
+def test_output_exists(model, tmp_path):
+    out = tmp_path / "out.h5"
+    out.write_bytes(b"precious")
+    code, err, _ = run_cli("ingest", model, "-o", out)
+    assert code == 2 and "out.h5: output exists; pass --overwrite" in err
+    assert out.read_bytes() == b"precious"
+    code, err, _ = run_cli("ingest", model, "-o", out, "--overwrite")
+    assert code == 0, err
+
+
+def test_output_folder_missing(model, tmp_path):
+    code, err, _ = run_cli("ingest", model, "-o", tmp_path / "no" / "out.h5")
+    assert code == 2 and "output folder does not exist" in err
+
+
+@pytest.mark.parametrize("text,expect", [
+    ("[[model]\npath = 'x'", "not valid TOML"),
+    ("title = 'no models'", "no [[model]] entries"),
+    ("[[model]]\ncluster = 'a'", "has no path"),
+    ("[[model]]\npath = 'm'\ncolour = 'red'", "unknown key 'colour'"),
+])
+def test_bad_manifest(tmp_path, text, expect):
+    manifest = tmp_path / "m.toml"
+    manifest.write_text(text)
+    assert_clean_failure(tmp_path, ["--manifest", manifest], "m.toml", expect)
+
+
+def test_cli_subprocess_exit_code_and_one_line(model, tmp_path):
+    """The installed command, as a user runs it."""
+    (model / "images.bin").write_bytes(b"\x01")
+    exe = Path(sys.executable).with_name("sfmpairs")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "sfmpairs.cli"]
+    proc = subprocess.run([*cmd, "ingest", str(model), "-o", str(tmp_path / "o.h5")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "images.bin" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "o.h5").exists()
