@@ -94,7 +94,8 @@ def focal_lengths(camera_model: list[str], params: list[np.ndarray]) -> np.ndarr
 # --------------------------------------------------------------------------- poses
 def quat_to_rotmat(q: np.ndarray) -> np.ndarray:
     """(N, 4) quaternions w x y z (normalised here) -> (N, 3, 3) rotation matrices."""
-    q = q / np.linalg.norm(q, axis=1, keepdims=True)
+    with np.errstate(over="ignore", invalid="ignore"):  # corrupt input: checked by callers
+        q = q / np.linalg.norm(q, axis=1, keepdims=True)
     w, x, y, z = q.T
     return np.stack([
         1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),

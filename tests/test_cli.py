@@ -1,0 +1,82 @@
+"""The command line as a user meets it: --version, --help, -v/-q, info, demo."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from click.testing import CliRunner
+
+from sfmpairs import __version__
+from sfmpairs.cli import main
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_version():
+    r = invoke("--version")
+    assert r.exit_code == 0 and __version__ in r.stdout
+    assert re.match(r"\d+\.\d+", __version__)
+
+
+def test_help_on_every_command():
+    r = invoke("--help")
+    assert r.exit_code == 0
+    commands = list(main.commands)
+    assert {"ingest", "info", "demo"} <= set(commands)
+    for name in commands:
+        r = invoke(name, "--help")
+        assert r.exit_code == 0 and "Usage: " in r.stdout, name
+        assert "--verbose" in r.stdout and "--quiet" in r.stdout, name
+
+
+def test_ingest_logs_unless_quiet(synthetic_models, tmp_path):
+    model = synthetic_models["shared-cameras"] / "binary"
+    r = invoke("ingest", model, "-o", tmp_path / "a.h5")
+    assert r.exit_code == 0 and "wrote" in r.stderr
+    r = invoke("ingest", "-q", model, "-o", tmp_path / "b.h5")
+    assert r.exit_code == 0 and r.stderr == ""
+    r = invoke("-q", "ingest", model, "-o", tmp_path / "c.h5")
+    assert r.exit_code == 0 and r.stderr == ""
+
+
+def test_info_summarises_a_store(synthetic_models, tmp_path):
+    model = synthetic_models["shared-cameras"] / "binary"
+    assert invoke("ingest", "-q", model, "-o", tmp_path / "s.h5").exit_code == 0
+    r = invoke("info", tmp_path / "s.h5")
+    assert r.exit_code == 0
+    out = r.stdout
+    assert "1 clusters, 1 models, 30 images, 600 points" in out
+    assert "schema      sfmpairs/sfm-store v1" in out
+    assert f"sfmpairs {__version__}" in out and "cluster_by=model" in out
+    assert "\nbinary " in out  # the cluster, named after the model folder
+
+
+@pytest.mark.parametrize("content,expect", [(None, "no such file"), (b"not hdf5", "not an HDF5 file")])
+def test_info_on_bad_files(tmp_path, content, expect):
+    path = tmp_path / "x.h5"
+    if content is not None:
+        path.write_bytes(content)
+    r = invoke("info", path)
+    assert r.exit_code == 2 and expect in r.stderr and "x.h5" in r.stderr
+
+
+def test_info_on_foreign_hdf5(tmp_path):
+    import h5py
+
+    with h5py.File(tmp_path / "other.h5", "w") as f:
+        f["x"] = [1, 2]
+    r = invoke("info", tmp_path / "other.h5")
+    assert r.exit_code == 2 and "not a file written by sfmpairs" in r.stderr
+
+
+def test_demo_runs_and_refuses_to_overwrite(tmp_path):
+    work = tmp_path / "demo"
+    r = invoke("demo", "--workdir", work)
+    assert r.exit_code == 0, r.stderr
+    assert (work / "sfm.h5").exists() and "4 clusters" in r.stdout
+    r = invoke("demo", "--workdir", work)
+    assert r.exit_code == 2 and "--overwrite" in r.stderr
+    assert invoke("demo", "--workdir", work, "--overwrite").exit_code == 0
