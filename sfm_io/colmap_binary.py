@@ -12,6 +12,7 @@ a huge allocation), and gives exactly what the pycolmap reader
 from __future__ import annotations
 
 import mmap
+from array import array
 import os
 import struct
 from pathlib import Path
@@ -207,7 +208,7 @@ def _image_headers(f: _File):
 def _point_offsets(f: _File) -> np.ndarray:
     """Byte offset of every record of points3D.bin (records have variable length)."""
     n = f.count(0, _POINT_HEAD + 8, "3D points")
-    offsets = [0] * n
+    offsets = array("q", bytes(8 * n))
     unpack, buf = _U64.unpack_from, f.buf
     off = 8
     try:
@@ -217,7 +218,7 @@ def _point_offsets(f: _File) -> np.ndarray:
     except (struct.error, OverflowError):  # a track length that leaves the file
         f.fail(f"truncated or corrupt: 3D point record {i} runs past the end of the file")
     f.end(off)
-    return np.array(offsets, np.int64)
+    return np.frombuffer(offsets, np.int64)
 
 
 def read_points(path: Path):

@@ -219,10 +219,8 @@ def build_observations(batches, num_images: int, point_ids: np.ndarray,
         if len(drop) != pos - track_length.sum():  # inconsistent file: look everywhere
             drop = _repeats_in_rows(indptr, point, np.ones(num_points, bool))
         raw_counts = track_length + np.bincount(point[drop], minlength=num_points)
-        keep = np.ones(pos, bool)
-        keep[drop] = False
         indptr = indptr - np.searchsorted(drop, indptr)
-        point, out_xy = point[keep], out_xy[keep]
+        point, out_xy = _delete_in_place(point, drop), _delete_in_place(out_xy, drop)
     bad = np.flatnonzero(raw_counts != file_track_lengths)
     if len(bad):
         i = bad[0]
@@ -243,6 +241,24 @@ def _repeats_in_rows(indptr: np.ndarray, point: np.ndarray, suspect: np.ndarray)
     repeat = np.zeros(len(key), bool)
     repeat[1:] = key[1:] == key[:-1]
     return np.sort(hits[order[repeat]])
+
+
+def _delete_in_place(a: np.ndarray, drop: np.ndarray) -> np.ndarray:
+    """``np.delete(a, drop, axis=0)`` without a second copy of ``a``: the few dropped
+    rows are squeezed out by moving the runs between them left."""
+    if not len(drop):
+        return a
+    if len(drop) > len(a) // 8:
+        keep = np.ones(len(a), bool)
+        keep[drop] = False
+        return a[keep]
+    starts = (drop + 1).tolist()
+    stops = [*drop[1:].tolist(), len(a)]
+    dst = int(drop[0])
+    for s, e in zip(starts, stops):
+        a[dst:dst + e - s] = a[s:e]  # numpy copies overlapping ranges safely
+        dst += e - s
+    return _shrink(a, dst)
 
 
 def _shrink(a: np.ndarray, n: int) -> np.ndarray:

@@ -98,3 +98,16 @@ def test_rig_models_compose_sensor_from_rig(tmp_path):
     assert_models_equal(colmap_binary.read_model(tmp_path / "binary"), ref)
     assert_models_equal(colmap_text.read_model(tmp_path / "text"), ref)
     _check_against_pycolmap_objects(tmp_path / "binary", ref)
+
+
+def test_delete_in_place_equals_np_delete():
+    from sfmpairs.sfm_io.model import _delete_in_place
+
+    rng = np.random.default_rng(0)
+    for n in (10, 1000, 50_000):
+        for k in (0, 1, 3, n // 20, n // 4):
+            drop = np.sort(rng.choice(n, k, replace=False))
+            a = rng.random((n, 2)).astype(np.float32)
+            np.testing.assert_array_equal(_delete_in_place(a.copy(), drop), np.delete(a, drop, axis=0))
+            b = rng.integers(0, 100, n).astype(np.int32)
+            np.testing.assert_array_equal(_delete_in_place(b.copy(), drop), np.delete(b, drop))
