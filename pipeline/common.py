@@ -93,7 +93,7 @@ def provenance_attrs(schema: str, schema_version: int, parameters: dict,
 
 def progress(iterable=None, *, total=None, desc: str = "", unit: str = "it", **kwargs):
     """A tqdm progress bar on stderr, hidden when logging is quiet or stderr is no tty."""
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     disable = not logger.isEnabledFor(logging.INFO) or not sys.stderr.isatty()
     return tqdm(iterable, total=total, desc=desc, unit=unit, disable=disable,
