@@ -37,8 +37,9 @@ def random_reconstruction(
     point_id_gaps: bool = True,
     seed: int = 0,
 ):
-    """A pycolmap.Reconstruction of ``num_images`` cameras on a winding path around a
-    scene of ``num_points`` points, each seen by ``track_length`` consecutive cameras.
+    """A pycolmap.Reconstruction of ``num_images`` cameras on a circle (about 0.5 apart)
+    looking at its centre, and ``num_points`` points, each seen by ``track_length``
+    consecutive cameras and lying 3 to 8 in front of them.
 
     ``camera_models`` cycles over images (one camera per model when
     ``shared_cameras``, else one per image).
@@ -48,10 +49,11 @@ def random_reconstruction(
     rng = np.random.default_rng(seed)
     n, m = num_images, num_points
     L = max(1, min(track_length, n))
-    # cameras on a circle of radius 10 (with noise), looking at the scene centre
-    ang = np.linspace(0, 2 * np.pi * (1 - 1 / max(n, 1)), n) + rng.normal(0, 0.01, n)
-    radius = 10 + rng.normal(0, 1.5, n)
-    centres = np.stack([radius * np.cos(ang), rng.normal(0, 0.5, n), radius * np.sin(ang)], 1)
+    # cameras on a circle, about 0.5 apart (with noise), looking at its centre
+    r0 = max(10.0, 0.5 * n / (2 * np.pi))
+    ang = np.linspace(0, 2 * np.pi * (1 - 1 / max(n, 1)), n) + rng.normal(0, 0.05 / r0, n)
+    radius = r0 + rng.normal(0, 0.05, n)
+    centres = np.stack([radius * np.cos(ang), rng.normal(0, 0.05, n), radius * np.sin(ang)], 1)
     R = _look_at(centres, rng.normal(0, 0.3, (n, 3)), rng)
     t = -np.einsum("nij,nj->ni", R, centres)
 
@@ -77,7 +79,8 @@ def random_reconstruction(
     first = rng.integers(0, n, m)
     seen_by = (first[:, None] + np.arange(L)) % n  # (m, L)
     mid = centres[seen_by].mean(1)
-    xyz = rng.normal(0, 1.0, (m, 3)) + 0.3 * mid / np.maximum(np.linalg.norm(mid, axis=1, keepdims=True), 1)
+    inward = -mid / np.linalg.norm(mid, axis=1, keepdims=True)
+    xyz = mid + inward * rng.uniform(3, 8, (m, 1)) + rng.normal(0, 0.7, (m, 3))
     # a few tracks list one image twice (another 2D point of the same 3D point)
     dup = rng.random(m) < duplicate_fraction
     obs_point = np.concatenate([np.repeat(np.arange(m), L), np.flatnonzero(dup)])
