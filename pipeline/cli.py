@@ -113,6 +113,59 @@ def ingest(paths, output, manifest, images_root, cluster_by, reader, overwrite):
 
 
 @main.command()
+@click.argument("store", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="The pair file to write (HDF5).")
+@click.option("--strategy", type=click.Choice(["relaxed", "max-inliers", "mac"]),
+              default="relaxed", show_default=True,
+              help="How the positive is picked from the pool M(q).")
+@click.option("--pool-size", "-k", type=int, default=100, show_default=True,
+              help="Images in M(q): nearest camera centres in q's model.")
+@click.option("--min-inlier-ratio", type=float, default=0.2, show_default=True,
+              help="relaxed: co-observed points / points of q, at least.")
+@click.option("--max-scale-change", type=float, default=1.5, show_default=True,
+              help="relaxed: scale change, at most (1: same scale).")
+@click.option("--scale-measure", type=click.Choice(["depth", "bbox"]), default="depth",
+              show_default=True, help="depth: median ratio of apparent point sizes; "
+              "bbox: ratio of the co-observed points' bounding boxes.")
+@click.option("--min-co-observed", type=int, default=1, show_default=True,
+              help="A positive shares at least this many 3D points with q.")
+@click.option("--queries-per-cluster", type=int, default=None,
+              help="Queries drawn per cluster (default: 10%% of a cluster of up to 300 "
+                   "images, 30 for larger ones; 0: every eligible image).")
+@click.option("--val-fraction", type=float, default=0.2, show_default=True,
+              help="Fraction of clusters in the val split.")
+@click.option("--val-clusters", type=str, default=None,
+              help="Comma-separated cluster names for the val split (instead of --val-fraction).")
+@click.option("--descriptors", type=click.Path(dir_okay=False),
+              help="HDF5 descriptors keyed by image name: for --strategy mac and hard negatives.")
+@click.option("--negatives", type=int, default=5, show_default=True,
+              help="Hard negatives per query (with --descriptors), at most one per cluster.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+@_verbosity
+@_fail_cleanly
+def mine(store, output, strategy, pool_size, min_inlier_ratio, max_scale_change, scale_measure,
+         min_co_observed, queries_per_cluster, val_fraction, val_clusters, descriptors,
+         negatives, seed, overwrite):
+    """Pools, positives and hard negatives from an SfM store, into a pair file.
+
+    For each query q, the pool M(q) holds the images of q's model with the nearest
+    camera centres; the positive is picked from it by STRATEGY; hard negatives are the
+    most similar images of other clusters (needs --descriptors).
+    """
+    from .mining.mine import mine as run
+
+    run(store, output, descriptors=descriptors, overwrite=overwrite, strategy=strategy,
+        pool_size=pool_size, min_inlier_ratio=min_inlier_ratio,
+        max_scale_change=max_scale_change, scale_measure=scale_measure,
+        min_co_observed=min_co_observed, queries_per_cluster=queries_per_cluster,
+        val_fraction=val_fraction,
+        val_clusters=[c.strip() for c in val_clusters.split(",")] if val_clusters else None,
+        negatives=negatives, seed=seed)
+
+
+@main.command()
 @click.argument("file", type=click.Path(dir_okay=False))
 @_verbosity
 @_fail_cleanly

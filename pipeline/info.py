@@ -43,7 +43,35 @@ def _store_summary(h5: h5py.File) -> list[str]:
     return lines
 
 
-SUMMARIES = {"sfmpairs/sfm-store": _store_summary}
+def _pairs_summary(h5: h5py.File) -> list[str]:
+    clusters = h5["clusters/name"].asstr()[()]
+    split = h5["clusters/split"].asstr()[()]
+    lines = [f"pair file   strategy {h5.attrs.get('strategy')}, scale measure "
+             f"{h5.attrs.get('scale_measure')}, {len(h5['images/name'])} images, "
+             f"{len(clusters)} clusters",
+             f"source      {h5.attrs.get('source_store')} (sha256 {str(h5.attrs.get('source_store_sha256'))[:12]}…)",
+             *_provenance(h5.attrs), ""]
+    lines.append(f"{'split':<6} {'clusters':>8} {'queries':>8} {'pool':>6} {'passing':>8} "
+                 f"{'pos. inliers':>12} {'pos. scale':>10} {'negatives':>9}")
+    for name in ("train", "val"):
+        if name not in h5:
+            continue
+        g = h5[name]
+        q, pos, pool = g["query"][()], g["positive"][()], g["pool"][()]
+        slot = (pool == pos[:, None]).argmax(axis=1) if len(q) else np.zeros(0, int)
+        rows = np.arange(len(q))
+        ratio = g["pool_inlier_ratio"][()][rows, slot] if len(q) else np.zeros(0)
+        scale = g["pool_scale_change"][()][rows, slot] if len(q) else np.zeros(0)
+        negs = g["negatives"].shape[1] if "negatives" in g else 0
+        mean = (lambda a: f"{np.nanmean(a):.3f}" if len(a) and np.isfinite(a).any() else "-")
+        lines.append(f"{name:<6} {int((split == name).sum()):>8} {len(q):>8} "
+                     f"{(pool >= 0).sum(1).mean() if len(q) else 0:>6.1f} "
+                     f"{g['pool_passes'][()].sum(1).mean() if len(q) else 0:>8.1f} "
+                     f"{mean(ratio):>12} {mean(scale):>10} {negs:>9}")
+    return lines
+
+
+SUMMARIES = {"sfmpairs/sfm-store": _store_summary, "sfmpairs/pairs": _pairs_summary}
 
 
 def summary(path: str | Path) -> str:

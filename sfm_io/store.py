@@ -143,12 +143,16 @@ def open_store(path: str | Path) -> h5py.File:
     return h5
 
 
-def read_store(path: str | Path, observations: bool = True) -> dict:
-    """Every dataset of the store as numpy arrays (strings decoded), plus ``attrs``."""
+def read_store(path: str | Path, observations: bool = True, keys: list[str] | None = None) -> dict:
+    """The store's datasets as numpy arrays (strings decoded), plus ``attrs``: all of
+    them, or those named in ``keys``; ``observations=False`` leaves out the
+    co-observation table but for ``observations/indptr``."""
     out = {}
     with open_store(path) as h5:
         def visit(name, obj):
             if isinstance(obj, h5py.Dataset):
+                if keys is not None and name not in keys:
+                    return
                 if not observations and name.startswith("observations/") and name != "observations/indptr":
                     return
                 out[name] = obj.asstr()[()] if h5py.check_string_dtype(obj.dtype) else obj[()]
