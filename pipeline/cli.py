@@ -187,7 +187,7 @@ def demo(workdir, seed, overwrite):
     """Run the pipeline end to end on a small synthetic dataset it makes itself.
 
     Writes a few random COLMAP models (one scene each) to WORKDIR/colmap, ingests
-    them into WORKDIR/sfm.h5 and summarises the result.
+    them into WORKDIR/sfm.h5, mines pairs into WORKDIR/pairs.h5 and summarises both.
     """
     from .demo import run_demo
 

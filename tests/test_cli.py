@@ -25,7 +25,7 @@ def test_help_on_every_command():
     r = invoke("--help")
     assert r.exit_code == 0
     commands = list(main.commands)
-    assert {"ingest", "info", "demo"} <= set(commands)
+    assert {"ingest", "info", "demo", "mine"} <= set(commands)
     for name in commands:
         r = invoke(name, "--help")
         assert r.exit_code == 0 and "Usage: " in r.stdout, name
@@ -77,6 +77,7 @@ def test_demo_runs_and_refuses_to_overwrite(tmp_path):
     r = invoke("demo", "--workdir", work)
     assert r.exit_code == 0, r.stderr
     assert (work / "sfm.h5").exists() and "4 clusters" in r.stdout
+    assert (work / "pairs.h5").exists() and "strategy relaxed" in r.stdout
     r = invoke("demo", "--workdir", work)
     assert r.exit_code == 2 and "--overwrite" in r.stderr
     assert invoke("demo", "--workdir", work, "--overwrite").exit_code == 0

@@ -1,0 +1,378 @@
+"""``mine`` against brute force (pycolmap loops), its rules, and its bad input."""
+
+from __future__ import annotations
+
+import shutil
+
+import h5py
+import numpy as np
+import pycolmap
+import pytest
+
+from sfmpairs import SfmpairsError
+from sfmpairs.mining.mine import mine, paper_queries_per_cluster
+from sfmpairs.mining.negatives import hard_negatives
+from sfmpairs.mining.pairfile import write_descriptors
+from sfmpairs.sfm_io.ingest import ingest
+from sfmpairs.sfm_io.store import read_store
+
+from conftest import COLMAP, needs_real_data
+
+
+def read_pairs(path) -> dict:
+    out = {}
+    with h5py.File(path, "r") as f:
+        def visit(name, obj):
+            if isinstance(obj, h5py.Dataset):
+                out[name] = obj.asstr()[()] if h5py.check_string_dtype(obj.dtype) else obj[()]
+        f.visititems(visit)
+        out["attrs"] = dict(f.attrs)
+    return out
+
+
+def brute_force(model_dir, k, measure="depth"):
+    """Pools and statistics straight from pycolmap, one pair at a time."""
+    rec = pycolmap.Reconstruction(str(model_dir))
+    ids = sorted(i for i, im in rec.images.items() if im.has_pose)
+    ims = [rec.images[i] for i in ids]
+    centres = np.array([im.projection_center() for im in ims])
+    points = []  # per image: {point3D id: first xy}
+    for im in ims:
+        seen = {}
+        for p in im.points2D:
+            if p.has_point3D() and p.point3D_id not in seen:
+                seen[p.point3D_id] = np.asarray(p.xy)
+        points.append(seen)
+    out = {}
+    for q in range(len(ims)):
+        d = np.linalg.norm(centres - centres[q], axis=1)
+        d[q] = np.inf
+        order = np.lexsort((np.arange(len(ims)), d))[: min(k, len(ims) - 1)]
+        rows = []
+        for i in order:
+            common = sorted(set(points[q]) & set(points[i]))
+            scale = np.nan
+            cq, ci = rec.cameras[ims[q].camera_id], rec.cameras[ims[i].camera_id]
+            no_focal = not len(cq.focal_length_idxs()) or not len(ci.focal_length_idxs())
+            if common and measure == "depth" and not no_focal:  # else undefined: NaN
+                fq = cq.mean_focal_length() / max(cq.width, cq.height)
+                fi = ci.mean_focal_length() / max(ci.width, ci.height)
+                logs = []
+                for pid in common:
+                    X = rec.points3D[pid].xyz
+                    zq = (ims[q].cam_from_world() * X)[2]
+                    zi = (ims[i].cam_from_world() * X)[2]
+                    logs.append(np.log((fq / zq) / (fi / zi)))
+                scale = np.exp(abs(np.median(logs)))
+            elif common:
+                def area(im_points, cam):
+                    P = np.array([im_points[p] for p in common]) / max(cam.width, cam.height)
+                    return np.ptp(P[:, 0]) * np.ptp(P[:, 1])
+                a, b = area(points[q], cq), area(points[i], ci)
+                if a > 0 and b > 0:
+                    scale = max(np.sqrt(a / b), np.sqrt(b / a))
+            rows.append((ids[i], len(common), len(common) / len(points[q]) if points[q] else 0.0,
+                         scale, d[i]))
+        out[ids[q]] = rows
+    return out
+
+
+def check_against_brute_force(store_path, pairs_path, model_dirs, k, measure):
+    s = read_store(store_path, observations=False)
+    p = read_pairs(pairs_path)
+    colmap_id, model = s["images/colmap_id"], s["images/model"]
+    checked = 0
+    for m, model_dir in enumerate(model_dirs):
+        ref = brute_force(model_dir, k, measure)
+        for split in ("train", "val"):
+            for row, q in enumerate(p[f"{split}/query"]):
+                if model[q] != m:
+                    continue
+                expect = ref[int(colmap_id[q])]
+                pool = p[f"{split}/pool"][row]
+                n = len(expect)
+                assert np.all(pool[n:] == -1)
+                assert [int(colmap_id[j]) for j in pool[:n]] == [e[0] for e in expect]
+                assert all(model[j] == m for j in pool[:n])
+                np.testing.assert_array_equal(p[f"{split}/pool_co_observed"][row, :n], [e[1] for e in expect])
+                np.testing.assert_allclose(p[f"{split}/pool_inlier_ratio"][row, :n], [e[2] for e in expect], rtol=1e-15)
+                np.testing.assert_allclose(p[f"{split}/pool_scale_change"][row, :n], [e[3] for e in expect],
+                                           rtol=0, atol=1e-6, equal_nan=True)
+                np.testing.assert_allclose(p[f"{split}/pool_distance"][row, :n], [e[4] for e in expect], rtol=1e-12)
+                checked += 1
+    assert checked == sum(len(p[f"{sp}/query"]) for sp in ("train", "val"))
+    return checked
+
+
+@needs_real_data()
+@pytest.mark.parametrize("scene,k,measure", [
+    ("statue-of-liberty", 100, "depth"), ("lego-batmobile", 10, "depth"),
+    ("fountain-p11", 100, "depth"), ("eyedrop-box", 15, "bbox"), ("drinks-can", 12, "depth"),
+])
+def test_pools_and_statistics_equal_brute_force_on_real_models(scene, k, measure, tmp_path):
+    model_dir = COLMAP / scene / "sparse" / "0"
+    ingest([model_dir], tmp_path / "sfm.h5")
+    mine(tmp_path / "sfm.h5", tmp_path / "pairs.h5", pool_size=k, queries_per_cluster=0,
+         scale_measure=measure, strategy="max-inliers", val_fraction=0)
+    assert check_against_brute_force(tmp_path / "sfm.h5", tmp_path / "pairs.h5", [model_dir], k, measure) > 0
+
+
+@pytest.mark.parametrize("measure", ["depth", "bbox"])
+def test_pools_and_statistics_equal_brute_force_on_synthetic(synthetic_models, tmp_path, measure):
+    dirs = [synthetic_models["shared-cameras"] / "binary", synthetic_models["per-image-cameras"] / "binary"]
+    ingest(dirs, tmp_path / "sfm.h5")
+    mine(tmp_path / "sfm.h5", tmp_path / "pairs.h5", pool_size=12, queries_per_cluster=0,
+         scale_measure=measure, strategy="max-inliers", val_fraction=0.5)
+    check_against_brute_force(tmp_path / "sfm.h5", tmp_path / "pairs.h5", dirs, 12, measure)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Six synthetic scenes, ingested, with random descriptors for every image."""
+    from sfmpairs.demo import make_models
+
+    root = tmp_path_factory.mktemp("world")
+    make_models(root / "colmap", seed=3, scenes=6, images=30, points=1500)
+    ingest([root / "colmap"], root / "sfm.h5")
+    names = read_store(root / "sfm.h5", observations=False)["images/name"]
+    rng = np.random.default_rng(0)
+    desc = rng.normal(size=(len(names), 16)).astype(np.float32)
+    desc /= np.linalg.norm(desc, axis=1, keepdims=True)
+    write_descriptors(root / "desc.h5", names, desc, {"schema": "sfmpairs/descriptors", "schema_version": 1})
+    return root, desc
+
+
+def test_relaxed_rules(world, tmp_path):
+    root, desc = world
+    mine(root / "sfm.h5", tmp_path / "p.h5", descriptors=root / "desc.h5", negatives=3, seed=5,
+         queries_per_cluster=0, val_fraction=0.34)
+    p = read_pairs(tmp_path / "p.h5")
+    cluster = p["images/cluster"]
+    split_of = {c: s for c, s in zip(range(len(p["clusters/name"])), p["clusters/split"])}
+    assert set(p["clusters/split"]) == {"train", "val"}
+    for split in ("train", "val"):
+        q, pos, pool = p[f"{split}/query"], p[f"{split}/positive"], p[f"{split}/pool"]
+        assert len(q) > 0
+        assert np.all(q != pos)  # no image is its own positive
+        assert all(split_of[c] == split for c in cluster[q])
+        slot = (pool == pos[:, None]).argmax(1)
+        assert np.all(pool[np.arange(len(q)), slot] == pos)  # the positive is in the pool
+        rows = np.arange(len(q))
+        assert np.all(p[f"{split}/pool_inlier_ratio"][rows, slot] >= 0.2)
+        assert np.all(p[f"{split}/pool_scale_change"][rows, slot] <= 1.5)
+        assert np.all(p[f"{split}/pool_co_observed"][rows, slot] >= 1)
+        assert np.all(p[f"{split}/pool_passes"][rows, slot])
+        assert np.all(cluster[pos] == cluster[q])
+        neg = p[f"{split}/negatives"]
+        images = set(p[f"{split}/images"].tolist())
+        for i, row in enumerate(neg):
+            row = row[row >= 0]
+            assert not np.any(cluster[row] == cluster[q[i]])  # never q's cluster
+            assert len(set(cluster[row].tolist())) == len(row)  # at most one per cluster
+            assert set(row.tolist()) <= images  # searched within the split
+        # the negatives are the most similar: equal to the reference function's answer
+        idx, _ = hard_negatives(desc[q], cluster[q], desc[sorted(images)], cluster[sorted(images)], 3)
+        expect = np.where(idx >= 0, np.array(sorted(images))[np.maximum(idx, 0)], -1)
+        np.testing.assert_array_equal(neg, expect)
+    train_clusters = set(cluster[p["train/images"]].tolist())
+    val_clusters = set(cluster[p["val/images"]].tolist())
+    assert train_clusters and val_clusters and not train_clusters & val_clusters
+
+
+def test_relaxed_positives_are_drawn_among_all_passing(world, tmp_path):
+    root, _ = world
+    drawn = {}
+    for seed in range(5):
+        mine(root / "sfm.h5", tmp_path / f"p{seed}.h5", seed=seed, queries_per_cluster=0, val_fraction=0)
+        p = read_pairs(tmp_path / f"p{seed}.h5")
+        for q, pos, pool, ok in zip(p["train/query"], p["train/positive"], p["train/pool"], p["train/pool_passes"]):
+            assert pos in pool[ok]
+            drawn.setdefault(int(q), set()).add(int(pos))
+    assert max(len(v) for v in drawn.values()) > 1  # other seeds draw other positives
+
+
+def test_max_inliers_and_mac(world, tmp_path):
+    root, desc = world
+    mine(root / "sfm.h5", tmp_path / "mi.h5", strategy="max-inliers", queries_per_cluster=0)
+    p = read_pairs(tmp_path / "mi.h5")
+    co, pool, pos = p["train/pool_co_observed"], p["train/pool"], p["train/positive"]
+    rows = np.arange(len(pos))
+    assert np.all(co[rows, (pool == pos[:, None]).argmax(1)] == co.max(1))
+    mine(root / "sfm.h5", tmp_path / "mac.h5", strategy="mac", descriptors=root / "desc.h5",
+         queries_per_cluster=0, negatives=0)
+    p = read_pairs(tmp_path / "mac.h5")
+    for q, pos, pool, co in zip(p["train/query"], p["train/positive"], p["train/pool"], p["train/pool_co_observed"]):
+        cand = pool[(pool >= 0) & (co >= 1)]
+        assert pos == cand[np.argmax(desc[cand] @ desc[q])]
+    assert "train/negatives" not in p
+
+
+def test_queries_per_cluster_follow_the_paper(world, tmp_path):
+    root, _ = world
+    mine(root / "sfm.h5", tmp_path / "p.h5", val_fraction=0)
+    p = read_pairs(tmp_path / "p.h5")
+    counts = np.bincount(p["images/cluster"][p["train/query"]], minlength=6)
+    assert list(counts) == [paper_queries_per_cluster(30)] * 6 == [3] * 6
+    assert paper_queries_per_cluster(300) == 30 and paper_queries_per_cluster(301) == 30
+    assert paper_queries_per_cluster(1000) == 30 and paper_queries_per_cluster(55) == 6
+    mine(root / "sfm.h5", tmp_path / "p2.h5", val_fraction=0, queries_per_cluster=5)
+    assert len(read_pairs(tmp_path / "p2.h5")["train/query"]) == 30
+
+
+def test_same_seed_same_file(world, tmp_path):
+    root, _ = world
+    for name in ("a.h5", "b.h5"):
+        mine(root / "sfm.h5", tmp_path / name, descriptors=root / "desc.h5", seed=7)
+    a, b = read_pairs(tmp_path / "a.h5"), read_pairs(tmp_path / "b.h5")
+    assert a.keys() == b.keys()
+    for key in a:
+        if key == "attrs":
+            continue
+        assert np.array_equal(a[key], b[key], equal_nan=a[key].dtype.kind == "f"), key
+    for key in a["attrs"]:
+        if key != "created":
+            assert np.array_equal(a["attrs"][key], b["attrs"][key]), key
+    assert a["attrs"]["parameters"] == b["attrs"]["parameters"]
+    mine(root / "sfm.h5", tmp_path / "c.h5", seed=8)
+    c = read_pairs(tmp_path / "c.h5")
+    assert not np.array_equal(c["train/query"], a["train/query"]) or \
+        not np.array_equal(c["clusters/split"], a["clusters/split"])
+
+
+def test_pair_file_records_how_it_was_made(world, tmp_path):
+    from sfmpairs.common import file_sha256
+
+    root, _ = world
+    mine(root / "sfm.h5", tmp_path / "p.h5", val_clusters=["scene_02/sparse/0"], max_scale_change=2.0)
+    attrs = read_pairs(tmp_path / "p.h5")["attrs"]
+    assert attrs["schema"] == "sfmpairs/pairs" and attrs["schema_version"] == 1
+    assert attrs["strategy"] == "relaxed" and attrs["max_scale_change"] == 2.0
+    assert attrs["scale_measure"] == "depth" and attrs["seed"] == 0
+    assert attrs["source_store_sha256"] == file_sha256(root / "sfm.h5")
+    p = read_pairs(tmp_path / "p.h5")
+    assert list(p["clusters/split"]).count("val") == 1
+    assert p["clusters/split"][list(p["clusters/name"]).index("scene_02/sparse/0")] == "val"
+
+
+def test_hard_negatives_against_brute_force():
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        Q, P, C, num = rng.integers(1, 30), rng.integers(1, 150), rng.integers(1, 10), rng.integers(1, 6)
+        qd = rng.normal(size=(Q, 8)).astype(np.float32)
+        pd = rng.normal(size=(P, 8)).astype(np.float32)
+        qd /= np.linalg.norm(qd, axis=1, keepdims=True)
+        pd /= np.linalg.norm(pd, axis=1, keepdims=True)
+        qc, pc = rng.integers(0, C, Q), rng.integers(0, C, P)
+        idx, sim = hard_negatives(qd, qc, pd, pc, num, batch_size=int(rng.integers(1, 9)))
+        for i in range(Q):
+            s = pd @ qd[i]
+            best = {}
+            for j in np.argsort(-s, kind="stable"):
+                if pc[j] != qc[i] and pc[j] not in best:
+                    best[pc[j]] = j
+            items = sorted(best.items(), key=lambda kv: (-s[kv[1]], kv[0]))[:num]
+            expect = [j for _, j in items] + [-1] * (num - len(items))
+            assert list(idx[i]) == expect
+            np.testing.assert_allclose(sim[i][: len(items)], [s[j] for _, j in items], rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_bad_input(world, tmp_path):
+    root, desc = world
+    out = tmp_path / "p.h5"
+    cases = [
+        (dict(min_inlier_ratio=1.5), "--min-inlier-ratio"),
+        (dict(max_scale_change=0.5), "--max-scale-change"),
+        (dict(pool_size=0), "--pool-size"),
+        (dict(val_fraction=1.0), "--val-fraction"),
+        (dict(negatives=-1), "--negatives"),
+        (dict(strategy="mac"), "needs --descriptors"),
+        (dict(val_clusters=["nowhere"]), "no cluster named 'nowhere'"),
+    ]
+    for options, expect in cases:
+        with pytest.raises(SfmpairsError, match=expect):
+            mine(root / "sfm.h5", out, **options)
+        assert not out.exists()
+
+
+def test_store_of_another_schema_version(world, tmp_path):
+    root, _ = world
+    shutil.copy(root / "sfm.h5", tmp_path / "old.h5")
+    with h5py.File(tmp_path / "old.h5", "a") as f:
+        f.attrs["schema_version"] = 99
+    with pytest.raises(SfmpairsError, match="schema version 99"):
+        mine(tmp_path / "old.h5", tmp_path / "p.h5")
+    assert not (tmp_path / "p.h5").exists()
+
+
+def test_one_cluster_asked_for_negatives(synthetic_models, tmp_path):
+    ingest([synthetic_models["shared-cameras"] / "binary"], tmp_path / "one.h5")
+    names = read_store(tmp_path / "one.h5", observations=False)["images/name"]
+    d = np.eye(len(names), 40, dtype=np.float32)
+    write_descriptors(tmp_path / "d.h5", names, d, {})
+    with pytest.raises(SfmpairsError, match="at least two clusters"):
+        mine(tmp_path / "one.h5", tmp_path / "p.h5", descriptors=tmp_path / "d.h5")
+    assert not (tmp_path / "p.h5").exists()
+    mine(tmp_path / "one.h5", tmp_path / "p.h5", descriptors=tmp_path / "d.h5", negatives=0)
+
+
+def test_descriptors_missing_or_not_normalised(world, tmp_path):
+    root, desc = world
+    names = read_store(root / "sfm.h5", observations=False)["images/name"]
+    write_descriptors(tmp_path / "few.h5", names[:-3], desc[:-3], {})
+    with pytest.raises(SfmpairsError, match="no descriptors for 3 images"):
+        mine(root / "sfm.h5", tmp_path / "p.h5", descriptors=tmp_path / "few.h5")
+    write_descriptors(tmp_path / "raw.h5", names, desc * 2, {})
+    with pytest.raises(SfmpairsError, match="L2-normalised"):
+        mine(root / "sfm.h5", tmp_path / "p.h5", descriptors=tmp_path / "raw.h5")
+    assert not (tmp_path / "p.h5").exists()
+
+
+def test_cli_mine_and_info(world, tmp_path):
+    from click.testing import CliRunner
+
+    from sfmpairs.cli import main
+
+    root, _ = world
+    r = CliRunner().invoke(main, ["mine", str(root / "sfm.h5"), "-o", str(tmp_path / "p.h5"),
+                                  "--descriptors", str(root / "desc.h5"), "-q"])
+    assert r.exit_code == 0, r.stderr
+    r = CliRunner().invoke(main, ["info", str(tmp_path / "p.h5")])
+    assert r.exit_code == 0 and "strategy relaxed" in r.stdout and "train" in r.stdout
+    r = CliRunner().invoke(main, ["mine", str(root / "sfm.h5"), "-o", str(tmp_path / "p.h5")])
+    assert r.exit_code == 2 and "exists" in r.stderr
+    r = CliRunner().invoke(main, ["mine", str(root / "sfm.h5"), "-o", str(tmp_path / "x.h5"),
+                                  "--max-scale-change", "0.9"])
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "--max-scale-change" in r.stderr
+    assert not (tmp_path / "x.h5").exists()
+
+
+def test_formats_doc_pair_example_runs_without_sfmpairs(world, tmp_path, monkeypatch, capsys):
+    import re
+
+    from conftest import REPO
+
+    root, _ = world
+    mine(root / "sfm.h5", tmp_path / "pairs.h5", descriptors=root / "desc.h5")
+    doc = (REPO / "docs" / "formats.md").read_text()
+    example = re.search(r"## The pair file.*?```python\n(.*?)```", doc, re.S).group(1)
+    assert "sfmpairs" not in example
+    monkeypatch.chdir(tmp_path)
+    exec(compile(example, "formats.md", "exec"), {})
+    p = read_pairs(tmp_path / "pairs.h5")
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3
+    q, pos = p["train/query"][0], p["train/positive"][0]
+    assert lines[0].startswith(f"{p['images/name'][q]} -> {p['images/name'][pos]} of ")
+
+
+def test_formats_doc_lists_every_pair_dataset(world, tmp_path):
+    from conftest import REPO
+
+    root, _ = world
+    mine(root / "sfm.h5", tmp_path / "pairs.h5", descriptors=root / "desc.h5")
+    doc = (REPO / "docs" / "formats.md").read_text()
+    for key in read_pairs(tmp_path / "pairs.h5"):
+        if key != "attrs":
+            name = key.replace("train/", "{split}/").replace("val/", "{split}/")
+            assert f"`{name}`" in doc, name
