@@ -165,6 +165,99 @@ def mine(store, output, strategy, pool_size, min_inlier_ratio, max_scale_change,
         negatives=negatives, seed=seed)
 
 
+def _scales(text: str) -> tuple[float, ...]:
+    try:
+        scales = tuple(float(s) for s in text.split(","))
+    except ValueError:
+        raise SfmpairsError(f"--multiscale {text!r}: give comma-separated numbers, e.g. 1,0.7071,0.5") from None
+    if not scales or any(s <= 0 for s in scales):
+        raise SfmpairsError(f"--multiscale {text!r}: scales must be positive")
+    return scales
+
+
+@main.command()
+@click.option("--model", required=True, type=click.Path(dir_okay=False), help="A checkpoint (.pt).")
+@click.option("--store", type=click.Path(dir_okay=False),
+              help="Describe every image of this SfM store (photos under its images root).")
+@click.option("--images-root", type=click.Path(file_okay=False), help="Folder of the photos.")
+@click.option("--list", "image_list", type=click.Path(dir_okay=False),
+              help="Text file of image names (relative to --images-root), one per line.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="The descriptor file to write (HDF5).")
+@click.option("--image-size", type=int, default=None,
+              help="Longer side in pixels (never up-scaled); default: the checkpoint's.")
+@click.option("--multiscale", default="1", show_default=True,
+              help="Scales, combined by the generalised mean with the network's p, e.g. 1,0.7071,0.5.")
+@click.option("--whitening", type=click.Path(dir_okay=False), help="Apply a whitening file (sfmpairs whiten).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--batch-size", type=int, default=16, show_default=True, help="Images per batch (same size).")
+@click.option("--workers", type=int, default=None, help="DataLoader workers (default: cores - 1, at most 4).")
+@click.option("--skip-bad", is_flag=True, help="Skip missing or corrupt images (listed in the output).")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+@_verbosity
+@_fail_cleanly
+def extract(model, store, images_root, image_list, output, image_size, multiscale, whitening,
+            device, batch_size, workers, skip_bad, overwrite):
+    """Global descriptors of images with a checkpoint, keyed by image name."""
+    from .train.extract import extract as run
+
+    run(model, output, store=store, images_root=images_root, image_list=image_list,
+        image_size=image_size, scales=_scales(multiscale), device=device, batch_size=batch_size,
+        workers=workers, skip_bad=skip_bad, whitening=whitening, overwrite=overwrite)
+
+
+@main.command()
+@click.option("--descriptors", required=True, type=click.Path(dir_okay=False), help="Descriptor file.")
+@click.option("--pairs", required=True, type=click.Path(dir_okay=False), help="Pair file (train split).")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Whitening file.")
+@click.option("--method", type=click.Choice(["lw", "pca"]), default="lw", show_default=True,
+              help="lw: learned from matching pairs; pca: PCA whitening.")
+@click.option("--dim", type=int, default=None, help="Output dimension (default: the input's).")
+@click.option("--all-passing", is_flag=True,
+              help="Learn from every passing pool pair, not only query-positive pairs.")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+@_verbosity
+@_fail_cleanly
+def whiten(descriptors, pairs, output, method, dim, all_passing, overwrite):
+    """Learn a whitening (Lw or PCA) to apply in extract (--whitening)."""
+    from .train.whiten import whiten as run
+
+    r = run(descriptors, pairs, output, method=method, dim=dim, all_passing=all_passing, overwrite=overwrite)
+    click.echo(f"wrote {r['output']}: {r['method']} whitening to {r['dim']} dimensions")
+
+
+@main.command()
+@click.option("--pairs", type=click.Path(dir_okay=False), help="Evaluate on this pair file's val split.")
+@click.option("--gnd", type=click.Path(dir_okay=False), help="Or on revisited Oxford/Paris ground truth (gnd_*.pkl).")
+@click.option("--descriptors", type=click.Path(dir_okay=False), help="Precomputed descriptor file.")
+@click.option("--model", type=click.Path(dir_okay=False), help="Or a checkpoint to extract with.")
+@click.option("--store", type=click.Path(dir_okay=False), help="The SfM store (default: the pair file's).")
+@click.option("--images-root", type=click.Path(file_okay=False), help="Folder of the photos (with --model).")
+@click.option("--min-covisible", type=int, default=1, show_default=True,
+              help="Positive: shares at least this many 3D points with the query.")
+@click.option("--positives", type=click.Choice(["covisible", "relaxed"]), default="covisible",
+              show_default=True, help="covisible: --min-covisible; relaxed: passes the relaxed filter.")
+@click.option("--qe", type=int, default=0, show_default=True, help="alpha query expansion: neighbours (0: off).")
+@click.option("--qe-alpha", type=float, default=3.0, show_default=True, help="alpha of alpha-QE.")
+@click.option("--image-size", type=int, default=None, help="With --model: longer side in pixels.")
+@click.option("--multiscale", default="1", show_default=True, help="With --model: scales.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="JSON report.")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+@_verbosity
+@_fail_cleanly
+def evaluate(pairs, gnd, descriptors, model, store, images_root, min_covisible, positives, qe,
+             qe_alpha, image_size, multiscale, device, output, overwrite):
+    """mAP and mean precision at 1, 5, 10: on a pair file's val split, or on the
+    revisited Oxford and Paris protocol (Easy, Medium, Hard)."""
+    from .train.evaluate import evaluate as run
+
+    run(output, pairs=pairs, gnd=gnd, descriptors=descriptors, model=model, store=store,
+        images_root=images_root, min_covisible=min_covisible, positives=positives, qe=qe,
+        qe_alpha=qe_alpha, image_size=image_size, scales=_scales(multiscale), device=device,
+        overwrite=overwrite)
+
+
 @main.command()
 @click.argument("file", type=click.Path(dir_okay=False))
 @_verbosity

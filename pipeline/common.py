@@ -96,5 +96,7 @@ def progress(iterable=None, *, total=None, desc: str = "", unit: str = "it", **k
     from tqdm import tqdm
 
     disable = not logger.isEnabledFor(logging.INFO) or not sys.stderr.isatty()
+    if total is None and iterable is not None and hasattr(iterable, "__len__"):
+        total = len(iterable)
     return tqdm(iterable, total=total, desc=desc, unit=unit, disable=disable,
                 leave=False, dynamic_ncols=True, **kwargs)

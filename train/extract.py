@@ -1,0 +1,169 @@
+"""``sfmpairs extract``: global descriptors of images with a checkpoint.
+
+Fast on CPU and CUDA: decoding and resizing in DataLoader workers, batches of images of
+equal size (so batching never changes a descriptor), channels-last memory, mixed
+precision and pinned memory on CUDA, descriptors kept on the device until the end (no
+per-image host-device sync).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..common import SfmpairsError, atomic_output, file_sha256, progress, provenance_attrs
+from .data import image_loader
+from .network import RetrievalNet, load_checkpoint
+
+logger = logging.getLogger("sfmpairs.extract")
+
+DESCRIPTORS_SCHEMA = "sfmpairs/descriptors"
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SfmpairsError(f"--device {device}: CUDA is not available on this machine")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise SfmpairsError(f"unknown device {device!r} (use auto, cpu or cuda)") from None
+
+
+def multiscale_forward(net: RetrievalNet, x: torch.Tensor, scales=(1.0,)) -> torch.Tensor:
+    """Descriptors of a batch at several scales, combined by the generalised mean with
+    the network's GeM exponent p (1 for other poolings), then L2-normalised."""
+    if len(scales) == 1 and scales[0] == 1:
+        return net(x)
+    p = net.p.detach().float() if net.config["pool"] == "gem" else 1.0
+    acc = 0
+    for s in scales:
+        xs = x if s == 1 else F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False)
+        acc = acc + net(xs).float().pow(p)
+    return F.normalize((acc / len(scales)).pow(1.0 / p), dim=-1)
+
+
+def extract_descriptors(net: RetrievalNet, root, names, *, image_size: int | None = None,
+                        scales=(1.0,), device: str | torch.device = "cpu", batch_size: int = 16,
+                        workers: int | None = None, skip_bad: bool = False, amp: bool | None = None,
+                        desc: str = "extract", boxes=None):
+    """(descriptors (N, D) float32 numpy, bad {index: message}) of ``root/names``.
+
+    The function training calls every epoch. Rows of bad images (only with
+    ``skip_bad``) are NaN; without it a bad image raises :class:`SfmpairsError`.
+    """
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    amp = cuda if amp is None else amp
+    image_size = image_size or net.config["image_size"]
+    was_training = net.training
+    net.eval().to(device).to(memory_format=torch.channels_last)
+    out = torch.full((len(names), net.dim), float("nan"), device=device)
+    bad = {}
+    loader = image_loader(root, names, image_size, batch_size, workers, pin_memory=cuda, boxes=boxes)
+    with torch.inference_mode(), torch.autocast(device.type, enabled=amp):
+        for images, index, bad_items in progress(loader, desc=desc, unit="batch"):
+            for i, message in bad_items:
+                if not skip_bad:
+                    raise SfmpairsError(message)
+                bad[i] = message
+            if images is None:
+                continue
+            x = net.normalise_input(images.to(device, non_blocking=True))
+            x = x.contiguous(memory_format=torch.channels_last)
+            out[index.to(device, non_blocking=True)] = multiscale_forward(net, x, scales).float()
+    net.train(was_training)
+    return out.cpu().numpy(), bad
+
+
+def read_image_list(path: str | Path) -> list[str]:
+    path = Path(path)
+    try:
+        names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    except OSError as e:
+        raise SfmpairsError(f"{path}: cannot read ({e.strerror or e})") from None
+    names = [n for n in names if n and not n.startswith("#")]
+    if not names:
+        raise SfmpairsError(f"{path}: no image names")
+    return names
+
+
+def apply_whitening(desc: np.ndarray, whitening: dict) -> np.ndarray:
+    """Project L2-normalised descriptors with a whitening (mean m, projection P) and
+    re-normalise."""
+    v = (desc - whitening["mean"]) @ whitening["projection"].T
+    return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+
+
+def extract(model: str | Path, output: str | Path, *, store: str | Path | None = None,
+            images_root: str | Path | None = None, image_list: str | Path | None = None,
+            image_size: int | None = None, scales=(1.0,), device: str = "auto",
+            batch_size: int = 16, workers: int | None = None, skip_bad: bool = False,
+            whitening: str | Path | None = None, overwrite: bool = False) -> dict:
+    """Descriptors of a store's images (``store``) or of a list (``images_root`` +
+    ``image_list``) into a descriptor file (docs/formats.md)."""
+    t0 = time.perf_counter()
+    if store is not None:
+        from ..sfm_io.store import read_store
+
+        s = read_store(store, keys=["images/name"])
+        names = list(s["images/name"])
+        images_root = images_root or s["attrs"].get("images_root")
+        if not images_root:
+            raise SfmpairsError(f"{store}: the store names no images root; give --images-root")
+    elif images_root is not None and image_list is not None:
+        names = read_image_list(image_list)
+    else:
+        raise SfmpairsError("give --store, or --images-root and --list")
+    if not Path(images_root).is_dir():
+        raise SfmpairsError(f"{images_root}: images root is not a folder")
+    if any(s <= 0 for s in scales):
+        raise SfmpairsError("--multiscale: scales must be positive")
+    dev = resolve_device(device)
+    wh = None
+    if whitening is not None:
+        from .whiten import read_whitening
+
+        wh = read_whitening(whitening)
+    with atomic_output(output, overwrite) as tmp:  # fail early if the output exists
+        net, _ = load_checkpoint(model, dev)
+        size = image_size or net.config["image_size"]
+        logger.info("extracting %d images from %s at %d px, scales %s, on %s", len(names),
+                    images_root, size, ",".join(f"{s:g}" for s in scales), dev)
+        desc, bad = extract_descriptors(net, images_root, names, image_size=size, scales=scales,
+                                        device=dev, batch_size=batch_size, workers=workers,
+                                        skip_bad=skip_bad)
+        keep = np.array([i not in bad for i in range(len(names))], bool)
+        desc = desc[keep]
+        if wh is not None:
+            if wh["mean"].shape[-1] != desc.shape[1]:
+                raise SfmpairsError(f"{whitening}: whitening of {wh['mean'].shape[-1]}-d descriptors, "
+                                    f"the network gives {desc.shape[1]}-d")
+            desc = apply_whitening(desc, wh).astype(np.float32)
+        for i, message in bad.items():
+            logger.warning("skipped %s", message)
+        with h5py.File(tmp, "w") as f:
+            str_dt = h5py.string_dtype("utf-8")
+            f.create_dataset("names", data=[n for n, k in zip(names, keep) if k], dtype=str_dt)
+            f.create_dataset("descriptors", data=desc.astype(np.float32))
+            f.create_dataset("skipped", data=[names[i] for i in sorted(bad)], dtype=str_dt)
+            parameters = {"image_size": size, "scales": list(scales), "device": str(dev),
+                          "batch_size": batch_size, "skip_bad": skip_bad,
+                          "whitening": str(whitening) if whitening else None,
+                          "config": net.config}
+            inputs = {"model": str(Path(model).resolve()), "model_sha256": file_sha256(model),
+                      "images_root": str(Path(images_root).resolve()),
+                      "store": str(Path(store).resolve()) if store else None,
+                      "list": str(Path(image_list).resolve()) if image_list else None}
+            f.attrs.update(provenance_attrs(DESCRIPTORS_SCHEMA, 1, parameters, inputs))
+    seconds = time.perf_counter() - t0
+    logger.info("wrote %s: %d descriptors of dimension %d (%d skipped) in %.1f s", output,
+                len(desc), desc.shape[1], len(bad), seconds)
+    return {"output": str(output), "images": int(keep.sum()), "skipped": len(bad), "seconds": seconds}
