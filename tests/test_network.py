@@ -1,0 +1,218 @@
+"""The retrieval network, checkpoints, extraction and whitening."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from sfmpairs import SfmpairsError
+from sfmpairs.train.network import (ARCHS, build_network, gem, load_checkpoint, mac, rmac,
+                                    rmac_regions, save_checkpoint, spoc)
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_every_backbone_gives_unit_descriptors(arch):
+    torch.manual_seed(0)
+    net = build_network({"arch": arch, "pool": "gem"}).eval()
+    with torch.no_grad():
+        v = net(torch.randn(2, 3, 64, 80))
+    assert v.shape == (2, ARCHS[arch][0]) == (2, net.dim)
+    torch.testing.assert_close(v.norm(dim=1), torch.ones(2))
+
+
+def test_poolings_match_their_formulas():
+    x = torch.rand(2, 4, 5, 7) + 0.1
+    torch.testing.assert_close(mac(x), x.flatten(2).max(-1).values)
+    torch.testing.assert_close(spoc(x), x.flatten(2).mean(-1))
+    torch.testing.assert_close(gem(x, 1.0), spoc(x))
+    torch.testing.assert_close(gem(x, 3.0), (x.flatten(2) ** 3).mean(-1) ** (1 / 3))
+    assert torch.allclose(gem(x, 200.0), mac(x), rtol=0.02)
+    # R-MAC: the whole map plus every region, each MAC L2-normalised, summed
+    expect = torch.nn.functional.normalize(mac(x), dim=-1)
+    for t, left, s in rmac_regions(5, 7):
+        expect = expect + torch.nn.functional.normalize(mac(x[..., t:t + s, left:left + s]), dim=-1)
+    torch.testing.assert_close(rmac(x), expect)
+    regions = rmac_regions(30, 40)
+    assert regions[0][2] == 30 and all(t + s <= 30 and left + s <= 40 for t, left, s in regions)
+
+
+def test_gem_p_is_learnable_and_starts_at_3():
+    net = build_network({"arch": "resnet18", "pool": "gem"})
+    assert float(net.p.detach()) == 3.0 and net.p.requires_grad
+    v = net(torch.rand(1, 3, 64, 64)).sum()
+    v.backward()
+    assert net.p.grad is not None
+
+
+def test_whitening_layer_sets_the_dimension():
+    net = build_network({"arch": "resnet18", "whitening": 32}).eval()
+    with torch.no_grad():
+        assert net(torch.rand(2, 3, 64, 64)).shape == (2, 32)
+
+
+def test_checkpoint_round_trip(tmp_path):
+    torch.manual_seed(1)
+    net = build_network({"arch": "resnet18", "pool": "mac", "image_size": 200, "whitening": 16}).eval()
+    save_checkpoint(tmp_path / "a.pt", net, epoch=3)
+    loaded, state = load_checkpoint(tmp_path / "a.pt")
+    assert loaded.config == net.config and state["epoch"] == 3 and state["tool_version"]
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), net(x))
+
+
+def test_bad_checkpoints(tmp_path):
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(SfmpairsError, match="not a checkpoint"):
+        load_checkpoint(tmp_path / "junk.pt")
+    torch.save({"a": 1}, tmp_path / "other.pt")
+    with pytest.raises(SfmpairsError, match="not an sfmpairs checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+    with pytest.raises(SfmpairsError, match="no such file"):
+        load_checkpoint(tmp_path / "missing.pt")
+    with pytest.raises(SfmpairsError, match="unknown architecture"):
+        build_network({"arch": "resnet9000"})
+
+
+def test_pretrained_offline_names_the_missing_file(tmp_path, monkeypatch):
+    import urllib.error
+
+    import torchvision
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(SfmpairsError) as e:
+        build_network({"arch": "resnet18"}, pretrained=True)
+    filename = torchvision.models.get_model_weights("resnet18").DEFAULT.url.rsplit("/", 1)[1]
+    assert filename in str(e.value) and str(tmp_path) in str(e.value)
+
+
+# ----------------------------------------------------------------------------- extraction
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """A small folder of JPEG and PNG photos of several sizes, and one broken file."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(0)
+    names = []
+    for i, (w, h) in enumerate([(120, 90)] * 4 + [(90, 120)] * 3 + [(60, 40), (200, 150), (97, 131)]):
+        arr = (rng.random((h, w, 3)) * 255).astype(np.uint8)
+        name = f"sub/img_{i:02d}." + ("png" if i % 3 == 0 else "jpg")
+        (root / "sub").mkdir(exist_ok=True)
+        Image.fromarray(arr).save(root / name)
+        names.append(name)
+    (root / "sub" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    return root, names
+
+
+def _reference(net, root, names, size):
+    from sfmpairs.train.data import load_image
+
+    with torch.no_grad():
+        return np.stack([net(net.normalise_input(load_image(root / n, size)[None]))[0].numpy() for n in names])
+
+
+def test_batched_extraction_equals_one_image_at_a_time(photos):
+    from sfmpairs.train.extract import extract_descriptors
+
+    root, names = photos
+    torch.manual_seed(0)
+    net = build_network({"arch": "resnet18", "pool": "gem", "image_size": 100}).eval()
+    desc, bad = extract_descriptors(net, root, names, batch_size=3, workers=0)
+    assert not bad and desc.shape == (len(names), 512)
+    np.testing.assert_allclose(desc, _reference(net, root, names, 100), atol=1e-4)
+    desc2, _ = extract_descriptors(net, root, names, batch_size=8, workers=1)
+    np.testing.assert_allclose(desc2, desc, atol=1e-5)
+
+
+def test_images_are_resized_never_upscaled(photos):
+    from sfmpairs.train.data import load_image, resized_size
+
+    root, names = photos
+    assert tuple(load_image(root / names[9], 100).shape) == (3, 100, 74) == (3, *resized_size(97, 131, 100)[::-1])
+    assert tuple(load_image(root / names[7], 100).shape) == (3, 40, 60)  # smaller: kept
+
+
+def test_multiscale_is_the_generalised_mean(photos):
+    import torch.nn.functional as F
+
+    from sfmpairs.train.data import load_image
+    from sfmpairs.train.extract import extract_descriptors
+
+    root, names = photos
+    torch.manual_seed(0)
+    net = build_network({"arch": "resnet18", "pool": "gem", "image_size": 100}).eval()
+    scales = (1.0, 0.7071, 0.5)
+    desc, _ = extract_descriptors(net, root, names[:2], scales=scales, workers=0)
+    with torch.no_grad():
+        for k, n in enumerate(names[:2]):
+            x = net.normalise_input(load_image(root / n, 100)[None])
+            vs = [net(F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False) if s != 1 else x)
+                  for s in scales]
+            v = (sum(u ** 3 for u in vs) / 3) ** (1 / 3)
+            np.testing.assert_allclose(desc[k], F.normalize(v, dim=-1)[0].numpy(), atol=1e-4)
+
+
+def test_bad_images(photos, tmp_path):
+    from sfmpairs.train.extract import extract_descriptors
+
+    root, names = photos
+    net = build_network({"arch": "resnet18", "image_size": 64})
+    with pytest.raises(SfmpairsError, match="broken.jpg: cannot decode"):
+        extract_descriptors(net, root, names + ["sub/broken.jpg"], workers=0)
+    with pytest.raises(SfmpairsError, match="missing.jpg: image not found"):
+        extract_descriptors(net, root, ["sub/missing.jpg"] + names, workers=1)
+    desc, bad = extract_descriptors(net, root, names + ["sub/broken.jpg"], workers=0, skip_bad=True)
+    assert list(bad) == [len(names)] and np.isnan(desc[-1]).all() and np.isfinite(desc[:-1]).all()
+
+
+def test_extract_cli_writes_a_descriptor_file(photos, tmp_path):
+    from click.testing import CliRunner
+
+    from sfmpairs.cli import main
+    from sfmpairs.mining.pairfile import read_descriptors
+
+    root, names = photos
+    save_checkpoint(tmp_path / "m.pt", build_network({"arch": "resnet18", "image_size": 64}))
+    (tmp_path / "list.txt").write_text("\n".join(names + ["sub/broken.jpg"]) + "\n")
+    args = ["extract", "--model", tmp_path / "m.pt", "--images-root", root, "--list", tmp_path / "list.txt",
+            "-o", tmp_path / "d.h5", "--device", "cpu"]
+    r = CliRunner().invoke(main, [str(a) for a in args])
+    errors = [line for line in r.stderr.splitlines() if line.startswith("sfmpairs: error:")]
+    assert r.exit_code == 2 and len(errors) == 1 and "broken.jpg" in errors[0]
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "d.h5").exists()
+    r = CliRunner().invoke(main, [str(a) for a in args + ["--skip-bad", "--multiscale", "1,0.5"]])
+    assert r.exit_code == 0, r.stderr
+    with h5py.File(tmp_path / "d.h5") as f:
+        assert list(f["skipped"].asstr()[()]) == ["sub/broken.jpg"]
+        assert f.attrs["schema"] == "sfmpairs/descriptors"
+    d = read_descriptors(tmp_path / "d.h5", np.array(names, dtype=object))
+    assert d.shape == (len(names), 512)
+
+
+# ----------------------------------------------------------------------------- whitening
+def test_learned_whitening_whitens_matching_pair_differences():
+    from sfmpairs.train.whiten import learn_lw, learn_pca
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(400, 12)) @ rng.normal(size=(12, 12))
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    q, p = rng.integers(0, 400, 300), rng.integers(0, 400, 300)
+    for dim in (12, 5):
+        mean, P = learn_lw(X, q, p, dim)
+        d = (X[q] - X[p]) @ P.T
+        np.testing.assert_allclose(d.T @ d / len(d), np.eye(dim), atol=1e-9)
+        Y = (X - mean) @ P.T  # the whitened set's covariance is diagonal, decreasing
+        C = Y.T @ Y / len(Y)
+        np.testing.assert_allclose(C, np.diag(np.diag(C)), atol=1e-9)
+        assert np.all(np.diff(np.diag(C)) <= 1e-12)
+    mean, P = learn_pca(X, 6)
+    np.testing.assert_allclose(np.cov(((X - mean) @ P.T).T, bias=True), np.eye(6), atol=1e-9)
