@@ -259,6 +259,63 @@ def evaluate(pairs, gnd, descriptors, model, store, images_root, min_covisible, 
 
 
 @main.command()
+@click.option("--pairs", type=click.Path(dir_okay=False), help="Pair file (sfmpairs mine).")
+@click.option("--images-root", type=click.Path(file_okay=False), help="Folder of the photos.")
+@click.option("-o", "--output", "run_dir", type=click.Path(file_okay=False),
+              help="Run folder: config.json, metrics.jsonl, last.pt, best.pt.")
+@click.option("--resume", "resume_dir", type=click.Path(file_okay=False),
+              help="Continue the run in this folder from its last.pt.")
+@click.option("--arch", default="resnet50", show_default=True, help="Backbone (see sfmpairs extract --help).")
+@click.option("--pool", type=click.Choice(["mac", "spoc", "gem", "rmac"]), default="gem", show_default=True)
+@click.option("--whitening", type=int, default=None, help="Add a learnable whitening to this dimension.")
+@click.option("--pretrained", is_flag=True, help="Start from torchvision's ImageNet weights.")
+@click.option("--weights", type=click.Path(dir_okay=False), help="Start from a checkpoint.")
+@click.option("--epochs", type=int, default=None, help="Epochs [30].")
+@click.option("--query-size", type=int, default=None, help="Training queries per epoch [2000].")
+@click.option("--pool-size", type=int, default=None, help="Negative pool per epoch [20000].")
+@click.option("--neg-num", type=int, default=None, help="Hard negatives per tuple [5].")
+@click.option("--batch-size", type=int, default=None, help="Tuples per batch [5].")
+@click.option("--image-size", type=int, default=None, help="Longer side of training images [362].")
+@click.option("--loss", type=click.Choice(["contrastive", "triplet"]), default=None, help="[contrastive]")
+@click.option("--margin", type=float, default=None, help="Loss margin [0.7 alexnet, 0.75 vgg16, else 0.85].")
+@click.option("--optimizer", type=click.Choice(["adam", "sgd"]), default=None, help="[adam]")
+@click.option("--lr", type=float, default=None, help="Learning rate [1e-6]; GeM p: 10x.")
+@click.option("--lr-decay", type=float, default=None, help="lr *= exp(-DECAY) per epoch [0.1].")
+@click.option("--weight-decay", type=float, default=None, help="[1e-6]")
+@click.option("--momentum", type=float, default=None, help="SGD momentum [0.9].")
+@click.option("--seed", type=int, default=None, help="Random seed [0].")
+@click.option("--device", default=None, help="auto, cpu or cuda [auto].")
+@click.option("--amp/--no-amp", default=None, help="Mixed precision (default: on for CUDA).")
+@click.option("--workers", type=int, default=None, help="DataLoader workers for mining.")
+@click.option("--skip-bad", is_flag=True, default=None, help="Skip missing or corrupt images.")
+@click.option("--overwrite", is_flag=True, help="Start afresh in an existing run folder.")
+@_verbosity
+@_fail_cleanly
+def train(pairs, images_root, run_dir, resume_dir, arch, pool, whitening, pretrained, weights, epochs,
+          query_size, pool_size, neg_num, batch_size, image_size, loss, margin, optimizer, lr, lr_decay,
+          weight_decay, momentum, seed, device, amp, workers, skip_bad, overwrite):
+    """Fine-tune a retrieval network with hard examples re-mined every epoch.
+
+    Each epoch draws queries and a negative pool, picks positives by the pair file's
+    strategy, mines hard negatives with the current network, trains on the tuples with
+    the contrastive loss and validates on the val split.
+    """
+    from .train.train import train as run
+
+    if resume_dir:
+        run(pairs, images_root, resume_dir, resume=True, epochs=epochs, device=device, workers=workers)
+        return
+    if not run_dir:
+        raise SfmpairsError("give -o RUN_DIR (or --resume RUN_DIR)")
+    run(pairs, images_root, run_dir, overwrite=overwrite, arch=arch, pool=pool, whitening=whitening,
+        pretrained=pretrained, weights=weights, epochs=epochs, query_size=query_size,
+        pool_size=pool_size, neg_num=neg_num, batch_size=batch_size, image_size=image_size,
+        loss=loss, margin=margin, optimizer=optimizer, lr=lr, lr_decay=lr_decay,
+        weight_decay=weight_decay, momentum=momentum, seed=seed, device=device, amp=amp,
+        workers=workers, skip_bad=skip_bad)
+
+
+@main.command()
 @click.argument("file", type=click.Path(dir_okay=False))
 @_verbosity
 @_fail_cleanly

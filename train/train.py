@@ -1,0 +1,376 @@
+"""``sfmpairs train``: fine-tuning with hard examples re-mined every epoch (Radenovic et
+al., TPAMI 2018).
+
+Each epoch:
+
+1. draws ``query_size`` training queries and a random negative pool of ``pool_size``
+   training images (seeded);
+2. picks each query's positive by the pair file's strategy (``relaxed``: drawn afresh
+   among the candidates that pass; ``max-inliers``: the file's; ``mac``: the candidate
+   nearest with the current network);
+3. extracts descriptors of the queries and the pool with the current network (the fast
+   extraction path) and mines ``neg_num`` hard negatives per query with the mining
+   stage's :func:`~sfmpairs.mining.negatives.hard_negatives`;
+4. trains on (query, positive, negatives) tuples with the contrastive (or triplet)
+   loss, batch normalisation frozen, images of equal size forwarded together (with
+   frozen statistics this changes nothing but speed), decoded images cached in memory;
+5. validates on the ``val`` split with the evaluation protocol.
+
+The run folder holds ``config.json``, ``metrics.jsonl``, ``last.pt`` (every epoch) and
+``best.pt`` (by val mAP), checkpoints that ``sfmpairs extract`` reads.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from ..common import SfmpairsError, progress
+from ..mining.negatives import hard_negatives
+from .data import load_image
+from .extract import extract_descriptors, resolve_device
+from .network import build_network, load_checkpoint, save_checkpoint
+
+logger = logging.getLogger("sfmpairs.train")
+
+MARGINS = {"alexnet": 0.7, "vgg16": 0.75}  # resnets and the rest: 0.85
+
+DEFAULTS = {
+    "arch": "resnet50", "pool": "gem", "p": 3.0, "whitening": None, "pretrained": False,
+    "weights": None,  # a checkpoint to start from
+    "epochs": 30, "query_size": 2000, "pool_size": 20000, "neg_num": 5, "batch_size": 5,
+    "image_size": 362, "loss": "contrastive", "margin": None,  # None: by architecture
+    "optimizer": "adam", "lr": 1e-6, "momentum": 0.9, "weight_decay": 1e-6,
+    "lr_decay": 0.1,  # lr *= exp(-lr_decay) every epoch
+    "p_lr_factor": 10.0,  # GeM p learns 10 times faster, without weight decay
+    "min_covisible": 1,  # validation: positives share this many 3D points
+    "seed": 0, "device": "auto", "amp": None,  # None: on for CUDA
+    "workers": None, "skip_bad": False, "cache_mb": 2048,
+}
+
+
+# ----------------------------------------------------------------------------- losses
+def contrastive_loss(q: torch.Tensor, x: torch.Tensor, label: torch.Tensor, margin: float) -> torch.Tensor:
+    """Sum over pairs of ½ y d² + ½ (1 - y) max(0, margin - d)², d = ||q - x||."""
+    d = (q - x).norm(dim=-1)
+    return (0.5 * label * d.pow(2) + 0.5 * (1 - label) * (margin - d).clamp(min=0).pow(2)).sum()
+
+
+def triplet_loss(q: torch.Tensor, p: torch.Tensor, n: torch.Tensor, margin: float) -> torch.Tensor:
+    """Sum over negatives of max(0, ||q - p||² - ||q - n||² + margin)."""
+    return ((q - p).pow(2).sum(-1) - (q - n).pow(2).sum(-1) + margin).clamp(min=0).sum()
+
+
+def tuple_loss(desc: torch.Tensor, tuples: list[list[int]], kind: str, margin: float) -> torch.Tensor:
+    """The loss of a batch of tuples; ``desc`` rows are the batch's images and each tuple
+    lists rows (query, positive, negatives...)."""
+    total = desc.new_zeros(())
+    for t in tuples:
+        q, p, negs = desc[t[0]], desc[t[1]], desc[t[2:]]
+        if kind == "contrastive":
+            others = desc[t[1:]]
+            label = torch.zeros(len(others), device=desc.device)
+            label[0] = 1
+            total = total + contrastive_loss(q.expand_as(others), others, label, margin)
+        else:
+            total = total + triplet_loss(q, p, negs, margin)
+    return total
+
+
+# ----------------------------------------------------------------------------- images
+class ImageCache:
+    """Decoded, resized uint8 images in memory (least recently used out beyond
+    ``max_bytes``), decoded by a thread pool (PIL releases the GIL)."""
+
+    def __init__(self, root: Path, image_size: int, max_bytes: int, threads: int = 4):
+        self.root, self.image_size, self.max_bytes = Path(root), image_size, max_bytes
+        self.items: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.bytes = 0
+        self.pool = ThreadPoolExecutor(threads)
+
+    def get(self, names: list[str]) -> list[torch.Tensor]:
+        missing = [n for n in dict.fromkeys(names) if n not in self.items]
+        for n, img in zip(missing, self.pool.map(lambda n: load_image(self.root / n, self.image_size), missing)):
+            self.items[n] = img
+            self.bytes += img.numel()
+        out = []
+        for n in names:
+            self.items.move_to_end(n)
+            out.append(self.items[n])
+        while self.bytes > self.max_bytes and len(self.items) > len(set(names)):
+            _, img = self.items.popitem(last=False)
+            self.bytes -= img.numel()
+        return out
+
+
+# ----------------------------------------------------------------------------- the run
+def _read_pairs(path: Path) -> dict:
+    try:
+        f = h5py.File(path, "r")
+    except (FileNotFoundError, OSError):
+        raise SfmpairsError(f"{path}: not a readable pair file") from None
+    with f:
+        if f.attrs.get("schema") != "sfmpairs/pairs":
+            raise SfmpairsError(f"{path}: not a pair file (sfmpairs mine writes them)")
+        d = {"names": f["images/name"].asstr()[()], "cluster": f["images/cluster"][()],
+             "strategy": f.attrs["strategy"], "source_store": f.attrs.get("source_store")}
+        for split in ("train", "val"):
+            for key in ("query", "positive", "images", "pool", "pool_passes", "pool_co_observed"):
+                d[f"{split}/{key}"] = f[f"{split}/{key}"][()] if split in f else np.zeros(0, int)
+    if len(d["train/query"]) == 0:
+        raise SfmpairsError(f"{path}: the train split has no queries")
+    return d
+
+
+def _optimizer(net, opts):
+    p_params = [net.p]
+    other = [p for n, p in net.named_parameters() if n != "p"]
+    groups = [{"params": other, "lr": opts["lr"], "weight_decay": opts["weight_decay"]},
+              {"params": p_params, "lr": opts["lr"] * opts["p_lr_factor"], "weight_decay": 0.0}]
+    if opts["optimizer"] == "adam":
+        return torch.optim.Adam(groups, lr=opts["lr"])
+    if opts["optimizer"] == "sgd":
+        return torch.optim.SGD(groups, lr=opts["lr"], momentum=opts["momentum"])
+    raise SfmpairsError(f"unknown optimizer {opts['optimizer']!r} (adam or sgd)")
+
+
+def _freeze_batchnorm(net) -> None:
+    for m in net.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+def mine_epoch(net, pairs: dict, opts: dict, rng, device, root: Path):
+    """The tuples of one epoch: (query, positive, negatives...) image indices, and the
+    mining statistics."""
+    train_q = pairs["train/query"]
+    pick = np.sort(rng.choice(len(train_q), min(opts["query_size"], len(train_q)), replace=False))
+    queries = train_q[pick]
+    images = pairs["train/images"]
+    pool = np.sort(rng.choice(images, min(opts["pool_size"], len(images)), replace=False))
+    strategy = pairs["strategy"]
+    if strategy == "relaxed":
+        positives = np.array([pairs["train/pool"][k][rng.choice(np.flatnonzero(pairs["train/pool_passes"][k]))]
+                              for k in pick], np.int64)
+    else:
+        positives = pairs["train/positive"][pick].astype(np.int64)
+    cands = None
+    if strategy == "mac":
+        cands = [pairs["train/pool"][k][(pairs["train/pool"][k] >= 0) & (pairs["train/pool_co_observed"][k] >= 1)]
+                 for k in pick]
+    wanted = np.unique(np.concatenate([queries, positives, pool] + (cands or [])))
+    desc, bad = extract_descriptors(net, root, list(pairs["names"][wanted]), image_size=opts["image_size"],
+                                    device=device, workers=opts["workers"], skip_bad=opts["skip_bad"],
+                                    amp=opts["amp"], desc="mining")
+    row = {int(i): k for k, i in enumerate(wanted)}
+    ok = np.isfinite(desc).all(axis=1)
+    if strategy == "mac":
+        for k, q in enumerate(queries):
+            c = np.array([j for j in cands[k] if ok[row[int(j)]]], np.int64)
+            sims = desc[[row[int(j)] for j in c]] @ desc[row[int(q)]]
+            positives[k] = c[int(np.argmax(sims))]
+    pool = np.array([j for j in pool if ok[row[int(j)]]], np.int64)
+    keep = np.array([ok[row[int(q)]] and ok[row[int(p)]] for q, p in zip(queries, positives)], bool)
+    queries, positives = queries[keep], positives[keep]
+    qd = desc[[row[int(q)] for q in queries]]
+    idx, _ = hard_negatives(qd, pairs["cluster"][queries], desc[[row[int(j)] for j in pool]],
+                            pairs["cluster"][pool], opts["neg_num"])
+    negatives = np.where(idx >= 0, pool[np.maximum(idx, 0)], -1)
+    pd = desc[[row[int(p)] for p in positives]]
+    neg_rows = np.array([row[int(j)] if j >= 0 else 0 for j in negatives.ravel()], np.int64)
+    nd = np.where(idx[..., None] >= 0, desc[neg_rows].reshape(*idx.shape, -1), np.nan)
+    stats = {"queries": int(len(queries)), "pool": int(len(pool)),
+             "positive_distance": float(np.linalg.norm(qd - pd, axis=1).mean()) if len(qd) else float("nan"),
+             "negative_distance": float(np.nanmean(np.linalg.norm(qd[:, None] - nd, axis=2))) if len(qd) else float("nan")}
+    tuples = [[int(q), int(p), *[int(n) for n in negs if n >= 0]] for q, p, negs in zip(queries, positives, negatives)]
+    return tuples, stats
+
+
+def train_epoch(net, tuples, opts, optimizer, scaler, device, cache: ImageCache, epoch: int):
+    """One pass over the tuples; returns the mean loss per tuple. Stops on NaN."""
+    net.train()
+    _freeze_batchnorm(net)
+    amp = device.type == "cuda" and opts["amp"] is not False
+    total, count = 0.0, 0
+    bar = progress(range(0, len(tuples), opts["batch_size"]), desc=f"epoch {epoch}", unit="batch")
+    for b in bar:
+        batch = tuples[b:b + opts["batch_size"]]
+        images = sorted({i for t in batch for i in t})
+        where = {img: k for k, img in enumerate(images)}
+        tensors = cache.get([opts["_names"][i] for i in images])
+        groups: dict[tuple, list[int]] = {}
+        for k, t in enumerate(tensors):
+            groups.setdefault(tuple(t.shape), []).append(k)
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, enabled=amp):
+            parts, order = [], []
+            for ks in groups.values():
+                x = torch.stack([tensors[k] for k in ks]).to(device, non_blocking=True)
+                x = net.normalise_input(x).contiguous(memory_format=torch.channels_last)
+                parts.append(net(x).float())
+                order += ks
+            desc = torch.empty(len(images), parts[0].shape[1], device=device)
+            desc[torch.tensor(order, device=device)] = torch.cat(parts)
+            loss = tuple_loss(desc, [[where[i] for i in t] for t in batch], opts["loss"], opts["margin"])
+        if not torch.isfinite(loss):
+            raise SfmpairsError(f"epoch {epoch}: the loss is {loss.item()}; training stopped, "
+                                f"the last good checkpoint is kept")
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        total += float(loss.detach())
+        count += len(batch)
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix(loss=f"{total / count:.4f}")
+    return total / max(count, 1)
+
+
+def validate(net, pairs_path: Path, opts, device, root: Path, store=None):
+    """mAP on the val split (the evaluation protocol), or None without val queries."""
+    from .evaluate import mean_average_precision, rank, val_ground_truth
+
+    try:
+        names, queries, database, pos, junk = val_ground_truth(pairs_path, store, opts["min_covisible"])
+    except SfmpairsError as e:
+        if "no queries" in str(e):
+            return None
+        raise
+    used = np.unique(np.concatenate([queries, database]))
+    desc, _ = extract_descriptors(net, root, list(names[used]), image_size=opts["image_size"], device=device,
+                                  workers=opts["workers"], skip_bad=opts["skip_bad"], amp=opts["amp"],
+                                  desc="validation")
+    desc = np.nan_to_num(desc)
+    row = {int(j): k for k, j in enumerate(used)}
+    m, *_ = mean_average_precision(rank(desc[[row[int(q)] for q in queries]], desc[[row[int(j)] for j in database]]),
+                                   pos, junk)
+    return m
+
+
+def _rng_state(rng) -> dict:
+    return {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(rng, state: dict) -> None:
+    rng.bit_generator.state = state["numpy"]
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def train(pairs: str | Path | None, images_root: str | Path | None, run_dir: str | Path, *,
+          resume: bool = False, overwrite: bool = False, on_epoch_end=None, **options) -> dict:
+    """Fine-tune a retrieval network on a pair file; see the module docstring.
+
+    With ``resume``, continue the run in ``run_dir`` from its ``last.pt`` (``pairs`` and
+    ``images_root`` default to the run's; ``epochs`` may be raised). ``on_epoch_end(epoch,
+    metrics)`` is called after each epoch's checkpoint is written. Returns the last
+    epoch's metrics.
+    """
+    run_dir = Path(run_dir)
+    last = run_dir / "last.pt"
+    if resume:
+        if not last.is_file() or not (run_dir / "config.json").is_file():
+            raise SfmpairsError(f"{run_dir}: nothing to resume (no last.pt and config.json)")
+        saved = json.loads((run_dir / "config.json").read_text())
+        opts = {**saved, **{k: v for k, v in options.items()
+                            if k in ("epochs", "device", "workers") and v is not None}}
+        pairs, images_root = Path(pairs or saved["pairs"]), Path(images_root or saved["images_root"])
+    else:
+        if pairs is None or images_root is None:
+            raise SfmpairsError("give --pairs and --images-root (or --resume RUN_DIR)")
+        pairs, images_root = Path(pairs), Path(images_root)
+        if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
+            raise SfmpairsError(f"{run_dir}: run folder exists; pass --overwrite to start afresh or --resume")
+        unknown = set(options) - set(DEFAULTS)
+        if unknown:
+            raise SfmpairsError(f"unknown option {sorted(unknown)[0]!r}")
+        opts = {**DEFAULTS, **{k: v for k, v in options.items() if v is not None}}
+        opts["amp"] = options.get("amp")
+        opts["margin"] = opts["margin"] if opts["margin"] is not None else MARGINS.get(opts["arch"], 0.85)
+        opts.update(pairs=str(pairs.resolve()), images_root=str(images_root.resolve()))
+    if opts["loss"] not in ("contrastive", "triplet"):
+        raise SfmpairsError(f"unknown loss {opts['loss']!r} (contrastive or triplet)")
+    for key in ("epochs", "query_size", "pool_size", "batch_size", "image_size"):
+        if opts[key] < 1:
+            raise SfmpairsError(f"--{key.replace('_', '-')} must be at least 1")
+    if not images_root.is_dir():
+        raise SfmpairsError(f"{images_root}: images root is not a folder")
+    device = resolve_device(opts["device"])
+    data = _read_pairs(pairs)
+    opts_runtime = {**opts, "_names": data["names"],
+                    "amp": (device.type == "cuda") if opts["amp"] is None else opts["amp"]}
+
+    torch.manual_seed(opts["seed"])
+    rng = np.random.default_rng(opts["seed"])
+    if resume:
+        net, state = load_checkpoint(last, device)
+        start, best = state["train"]["epoch"] + 1, state["train"]["best_map"]
+    else:
+        if opts["weights"]:
+            net, _ = load_checkpoint(opts["weights"], device)
+        else:
+            net = build_network({k: opts[k] for k in ("arch", "pool", "p", "whitening")} |
+                                {"image_size": opts["image_size"]}, pretrained=opts["pretrained"]).to(device)
+        start, best, state = 0, None, None
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for stale in ("metrics.jsonl", "last.pt", "best.pt"):
+            (run_dir / stale).unlink(missing_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(opts, indent=2, default=str))
+    net = net.to(device).to(memory_format=torch.channels_last)
+    optimizer = _optimizer(net, opts)
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=math.exp(-opts["lr_decay"]))
+    scaler = torch.amp.GradScaler(device.type, enabled=opts_runtime["amp"] and device.type == "cuda")
+    if state is not None:
+        optimizer.load_state_dict(state["train"]["optimizer"])
+        scheduler.load_state_dict(state["train"]["scheduler"])
+        scaler.load_state_dict(state["train"]["scaler"])
+        _set_rng_state(rng, state["train"]["rng"])
+    writer = None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(run_dir / "tensorboard"))
+    except Exception:  # tensorboard not installed
+        pass
+    cache = ImageCache(images_root, opts["image_size"], int(opts["cache_mb"]) << 20)
+    metrics = {}
+    for epoch in range(start, opts["epochs"]):
+        t0 = time.perf_counter()
+        lr = optimizer.param_groups[0]["lr"]
+        tuples, stats = mine_epoch(net, data, opts_runtime, rng, device, images_root)
+        try:
+            loss = train_epoch(net, tuples, opts_runtime, optimizer, scaler, device, cache, epoch)
+        except SfmpairsError as e:
+            raise SfmpairsError(f"{e} ({last if last.exists() else 'none written yet'})") from None
+        val_map = validate(net, pairs, opts_runtime, device, images_root)
+        scheduler.step()
+        if val_map is not None and (best is None or val_map > best):
+            best = val_map
+            save_checkpoint(run_dir / "best.pt", net, epoch=epoch, val_map=val_map)
+        metrics = {"epoch": epoch, "loss": loss, **stats, "val_map": val_map, "lr": lr,
+                   "seconds": time.perf_counter() - t0}
+        save_checkpoint(last, net, epoch=epoch, val_map=val_map, train={
+            "epoch": epoch, "best_map": best, "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": _rng_state(rng)})
+        with open(run_dir / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(metrics) + "\n")
+        if writer is not None:
+            for key in ("loss", "val_map", "positive_distance", "negative_distance", "lr"):
+                if metrics[key] is not None:
+                    writer.add_scalar(key, metrics[key], epoch)
+        logger.info("epoch %d: loss %.4f, distances positive %.3f negative %.3f, val mAP %s, %.1f s",
+                    epoch, loss, stats["positive_distance"], stats["negative_distance"],
+                    "-" if val_map is None else f"{100 * val_map:.2f}", metrics["seconds"])
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, metrics)
+    return metrics
