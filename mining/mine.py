@@ -168,6 +168,7 @@ def mine(store: str | Path, output: str | Path, *, descriptors: str | Path | Non
     if opts["scale_measure"] == "bbox":
         keys.append("observations/xy")
     s = read_store(store, keys=keys)
+    images_root = s["attrs"].get("images_root", "")
     names, cluster_names, cluster = s["images/name"], s["clusters/name"], s["images/cluster"]
     want_negatives = descriptors is not None and opts["negatives"] > 0
     if want_negatives and len(cluster_names) < 2:
@@ -243,6 +244,7 @@ def mine(store: str | Path, output: str | Path, *, descriptors: str | Path | Non
             for key, value in opts.items():  # every parameter also as its own attribute
                 f.attrs[key] = "" if value is None else (list(value) if isinstance(value, (list, tuple)) else value)
             f.attrs["source_store"] = str(store.resolve())
+            f.attrs["images_root"] = images_root
             f.attrs["source_store_sha256"] = inputs["store_sha256"]
     result["seconds"] = time.perf_counter() - t0
     logger.info("wrote %s in %.1f s", output, result["seconds"])

@@ -260,7 +260,8 @@ def evaluate(pairs, gnd, descriptors, model, store, images_root, min_covisible, 
 
 @main.command()
 @click.option("--pairs", type=click.Path(dir_okay=False), help="Pair file (sfmpairs mine).")
-@click.option("--images-root", type=click.Path(file_okay=False), help="Folder of the photos.")
+@click.option("--images-root", type=click.Path(file_okay=False),
+              help="Folder of the photos (default: the one the pair file records).")
 @click.option("-o", "--output", "run_dir", type=click.Path(file_okay=False),
               help="Run folder: config.json, metrics.jsonl, last.pt, best.pt.")
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False),
@@ -354,9 +355,65 @@ def synth(output, clusters, images_per_cluster, image_size, points, seed, overwr
 
 
 @main.command()
+@click.argument("images_dir", type=click.Path(file_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False),
+              help="Folder for database.db, sparse/0..N and a link to the photos.")
+@click.option("--matcher", type=click.Choice(["exhaustive", "sequential", "vocab-tree"]),
+              default="exhaustive", show_default=True,
+              help="exhaustive: every pair (small sets); sequential: video frames; vocab-tree: large sets.")
+@click.option("--camera-model", default="SIMPLE_RADIAL", show_default=True, help="COLMAP camera model.")
+@click.option("--single-camera", is_flag=True, help="All photos share one camera.")
+@click.option("--max-image-size", type=int, default=1600, show_default=True,
+              help="Longer side for feature extraction.")
+@click.option("--vocab-tree", type=click.Path(dir_okay=False), help="Vocabulary tree file for vocab-tree.")
+@click.option("--overlap", type=int, default=10, show_default=True, help="sequential: neighbours matched.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda (where pycolmap has it).")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it is not empty.")
+@_verbosity
+@_fail_cleanly
+def reconstruct(images_dir, output, matcher, camera_model, single_camera, max_image_size, vocab_tree,
+                overlap, device, overwrite):
+    """COLMAP models from a folder of photos (pycolmap: SIFT, matching, incremental mapping).
+
+    Every separate model becomes a cluster when ingested: sfmpairs ingest OUTPUT.
+    """
+    from .sfm_io.reconstruct import reconstruct as run
+
+    r = run(images_dir, output, matcher=matcher, camera_model=camera_model, single_camera=single_camera,
+            max_image_size=max_image_size, vocab_tree=vocab_tree, overlap=overlap, device=device,
+            overwrite=overwrite)
+    click.echo(f"{len(r['models'])} models from {r['photos']} photos; registered: "
+               + ", ".join(f"sparse/{k}: {v}" for k, v in r["models"].items()))
+
+
+@main.command()
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="tuples.png or tuples.html.")
+@click.argument("pairs", type=click.Path(dir_okay=False))
+@click.option("--images-root", type=click.Path(file_okay=False),
+              help="Folder of the photos (default: the one the pair file records).")
+@click.option("--split", type=click.Choice(["train", "val"]), default="train", show_default=True)
+@click.option("--query", default=None, help="Show this query (its image name) only.")
+@click.option("--count", type=int, default=6, show_default=True, help="Tuples sampled.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--embed", is_flag=True, help="HTML: embed thumbnails instead of linking the photos.")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+@_verbosity
+@_fail_cleanly
+def show(output, pairs, images_root, split, query, count, seed, embed, overwrite):
+    """A picture (.png) or page (.html) of mined tuples: query, positive and negatives
+    side by side with cluster names, inlier ratio, scale change and camera distance."""
+    from .show import show as run
+
+    rows = run(pairs, images_root, output, split=split, query=query, count=count, seed=seed, embed=embed,
+               overwrite=overwrite)
+    click.echo(f"wrote {output}: {len(rows)} tuples")
+
+
+@main.command()
 @click.option("--workdir", type=click.Path(file_okay=False), default="sfmpairs-demo",
               show_default=True, help="Folder for the demo's inputs and outputs.")
-@click.option("--epochs", type=int, default=4, show_default=True, help="Training epochs.")
+@click.option("--epochs", type=int, default=6, show_default=True, help="Training epochs.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or auto.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
 @click.option("--overwrite", is_flag=True, help="Reuse a WORKDIR that is not empty.")

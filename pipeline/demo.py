@@ -34,7 +34,7 @@ def make_models(folder: Path, seed: int = 0, scenes: int = 4, images: int = 40,
     return paths
 
 
-def run_demo(workdir: str | Path, seed: int = 0, epochs: int = 4, device: str = "cpu",
+def run_demo(workdir: str | Path, seed: int = 0, epochs: int = 6, device: str = "cpu",
              overwrite: bool = False, **overrides) -> dict:
     import torch
 

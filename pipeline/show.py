@@ -153,6 +153,11 @@ def show(pairs, images_root, output, *, split: str = "train", query: str | None 
     if output.suffix.lower() not in (".png", ".html", ".htm"):
         raise SfmpairsError(f"{output}: give a .png or .html output")
     rows = tuple_rows(pairs, split, query, count, seed)
+    if images_root is None:
+        with h5py.File(pairs, "r") as f:
+            images_root = f.attrs.get("images_root") or None
+        if images_root is None:
+            raise SfmpairsError(f"{pairs}: no images root recorded; give --images-root")
     with atomic_output(output, overwrite) as tmp:
         if output.suffix.lower() == ".png":
             write_png(rows, images_root, tmp)

@@ -50,6 +50,12 @@ def make_texture(rng, width_units: float, height_units: float) -> np.ndarray:
         cx, cy, r = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(0.05, 0.25) * TEXTURE_PX_PER_UNIT
         d2 = (np.arange(w)[None, :] - cx) ** 2 + (np.arange(h)[:, None] - cy) ** 2
         tex[d2 < r * r] = rng.uniform(0, 1, 3)
+    # small marks everywhere (posters, stains, bricks): distinct local features, so that
+    # feature matching (sfmpairs reconstruct) can register the photos
+    for _ in range(int(w * h / 400)):
+        x0, y0 = rng.integers(0, w - 4), rng.integers(0, h - 4)
+        dx, dy = rng.integers(4, 16), rng.integers(4, 16)
+        tex[y0:y0 + dy, x0:x0 + dx] = rng.choice([0.0, 1.0], 3) * rng.uniform(0.6, 1.0)
     return np.clip(tex + rng.normal(0, 0.02, tex.shape), 0, 1)
 
 

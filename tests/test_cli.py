@@ -72,12 +72,16 @@ def test_info_on_foreign_hdf5(tmp_path):
     assert r.exit_code == 2 and "not a file written by sfmpairs" in r.stderr
 
 
-def test_demo_runs_and_refuses_to_overwrite(tmp_path):
+def test_small_demo_runs_every_stage(tmp_path):
+    """The demo's pipeline on a tiny world (the README test runs the full one)."""
+    from sfmpairs.demo import run_demo
+
     work = tmp_path / "demo"
-    r = invoke("demo", "--workdir", work)
-    assert r.exit_code == 0, r.stderr
-    assert (work / "sfm.h5").exists() and "4 clusters" in r.stdout
-    assert (work / "pairs.h5").exists() and "strategy relaxed" in r.stdout
-    r = invoke("demo", "--workdir", work)
-    assert r.exit_code == 2 and "--overwrite" in r.stderr
-    assert invoke("demo", "--workdir", work, "--overwrite").exit_code == 0
+    r = run_demo(work, epochs=1, clusters=4, images_per_cluster=8, image_size=(96, 72), points=600,
+                 train_size=64, query_size=20, pool_size=30)
+    assert 0 <= r["before"] <= 1 and 0 <= r["after"] <= 1
+    for name in ("sfm.h5", "pairs.h5", "pairs_negatives.h5", "descriptors.h5", "tuples.png",
+                 "eval_before.json", "eval_after.json", "run/best.pt", "run/metrics.jsonl", "world/world.json"):
+        assert (work / name).exists(), name
+    res = invoke("demo", "--workdir", work)
+    assert res.exit_code == 2 and "--overwrite" in res.stderr

@@ -286,8 +286,13 @@ def train(pairs: str | Path | None, images_root: str | Path | None, run_dir: str
                             if k in ("epochs", "device", "workers") and v is not None}}
         pairs, images_root = Path(pairs or saved["pairs"]), Path(images_root or saved["images_root"])
     else:
-        if pairs is None or images_root is None:
-            raise SfmpairsError("give --pairs and --images-root (or --resume RUN_DIR)")
+        if pairs is None:
+            raise SfmpairsError("give --pairs (or --resume RUN_DIR)")
+        if images_root is None:
+            with h5py.File(pairs, "r") as f:
+                images_root = f.attrs.get("images_root") or None
+            if images_root is None:
+                raise SfmpairsError(f"{pairs}: no images root recorded; give --images-root")
         pairs, images_root = Path(pairs), Path(images_root)
         if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
             raise SfmpairsError(f"{run_dir}: run folder exists; pass --overwrite to start afresh or --resume")
