@@ -411,6 +411,27 @@ def show(output, pairs, images_root, split, query, count, seed, embed, overwrite
 
 
 @main.command()
+@click.argument("pairs", type=click.Path(dir_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["cirtorch", "hloc", "csv"]), required=True,
+              help="cirtorch: the authors' training database; hloc: a pairs text file; csv: every statistic.")
+@click.option("-o", "--output", required=True, type=click.Path(),
+              help="cirtorch: a data folder; hloc, csv: a file.")
+@click.option("--images-root", type=click.Path(file_okay=False),
+              help="cirtorch: where the photos are (default: the one the pair file records).")
+@click.option("--copy", is_flag=True, help="cirtorch: copy the photos instead of linking them.")
+@click.option("--all-passing", is_flag=True, help="hloc: every passing pool pair, not only query-positive.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing export.")
+@_verbosity
+@_fail_cleanly
+def export(pairs, fmt, output, images_root, copy, all_passing, overwrite):
+    """Pair files for other frameworks: cnnimageretrieval-pytorch, hloc, pandas (CSV)."""
+    from .mining.export import export as run
+
+    r = run(pairs, output, fmt, images_root=images_root, copy=copy, all_passing=all_passing, overwrite=overwrite)
+    click.echo(f"wrote {fmt} export to {output}: " + ", ".join(f"{k} {v}" for k, v in r.items()))
+
+
+@main.command()
 @click.option("--workdir", type=click.Path(file_okay=False), default="sfmpairs-demo",
               show_default=True, help="Folder for the demo's inputs and outputs.")
 @click.option("--epochs", type=int, default=6, show_default=True, help="Training epochs.")

@@ -71,7 +71,41 @@ def _pairs_summary(h5: h5py.File) -> list[str]:
     return lines
 
 
-SUMMARIES = {"sfmpairs/sfm-store": _store_summary, "sfmpairs/pairs": _pairs_summary}
+def histogram(values: np.ndarray, edges: np.ndarray, title: str, width: int = 40) -> list[str]:
+    """A terminal histogram: one line per bin, a bar and the count; the last bin is
+    open-ended."""
+    values = values[np.isfinite(values)]
+    counts = np.histogram(np.clip(values, edges[0], edges[-1]), edges)[0] if len(values) else np.zeros(len(edges) - 1, int)
+    top = max(int(counts.max()), 1)
+    lines = [f"{title} ({len(values)} values)"]
+    for k, c in enumerate(counts):
+        lo, hi = edges[k], edges[k + 1]
+        label = f"{lo:>6.2f}-{hi:<6.2f}" if k < len(counts) - 1 else f"{lo:>6.2f}+      "
+        lines.append(f"  {label} {'#' * int(round(width * c / top)):<{width}} {c}")
+    return lines
+
+
+def _pairs_histograms(h5: h5py.File) -> list[str]:
+    ratio, scale, size = [], [], []
+    for name in ("train", "val"):
+        if name in h5 and len(h5[f"{name}/query"]):
+            pool = h5[f"{name}/pool"][()]
+            valid = pool >= 0
+            co = h5[f"{name}/pool_co_observed"][()]
+            ratio.append(h5[f"{name}/pool_inlier_ratio"][()][valid & (co > 0)])
+            scale.append(h5[f"{name}/pool_scale_change"][()][valid & (co > 0)])
+            size.append(valid.sum(1))
+    if not size:
+        return []
+    ratio, scale, size = (np.concatenate(x) for x in (ratio, scale, size))
+    k = max(int(size.max()), 1)
+    return ["", *histogram(ratio, np.linspace(0, 1, 11), "inlier ratio of candidates sharing points"), "",
+            *histogram(scale, np.array([1, 1.1, 1.25, 1.5, 1.75, 2, 2.5, 3, 4]), "scale change of those candidates"),
+            "", *histogram(size.astype(float), np.linspace(0, k, min(k, 10) + 1), "pool size per query")]
+
+
+SUMMARIES = {"sfmpairs/sfm-store": _store_summary,
+             "sfmpairs/pairs": lambda h5: _pairs_summary(h5) + _pairs_histograms(h5)}
 
 
 def summary(path: str | Path) -> str:

@@ -1,0 +1,74 @@
+"""A ``torch.utils.data.Dataset`` of mined tuples, usable from any training loop.
+
+    from sfmpairs.train.dataset import PairTuples
+    ds = PairTuples("pairs.h5", "photos/", split="train", transform=my_transform)
+    query, positive, negatives = ds[0]
+
+Item i is the i-th query of the split, its positive and its hard negatives (as mined,
+``-1`` padding left out), each image loaded with PIL (RGB) and passed through
+``transform`` (default: a float tensor in [0, 1], resized to ``image_size`` if given).
+``negatives`` is a list (its length may vary with the number of other clusters).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ..common import SfmpairsError
+
+
+def _default_transform(image_size: int | None):
+    def to_tensor(img):
+        from PIL import Image
+
+        if image_size:
+            img = img.copy()
+            img.thumbnail((image_size, image_size), Image.LANCZOS)
+        return torch.from_numpy(np.array(img)).permute(2, 0, 1).float().div(255)
+    return to_tensor
+
+
+class PairTuples(Dataset):
+    """(query, positive, [negatives]) images of a pair file's split."""
+
+    def __init__(self, pairs: str | Path, images_root: str | Path | None = None, split: str = "train",
+                 transform=None, image_size: int | None = None):
+        from ..mining.export import read_pair_file
+
+        p = read_pair_file(pairs)
+        if split not in p["splits"]:
+            raise SfmpairsError(f"{pairs}: no {split} split")
+        s = p["splits"][split]
+        self.root = Path(images_root or p["images_root"] or ".")
+        self.names = p["names"]
+        self.query, self.positive = s["query"], s["positive"]
+        self.negatives = s.get("negatives", np.zeros((len(self.query), 0), np.int64))
+        self.transform = transform or _default_transform(image_size)
+
+    def __len__(self) -> int:
+        return len(self.query)
+
+    def tuple_names(self, i: int) -> tuple[str, str, list[str]]:
+        """The image names of tuple i: (query, positive, negatives)."""
+        return (str(self.names[self.query[i]]), str(self.names[self.positive[i]]),
+                [str(self.names[n]) for n in self.negatives[i] if n >= 0])
+
+    def _load(self, name: str):
+        from PIL import Image
+
+        path = self.root / name
+        try:
+            with Image.open(path) as img:
+                return self.transform(img.convert("RGB"))
+        except FileNotFoundError:
+            raise SfmpairsError(f"{path}: image not found") from None
+        except OSError as e:
+            raise SfmpairsError(f"{path}: cannot decode image ({e})") from None
+
+    def __getitem__(self, i: int):
+        q, p, negs = self.tuple_names(i)
+        return self._load(q), self._load(p), [self._load(n) for n in negs]
