@@ -22,31 +22,13 @@ import pickle
 import shutil
 from pathlib import Path
 
-import h5py
 import numpy as np
 
 from ..common import SfmpairsError
+from .pairfile import read_pair_file
 
 FORMATS = ("cirtorch", "hloc", "csv")
 CIRTORCH_NAME = "retrieval-SfM-120k"  # the one training set name cirtorch's train.py accepts
-
-
-def read_pair_file(path: str | Path) -> dict:
-    path = Path(path)
-    try:
-        f = h5py.File(path, "r")
-    except (FileNotFoundError, OSError):
-        raise SfmpairsError(f"{path}: not a readable pair file") from None
-    with f:
-        if f.attrs.get("schema") != "sfmpairs/pairs":
-            raise SfmpairsError(f"{path}: not a pair file (sfmpairs mine writes them)")
-        out = {"names": f["images/name"].asstr()[()], "cluster": f["images/cluster"][()],
-               "cluster_names": f["clusters/name"].asstr()[()], "images_root": f.attrs.get("images_root", ""),
-               "splits": {}}
-        for split in ("train", "val"):
-            if split in f:
-                out["splits"][split] = {k: f[f"{split}/{k}"][()] for k in f[split]}
-    return out
 
 
 def cid_of(name: str) -> str:

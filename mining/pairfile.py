@@ -17,6 +17,27 @@ SPLITS = ("train", "val")
 STR = h5py.string_dtype("utf-8")
 
 
+def read_pair_file(path: str | Path) -> dict:
+    """Every dataset of a pair file: image names and clusters, cluster names, the
+    images root, the strategy, and per split (``splits[name]``) its datasets."""
+    path = Path(path)
+    try:
+        f = h5py.File(path, "r")
+    except (FileNotFoundError, OSError):
+        raise SfmpairsError(f"{path}: not a readable pair file") from None
+    with f:
+        if f.attrs.get("schema") != "sfmpairs/pairs":
+            raise SfmpairsError(f"{path}: not a pair file (sfmpairs mine writes them)")
+        out = {"names": f["images/name"].asstr()[()], "cluster": f["images/cluster"][()],
+               "cluster_names": f["clusters/name"].asstr()[()], "images_root": f.attrs.get("images_root", ""),
+               "strategy": f.attrs.get("strategy"), "source_store": f.attrs.get("source_store"),
+               "splits": {}}
+        for split in ("train", "val"):
+            if split in f:
+                out["splits"][split] = {k: f[f"{split}/{k}"][()] for k in f[split]}
+    return out
+
+
 def read_descriptors(path: str | Path, names: np.ndarray) -> np.ndarray:
     """The descriptors of ``names`` (rows in that order) from a descriptor file; a
     clear error for a missing image or descriptors that are not L2-normalised."""

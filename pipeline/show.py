@@ -14,7 +14,6 @@ import io
 import os
 from pathlib import Path
 
-import h5py
 import numpy as np
 
 from .common import SfmpairsError, atomic_output
@@ -26,20 +25,12 @@ def tuple_rows(pairs: str | Path, split: str = "train", query: str | None = None
                seed: int = 0) -> list[list[dict]]:
     """The tuples to show: for each chosen query, [query, positive, negatives...] as
     dicts of ``role``, ``index``, ``name``, ``cluster`` and the statistics."""
-    pairs = Path(pairs)
-    try:
-        f = h5py.File(pairs, "r")
-    except OSError:
-        raise SfmpairsError(f"{pairs}: not a readable pair file") from None
-    with f:
-        if f.attrs.get("schema") != "sfmpairs/pairs":
-            raise SfmpairsError(f"{pairs}: not a pair file")
-        if split not in f or len(f[f"{split}/query"]) == 0:
-            raise SfmpairsError(f"{pairs}: the {split} split has no queries")
-        names = f["images/name"].asstr()[()]
-        cluster_names = f["clusters/name"].asstr()[()]
-        cluster = f["images/cluster"][()]
-        g = {k: f[f"{split}/{k}"][()] for k in f[split]}
+    from .mining.pairfile import read_pair_file
+
+    p = read_pair_file(pairs)
+    if split not in p["splits"] or len(p["splits"][split]["query"]) == 0:
+        raise SfmpairsError(f"{pairs}: the {split} split has no queries")
+    names, cluster_names, cluster, g = p["names"], p["cluster_names"], p["cluster"], p["splits"][split]
     q_all = g["query"]
     if query is not None:
         hits = np.flatnonzero(names[q_all] == query)
@@ -154,8 +145,9 @@ def show(pairs, images_root, output, *, split: str = "train", query: str | None 
         raise SfmpairsError(f"{output}: give a .png or .html output")
     rows = tuple_rows(pairs, split, query, count, seed)
     if images_root is None:
-        with h5py.File(pairs, "r") as f:
-            images_root = f.attrs.get("images_root") or None
+        from .mining.pairfile import read_pair_file
+
+        images_root = read_pair_file(pairs)["images_root"] or None
         if images_root is None:
             raise SfmpairsError(f"{pairs}: no images root recorded; give --images-root")
     with atomic_output(output, overwrite) as tmp:

@@ -37,7 +37,7 @@ class PairTuples(Dataset):
 
     def __init__(self, pairs: str | Path, images_root: str | Path | None = None, split: str = "train",
                  transform=None, image_size: int | None = None):
-        from ..mining.export import read_pair_file
+        from ..mining.pairfile import read_pair_file
 
         p = read_pair_file(pairs)
         if split not in p["splits"]:

@@ -114,18 +114,16 @@ class ImageCache:
 
 # ----------------------------------------------------------------------------- the run
 def _read_pairs(path: Path) -> dict:
-    try:
-        f = h5py.File(path, "r")
-    except (FileNotFoundError, OSError):
-        raise SfmpairsError(f"{path}: not a readable pair file") from None
-    with f:
-        if f.attrs.get("schema") != "sfmpairs/pairs":
-            raise SfmpairsError(f"{path}: not a pair file (sfmpairs mine writes them)")
-        d = {"names": f["images/name"].asstr()[()], "cluster": f["images/cluster"][()],
-             "strategy": f.attrs["strategy"], "source_store": f.attrs.get("source_store")}
-        for split in ("train", "val"):
-            for key in ("query", "positive", "images", "pool", "pool_passes", "pool_co_observed"):
-                d[f"{split}/{key}"] = f[f"{split}/{key}"][()] if split in f else np.zeros(0, int)
+    """The pair file as flat arrays (``train/query``...), the train split required."""
+    from ..mining.pairfile import read_pair_file
+
+    p = read_pair_file(path)
+    d = {"names": p["names"], "cluster": p["cluster"], "strategy": p["strategy"],
+         "source_store": p["source_store"]}
+    for split in ("train", "val"):
+        s = p["splits"].get(split, {})
+        for key in ("query", "positive", "images", "pool", "pool_passes", "pool_co_observed"):
+            d[f"{split}/{key}"] = s.get(key, np.zeros(0, int))
     if len(d["train/query"]) == 0:
         raise SfmpairsError(f"{path}: the train split has no queries")
     return d
