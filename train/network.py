@@ -79,7 +79,7 @@ def rmac_regions(h: int, w: int, levels: int = 3, overlap: float = 0.4):
         nh, nw = level + extra_h, level + extra_w
         tops = [0] if nh == 1 else [round(i * (h - size) / (nh - 1)) for i in range(nh)]
         lefts = [0] if nw == 1 else [round(i * (w - size) / (nw - 1)) for i in range(nw)]
-        regions += [(t, l, size) for t in tops for l in lefts]
+        regions += [(top, left, size) for top in tops for left in lefts]
     return regions
 
 
@@ -88,8 +88,8 @@ def rmac(x: torch.Tensor, levels: int = 3) -> torch.Tensor:
     the whole map."""
     h, w = x.shape[-2:]
     out = F.normalize(mac(x), dim=-1)
-    for t, l, s in rmac_regions(h, w, levels):
-        out = out + F.normalize(mac(x[..., t:t + s, l:l + s]), dim=-1)
+    for top, left, s in rmac_regions(h, w, levels):
+        out = out + F.normalize(mac(x[..., top:top + s, left:left + s]), dim=-1)
     return out
 
 
