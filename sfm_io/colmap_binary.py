@@ -248,28 +248,29 @@ def read_points(path: Path):
     return ids, xyz, track
 
 
-def _point2d_batches(f: _File, heads: list, batch: int = 1 << 16):
-    """The 2D points that name a 3D point, for runs of consecutive images in ``heads``
-    order of about ``batch`` 2D points (the batches of
-    :func:`.model.build_observations`). Batching keeps numpy's per-call overhead off
-    the 10,000-image hot loop."""
-    start = 0
+def _point2d_batches(f: _File, heads: list, batch: int = 1 << 16) -> list:
+    """The (read, size) batches of :func:`.model.build_observations`: runs of
+    consecutive images in ``heads`` order of about ``batch`` 2D points. Batching keeps
+    numpy's per-call overhead off the 10,000-image hot loop."""
+    tasks, start = [], 0
     while start < len(heads):
         stop, total = start, 0
         while stop < len(heads) and (stop == start or total + heads[stop][6] <= batch):
             total += heads[stop][6]
             stop += 1
-        group = heads[start:stop]
-        block = np.concatenate([np.frombuffer(f.buf, "<f8", 3 * r[6], r[5]) for r in group])
-        block = block.reshape(-1, 3)
-        ids = block[:, 2].view("<u8")
-        valid = ids != INVALID_POINT3D_ID
-        ends = np.cumsum([r[6] for r in group])
-        cum = np.concatenate([[0], np.cumsum(valid)])
-        counts = cum[ends] - cum[ends - [r[6] for r in group]]
-        yield [r[0] for r in group], counts, ids[valid], block[valid, :2]
-        f.release(group[-1][5])
+
+        def read(group=heads[start:stop]):
+            block = np.concatenate([np.frombuffer(f.buf, "<f8", 3 * r[6], r[5]) for r in group])
+            block = block.reshape(-1, 3)
+            ids = block[:, 2].view("<u8")
+            valid = ids != INVALID_POINT3D_ID
+            sizes = [r[6] for r in group]
+            cum = np.concatenate([[0], np.cumsum(valid)])
+            ends = np.cumsum(sizes)
+            return [r[0] for r in group], cum[ends] - cum[ends - sizes], ids[valid], block[valid, :2]
+        tasks.append((read, total))
         start = stop
+    return tasks
 
 
 def read_model(folder: str | os.PathLike) -> Model:
@@ -299,9 +300,8 @@ def read_model(folder: str | os.PathLike) -> Model:
         check_finite(tvec, "image translation", str(images_path))
 
         batches = _point2d_batches(f, heads)
-        capacity = sum(r[6] for r in heads)
         indptr, point, obs_xy, track_length = build_observations(
-            batches, len(heads), point_ids, file_tracks, capacity, str(images_path),
+            batches, point_ids, file_tracks, str(images_path),
             str(folder / "points3D.bin"))
     finally:
         f.close()

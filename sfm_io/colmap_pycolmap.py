@@ -62,16 +62,15 @@ def read_model(folder: str | os.PathLike, fmt: str = "binary") -> Model:
     xyz = np.array([rec.points3D[int(p)].xyz for p in point_ids], np.float64).reshape(-1, 3)
     file_tracks = np.array([rec.points3D[int(p)].track.length() for p in point_ids], np.int64)
 
-    def rows():
-        for iid, im in zip(image_ids.tolist(), images):
-            pts = [p for p in im.points2D if p.has_point3D()]
-            ids = np.array([p.point3D_id for p in pts], np.uint64)
-            xy = np.array([p.xy for p in pts], np.float64).reshape(-1, 2)
-            yield [iid], [len(ids)], ids, xy
+    rows = []
+    for iid, im in zip(image_ids.tolist(), images):
+        pts = [p for p in im.points2D if p.has_point3D()]
+        ids = np.array([p.point3D_id for p in pts], np.uint64)
+        xy = np.array([p.xy for p in pts], np.float64).reshape(-1, 2)
+        rows.append((lambda iid=iid, ids=ids, xy=xy: ([iid], [len(ids)], ids, xy), len(ids)))
 
-    capacity = sum(im.num_points3D for im in images)
     indptr, point, obs_xy, track_length = build_observations(
-        rows(), len(images), point_ids, file_tracks, capacity, str(folder), str(folder))
+        rows, point_ids, file_tracks, str(folder), str(folder))
     cams = [rec.cameras[im.camera_id] for im in images]
     model = Model(
         path=str(folder), format=fmt,

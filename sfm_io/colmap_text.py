@@ -245,10 +245,10 @@ def read_model(folder: str | os.PathLike) -> Model:
                                        read_rigs(rigs_path), str(frames_path))
     check_pose_quaternions(qvec, str(images_path))
     parsed = [_parse_points2d(r[5]) for r in recs]
-    rows = (([r[0]], [len(ids)], ids, xy) for r, (ids, xy) in zip(recs, parsed))
+    rows = [(lambda r=r, ids=ids, xy=xy: ([r[0]], [len(ids)], ids, xy), len(ids))
+            for r, (ids, xy) in zip(recs, parsed)]
     indptr, point, obs_xy, track_length = build_observations(
-        rows, len(recs), point_ids, file_tracks, sum(len(p[0]) for p in parsed),
-        str(images_path), str(folder / "points3D.txt"))
+        rows, point_ids, file_tracks, str(images_path), str(folder / "points3D.txt"))
     check_finite(obs_xy, "2D point position", str(images_path))
     model = Model(
         path=str(folder), format="text",

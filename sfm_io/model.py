@@ -172,45 +172,81 @@ def point_lookup(point_ids: np.ndarray):
     return lookup
 
 
-def build_observations(batches, num_images: int, point_ids: np.ndarray,
-                       file_track_lengths: np.ndarray, capacity: int, where: str,
-                       points_file: str):
+def build_observations(batches, point_ids: np.ndarray, file_track_lengths: np.ndarray,
+                       where: str, points_file: str, threads: int | None = None):
     """The CSR co-observation table from the images' 2D points.
 
-    ``batches`` yields, for consecutive images in store order, ``(image_ids, counts,
-    point3D_ids, xy)``: the images' 2D points that name a 3D point, image after image,
-    each in its 2D point order, ``counts`` of them per image. A 3D point that an image
-    observes twice is kept once, at its first 2D point. The observations of each
-    point, repeats included, must number what its track in points3D says
+    ``batches`` is a list of ``(read, size)``: ``read()`` returns, for consecutive
+    images in store order, ``(image_ids, counts, point3D_ids, xy)``, the images' 2D
+    points that name a 3D point, image after image, each in its 2D point order,
+    ``counts`` of them per image; ``size`` bounds how many it returns. A 3D point that
+    an image observes twice is kept once, at its first 2D point. The observations of
+    each point, repeats included, must number what its track in points3D says
     (``file_track_lengths``). Returns ``(indptr, point, xy, track_length)``,
     ``track_length`` counting the distinct images that observe each point.
+
+    Batches run on a few threads (numpy releases the GIL in its loops), each writing
+    at its own offset of the output; the gaps are squeezed out at the end.
     """
+    import os
+    import queue
+    from concurrent.futures import ThreadPoolExecutor
+
     num_points = len(point_ids)
     lookup = point_lookup(point_ids)
-    indptr = np.zeros(num_images + 1, np.int64)
-    point = np.empty(capacity, np.int32)
-    out_xy = np.empty((capacity, 2), np.float32)
-    track_length = np.zeros(num_points, np.int32)
-    pos, row = 0, 0
-    for image_ids, counts, ids, xy in batches:
+    offsets = np.concatenate([[0], np.cumsum([size for _, size in batches])]).astype(np.int64)
+    point = np.empty(int(offsets[-1]), np.int32)
+    out_xy = np.empty((int(offsets[-1]), 2), np.float32)
+    counts_of = [None] * len(batches)
+    workers = max(1, min(threads or os.cpu_count() or 1, 4, len(batches)))
+    tracks = queue.SimpleQueue()  # one track-length array per worker: no shared writes
+    for _ in range(workers):
+        tracks.put(np.zeros(num_points, np.int32))
+
+    def run(b: int) -> None:
+        image_ids, counts, ids, xy = batches[b][0]()
         idx = lookup(ids)
         if len(idx) and idx.min() < 0:
             j = np.flatnonzero(idx < 0)[0]
             image = image_ids[np.searchsorted(np.cumsum(counts), j, side="right")]
             raise SfmpairsError(f"{where}: image {int(image)} observes 3D point {int(ids[j])}, "
                                 f"which the model does not have")
+        pos = int(offsets[b])
         point[pos:pos + len(idx)] = idx
         with np.errstate(over="ignore"):  # huge values become inf: check_finite reports them
             out_xy[pos:pos + len(idx)] = xy
-        if len(counts) == 1:  # the common case: one image
-            track_length[idx] += 1  # fancy +=: a point repeated in a row counts once
-            pos, row = pos + len(idx), row + 1
-            indptr[row] = pos
-            continue
-        for k in counts:
-            track_length[point[pos:pos + k]] += 1
-            pos, row = pos + k, row + 1
-            indptr[row] = pos
+        track = tracks.get()
+        try:
+            if len(counts) == 1:
+                track[idx] += 1  # fancy +=: a point repeated in a row counts once
+            else:
+                for k in counts:
+                    track[point[pos:pos + k]] += 1
+                    pos += k
+        finally:
+            tracks.put(track)
+        counts_of[b] = np.asarray(counts, np.int64)
+
+    if workers == 1:
+        for b in range(len(batches)):
+            run(b)
+    else:
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(run, range(len(batches))))
+    track_length = tracks.get()
+    while not tracks.empty():
+        track_length += tracks.get()
+    # squeeze out the gaps between batches (each wrote at its upper-bound offset)
+    pos = 0
+    for b, counts in enumerate(counts_of):
+        n = int(counts.sum())
+        if pos != offsets[b] and n:
+            point[pos:pos + n] = point[offsets[b]:offsets[b] + n]
+            out_xy[pos:pos + n] = out_xy[offsets[b]:offsets[b] + n]
+        pos += n
+    row_counts = np.concatenate(counts_of) if counts_of else np.zeros(0, np.int64)
+    indptr = np.concatenate([[0], np.cumsum(row_counts)]).astype(np.int64)
+    capacity = len(point)
     point = point[:pos].copy() if pos < capacity // 2 else _shrink(point, pos)
     out_xy = out_xy[:pos].copy() if pos < capacity // 2 else _shrink(out_xy, pos)
     raw_counts = track_length
