@@ -65,7 +65,14 @@ def _verbosity(fn):
     return fn
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _PipelineOrder(click.Group):
+    """List the commands in the order they are defined (the pipeline's), not A-Z."""
+
+    def list_commands(self, ctx):
+        return list(self.commands)
+
+
+@click.group(cls=_PipelineOrder, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="sfmpairs")
 @click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors; no progress bars.")
@@ -74,7 +81,9 @@ def main(ctx, verbose: int, quiet: bool):
     """Matching and non-matching image pairs from COLMAP Structure-from-Motion models,
     for training image-retrieval CNNs (Radenovic, Tolias and Chum).
 
-    Typical use: sfmpairs ingest COLMAP_DIR -o sfm.h5; sfmpairs info sfm.h5.
+    Typical use: sfmpairs ingest COLMAP_DIR -o sfm.h5; sfmpairs mine sfm.h5 -o
+    pairs.h5; sfmpairs train --pairs pairs.h5 -o run; sfmpairs evaluate --pairs
+    pairs.h5 --model run/best.pt -o report.json. Try sfmpairs demo.
     """
     ctx.ensure_object(dict).update(verbose=verbose, quiet=quiet)
     _set_logging(verbose, quiet)
