@@ -15,7 +15,7 @@ import numpy as np
 
 from ..common import SfmpairsError
 from .model import (
-    Model, build_observations, camera_model_ids, camera_models, check_finite,
+    Model, build_observations, camera_model_ids, frame_table, camera_models, check_finite,
     check_pose_quaternions, check_unique, poses_from_frames,
 )
 
@@ -117,7 +117,7 @@ def read_rigs(path: Path):
 
 
 def read_frames(path: Path):
-    frames = {}
+    rows = []
     for no, text in _lines(path):
         ln = _Line(path, no, text)
         ln.need(10, "FRAME_ID RIG_ID QW QX QY QZ TX TY TZ NUM_DATA_IDS ...")
@@ -129,8 +129,8 @@ def read_frames(path: Path):
             ln.fail(f"expected {num} data ids (SENSOR_TYPE SENSOR_ID DATA_ID)")
         for k in range(num):
             if ln.tok[10 + 3 * k] == "CAMERA":
-                frames[ln.int(12 + 3 * k, "data id")] = (pose[:4], pose[4:], rig_id)
-    return frames
+                rows.append((ln.int(12 + 3 * k, "data id"), pose, rig_id))
+    return frame_table(rows)
 
 
 def _parse_points2d(ln: _Line):

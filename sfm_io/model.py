@@ -124,29 +124,36 @@ def compose_poses(q_a: np.ndarray, t_a: np.ndarray, q_b: np.ndarray, t_b: np.nda
     return q, t
 
 
+def frame_table(rows) -> dict:
+    """Frames as arrays from (image id, rig_from_world pose (7,), rig id) rows."""
+    return {"image_id": np.array([r[0] for r in rows], np.uint64),
+            "q": np.array([r[1][:4] for r in rows], np.float64).reshape(-1, 4),
+            "t": np.array([r[1][4:] for r in rows], np.float64).reshape(-1, 3),
+            "rig_id": np.array([r[2] for r in rows], np.int64)}
+
+
 def poses_from_frames(image_ids, camera_ids, frames: dict, rigs: dict, where: str):
     """cam_from_world of each image from COLMAP 3.12+ rigs and frames.
 
-    ``frames`` maps image id -> (q, t) of the frame's rig_from_world and its rig id;
-    ``rigs`` maps rig id -> {camera id: (q, t) sensor_from_rig or None for the
+    ``frames`` (:func:`frame_table`) gives each image's frame pose (rig_from_world) and
+    rig; ``rigs`` maps rig id -> {camera id: (q, t) sensor_from_rig, or None for the
     reference sensor}.
     """
-    n = len(image_ids)
-    q = np.empty((n, 4))
-    t = np.empty((n, 3))
-    for i, (iid, cid) in enumerate(zip(image_ids.tolist(), camera_ids.tolist())):
-        if iid not in frames:
-            raise SfmpairsError(f"{where}: image {iid} belongs to no frame")
-        fq, ft, rig_id = frames[iid]
-        sensors = rigs.get(rig_id)
+    order = np.argsort(frames["image_id"], kind="stable")
+    known = frames["image_id"][order]
+    pos = np.searchsorted(known, image_ids.astype(np.uint64))
+    pos = np.minimum(pos, max(len(known) - 1, 0))
+    missing = np.flatnonzero((known[pos] != image_ids) if len(known) else np.ones(len(image_ids), bool))
+    if len(missing):
+        raise SfmpairsError(f"{where}: image {int(image_ids[missing[0]])} belongs to no frame")
+    row = order[pos]
+    q, t, rig = frames["q"][row].copy(), frames["t"][row].copy(), frames["rig_id"][row]
+    for i, (cid, rid) in enumerate(zip(camera_ids.tolist(), rig.tolist())):
+        sensors = rigs.get(rid)
         if sensors is None or cid not in sensors:
-            raise SfmpairsError(f"{where}: camera {cid} of image {iid} is not a sensor of rig {rig_id}")
-        sensor_from_rig = sensors[cid]
-        if sensor_from_rig is None:
-            q[i], t[i] = fq, ft
-        else:
-            qq, tt = compose_poses(np.asarray([sensor_from_rig[0]]), np.asarray([sensor_from_rig[1]]),
-                                   np.asarray([fq]), np.asarray([ft]))
+            raise SfmpairsError(f"{where}: camera {cid} of image {int(image_ids[i])} is not a sensor of rig {rid}")
+        if sensors[cid] is not None:  # not the rig's reference sensor
+            qq, tt = compose_poses(sensors[cid][0][None], sensors[cid][1][None], q[i:i + 1], t[i:i + 1])
             q[i], t[i] = qq[0], tt[0]
     return q, t
 
