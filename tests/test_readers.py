@@ -111,3 +111,14 @@ def test_delete_in_place_equals_np_delete():
             np.testing.assert_array_equal(_delete_in_place(a.copy(), drop), np.delete(a, drop, axis=0))
             b = rng.integers(0, 100, n).astype(np.int32)
             np.testing.assert_array_equal(_delete_in_place(b.copy(), drop), np.delete(b, drop))
+
+
+def test_long_tracks_take_the_exact_path(tmp_path):
+    """Track lengths of 256 and more defeat the one-byte guess of record offsets."""
+    from sfmpairs.sfm_io.synthetic import random_reconstruction, write_model
+
+    rec = random_reconstruction(300, 40, 290, seed=4, duplicate_fraction=0.1)
+    write_model(rec, tmp_path / "long")
+    model = colmap_binary.read_model(tmp_path / "long")
+    assert model.track_length.max() >= 256
+    assert_models_equal(model, colmap_pycolmap.read_model(tmp_path / "long"))
