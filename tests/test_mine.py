@@ -108,9 +108,11 @@ def check_against_brute_force(store_path, pairs_path, model_dirs, k, measure):
 @pytest.mark.parametrize("scene,k,measure", [
     ("statue-of-liberty", 100, "depth"), ("lego-batmobile", 10, "depth"),
     ("fountain-p11", 100, "depth"), ("eyedrop-box", 15, "bbox"), ("drinks-can", 12, "depth"),
+    ("computer-mouse", 8, "bbox"), ("many-cameras-no-photos", 5, "depth"),
+    ("video-submodels-no-photos/sparse/9", 9, "depth"),
 ])
 def test_pools_and_statistics_equal_brute_force_on_real_models(scene, k, measure, tmp_path):
-    model_dir = COLMAP / scene / "sparse" / "0"
+    model_dir = COLMAP / scene if "/sparse/" in scene else COLMAP / scene / "sparse" / "0"
     ingest([model_dir], tmp_path / "sfm.h5")
     mine(tmp_path / "sfm.h5", tmp_path / "pairs.h5", pool_size=k, queries_per_cluster=0,
          scale_measure=measure, strategy="max-inliers", val_fraction=0)
