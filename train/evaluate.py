@@ -91,17 +91,16 @@ def rank(query: np.ndarray, database: np.ndarray) -> np.ndarray:
 def val_ground_truth(pairs: str | Path, store: str | Path | None, min_covisible: int,
                      positives: str = "covisible"):
     """Queries, database, positives and junk of a pair file's val split."""
-    import h5py
     from scipy import sparse
 
-    with h5py.File(pairs, "r") as f:
-        names = f["images/name"].asstr()[()]
-        cluster = f["images/cluster"][()]
-        if "val" not in f or len(f["val/query"]) == 0:
-            raise SfmpairsError(f"{pairs}: the val split has no queries")
-        queries, database = f["val/query"][()], f["val/images"][()]
-        pool, passes = f["val/pool"][()], f["val/pool_passes"][()]
-        store = store or f.attrs.get("source_store")
+    from ..mining.pairfile import read_pair_file
+
+    p = read_pair_file(pairs)
+    names, cluster, val = p["names"], p["cluster"], p["splits"].get("val")
+    if val is None or len(val["query"]) == 0:
+        raise SfmpairsError(f"{pairs}: the val split has no queries")
+    queries, database, pool, passes = val["query"], val["images"], val["pool"], val["pool_passes"]
+    store = store or p["source_store"]
     where = {int(img): k for k, img in enumerate(database)}
     pos_lists, junk_lists = [], []
     if positives == "covisible":
@@ -204,14 +203,9 @@ def evaluate(output: str | Path, *, pairs=None, gnd=None, descriptors=None, mode
         names, queries, database, pos, junk = val_ground_truth(pairs, store, min_covisible, positives)
         root = images_root
         if root is None and model is not None:
-            import h5py
+            from ..mining.pairfile import read_pair_file
 
-            with h5py.File(pairs, "r") as f:
-                src = store or f.attrs.get("source_store")
-            if src and Path(src).is_file():
-                from ..sfm_io.store import read_store
-
-                root = read_store(src, keys=[])["attrs"].get("images_root") or None
+            root = read_pair_file(pairs)["images_root"] or None
         used = np.unique(np.concatenate([queries, database]))
         desc = describe(names[used], root)
         row = {int(j): k for k, j in enumerate(used)}

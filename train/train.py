@@ -30,7 +30,6 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 
@@ -287,8 +286,9 @@ def train(pairs: str | Path | None, images_root: str | Path | None, run_dir: str
         if pairs is None:
             raise SfmpairsError("give --pairs (or --resume RUN_DIR)")
         if images_root is None:
-            with h5py.File(pairs, "r") as f:
-                images_root = f.attrs.get("images_root") or None
+            from ..mining.pairfile import read_pair_file
+
+            images_root = read_pair_file(pairs)["images_root"] or None
             if images_root is None:
                 raise SfmpairsError(f"{pairs}: no images root recorded; give --images-root")
         pairs, images_root = Path(pairs), Path(images_root)

@@ -65,17 +65,17 @@ def read_whitening(path: str | Path) -> dict:
 def whiten(descriptors: str | Path, pairs: str | Path, output: str | Path, *, method: str = "lw",
            dim: int | None = None, all_passing: bool = False, overwrite: bool = False) -> dict:
     """Learn a whitening from a descriptor file and the train split of a pair file."""
-    from ..mining.pairfile import read_descriptors
+    from ..mining.pairfile import read_descriptors, read_pair_file
 
     if method not in METHODS:
         raise SfmpairsError(f"unknown whitening method {method!r} (choose lw or pca)")
-    with h5py.File(pairs, "r") as f:
-        names = f["images/name"].asstr()[()]
-        q, p = f["train/query"][()], f["train/positive"][()]
-        images = f["train/images"][()]
-        if all_passing:
-            pool, ok = f["train/pool"][()], f["train/pool_passes"][()]
-            q, p = np.repeat(q, ok.sum(1)), pool[ok]
+    pf = read_pair_file(pairs)
+    names, train = pf["names"], pf["splits"].get("train")
+    if train is None:
+        raise SfmpairsError(f"{pairs}: no train split")
+    q, p, images = train["query"], train["positive"], train["images"]
+    if all_passing:
+        q, p = np.repeat(q, train["pool_passes"].sum(1)), train["pool"][train["pool_passes"]]
     used = np.unique(np.concatenate([images, q, p]))
     desc = read_descriptors(descriptors, names[used])
     row = np.full(len(names), -1)
