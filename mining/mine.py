@@ -77,7 +77,6 @@ def compute_pools(s: dict, pool_size: int, measure: str) -> dict:
     N = len(s["images/model"])
     ranges, point_ranges = s["models/image_range"], s["models/point_range"]
     K = int(max((min(pool_size, b - a - 1) for a, b in ranges), default=0))
-    K = max(K, 0)
     out = {"pool": np.full((N, K), -1, np.int64), "distance": np.full((N, K), np.nan),
            "co_observed": np.zeros((N, K), np.int64), "scale_change": np.full((N, K), np.nan)}
     indptr = s["observations/indptr"]

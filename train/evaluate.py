@@ -208,9 +208,8 @@ def evaluate(output: str | Path, *, pairs=None, gnd=None, descriptors=None, mode
             root = read_pair_file(pairs)["images_root"] or None
         used = np.unique(np.concatenate([queries, database]))
         desc = describe(names[used], root)
-        row = {int(j): k for k, j in enumerate(used)}
-        qd = desc[[row[int(q)] for q in queries]]
-        dd = desc[[row[int(j)] for j in database]]
+        qd = desc[np.searchsorted(used, queries)]  # used is sorted
+        dd = desc[np.searchsorted(used, database)]
         qd = alpha_query_expansion(qd, dd, qe, qe_alpha)
         m, aps, mpr, _ = mean_average_precision(rank(qd, dd), pos, junk)
         rows.append(("val", m, mpr))

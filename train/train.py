@@ -168,23 +168,23 @@ def mine_epoch(net, pairs: dict, opts: dict, rng, device, root: Path):
     desc, bad = extract_descriptors(net, root, list(pairs["names"][wanted]), image_size=opts["image_size"],
                                     device=device, workers=opts["workers"], skip_bad=opts["skip_bad"],
                                     amp=opts["amp"], desc="mining")
-    row = {int(i): k for k, i in enumerate(wanted)}
+    def row(images):  # rows of desc: wanted is sorted
+        return np.searchsorted(wanted, images)
+
     ok = np.isfinite(desc).all(axis=1)
     if strategy == "mac":
         for k, q in enumerate(queries):
-            c = np.array([j for j in cands[k] if ok[row[int(j)]]], np.int64)
-            sims = desc[[row[int(j)] for j in c]] @ desc[row[int(q)]]
-            positives[k] = c[int(np.argmax(sims))]
-    pool = np.array([j for j in pool if ok[row[int(j)]]], np.int64)
-    keep = np.array([ok[row[int(q)]] and ok[row[int(p)]] for q, p in zip(queries, positives)], bool)
+            c = cands[k][ok[row(cands[k])]]
+            positives[k] = c[int(np.argmax(desc[row(c)] @ desc[row(q)]))]
+    pool = pool[ok[row(pool)]]
+    keep = ok[row(queries)] & ok[row(positives)]
     queries, positives = queries[keep], positives[keep]
-    qd = desc[[row[int(q)] for q in queries]]
-    idx, _ = hard_negatives(qd, pairs["cluster"][queries], desc[[row[int(j)] for j in pool]],
-                            pairs["cluster"][pool], opts["neg_num"])
+    qd = desc[row(queries)]
+    idx, _ = hard_negatives(qd, pairs["cluster"][queries], desc[row(pool)], pairs["cluster"][pool],
+                            opts["neg_num"])
     negatives = np.where(idx >= 0, pool[np.maximum(idx, 0)], -1)
-    pd = desc[[row[int(p)] for p in positives]]
-    neg_rows = np.array([row[int(j)] if j >= 0 else 0 for j in negatives.ravel()], np.int64)
-    nd = np.where(idx[..., None] >= 0, desc[neg_rows].reshape(*idx.shape, -1), np.nan)
+    pd = desc[row(positives)]
+    nd = np.where(idx[..., None] >= 0, desc[row(np.maximum(negatives, 0))], np.nan)
     stats = {"queries": int(len(queries)), "pool": int(len(pool)),
              "positive_distance": float(np.linalg.norm(qd - pd, axis=1).mean()) if len(qd) else float("nan"),
              "negative_distance": float(np.nanmean(np.linalg.norm(qd[:, None] - nd, axis=2))) if len(qd) else float("nan")}
@@ -246,8 +246,7 @@ def validate(net, pairs_path: Path, opts, device, root: Path, store=None):
                                   workers=opts["workers"], skip_bad=opts["skip_bad"], amp=opts["amp"],
                                   desc="validation")
     desc = np.nan_to_num(desc)
-    row = {int(j): k for k, j in enumerate(used)}
-    m, *_ = mean_average_precision(rank(desc[[row[int(q)] for q in queries]], desc[[row[int(j)] for j in database]]),
+    m, *_ = mean_average_precision(rank(desc[np.searchsorted(used, queries)], desc[np.searchsorted(used, database)]),
                                    pos, junk)
     return m
 
