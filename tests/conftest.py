@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,15 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("SFMPAIRS_DATA", REPO.parent / "shared" / "data"))
 COLMAP = DATA / "colmap"
+
+
+def doc_example(heading: str) -> str:
+    """The first Python block after ``heading`` in docs/formats.md; it must run
+    without sfmpairs."""
+    doc = (REPO / "docs" / "formats.md").read_text()
+    code = re.search(re.escape(heading) + r".*?```python\n(.*?)```", doc, re.S).group(1)
+    assert "sfmpairs" not in code
+    return code
 
 
 def real_model_dirs() -> list[Path]:

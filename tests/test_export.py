@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import os
 import pickle
-import re
 
 import h5py
 import numpy as np
@@ -17,7 +16,7 @@ from sfmpairs.cli import main
 from sfmpairs.mining.export import CIRTORCH_NAME, cid_of, export
 from sfmpairs.train.dataset import PairTuples
 
-from conftest import REPO
+from conftest import doc_example
 
 
 @pytest.fixture(scope="module")
@@ -109,9 +108,7 @@ def test_dataset_equals_the_plain_h5py_tuples(mined, monkeypatch, tmp_path):
     q, pos, negs = ds[0]
     assert q.dtype.is_floating_point and q.shape[0] == 3 and len(negs) == 2
     # the example in docs/formats.md, run as written
-    doc = (REPO / "docs" / "formats.md").read_text()
-    example = re.search(r"### Building the training tuples without sfmpairs.*?```python\n(.*?)```", doc, re.S).group(1)
-    assert "sfmpairs" not in example
+    example = doc_example("### Building the training tuples without sfmpairs")
     monkeypatch.chdir(root)
     scope = {}
     exec(compile(example, "formats.md", "exec"), scope)

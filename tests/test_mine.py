@@ -350,15 +350,11 @@ def test_cli_mine_and_info(world, tmp_path):
 
 
 def test_formats_doc_pair_example_runs_without_sfmpairs(world, tmp_path, monkeypatch, capsys):
-    import re
-
-    from conftest import REPO
+    from conftest import doc_example
 
     root, _ = world
     mine(root / "sfm.h5", tmp_path / "pairs.h5", descriptors=root / "desc.h5")
-    doc = (REPO / "docs" / "formats.md").read_text()
-    example = re.search(r"## The pair file.*?```python\n(.*?)```", doc, re.S).group(1)
-    assert "sfmpairs" not in example
+    example = doc_example("## The pair file")
     monkeypatch.chdir(tmp_path)
     exec(compile(example, "formats.md", "exec"), {})
     p = read_pairs(tmp_path / "pairs.h5")

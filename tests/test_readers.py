@@ -122,3 +122,13 @@ def test_long_tracks_take_the_exact_path(tmp_path):
     model = colmap_binary.read_model(tmp_path / "long")
     assert model.track_length.max() >= 256
     assert_models_equal(model, colmap_pycolmap.read_model(tmp_path / "long"))
+
+
+def test_rotations_from_quaternions_match_pycolmap_and_normalise():
+    rng = np.random.default_rng(0)
+    q = rng.normal(size=(20, 4))
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    R = quat_to_rotmat(q)
+    for qi, Ri in zip(q, R):
+        np.testing.assert_allclose(Ri, pycolmap.Rotation3d([qi[1], qi[2], qi[3], qi[0]]).matrix(), atol=1e-12)
+    np.testing.assert_allclose(quat_to_rotmat(3.0 * q), R, atol=1e-12)  # scale does not matter

@@ -25,7 +25,9 @@ def test_contrastive_loss_by_hand():
     got = contrastive_loss(q, x, torch.tensor([1.0, 0.0]), margin=1.5)
     assert float(got) == pytest.approx(0.5 * d1 ** 2 + 0.5 * (1.5 - d2) ** 2)
     got = contrastive_loss(q, x, torch.tensor([0.0, 0.0]), margin=0.7)  # both beyond the margin
-    assert float(got) == pytest.approx(0.5 * (0.7 - d1) ** 2 * 0 + 0.5 * max(0, 0.7 - d1) ** 2)
+    assert d1 > 0.7 and float(got) == 0.0
+    got = contrastive_loss(q, x, torch.tensor([0.0, 0.0]), margin=1.0)  # the first within it
+    assert float(got) == pytest.approx(0.5 * (1.0 - d1) ** 2)
     assert float(triplet_loss(q[0], x[0], x[1:], 0.5)) == pytest.approx(max(0, 0.8 - 2.0 + 0.5))
     assert float(triplet_loss(q[0], x[0], x[1:], 2.0)) == pytest.approx(0.8 - 2.0 + 2.0)
 
@@ -222,6 +224,30 @@ def test_end_to_end_on_real_photos(tmp_path):
             "--images-root", COLMAP, "--device", "cpu", "-o", tmp_path / "report.json")
     report = json.loads((tmp_path / "report.json").read_text())
     assert 0 < report["mAP"] <= 1 and report["queries"] > 0
+    assert f"{100 * report['mAP']:.2f}" in r.stdout  # the printed table
     metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 2 and all(np.isfinite(m["loss"]) for m in metrics)
     assert time.perf_counter() - t0 < 120
+
+
+def test_training_keeps_batch_norm_statistics_frozen(small_world):
+    from sfmpairs.train.train import ImageCache, _optimizer, _read_pairs, train_epoch
+
+    pairs = _read_pairs(small_world / "pairs.h5")
+    torch.manual_seed(0)
+    net = build_network({"arch": "resnet18", "image_size": 48})
+    bn = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    means = [m.running_mean.clone() for m in bn]
+    conv = net.features[0].weight.detach().clone()
+    q, p = pairs["train/query"], pairs["train/positive"]
+    other = [int(i) for i in pairs["train/images"] if pairs["cluster"][i] != pairs["cluster"][q[0]]][:2]
+    tuples = [[int(q[0]), int(p[0]), *other], [int(q[1]), int(p[1]), *other]]
+    opts = {**SMALL, "loss": "contrastive", "margin": 0.85, "_names": pairs["names"], "amp": False,
+            "lr": 1e-3, "weight_decay": 0.0, "p_lr_factor": 10.0, "optimizer": "adam"}
+    optimizer = _optimizer(net, opts)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    train_epoch(net, tuples, opts, optimizer, scaler, torch.device("cpu"),
+                ImageCache(small_world / "photos", 48, 1 << 26), 0)
+    assert not torch.equal(conv, net.features[0].weight)  # it trained...
+    for m, before in zip(bn, means):  # ...with the batch statistics untouched
+        torch.testing.assert_close(m.running_mean, before, rtol=0, atol=0)
