@@ -14,7 +14,6 @@ against the bare matrix product of the same shapes, each pair in one run.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import h5py
 import numpy as np
 import pytest
@@ -125,11 +127,33 @@ def test_batched_extraction_equals_one_image_at_a_time(photos):
     root, names = photos
     torch.manual_seed(0)
     net = build_network({"arch": "resnet18", "pool": "gem", "image_size": 100}).eval()
-    desc, bad = extract_descriptors(net, root, names, batch_size=3, workers=0)
+    desc, bad = extract_descriptors(net, root, names, batch_size=3, workers=0, precision="fp32")
     assert not bad and desc.shape == (len(names), 512)
     np.testing.assert_allclose(desc, _reference(net, root, names, 100), atol=1e-4)
-    desc2, _ = extract_descriptors(net, root, names, batch_size=8, workers=1)
+    desc2, _ = extract_descriptors(net, root, names, batch_size=8, workers=1, precision="fp32")
     np.testing.assert_allclose(desc2, desc, atol=1e-5)
+
+
+def test_reduced_precision_is_close_and_ranks_alike(photos):
+    """bfloat16 moves descriptors by about 1e-3 and similarities by less."""
+    from sfmpairs.train.extract import autocast_dtype, extract_descriptors
+
+    root, names = photos
+    torch.manual_seed(0)
+    net = build_network({"arch": "resnet18", "pool": "gem", "image_size": 100}).eval()
+    exact = extract_descriptors(net, root, names, workers=0, precision="fp32")[0]
+    bf16 = extract_descriptors(net, root, names, workers=0, precision="bf16")[0]
+    assert bf16.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(bf16, axis=1), 1, atol=1e-5)
+    assert 0 < np.abs(bf16 - exact).max() < 2e-2  # it did run in bfloat16
+    assert np.abs(exact @ exact.T - bf16 @ bf16.T).max() < 2e-3
+    cpu = torch.device("cpu")
+    assert autocast_dtype(cpu, "fp32") is None and autocast_dtype(cpu, "bf16") == torch.bfloat16
+    assert autocast_dtype(torch.device("cuda"), "auto") == torch.float16
+    with pytest.raises(SfmpairsError, match="fp16 needs CUDA"):
+        autocast_dtype(cpu, "fp16")
+    with pytest.raises(SfmpairsError, match="unknown precision"):
+        autocast_dtype(cpu, "fp8")
 
 
 def test_images_are_resized_never_upscaled(photos):
@@ -150,7 +174,7 @@ def test_multiscale_is_the_generalised_mean(photos):
     torch.manual_seed(0)
     net = build_network({"arch": "resnet18", "pool": "gem", "image_size": 100}).eval()
     scales = (1.0, 0.7071, 0.5)
-    desc, _ = extract_descriptors(net, root, names[:2], scales=scales, workers=0)
+    desc, _ = extract_descriptors(net, root, names[:2], scales=scales, workers=0, precision="fp32")
     with torch.no_grad():
         for k, n in enumerate(names[:2]):
             x = net.normalise_input(load_image(root / n, 100)[None])
@@ -189,13 +213,18 @@ def test_extract_cli_writes_a_descriptor_file(photos, tmp_path):
     assert r.exit_code == 2 and len(errors) == 1 and "broken.jpg" in errors[0]
     assert "Traceback" not in r.stderr
     assert not (tmp_path / "d.h5").exists()
-    r = CliRunner().invoke(main, [str(a) for a in args + ["--skip-bad", "--multiscale", "1,0.5"]])
+    r = CliRunner().invoke(main, [str(a) for a in args + ["--skip-bad", "--multiscale", "1,0.5",
+                                                          "--precision", "bf16"]])
     assert r.exit_code == 0, r.stderr
     with h5py.File(tmp_path / "d.h5") as f:
         assert list(f["skipped"].asstr()[()]) == ["sub/broken.jpg"]
         assert f.attrs["schema"] == "sfmpairs/descriptors"
+        parameters = json.loads(f.attrs["parameters"])
+        assert parameters["precision"] == "bf16" and parameters["compute_dtype"] == "torch.bfloat16"
     d = read_descriptors(tmp_path / "d.h5", np.array(names, dtype=object))
     assert d.shape == (len(names), 512)
+    r = CliRunner().invoke(main, [str(a) for a in args + ["--precision", "fp16", "--overwrite"]])
+    assert r.exit_code == 2 and "fp16 needs CUDA" in r.stderr
 
 
 # ----------------------------------------------------------------------------- whitening

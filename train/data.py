@@ -37,7 +37,9 @@ def load_image(path: Path, image_size: int, box=None) -> torch.Tensor:
 
     try:
         with Image.open(path) as img:
-            img = img.convert("RGB")
+            img.load()  # decoded in full, as the authors' convert("RGB") does (no JPEG draft)
+            if img.mode != "RGB":  # convert() of an RGB image would only copy it
+                img = img.convert("RGB")
             if box is not None:
                 img = img.crop(tuple(int(round(c)) for c in box))
             img.thumbnail((image_size, image_size), Image.LANCZOS)
@@ -85,13 +87,16 @@ class ImageList(Dataset):
 
 class SameSizeBatches(Sampler):
     """Batches of indices whose images have the same size after resizing (unreadable
-    images go alone), in a fixed order."""
+    images go alone), in a fixed order, the smallest first."""
 
     def __init__(self, sizes: list, image_size: int, batch_size: int):
         groups = defaultdict(list)
         for i, s in enumerate(sizes):
             groups[resized_size(*s, image_size) if s else ("bad", i)].append(i)
         self.batches = [g[k:k + batch_size] for g in groups.values() for k in range(0, len(g), batch_size)]
+        if self.batches:  # the smallest batch first: the network waits less for it
+            smallest = min(range(len(self.batches)), key=lambda k: len(self.batches[k]))
+            self.batches.insert(0, self.batches.pop(smallest))
 
     def __iter__(self):
         return iter(self.batches)

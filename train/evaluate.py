@@ -169,8 +169,8 @@ def _table(rows: list[tuple[str, float, np.ndarray]], kappas) -> str:
 def evaluate(output: str | Path, *, pairs=None, gnd=None, descriptors=None, model=None,
              store=None, images_root=None, min_covisible: int = 1, positives: str = "covisible",
              qe: int = 0, qe_alpha: float = 3.0, image_size: int | None = None,
-             scales=(1.0,), device: str = "auto", workers: int | None = None,
-             overwrite: bool = False) -> dict:
+             scales=(1.0,), device: str = "auto", precision: str = "auto",
+             workers: int | None = None, overwrite: bool = False) -> dict:
     """Evaluate descriptors (a file, or extracted now with ``model``) on a pair file's
     val split (``pairs``) or on revisited ground truth (``gnd``); write a JSON report."""
     if (pairs is None) == (gnd is None):
@@ -193,11 +193,12 @@ def evaluate(output: str | Path, *, pairs=None, gnd=None, descriptors=None, mode
         dev = resolve_device(device)
         net, _ = load_checkpoint(model, dev)
         d, _ = extract_descriptors(net, root, list(names), image_size=image_size, scales=scales,
-                                   device=dev, workers=workers, boxes=boxes)
+                                   device=dev, precision=precision, workers=workers, boxes=boxes)
         return d
 
     report = {"created": now_iso(), "descriptors": str(descriptors) if descriptors else None,
-              "model": str(model) if model else None, "qe": qe, "qe_alpha": qe_alpha, "kappas": list(KAPPAS)}
+              "model": str(model) if model else None,
+              "precision": precision if model else None, "qe": qe, "qe_alpha": qe_alpha, "kappas": list(KAPPAS)}
     rows = []
     if pairs is not None:
         names, queries, database, pos, junk = val_ground_truth(pairs, store, min_covisible, positives)

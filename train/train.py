@@ -167,7 +167,7 @@ def mine_epoch(net, pairs: dict, opts: dict, rng, device, root: Path):
     wanted = np.unique(np.concatenate([queries, positives, pool] + (cands or [])))
     desc, bad = extract_descriptors(net, root, list(pairs["names"][wanted]), image_size=opts["image_size"],
                                     device=device, workers=opts["workers"], skip_bad=opts["skip_bad"],
-                                    amp=opts["amp"], desc="mining")
+                                    precision=extract_precision(device, opts), desc="mining")
     def row(images):  # rows of desc: wanted is sorted
         return np.searchsorted(wanted, images)
 
@@ -190,6 +190,13 @@ def mine_epoch(net, pairs: dict, opts: dict, rng, device, root: Path):
              "negative_distance": float(np.nanmean(np.linalg.norm(qd[:, None] - nd, axis=2))) if len(qd) else float("nan")}
     tuples = [[int(q), int(p), *[int(n) for n in negs if n >= 0]] for q, p, negs in zip(queries, positives, negatives)]
     return tuples, stats
+
+
+def extract_precision(device, opts) -> str:
+    """Mining and validation extract in mixed precision where training's ``amp`` is on
+    (by default only on CUDA), else in float32."""
+    amp = device.type == "cuda" if opts["amp"] is None else opts["amp"]
+    return "auto" if amp else "fp32"
 
 
 def train_epoch(net, tuples, opts, optimizer, scaler, device, cache: ImageCache, epoch: int):
@@ -243,8 +250,8 @@ def validate(net, pairs_path: Path, opts, device, root: Path, store=None):
         raise
     used = np.unique(np.concatenate([queries, database]))
     desc, _ = extract_descriptors(net, root, list(names[used]), image_size=opts["image_size"], device=device,
-                                  workers=opts["workers"], skip_bad=opts["skip_bad"], amp=opts["amp"],
-                                  desc="validation")
+                                  workers=opts["workers"], skip_bad=opts["skip_bad"],
+                                  precision=extract_precision(device, opts), desc="validation")
     desc = np.nan_to_num(desc)
     m, *_ = mean_average_precision(rank(desc[np.searchsorted(used, queries)], desc[np.searchsorted(used, database)]),
                                    pos, junk)
