@@ -6,6 +6,7 @@ scene share one); pools and geometry stay per model, each in its own frame.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -75,6 +76,32 @@ def _inputs(sources: list[ModelSource]) -> list[dict]:
     return out
 
 
+@contextlib.contextmanager
+def _small_pages():
+    """Ask numpy for no transparent huge pages while ingesting.
+
+    numpy advises the kernel to back large arrays with 2 MB pages. Ingest fills each
+    of its large arrays once, so they gain nothing from it, and where memory is
+    fragmented (another large process just exited) the kernel compacts memory to find
+    them, which made ingest up to a third slower in benchmarks/bench_ingest.py.
+    """
+    try:
+        from numpy._core.multiarray import _set_madvise_hugepage
+    except ImportError:  # numpy < 2
+        try:
+            from numpy.core.multiarray import _set_madvise_hugepage
+        except ImportError:
+            _set_madvise_hugepage = None
+    if _set_madvise_hugepage is None:
+        yield
+        return
+    before = _set_madvise_hugepage(False)
+    try:
+        yield
+    finally:
+        _set_madvise_hugepage(before)
+
+
 def ingest(paths: list[str | os.PathLike] | None, output: str | os.PathLike, *,
            manifest: str | os.PathLike | None = None,
            images_root: str | os.PathLike | None = None,
@@ -112,7 +139,7 @@ def ingest(paths: list[str | os.PathLike] | None, output: str | os.PathLike, *,
                   "manifest": str(Path(manifest).resolve()) if manifest else None}
 
     totals = {"images": 0, "points": 0, "observations": 0}
-    with atomic_output(output, overwrite) as tmp:
+    with atomic_output(output, overwrite) as tmp, _small_pages():
         with h5py.File(tmp, "w") as h5:
             create_store(h5)
             names_seen: dict[str, str] = {}
