@@ -92,10 +92,13 @@ def provenance_attrs(schema: str, schema_version: int, parameters: dict,
 
 
 def progress(iterable=None, *, total=None, desc: str = "", unit: str = "it", **kwargs):
-    """A tqdm progress bar on stderr, hidden when logging is quiet or stderr is no tty."""
+    """A tqdm progress bar on stderr, shown unless logging is quiet or stderr is no tty;
+    where it is not shown, the iterable itself (no tqdm set-up)."""
+    disable = not logger.isEnabledFor(logging.INFO) or not sys.stderr.isatty()
+    if disable and iterable is not None:
+        return iterable
     from tqdm import tqdm
 
-    disable = not logger.isEnabledFor(logging.INFO) or not sys.stderr.isatty()
     if total is None and iterable is not None and hasattr(iterable, "__len__"):
         total = len(iterable)
     return tqdm(iterable, total=total, desc=desc, unit=unit, disable=disable,

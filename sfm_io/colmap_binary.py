@@ -18,7 +18,6 @@ import struct
 from pathlib import Path
 
 import numpy as np
-from numpy.lib.stride_tricks import as_strided
 
 from ..common import SfmpairsError
 from .model import (
@@ -272,21 +271,20 @@ def read_points(path: Path):
     return ids, xyz, track
 
 
+_POINT_RECORD = np.dtype([("id", "<u8"), ("xyz", "<f8", 3), ("rgb", "u1", 3), ("error", "<f8"),
+                          ("track_length", "<u8")])  # the fixed-size head, 51 bytes, packed
+
+
 def _gather_heads(f: _File, offsets: np.ndarray):
     """(ids, xyz, track lengths) from the fixed-size head of each point record."""
-    ids = np.empty(len(offsets), np.uint64)
-    xyz = np.empty((len(offsets), 3))
-    track = np.empty(len(offsets), np.uint64)
-    if len(offsets):
-        raw = np.frombuffer(f.buf, np.uint8)
-        head = as_strided(raw, (f.size - _POINT_HEAD - 7, _POINT_HEAD + 8), (1, 1))
-        for s in range(0, len(offsets), 1 << 18):
-            rec = head[offsets[s:s + (1 << 18)]]
-            ids[s:s + len(rec)] = rec[:, :8].view("<u8")[:, 0]
-            xyz[s:s + len(rec)] = rec[:, 8:32].view("<f8")
-            track[s:s + len(rec)] = rec[:, _POINT_HEAD:].view("<u8")[:, 0]
-        del raw, head, rec
-    return ids, xyz, track
+    if not len(offsets):
+        return np.empty(0, np.uint64), np.empty((0, 3)), np.empty(0, np.uint64)
+    # every byte offset as the start of a 51-byte record: a 1-D fancy index copies the ones asked
+    heads = np.ndarray((f.size - _POINT_RECORD.itemsize + 1,), np.dtype((np.void, _POINT_RECORD.itemsize)),
+                       f.buf, 0, (1,))
+    rec = heads[offsets].view(_POINT_RECORD)
+    del heads
+    return rec["id"].copy(), rec["xyz"].copy(), rec["track_length"].copy()
 
 
 def _point2d_batches(f: _File, heads: list, batch: int = 1 << 16) -> list:
@@ -308,7 +306,11 @@ def _point2d_batches(f: _File, heads: list, batch: int = 1 << 16) -> list:
             sizes = [r[6] for r in group]
             cum = np.concatenate([[0], np.cumsum(valid)])
             ends = np.cumsum(sizes)
-            return [r[0] for r in group], cum[ends] - cum[ends - sizes], ids[valid], block[valid, :2]
+            with np.errstate(over="ignore"):  # huge values become inf: check_finite reports them
+                xy = block[:, :2].astype(np.float32)
+            # (x, y) pairs as one complex64 each: a 1-D boolean index, numpy's fast path
+            xy = xy.view(np.complex64)[:, 0][valid].view(np.float32).reshape(-1, 2)
+            return [r[0] for r in group], cum[ends] - cum[ends - sizes], ids[valid], xy
         tasks.append((read, total))
         start = stop
     return tasks

@@ -15,6 +15,9 @@ order of its 2D points.
 from __future__ import annotations
 
 import functools
+import os
+import queue
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -195,10 +198,6 @@ def build_observations(batches, point_ids: np.ndarray, file_track_lengths: np.nd
     Batches run on a few threads (numpy releases the GIL in its loops), each writing
     at its own offset of the output; the gaps are squeezed out at the end.
     """
-    import os
-    import queue
-    from concurrent.futures import ThreadPoolExecutor
-
     num_points = len(point_ids)
     lookup = point_lookup(point_ids)
     offsets = np.concatenate([[0], np.cumsum([size for _, size in batches])]).astype(np.int64)
