@@ -87,6 +87,24 @@ def test_trailing_garbage(model, tmp_path):
     assert_clean_failure(tmp_path, [model], "points3D.bin", "unexpected bytes")
 
 
+@pytest.mark.parametrize("value", [1e300, float("nan")])
+def test_non_finite_2d_point(model, tmp_path, value):
+    """A 2D position float32 cannot hold (or NaN): the clean error, no RuntimeWarning
+    (warnings are errors in the tests)."""
+    from sfmpairs.sfm_io.colmap_binary import _File, _image_headers
+
+    f = _File(model / "images.bin")
+    _, _, _, _, _, start, count = _image_headers(f)[0]
+    f.close()
+    data = (model / "images.bin").read_bytes()
+    ids = [struct.unpack_from("<Q", data, start + 24 * k + 16)[0] for k in range(count)]
+    k = next(k for k, i in enumerate(ids) if i != 2**64 - 1)  # a 2D point of a 3D point
+    with open(model / "images.bin", "r+b") as fh:
+        fh.seek(start + 24 * k + 8)  # its y
+        fh.write(struct.pack("<d", value))
+    assert_clean_failure(tmp_path, [model], "images.bin", "non-finite 2D point position")
+
+
 def test_empty_file(model, tmp_path):
     (model / "images.bin").write_bytes(b"")
     assert_clean_failure(tmp_path, [model], "images.bin", "empty file")
