@@ -27,6 +27,7 @@ descriptors within 1e-4 of the reference's or mAP moving by less than 0.5 points
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import subprocess
@@ -68,7 +69,7 @@ def reference(net, root: Path, names, image_size: int, device) -> np.ndarray:
 def child(which: str, tmp: Path, args) -> None:
     """One timed run in this process; writes desc-WHICH.npy and time-WHICH.json."""
     if which != "reference":
-        import sfmpairs.cli  # noqa: F401  (the command's set-up, before torch loads)
+        importlib.import_module("sfmpairs.cli")  # the command's set-up, before torch loads
     import torch
 
     from sfmpairs.mining.pairfile import read_descriptors
