@@ -104,8 +104,49 @@ def _pairs_histograms(h5: h5py.File) -> list[str]:
             "", *histogram(size.astype(float), np.linspace(0, k, min(k, 10) + 1), "pool size per query")]
 
 
+def _descriptors_summary(h5: h5py.File) -> list[str]:
+    n, dim = h5["descriptors"].shape
+    config = json.loads(h5.attrs.get("parameters", "{}")).get("config", {})
+    net = f"{config.get('arch', '?')} + {config.get('pool', '?')}" if config else "?"
+    skipped = len(h5["skipped"]) if "skipped" in h5 else 0
+    return [f"descriptors {n} images, dimension {dim}, {skipped} skipped, network {net}",
+            *_provenance(h5.attrs)]
+
+
+def _whitening_summary(h5: h5py.File) -> list[str]:
+    d, dim = h5["projection"].shape
+    return [f"whitening   {h5.attrs.get('method')}: {dim} -> {d} dimensions", *_provenance(h5.attrs)]
+
+
 SUMMARIES = {"sfmpairs/sfm-store": _store_summary,
-             "sfmpairs/pairs": lambda h5: _pairs_summary(h5) + _pairs_histograms(h5)}
+             "sfmpairs/pairs": lambda h5: _pairs_summary(h5) + _pairs_histograms(h5),
+             "sfmpairs/descriptors": _descriptors_summary,
+             "sfmpairs/whitening": _whitening_summary}
+
+
+def _checkpoint_summary(path: Path) -> list[str]:
+    import torch
+
+    from .train.network import CHECKPOINT_SCHEMA
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise SfmpairsError(f"{path}: not a checkpoint ({type(e).__name__})") from None
+    if not isinstance(state, dict) or state.get("schema") != CHECKPOINT_SCHEMA:
+        raise SfmpairsError(f"{path}: not an sfmpairs checkpoint")
+    config = state.get("config", {})
+    weights = sum(v.numel() for v in state.get("state_dict", {}).values())
+    lines = [f"checkpoint  {config.get('arch')} + {config.get('pool')}, whitening "
+             f"{config.get('whitening') or 'none'}, image size {config.get('image_size')}, "
+             f"{weights / 1e6:.1f} M weights",
+             f"schema      {state.get('schema')} v{state.get('schema_version')}",
+             f"written by  sfmpairs {state.get('tool_version', '?')} at {state.get('created', '?')}",
+             "config      " + ", ".join(f"{k}={v}" for k, v in sorted(config.items()))]
+    if "epoch" in state:
+        lines.append(f"training    epoch {state['epoch']}" +
+                     (f", val mAP {100 * state['val_map']:.2f}" if state.get("val_map") is not None else ""))
+    return lines
 
 
 def summary(path: str | Path) -> str:
@@ -113,6 +154,9 @@ def summary(path: str | Path) -> str:
     path = Path(path)
     if not path.exists():
         raise SfmpairsError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        if f.read(4) == b"PK\x03\x04":  # a zip: torch.save's format
+            return "\n".join([str(path), *_checkpoint_summary(path)])
     try:
         h5 = h5py.File(path, "r")
     except OSError:

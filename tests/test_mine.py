@@ -144,6 +144,25 @@ def world(tmp_path_factory):
     return root, desc
 
 
+def test_whiten_command_and_info_on_its_files(world, tmp_path):
+    from click.testing import CliRunner
+
+    from sfmpairs.cli import main
+    from sfmpairs.train.whiten import read_whitening
+
+    root, desc = world
+    mine(root / "sfm.h5", tmp_path / "p.h5", queries_per_cluster=0, val_fraction=0.34)
+    r = CliRunner().invoke(main, ["whiten", "--descriptors", str(root / "desc.h5"), "--pairs", str(tmp_path / "p.h5"),
+                                  "--method", "pca", "--dim", "8", "-o", str(tmp_path / "w.h5")])
+    assert r.exit_code == 0, r.stderr
+    assert read_whitening(tmp_path / "w.h5")["projection"].shape == (8, 16)
+    r = CliRunner().invoke(main, ["info", str(tmp_path / "w.h5")])
+    assert r.exit_code == 0 and "whitening   pca: 16 -> 8 dimensions" in r.stdout
+    assert "schema      sfmpairs/whitening v1" in r.stdout
+    r = CliRunner().invoke(main, ["info", str(root / "desc.h5")])
+    assert r.exit_code == 0 and f"descriptors {len(desc)} images, dimension 16, 0 skipped" in r.stdout
+
+
 def test_relaxed_rules(world, tmp_path):
     root, desc = world
     mine(root / "sfm.h5", tmp_path / "p.h5", descriptors=root / "desc.h5", negatives=3, seed=5,

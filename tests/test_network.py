@@ -225,6 +225,14 @@ def test_extract_cli_writes_a_descriptor_file(photos, tmp_path):
     assert d.shape == (len(names), 512)
     r = CliRunner().invoke(main, [str(a) for a in args + ["--precision", "fp16", "--overwrite"]])
     assert r.exit_code == 2 and "fp16 needs CUDA" in r.stderr
+    r = CliRunner().invoke(main, ["info", str(tmp_path / "d.h5")])
+    assert r.exit_code == 0, r.stderr
+    assert f"descriptors {len(names)} images, dimension 512, 1 skipped, network resnet18 + gem" in r.stdout
+    assert "precision=bf16" in r.stdout
+    r = CliRunner().invoke(main, ["info", str(tmp_path / "m.pt")])
+    assert r.exit_code == 0, r.stderr
+    assert "checkpoint  resnet18 + gem, whitening none, image size 64, 11.2 M weights" in r.stdout
+    assert "schema      sfmpairs/checkpoint v1" in r.stdout
 
 
 # ----------------------------------------------------------------------------- whitening

@@ -166,6 +166,10 @@ def test_run_folder_and_resume_reproduces_an_uninterrupted_run(small_world, tmp_
     # extract reads the checkpoints
     net, state = load_checkpoint(tmp_path / "full" / "best.pt")
     assert net.config["image_size"] == 48 and "val_map" in state
+    from sfmpairs.info import summary
+
+    text = summary(tmp_path / "full" / "best.pt")
+    assert f"training    epoch {state['epoch']}" in text and "image size 48" in text
     with pytest.raises(SfmpairsError, match="run folder exists"):
         train(pairs, photos, tmp_path / "full", **SMALL)
 
