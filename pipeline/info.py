@@ -125,16 +125,9 @@ SUMMARIES = {"sfmpairs/sfm-store": _store_summary,
 
 
 def _checkpoint_summary(path: Path) -> list[str]:
-    import torch
+    from .train.network import read_checkpoint
 
-    from .train.network import CHECKPOINT_SCHEMA
-
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise SfmpairsError(f"{path}: not a checkpoint ({type(e).__name__})") from None
-    if not isinstance(state, dict) or state.get("schema") != CHECKPOINT_SCHEMA:
-        raise SfmpairsError(f"{path}: not an sfmpairs checkpoint")
+    state = read_checkpoint(path)
     config = state.get("config", {})
     weights = sum(v.numel() for v in state.get("state_dict", {}).values())
     lines = [f"checkpoint  {config.get('arch')} + {config.get('pool')}, whitening "

@@ -23,6 +23,25 @@ def doc_example(heading: str) -> str:
     return code
 
 
+def synth_and_mine(root: Path, *, clusters: int, image_size: tuple[int, int], seed: int, points: int,
+                   descriptor_seed: int, **mine_options) -> Path:
+    """A rendered world in ``root/w``, its store ``root/sfm.h5``, random unit
+    descriptors ``root/d.h5`` (8-d) and pairs ``root/pairs.h5`` mined with them."""
+    from sfmpairs.mining.mine import mine
+    from sfmpairs.mining.pairfile import write_descriptors
+    from sfmpairs.sfm_io.ingest import ingest
+    from sfmpairs.sfm_io.store import read_store
+    from sfmpairs.sfm_io.world import synth
+
+    synth(root / "w", clusters=clusters, images_per_cluster=6, image_size=image_size, seed=seed, points=points)
+    ingest([root / "w"], root / "sfm.h5")
+    names = read_store(root / "sfm.h5", keys=["images/name"])["images/name"]
+    d = np.random.default_rng(descriptor_seed).normal(size=(len(names), 8)).astype(np.float32)
+    write_descriptors(root / "d.h5", names, d / np.linalg.norm(d, axis=1, keepdims=True), {})
+    mine(root / "sfm.h5", root / "pairs.h5", descriptors=root / "d.h5", **mine_options)
+    return root
+
+
 def real_model_dirs() -> list[Path]:
     if not COLMAP.is_dir():
         return []

@@ -54,7 +54,8 @@ def test_info_summarises_a_store(synthetic_models, tmp_path):
     assert "\nbinary " in out  # the cluster, named after the model folder
 
 
-@pytest.mark.parametrize("content,expect", [(None, "no such file"), (b"not hdf5", "not an HDF5 file")])
+@pytest.mark.parametrize("content,expect", [(None, "no such file"), (b"not hdf5", "not an HDF5 file"),
+                                            (b"PK\x03\x04 a zip, not torch's", "not a checkpoint")])
 def test_info_on_bad_files(tmp_path, content, expect):
     path = tmp_path / "x.h5"
     if content is not None:

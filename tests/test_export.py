@@ -16,25 +16,14 @@ from sfmpairs.cli import main
 from sfmpairs.mining.export import CIRTORCH_NAME, cid_of, export
 from sfmpairs.train.dataset import PairTuples
 
-from conftest import doc_example
+from conftest import doc_example, synth_and_mine
 
 
 @pytest.fixture(scope="module")
 def mined(tmp_path_factory):
-    from sfmpairs.mining.mine import mine
-    from sfmpairs.mining.pairfile import write_descriptors
-    from sfmpairs.sfm_io.ingest import ingest
-    from sfmpairs.sfm_io.store import read_store
-    from sfmpairs.sfm_io.world import synth
-
-    root = tmp_path_factory.mktemp("export")
-    synth(root / "w", clusters=4, images_per_cluster=6, image_size=(64, 48), seed=2, points=400)
-    ingest([root / "w"], root / "sfm.h5")
-    names = read_store(root / "sfm.h5", keys=["images/name"])["images/name"]
-    d = np.random.default_rng(1).normal(size=(len(names), 8)).astype(np.float32)
-    write_descriptors(root / "d.h5", names, d / np.linalg.norm(d, axis=1, keepdims=True), {})
-    mine(root / "sfm.h5", root / "pairs.h5", descriptors=root / "d.h5", negatives=2, queries_per_cluster=0,
-         val_clusters=["cluster_03/sparse/0"], max_scale_change=3)
+    root = synth_and_mine(tmp_path_factory.mktemp("export"), clusters=4, image_size=(64, 48), seed=2,
+                          points=400, descriptor_seed=1, negatives=2, queries_per_cluster=0,
+                          val_clusters=["cluster_03/sparse/0"], max_scale_change=3)
     with h5py.File(root / "pairs.h5") as f:
         p = {k: f[k][()] for k in ("train/query", "train/positive", "val/query", "val/positive",
                                     "train/images", "val/images", "images/cluster", "train/pool",

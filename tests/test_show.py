@@ -12,24 +12,14 @@ import pytest
 from sfmpairs import SfmpairsError
 from sfmpairs.show import TILE, _thumbnail, show
 
+from conftest import synth_and_mine
+
 
 @pytest.fixture(scope="module")
 def mined(tmp_path_factory):
-    from sfmpairs.mining.mine import mine
-    from sfmpairs.mining.pairfile import write_descriptors
-    from sfmpairs.sfm_io.ingest import ingest
-    from sfmpairs.sfm_io.store import read_store
-    from sfmpairs.sfm_io.world import synth
-
-    root = tmp_path_factory.mktemp("show")
-    synth(root / "w", clusters=3, images_per_cluster=6, image_size=(96, 72), seed=1, points=500)
-    ingest([root / "w"], root / "sfm.h5")
-    names = read_store(root / "sfm.h5", keys=["images/name"])["images/name"]
-    d = np.random.default_rng(0).normal(size=(len(names), 8)).astype(np.float32)
-    write_descriptors(root / "d.h5", names, d / np.linalg.norm(d, axis=1, keepdims=True), {})
-    mine(root / "sfm.h5", root / "pairs.h5", descriptors=root / "d.h5", negatives=2,
-         queries_per_cluster=0, val_fraction=0, max_scale_change=3)
-    return root
+    return synth_and_mine(tmp_path_factory.mktemp("show"), clusters=3, image_size=(96, 72), seed=1, points=500,
+                          descriptor_seed=0, negatives=2, queries_per_cluster=0, val_fraction=0,
+                          max_scale_change=3)
 
 
 class _Cells(HTMLParser):

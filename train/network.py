@@ -178,8 +178,8 @@ def save_checkpoint(path: str | Path, net: RetrievalNet, overwrite: bool = True,
         torch.save(state, tmp)
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
-    """(network, checkpoint dict) from a checkpoint file; a clear error for anything else."""
+def read_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> dict:
+    """The checkpoint dict of a checkpoint file; a clear error for anything else."""
     path = Path(path)
     if not path.is_file():
         raise SfmpairsError(f"{path}: no such file")
@@ -189,6 +189,12 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
         raise SfmpairsError(f"{path}: not a checkpoint ({type(e).__name__})") from None
     if not isinstance(state, dict) or state.get("schema") != CHECKPOINT_SCHEMA:
         raise SfmpairsError(f"{path}: not an sfmpairs checkpoint")
+    return state
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
+    """(network, checkpoint dict) from a checkpoint file; a clear error for anything else."""
+    state = read_checkpoint(path, device)
     with torch.device("meta"):  # no random initialisation to overwrite: about 0.1 s saved
         net = build_network(state["config"])
     try:
