@@ -34,5 +34,6 @@ def test_bad_input_everywhere(tmp_path, args, expect):
     errors = [line for line in r.stderr.splitlines() if line.startswith("sfmpairs: error:")]
     assert r.exit_code == 2, r.stderr
     assert len(errors) == 1 and expect in errors[0], r.stderr
-    assert "Traceback" not in r.stderr and r.exception is None or isinstance(r.exception, SystemExit)
+    assert "Traceback" not in r.stderr, r.stderr
+    assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
     assert not out.exists() and not (tmp_path / "out.png").exists()
