@@ -115,7 +115,7 @@ def val_map(tmp: Path, root: Path, names: list[str], desc: np.ndarray) -> float:
         ingest([root / s for s in scenes], tmp / "sfm.h5", images_root=root, cluster_by="scene")
         clusters = read_store(tmp / "sfm.h5", keys=["clusters/name"])["clusters/name"]
         mine(tmp / "sfm.h5", pairs, val_clusters=list(clusters), queries_per_cluster=0)
-    all_names, queries, database, pos, junk = val_ground_truth(pairs, None, 1)
+    all_names, queries, database, pos, junk = val_ground_truth(pairs, 1)
     row = {n: i for i, n in enumerate(names)}
     d = desc[[row[n] for n in all_names]]
     return mean_average_precision(rank(d[queries], d[database]), pos, junk)[0]

@@ -17,7 +17,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ..common import SfmpairsError, atomic_output, file_sha256, progress, provenance_attrs
+from ..common import SfmpairsError, atomic_output, check_output_path, file_sha256, progress, provenance_attrs
 from ..sfm_io.store import read_store
 from .negatives import hard_negatives
 from .pairfile import SCHEMA, SCHEMA_VERSION, SPLITS, STR, read_descriptors
@@ -118,7 +118,8 @@ def split_clusters(names: np.ndarray, opts: dict, rng) -> np.ndarray:
         index = {n: i for i, n in enumerate(names)}
         for name in opts["val_clusters"]:
             if name not in index:
-                raise SfmpairsError(f"--val-clusters: no cluster named {name!r} in the store")
+                raise SfmpairsError(f"--val-clusters: no cluster named {name!r} in the store; "
+                                    f"its clusters: {', '.join(names)}")
             split[index[name]] = 1
     elif opts["val_fraction"] > 0 and C >= 2:
         n_val = min(C - 1, max(1, int(round(opts["val_fraction"] * C))))
@@ -143,6 +144,33 @@ def choose_positives(queries, pools: dict, passes, candidate, strategy, rng, des
     return pos
 
 
+def co_observing_images(queries: np.ndarray, indptr: np.ndarray, point: np.ndarray,
+                     cluster: np.ndarray) -> dict:
+    """For each val query q, every other image of q's cluster that shares 3D points
+    with it and how many (``gt_indptr``, ``gt_image``, ``gt_co_observed``: CSR rows by
+    query, images ascending), so that evaluation needs the pair file alone. One
+    cluster at a time: memory is bounded by the largest cluster."""
+    from scipy import sparse
+
+    n_points = int(point.max()) + 1 if len(point) else 0
+    A = sparse.csr_matrix((np.ones(len(point), np.int32), point, indptr), shape=(len(indptr) - 1, n_points))
+    images, counts = [None] * len(queries), [None] * len(queries)
+    for c in np.unique(cluster[queries]):
+        members = np.flatnonzero(cluster == c)
+        qk = np.flatnonzero(cluster[queries] == c)
+        shared = (A[queries[qk]] @ A[members].T).tocsr()  # co-observed points
+        shared.sort_indices()
+        for row, k in enumerate(qk):
+            cols = shared.indices[shared.indptr[row]:shared.indptr[row + 1]]
+            vals = shared.data[shared.indptr[row]:shared.indptr[row + 1]]
+            other = members[cols] != queries[k]
+            images[k], counts[k] = members[cols[other]], vals[other]
+    sizes = [len(x) for x in images]
+    cat = (lambda xs: np.concatenate(xs) if xs else np.zeros(0, np.int64))
+    return {"gt_indptr": np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64),
+            "gt_image": cat(images).astype(np.int32), "gt_co_observed": cat(counts).astype(np.int32)}
+
+
 def mine(store: str | Path, output: str | Path, *, descriptors: str | Path | None = None,
          overwrite: bool = False, **options) -> dict:
     """Mine training pairs from the SfM store ``store`` into the pair file ``output``.
@@ -151,6 +179,7 @@ def mine(store: str | Path, output: str | Path, *, descriptors: str | Path | Non
     :class:`SfmpairsError` on bad input, leaving no output.
     """
     t0 = time.perf_counter()
+    check_output_path(output, overwrite)  # before the work, not after it
     opts = {**DEFAULTS, **{k: v for k, v in options.items() if v is not None or k == "queries_per_cluster"}}
     check_options(opts)
     strategy = opts["strategy"]
@@ -202,16 +231,26 @@ def mine(store: str | Path, output: str | Path, *, descriptors: str | Path | Non
         images = np.flatnonzero(split_of_cluster[cluster] == sp)
         entry = {"query": queries, "positive": positives, "images": images}
         if want_negatives:
-            if len(np.unique(cluster[images])) < 2 and len(queries):
-                logger.warning("the %s split has one cluster: its queries get no negatives", split)
             idx, sim = hard_negatives(desc[queries], cluster[queries], desc[images],
                                       cluster[images], opts["negatives"])
             entry["negatives"] = np.where(idx >= 0, images[np.maximum(idx, 0)], -1)
             entry["negative_similarity"] = sim
+            given = (idx >= 0).sum(axis=1)
+            if len(queries) and given.min() < opts["negatives"]:
+                spread = f"{given.min()}" if given.min() == given.max() else f"{given.min()} to {given.max()}"
+                logger.warning("%s split: %d clusters and at most one negative from each other cluster: "
+                               "%s hard negatives per query, not %d", split, len(np.unique(cluster[images])),
+                               spread, opts["negatives"])
+        if split == "val":
+            entry.update(co_observing_images(queries, s["observations/indptr"], s["observations/point"], cluster))
         per_split[split] = entry
         result[f"{split}_queries"] = len(queries)
         logger.info("%s: %d clusters, %d images, %d queries", split,
                     int((split_of_cluster == sp).sum()), len(images), len(queries))
+        if len(queries):
+            logger.debug("%s: per query %.1f pool images, %.1f candidates sharing points, %.1f passing", split,
+                         (pools["pool"][queries] >= 0).sum(1).mean(), candidate[queries].sum(1).mean(),
+                         passes[queries].sum(1).mean())
 
     parameters = {**opts, "descriptors": str(Path(descriptors).resolve()) if descriptors else None}
     inputs = {"store": str(store.resolve()), "store_sha256": checksum.result()}
@@ -239,6 +278,9 @@ def mine(store: str | Path, output: str | Path, *, descriptors: str | Path | Non
                 if "negatives" in e:
                     g.create_dataset("negatives", data=e["negatives"].astype(np.int32))
                     g.create_dataset("negative_similarity", data=e["negative_similarity"])
+                for key in ("gt_indptr", "gt_image", "gt_co_observed"):
+                    if key in e:
+                        g.create_dataset(key, data=e[key])
             f.attrs.update(provenance_attrs(SCHEMA, SCHEMA_VERSION, parameters, inputs))
             for key, value in opts.items():  # every parameter also as its own attribute
                 f.attrs[key] = "" if value is None else (list(value) if isinstance(value, (list, tuple)) else value)

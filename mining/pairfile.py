@@ -10,7 +10,7 @@ import numpy as np
 from ..common import SfmpairsError
 
 SCHEMA = "sfmpairs/pairs"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: val ground truth (val/gt_*)
 DESCRIPTORS_SCHEMA = "sfmpairs/descriptors"
 DESCRIPTORS_VERSION = 1
 SPLITS = ("train", "val")

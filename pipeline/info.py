@@ -52,7 +52,7 @@ def _pairs_summary(h5: h5py.File) -> list[str]:
              f"source      {h5.attrs.get('source_store')} (sha256 {str(h5.attrs.get('source_store_sha256'))[:12]}…)",
              *_provenance(h5.attrs), ""]
     lines.append(f"{'split':<6} {'clusters':>8} {'queries':>8} {'pool':>6} {'passing':>8} "
-                 f"{'pos. inliers':>12} {'pos. scale':>10} {'negatives':>9}")
+                 f"{'pos. inliers':>12} {'pos. scale':>10} {'negatives/asked':>15}")
     for name in ("train", "val"):
         if name not in h5:
             continue
@@ -62,12 +62,14 @@ def _pairs_summary(h5: h5py.File) -> list[str]:
         rows = np.arange(len(q))
         ratio = g["pool_inlier_ratio"][()][rows, slot] if len(q) else np.zeros(0)
         scale = g["pool_scale_change"][()][rows, slot] if len(q) else np.zeros(0)
-        negs = g["negatives"].shape[1] if "negatives" in g else 0
+        # hard negatives per query as mined (fewer than asked where clusters are few)
+        negs = (f"{(g['negatives'][()] >= 0).sum(1).mean():.1f}/{h5.attrs.get('negatives')}"
+                if "negatives" in g and len(q) else "-")
         mean = (lambda a: f"{np.nanmean(a):.3f}" if len(a) and np.isfinite(a).any() else "-")
         lines.append(f"{name:<6} {int((split == name).sum()):>8} {len(q):>8} "
                      f"{(pool >= 0).sum(1).mean() if len(q) else 0:>6.1f} "
                      f"{g['pool_passes'][()].sum(1).mean() if len(q) else 0:>8.1f} "
-                     f"{mean(ratio):>12} {mean(scale):>10} {negs:>9}")
+                     f"{mean(ratio):>12} {mean(scale):>10} {negs:>15}")
     return lines
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..common import SfmpairsError, atomic_output, now_iso
+from ..common import SfmpairsError, atomic_output, check_output_path, now_iso
 
 logger = logging.getLogger("sfmpairs.evaluate")
 
@@ -88,46 +88,55 @@ def rank(query: np.ndarray, database: np.ndarray) -> np.ndarray:
     return np.argsort(-(query @ database.T), axis=1, kind="stable")
 
 
-def val_ground_truth(pairs: str | Path, store: str | Path | None, min_covisible: int,
-                     positives: str = "covisible"):
-    """Queries, database, positives and junk of a pair file's val split."""
-    from scipy import sparse
+def val_ground_truth(pairs: str | Path, min_covisible: int = 1, positives: str = "covisible",
+                     store: str | Path | None = None):
+    """(names, queries, database, positives, junk) of a pair file's val split.
 
+    The database is every val image. ``covisible``: a positive shares at least
+    ``min_covisible`` 3D points with the query (the pair file's ``val/gt_*``, written by
+    ``mine``); ``relaxed``: it passes the relaxed filter in the query's pool. Junk: the
+    other images of the query's cluster, and the query itself. Pair files of schema
+    version 1 lack ``val/gt_*``: for them give the SfM store they were mined from.
+    """
     from ..mining.pairfile import read_pair_file
 
     p = read_pair_file(pairs)
     names, cluster, val = p["names"], p["cluster"], p["splits"].get("val")
     if val is None or len(val["query"]) == 0:
-        raise SfmpairsError(f"{pairs}: the val split has no queries")
-    queries, database, pool, passes = val["query"], val["images"], val["pool"], val["pool_passes"]
-    store = store or p["source_store"]
-    where = {int(img): k for k, img in enumerate(database)}
-    pos_lists, junk_lists = [], []
+        raise SfmpairsError(f"{pairs}: the val split has no queries (mine with --val-fraction or --val-clusters)")
+    queries, database = val["query"].astype(np.int64), val["images"].astype(np.int64)
     if positives == "covisible":
-        from ..sfm_io.store import read_store
-
-        if not store or not Path(store).is_file():
-            raise SfmpairsError(f"{pairs}: its SfM store {store} is missing; give --store")
-        s = read_store(store, keys=["observations/indptr", "observations/point", "images/name"])
-        if len(s["images/name"]) != len(names) or np.any(s["images/name"] != names):
-            raise SfmpairsError(f"{store}: not the store the pair file was mined from")
-        indptr, point = s["observations/indptr"], s["observations/point"]
-        A = sparse.csr_matrix((np.ones(len(point), np.int32), point, indptr),
-                              shape=(len(indptr) - 1, int(point.max()) + 1 if len(point) else 0))
-        shared = (A[queries] @ A[database].T).toarray()  # (Q, M) co-observed points
-        for i, q in enumerate(queries):
-            ok = np.flatnonzero(shared[i] >= min_covisible)
-            ok = ok[database[ok] != q]
-            pos_lists.append(ok)
+        if "gt_indptr" in val:
+            indptr, image, count = val["gt_indptr"], val["gt_image"], val["gt_co_observed"]
+            ok = [image[a:b][count[a:b] >= min_covisible] for a, b in zip(indptr[:-1], indptr[1:])]
+        else:
+            ok = _covisible_from_store(pairs, store, names, queries, min_covisible)
+        pos_lists = [np.searchsorted(database, o).astype(np.int64) for o in ok]  # database is sorted
     elif positives == "relaxed":
-        for i, q in enumerate(queries):
-            pos_lists.append(np.array([where[int(j)] for j in pool[i][passes[i]]], np.int64))
+        pos_lists = [np.searchsorted(database, pool[passes]).astype(np.int64)
+                     for pool, passes in zip(val["pool"], val["pool_passes"])]
     else:
         raise SfmpairsError(f"unknown positives {positives!r} (covisible or relaxed)")
-    for i, q in enumerate(queries):
-        same = np.flatnonzero(cluster[database] == cluster[q])
-        junk_lists.append(np.setdiff1d(same, pos_lists[i]))  # includes the query itself
+    junk_lists = [np.setdiff1d(np.flatnonzero(cluster[database] == cluster[q]), pos)  # the query too
+                  for q, pos in zip(queries, pos_lists)]
     return names, queries, database, pos_lists, junk_lists
+
+
+def _covisible_from_store(pairs, store, names, queries, min_covisible: int) -> list:
+    """Images sharing points with each query, from the SfM store (pair files of schema
+    version 1, which lack val/gt_*)."""
+    from ..mining.mine import co_observing_images
+    from ..sfm_io.store import read_store
+
+    if not store:
+        raise SfmpairsError(f"{pairs}: an older pair file without val ground truth; mine it again "
+                            f"with this sfmpairs, or give --store with the SfM store it was mined from")
+    s = read_store(store, keys=["observations/indptr", "observations/point", "images/name", "images/cluster"])
+    if len(s["images/name"]) != len(names) or np.any(s["images/name"] != names):
+        raise SfmpairsError(f"{store}: not the store the pair file was mined from")
+    gt = co_observing_images(queries, s["observations/indptr"], s["observations/point"], s["images/cluster"])
+    a, b = gt["gt_indptr"][:-1], gt["gt_indptr"][1:]
+    return [gt["gt_image"][i:j][gt["gt_co_observed"][i:j] >= min_covisible] for i, j in zip(a, b)]
 
 
 def load_gnd(path: str | Path) -> dict:
@@ -158,89 +167,132 @@ def revisited_protocols(gnd: list) -> dict:
     return out
 
 
-def _table(rows: list[tuple[str, float, np.ndarray]], kappas) -> str:
-    head = f"{'':<10} {'mAP':>7} " + " ".join(f"{'mP@' + str(k):>7}" for k in kappas)
+def _table(rows: list[tuple[str, float, np.ndarray, int]], kappas) -> str:
+    """The printed result: one row per setup, with the number of queries it averages."""
+    head = f"{'':<10} {'queries':>7} {'mAP':>7} " + " ".join(f"{'mP@' + str(k):>7}" for k in kappas)
     lines = [head]
-    for name, m, pr in rows:
-        lines.append(f"{name:<10} {100 * m:>7.2f} " + " ".join(f"{100 * v:>7.2f}" for v in pr))
+    for name, m, pr, n in rows:
+        lines.append(f"{name:<10} {n:>7d} {100 * m:>7.2f} " + " ".join(f"{100 * v:>7.2f}" for v in pr))
     return "\n".join(lines)
 
 
+FEW_QUERIES = 20  # below this many val queries, say that the mAP is noisy
+
+
 def evaluate(output: str | Path, *, pairs=None, gnd=None, descriptors=None, model=None,
+             arch: str | None = None, pool: str | None = None, pretrained=None, whitening=None,
              store=None, images_root=None, min_covisible: int = 1, positives: str = "covisible",
              qe: int = 0, qe_alpha: float = 3.0, image_size: int | None = None,
              scales=(1.0,), device: str = "auto", precision: str = "auto",
              workers: int | None = None, overwrite: bool = False) -> dict:
-    """Evaluate descriptors (a file, or extracted now with ``model``) on a pair file's
-    val split (``pairs``) or on revisited ground truth (``gnd``); write a JSON report."""
+    """Evaluate descriptors on a pair file's val split (``pairs``) or on revisited
+    ground truth (``gnd``); print a table and write a JSON report.
+
+    The descriptors come from a descriptor file (``descriptors``), or are extracted now
+    with a checkpoint (``model``) or an off-the-shelf network (``arch``, ``pool``,
+    ``pretrained``: True for torchvision's ImageNet weights or a local weights file), at
+    ``image_size`` (default: the network's test size). ``whitening``: a whitening file
+    (``sfmpairs whiten``) applied to the descriptors.
+    """
+    check_output_path(output, overwrite)  # before the work, not after it
     if (pairs is None) == (gnd is None):
         raise SfmpairsError("give one of --pairs or --gnd")
-    if (descriptors is None) == (model is None):
-        raise SfmpairsError("give one of --descriptors or --model")
+    if (descriptors is None) == (model is None and arch is None):
+        raise SfmpairsError("give one of --descriptors, --model or --arch")
     if min_covisible < 1:
         raise SfmpairsError("--min-covisible must be at least 1")
+    wh = None
+    if whitening is not None:
+        from .whiten import read_whitening
+
+        wh = read_whitening(whitening)
+    net = dev = None
+    if descriptors is None:
+        from .extract import resolve_device
+        from .network import open_network
+
+        dev = resolve_device(device)
+        net = open_network(model, arch=arch, pool=pool, pretrained=pretrained, device=dev)
 
     def describe(names, root, boxes=None):
         if descriptors is not None:
             from ..mining.pairfile import read_descriptors
 
-            return read_descriptors(descriptors, np.asarray(names, dtype=object))
-        from .extract import extract_descriptors, resolve_device
-        from .network import load_checkpoint
+            d = read_descriptors(descriptors, np.asarray(names, dtype=object))
+        else:
+            from .extract import extract_descriptors
 
-        if root is None:
-            raise SfmpairsError("--model needs --images-root (or a store with an images root)")
-        dev = resolve_device(device)
-        net, _ = load_checkpoint(model, dev)
-        d, _ = extract_descriptors(net, root, list(names), image_size=image_size, scales=scales,
-                                   device=dev, precision=precision, workers=workers, boxes=boxes)
+            if root is None:
+                raise SfmpairsError("extracting needs --images-root (or a pair file that records one)")
+            d, _ = extract_descriptors(net, root, list(names), image_size=image_size, scales=scales,
+                                       device=dev, precision=precision, workers=workers, boxes=boxes)
+        if wh is not None:
+            from .extract import apply_whitening
+
+            if wh["mean"].shape[-1] != d.shape[1]:
+                raise SfmpairsError(f"{whitening}: whitening of {wh['mean'].shape[-1]}-d descriptors, "
+                                    f"these are {d.shape[1]}-d")
+            d = apply_whitening(d, wh)
         return d
 
     report = {"created": now_iso(), "descriptors": str(descriptors) if descriptors else None,
               "model": str(model) if model else None,
-              "precision": precision if model else None, "qe": qe, "qe_alpha": qe_alpha, "kappas": list(KAPPAS)}
+              "network": None if net is None else {k: net.config.get(k) for k in
+                                                   ("arch", "pool", "whitening", "pretrained")},
+              "image_size": None if net is None else image_size or net.config["image_size"],
+              "whitening": str(whitening) if whitening else None,
+              "precision": precision if net is not None else None, "qe": qe, "qe_alpha": qe_alpha,
+              "kappas": list(KAPPAS)}
     rows = []
     if pairs is not None:
-        names, queries, database, pos, junk = val_ground_truth(pairs, store, min_covisible, positives)
+        names, queries, database, pos, junk = val_ground_truth(pairs, min_covisible, positives, store)
         root = images_root
-        if root is None and model is not None:
+        if root is None and net is not None:
             from ..mining.pairfile import read_pair_file
 
             root = read_pair_file(pairs)["images_root"] or None
+        logger.debug("val: %d queries, %d database images, %.1f positives and %.1f junk per query",
+                     len(queries), len(database), np.mean([len(x) for x in pos]), np.mean([len(x) for x in junk]))
         used = np.unique(np.concatenate([queries, database]))
         desc = describe(names[used], root)
         qd = desc[np.searchsorted(used, queries)]  # used is sorted
         dd = desc[np.searchsorted(used, database)]
         qd = alpha_query_expansion(qd, dd, qe, qe_alpha)
         m, aps, mpr, _ = mean_average_precision(rank(qd, dd), pos, junk)
-        rows.append(("val", m, mpr))
+        counted = int(np.isfinite(aps).sum())
+        rows.append(("val", m, mpr, counted))
+        if counted < FEW_QUERIES:
+            logger.warning("the val split has %d queries with positives: its mAP is noisy", counted)
         report.update({"protocol": "pairs-val", "pairs": str(pairs), "positives": positives,
                        "min_covisible": min_covisible, "queries": len(queries),
+                       "queries_with_positives": counted,
                        "database": len(database), "mAP": m, "mP@k": mpr.tolist(),
                        "per_query_ap": {names[q]: (None if np.isnan(a) else a) for q, a in zip(queries, aps)}})
     else:
         cfg = load_gnd(gnd)
-        if model is not None and images_root is None:
-            raise SfmpairsError("--gnd with --model needs --images-root")
 
         def with_ext(n):
             return n if Path(n).suffix else n + ".jpg"
         db_names = [with_ext(n) for n in cfg["imlist"]]
         q_names = [with_ext(n) for n in cfg["qimlist"]]
         boxes = [g.get("bbx") for g in cfg["gnd"]]
-        if descriptors is not None:
-            dd, qd = describe(db_names, None), describe(q_names, None)
-        else:
-            dd = describe(db_names, images_root)
-            qd = describe(q_names, images_root, boxes if all(b is not None for b in boxes) else None)
+        cropped = all(b is not None for b in boxes)
+        if descriptors is not None and cropped:
+            raise SfmpairsError(f"{gnd}: the revisited protocol crops each query to its box, which "
+                                f"precomputed --descriptors cannot do; give --model or --arch so that "
+                                f"evaluate extracts the cropped queries")
+        if net is not None and images_root is None:
+            raise SfmpairsError("--gnd with --model or --arch needs --images-root")
+        dd = describe(db_names, images_root)
+        qd = describe(q_names, images_root, boxes if cropped else None)
         qd = alpha_query_expansion(qd, dd, qe, qe_alpha)
         ranks = rank(qd, dd)
         report.update({"protocol": "revisited", "gnd": str(gnd), "queries": len(q_names),
-                       "database": len(db_names)})
+                       "queries_cropped": cropped, "database": len(db_names)})
         for setup, (pos, junk) in revisited_protocols(cfg["gnd"]).items():
             m, aps, mpr, _ = mean_average_precision(ranks, pos, junk)
-            rows.append((setup, m, mpr))
-            report[setup] = {"mAP": m, "mP@k": mpr.tolist()}
+            rows.append((setup, m, mpr, int(np.isfinite(aps).sum())))
+            report[setup] = {"mAP": m, "mP@k": mpr.tolist(), "queries": rows[-1][3]}
     table = _table(rows, KAPPAS)
     print(table)
     with atomic_output(output, overwrite) as tmp:
