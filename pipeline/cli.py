@@ -6,6 +6,7 @@ import functools
 import logging
 import os
 import sys
+import time
 
 # The network's OpenMP threads share the cores with the DataLoader worker processes that
 # decode and resize images; OpenMP threads that spin while they wait take the cores from
@@ -24,8 +25,12 @@ def _fail_cleanly(fn):
     """Bad input: one line on stderr naming the file and the problem, exit code 2."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        log, start = logging.getLogger("sfmpairs"), time.perf_counter()
+        log.debug("sfmpairs %s: %s", fn.__name__, ", ".join(f"{k}={v}" for k, v in kwargs.items()))
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
+            log.debug("sfmpairs %s: done in %.1f s", fn.__name__, time.perf_counter() - start)
+            return result
         except SfmpairsError as e:
             click.echo(f"sfmpairs: error: {e}", err=True)
             sys.exit(e.exit_code)
@@ -48,7 +53,7 @@ class _StderrHandler(logging.StreamHandler):
 
 
 def _set_logging(verbose: int, quiet: bool) -> None:
-    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
     log = logging.getLogger("sfmpairs")
     if not any(isinstance(h, _StderrHandler) for h in log.handlers):
         handler = _StderrHandler()
@@ -67,7 +72,7 @@ def _verbosity(fn):
             _set_logging(state.get("verbose", 0), state.get("quiet", False))
         return value
     fn = click.option("-v", "--verbose", count=True, expose_value=False, callback=callback,
-                      help="More logging (-vv for debug).")(fn)
+                      help="More detail in the log.")(fn)
     fn = click.option("-q", "--quiet", is_flag=True, expose_value=False, callback=callback,
                       help="Only warnings and errors; no progress bars.")(fn)
     return fn
@@ -82,7 +87,7 @@ class _PipelineOrder(click.Group):
 
 @click.group(cls=_PipelineOrder, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="sfmpairs")
-@click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
+@click.option("-v", "--verbose", count=True, help="More detail in the log.")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors; no progress bars.")
 @click.pass_context
 def main(ctx, verbose: int, quiet: bool):
@@ -148,7 +153,7 @@ def ingest(paths, output, manifest, images_root, cluster_by, reader, overwrite):
 @click.option("--min-co-observed", type=int, default=1, show_default=True,
               help="A positive shares at least this many 3D points with q.")
 @click.option("--queries-per-cluster", type=int, default=None,
-              help="Queries drawn per cluster (default: 10%% of a cluster of up to 300 "
+              help="Queries drawn per cluster (default: a tenth of a cluster of up to 300 "
                    "images, 30 for larger ones; 0: every eligible image).")
 @click.option("--val-fraction", type=float, default=0.2, show_default=True,
               help="Fraction of clusters in the val split.")
@@ -198,8 +203,33 @@ def _scales(text: str) -> tuple[float, ...]:
     return scales
 
 
+def _network_options(fn):
+    """--model, or --arch/--pool/--pretrained for an off-the-shelf network (the paper's
+    baseline), for extract and evaluate."""
+    from .train.options import BACKBONES, POOLS
+
+    for option in reversed([
+        click.option("--model", type=click.Path(dir_okay=False),
+                     help="A checkpoint (.pt) of sfmpairs train; or give --arch."),
+        click.option("--arch", type=click.Choice(list(BACKBONES)), default=None,
+                     help="An off-the-shelf network instead of --model: this torchvision backbone."),
+        click.option("--pool", type=click.Choice(POOLS), default=None,
+                     help="With --arch: the global pooling [default: gem, p = 3]."),
+        click.option("--pretrained", default=None, is_flag=False, flag_value="imagenet", metavar="[FILE]",
+                     help="With --arch: torchvision's ImageNet weights (downloaded), or a local "
+                          "weights file (e.g. resnet50-11ad3fa6.pth) on an offline machine."),
+    ]):
+        fn = option(fn)
+    return fn
+
+
+def _pretrained(value):
+    """The --pretrained value for the Python API: True, a path, or None."""
+    return True if value == "imagenet" else value
+
+
 @main.command()
-@click.option("--model", required=True, type=click.Path(dir_okay=False), help="A checkpoint (.pt).")
+@_network_options
 @click.option("--store", type=click.Path(dir_okay=False),
               help="Describe every image of this SfM store (photos under its images root).")
 @click.option("--images-root", type=click.Path(file_okay=False), help="Folder of the photos.")
@@ -208,9 +238,11 @@ def _scales(text: str) -> tuple[float, ...]:
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help="The descriptor file to write (HDF5).")
 @click.option("--image-size", type=int, default=None,
-              help="Longer side in pixels (never up-scaled); default: the checkpoint's.")
+              help="Longer side in pixels (never up-scaled); default: the network's test size "
+                   "(1024 unless the checkpoint records another).")
 @click.option("--multiscale", default="1", show_default=True,
-              help="Scales, combined by the generalised mean with the network's p, e.g. 1,0.7071,0.5.")
+              help="Scales, combined by the generalised mean (GeM's p; 1 with a whitening layer), "
+                   "e.g. 1,0.7071,0.5.")
 @click.option("--whitening", type=click.Path(dir_okay=False), help="Apply a whitening file (sfmpairs whiten).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @_precision
@@ -220,15 +252,16 @@ def _scales(text: str) -> tuple[float, ...]:
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 @_verbosity
 @_fail_cleanly
-def extract(model, store, images_root, image_list, output, image_size, multiscale, whitening,
-            device, precision, batch_size, workers, skip_bad, overwrite):
-    """Global descriptors of images with a checkpoint, keyed by image name."""
+def extract(model, arch, pool, pretrained, store, images_root, image_list, output, image_size, multiscale,
+            whitening, device, precision, batch_size, workers, skip_bad, overwrite):
+    """Global descriptors of images, keyed by image name: with a checkpoint (--model)
+    or an off-the-shelf network (--arch)."""
     from .train.extract import extract as run
 
-    run(model, output, store=store, images_root=images_root, image_list=image_list,
-        image_size=image_size, scales=_scales(multiscale), device=device, precision=precision,
-        batch_size=batch_size, workers=workers, skip_bad=skip_bad, whitening=whitening,
-        overwrite=overwrite)
+    run(model, output, arch=arch, pool=pool, pretrained=_pretrained(pretrained), store=store,
+        images_root=images_root, image_list=image_list, image_size=image_size, scales=_scales(multiscale),
+        device=device, precision=precision, batch_size=batch_size, workers=workers, skip_bad=skip_bad,
+        whitening=whitening, overwrite=overwrite)
 
 
 @main.command()
@@ -253,35 +286,102 @@ def whiten(descriptors, pairs, output, method, dim, all_passing, overwrite):
 
 @main.command()
 @click.option("--pairs", type=click.Path(dir_okay=False), help="Evaluate on this pair file's val split.")
-@click.option("--gnd", type=click.Path(dir_okay=False), help="Or on revisited Oxford/Paris ground truth (gnd_*.pkl).")
-@click.option("--descriptors", type=click.Path(dir_okay=False), help="Precomputed descriptor file.")
-@click.option("--model", type=click.Path(dir_okay=False), help="Or a checkpoint to extract with.")
-@click.option("--store", type=click.Path(dir_okay=False), help="The SfM store (default: the pair file's).")
-@click.option("--images-root", type=click.Path(file_okay=False), help="Folder of the photos (with --model).")
+@click.option("--gnd", type=click.Path(dir_okay=False),
+              help="Or on revisited Oxford/Paris ground truth (gnd_*.pkl); queries are cropped to their box.")
+@click.option("--descriptors", type=click.Path(dir_okay=False),
+              help="Precomputed descriptor file (not with --gnd: its queries need cropping).")
+@_network_options
+@click.option("--whitening", type=click.Path(dir_okay=False),
+              help="Apply a whitening file (sfmpairs whiten) to the descriptors.")
+@click.option("--store", type=click.Path(dir_okay=False),
+              help="Only for pair files of sfmpairs before 0.2: the SfM store they were mined from.")
+@click.option("--images-root", type=click.Path(file_okay=False),
+              help="Folder of the photos, when extracting (default: the pair file's).")
 @click.option("--min-covisible", type=int, default=1, show_default=True,
               help="Positive: shares at least this many 3D points with the query.")
 @click.option("--positives", type=click.Choice(["covisible", "relaxed"]), default="covisible",
               show_default=True, help="covisible: --min-covisible; relaxed: passes the relaxed filter.")
 @click.option("--qe", type=int, default=0, show_default=True, help="alpha query expansion: neighbours (0: off).")
 @click.option("--qe-alpha", type=float, default=3.0, show_default=True, help="alpha of alpha-QE.")
-@click.option("--image-size", type=int, default=None, help="With --model: longer side in pixels.")
-@click.option("--multiscale", default="1", show_default=True, help="With --model: scales.")
+@click.option("--image-size", type=int, default=None,
+              help="When extracting: longer side in pixels (default: the network's test size).")
+@click.option("--multiscale", default="1", show_default=True, help="When extracting: scales, e.g. 1,0.7071,0.5.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @_precision
+@click.option("--workers", type=int, default=None, help="DataLoader workers (default: cores - 1, at most 4).")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="JSON report.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 @_verbosity
 @_fail_cleanly
-def evaluate(pairs, gnd, descriptors, model, store, images_root, min_covisible, positives, qe,
-             qe_alpha, image_size, multiscale, device, precision, output, overwrite):
-    """mAP and mean precision at 1, 5, 10: on a pair file's val split, or on the
-    revisited Oxford and Paris protocol (Easy, Medium, Hard)."""
+def evaluate(pairs, gnd, descriptors, model, arch, pool, pretrained, whitening, store, images_root,
+             min_covisible, positives, qe, qe_alpha, image_size, multiscale, device, precision, workers,
+             output, overwrite):
+    """mAP and mean precision at 1, 5, 10 (with the number of queries): on a pair
+    file's val split, or on the revisited Oxford and Paris protocol (Easy, Medium,
+    Hard). Descriptors from a file, a checkpoint (--model) or an off-the-shelf network
+    (--arch)."""
     from .train.evaluate import evaluate as run
 
-    run(output, pairs=pairs, gnd=gnd, descriptors=descriptors, model=model, store=store,
-        images_root=images_root, min_covisible=min_covisible, positives=positives, qe=qe,
-        qe_alpha=qe_alpha, image_size=image_size, scales=_scales(multiscale), device=device,
-        precision=precision, overwrite=overwrite)
+    run(output, pairs=pairs, gnd=gnd, descriptors=descriptors, model=model, arch=arch, pool=pool,
+        pretrained=_pretrained(pretrained), whitening=whitening, store=store, images_root=images_root,
+        min_covisible=min_covisible, positives=positives, qe=qe, qe_alpha=qe_alpha, image_size=image_size,
+        scales=_scales(multiscale), device=device, precision=precision, workers=workers, overwrite=overwrite)
+
+
+def _train_default(key: str) -> str:
+    from .train.options import TRAIN_DEFAULTS
+
+    return f" [default: {TRAIN_DEFAULTS[key]}]"
+
+
+def _train_options(fn):
+    """The options of sfmpairs train, their defaults from :data:`.train.options.TRAIN_DEFAULTS`
+    (None here: an option the user did not give)."""
+    from .train.options import BACKBONES, POOLS
+
+    d = _train_default
+    for option in reversed([
+        click.option("--arch", type=click.Choice(list(BACKBONES)), default=None, help="Backbone." + d("arch")),
+        click.option("--pool", type=click.Choice(POOLS), default=None, help="Global pooling." + d("pool")),
+        click.option("--whitening", type=int, default=None,
+                     help="Add a learnable whitening layer to this many dimensions [default: none]."),
+        click.option("--pretrained", default=None, is_flag=False, flag_value="imagenet", metavar="[FILE]",
+                     help="Start from torchvision's ImageNet weights (downloaded), or from a local "
+                          "weights file (e.g. resnet50-11ad3fa6.pth) [default: random]."),
+        click.option("--weights", type=click.Path(dir_okay=False),
+                     help="Start from this checkpoint (its network: --arch, --pool are ignored)."),
+        click.option("--epochs", type=int, default=None, help="Epochs." + d("epochs")),
+        click.option("--query-size", type=int, default=None, help="Training queries per epoch." + d("query_size")),
+        click.option("--pool-size", type=int, default=None,
+                     help="Images in the negative pool per epoch." + d("pool_size")),
+        click.option("--neg-num", type=int, default=None,
+                     help="Hard negatives per tuple, one per other cluster." + d("neg_num")),
+        click.option("--batch-size", type=int, default=None, help="Tuples per batch." + d("batch_size")),
+        click.option("--image-size", type=int, default=None,
+                     help="Longer side of the images in training and mining." + d("image_size")),
+        click.option("--test-image-size", type=int, default=None,
+                     help="Longer side in validation, recorded for extract and evaluate." + d("test_image_size")),
+        click.option("--loss", type=click.Choice(["contrastive", "triplet"]), default=None,
+                     help="Loss of a tuple." + d("loss")),
+        click.option("--margin", type=float, default=None,
+                     help="Loss margin [default: 0.7 alexnet, 0.75 vgg16, else 0.85]."),
+        click.option("--optimizer", type=click.Choice(["adam", "sgd"]), default=None,
+                     help="Optimizer." + d("optimizer")),
+        click.option("--lr", type=float, default=None,
+                     help="Initial learning rate (GeM p: 10 times higher)." + d("lr")),
+        click.option("--lr-decay", type=float, default=None,
+                     help="The learning rate is multiplied by exp(-DECAY) every epoch." + d("lr_decay")),
+        click.option("--weight-decay", type=float, default=None, help="Weight decay (not on GeM p)." + d("weight_decay")),
+        click.option("--momentum", type=float, default=None, help="SGD momentum." + d("momentum")),
+        click.option("--seed", type=int, default=None, help="Random seed." + d("seed")),
+        click.option("--device", default=None, help="auto, cpu or cuda." + d("device")),
+        click.option("--amp/--no-amp", default=None, help="Mixed precision [default: on with CUDA]."),
+        click.option("--workers", type=int, default=None,
+                     help="DataLoader workers for mining and validation [default: cores - 1, at most 4]."),
+        click.option("--skip-bad", is_flag=True, default=None, help="Skip missing or corrupt images."),
+    ]):
+        fn = option(fn)
+    return fn
 
 
 @main.command()
@@ -291,55 +391,26 @@ def evaluate(pairs, gnd, descriptors, model, store, images_root, min_covisible, 
 @click.option("-o", "--output", "run_dir", type=click.Path(file_okay=False),
               help="Run folder: config.json, metrics.jsonl, last.pt, best.pt.")
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False),
-              help="Continue the run in this folder from its last.pt.")
-@click.option("--arch", default="resnet50", show_default=True, help="Backbone (see sfmpairs extract --help).")
-@click.option("--pool", type=click.Choice(["mac", "spoc", "gem", "rmac"]), default="gem", show_default=True)
-@click.option("--whitening", type=int, default=None, help="Add a learnable whitening to this dimension.")
-@click.option("--pretrained", is_flag=True, help="Start from torchvision's ImageNet weights.")
-@click.option("--weights", type=click.Path(dir_okay=False), help="Start from a checkpoint.")
-@click.option("--epochs", type=int, default=None, help="Epochs [30].")
-@click.option("--query-size", type=int, default=None, help="Training queries per epoch [2000].")
-@click.option("--pool-size", type=int, default=None, help="Negative pool per epoch [20000].")
-@click.option("--neg-num", type=int, default=None, help="Hard negatives per tuple [5].")
-@click.option("--batch-size", type=int, default=None, help="Tuples per batch [5].")
-@click.option("--image-size", type=int, default=None, help="Longer side of training images [362].")
-@click.option("--loss", type=click.Choice(["contrastive", "triplet"]), default=None, help="[contrastive]")
-@click.option("--margin", type=float, default=None, help="Loss margin [0.7 alexnet, 0.75 vgg16, else 0.85].")
-@click.option("--optimizer", type=click.Choice(["adam", "sgd"]), default=None, help="[adam]")
-@click.option("--lr", type=float, default=None, help="Learning rate [1e-6]; GeM p: 10x.")
-@click.option("--lr-decay", type=float, default=None, help="lr *= exp(-DECAY) per epoch [0.1].")
-@click.option("--weight-decay", type=float, default=None, help="[1e-6]")
-@click.option("--momentum", type=float, default=None, help="SGD momentum [0.9].")
-@click.option("--seed", type=int, default=None, help="Random seed [0].")
-@click.option("--device", default=None, help="auto, cpu or cuda [auto].")
-@click.option("--amp/--no-amp", default=None, help="Mixed precision (default: on for CUDA).")
-@click.option("--workers", type=int, default=None, help="DataLoader workers for mining.")
-@click.option("--skip-bad", is_flag=True, default=None, help="Skip missing or corrupt images.")
+              help="Continue the run in this folder (--epochs, --lr, --device, --workers may change).")
+@_train_options
 @click.option("--overwrite", is_flag=True, help="Start afresh in an existing run folder.")
 @_verbosity
 @_fail_cleanly
-def train(pairs, images_root, run_dir, resume_dir, arch, pool, whitening, pretrained, weights, epochs,
-          query_size, pool_size, neg_num, batch_size, image_size, loss, margin, optimizer, lr, lr_decay,
-          weight_decay, momentum, seed, device, amp, workers, skip_bad, overwrite):
+def train(pairs, images_root, run_dir, resume_dir, overwrite, **options):
     """Fine-tune a retrieval network with hard examples re-mined every epoch.
 
     Each epoch draws queries and a negative pool, picks positives by the pair file's
-    strategy, mines hard negatives with the current network, trains on the tuples with
-    the contrastive loss and validates on the val split.
+    strategy, mines hard negatives with the current network, trains on the shuffled
+    tuples with the contrastive loss and validates on the val split.
     """
     from .train.train import train as run
 
-    if resume_dir:
-        run(pairs, images_root, resume_dir, resume=True, epochs=epochs, device=device, workers=workers)
-        return
-    if not run_dir:
+    options["pretrained"] = _pretrained(options["pretrained"])
+    if resume_dir and run_dir:
+        raise SfmpairsError("give -o RUN_DIR for a new run or --resume RUN_DIR, not both")
+    if not (resume_dir or run_dir):
         raise SfmpairsError("give -o RUN_DIR (or --resume RUN_DIR)")
-    run(pairs, images_root, run_dir, overwrite=overwrite, arch=arch, pool=pool, whitening=whitening,
-        pretrained=pretrained, weights=weights, epochs=epochs, query_size=query_size,
-        pool_size=pool_size, neg_num=neg_num, batch_size=batch_size, image_size=image_size,
-        loss=loss, margin=margin, optimizer=optimizer, lr=lr, lr_decay=lr_decay,
-        weight_decay=weight_decay, momentum=momentum, seed=seed, device=device, amp=amp,
-        workers=workers, skip_bad=skip_bad)
+    run(pairs, images_root, resume_dir or run_dir, resume=bool(resume_dir), overwrite=overwrite, **options)
 
 
 @main.command()
@@ -356,10 +427,10 @@ def info(file):
 @main.command()
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Folder to write.")
 @click.option("--clusters", type=int, default=12, show_default=True, help="Places (one COLMAP model each).")
-@click.option("--images-per-cluster", type=int, default=40, show_default=True)
+@click.option("--images-per-cluster", type=int, default=40, show_default=True, help="Photos rendered per place.")
 @click.option("--image-size", default="320x240", show_default=True, help="WIDTHxHEIGHT of the photos.")
 @click.option("--points", type=int, default=3000, show_default=True, help="3D points sampled per cluster.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
 @click.option("--overwrite", is_flag=True, help="Write into a folder that is not empty.")
 @_verbosity
 @_fail_cleanly
@@ -418,10 +489,11 @@ def reconstruct(images_dir, output, matcher, camera_model, single_camera, max_im
 @click.argument("pairs", type=click.Path(dir_okay=False))
 @click.option("--images-root", type=click.Path(file_okay=False),
               help="Folder of the photos (default: the one the pair file records).")
-@click.option("--split", type=click.Choice(["train", "val"]), default="train", show_default=True)
+@click.option("--split", type=click.Choice(["train", "val"]), default="train", show_default=True,
+              help="The split whose tuples are shown.")
 @click.option("--query", default=None, help="Show this query (its image name) only.")
 @click.option("--count", type=int, default=6, show_default=True, help="Tuples sampled.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
 @click.option("--embed", is_flag=True, help="HTML: embed thumbnails instead of linking the photos.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 @_verbosity

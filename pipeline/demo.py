@@ -15,7 +15,7 @@ from .common import SfmpairsError
 logger = logging.getLogger("sfmpairs.demo")
 
 DEMO = {"clusters": 10, "images_per_cluster": 24, "image_size": (224, 168), "points": 2000,
-        "arch": "resnet18", "train_size": 128, "lr": 1e-4, "query_size": 200, "pool_size": 400}
+        "arch": "resnet18", "train_size": 128, "test_size": 224, "lr": 1e-4, "query_size": 200, "pool_size": 400}
 
 
 def make_models(folder: Path, seed: int = 0, scenes: int = 4, images: int = 40,
@@ -63,14 +63,14 @@ def run_demo(workdir: str | Path, seed: int = 0, epochs: int = 6, device: str = 
     say(f"3/6 mine (relaxed) -> {pairs}")
     mine(store, pairs, strategy="relaxed", queries_per_cluster=0, val_fraction=0.3, seed=seed, overwrite=True)
     torch.manual_seed(seed)
-    net = build_network({"arch": conf["arch"], "image_size": conf["train_size"]})
+    net = build_network({"arch": conf["arch"], "image_size": conf["test_size"]})
     save_checkpoint(workdir / "init.pt", net)
     say(f"4/6 evaluate the randomly initialised {conf['arch']} on the val split")
     before = evaluate(workdir / "eval_before.json", pairs=pairs, model=workdir / "init.pt", images_root=world,
                       device=device, overwrite=True)
     say(f"5/6 train {epochs} epochs on {device} -> {run_dir}")
     train(pairs, world, run_dir, overwrite=True, weights=workdir / "init.pt", epochs=epochs,
-          image_size=conf["train_size"], lr=conf["lr"], query_size=conf["query_size"],
+          image_size=conf["train_size"], test_image_size=conf["test_size"], lr=conf["lr"], query_size=conf["query_size"],
           pool_size=conf["pool_size"], device=device, seed=seed)
     say("6/6 evaluate the trained network")
     after = evaluate(workdir / "eval_after.json", pairs=pairs, model=run_dir / "best.pt", images_root=world,

@@ -35,7 +35,9 @@ def tuple_rows(pairs: str | Path, split: str = "train", query: str | None = None
     if query is not None:
         hits = np.flatnonzero(names[q_all] == query)
         if not len(hits):
-            raise SfmpairsError(f"{pairs}: {query!r} is not a query of the {split} split")
+            other = [o for o in p["splits"] if o != split and np.any(names[p["splits"][o]["query"]] == query)]
+            hint = f" (it is a query of the {other[0]} split: add --split {other[0]})" if other else ""
+            raise SfmpairsError(f"{pairs}: {query!r} is not a query of the {split} split{hint}")
         chosen = hits[:1]
     else:
         rng = np.random.default_rng(seed)

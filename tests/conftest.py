@@ -103,3 +103,34 @@ def synthetic_models(tmp_path_factory):
             write_model(rec, root / key / fmt, fmt)
         out[key] = root / key
     return out
+
+
+@pytest.fixture(scope="session")
+def small_world(tmp_path_factory):
+    """Rendered-free: six synthetic scenes with random photos (one colour theme per
+    scene), ingested and mined."""
+    from PIL import Image
+
+    from sfmpairs.demo import make_models
+    from sfmpairs.mining.mine import mine
+    from sfmpairs.sfm_io.ingest import ingest
+    from sfmpairs.sfm_io.store import read_store
+
+    root = tmp_path_factory.mktemp("train")
+    make_models(root / "colmap", seed=5, scenes=6, images=12, points=600)
+    ingest([root / "colmap"], root / "sfm.h5")  # no photos known: names are model/name
+    s = read_store(root / "sfm.h5", keys=["images/name", "images/cluster"])
+    rng = np.random.default_rng(0)
+    for name, c in zip(s["images/name"], s["images/cluster"]):
+        path = root / "photos" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        base = np.array([40 * c, 255 - 40 * c, (90 * c) % 255])
+        img = np.clip(base + rng.normal(0, 40, (48, 64, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(path)
+    mine(root / "sfm.h5", root / "pairs.h5", queries_per_cluster=0, val_fraction=0.34, max_scale_change=3.0)
+    return root
+
+
+# a short training run on small_world
+SMALL = dict(arch="resnet18", epochs=3, image_size=48, test_image_size=48, query_size=12, pool_size=30,
+             lr=1e-4, batch_size=3, neg_num=3, workers=0, device="cpu")

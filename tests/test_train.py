@@ -4,7 +4,6 @@ reproduces an uninterrupted run, bad input; and an end-to-end run on real photos
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 import pytest
@@ -14,7 +13,7 @@ from sfmpairs import SfmpairsError
 from sfmpairs.train.network import build_network, load_checkpoint
 from sfmpairs.train.train import (contrastive_loss, mine_epoch, train, triplet_loss, tuple_loss)
 
-from conftest import COLMAP, needs_real_data
+from conftest import COLMAP, SMALL, needs_real_data
 
 
 def test_contrastive_loss_by_hand():
@@ -45,7 +44,12 @@ def test_tuple_loss_sums_the_pairs_of_each_tuple():
     assert float(got) == pytest.approx(expect, rel=1e-5)
 
 
-def test_one_step_lowers_the_loss_on_a_fixed_batch():
+def test_the_optimizer_steps_lower_the_loss_and_move_gem_p_ten_times_faster():
+    """The project's optimizer set-up (_optimizer): Adam's first step moves every weight by
+    about lr (its update is lr g / (|g| + eps)), GeM's p by p_lr_factor times that, with
+    no weight decay on p; and a few steps lower the loss of a fixed batch."""
+    from sfmpairs.train.train import _optimizer
+
     torch.manual_seed(0)
     net = build_network({"arch": "resnet18", "pool": "gem"})
     net.train()
@@ -54,44 +58,26 @@ def test_one_step_lowers_the_loss_on_a_fixed_batch():
             m.eval()
     x = torch.rand(7, 3, 64, 64)
     tuples = [[0, 1, 2, 3, 4], [5, 6, 2, 3]]
-    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-    before = tuple_loss(net(net.normalise_input(x)), tuples, "contrastive", 0.85)
-    opt.zero_grad()
-    before.backward()
-    opt.step()
-    with torch.no_grad():
-        after = tuple_loss(net(net.normalise_input(x)), tuples, "contrastive", 0.85)
-    assert float(after) < float(before.detach())
+    lr = 1e-4
+    opt = _optimizer(net, {"lr": lr, "weight_decay": 1e-6, "p_lr_factor": 10.0, "optimizer": "adam",
+                           "momentum": 0.9})
+    groups = {id(p): g for g in opt.param_groups for p in g["params"]}
+    assert groups[id(net.p)]["weight_decay"] == 0.0 and groups[id(net.p)]["lr"] == pytest.approx(10 * lr)
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(net.parameters()))
+    p0, w0 = float(net.p.detach()), net.features[0].weight.detach().clone()
+    losses = []
+    for step in range(3):
+        loss = tuple_loss(net(net.normalise_input(x)), tuples, "contrastive", 0.85)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+        if step == 0:
+            assert abs(float(net.p) - p0) == pytest.approx(10 * lr, rel=1e-2)
+            moved = (net.features[0].weight.detach() - w0).abs()
+            assert float(moved.max()) == pytest.approx(lr, rel=1e-2)
+    assert losses[-1] < losses[0]
 
-
-@pytest.fixture(scope="module")
-def small_world(tmp_path_factory):
-    """Rendered-free: six synthetic scenes with random photos (one colour theme per
-    scene), ingested and mined."""
-    from PIL import Image
-
-    from sfmpairs.demo import make_models
-    from sfmpairs.mining.mine import mine
-    from sfmpairs.sfm_io.ingest import ingest
-    from sfmpairs.sfm_io.store import read_store
-
-    root = tmp_path_factory.mktemp("train")
-    make_models(root / "colmap", seed=5, scenes=6, images=12, points=600)
-    ingest([root / "colmap"], root / "sfm.h5")  # no photos known: names are model/name
-    s = read_store(root / "sfm.h5", keys=["images/name", "images/cluster"])
-    rng = np.random.default_rng(0)
-    for name, c in zip(s["images/name"], s["images/cluster"]):
-        path = root / "photos" / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        base = np.array([40 * c, 255 - 40 * c, (90 * c) % 255])
-        img = np.clip(base + rng.normal(0, 40, (48, 64, 3)), 0, 255).astype(np.uint8)
-        Image.fromarray(img).save(path)
-    mine(root / "sfm.h5", root / "pairs.h5", queries_per_cluster=0, val_fraction=0.34, max_scale_change=3.0)
-    return root
-
-
-SMALL = dict(arch="resnet18", epochs=3, image_size=48, query_size=12, pool_size=30, lr=1e-4,
-             batch_size=3, workers=0, device="cpu")
 
 
 def test_mining_obeys_the_rules_and_follows_the_network(small_world):
@@ -205,12 +191,11 @@ def test_bad_train_input(small_world, tmp_path):
 
 @needs_real_data()
 def test_end_to_end_on_real_photos(tmp_path):
-    """ingest, mine, train two short epochs from random init on CPU, evaluate: < 2 min."""
+    """ingest, mine, train two short epochs from random init on CPU, evaluate."""
     from click.testing import CliRunner
 
     from sfmpairs.cli import main
 
-    t0 = time.perf_counter()
     scenes = ["statue-of-liberty", "fountain-p11", "computer-mouse", "drinks-can", "eyedrop-box", "lego-batmobile"]
 
     def run(*args):
@@ -223,7 +208,7 @@ def test_end_to_end_on_real_photos(tmp_path):
         "statue-of-liberty/sparse/0,drinks-can/sparse/0")
     run("train", "--pairs", tmp_path / "pairs.h5", "--images-root", COLMAP, "-o", tmp_path / "run",
         "--arch", "resnet18", "--epochs", 2, "--image-size", 96, "--query-size", 30, "--pool-size", 60,
-        "--lr", 1e-4, "--device", "cpu")
+        "--lr", 1e-4, "--device", "cpu", "--test-image-size", 96, "--neg-num", 3)
     r = run("evaluate", "--pairs", tmp_path / "pairs.h5", "--model", tmp_path / "run" / "best.pt",
             "--images-root", COLMAP, "--device", "cpu", "-o", tmp_path / "report.json")
     report = json.loads((tmp_path / "report.json").read_text())
@@ -231,7 +216,6 @@ def test_end_to_end_on_real_photos(tmp_path):
     assert f"{100 * report['mAP']:.2f}" in r.stdout  # the printed table
     metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 2 and all(np.isfinite(m["loss"]) for m in metrics)
-    assert time.perf_counter() - t0 < 120
 
 
 def test_training_keeps_batch_norm_statistics_frozen(small_world):

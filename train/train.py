@@ -37,24 +37,15 @@ from ..common import SfmpairsError, progress
 from ..mining.negatives import hard_negatives
 from .data import load_image
 from .extract import extract_descriptors, resolve_device
-from .network import build_network, load_checkpoint, save_checkpoint
+from .network import build_network, load_checkpoint, read_checkpoint, save_checkpoint
+from .options import MARGINS, TRAIN_DEFAULTS
 
 logger = logging.getLogger("sfmpairs.train")
 
-MARGINS = {"alexnet": 0.7, "vgg16": 0.75}  # resnets and the rest: 0.85
-
-DEFAULTS = {
-    "arch": "resnet50", "pool": "gem", "p": 3.0, "whitening": None, "pretrained": False,
-    "weights": None,  # a checkpoint to start from
-    "epochs": 30, "query_size": 2000, "pool_size": 20000, "neg_num": 5, "batch_size": 5,
-    "image_size": 362, "loss": "contrastive", "margin": None,  # None: by architecture
-    "optimizer": "adam", "lr": 1e-6, "momentum": 0.9, "weight_decay": 1e-6,
-    "lr_decay": 0.1,  # lr *= exp(-lr_decay) every epoch
-    "p_lr_factor": 10.0,  # GeM p learns 10 times faster, without weight decay
-    "min_covisible": 1,  # validation: positives share this many 3D points
-    "seed": 0, "device": "auto", "amp": None,  # None: on for CUDA
-    "workers": None, "skip_bad": False, "cache_mb": 2048,
-}
+DEFAULTS = TRAIN_DEFAULTS
+# what --resume may change; everything else is the run's own
+RESUME_OPTIONS = ("epochs", "lr", "device", "workers")
+NETWORK_KEYS = ("arch", "pool", "p", "whitening")
 
 
 # ----------------------------------------------------------------------------- losses
@@ -121,7 +112,7 @@ def _read_pairs(path: Path) -> dict:
          "source_store": p["source_store"]}
     for split in ("train", "val"):
         s = p["splits"].get(split, {})
-        for key in ("query", "positive", "images", "pool", "pool_passes", "pool_co_observed"):
+        for key in ("query", "positive", "images", "pool", "pool_passes", "pool_co_observed", "gt_indptr"):
             d[f"{split}/{key}"] = s.get(key, np.zeros(0, int))
     if len(d["train/query"]) == 0:
         raise SfmpairsError(f"{path}: the train split has no queries")
@@ -189,6 +180,9 @@ def mine_epoch(net, pairs: dict, opts: dict, rng, device, root: Path):
              "positive_distance": float(np.linalg.norm(qd - pd, axis=1).mean()) if len(qd) else float("nan"),
              "negative_distance": float(np.nanmean(np.linalg.norm(qd[:, None] - nd, axis=2))) if len(qd) else float("nan")}
     tuples = [[int(q), int(p), *[int(n) for n in negs if n >= 0]] for q, p, negs in zip(queries, positives, negatives)]
+    # the queries were drawn sorted, so clusters come in blocks: shuffle, so that a batch
+    # mixes clusters and every epoch has its own order
+    tuples = [tuples[k] for k in rng.permutation(len(tuples))]
     return tuples, stats
 
 
@@ -238,19 +232,17 @@ def train_epoch(net, tuples, opts, optimizer, scaler, device, cache: ImageCache,
     return total / max(count, 1)
 
 
-def validate(net, pairs_path: Path, opts, device, root: Path, store=None):
-    """mAP on the val split (the evaluation protocol), or None without val queries."""
-    from .evaluate import mean_average_precision, rank, val_ground_truth
+def validate(net, val, opts, device, root: Path):
+    """mAP on the val split (the evaluation protocol, at the test image size), or None
+    without val queries; ``val`` is :func:`~.evaluate.val_ground_truth`'s result."""
+    from .evaluate import mean_average_precision, rank
 
-    try:
-        names, queries, database, pos, junk = val_ground_truth(pairs_path, store, opts["min_covisible"])
-    except SfmpairsError as e:
-        if "no queries" in str(e):
-            return None
-        raise
+    if val is None:
+        return None
+    names, queries, database, pos, junk = val
     used = np.unique(np.concatenate([queries, database]))
-    desc, _ = extract_descriptors(net, root, list(names[used]), image_size=opts["image_size"], device=device,
-                                  workers=opts["workers"], skip_bad=opts["skip_bad"],
+    desc, _ = extract_descriptors(net, root, list(names[used]), image_size=opts["test_image_size"],
+                                  device=device, workers=opts["workers"], skip_bad=opts["skip_bad"],
                                   precision=extract_precision(device, opts), desc="validation")
     desc = np.nan_to_num(desc)
     m, *_ = mean_average_precision(rank(desc[np.searchsorted(used, queries)], desc[np.searchsorted(used, database)]),
@@ -270,72 +262,158 @@ def _set_rng_state(rng, state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def check_trainable(pairs: Path, data: dict, opts: dict):
+    """Refuse, up front and with the fix, a pair file this run cannot train on; return
+    the val ground truth (None without a val split)."""
+    from .evaluate import FEW_QUERIES, val_ground_truth
+
+    clusters = np.unique(data["cluster"][data["train/images"]])
+    if len(clusters) < 2:
+        raise SfmpairsError(f"{pairs}: the train split has {len(clusters)} cluster, and hard negatives come "
+                            f"from other clusters; ingest more models, or mine with a smaller "
+                            f"--val-fraction or other --val-clusters")
+    if len(clusters) < opts["neg_num"] + 1:
+        raise SfmpairsError(f"{pairs}: the train split has {len(clusters)} clusters, and --neg-num "
+                            f"{opts['neg_num']} takes one hard negative from each of {opts['neg_num']} "
+                            f"other clusters; use --neg-num {len(clusters) - 1} or fewer, or add clusters")
+    if len(data["val/query"]) == 0:
+        logger.warning("%s: no val queries: no validation and no best.pt (last.pt holds each epoch's "
+                       "weights); mine with --val-fraction or --val-clusters to validate", pairs)
+        return None
+    if len(data["val/gt_indptr"]) == 0:
+        raise SfmpairsError(f"{pairs}: a pair file of an older sfmpairs, without the val ground truth; "
+                            f"mine it again")
+    val = val_ground_truth(pairs, opts["min_covisible"])
+    counted = sum(len(p) > 0 for p in val[3])
+    if counted < FEW_QUERIES:
+        logger.warning("the val split has %d queries with positives: val mAP will be noisy", counted)
+    return val
+
+
+def _write_json(path: Path, value: dict) -> None:
+    """Write a JSON file atomically (a crash leaves the old one or none)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(value, indent=2, default=str))
+    tmp.replace(path)
+
+
+def _new_run(pairs, images_root, run_dir: Path, overwrite: bool, options: dict) -> dict:
+    """The options of a new run, checked, with the paths resolved."""
+    if pairs is None:
+        raise SfmpairsError("give --pairs (or --resume RUN_DIR)")
+    unknown = set(options) - set(DEFAULTS)
+    if unknown:
+        raise SfmpairsError(f"unknown option {sorted(unknown)[0]!r}")
+    if images_root is None:
+        from ..mining.pairfile import read_pair_file
+
+        images_root = read_pair_file(pairs)["images_root"] or None
+        if images_root is None:
+            raise SfmpairsError(f"{pairs}: no images root recorded; give --images-root")
+    started = [n for n in ("last.pt", "metrics.jsonl", "best.pt") if (run_dir / n).exists()]
+    if started and not overwrite:
+        raise SfmpairsError(f"{run_dir}: run folder exists (with {', '.join(started)}); pass --overwrite "
+                            f"to start afresh, or --resume {run_dir} to continue it")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise SfmpairsError(f"{run_dir}: not a folder")
+    opts = {**DEFAULTS, **{k: v for k, v in options.items() if v is not None}}
+    opts["amp"] = options.get("amp")
+    opts.update(pairs=str(Path(pairs).resolve()), images_root=str(Path(images_root).resolve()))
+    return opts
+
+
+def _resumed_run(run_dir: Path, pairs, images_root, options: dict) -> dict:
+    """The saved options of the run in ``run_dir``, with those --resume may change."""
+    if not (run_dir / "config.json").is_file():
+        raise SfmpairsError(f"{run_dir}: nothing to resume (no config.json); start a run with -o {run_dir}")
+    saved = json.loads((run_dir / "config.json").read_text())
+    fixed = sorted(k for k, v in options.items() if v is not None and k not in RESUME_OPTIONS
+                   and v != saved.get(k))
+    if fixed:
+        raise SfmpairsError(f"--resume continues {run_dir} with its own settings; --{fixed[0].replace('_', '-')} "
+                            f"cannot change (only {', '.join('--' + k for k in RESUME_OPTIONS)} can); "
+                            f"start a new run with -o to change it")
+    changed = {k: v for k, v in options.items() if k in RESUME_OPTIONS and v is not None and v != saved.get(k)}
+    for k, v in changed.items():
+        logger.info("resume: %s %s (was %s)", k, v, saved.get(k))
+    opts = {**saved, **changed}
+    if pairs is not None:
+        opts["pairs"] = str(Path(pairs).resolve())
+    if images_root is not None:
+        opts["images_root"] = str(Path(images_root).resolve())
+    return opts
+
+
+def _check_options(opts: dict) -> None:
+    if opts["loss"] not in ("contrastive", "triplet"):
+        raise SfmpairsError(f"unknown loss {opts['loss']!r} (contrastive or triplet)")
+    for key in ("epochs", "query_size", "pool_size", "batch_size", "image_size", "test_image_size", "neg_num"):
+        if opts[key] < 1:
+            raise SfmpairsError(f"--{key.replace('_', '-')} must be at least 1")
+    if not opts["lr"] > 0:
+        raise SfmpairsError("--lr must be positive")
+
+
+def _set_lr(optimizer, scheduler, opts: dict, epoch: int) -> None:
+    """Epoch ``epoch``'s learning rates for the run's initial ``lr`` (the GeM exponent's
+    ``p_lr_factor`` times higher), decayed by exp(-lr_decay) per epoch: used where
+    --resume changes the lr."""
+    bases = [opts["lr"], opts["lr"] * opts["p_lr_factor"]]
+    scheduler.base_lrs = bases
+    for group, base in zip(optimizer.param_groups, bases):
+        group["initial_lr"] = base
+        group["lr"] = base * math.exp(-opts["lr_decay"] * epoch)
+
+
 def train(pairs: str | Path | None, images_root: str | Path | None, run_dir: str | Path, *,
           resume: bool = False, overwrite: bool = False, on_epoch_end=None, **options) -> dict:
     """Fine-tune a retrieval network on a pair file; see the module docstring.
 
-    With ``resume``, continue the run in ``run_dir`` from its ``last.pt`` (``pairs`` and
-    ``images_root`` default to the run's; ``epochs`` may be raised). ``on_epoch_end(epoch,
+    With ``resume``, continue the run in ``run_dir`` from its ``last.pt`` (or from the
+    start if no epoch finished); ``pairs`` and ``images_root`` default to the run's, and
+    only ``epochs``, ``lr`` (the run's initial rate: epoch e then trains at lr
+    exp(-lr_decay e)), ``device`` and ``workers`` may change. ``on_epoch_end(epoch,
     metrics)`` is called after each epoch's checkpoint is written. Returns the last
     epoch's metrics.
     """
     run_dir = Path(run_dir)
     last = run_dir / "last.pt"
-    if resume:
-        if not last.is_file() or not (run_dir / "config.json").is_file():
-            raise SfmpairsError(f"{run_dir}: nothing to resume (no last.pt and config.json)")
-        saved = json.loads((run_dir / "config.json").read_text())
-        opts = {**saved, **{k: v for k, v in options.items()
-                            if k in ("epochs", "device", "workers") and v is not None}}
-        pairs, images_root = Path(pairs or saved["pairs"]), Path(images_root or saved["images_root"])
-    else:
-        if pairs is None:
-            raise SfmpairsError("give --pairs (or --resume RUN_DIR)")
-        if images_root is None:
-            from ..mining.pairfile import read_pair_file
-
-            images_root = read_pair_file(pairs)["images_root"] or None
-            if images_root is None:
-                raise SfmpairsError(f"{pairs}: no images root recorded; give --images-root")
-        pairs, images_root = Path(pairs), Path(images_root)
-        if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
-            raise SfmpairsError(f"{run_dir}: run folder exists; pass --overwrite to start afresh or --resume")
-        unknown = set(options) - set(DEFAULTS)
-        if unknown:
-            raise SfmpairsError(f"unknown option {sorted(unknown)[0]!r}")
-        opts = {**DEFAULTS, **{k: v for k, v in options.items() if v is not None}}
-        opts["amp"] = options.get("amp")
-        opts["margin"] = opts["margin"] if opts["margin"] is not None else MARGINS.get(opts["arch"], 0.85)
-        opts.update(pairs=str(pairs.resolve()), images_root=str(images_root.resolve()))
-    if opts["loss"] not in ("contrastive", "triplet"):
-        raise SfmpairsError(f"unknown loss {opts['loss']!r} (contrastive or triplet)")
-    for key in ("epochs", "query_size", "pool_size", "batch_size", "image_size"):
-        if opts[key] < 1:
-            raise SfmpairsError(f"--{key.replace('_', '-')} must be at least 1")
+    options = {k: v for k, v in options.items() if v is not None}
+    opts = (_resumed_run(run_dir, pairs, images_root, options) if resume
+            else _new_run(pairs, images_root, run_dir, overwrite, options))
+    _check_options(opts)
+    pairs, images_root = Path(opts["pairs"]), Path(opts["images_root"])
     if not images_root.is_dir():
         raise SfmpairsError(f"{images_root}: images root is not a folder")
     device = resolve_device(opts["device"])
     data = _read_pairs(pairs)
-    opts_runtime = {**opts, "_names": data["names"],
-                    "amp": (device.type == "cuda") if opts["amp"] is None else opts["amp"]}
+    val = check_trainable(pairs, data, opts)
+    state = read_checkpoint(last, device) if resume and last.is_file() else None
+    if state is not None and state["train"]["epoch"] + 1 >= opts["epochs"]:
+        raise SfmpairsError(f"{run_dir}: the run is finished ({state['train']['epoch'] + 1} of "
+                            f"{opts['epochs']} epochs); pass --epochs N to train it longer")
 
     torch.manual_seed(opts["seed"])
     rng = np.random.default_rng(opts["seed"])
-    if resume:
-        net, state = load_checkpoint(last, device)
+    if state is not None:
+        net, _ = load_checkpoint(last, device)
         start, best = state["train"]["epoch"] + 1, state["train"]["best_map"]
     else:
         if opts["weights"]:
             net, _ = load_checkpoint(opts["weights"], device)
         else:
-            net = build_network({k: opts[k] for k in ("arch", "pool", "p", "whitening")} |
-                                {"image_size": opts["image_size"]}, pretrained=opts["pretrained"]).to(device)
-        start, best, state = 0, None, None
+            net = build_network({k: opts[k] for k in NETWORK_KEYS}, pretrained=opts["pretrained"])
+        net.config.update(image_size=opts["test_image_size"], train_image_size=opts["image_size"])
+        opts.update({k: net.config[k] for k in NETWORK_KEYS})  # the network trained, also from --weights
+        opts["margin"] = opts["margin"] if opts["margin"] is not None else MARGINS.get(opts["arch"], 0.85)
+        start, best = 0, None
         run_dir.mkdir(parents=True, exist_ok=True)
         for stale in ("metrics.jsonl", "last.pt", "best.pt"):
             (run_dir / stale).unlink(missing_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(opts, indent=2, default=str))
+    _write_json(run_dir / "config.json", opts)
     net = net.to(device).to(memory_format=torch.channels_last)
+    opts_runtime = {**opts, "_names": data["names"],
+                    "amp": (device.type == "cuda") if opts["amp"] is None else opts["amp"]}
     optimizer = _optimizer(net, opts)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=math.exp(-opts["lr_decay"]))
     scaler = torch.amp.GradScaler(device.type, enabled=opts_runtime["amp"] and device.type == "cuda")
@@ -344,6 +422,8 @@ def train(pairs: str | Path | None, images_root: str | Path | None, run_dir: str
         scheduler.load_state_dict(state["train"]["scheduler"])
         scaler.load_state_dict(state["train"]["scaler"])
         _set_rng_state(rng, state["train"]["rng"])
+        if optimizer.param_groups[0]["initial_lr"] != opts["lr"]:  # --resume --lr
+            _set_lr(optimizer, scheduler, opts, start)
     writer = None
     try:
         from torch.utils.tensorboard import SummaryWriter
@@ -352,16 +432,26 @@ def train(pairs: str | Path | None, images_root: str | Path | None, run_dir: str
     except Exception:  # tensorboard not installed
         pass
     cache = ImageCache(images_root, opts["image_size"], int(opts["cache_mb"]) << 20)
+    train_q = len(data["train/query"])
+    logger.info("train %s + %s on %s%s: %d of %d train queries and a pool of %d images per epoch, %d hard "
+                "negatives, %d val queries, epochs %d-%d, at %d px (val at %d px) -> %s",
+                opts["arch"], opts["pool"], device, " (mixed precision)" if opts_runtime["amp"] else "",
+                min(opts["query_size"], train_q), train_q,
+                min(opts["pool_size"], len(data["train/images"])), opts["neg_num"],
+                0 if val is None else len(val[1]), start, opts["epochs"] - 1, opts["image_size"],
+                opts["test_image_size"], run_dir)
+    logger.debug("options: %s", json.dumps({k: v for k, v in opts.items()}, default=str))
     metrics = {}
     for epoch in range(start, opts["epochs"]):
         t0 = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
         tuples, stats = mine_epoch(net, data, opts_runtime, rng, device, images_root)
+        logger.debug("epoch %d: %d tuples mined in %.1f s", epoch, len(tuples), time.perf_counter() - t0)
         try:
             loss = train_epoch(net, tuples, opts_runtime, optimizer, scaler, device, cache, epoch)
         except SfmpairsError as e:
             raise SfmpairsError(f"{e} ({last if last.exists() else 'none written yet'})") from None
-        val_map = validate(net, pairs, opts_runtime, device, images_root)
+        val_map = validate(net, val, opts_runtime, device, images_root)
         scheduler.step()
         if val_map is not None and (best is None or val_map > best):
             best = val_map
@@ -377,9 +467,19 @@ def train(pairs: str | Path | None, images_root: str | Path | None, run_dir: str
             for key in ("loss", "val_map", "positive_distance", "negative_distance", "lr"):
                 if metrics[key] is not None:
                     writer.add_scalar(key, metrics[key], epoch)
-        logger.info("epoch %d: loss %.4f, distances positive %.3f negative %.3f, val mAP %s, %.1f s",
-                    epoch, loss, stats["positive_distance"], stats["negative_distance"],
+        logger.info("epoch %d/%d: loss %.4f, val mAP %s, %.1f s", epoch, opts["epochs"] - 1, loss,
                     "-" if val_map is None else f"{100 * val_map:.2f}", metrics["seconds"])
+        logger.debug("epoch %d: lr %.3g, distances positive %.3f negative %.3f, %d queries, pool %d", epoch,
+                     lr, stats["positive_distance"], stats["negative_distance"], stats["queries"], stats["pool"])
         if on_epoch_end is not None:
             on_epoch_end(epoch, metrics)
+    if best is not None:
+        logger.info("done: best val mAP %.2f at epoch %d -> %s (last epoch: %s)", 100 * best,
+                    _best_epoch(run_dir), run_dir / "best.pt", last)
+    else:
+        logger.info("done: %d epochs, no validation -> %s", opts["epochs"], last)
     return metrics
+
+
+def _best_epoch(run_dir: Path) -> int:
+    return int(read_checkpoint(run_dir / "best.pt")["epoch"])
