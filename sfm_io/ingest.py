@@ -102,15 +102,16 @@ def _small_pages():
         _set_madvise_hugepage(before)
 
 
-def ingest(paths: list[str | os.PathLike] | None, output: str | os.PathLike, *,
+def ingest(paths: str | os.PathLike | list[str | os.PathLike] | None,
+           output: str | os.PathLike, *,
            manifest: str | os.PathLike | None = None,
            images_root: str | os.PathLike | None = None,
            cluster_by: str = "model", reader: str = "auto",
            overwrite: bool = False) -> dict:
     """Read COLMAP models and write the SfM store ``output``; returns a short summary.
 
-    ``paths`` are model folders or trees of them; ``manifest`` a TOML file listing
-    models (both may be given). Raises :class:`SfmpairsError` on bad input, leaving no
+    ``paths`` are model folders or trees of them (one path, str or PathLike, is taken
+    as one); ``manifest`` a TOML file listing models (both may be given). Raises :class:`SfmpairsError` on bad input, leaving no
     output behind.
     """
     t0 = time.perf_counter()
@@ -122,6 +123,8 @@ def ingest(paths: list[str | os.PathLike] | None, output: str | os.PathLike, *,
         listed, manifest_root = from_manifest(manifest, cluster_by)
         sources += listed
         images_root = images_root or manifest_root
+    if isinstance(paths, (str, os.PathLike)):  # one path, not its characters
+        paths = [paths]
     sources += from_paths(list(paths or []), cluster_by)
     if not sources:
         raise SfmpairsError("no input: give model paths or --manifest")

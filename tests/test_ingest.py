@@ -185,3 +185,29 @@ def test_existing_output_is_kept_without_overwrite(synthetic_models, tmp_path):
     ingest([synthetic_models["shared-cameras"] / "binary"], out, overwrite=True)
     assert h5py.is_hdf5(out)
     assert list(tmp_path.iterdir()) == [out]  # no temporary files left
+
+
+def test_one_path_str_or_path_is_one_path(synthetic_models, tmp_path, monkeypatch):
+    """``ingest("models/", ...)`` takes the string as one path (a tree of two models),
+    as ``ingest(["models/"], ...)`` does; so does one Path. Relative names, so that a
+    regression that iterates the characters fails at once instead of walking ``/``."""
+    import shutil
+
+    for key in ("per-image-cameras", "shared-cameras"):
+        shutil.copytree(synthetic_models[key] / "binary", tmp_path / "models" / key)
+    monkeypatch.chdir(tmp_path)
+    ingest(["models/"], "list.h5")
+    ingest("models/", "str.h5")
+    ingest(Path("models"), "path.h5")
+    want = _datasets("list.h5")
+    assert len(want["images/name"]) == sum(
+        colmap_binary.read_model(tmp_path / "models" / k).num_images
+        for k in ("per-image-cameras", "shared-cameras"))
+    for out in ("str.h5", "path.h5"):
+        got = _datasets(out)
+        assert sorted(got) == sorted(want), out
+        for name in want:
+            np.testing.assert_array_equal(got[name], want[name], err_msg=f"{out}: {name}")
+        attrs = read_store(out, observations=False)["attrs"]
+        assert [e["path"] for e in attrs["inputs"]] == [
+            str((tmp_path / "models" / k).resolve()) for k in ("per-image-cameras", "shared-cameras")]
