@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import os
 import pickle
 
@@ -27,8 +28,10 @@ def mined(tmp_path_factory):
     with h5py.File(root / "pairs.h5") as f:
         p = {k: f[k][()] for k in ("train/query", "train/positive", "val/query", "val/positive",
                                     "train/images", "val/images", "images/cluster", "train/pool",
-                                    "train/pool_passes", "train/negatives")}
+                                    "train/pool_passes", "train/negatives", "val/pool",
+                                    "val/pool_passes")}
         p["names"] = f["images/name"].asstr()[()]
+        p["images_root"] = f.attrs["images_root"]
     return root, p
 
 
@@ -44,15 +47,19 @@ def test_cirtorch_export_follows_its_reader_conventions(mined, tmp_path):
         assert set(d) >= {"cids", "cluster", "qidxs", "pidxs"}
         assert len(d["cluster"]) == len(d["cids"]) and len(d["qidxs"]) == len(d["pidxs"])
         images = p[f"{split}/images"]
-        assert [p["names"][i] for i in images] == [p["names"][i] for i in images]
+        # cids: the SHA-1 of each name (as docs say), in the split's image order
+        assert d["cids"] == [hashlib.sha1(p["names"][i].encode()).hexdigest() for i in images]
         assert d["cids"] == [cid_of(p["names"][i]) for i in images]
+        assert len(set(d["cids"])) == len(images)
+        assert d["cluster"] == [int(p["images/cluster"][i]) for i in images]
         # qidxs / pidxs index cids: they name our queries and positives
         assert [d["cids"][k] for k in d["qidxs"]] == [cid_of(p["names"][q]) for q in p[f"{split}/query"]]
         assert [d["cids"][k] for k in d["pidxs"]] == [cid_of(p["names"][q]) for q in p[f"{split}/positive"]]
         assert all(d["cluster"][a] == d["cluster"][b] for a, b in zip(d["qidxs"], d["pidxs"]))
-        for cid in d["cids"]:  # cid2filename: ims/cid[-2:]/cid[-4:-2]/cid[-6:-4]/cid, openable
+        for cid, i in zip(d["cids"], images):  # cid2filename: ims/cid[-2:]/cid[-4:-2]/cid[-6:-4]/cid
             path = db_root / "ims" / cid[-2:] / cid[-4:-2] / cid[-6:-4] / cid
-            assert path.is_file()
+            photo = os.path.join(p["images_root"], p["names"][i])
+            assert os.path.realpath(path) == os.path.realpath(photo)  # the link leads to its photo
     assert set(db["train"]["cluster"]).isdisjoint(db["val"]["cluster"])
     # links point at the photos; --copy copies them
     first = db_root / "ims" / db["train"]["cids"][0][-2:]
@@ -62,6 +69,11 @@ def test_cirtorch_export_follows_its_reader_conventions(mined, tmp_path):
     export(root / "pairs.h5", tmp_path / "data", "cirtorch", copy=True, overwrite=True)
     files = [x for x in db_root.joinpath("ims").rglob("*") if x.is_file()]
     assert files and not any(os.path.islink(x) for x in files)
+    assert len(files) == len(db["train"]["cids"]) + len(db["val"]["cids"])
+    for split in ("train", "val"):  # each copy holds its photo's bytes
+        for cid, i in zip(db[split]["cids"], p[f"{split}/images"]):
+            with open(os.path.join(p["images_root"], p["names"][i]), "rb") as fh:
+                assert (db_root / "ims" / cid[-2:] / cid[-4:-2] / cid[-6:-4] / cid).read_bytes() == fh.read()
     assert not [x for x in (tmp_path / "data").iterdir() if x.name.startswith(".sfmpairs-export")]
 
 
@@ -73,8 +85,11 @@ def test_hloc_and_csv_exports(mined, tmp_path):
               for q, j in zip(p[f"{split}/query"], p[f"{split}/positive"])]
     assert lines == expect
     export(root / "pairs.h5", tmp_path / "all.txt", "hloc", all_passing=True)
-    n_passing = int(p["train/pool_passes"].sum())
-    assert len((tmp_path / "all.txt").read_text().splitlines()) >= n_passing
+    expect_all = [f"{p['names'][q]} {p['names'][j]}" for split in ("train", "val")
+                  for q, pool, ok in zip(p[f"{split}/query"], p[f"{split}/pool"], p[f"{split}/pool_passes"])
+                  for j, passes in zip(pool, ok) if j >= 0 and passes]
+    assert len(expect_all) > len(expect)  # pools hold more passing pairs than the positives
+    assert (tmp_path / "all.txt").read_text().splitlines() == expect_all
     export(root / "pairs.h5", tmp_path / "pairs.csv", "csv")
     with open(tmp_path / "pairs.csv") as fh:
         rows = list(csv.DictReader(fh))
@@ -88,6 +103,7 @@ def test_hloc_and_csv_exports(mined, tmp_path):
         assert float(r["inlier_ratio"]) == ratio[0, s]
         assert float(r["scale_change"]) == scale[0, s] or (np.isnan(scale[0, s]) and r["scale_change"] == "nan")
     assert sum(int(r["is_positive"]) for r in rows) == len(p["train/query"]) + len(p["val/query"])
+    assert len(rows) == int((p["train/pool"] >= 0).sum() + (p["val/pool"] >= 0).sum())
 
 
 def test_dataset_equals_the_plain_h5py_tuples(mined, monkeypatch, tmp_path):
