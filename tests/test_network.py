@@ -121,17 +121,32 @@ def _reference(net, root, names, size):
         return np.stack([net(net.normalise_input(load_image(root / n, size)[None]))[0].numpy() for n in names])
 
 
+def _with_trained_batchnorm(net):
+    """Batch normalisation with statistics and affine weights far from a fresh network's
+    identity, as after training: folding it into the convolutions then moves numbers."""
+    g = torch.Generator().manual_seed(1)
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=g) * 0.3)
+            m.running_var.copy_(torch.rand(n, generator=g) * 2 + 0.05)
+            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(n, generator=g) * 0.2)
+    return net
+
+
 def test_batched_extraction_equals_one_image_at_a_time(photos):
     from sfmpairs.train.extract import extract_descriptors
 
     root, names = photos
     torch.manual_seed(0)
-    net = build_network({"arch": "resnet18", "pool": "gem", "image_size": 100}).eval()
+    net = _with_trained_batchnorm(build_network({"arch": "resnet18", "pool": "gem", "image_size": 100}).eval())
     desc, bad = extract_descriptors(net, root, names, batch_size=3, workers=0, precision="fp32")
     assert not bad and desc.shape == (len(names), 512)
-    np.testing.assert_allclose(desc, _reference(net, root, names, 100), atol=1e-4)
+    # the README's promise: fp32 batches equal a float32 one image at a time loop within 1e-6
+    np.testing.assert_allclose(desc, _reference(net, root, names, 100), rtol=0, atol=1e-6)
     desc2, _ = extract_descriptors(net, root, names, batch_size=8, workers=1, precision="fp32")
-    np.testing.assert_allclose(desc2, desc, atol=1e-5)
+    np.testing.assert_allclose(desc2, desc, rtol=0, atol=1e-6)
 
 
 def test_reduced_precision_is_close_and_ranks_alike(photos):
@@ -182,6 +197,30 @@ def test_multiscale_is_the_generalised_mean(photos):
                   for s in scales]
             v = (sum(u ** 3 for u in vs) / 3) ** (1 / 3)
             np.testing.assert_allclose(desc[k], F.normalize(v, dim=-1)[0].numpy(), atol=1e-4)
+
+
+def test_multiscale_with_a_whitening_layer_is_the_mean_of_the_scales(photos):
+    """Whitened components can be negative: the scales are averaged (p = 1, as in the
+    authors' code), not combined with GeM's p (a cube root of a negative mean: NaN)."""
+    import torch.nn.functional as F
+
+    from sfmpairs.train.data import load_image
+    from sfmpairs.train.extract import extract_descriptors
+
+    root, names = photos
+    torch.manual_seed(0)
+    net = build_network({"arch": "resnet18", "pool": "gem", "whitening": 64, "image_size": 100}).eval()
+    desc, _ = extract_descriptors(net, root, names[:3], scales=(1, 0.7071), workers=0, precision="fp32")
+    assert desc.shape == (3, 64) and np.isfinite(desc).all()
+    np.testing.assert_allclose(np.linalg.norm(desc, axis=1), 1, rtol=0, atol=1e-6)
+    with torch.no_grad():
+        for k, n in enumerate(names[:3]):
+            x = net.normalise_input(load_image(root / n, 100)[None])
+            v1 = net(x)[0].numpy()
+            v2 = net(F.interpolate(x, scale_factor=0.7071, mode="bilinear", align_corners=False))[0].numpy()
+            assert (v1 < 0).any() and (v2 < 0).any()
+            mean = (v1 + v2) / 2
+            np.testing.assert_allclose(desc[k], mean / np.linalg.norm(mean), rtol=0, atol=1e-6)
 
 
 def test_bad_images(photos, tmp_path):

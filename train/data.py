@@ -2,13 +2,16 @@
 images of equal size.
 
 Images are resized so that the longer side is ``image_size`` (never up-scaled, aspect
-ratio kept) with PIL's ``thumbnail``, as the authors' code does. Batches hold images of
-identical size after resizing (a batch sampler groups them): padding would change what
-GeM, SPoC and R-MAC pool, so batching never changes a descriptor.
+ratio kept) with PIL's ``thumbnail``, as the authors' code does. A batch sampler groups
+images by their predicted size after resizing (from the file headers, for speed), and
+``collate`` stacks the decoded images by their actual shape: a wrong prediction costs a
+smaller batch, never a crash. Nothing is padded (padding would change what GeM, SPoC and
+R-MAC pool), so batching never changes a descriptor.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections import defaultdict
 from pathlib import Path
@@ -21,12 +24,24 @@ from ..common import SfmpairsError
 
 
 def resized_size(width: int, height: int, image_size: int) -> tuple[int, int]:
-    """(width, height) after PIL's thumbnail((image_size, image_size))."""
+    """(width, height) after PIL's thumbnail((image_size, image_size)): the longer side
+    becomes ``image_size``, the shorter the floor or ceiling of its scaled length whose
+    aspect ratio is nearer the original's (at least 1), as Pillow computes it.
+
+    Only a prediction, used to group images into batches: ``collate`` stacks the
+    decoded images by their actual shapes, so a Pillow that rounds otherwise costs
+    speed, never a wrong batch.
+    """
     if max(width, height) <= image_size:
         return width, height
-    if width >= height:
-        return image_size, max(1, round(height * image_size / width))
-    return max(1, round(width * image_size / height)), image_size
+    aspect = width / height
+    if aspect <= 1:
+        n = image_size * aspect
+        new_width = min(math.floor(n), math.ceil(n), key=lambda k: abs(aspect - k / image_size))
+        return max(new_width, 1), image_size
+    n = image_size / aspect
+    new_height = min(math.floor(n), math.ceil(n), key=lambda k: abs(aspect - image_size / k) if k else 0)
+    return image_size, max(new_height, 1)
 
 
 def load_image(path: Path, image_size: int, box=None) -> torch.Tensor:
@@ -86,8 +101,9 @@ class ImageList(Dataset):
 
 
 class SameSizeBatches(Sampler):
-    """Batches of indices whose images have the same size after resizing (unreadable
-    images go alone), in a fixed order, the smallest first."""
+    """Batches of indices whose images have the same predicted size after resizing
+    (:func:`resized_size`; unreadable images go alone), in a fixed order, the smallest
+    first."""
 
     def __init__(self, sizes: list, image_size: int, batch_size: int):
         groups = defaultdict(list)
@@ -106,11 +122,15 @@ class SameSizeBatches(Sampler):
 
 
 def collate(items):
-    """Stack a batch of equal-size images; the bad ones come apart as (index, message)."""
-    good = [(img, i) for img, i, _ in items if img is not None]
-    bad = [(i, msg) for img, i, msg in items if img is None]
-    images = torch.stack([img for img, _ in good]) if good else None
-    return images, torch.tensor([i for _, i in good], dtype=torch.long), bad
+    """([(images (B, 3, H, W), indices (B,)) for each image shape], [(index, message) of
+    bad images]): the decoded images of a batch, stacked by their actual shapes."""
+    groups = defaultdict(list)
+    for img, i, _ in items:
+        if img is not None:
+            groups[tuple(img.shape)].append((img, i))
+    stacks = [(torch.stack([img for img, _ in g]), torch.tensor([i for _, i in g], dtype=torch.long))
+              for g in groups.values()]
+    return stacks, [(i, msg) for img, i, msg in items if img is None]
 
 
 def default_workers() -> int:
@@ -119,9 +139,9 @@ def default_workers() -> int:
 
 def image_loader(root, names, image_size: int, batch_size: int = 16, workers: int | None = None,
                  pin_memory: bool = False, boxes=None) -> DataLoader:
-    """A DataLoader over ``root/names`` (cropped to ``boxes`` if given) yielding (uint8
-    images (B, 3, H, W), indices, [(index, message) of bad images]), images of a batch
-    of equal size."""
+    """A DataLoader over ``root/names`` (cropped to ``boxes`` if given) yielding batches
+    as :func:`collate` makes them: ([(uint8 images (B, 3, H, W), indices)], [(index,
+    message) of bad images]), each stack of images of one size."""
     dataset = ImageList(root, names, image_size, boxes)
     if boxes is None:
         sizes = image_sizes([dataset.root / n for n in dataset.names])

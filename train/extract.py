@@ -70,10 +70,12 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype
 
 def multiscale_forward(net: RetrievalNet, x: torch.Tensor, scales=(1.0,)) -> torch.Tensor:
     """Descriptors of a batch at several scales, combined by the generalised mean with
-    the network's GeM exponent p (1 for other poolings), then L2-normalised."""
+    the network's GeM exponent p, then L2-normalised. As in the authors' code, p = 1
+    (the mean) for other poolings and for a network with a whitening layer, whose
+    outputs can be negative (a fractional power of a negative mean is NaN)."""
     if len(scales) == 1 and scales[0] == 1:
         return net(x)
-    p = net.p.detach().float() if net.config["pool"] == "gem" else 1.0
+    p = net.p.detach().float() if net.config["pool"] == "gem" and net.whiten is None else 1.0
     acc = 0
     for s in scales:
         xs = x if s == 1 else F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False)
@@ -117,16 +119,15 @@ def extract_descriptors(net: RetrievalNet, root, names, *, image_size: int | Non
     out = torch.full((len(names), net.dim), float("nan"), device=device)
     bad = {}
     with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-        for images, index, bad_items in batches:
+        for stacks, bad_items in batches:
             for i, message in bad_items:
                 if not skip_bad:
                     raise SfmpairsError(message)
                 bad[i] = message
-            if images is None:
-                continue
-            x = net.normalise_input(images.to(device, non_blocking=True))
-            x = x.contiguous(memory_format=torch.channels_last)
-            out[index.to(device, non_blocking=True)] = multiscale_forward(net, x, scales).float()
+            for images, index in stacks:  # one stack per image size
+                x = net.normalise_input(images.to(device, non_blocking=True))
+                x = x.contiguous(memory_format=torch.channels_last)
+                out[index.to(device, non_blocking=True)] = multiscale_forward(net, x, scales).float()
     return out.cpu().numpy(), bad
 
 
