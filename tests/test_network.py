@@ -292,3 +292,74 @@ def test_learned_whitening_whitens_matching_pair_differences():
         assert np.all(np.diff(np.diag(C)) <= 1e-12)
     mean, P = learn_pca(X, 6)
     np.testing.assert_allclose(np.cov(((X - mean) @ P.T).T, bias=True), np.eye(6), atol=1e-9)
+
+
+def _span_basis(diff: np.ndarray) -> np.ndarray:
+    """Orthonormal rows spanning the rows of ``diff`` (numpy's SVD and rank)."""
+    return np.linalg.svd(diff, full_matrices=False)[2][: np.linalg.matrix_rank(diff)]
+
+
+def test_learned_whitening_with_fewer_pairs_than_dimensions(caplog):
+    """5 pairs of 64-d descriptors span 5 dimensions: the whitening keeps those 5 and
+    says so (it once divided by zero eigenvalues: projection norms near 1e5)."""
+    from sfmpairs.train.whiten import learn_lw
+
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(200, 64))
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    q, p = np.arange(5), np.arange(5, 10)
+    q, p = np.r_[q, q[:3]], np.r_[p, p[:3]]  # 8 pairs, 3 of them repeated: rank 5
+    diff = X[q] - X[p]
+    basis = _span_basis(diff)
+    assert len(basis) == 5
+    with caplog.at_level("WARNING", logger="sfmpairs.whiten"):
+        mean, P = learn_lw(X, q, p)
+    assert P.shape == (5, 64) and np.isfinite(P).all() and np.linalg.norm(P, axis=1).max() < 100
+    assert "8 matching pairs span 5 of 64 dimensions: the whitening has 5 dimensions" in caplog.text
+    d = diff @ P.T  # matching-pair differences: identity covariance in the kept subspace
+    np.testing.assert_allclose(d.T @ d / len(d), np.eye(5), atol=1e-9)
+    np.testing.assert_allclose(P @ basis.T @ basis, P, atol=1e-9)  # rows inside the span
+    caplog.clear()
+    mean, P3 = learn_lw(X, q, p, 3)  # asked for, within the rank: no warning
+    d = diff @ P3.T
+    assert P3.shape == (3, 64) and not caplog.text
+    np.testing.assert_allclose(d.T @ d / len(d), np.eye(3), atol=1e-9)
+    with pytest.raises(SfmpairsError, match="8 matching pairs span only 5 of 64 dimensions; ask for --dim 5"):
+        learn_lw(X, q, p, 6)
+    with pytest.raises(SfmpairsError, match="span no dimension"):
+        learn_lw(X, q, q)
+
+
+def test_pca_whitening_with_fewer_images_than_dimensions():
+    from sfmpairs.train.whiten import learn_pca
+
+    X = np.random.default_rng(2).normal(size=(10, 32))
+    mean, P = learn_pca(X)  # 10 centred points span 9 dimensions
+    assert P.shape == (9, 32) and np.linalg.norm(P, axis=1).max() < 100
+    np.testing.assert_allclose(np.cov(((X - mean) @ P.T).T, bias=True), np.eye(9), atol=1e-9)
+    with pytest.raises(SfmpairsError, match="span only 9 of 32 dimensions"):
+        learn_pca(X, 10)
+
+
+def test_whiten_records_the_dimension_it_writes(tmp_path):
+    from conftest import synth_and_mine
+
+    from sfmpairs.mining.pairfile import read_pair_file, write_descriptors
+    from sfmpairs.train.whiten import read_whitening, whiten
+
+    root = synth_and_mine(tmp_path, clusters=3, image_size=(64, 48), seed=1, points=400, descriptor_seed=0,
+                          queries_per_cluster=0, val_clusters=[])
+    pf = read_pair_file(root / "pairs.h5")
+    names, q, p = pf["names"], pf["splits"]["train"]["query"], pf["splits"]["train"]["positive"]
+    X = np.random.default_rng(0).normal(size=(len(names), 256)).astype(np.float32)
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    write_descriptors(tmp_path / "d256.h5", names, X, {})
+    rank = np.linalg.matrix_rank(X[q].astype(np.float64) - X[p])
+    assert 1 < rank < 256
+    r = whiten(tmp_path / "d256.h5", root / "pairs.h5", tmp_path / "w.h5")
+    assert r["dim"] == rank and read_whitening(tmp_path / "w.h5")["projection"].shape == (rank, 256)
+    with h5py.File(tmp_path / "w.h5") as f:
+        assert json.loads(f.attrs["parameters"])["dim"] == rank
+    with pytest.raises(SfmpairsError, match=f"pairs.h5: learned whitening: .* span only {rank} of 256"):
+        whiten(tmp_path / "d256.h5", root / "pairs.h5", tmp_path / "w2.h5", dim=rank + 1)
+    assert not (tmp_path / "w2.h5").exists()

@@ -6,10 +6,16 @@ covariance of the P1-whitened descriptors (ordered by decreasing variance); the
 projection is R P1, keeping ``dim`` rows: after it, matching-pair differences have
 identity covariance. PCA whitening: the top ``dim`` principal directions scaled to unit
 variance.
+
+Both live in the span of their data: with fewer independent pairs (or images) than
+dimensions, C_S has no inverse square root, and the projection keeps only the dimensions
+the data span (by default all of them, with a warning; a larger ``dim`` is refused)
+rather than dividing by zero eigenvalues.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import h5py
@@ -17,35 +23,66 @@ import numpy as np
 
 from ..common import SfmpairsError, atomic_output, file_sha256, provenance_attrs
 
+logger = logging.getLogger("sfmpairs.whiten")
+
 SCHEMA = "sfmpairs/whitening"
 METHODS = ("lw", "pca")
 
 
-def _inv_sqrt(cov: np.ndarray, eps: float = 1e-9):
+def _eig_range(cov: np.ndarray):
+    """(eigenvalues, eigenvectors as columns) of a covariance matrix on its range: the
+    eigenvalues above numpy's ``matrix_rank`` tolerance, in decreasing order."""
     w, v = np.linalg.eigh(cov)
-    w = np.maximum(w, eps * max(w.max(), eps))
-    return (v / np.sqrt(w)) @ v.T
+    order = np.argsort(-w)
+    w, v = w[order], v[:, order]
+    keep = w > max(w[0], 0) * len(w) * np.finfo(w.dtype).eps
+    return w[keep], v[:, keep]
+
+
+def _output_dim(dim: int | None, rank: int, size: int, what: str) -> int:
+    """The output dimension: ``dim``, or where it is None all ``rank`` dimensions the
+    data span (with a warning where they are fewer than the ``size`` of the input); an
+    error where ``dim`` asks for more than the data span. ``what`` names the data."""
+    if rank == 0:
+        raise SfmpairsError(f"{what} span no dimension (all zero)")
+    if dim is not None and dim > rank:
+        raise SfmpairsError(f"{what} span only {rank} of {size} dimensions; ask for --dim {rank} "
+                            f"or fewer, or learn from more data")
+    if dim is None and rank < size:
+        logger.warning("%s span %d of %d dimensions: the whitening has %d dimensions", what, rank, size, rank)
+    return rank if dim is None else dim
 
 
 def learn_lw(desc: np.ndarray, queries: np.ndarray, positives: np.ndarray, dim: int | None = None):
-    """(mean, projection (dim, D)) of learned whitening from pairs of descriptor rows."""
+    """(mean, projection (dim, D)) of learned whitening from pairs of descriptor rows.
+
+    With fewer independent matching pairs than dimensions, the pair differences span
+    only ``rank`` < D dimensions and have no inverse square root on the others: the
+    whitening then lives in their span. ``dim=None`` keeps all ``rank`` dimensions
+    (a warning names the pairs, the rank and the dimension produced); a ``dim`` above
+    the rank is refused with :class:`SfmpairsError`.
+    """
     X = np.asarray(desc, np.float64)
     mean = X[queries].mean(axis=0)
     diff = X[queries] - X[positives]
-    P1 = _inv_sqrt(diff.T @ diff / len(diff))
+    w, v = _eig_range(diff.T @ diff / len(diff))
+    dim = _output_dim(dim, len(w), X.shape[1], f"learned whitening: the differences of {len(diff)} matching pairs")
+    P1 = (v / np.sqrt(w)).T  # (rank, D): matching-pair differences get identity covariance
     Y = (X - mean) @ P1.T
-    w, v = np.linalg.eigh(Y.T @ Y / len(Y))
-    R = v[:, np.argsort(-w)].T
-    return mean, (R @ P1)[: dim or X.shape[1]]
+    w2, v2 = np.linalg.eigh(Y.T @ Y / len(Y))
+    R = v2[:, np.argsort(-w2)].T  # a rotation: the whitened set's variances, decreasing
+    return mean, (R @ P1)[:dim]
 
 
 def learn_pca(desc: np.ndarray, dim: int | None = None):
-    """(mean, projection (dim, D)) of PCA whitening."""
+    """(mean, projection (dim, D)) of PCA whitening, on the span of the centred
+    descriptors (at most N - 1 dimensions for N descriptors; ``dim`` as in
+    :func:`learn_lw`)."""
     X = np.asarray(desc, np.float64)
     mean = X.mean(axis=0)
-    w, v = np.linalg.eigh(np.cov((X - mean).T, bias=True))
-    order = np.argsort(-w)[: dim or X.shape[1]]
-    return mean, (v[:, order] / np.sqrt(np.maximum(w[order], 1e-12 * w.max()))).T
+    w, v = _eig_range(np.cov((X - mean).T, bias=True))
+    dim = _output_dim(dim, len(w), X.shape[1], f"PCA whitening: {len(X)} centred descriptors")
+    return mean, (v[:, :dim] / np.sqrt(w[:dim])).T
 
 
 def read_whitening(path: str | Path) -> dict:
@@ -81,15 +118,18 @@ def whiten(descriptors: str | Path, pairs: str | Path, output: str | Path, *, me
     row = np.full(len(names), -1)
     row[used] = np.arange(len(used))
     D = desc.shape[1]
-    dim = dim or D
-    if not 1 <= dim <= D:
+    if dim is not None and not 1 <= dim <= D:
         raise SfmpairsError(f"--dim must be between 1 and {D}")
-    if method == "lw":
-        if len(q) < 2:
-            raise SfmpairsError(f"{pairs}: learned whitening needs matching pairs; the train split has {len(q)}")
-        mean, projection = learn_lw(desc, row[q], row[p], dim)
-    else:
-        mean, projection = learn_pca(desc[row[images]], dim)
+    try:
+        if method == "lw":
+            if len(q) < 2:
+                raise SfmpairsError(f"learned whitening needs matching pairs; the train split has {len(q)}")
+            mean, projection = learn_lw(desc, row[q], row[p], dim)
+        else:
+            mean, projection = learn_pca(desc[row[images]], dim)
+    except SfmpairsError as e:
+        raise SfmpairsError(f"{pairs}: {e}") from None
+    dim = len(projection)  # what is written: at most the rank the pairs span
     with atomic_output(output, overwrite) as tmp:
         with h5py.File(tmp, "w") as f:
             f.create_dataset("mean", data=mean)
