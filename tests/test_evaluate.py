@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from sfmpairs import SfmpairsError
-from sfmpairs.train.evaluate import (alpha_query_expansion, average_precision, evaluate,
-                                     mean_average_precision, revisited_protocols)
+from sfmpairs.train.evaluate import (alpha_query_expansion, average_precision, evaluate, load_gnd,
+                                     mean_average_precision, rank, revisited_protocols)
 
 
 def test_average_precision_by_hand():
@@ -50,46 +50,108 @@ def test_revisited_setups():
     assert list(setups["hard"][0][0]) == [2] and sorted(setups["hard"][1][0]) == [1, 3]
 
 
-def test_gnd_protocol_end_to_end(tmp_path):
-    from sfmpairs.mining.pairfile import write_descriptors
+def _ap_by_hand(order, positives, junk) -> float:
+    """The revisited protocol's AP, written out: drop the junk from the ranking, then
+    average over the positives the mean of the precision before and at each one."""
+    ranked = [j for j in order if j not in set(junk)]
+    hits = [r for r, j in enumerate(ranked) if j in set(positives)]
+    return sum(((k / r if r else 1.0) + (k + 1) / (r + 1)) / 2 for k, r in enumerate(hits)) / len(positives)
 
+
+def test_revisited_protocol_by_hand():
     # query 0: easy {d0}, hard {d1}, junk {d2}; its ranking is d3, d0, d2, d1
     db = np.eye(4, 4, dtype=np.float32)
     q = np.array([[0.5, 0.05, 0.3, 0.8]], np.float32)
-    q /= np.linalg.norm(q)
-    cfg = {"imlist": ["d0", "d1", "d2", "d3"], "qimlist": ["q0"],
-           "gnd": [{"easy": [0], "hard": [1], "junk": [2], "bbx": [0, 0, 10, 10]}]}
-    with open(tmp_path / "gnd.pkl", "wb") as fh:
-        pickle.dump(cfg, fh)
-    write_descriptors(tmp_path / "d.h5", ["d0.jpg", "d1.jpg", "d2.jpg", "d3.jpg", "q0.jpg"],
-                      np.concatenate([db, q]), {})
-    r = evaluate(tmp_path / "r.json", gnd=tmp_path / "gnd.pkl", descriptors=tmp_path / "d.h5")
+    ranks = rank(q, db)
+    assert ranks[0].tolist() == [3, 0, 2, 1]
+    setups = revisited_protocols([{"easy": [0], "hard": [1], "junk": [2], "bbx": [0, 0, 10, 10]}])
     # easy: positives {d0}, junk {d1, d2}: ranking d3, d0 -> AP (0/1 + 1/2) / 2
-    assert r["easy"]["mAP"] == pytest.approx(0.25)
+    m, _, mpr, _ = mean_average_precision(ranks, *setups["easy"])
+    assert m == pytest.approx(0.25) and mpr == pytest.approx([0.0, 0.5, 0.5])
     # medium: positives {d0, d1}, junk {d2}: ranking d3, d0, d1
-    assert r["medium"]["mAP"] == pytest.approx(((0 + 1 / 2) / 2 + (1 / 2 + 2 / 3) / 2) / 2)
+    m, *_ = mean_average_precision(ranks, *setups["medium"])
+    assert m == pytest.approx(((0 + 1 / 2) / 2 + (1 / 2 + 2 / 3) / 2) / 2)
     # hard: positives {d1}, junk {d0, d2}: ranking d3, d1
-    assert r["hard"]["mAP"] == pytest.approx(0.25)
-    assert r["easy"]["mP@k"] == pytest.approx([0.0, 0.5, 0.5])
-    report = json.loads((tmp_path / "r.json").read_text())
-    assert report["protocol"] == "revisited" and set(report) >= {"easy", "medium", "hard"}
+    m, *_ = mean_average_precision(ranks, *setups["hard"])
+    assert m == pytest.approx(0.25)
+
+
+def test_bad_ground_truth_is_refused(tmp_path):
+    with open(tmp_path / "bad.pkl", "wb") as fh:
+        pickle.dump({"imlist": []}, fh)
     with pytest.raises(SfmpairsError, match="ground truth needs"):
-        with open(tmp_path / "bad.pkl", "wb") as fh:
-            pickle.dump({"imlist": []}, fh)
-        evaluate(tmp_path / "r2.json", gnd=tmp_path / "bad.pkl", descriptors=tmp_path / "d.h5")
+        load_gnd(tmp_path / "bad.pkl")
 
 
-def test_gnd_queries_are_cropped_to_their_box(tmp_path):
-    """With --model, query images are cropped to bbx before extraction."""
+def _texture(rng, size, colour):
+    """A smooth random texture (W, H) tinted ``colour``: random 6x5 noise, upscaled."""
     from PIL import Image
 
-    from sfmpairs.train.data import load_image
+    small = (rng.random((5, 6, 3)) * 255 * np.asarray(colour)).astype(np.uint8)
+    return Image.fromarray(small).resize(size, Image.BILINEAR)
 
-    arr = np.zeros((40, 60, 3), np.uint8)
-    arr[10:30, 20:50] = 200
-    Image.fromarray(arr).save(tmp_path / "q.png")
-    crop = load_image(tmp_path / "q.png", 100, box=(20, 10, 50, 30))
-    assert tuple(crop.shape) == (3, 20, 30) and int(crop.min()) == 200
+
+def test_gnd_queries_are_cropped_to_their_box(tmp_path, monkeypatch):
+    """evaluate --gnd --model crops each query to its bbx before extracting: the query
+    descriptors it ranks with are those of the photo cropped by hand with PIL and
+    extracted uncropped, and each setup's mAP is the one worked out from them."""
+    import torch
+    from PIL import Image
+
+    import sfmpairs.train.evaluate as ev
+    from sfmpairs.train.extract import extract_descriptors
+    from sfmpairs.train.network import build_network, save_checkpoint
+
+    rng = np.random.default_rng(5)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    colours = [(1, .3, .3), (.3, 1, .3), (.3, .3, 1), (1, 1, .3), (.3, 1, 1), (1, .3, 1)]
+    for k, c in enumerate(colours):
+        _texture(rng, (96, 72), c).save(photos / f"d{k}.jpg", quality=95)
+    # each query: a database-like texture inside its box, something else around it
+    boxes = [[16, 8, 80, 56], [40, 20, 110, 84]]
+    for k, (box, inside, outside) in enumerate(zip(boxes, [0, 3], [(1, 1, 1), (.2, .2, .2)])):
+        q = _texture(rng, (128, 96), outside)
+        q.paste(_texture(rng, (box[2] - box[0], box[3] - box[1]), colours[inside]), tuple(box[:2]))
+        q.save(photos / f"q{k}.jpg", quality=95)
+    gnd = [{"easy": [0, 1], "hard": [2], "junk": [5], "bbx": boxes[0]},
+           {"easy": [3], "hard": [4, 0], "junk": [], "bbx": boxes[1]}]
+    with open(tmp_path / "gnd.pkl", "wb") as fh:
+        pickle.dump({"imlist": [f"d{k}" for k in range(6)], "qimlist": ["q0", "q1"], "gnd": gnd}, fh)
+    torch.manual_seed(0)
+    net = build_network({"arch": "resnet18", "pool": "gem", "image_size": 64}).eval()
+    save_checkpoint(tmp_path / "m.pt", net)
+
+    # the reference: crop by hand, save losslessly, extract without boxes
+    for k, box in enumerate(boxes):
+        with Image.open(photos / f"q{k}.jpg") as im:
+            im.convert("RGB").crop(tuple(box)).save(photos / f"q{k}-crop.png")
+    opts = dict(image_size=64, precision="fp32", workers=0)
+    dd, _ = extract_descriptors(net, photos, [f"d{k}.jpg" for k in range(6)], **opts)
+    qd, _ = extract_descriptors(net, photos, ["q0-crop.png", "q1-crop.png"], **opts)
+    whole, _ = extract_descriptors(net, photos, ["q0.jpg", "q1.jpg"], **opts)
+    assert np.linalg.norm(qd - whole, axis=1).min() > 0.1  # the crop matters for these photos
+
+    seen = []
+    monkeypatch.setattr(ev, "rank", lambda q, d: seen.append((q, d)) or np.argsort(-(q @ d.T), axis=1))
+    r = evaluate(tmp_path / "r.json", gnd=tmp_path / "gnd.pkl", model=tmp_path / "m.pt",
+                 images_root=photos, image_size=64, precision="fp32", workers=0, device="cpu")
+    (used_q, used_d), = seen
+    np.testing.assert_allclose(used_d, dd, atol=1e-5)
+    np.testing.assert_allclose(used_q, qd, atol=1e-5)
+    assert r["queries_cropped"] is True
+    order = np.argsort(-(qd @ dd.T), axis=1)
+    for setup, ok, junk in (("easy", ["easy"], ["junk", "hard"]), ("medium", ["easy", "hard"], ["junk"]),
+                            ("hard", ["hard"], ["junk", "easy"])):
+        aps = [_ap_by_hand(order[i], [j for k in ok for j in g[k]], [j for k in junk for j in g[k]])
+               for i, g in enumerate(gnd)]
+        assert r[setup]["mAP"] == pytest.approx(np.mean(aps), abs=1e-9), setup
+        assert r[setup]["queries"] == 2
+        uncropped = [_ap_by_hand(o, [j for k in ok for j in g[k]], [j for k in junk for j in g[k]])
+                     for o, g in zip(np.argsort(-(whole @ dd.T), axis=1), gnd)]
+        assert abs(np.mean(uncropped) - np.mean(aps)) > 0.02, setup  # uncropped queries score otherwise
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["protocol"] == "revisited" and report["medium"]["mAP"] == pytest.approx(r["medium"]["mAP"])
 
 
 def test_alpha_query_expansion():
@@ -102,31 +164,64 @@ def test_alpha_query_expansion():
 
 
 def test_val_split_evaluation(tmp_path):
+    """Per-query AP and mAP of the val split against the protocol worked out here from
+    the SfM store's observations (read with h5py): positives share at least
+    ``min_covisible`` points with the query, junk is the rest of its cluster and the
+    query itself. The descriptors mix each query's positives, junk and other clusters in
+    the ranking, so that a wrong positive or junk set changes the result."""
+    import h5py
+
     from sfmpairs.demo import make_models
     from sfmpairs.mining.mine import mine
     from sfmpairs.mining.pairfile import write_descriptors
     from sfmpairs.sfm_io.ingest import ingest
-    from sfmpairs.sfm_io.store import read_store
 
     make_models(tmp_path / "colmap", seed=4, scenes=4, images=20, points=800)
     ingest([tmp_path / "colmap"], tmp_path / "sfm.h5")
-    s = read_store(tmp_path / "sfm.h5", keys=["images/name", "images/cluster"])
-    names, cluster = s["images/name"], s["images/cluster"]
     mine(tmp_path / "sfm.h5", tmp_path / "p.h5", val_fraction=0.5, queries_per_cluster=0)
-    # perfect descriptors: one direction per cluster -> every covisible image ranks first
-    d = np.eye(4, dtype=np.float32)[cluster]
-    write_descriptors(tmp_path / "perfect.h5", names, d, {})
-    r = evaluate(tmp_path / "r.json", pairs=tmp_path / "p.h5", descriptors=tmp_path / "perfect.h5")
-    assert r["mAP"] == pytest.approx(1.0)
-    # random descriptors do worse
+    with h5py.File(tmp_path / "sfm.h5") as f:
+        names = f["images/name"].asstr()[()]
+        cluster = f["images/cluster"][()]
+        indptr, point = f["observations/indptr"][()], f["observations/point"][()]
+    with h5py.File(tmp_path / "p.h5") as f:
+        queries, database = f["val/query"][()], f["val/images"][()]
+        pool, passes = f["val/pool"][()], f["val/pool_passes"][()]
+    points = [set(point[a:b].tolist()) for a, b in zip(indptr[:-1], indptr[1:])]
+    # the cluster's direction, blurred with noise: positives, junk and negatives interleave
     rng = np.random.default_rng(0)
-    d2 = rng.normal(size=d.shape).astype(np.float32)
-    d2 /= np.linalg.norm(d2, axis=1, keepdims=True)
-    write_descriptors(tmp_path / "random.h5", names, d2, {})
-    r2 = evaluate(tmp_path / "r2.json", pairs=tmp_path / "p.h5", descriptors=tmp_path / "random.h5")
-    assert r2["mAP"] < 0.9
-    r3 = evaluate(tmp_path / "r3.json", pairs=tmp_path / "p.h5", descriptors=tmp_path / "perfect.h5",
-                  positives="relaxed")
-    assert r3["mAP"] == pytest.approx(1.0)
+    d = np.concatenate([np.eye(4)[cluster], rng.normal(scale=0.6, size=(len(names), 12))], axis=1)
+    d = (d / np.linalg.norm(d, axis=1, keepdims=True)).astype(np.float32)
+    write_descriptors(tmp_path / "d.h5", names, d, {})
+    sim = d[queries] @ d[database].T
+
+    def expected(positives_of):
+        aps = {}
+        for i, q in enumerate(queries):
+            pos = positives_of(i, q)
+            junk = [j for j in database if cluster[j] == cluster[q] and j not in pos]  # q too
+            aps[names[q]] = _ap_by_hand(database[np.argsort(-sim[i])], pos, junk) if pos else None
+        return aps
+
+    def covisible(k):
+        return lambda i, q: [j for j in database if j != q and len(points[q] & points[j]) >= k]
+
+    for kwargs, positives_of in (({}, covisible(1)), ({"min_covisible": 100}, covisible(100)),
+                                 ({"positives": "relaxed"}, lambda i, q: list(pool[i][passes[i]]))):
+        want = expected(positives_of)
+        r = evaluate(tmp_path / "r.json", pairs=tmp_path / "p.h5", descriptors=tmp_path / "d.h5",
+                     overwrite=True, **kwargs)
+        assert set(r["per_query_ap"]) == set(want), kwargs
+        for name, ap in want.items():
+            assert (r["per_query_ap"][name] is None) if ap is None else \
+                r["per_query_ap"][name] == pytest.approx(ap, abs=1e-12), (kwargs, name)
+        m = np.mean([a for a in want.values() if a is not None])
+        assert r["mAP"] == pytest.approx(m, abs=1e-12) and 0.3 < m < 0.95, kwargs
+        assert r["queries_with_positives"] == sum(a is not None for a in want.values())
+    # these descriptors tell the ground truths apart: with 100 shared points fewer
+    # queries' positives and another mAP; had junk counted as negatives, another mAP too
+    assert expected(covisible(100)) != expected(covisible(1))
+    no_junk = [_ap_by_hand(database[np.argsort(-sim[i])], covisible(1)(i, q), [q])
+               for i, q in enumerate(queries)]
+    assert np.mean(no_junk) < np.mean([a for a in expected(covisible(1)).values()]) - 0.02
     with pytest.raises(SfmpairsError, match="one of --pairs or --gnd"):
-        evaluate(tmp_path / "x.json", descriptors=tmp_path / "perfect.h5")
+        evaluate(tmp_path / "x.json", descriptors=tmp_path / "d.h5")
