@@ -191,10 +191,19 @@ def test_relaxed_rules(world, tmp_path):
             assert not np.any(cluster[row] == cluster[q[i]])  # never q's cluster
             assert len(set(cluster[row].tolist())) == len(row)  # at most one per cluster
             assert set(row.tolist()) <= images  # searched within the split
-        # the negatives are the most similar: equal to the reference function's answer
-        idx, _ = hard_negatives(desc[q], cluster[q], desc[sorted(images)], cluster[sorted(images)], 3)
-        expect = np.where(idx >= 0, np.array(sorted(images))[np.maximum(idx, 0)], -1)
-        np.testing.assert_array_equal(neg, expect)
+        # the negatives are the most similar, worked out by brute force: per query, the
+        # best image of each other cluster of the split, the 3 most similar such clusters
+        d = desc.astype(np.float64)
+        for i, query in enumerate(q):
+            best = {}  # cluster -> (similarity, image)
+            for j in sorted(images):
+                if cluster[j] != cluster[query]:
+                    s = float(d[j] @ d[query])
+                    if cluster[j] not in best or s > best[cluster[j]][0]:
+                        best[cluster[j]] = (s, j)
+            top = sorted(best.values(), reverse=True)[:3]
+            assert neg[i].tolist() == [j for _, j in top] + [-1] * (3 - len(top)), (split, i)
+        assert (neg[:, 0] >= 0).all()
     train_clusters = set(cluster[p["train/images"]].tolist())
     val_clusters = set(cluster[p["val/images"]].tolist())
     assert train_clusters and val_clusters and not train_clusters & val_clusters
