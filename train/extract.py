@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from ..common import SfmpairsError, atomic_output, file_sha256, progress, provenance_attrs
 from .data import image_loader
-from .network import RetrievalNet, load_checkpoint
+from .network import RetrievalNet, open_network
 
 logger = logging.getLogger("sfmpairs.extract")
 
@@ -150,15 +150,34 @@ def apply_whitening(desc: np.ndarray, whitening: dict) -> np.ndarray:
     return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
 
 
-def extract(model: str | Path, output: str | Path, *, store: str | Path | None = None,
-            images_root: str | Path | None = None, image_list: str | Path | None = None,
-            image_size: int | None = None, scales=(1.0,), device: str = "auto",
-            precision: str = "auto", batch_size: int = 16, workers: int | None = None,
-            skip_bad: bool = False, whitening: str | Path | None = None,
+def network_inputs(model, pretrained) -> dict:
+    """Provenance of the network: the checkpoint file and its sha256, or the weights an
+    off-the-shelf network started from ("imagenet", a weights file and its sha256, or
+    None for random weights)."""
+    if model is not None:
+        return {"model": str(Path(model).resolve()), "model_sha256": file_sha256(model)}
+    if pretrained is True or pretrained == "imagenet":
+        return {"model": None, "pretrained": "imagenet"}
+    if pretrained:
+        return {"model": None, "pretrained": str(Path(pretrained).resolve()),
+                "pretrained_sha256": file_sha256(pretrained)}
+    return {"model": None, "pretrained": None}
+
+
+def extract(model: str | Path | None = None, output: str | Path | None = None, *,
+            arch: str | None = None, pool: str | None = None, pretrained: bool | str | Path | None = None,
+            store: str | Path | None = None, images_root: str | Path | None = None,
+            image_list: str | Path | None = None, image_size: int | None = None, scales=(1.0,),
+            device: str = "auto", precision: str = "auto", batch_size: int = 16,
+            workers: int | None = None, skip_bad: bool = False, whitening: str | Path | None = None,
             overwrite: bool = False) -> dict:
     """Descriptors of a store's images (``store``) or of a list (``images_root`` +
-    ``image_list``) into a descriptor file (docs/formats.md)."""
+    ``image_list``) into a descriptor file (docs/formats.md), with the network of the
+    checkpoint ``model`` or an off-the-shelf one (``arch``, ``pool``, ``pretrained``:
+    see :func:`~sfmpairs.train.network.open_network`)."""
     t0 = time.perf_counter()
+    if output is None:
+        raise SfmpairsError("give an output file (-o)")
     if store is not None:
         from ..sfm_io.store import read_store
 
@@ -183,11 +202,12 @@ def extract(model: str | Path, output: str | Path, *, store: str | Path | None =
 
         wh = read_whitening(whitening)
     with atomic_output(output, overwrite) as tmp:  # fail early if the output exists
-        net, _ = load_checkpoint(model, dev)
+        net = open_network(model, arch=arch, pool=pool, pretrained=pretrained, device=dev)
         size = image_size or net.config["image_size"]
-        logger.info("extracting %d images from %s at %d px, scales %s, on %s in %s", len(names),
-                    images_root, size, ",".join(f"{s:g}" for s in scales), dev,
-                    str(dtype or torch.float32).replace("torch.", ""))
+        logger.info("extracting %d images from %s with %s + %s (%s) at %d px, scales %s, on %s in %s",
+                    len(names), images_root, net.config["arch"], net.config["pool"],
+                    model or net.config.get("pretrained") or "random weights", size,
+                    ",".join(f"{s:g}" for s in scales), dev, str(dtype or torch.float32).replace("torch.", ""))
         desc, bad = extract_descriptors(net, images_root, names, image_size=size, scales=scales,
                                         device=dev, precision=precision, batch_size=batch_size,
                                         workers=workers, skip_bad=skip_bad)
@@ -210,8 +230,7 @@ def extract(model: str | Path, output: str | Path, *, store: str | Path | None =
                           "batch_size": batch_size, "skip_bad": skip_bad,
                           "whitening": str(whitening) if whitening else None,
                           "config": net.config}
-            inputs = {"model": str(Path(model).resolve()), "model_sha256": file_sha256(model),
-                      "images_root": str(Path(images_root).resolve()),
+            inputs = {**network_inputs(model, pretrained), "images_root": str(Path(images_root).resolve()),
                       "store": str(Path(store).resolve()) if store else None,
                       "list": str(Path(image_list).resolve()) if image_list else None}
             f.attrs.update(provenance_attrs(DESCRIPTORS_SCHEMA, 1, parameters, inputs))

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..common import SfmpairsError, atomic_output, now_iso
+from ..common import SfmpairsError, atomic_output, file_sha256, now_iso
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -148,9 +148,66 @@ def pretrained_state_dict(arch: str) -> dict:
             f"train from random initialisation or --weights") from None
 
 
-def build_network(config: dict | None = None, pretrained: bool = False) -> RetrievalNet:
-    """A :class:`RetrievalNet` for ``config`` (see :data:`DEFAULT_CONFIG`), randomly
-    initialised, or with the backbone's ImageNet weights when ``pretrained``."""
+def _listed(items: list[str], noun: str, plural: str) -> str:
+    """'2 missing keys (a, b)', at most two items named."""
+    more = ", ..." if len(items) > 2 else ""
+    return f"{len(items)} {noun if len(items) == 1 else plural} ({', '.join(items[:2])}{more})"
+
+
+def read_weights_file(path: str | Path) -> dict:
+    """The state dict of a local weights file: a torchvision state dict as torch.save
+    writes it (e.g. resnet18-f37072fd.pth), or one under "state_dict" or "model"."""
+    path = Path(path)
+    if not path.is_file():
+        raise SfmpairsError(f"{path}: no such file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise SfmpairsError(f"{path}: not a weights file ({type(e).__name__})") from None
+    if isinstance(state, dict) and state.get("schema") == CHECKPOINT_SCHEMA:
+        raise SfmpairsError(f"{path}: an sfmpairs checkpoint, not backbone weights; give it as --model")
+    if isinstance(state, dict):
+        state = next((state[k] for k in ("state_dict", "model") if isinstance(state.get(k), dict)), state)
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise SfmpairsError(f"{path}: not a weights file (no state dict of tensors)")
+    if all(k.startswith("module.") for k in state):  # saved from DataParallel
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+    return state
+
+
+def fit_weights(state: dict, backbone: nn.Module, head: set, arch: str, path) -> dict:
+    """The entries of ``state`` for ``backbone`` without its ``head`` keys (cut off
+    anyway, so any head is accepted); an error naming what does not fit."""
+    own = {k: v for k, v in backbone.state_dict().items() if k not in head}
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in own and k not in head]
+    shapes = [f"{k}: file {tuple(state[k].shape)}, network {tuple(v.shape)}"
+              for k, v in own.items() if k in state and state[k].shape != v.shape]
+    problems = [_listed(keys, *nouns) for keys, nouns in ((missing, ("missing key", "missing keys")),
+                                                          (unexpected, ("unexpected key", "unexpected keys")),
+                                                          (shapes, ("shape mismatch", "shape mismatches")))
+                if keys]
+    if problems:
+        raise SfmpairsError(f"{path}: not {arch} weights: {', '.join(problems)}")
+    return {k: v for k, v in state.items() if k in own}
+
+
+def head_keys(backbone: nn.Module, features: nn.Module) -> set:
+    """The backbone's state-dict keys that ``features`` (the cut backbone) does not use."""
+    kept = {id(t) for t in features.state_dict(keep_vars=True).values()}
+    return {k for k, t in backbone.state_dict(keep_vars=True).items() if id(t) not in kept}
+
+
+def build_network(config: dict | None = None, pretrained: bool | str | Path | None = False) -> RetrievalNet:
+    """A :class:`RetrievalNet` for ``config`` (see :data:`DEFAULT_CONFIG`).
+
+    ``pretrained``: False or None for random initialisation; True or "imagenet" for
+    torchvision's ImageNet weights (downloaded through its weights API; offline, a clear
+    error); or the path of a local weights file for the backbone (see
+    :func:`read_weights_file`; its classifier head is ignored; weights that do not fit
+    raise :class:`SfmpairsError` naming the keys). ``config["pretrained"]`` records
+    the weights used ("imagenet (file name)" or "file name (sha256 first 12 digits)").
+    """
     import torchvision
 
     config = {**DEFAULT_CONFIG, **(config or {})}
@@ -160,10 +217,36 @@ def build_network(config: dict | None = None, pretrained: bool = False) -> Retri
     if config["pool"] not in POOLS:
         raise SfmpairsError(f"unknown pooling {config['pool']!r} (choose from {', '.join(POOLS)})")
     backbone = torchvision.models.get_model(arch, weights=None)
-    if pretrained:
-        backbone.load_state_dict(pretrained_state_dict(arch))
     channels, cut = ARCHS[arch]
-    return RetrievalNet(config, cut(backbone), channels)
+    features = cut(backbone)
+    if pretrained is True or pretrained == "imagenet":
+        backbone.load_state_dict(pretrained_state_dict(arch))
+        config["pretrained"] = f"imagenet ({Path(torchvision.models.get_model_weights(arch).DEFAULT.url).name})"
+    elif pretrained:
+        state = read_weights_file(pretrained)
+        backbone.load_state_dict(fit_weights(state, backbone, head_keys(backbone, features), arch, pretrained),
+                                 strict=False)
+        config["pretrained"] = f"{Path(pretrained).name} (sha256 {file_sha256(pretrained)[:12]})"
+    return RetrievalNet(config, features, channels)
+
+
+def open_network(model: str | Path | None = None, *, arch: str | None = None, pool: str | None = None,
+                 pretrained: bool | str | Path | None = None,
+                 device: str | torch.device = "cpu") -> RetrievalNet:
+    """The network to extract with, in eval mode on ``device``: a checkpoint's
+    (``model``), or an off-the-shelf one (the paper's baseline): ``arch`` (default
+    resnet50) + ``pool`` (default gem), no whitening layer, image size 1024, with
+    ``pretrained`` weights as :func:`build_network` takes them (None: random)."""
+    if model is not None:
+        if arch is not None:
+            raise SfmpairsError("give --model or --arch, not both")
+        if pool is not None or pretrained not in (None, False):
+            raise SfmpairsError("--pool and --pretrained go with --arch; a --model checkpoint has its own")
+        return load_checkpoint(model, device)[0]
+    if arch is None and pool is None and pretrained in (None, False):
+        raise SfmpairsError("give --model CHECKPOINT, or --arch for an off-the-shelf network")
+    config = {"arch": arch or DEFAULT_CONFIG["arch"], "pool": pool or DEFAULT_CONFIG["pool"]}
+    return build_network(config, pretrained=pretrained).to(device).eval()
 
 
 def save_checkpoint(path: str | Path, net: RetrievalNet, overwrite: bool = True, **extra) -> None:
