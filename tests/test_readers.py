@@ -1,7 +1,9 @@
-"""The fast binary reader and the text reader against the pycolmap reference reader,
-and against pycolmap's own answers (camera centres, tracks)."""
+"""The readers and the SfM store against pycolmap's own objects (every image and point
+of every real model), and the fast and text readers against the pycolmap reader."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pycolmap
@@ -10,7 +12,7 @@ import pytest
 from sfmpairs.sfm_io import colmap_binary, colmap_pycolmap, colmap_text
 from sfmpairs.sfm_io.model import camera_centres, camera_models, quat_to_rotmat
 
-from conftest import REAL_IDS, REAL_MODELS, assert_models_equal, needs_real_data
+from conftest import COLMAP, REAL_IDS, REAL_MODELS, assert_models_equal, needs_real_data
 
 
 @needs_real_data()
@@ -37,33 +39,141 @@ def test_synthetic_models_cover_every_camera_model_and_odd_ids(synthetic_models)
     assert np.any(np.diff(m.point_ids.astype(np.int64)) > 1)  # point ids have gaps
 
 
-def _check_against_pycolmap_objects(folder, model):
-    """Independent checks: pycolmap's own centres, tracks and observations."""
+def _pycolmap_truth(folder) -> dict:
+    """Everything a model holds, read by pycolmap's own objects (no sfmpairs code):
+    registered images sorted by id, their poses, cameras and observations (the 2D
+    points that name a 3D point, in 2D-point order, a repeated 3D point kept at its
+    first 2D point), and the 3D points sorted by id with their tracks."""
     rec = pycolmap.Reconstruction(str(folder))
-    centres = np.array([rec.images[int(i)].projection_center() for i in model.image_ids])
-    np.testing.assert_allclose(camera_centres(model.qvec, model.tvec), centres, atol=1e-9)
-    for k, i in enumerate(model.image_ids[:5].tolist()):
-        R = rec.images[i].cam_from_world().rotation.matrix()
-        np.testing.assert_allclose(quat_to_rotmat(model.qvec[k:k + 1])[0], R, atol=1e-12)
-        ids = {p.point3D_id for p in rec.images[i].points2D if p.has_point3D()}
-        row = model.point[model.indptr[k]:model.indptr[k + 1]]
-        assert set(model.point_ids[row].tolist()) == ids
-        assert len(row) == len(ids)  # each point once
-    for k in range(0, model.num_points, max(1, model.num_points // 50)):
-        track = rec.points3D[int(model.point_ids[k])].track
-        assert model.track_length[k] == len({e.image_id for e in track.elements})
-        np.testing.assert_array_equal(model.xyz[k], rec.points3D[int(model.point_ids[k])].xyz)
+    ids = sorted(rec.reg_image_ids())
+    registered = set(ids)
+    t = {"image_ids": np.array(ids), "names": [], "camera_ids": [], "R": [], "t": [], "quat": [],
+         "centre": [], "camera_model": [], "params": [], "focal": [], "width": [], "height": [],
+         "counts": [], "obs_ids": [], "obs_xy": []}
+    for i in ids:
+        im = rec.images[i]
+        cam = rec.cameras[im.camera_id]
+        pose = im.cam_from_world()
+        x, y, z, w = pose.rotation.quat
+        idxs = list(cam.focal_length_idxs())
+        for key, value in (("names", im.name), ("camera_ids", im.camera_id), ("R", pose.rotation.matrix()),
+                           ("t", pose.translation), ("quat", [w, x, y, z]), ("centre", im.projection_center()),
+                           ("camera_model", cam.model.name), ("params", np.array(cam.params)),
+                           ("focal", np.mean(cam.params[idxs]) if idxs else np.nan),
+                           ("width", cam.width), ("height", cam.height)):
+            t[key].append(value)
+        obs = im.get_observation_points2D()
+        pid = np.array([p.point3D_id for p in obs], np.uint64)
+        xy = np.array([p.xy for p in obs], np.float64).reshape(-1, 2)
+        _, first = np.unique(pid, return_index=True)
+        keep = np.sort(first)
+        t["counts"].append(len(keep))
+        t["obs_ids"].append(pid[keep])
+        t["obs_xy"].append(xy[keep])
+    for key in ("R", "t", "quat", "centre", "focal", "width", "height", "camera_ids", "counts"):
+        t[key] = np.array(t[key])
+    t["obs_ids"] = np.concatenate(t["obs_ids"]) if ids else np.zeros(0, np.uint64)
+    t["obs_xy"] = np.concatenate(t["obs_xy"]) if ids else np.zeros((0, 2))
+    pids = sorted(rec.point3D_ids())
+    t["point_ids"] = np.array(pids, np.uint64)
+    t["xyz"] = np.array([rec.points3D[p].xyz for p in pids]).reshape(-1, 3)
+    t["track_length"] = np.array([len({e.image_id for e in rec.points3D[p].track.elements} & registered)
+                                  for p in pids])
+    return t
+
+
+def _assert_matches_pycolmap(t: dict, *, image_ids, names, camera_ids, qvec, tvec, rotation, centre,
+                             camera_model, params, width, height, indptr, obs_point_ids, obs_xy,
+                             point_ids, xyz, track_length, focal=None) -> None:
+    """What an sfmpairs reader or store gives, against :func:`_pycolmap_truth`."""
+    np.testing.assert_array_equal(image_ids, t["image_ids"])
+    assert list(names) == t["names"]
+    np.testing.assert_array_equal(camera_ids, t["camera_ids"])
+    q = qvec / np.linalg.norm(qvec, axis=1, keepdims=True)
+    sign = np.where(np.sum(q * t["quat"], axis=1) < 0, -1.0, 1.0)[:, None]  # q and -q: one rotation
+    np.testing.assert_allclose(q * sign, t["quat"], atol=1e-12)
+    np.testing.assert_allclose(tvec, t["t"], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(rotation, t["R"], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(centre, t["centre"], rtol=1e-12, atol=1e-9)
+    assert list(camera_model) == t["camera_model"]
+    assert len(params) == len(t["params"])
+    for got, want in zip(params, t["params"]):
+        np.testing.assert_array_equal(got, want)
+    if focal is not None:
+        np.testing.assert_allclose(focal, t["focal"], rtol=1e-15)  # NaN where the model has none
+    np.testing.assert_array_equal(width, t["width"])
+    np.testing.assert_array_equal(height, t["height"])
+    np.testing.assert_array_equal(np.diff(indptr), t["counts"])
+    np.testing.assert_array_equal(obs_point_ids, t["obs_ids"])
+    np.testing.assert_array_equal(obs_xy, t["obs_xy"].astype(np.float32))  # stored as float32
+    np.testing.assert_array_equal(point_ids, t["point_ids"])
+    np.testing.assert_array_equal(xyz, t["xyz"])
+    np.testing.assert_array_equal(track_length, t["track_length"])
+
+
+def _check_model_against_pycolmap(folder, model) -> None:
+    _assert_matches_pycolmap(
+        _pycolmap_truth(folder), image_ids=model.image_ids, names=model.names, camera_ids=model.camera_ids,
+        qvec=model.qvec, tvec=model.tvec, rotation=quat_to_rotmat(model.qvec),
+        centre=camera_centres(model.qvec, model.tvec), camera_model=model.camera_model, params=model.params,
+        width=model.width, height=model.height, indptr=model.indptr, obs_point_ids=model.point_ids[model.point],
+        obs_xy=model.xy, point_ids=model.point_ids, xyz=model.xyz, track_length=model.track_length)
+
+
+@pytest.fixture(scope="module")
+def real_store(tmp_path_factory):
+    from sfmpairs.sfm_io.ingest import ingest
+    from sfmpairs.sfm_io.store import read_store
+
+    out = tmp_path_factory.mktemp("real") / "sfm.h5"
+    ingest([COLMAP], out)
+    return read_store(out)
 
 
 @needs_real_data()
-@pytest.mark.parametrize("folder", REAL_MODELS[:7], ids=REAL_IDS[:7])
+@pytest.mark.parametrize("folder", REAL_MODELS, ids=REAL_IDS)
+def test_store_holds_every_image_and_point_as_pycolmap_reads_them(folder, real_store):
+    """Every image and every point of every real model, in the SfM store, against
+    pycolmap.Reconstruction: poses, centres, cameras, observations, points, tracks."""
+    s = real_store
+    m = list(s["models/path"]).index(str(folder.resolve()))
+    a, b = s["models/image_range"][m]
+    pa, pb = s["models/point_range"][m]
+    obs = slice(s["observations/indptr"][a], s["observations/indptr"][b])
+    k = s["images/num_params"][a:b]
+    params = s["images/params"][a:b]
+    assert all(np.isnan(p[n:]).all() for p, n in zip(params, k))
+    assert np.all(s["points/model"][s["observations/point"][obs]] == m)  # the model's own points
+    t = _pycolmap_truth(folder)
+    _assert_matches_pycolmap(
+        t, image_ids=s["images/colmap_id"][a:b], names=s["images/colmap_name"][a:b],
+        camera_ids=s["images/camera_colmap_id"][a:b], qvec=s["images/qvec"][a:b], tvec=s["images/tvec"][a:b],
+        rotation=s["images/rotation"][a:b], centre=s["images/centre"][a:b],
+        camera_model=s["images/camera_model"][a:b], params=[p[:n] for p, n in zip(params, k)],
+        focal=s["images/focal"][a:b], width=s["images/width"][a:b], height=s["images/height"][a:b],
+        indptr=s["observations/indptr"][a:b + 1],
+        obs_point_ids=s["points/colmap_id"][s["observations/point"][obs]], obs_xy=s["observations/xy"][obs],
+        point_ids=s["points/colmap_id"][pa:pb], xyz=s["points/xyz"][pa:pb],
+        track_length=s["points/track_length"][pa:pb])
+    # the stored name is the COLMAP name under its model's photo folder, and names the photo
+    names = s["images/name"][a:b]
+    assert all(n.endswith("/" + c) for n, c in zip(names, t["names"]))
+    if s["models/images_dir"][m]:
+        root = s["attrs"]["images_root"]
+        assert all((Path(root) / n).is_file() for n in names)
+
+
+@needs_real_data()
+@pytest.mark.parametrize("folder", REAL_MODELS, ids=REAL_IDS)
 def test_fast_reader_matches_pycolmap_objects_on_real_models(folder):
-    _check_against_pycolmap_objects(folder, colmap_binary.read_model(folder))
+    _check_model_against_pycolmap(folder, colmap_binary.read_model(folder))
 
 
-def test_fast_reader_matches_pycolmap_objects_on_synthetic(synthetic_models):
-    folder = synthetic_models["per-image-cameras"] / "binary"
-    _check_against_pycolmap_objects(folder, colmap_binary.read_model(folder))
+@pytest.mark.parametrize("key", ["per-image-cameras", "shared-cameras"])
+def test_readers_match_pycolmap_objects_on_synthetic(synthetic_models, key):
+    folder = synthetic_models[key]
+    _check_model_against_pycolmap(folder / "binary", colmap_binary.read_model(folder / "binary"))
+    _check_model_against_pycolmap(folder / "binary", colmap_text.read_model(folder / "text"))
 
 
 def test_repeated_observations_are_kept_once_at_the_first_2d_point(synthetic_models):
@@ -97,7 +207,8 @@ def test_rig_models_compose_sensor_from_rig(tmp_path):
     ref = colmap_pycolmap.read_model(tmp_path / "binary")
     assert_models_equal(colmap_binary.read_model(tmp_path / "binary"), ref)
     assert_models_equal(colmap_text.read_model(tmp_path / "text"), ref)
-    _check_against_pycolmap_objects(tmp_path / "binary", ref)
+    _check_model_against_pycolmap(tmp_path / "binary", colmap_binary.read_model(tmp_path / "binary"))
+    _check_model_against_pycolmap(tmp_path / "binary", colmap_text.read_model(tmp_path / "text"))
 
 
 def test_delete_in_place_equals_np_delete():
