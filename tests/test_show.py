@@ -10,14 +10,15 @@ import numpy as np
 import pytest
 
 from sfmpairs import SfmpairsError
-from sfmpairs.show import TILE, _thumbnail, show
+from sfmpairs.show import show
 
 from conftest import synth_and_mine
 
 
 @pytest.fixture(scope="module")
 def mined(tmp_path_factory):
-    return synth_and_mine(tmp_path_factory.mktemp("show"), clusters=3, image_size=(96, 72), seed=1, points=500,
+    # photos larger than a tile (200 x 150), of another aspect ratio: tiles shrink and centre them
+    return synth_and_mine(tmp_path_factory.mktemp("show"), clusters=3, image_size=(300, 220), seed=1, points=500,
                           descriptor_seed=0, negatives=2, queries_per_cluster=0, val_fraction=0,
                           max_scale_change=3)
 
@@ -75,18 +76,34 @@ def test_html_references_resolve_and_statistics_match(mined, tmp_path):
 
 
 def test_png_tiles_are_the_right_images(mined, tmp_path):
+    """Each tile of the PNG, built here by hand: the photo shrunk by PIL's own
+    thumbnail to fit 200 x 150, centred on grey; each row is a tuple of the pair file
+    (read with h5py): query, its positive, its negatives."""
     from PIL import Image
 
     rows = show(mined / "pairs.h5", mined / "w", tmp_path / "t.png", count=3, seed=2)
-    img = np.asarray(Image.open(tmp_path / "t.png").convert("RGB")).astype(int)
-    h_img = TILE * 3 // 4
-    cols = max(len(r) for r in rows)
-    assert img.shape[1] == cols * TILE and img.shape[0] == len(rows) * (h_img + 58)
+    img = np.asarray(Image.open(tmp_path / "t.png").convert("RGB"))
+    with h5py.File(mined / "pairs.h5") as f:
+        names = f["images/name"].asstr()[()]
+        q, pos, neg = f["train/query"][()], f["train/positive"][()], f["train/negatives"][()]
+    h_img, h_text = 150, 58
+    assert len(rows) == 3
+    assert img.shape == (3 * (h_img + h_text), max(len(r) for r in rows) * 200, 3)
     for i, row in enumerate(rows):
+        r = list(names[q]).index(row[0]["name"])
+        assert [e["name"] for e in row] == [names[q[r]], names[pos[r]]] + [names[n] for n in neg[r] if n >= 0]
+        assert [e["role"] for e in row] == ["query", "positive"] + ["negative"] * (len(row) - 2)
         for j, e in enumerate(row):
-            tile = img[i * (h_img + 58):i * (h_img + 58) + h_img, j * TILE:(j + 1) * TILE]
-            expect = np.asarray(_thumbnail(Path(mined / "w"), e["name"], TILE)).astype(int)
-            assert np.abs(tile - expect).max() <= 1
+            with Image.open(mined / "w" / e["name"]) as photo:
+                photo = photo.convert("RGB")
+                assert photo.size == (300, 220)
+                photo.thumbnail((200, 150))
+            assert photo.width == 200 and photo.height < 150  # shrunk to fit, aspect kept
+            expect = np.full((h_img, 200, 3), 60, np.uint8)  # grey where the photo is not
+            x, y = (200 - photo.width) // 2, (h_img - photo.height) // 2
+            expect[y:y + photo.height, x:x + photo.width] = np.asarray(photo)
+            tile = img[i * (h_img + h_text):i * (h_img + h_text) + h_img, j * 200:(j + 1) * 200]
+            np.testing.assert_array_equal(tile, expect, err_msg=f"row {i}, tile {j}")
 
 
 def test_bad_show_input(mined, tmp_path):
