@@ -74,15 +74,43 @@ def test_info_on_foreign_hdf5(tmp_path):
 
 
 def test_small_demo_runs_every_stage(tmp_path):
-    """The demo's pipeline on a tiny world (the README test runs the full one)."""
+    """The demo's pipeline on a tiny world (the README test runs the full one); its
+    mAPs are those of its reports, over the val split of the pair file."""
+    import json
+
+    import h5py
+    import numpy as np
+
     from sfmpairs.demo import run_demo
+    from sfmpairs.train.network import read_checkpoint
 
     work = tmp_path / "demo"
-    r = run_demo(work, epochs=1, clusters=4, images_per_cluster=8, image_size=(96, 72), points=600,
-                 train_size=64, query_size=20, pool_size=30)
-    assert 0 <= r["before"] <= 1 and 0 <= r["after"] <= 1
+    r = run_demo(work, epochs=1, clusters=9, images_per_cluster=6, image_size=(96, 72), points=600,
+                 train_size=64, test_size=64, query_size=20, pool_size=30)
     for name in ("sfm.h5", "pairs.h5", "pairs_negatives.h5", "descriptors.h5", "tuples.png",
                  "eval_before.json", "eval_after.json", "run/best.pt", "run/metrics.jsonl", "world/world.json"):
         assert (work / name).exists(), name
+    with h5py.File(work / "pairs.h5") as f:
+        cluster, split = f["images/cluster"][()], f["clusters/split"].asstr()[()]
+        queries, database = f["val/query"][()], f["val/images"][()]
+    with h5py.File(work / "sfm.h5") as f:
+        indptr, point = f["observations/indptr"][()], f["observations/point"][()]
+    points = [set(point[a:b].tolist()) for a, b in zip(indptr[:-1], indptr[1:])]
+    with_positives = sum(any(j != q and points[q] & points[j] for j in database) for q in queries)
+    # two val clusters: other clusters' images are negatives, so the mAP is not 1 by construction
+    assert len(set(cluster[database].tolist())) == list(split).count("val") >= 2
+    for key, report in (("before", "eval_before.json"), ("after", "eval_after.json")):
+        rep = json.loads((work / report).read_text())
+        assert r[key] == rep["mAP"], key
+        assert rep["queries"] == len(queries) and rep["database"] == len(database), key
+        assert rep["queries_with_positives"] == with_positives > 0, key
+        aps = [a for a in rep["per_query_ap"].values() if a is not None]
+        assert len(aps) == with_positives and rep["mAP"] == pytest.approx(np.mean(aps), abs=1e-12), key
+        assert rep["image_size"] == 64, key  # the test size
+    assert 0.1 < r["before"] < 0.95  # 9 clusters: neither chance nor perfect
+    epochs = [json.loads(line) for line in (work / "run/metrics.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in epochs] == [0]
+    best = read_checkpoint(work / "run/best.pt")
+    assert best["val_map"] == max(e["val_map"] for e in epochs) and best["epoch"] == 0
     res = invoke("demo", "--workdir", work)
     assert res.exit_code == 2 and "--overwrite" in res.stderr
