@@ -211,3 +211,21 @@ def test_one_path_str_or_path_is_one_path(synthetic_models, tmp_path, monkeypatc
         attrs = read_store(out, observations=False)["attrs"]
         assert [e["path"] for e in attrs["inputs"]] == [
             str((tmp_path / "models" / k).resolve()) for k in ("per-image-cameras", "shared-cameras")]
+
+
+def test_python_floor_has_tomllib():
+    """Manifests are read with tomllib (Python 3.11+): requires-python says 3.11, or a
+    lower floor comes with tomli for the older Pythons and every import falls back."""
+    import tomllib
+
+    meta = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    floor = re.fullmatch(r">=\s*(\d+)\.(\d+)", meta["requires-python"])
+    assert floor, meta["requires-python"]
+    users = [p for d in ("pipeline", "sfm_io", "mining", "train") for p in (REPO / d).glob("*.py")
+             if re.search(r"^\s*import tomllib", p.read_text(), re.M)]
+    assert users  # the manifest reader
+    if (int(floor[1]), int(floor[2])) < (3, 11):
+        assert any(re.fullmatch(r"""tomli>=[\d.]+;python_version<["']3\.11["']""", d.replace(" ", ""))
+                   for d in meta["dependencies"]), meta["dependencies"]
+        for p in users:
+            assert "import tomli as tomllib" in p.read_text(), p
