@@ -344,3 +344,41 @@ def test_show_points_a_val_query_to_split_val(small_world, tmp_path):
     r = cli("show", small_world / "pairs.h5", "--query", name, "--split", "val", "--images-root",
             small_world / "photos", "-o", tmp_path / "t.png")
     assert r.exit_code == 0, r.stderr
+
+
+# ----------------------------------------------------------------------------- off-the-shelf
+def test_extract_and_evaluate_an_off_the_shelf_network_from_a_local_weights_file(small_world, tmp_path):
+    """The paper's baseline from the command line on an offline machine: --arch with
+    --pretrained FILE; descriptors against torchvision's network and GeM by hand."""
+    import torchvision
+    from PIL import Image
+
+    torch.manual_seed(1)
+    reference = torchvision.models.resnet18(weights=None).eval()
+    torch.save(reference.state_dict(), tmp_path / "resnet18-local.pth")
+    photos = small_world / "photos"
+    r = cli("extract", "--arch", "resnet18", "--pretrained", tmp_path / "resnet18-local.pth", "--store",
+            small_world / "sfm.h5", "--images-root", photos, "-o", tmp_path / "d.h5", "--device", "cpu",
+            "--precision", "fp32", "--workers", 0)
+    assert r.exit_code == 0, r.stderr
+    with h5py.File(tmp_path / "d.h5", "r") as f:
+        name, got = f["names"].asstr()[0], f["descriptors"][0]
+    x = torch.from_numpy(np.asarray(Image.open(photos / name).convert("RGB"), np.float32) / 255).permute(2, 0, 1)
+    x = (x - torch.tensor([0.485, 0.456, 0.406])[:, None, None]) / torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    with torch.no_grad():
+        fmap = torch.nn.Sequential(*list(reference.children())[:-2])(x[None])[0]  # the 64 x 48 photo, not resized
+    v = fmap.clamp(min=1e-6).pow(3).mean(dim=(1, 2)).pow(1 / 3)  # GeM, p = 3
+    np.testing.assert_allclose(got, (v / v.norm()).numpy(), atol=1e-5)
+    r = cli("evaluate", "--pairs", small_world / "pairs.h5", "--arch", "resnet18", "--pretrained",
+            tmp_path / "resnet18-local.pth", "--images-root", photos, "--device", "cpu", "--precision", "fp32",
+            "-o", tmp_path / "r.json")
+    assert r.exit_code == 0, r.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["network"]["arch"] == "resnet18" and "resnet18-local.pth" in str(report["network"]["pretrained"])
+    same = evaluate(tmp_path / "same.json", pairs=small_world / "pairs.h5", descriptors=tmp_path / "d.h5")
+    assert report["mAP"] == pytest.approx(same["mAP"], abs=1e-6)
+    torch.save(torchvision.models.resnet34(weights=None).state_dict(), tmp_path / "resnet34.pth")
+    r = cli("extract", "--arch", "resnet18", "--pretrained", tmp_path / "resnet34.pth", "--store",
+            small_world / "sfm.h5", "--images-root", photos, "-o", tmp_path / "bad.h5")
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1 and "resnet34.pth" in r.stderr
+    assert not (tmp_path / "bad.h5").exists()
