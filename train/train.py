@@ -388,7 +388,8 @@ def train(pairs: str | Path | None, images_root: str | Path | None, run_dir: str
     device = resolve_device(opts["device"])
     data = _read_pairs(pairs)
     val = check_trainable(pairs, data, opts)
-    state = read_checkpoint(last, device) if resume and last.is_file() else None
+    # the training state on the CPU: the random generators' states must stay there
+    state = read_checkpoint(last, "cpu") if resume and last.is_file() else None
     if state is not None and state["train"]["epoch"] + 1 >= opts["epochs"]:
         raise SfmpairsError(f"{run_dir}: the run is finished ({state['train']['epoch'] + 1} of "
                             f"{opts['epochs']} epochs); pass --epochs N to train it longer")
