@@ -1,14 +1,17 @@
-"""``sfmpairs extract``: global descriptors of images with a checkpoint.
+"""``sfmpairs extract``: global descriptors of images with a checkpoint or an
+off-the-shelf network.
 
 Fast on CPU and CUDA: decoding and resizing in DataLoader workers, batches of images of
 equal size (so batching never changes a descriptor), batch normalisation folded into the
 convolutions, channels-last memory, mixed precision (float16 on CUDA, bfloat16 on CPUs
-that compute it natively; ``precision="fp32"`` for exact float32), pinned memory on
-CUDA, descriptors kept on the device until the end (no per-image host-device sync).
+that compute it natively; ``precision="fp32"`` for exact float32, TF32 off), pinned
+memory on CUDA, descriptors kept on the device until the end (no per-image host-device
+sync).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -68,6 +71,19 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+@contextlib.contextmanager
+def float32_convolutions(exact: bool = True):
+    """cuDNN convolutions in true float32 within the block where ``exact``: by default
+    cuDNN runs float32 convolutions in TF32 on Ampere and newer GPUs, which moves
+    descriptors by about 1e-4 (``precision="fp32"`` promises float32)."""
+    saved = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = saved and not exact
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = saved
+
+
 def multiscale_forward(net: RetrievalNet, x: torch.Tensor, scales=(1.0,)) -> torch.Tensor:
     """Descriptors of a batch at several scales, combined by the generalised mean with
     the network's GeM exponent p, then L2-normalised. As in the authors' code, p = 1
@@ -118,7 +134,8 @@ def extract_descriptors(net: RetrievalNet, root, names, *, image_size: int | Non
     net = inference_copy(net, device)
     out = torch.full((len(names), net.dim), float("nan"), device=device)
     bad = {}
-    with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+    with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None), \
+            float32_convolutions(dtype is None):
         for stacks, bad_items in batches:
             for i, message in bad_items:
                 if not skip_bad:
