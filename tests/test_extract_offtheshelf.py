@@ -111,7 +111,7 @@ def test_imagenet_weights_are_recorded(weights_file, monkeypatch):
         assert net.config["pretrained"] == "imagenet (resnet18-f37072fd.pth)"
 
 
-def test_open_network(tmp_path):
+def test_open_network(tmp_path, caplog):
     torch.manual_seed(0)
     saved = build_network({"arch": "resnet18", "pool": "mac", "image_size": 200})
     save_checkpoint(tmp_path / "m.pt", saved)
@@ -120,7 +120,9 @@ def test_open_network(tmp_path):
     x = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(net(x), saved.eval()(x))
-    net = open_network(arch="resnet18")
+    with caplog.at_level("WARNING", logger="sfmpairs.network"):
+        net = open_network(arch="resnet18")
+    assert "resnet18 with random weights" in caplog.text
     assert not net.training and net.whiten is None
     assert (net.config["arch"], net.config["pool"], net.config["image_size"]) == ("resnet18", "gem", 1024)
     assert "pretrained" not in net.config  # random weights

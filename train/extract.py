@@ -221,9 +221,9 @@ def extract(model: str | Path | None = None, output: str | Path | None = None, *
     with atomic_output(output, overwrite) as tmp:  # fail early if the output exists
         net = open_network(model, arch=arch, pool=pool, pretrained=pretrained, device=dev)
         size = image_size or net.config["image_size"]
-        logger.info("extracting %d images from %s with %s + %s (%s) at %d px, scales %s, on %s in %s",
-                    len(names), images_root, net.config["arch"], net.config["pool"],
-                    model or net.config.get("pretrained") or "random weights", size,
+        weights = f"checkpoint {model}" if model else f"weights {net.config.get('pretrained') or 'random'}"
+        logger.info("extracting %d images from %s with %s + %s, %s, at %d px, scales %s, on %s in %s",
+                    len(names), images_root, net.config["arch"], net.config["pool"], weights, size,
                     ",".join(f"{s:g}" for s in scales), dev, str(dtype or torch.float32).replace("torch.", ""))
         desc, bad = extract_descriptors(net, images_root, names, image_size=size, scales=scales,
                                         device=dev, precision=precision, batch_size=batch_size,

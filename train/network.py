@@ -7,6 +7,7 @@ config and the weights, so that extraction and evaluation need only the file.
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
@@ -15,6 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..common import SfmpairsError, atomic_output, file_sha256, now_iso
+
+logger = logging.getLogger("sfmpairs.network")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -246,6 +249,9 @@ def open_network(model: str | Path | None = None, *, arch: str | None = None, po
     if arch is None and pool is None and pretrained in (None, False):
         raise SfmpairsError("give --model CHECKPOINT, or --arch for an off-the-shelf network")
     config = {"arch": arch or DEFAULT_CONFIG["arch"], "pool": pool or DEFAULT_CONFIG["pool"]}
+    if not pretrained:
+        logger.warning("%s with random weights: an untrained network (--pretrained for ImageNet weights)",
+                       config["arch"])
     return build_network(config, pretrained=pretrained).to(device).eval()
 
 
