@@ -145,7 +145,22 @@ def extract_descriptors(net: RetrievalNet, root, names, *, image_size: int | Non
                 x = net.normalise_input(images.to(device, non_blocking=True))
                 x = x.contiguous(memory_format=torch.channels_last)
                 out[index.to(device, non_blocking=True)] = multiscale_forward(net, x, scales).float()
-    return out.cpu().numpy(), bad
+    out = out.cpu().numpy()
+    check_finite(out, bad, dtype, names)
+    return out, bad
+
+
+def check_finite(desc: np.ndarray, bad: dict, dtype, names) -> None:
+    """A descriptor that is not finite (other than a skipped image's) is an error, never a
+    silent NaN: in reduced precision the network's activations overflowed."""
+    wrong = ~np.isfinite(desc).all(axis=1)
+    wrong[list(bad)] = False
+    if wrong.any():
+        first = names[int(np.flatnonzero(wrong)[0])]
+        hint = ("; the network's activations overflow reduced precision: use --precision fp32"
+                if dtype is not None else "; the network's weights may hold NaN or infinity")
+        raise SfmpairsError(f"{wrong.sum()} of {len(desc)} descriptors are not finite "
+                            f"(first: {first}) in {str(dtype or torch.float32).replace('torch.', '')}{hint}")
 
 
 def read_image_list(path: str | Path) -> list[str]:
