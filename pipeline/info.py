@@ -133,8 +133,9 @@ def _checkpoint_summary(path: Path) -> list[str]:
     config = state.get("config", {})
     weights = sum(v.numel() for v in state.get("state_dict", {}).values())
     lines = [f"checkpoint  {config.get('arch')} + {config.get('pool')}, whitening "
-             f"{config.get('whitening') or 'none'}, image size {config.get('image_size')}, "
-             f"{weights / 1e6:.1f} M weights",
+             f"{config.get('whitening') or 'none'}, image size {config.get('image_size')}"
+             + (f" (trained at {config['train_image_size']})" if config.get("train_image_size") else "")
+             + f", {weights / 1e6:.1f} M weights",
              f"schema      {state.get('schema')} v{state.get('schema_version')}",
              f"written by  sfmpairs {state.get('tool_version', '?')} at {state.get('created', '?')}",
              "config      " + ", ".join(f"{k}={v}" for k, v in sorted(config.items()))]
