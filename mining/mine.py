@@ -127,21 +127,36 @@ def split_clusters(names: np.ndarray, opts: dict, rng) -> np.ndarray:
     return split
 
 
-def choose_positives(queries, pools: dict, passes, candidate, strategy, rng, desc=None):
-    """The positive of each query (an image index) by the strategy."""
-    pos = np.empty(len(queries), np.int64)
-    for k, q in enumerate(queries):
+def positive_slots(strategy: str, passes: np.ndarray, candidate: np.ndarray, co_observed: np.ndarray,
+                   rng, similarity: np.ndarray | None = None) -> np.ndarray:
+    """The positive of each query, as a slot of its pool row, by the strategy.
+
+    Rows are queries, columns pool slots (nearest camera first): ``passes``, the relaxed
+    filter; ``candidate``, at least ``min_co_observed`` co-observed points;
+    ``similarity``, descriptor similarity to the query (``mac`` only). ``relaxed``
+    draws among the passing slots; ``max-inliers`` takes the candidate with the most
+    co-observed points (ties: the nearest); ``mac`` the most similar candidate. Used by
+    ``mine`` and, every epoch, by ``train``.
+    """
+    slots = np.empty(len(passes), np.int64)
+    for k in range(len(passes)):
         if strategy == "relaxed":
-            slot = rng.choice(np.flatnonzero(passes[q]))
+            slots[k] = rng.choice(np.flatnonzero(passes[k]))
         elif strategy == "max-inliers":
-            co = np.where(candidate[q], pools["co_observed"][q], -1)
-            slot = int(np.argmax(co))  # ties: the nearest camera
-        else:  # mac: the candidate nearest to q in descriptor space
-            cand = np.flatnonzero(candidate[q])
-            sim = desc[pools["pool"][q, cand]] @ desc[q]
-            slot = cand[int(np.argmax(sim))]
-        pos[k] = pools["pool"][q, slot]
-    return pos
+            slots[k] = int(np.argmax(np.where(candidate[k], co_observed[k], -1)))
+        else:  # mac
+            cand = np.flatnonzero(candidate[k])
+            slots[k] = cand[int(np.argmax(similarity[k][cand]))]
+    return slots
+
+
+def pool_similarity(desc: np.ndarray, queries: np.ndarray, pool: np.ndarray, chunk: int = 256) -> np.ndarray:
+    """(Q, K) inner products of each query's descriptor with its pool members' (padding
+    slots, -1, get whatever row -1 is: they are never candidates), in chunks of queries."""
+    out = np.empty(pool.shape, np.float32)
+    for a in range(0, len(queries), chunk):
+        out[a:a + chunk] = np.einsum("qkd,qd->qk", desc[pool[a:a + chunk]], desc[queries[a:a + chunk]])
+    return out
 
 
 def co_observing_images(queries: np.ndarray, indptr: np.ndarray, point: np.ndarray,
@@ -227,7 +242,11 @@ def mine(store: str | Path, output: str | Path, *, descriptors: str | Path | Non
             if n_q:
                 queries.append(np.sort(rng.choice(elig, n_q, replace=False)))
         queries = np.concatenate(queries) if queries else np.zeros(0, np.int64)
-        positives = choose_positives(queries, pools, passes, candidate, strategy, rng, desc)
+        rows = pools["pool"][queries]
+        similarity = pool_similarity(desc, queries, rows) if strategy == "mac" else None
+        slots = positive_slots(strategy, passes[queries], candidate[queries], pools["co_observed"][queries], rng,
+                               similarity)
+        positives = rows[np.arange(len(queries)), slots]
         images = np.flatnonzero(split_of_cluster[cluster] == sp)
         entry = {"query": queries, "positive": positives, "images": images}
         if want_negatives:

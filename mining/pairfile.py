@@ -31,6 +31,7 @@ def read_pair_file(path: str | Path) -> dict:
         out = {"names": f["images/name"].asstr()[()], "cluster": f["images/cluster"][()],
                "cluster_names": f["clusters/name"].asstr()[()], "images_root": f.attrs.get("images_root", ""),
                "strategy": f.attrs.get("strategy"), "source_store": f.attrs.get("source_store"),
+               "min_co_observed": int(f.attrs.get("min_co_observed", 1)),
                "splits": {}}
         for split in ("train", "val"):
             if split in f:

@@ -382,3 +382,44 @@ def test_extract_and_evaluate_an_off_the_shelf_network_from_a_local_weights_file
             small_world / "sfm.h5", "--images-root", photos, "-o", tmp_path / "bad.h5")
     assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1 and "resnet34.pth" in r.stderr
     assert not (tmp_path / "bad.h5").exists()
+
+
+def test_training_positives_follow_the_pair_files_min_co_observed(small_world, tmp_path):
+    """Every epoch, mac positives are the most similar of the candidates that share at
+    least the pair file's --min-co-observed points (not 1), max-inliers the file's."""
+    names, _ = store_names(small_world / "sfm.h5")
+    random_descriptors(tmp_path / "d.h5", names, seed=1)
+    with h5py.File(small_world / "pairs.h5", "r") as f:
+        co = f["train/pool_co_observed"][()]
+    m = int(np.median(co[co > 0]))
+    assert m > 1
+    photos = small_world / "photos"
+    torch.manual_seed(0)
+    net = build_network({"arch": "resnet18"})
+    opts = {**SMALL, "neg_num": 2, "amp": False, "skip_bad": False, "query_size": 1000}
+    for strategy in ("mac", "max-inliers"):
+        mine(small_world / "sfm.h5", tmp_path / f"{strategy}.h5", strategy=strategy, descriptors=tmp_path / "d.h5",
+             min_co_observed=m, queries_per_cluster=0, val_fraction=0.34, max_scale_change=3.0)
+        pairs = _read_pairs(tmp_path / f"{strategy}.h5")
+        tuples, _ = mine_epoch(net, pairs, {**opts, "_names": pairs["names"]}, np.random.default_rng(0),
+                               torch.device("cpu"), photos)
+        query = list(pairs["train/query"])
+        assert len(tuples) == len(query)
+        for t in tuples:
+            k = query.index(t[0])
+            pool, shared = pairs["train/pool"][k], pairs["train/pool_co_observed"][k]
+            assert shared[list(pool).index(t[1])] >= m
+            if strategy == "max-inliers":
+                assert t[1] == pairs["train/positive"][k]
+    # mac by hand for one query: the network's most similar candidate
+    from sfmpairs.train.extract import extract_descriptors
+
+    pairs = _read_pairs(tmp_path / "mac.h5")
+    tuples, _ = mine_epoch(net, pairs, {**opts, "_names": pairs["names"]}, np.random.default_rng(0),
+                           torch.device("cpu"), photos)
+    q, p = tuples[0][:2]
+    k = list(pairs["train/query"]).index(q)
+    cands = [int(i) for i, c in zip(pairs["train/pool"][k], pairs["train/pool_co_observed"][k]) if i >= 0 and c >= m]
+    d, _ = extract_descriptors(net, photos, [pairs["names"][i] for i in [q, *cands]], image_size=SMALL["image_size"],
+                               workers=0, precision="fp32")
+    assert p == cands[int(np.argmax(d[1:] @ d[0]))]

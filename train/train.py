@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from ..common import SfmpairsError, progress
+from ..mining.mine import pool_similarity, positive_slots
 from ..mining.negatives import hard_negatives
 from .data import load_image
 from .extract import extract_descriptors, resolve_device
@@ -109,7 +110,7 @@ def _read_pairs(path: Path) -> dict:
 
     p = read_pair_file(path)
     d = {"names": p["names"], "cluster": p["cluster"], "strategy": p["strategy"],
-         "source_store": p["source_store"]}
+         "source_store": p["source_store"], "min_co_observed": p["min_co_observed"]}
     for split in ("train", "val"):
         s = p["splits"].get(split, {})
         for key in ("query", "positive", "images", "pool", "pool_passes", "pool_co_observed", "gt_indptr"):
@@ -145,28 +146,29 @@ def mine_epoch(net, pairs: dict, opts: dict, rng, device, root: Path):
     queries = train_q[pick]
     images = pairs["train/images"]
     pool = np.sort(rng.choice(images, min(opts["pool_size"], len(images)), replace=False))
-    strategy = pairs["strategy"]
-    if strategy == "relaxed":
-        positives = np.array([pairs["train/pool"][k][rng.choice(np.flatnonzero(pairs["train/pool_passes"][k]))]
-                              for k in pick], np.int64)
-    else:
-        positives = pairs["train/positive"][pick].astype(np.int64)
-    cands = None
-    if strategy == "mac":
-        cands = [pairs["train/pool"][k][(pairs["train/pool"][k] >= 0) & (pairs["train/pool_co_observed"][k] >= 1)]
-                 for k in pick]
-    wanted = np.unique(np.concatenate([queries, positives, pool] + (cands or [])))
+    strategy, rows = pairs["strategy"], pairs["train/pool"][pick]
+    candidate = (rows >= 0) & (pairs["train/pool_co_observed"][pick] >= pairs["min_co_observed"])
+    if strategy != "mac":  # relaxed draws afresh each epoch; max-inliers gives the file's
+        slots = positive_slots(strategy, pairs["train/pool_passes"][pick], candidate,
+                               pairs["train/pool_co_observed"][pick], rng)
+        positives = rows[np.arange(len(pick)), slots]
+        wanted = np.unique(np.concatenate([queries, positives, pool]))
+    else:  # the candidates are described too: the positive is the nearest with this network
+        wanted = np.unique(np.concatenate([queries, pool, rows[candidate]]))
     desc, bad = extract_descriptors(net, root, list(pairs["names"][wanted]), image_size=opts["image_size"],
                                     device=device, workers=opts["workers"], skip_bad=opts["skip_bad"],
                                     precision=extract_precision(device, opts), desc="mining")
+
     def row(images):  # rows of desc: wanted is sorted
-        return np.searchsorted(wanted, images)
+        return np.minimum(np.searchsorted(wanted, images), len(wanted) - 1)
 
     ok = np.isfinite(desc).all(axis=1)
     if strategy == "mac":
-        for k, q in enumerate(queries):
-            c = cands[k][ok[row(cands[k])]]
-            positives[k] = c[int(np.argmax(desc[row(c)] @ desc[row(q)]))]
+        candidate &= ok[row(rows)]  # an unreadable candidate (--skip-bad) is none
+        found = candidate.any(axis=1)
+        queries, rows, candidate = queries[found], rows[found], candidate[found]
+        similarity = pool_similarity(desc, row(queries), row(rows))
+        positives = rows[np.arange(len(rows)), positive_slots("mac", candidate, candidate, None, rng, similarity)]
     pool = pool[ok[row(pool)]]
     keep = ok[row(queries)] & ok[row(positives)]
     queries, positives = queries[keep], positives[keep]
