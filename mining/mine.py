@@ -118,11 +118,14 @@ def split_clusters(names: np.ndarray, opts: dict, rng) -> np.ndarray:
         index = {n: i for i, n in enumerate(names)}
         for name in opts["val_clusters"]:
             if name not in index:
+                more = f" and {len(names) - 10} more" if len(names) > 10 else ""
                 raise SfmpairsError(f"--val-clusters: no cluster named {name!r} in the store; "
-                                    f"its clusters: {', '.join(names)}")
+                                    f"its clusters: {', '.join(names[:10])}{more}")
             split[index[name]] = 1
     elif opts["val_fraction"] > 0 and C >= 2:
-        n_val = min(C - 1, max(1, int(round(opts["val_fraction"] * C))))
+        # at least two val clusters where four or more leave two to train on: with one,
+        # every val image is a positive or junk and val mAP is 100 whatever the network
+        n_val = min(C - 1, max(2 if C >= 4 else 1, int(round(opts["val_fraction"] * C))))
         split[rng.permutation(C)[:n_val]] = 1
     return split
 

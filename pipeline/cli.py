@@ -270,7 +270,7 @@ def extract(model, arch, pool, pretrained, store, images_root, image_list, outpu
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Whitening file.")
 @click.option("--method", type=click.Choice(["lw", "pca"]), default="lw", show_default=True,
               help="lw: learned from matching pairs; pca: PCA whitening.")
-@click.option("--dim", type=int, default=None, help="Output dimension (default: the input's).")
+@click.option("--dim", type=int, default=None, help="Output dimension (default: the input's, or the rank of the data where that is lower).")
 @click.option("--all-passing", is_flag=True,
               help="Learn from every passing pool pair, not only query-positive pairs.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
@@ -294,7 +294,8 @@ def whiten(descriptors, pairs, output, method, dim, all_passing, overwrite):
 @click.option("--whitening", type=click.Path(dir_okay=False),
               help="Apply a whitening file (sfmpairs whiten) to the descriptors.")
 @click.option("--store", type=click.Path(dir_okay=False),
-              help="Only for pair files of sfmpairs before 0.2: the SfM store they were mined from.")
+              help="Only for pair files of schema version 1 (sfmpairs info shows it): the SfM store they "
+                   "were mined from.")
 @click.option("--images-root", type=click.Path(file_okay=False),
               help="Folder of the photos, when extracting (default: the pair file's).")
 @click.option("--min-covisible", type=int, default=1, show_default=True,

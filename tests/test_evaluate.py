@@ -139,7 +139,7 @@ def test_gnd_queries_are_cropped_to_their_box(tmp_path, monkeypatch):
     (used_q, used_d), = seen
     np.testing.assert_allclose(used_d, dd, atol=1e-5)
     np.testing.assert_allclose(used_q, qd, atol=1e-5)
-    assert r["queries_cropped"] is True
+    assert r["queries_cropped"] == 2
     order = np.argsort(-(qd @ dd.T), axis=1)
     for setup, ok, junk in (("easy", ["easy"], ["junk", "hard"]), ("medium", ["easy", "hard"], ["junk"]),
                             ("hard", ["hard"], ["junk", "easy"])):
@@ -152,6 +152,17 @@ def test_gnd_queries_are_cropped_to_their_box(tmp_path, monkeypatch):
         assert abs(np.mean(uncropped) - np.mean(aps)) > 0.02, setup  # uncropped queries score otherwise
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["protocol"] == "revisited" and report["medium"]["mAP"] == pytest.approx(r["medium"]["mAP"])
+
+    # a query without a box is used whole, the others are still cropped
+    del gnd[1]["bbx"]
+    with open(tmp_path / "gnd.pkl", "wb") as fh:
+        pickle.dump({"imlist": [f"d{k}" for k in range(6)], "qimlist": ["q0", "q1"], "gnd": gnd}, fh)
+    seen.clear()
+    r = evaluate(tmp_path / "r2.json", gnd=tmp_path / "gnd.pkl", model=tmp_path / "m.pt",
+                 images_root=photos, image_size=64, precision="fp32", workers=0, device="cpu")
+    (used_q, _), = seen
+    np.testing.assert_allclose(used_q, [qd[0], whole[1]], atol=1e-5)
+    assert r["queries_cropped"] == 1
 
 
 def test_alpha_query_expansion():

@@ -133,6 +133,8 @@ def test_open_network(tmp_path, caplog):
         open_network(tmp_path / "m.pt", pool="gem")
     with pytest.raises(SfmpairsError, match="^give --model CHECKPOINT, or --arch for an off-the-shelf network$"):
         open_network()
+    with pytest.raises(SfmpairsError, match=r"or --arch for an off-the-shelf network \(--pool and --pretrained go"):
+        open_network(pretrained=tmp_path / "w.pth")  # not a resnet50 by default: say what is missing
     with pytest.raises(SfmpairsError, match="unknown architecture 'resnet9'"):
         open_network(arch="resnet9")
 

@@ -73,7 +73,7 @@ def test_the_optimizer_steps_lower_the_loss_and_move_gem_p_ten_times_faster():
         opt.step()
         losses.append(float(loss.detach()))
         if step == 0:
-            assert abs(float(net.p) - p0) == pytest.approx(10 * lr, rel=1e-2)
+            assert abs(float(net.p.detach()) - p0) == pytest.approx(10 * lr, rel=1e-2)
             moved = (net.features[0].weight.detach() - w0).abs()
             assert float(moved.max()) == pytest.approx(lr, rel=1e-2)
     assert losses[-1] < losses[0]

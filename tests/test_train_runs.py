@@ -144,7 +144,7 @@ def test_revisited_protocol_refuses_precomputed_descriptors_it_cannot_crop(tmp_p
     del gnd["gnd"][0]["bbx"]  # nothing to crop: precomputed descriptors serve
     (tmp_path / "gnd.pkl").write_bytes(pickle.dumps(gnd))
     report = evaluate(tmp_path / "r.json", gnd=tmp_path / "gnd.pkl", descriptors=tmp_path / "d.h5")
-    assert report["queries_cropped"] is False and report["medium"]["queries"] == 1
+    assert report["queries_cropped"] == 0 and report["medium"]["queries"] == 1
 
 
 # ----------------------------------------------------------------------------- run folders
@@ -245,7 +245,7 @@ def test_train_logs_a_start_line_a_line_per_epoch_and_a_closing_line(small_world
 
 def test_a_small_val_split_is_reported_with_its_count(small_world, tmp_path):
     _, clusters = store_names(small_world / "sfm.h5")
-    mine(small_world / "sfm.h5", tmp_path / "p.h5", queries_per_cluster=2, val_clusters=[clusters[0]],
+    mine(small_world / "sfm.h5", tmp_path / "p.h5", queries_per_cluster=1, val_clusters=list(clusters[:2]),
          max_scale_change=3.0)
     args = [a if a != 2 else 1 for a in TRAIN_ARGS]  # one epoch
     r = cli("train", "--pairs", tmp_path / "p.h5", "--images-root", small_world / "photos", "-o", tmp_path / "r",
@@ -423,3 +423,102 @@ def test_training_positives_follow_the_pair_files_min_co_observed(small_world, t
     d, _ = extract_descriptors(net, photos, [pairs["names"][i] for i in [q, *cands]], image_size=SMALL["image_size"],
                                workers=0, precision="fp32")
     assert p == cands[int(np.argmax(d[1:] @ d[0]))]
+
+
+def test_val_splits_that_cannot_measure_are_refused(small_world, tmp_path):
+    """One val cluster: every val image is a positive or junk, mAP is 100 whatever the
+    network. No query with a positive: no mAP at all."""
+    names, clusters = store_names(small_world / "sfm.h5")
+    random_descriptors(tmp_path / "d.h5", names)
+    mine(small_world / "sfm.h5", tmp_path / "one.h5", queries_per_cluster=0, val_clusters=[clusters[0]])
+    for run in (lambda: train(tmp_path / "one.h5", small_world / "photos", tmp_path / "r1", **SMALL),
+                lambda: evaluate(tmp_path / "e1.json", pairs=tmp_path / "one.h5", descriptors=tmp_path / "d.h5")):
+        with pytest.raises(SfmpairsError, match="val split has one cluster.*mAP is 100 whatever.*--val-clusters A,B"):
+            run()
+    with pytest.raises(SfmpairsError, match="no val query has a positive .*at least 100000 3D points"):
+        train(small_world / "pairs.h5", small_world / "photos", tmp_path / "r2", **SMALL, min_covisible=100000)
+    with pytest.raises(SfmpairsError, match="no val query has a positive .*lower --min-covisible"):
+        evaluate(tmp_path / "e2.json", pairs=small_world / "pairs.h5", descriptors=tmp_path / "d.h5",
+                 min_covisible=100000)
+    assert not any((tmp_path / x).exists() for x in ("r1", "r2", "e1.json", "e2.json"))
+
+
+def test_mine_puts_at_least_two_clusters_in_val_when_it_can(small_world, tmp_path):
+    _, clusters = store_names(small_world / "sfm.h5")  # 6 clusters: 0.2 x 6 rounds to 1
+    mine(small_world / "sfm.h5", tmp_path / "p.h5", queries_per_cluster=0)
+    with h5py.File(tmp_path / "p.h5", "r") as f:
+        assert list(f["clusters/split"].asstr()[()]).count("val") == 2
+
+
+def test_weights_refuse_network_options_and_config_records_the_weights_used(small_world, tmp_path):
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "init.pt", build_network({"arch": "resnet18"}))
+    options = {k: v for k, v in ONE_EPOCH.items() if k != "arch"}
+    for clash in ({"whitening": 64}, {"arch": "resnet18"}, {"pretrained": True}):
+        with pytest.raises(SfmpairsError, match=f"--{next(iter(clash))} cannot go with it"):
+            train(small_world / "pairs.h5", small_world / "photos", tmp_path / "r", weights=tmp_path / "init.pt",
+                  **options, **clash)
+    train(small_world / "pairs.h5", small_world / "photos", tmp_path / "r", weights=tmp_path / "init.pt", **options)
+    config = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert config["pretrained"] is False and config["whitening"] is None
+    assert config["weights"] == str((tmp_path / "init.pt").resolve())
+
+
+def test_resume_takes_the_same_pair_file_moved_but_no_other(small_world, tmp_path):
+    shutil.copy(small_world / "pairs.h5", tmp_path / "pairs.h5")
+    train(tmp_path / "pairs.h5", small_world / "photos", tmp_path / "run", **ONE_EPOCH)
+    (tmp_path / "pairs.h5").rename(tmp_path / "moved.h5")
+    mine(small_world / "sfm.h5", tmp_path / "other.h5", queries_per_cluster=0, val_fraction=0.34, seed=7,
+         max_scale_change=3.0)
+    with pytest.raises(SfmpairsError, match="other.h5: not the pair file .* trains on"):
+        train(tmp_path / "other.h5", None, tmp_path / "run", resume=True, epochs=2)
+    train(tmp_path / "moved.h5", None, tmp_path / "run", resume=True, epochs=2)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["pairs"] == str(tmp_path / "moved.h5")
+
+
+def test_resume_of_a_run_of_an_older_sfmpairs(small_world, tmp_path):
+    """Its config.json lacks what this version added (test_image_size, pairs_sha256):
+    the run goes on as that version ran it (validation at the training size)."""
+    train(small_world / "pairs.h5", small_world / "photos", tmp_path / "run", **ONE_EPOCH)
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    for key in ("test_image_size", "pairs_sha256"):
+        del config[key]
+    (tmp_path / "run" / "config.json").write_text(json.dumps(config))
+    train(None, None, tmp_path / "run", resume=True, epochs=2)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["test_image_size"] == SMALL["image_size"]
+
+
+@pytest.mark.parametrize("saved", [False, True], ids=["before-last.pt", "after-last.pt"])
+def test_a_stop_around_the_checkpoint_leaves_one_metrics_line_per_epoch(small_world, tmp_path, monkeypatch, saved):
+    """Stopped while epoch 1's last.pt is written (or right after): the resumed run's
+    metrics.jsonl has each epoch once, neither a gap nor a repeat."""
+    import sfmpairs.train.train as T
+
+    real = T.save_checkpoint
+
+    def dies_saving_last_of_epoch_1(path, net, **extra):
+        if path.name == "last.pt" and extra.get("epoch") == 1:
+            if saved:
+                real(path, net, **extra)
+            raise KeyboardInterrupt()
+        return real(path, net, **extra)
+
+    monkeypatch.setattr(T, "save_checkpoint", dies_saving_last_of_epoch_1)
+    with pytest.raises(KeyboardInterrupt):
+        train(small_world / "pairs.h5", small_world / "photos", tmp_path / "run", **SMALL)
+    monkeypatch.undo()
+    train(None, None, tmp_path / "run", resume=True)
+    epochs = [json.loads(x)["epoch"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [0, 1, 2]
+
+
+def test_descriptors_that_are_not_finite_stop_training_with_the_cause(small_world, tmp_path):
+    torch.manual_seed(0)
+    net = build_network({"arch": "resnet18"})
+    with torch.no_grad():
+        net.features[0].weight[0, 0, 0, 0] = float("nan")
+    save_checkpoint(tmp_path / "nan.pt", net)
+    options = {k: v for k, v in ONE_EPOCH.items() if k != "arch"}
+    with pytest.raises(SfmpairsError, match=r"^epoch 0: \d+ of \d+ descriptors are not finite \(first: .*\) in "
+                                            r"float32; the network's weights hold NaN or infinity \(none written yet\)$"):
+        train(small_world / "pairs.h5", small_world / "photos", tmp_path / "r", weights=tmp_path / "nan.pt", **options)

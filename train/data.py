@@ -139,14 +139,15 @@ def default_workers() -> int:
 
 def image_loader(root, names, image_size: int, batch_size: int = 16, workers: int | None = None,
                  pin_memory: bool = False, boxes=None) -> DataLoader:
-    """A DataLoader over ``root/names`` (cropped to ``boxes`` if given) yielding batches
-    as :func:`collate` makes them: ([(uint8 images (B, 3, H, W), indices)], [(index,
-    message) of bad images]), each stack of images of one size."""
+    """A DataLoader over ``root/names`` (each cropped to its box (x1, y1, x2, y2) in
+    ``boxes``, where given and not None) yielding batches as :func:`collate` makes them:
+    ([(uint8 images (B, 3, H, W), indices)], [(index, message) of bad images]), each
+    stack of images of one size."""
     dataset = ImageList(root, names, image_size, boxes)
-    if boxes is None:
-        sizes = image_sizes([dataset.root / n for n in dataset.names])
-    else:
-        sizes = [(int(round(b[2])) - int(round(b[0])), int(round(b[3])) - int(round(b[1]))) for b in boxes]
+    boxes = boxes if boxes is not None else [None] * len(names)
+    sizes = image_sizes([dataset.root / n for n, b in zip(dataset.names, boxes) if b is None])[::-1]
+    sizes = [sizes.pop() if b is None else
+             (int(round(b[2])) - int(round(b[0])), int(round(b[3])) - int(round(b[1]))) for b in boxes]
     workers = default_workers() if workers is None else workers
     return DataLoader(dataset, batch_sampler=SameSizeBatches(sizes, image_size, batch_size),
                       num_workers=workers, collate_fn=collate, pin_memory=pin_memory,

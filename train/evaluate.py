@@ -105,6 +105,10 @@ def val_ground_truth(pairs: str | Path, min_covisible: int = 1, positives: str =
     if val is None or len(val["query"]) == 0:
         raise SfmpairsError(f"{pairs}: the val split has no queries (mine with --val-fraction or --val-clusters)")
     queries, database = val["query"].astype(np.int64), val["images"].astype(np.int64)
+    if len(np.unique(cluster[database])) < 2:
+        raise SfmpairsError(f"{pairs}: the val split has one cluster, so every val image is a positive or junk "
+                            f"of each val query and mAP is 100 whatever the descriptors; mine with two or more "
+                            f"val clusters (--val-clusters A,B)")
     if positives == "covisible":
         if "gt_indptr" in val:
             indptr, image, count = val["gt_indptr"], val["gt_image"], val["gt_co_observed"]
@@ -199,6 +203,8 @@ def evaluate(output: str | Path, *, pairs=None, gnd=None, descriptors=None, mode
         raise SfmpairsError("give one of --pairs or --gnd")
     if (descriptors is None) == (model is None and arch is None):
         raise SfmpairsError("give one of --descriptors, --model or --arch")
+    if descriptors is not None and (pool is not None or pretrained not in (None, False)):
+        raise SfmpairsError("--pool and --pretrained go with --arch, not with --descriptors")
     if min_covisible < 1:
         raise SfmpairsError("--min-covisible must be at least 1")
     wh = None
@@ -261,6 +267,9 @@ def evaluate(output: str | Path, *, pairs=None, gnd=None, descriptors=None, mode
         m, aps, mpr, _ = mean_average_precision(rank(qd, dd), pos, junk)
         counted = int(np.isfinite(aps).sum())
         rows.append(("val", m, mpr, counted))
+        if counted == 0:
+            raise SfmpairsError(f"{pairs}: no val query has a positive (an image sharing at least "
+                                f"{min_covisible} 3D points with it); lower --min-covisible")
         if counted < FEW_QUERIES:
             logger.warning("the val split has %d queries with positives: its mAP is noisy", counted)
         report.update({"protocol": "pairs-val", "pairs": str(pairs), "positives": positives,
@@ -276,7 +285,7 @@ def evaluate(output: str | Path, *, pairs=None, gnd=None, descriptors=None, mode
         db_names = [with_ext(n) for n in cfg["imlist"]]
         q_names = [with_ext(n) for n in cfg["qimlist"]]
         boxes = [g.get("bbx") for g in cfg["gnd"]]
-        cropped = all(b is not None for b in boxes)
+        cropped = sum(b is not None for b in boxes)  # queries without a box are used whole
         if descriptors is not None and cropped:
             raise SfmpairsError(f"{gnd}: the revisited protocol crops each query to its box, which "
                                 f"precomputed --descriptors cannot do; give --model or --arch so that "
@@ -285,6 +294,9 @@ def evaluate(output: str | Path, *, pairs=None, gnd=None, descriptors=None, mode
             raise SfmpairsError("--gnd with --model or --arch needs --images-root")
         dd = describe(db_names, images_root)
         qd = describe(q_names, images_root, boxes if cropped else None)
+        if 0 < cropped < len(boxes):
+            logger.warning("%s: %d of %d queries have no box (bbx) and are used whole", gnd,
+                           len(boxes) - cropped, len(boxes))
         qd = alpha_query_expansion(qd, dd, qe, qe_alpha)
         ranks = rank(qd, dd)
         report.update({"protocol": "revisited", "gnd": str(gnd), "queries": len(q_names),

@@ -150,6 +150,15 @@ def extract_descriptors(net: RetrievalNet, root, names, *, image_size: int | Non
     return out, bad
 
 
+class NonFiniteDescriptors(SfmpairsError):
+    """Descriptors of readable images that are NaN or infinite; ``reduced``: computed in
+    reduced precision (where the network's activations can overflow)."""
+
+    def __init__(self, message: str, reduced: bool):
+        super().__init__(message)
+        self.reduced = reduced
+
+
 def check_finite(desc: np.ndarray, bad: dict, dtype, names) -> None:
     """A descriptor that is not finite (other than a skipped image's) is an error, never a
     silent NaN: in reduced precision the network's activations overflowed."""
@@ -159,8 +168,8 @@ def check_finite(desc: np.ndarray, bad: dict, dtype, names) -> None:
         first = names[int(np.flatnonzero(wrong)[0])]
         hint = ("; the network's activations overflow reduced precision: use --precision fp32"
                 if dtype is not None else "; the network's weights may hold NaN or infinity")
-        raise SfmpairsError(f"{wrong.sum()} of {len(desc)} descriptors are not finite "
-                            f"(first: {first}) in {str(dtype or torch.float32).replace('torch.', '')}{hint}")
+        raise NonFiniteDescriptors(f"{wrong.sum()} of {len(desc)} descriptors are not finite (first: {first}) "
+                                   f"in {str(dtype or torch.float32).replace('torch.', '')}{hint}", dtype is not None)
 
 
 def read_image_list(path: str | Path) -> list[str]:

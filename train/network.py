@@ -148,7 +148,7 @@ def pretrained_state_dict(arch: str) -> dict:
         raise SfmpairsError(
             f"{cache}: pretrained ImageNet weights of {arch} are missing and could not be "
             f"downloaded from {weights.url} ({type(e).__name__}); put the file there, or "
-            f"train from random initialisation or --weights") from None
+            f"give a local weights file (--pretrained FILE), or start from random initialisation") from None
 
 
 def _listed(items: list[str], noun: str, plural: str) -> str:
@@ -246,8 +246,10 @@ def open_network(model: str | Path | None = None, *, arch: str | None = None, po
         if pool is not None or pretrained not in (None, False):
             raise SfmpairsError("--pool and --pretrained go with --arch; a --model checkpoint has its own")
         return load_checkpoint(model, device)[0]
-    if arch is None and pool is None and pretrained in (None, False):
-        raise SfmpairsError("give --model CHECKPOINT, or --arch for an off-the-shelf network")
+    if arch is None:
+        raise SfmpairsError("give --model CHECKPOINT, or --arch for an off-the-shelf network"
+                            + ("" if pool is None and pretrained in (None, False) else
+                               " (--pool and --pretrained go with --arch)"))
     config = {"arch": arch or DEFAULT_CONFIG["arch"], "pool": pool or DEFAULT_CONFIG["pool"]}
     if not pretrained:
         logger.warning("%s with random weights: an untrained network (--pretrained for ImageNet weights)",

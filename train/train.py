@@ -33,11 +33,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..common import SfmpairsError, progress
+from ..common import SfmpairsError, file_sha256, progress
 from ..mining.mine import pool_similarity, positive_slots
 from ..mining.negatives import hard_negatives
 from .data import load_image
-from .extract import extract_descriptors, resolve_device
+from .extract import NonFiniteDescriptors, extract_descriptors, resolve_device
 from .network import build_network, load_checkpoint, read_checkpoint, save_checkpoint
 from .options import MARGINS, TRAIN_DEFAULTS
 
@@ -282,11 +282,17 @@ def check_trainable(pairs: Path, data: dict, opts: dict):
         logger.warning("%s: no val queries: no validation and no best.pt (last.pt holds each epoch's "
                        "weights); mine with --val-fraction or --val-clusters to validate", pairs)
         return None
-    if len(data["val/gt_indptr"]) == 0:
-        raise SfmpairsError(f"{pairs}: a pair file of an older sfmpairs, without the val ground truth; "
-                            f"mine it again")
-    val = val_ground_truth(pairs, opts["min_covisible"])
+    store = None
+    if len(data["val/gt_indptr"]) == 0:  # schema version 1: the ground truth from its store, if still there
+        store = data["source_store"]
+        if not store or not Path(store).is_file():
+            raise SfmpairsError(f"{pairs}: a pair file of schema version 1, without the val ground truth, and "
+                                f"its SfM store {store} is gone; mine it again")
+    val = val_ground_truth(pairs, opts["min_covisible"], store=store)
     counted = sum(len(p) > 0 for p in val[3])
+    if counted == 0:
+        raise SfmpairsError(f"{pairs}: no val query has a positive (an image sharing at least "
+                            f"{opts['min_covisible']} 3D points with it); lower min_covisible")
     if counted < FEW_QUERIES:
         logger.warning("the val split has %d queries with positives: val mAP will be noisy", counted)
     return val
@@ -303,6 +309,8 @@ def _new_run(pairs, images_root, run_dir: Path, overwrite: bool, options: dict) 
     """The options of a new run, checked, with the paths resolved."""
     if pairs is None:
         raise SfmpairsError("give --pairs (or --resume RUN_DIR)")
+    if not Path(pairs).is_file():
+        raise SfmpairsError(f"{pairs}: not a readable pair file")
     unknown = set(options) - set(DEFAULTS)
     if unknown:
         raise SfmpairsError(f"unknown option {sorted(unknown)[0]!r}")
@@ -318,9 +326,18 @@ def _new_run(pairs, images_root, run_dir: Path, overwrite: bool, options: dict) 
                             f"to start afresh, or --resume {run_dir} to continue it")
     if run_dir.exists() and not run_dir.is_dir():
         raise SfmpairsError(f"{run_dir}: not a folder")
+    if options.get("weights") is not None:
+        clash = [k for k in (*NETWORK_KEYS, "pretrained") if options.get(k) not in (None, False)]
+        if clash:
+            raise SfmpairsError(f"--weights starts from a checkpoint with its own network; "
+                                f"--{clash[0]} cannot go with it")
     opts = {**DEFAULTS, **{k: v for k, v in options.items() if v is not None}}
     opts["amp"] = options.get("amp")
-    opts.update(pairs=str(Path(pairs).resolve()), images_root=str(Path(images_root).resolve()))
+    for key in ("weights", "pretrained"):  # files, resolved: a run folder can be resumed from anywhere
+        if isinstance(opts[key], (str, Path)) and opts[key] != "imagenet":
+            opts[key] = str(Path(opts[key]).resolve())
+    opts.update(pairs=str(Path(pairs).resolve()), images_root=str(Path(images_root).resolve()),
+                pairs_sha256=file_sha256(pairs))
     return opts
 
 
@@ -329,6 +346,8 @@ def _resumed_run(run_dir: Path, pairs, images_root, options: dict) -> dict:
     if not (run_dir / "config.json").is_file():
         raise SfmpairsError(f"{run_dir}: nothing to resume (no config.json); start a run with -o {run_dir}")
     saved = json.loads((run_dir / "config.json").read_text())
+    # a run of an older sfmpairs: what its config lacks, as that version did it
+    saved = {**DEFAULTS, "test_image_size": saved.get("image_size", DEFAULTS["image_size"]), **saved}
     fixed = sorted(k for k, v in options.items() if v is not None and k not in RESUME_OPTIONS
                    and v != saved.get(k))
     if fixed:
@@ -339,7 +358,10 @@ def _resumed_run(run_dir: Path, pairs, images_root, options: dict) -> dict:
     for k, v in changed.items():
         logger.info("resume: %s %s (was %s)", k, v, saved.get(k))
     opts = {**saved, **changed}
-    if pairs is not None:
+    if pairs is not None:  # the run's pair file, moved
+        if saved.get("pairs_sha256") and file_sha256(pairs) != saved["pairs_sha256"]:
+            raise SfmpairsError(f"{pairs}: not the pair file {run_dir} trains on (another SHA-256); "
+                                f"start a new run with -o to train on it")
         opts["pairs"] = str(Path(pairs).resolve())
     if images_root is not None:
         opts["images_root"] = str(Path(images_root).resolve())
@@ -401,13 +423,15 @@ def train(pairs: str | Path | None, images_root: str | Path | None, run_dir: str
     if state is not None:
         net, _ = load_checkpoint(last, device)
         start, best = state["train"]["epoch"] + 1, state["train"]["best_map"]
+        _keep_metrics_before(run_dir / "metrics.jsonl", start)
     else:
         if opts["weights"]:
             net, _ = load_checkpoint(opts["weights"], device)
         else:
             net = build_network({k: opts[k] for k in NETWORK_KEYS}, pretrained=opts["pretrained"])
         net.config.update(image_size=opts["test_image_size"], train_image_size=opts["image_size"])
-        opts.update({k: net.config[k] for k in NETWORK_KEYS})  # the network trained, also from --weights
+        # the network trained, also from --weights
+        opts.update({k: net.config[k] for k in NETWORK_KEYS}, pretrained=net.config.get("pretrained", False))
         opts["margin"] = opts["margin"] if opts["margin"] is not None else MARGINS.get(opts["arch"], 0.85)
         start, best = 0, None
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -448,24 +472,29 @@ def train(pairs: str | Path | None, images_root: str | Path | None, run_dir: str
     for epoch in range(start, opts["epochs"]):
         t0 = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
-        tuples, stats = mine_epoch(net, data, opts_runtime, rng, device, images_root)
-        logger.debug("epoch %d: %d tuples mined in %.1f s", epoch, len(tuples), time.perf_counter() - t0)
+        kept = last if last.exists() else "none written yet"
         try:
+            tuples, stats = mine_epoch(net, data, opts_runtime, rng, device, images_root)
+            logger.debug("epoch %d: %d tuples mined in %.1f s", epoch, len(tuples), time.perf_counter() - t0)
             loss = train_epoch(net, tuples, opts_runtime, optimizer, scaler, device, cache, epoch)
+            val_map = validate(net, val, opts_runtime, device, images_root)
+        except NonFiniteDescriptors as e:
+            fix = ("the network's activations overflow mixed precision: train with --no-amp" if e.reduced
+                   else "the network's weights hold NaN or infinity")
+            raise SfmpairsError(f"epoch {epoch}: {str(e).split(';')[0]}; {fix} ({kept})") from None
         except SfmpairsError as e:
-            raise SfmpairsError(f"{e} ({last if last.exists() else 'none written yet'})") from None
-        val_map = validate(net, val, opts_runtime, device, images_root)
+            raise SfmpairsError(f"{e} ({kept})") from None
         scheduler.step()
         if val_map is not None and (best is None or val_map > best):
             best = val_map
             save_checkpoint(run_dir / "best.pt", net, epoch=epoch, val_map=val_map)
         metrics = {"epoch": epoch, "loss": loss, **stats, "val_map": val_map, "lr": lr,
                    "seconds": time.perf_counter() - t0}
+        with open(run_dir / "metrics.jsonl", "a") as fh:  # before last.pt: a resume drops it if last.pt is older
+            fh.write(json.dumps(metrics) + "\n")
         save_checkpoint(last, net, epoch=epoch, val_map=val_map, train={
             "epoch": epoch, "best_map": best, "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": _rng_state(rng)})
-        with open(run_dir / "metrics.jsonl", "a") as fh:
-            fh.write(json.dumps(metrics) + "\n")
         if writer is not None:
             for key in ("loss", "val_map", "positive_distance", "negative_distance", "lr"):
                 if metrics[key] is not None:
@@ -482,6 +511,16 @@ def train(pairs: str | Path | None, images_root: str | Path | None, run_dir: str
     else:
         logger.info("done: %d epochs, no validation -> %s", opts["epochs"], last)
     return metrics
+
+
+def _keep_metrics_before(path: Path, epoch: int) -> None:
+    """Drop the lines of epochs from ``epoch`` on (a run stopped after writing an epoch's
+    metrics but before its checkpoint redoes that epoch)."""
+    if path.exists():
+        lines = [x for x in path.read_text().splitlines() if x.strip() and json.loads(x)["epoch"] < epoch]
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(x + "\n" for x in lines))
+        tmp.replace(path)
 
 
 def _best_epoch(run_dir: Path) -> int:
