@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..common import SfmpairsError
+from sfmpairs.common import SfmpairsError
 from .model import (
     INVALID_POINT3D_ID, Model, build_observations, frame_table, camera_models, check_finite,
     check_pose_quaternions, check_unique, poses_from_frames,
@@ -343,20 +343,10 @@ def read_model(folder: str | os.PathLike) -> Model:
         check_finite(tvec, "image translation", str(images_path))
 
         batches = _point2d_batches(f, heads)
-        indptr, point, obs_xy, track_length = build_observations(
-            batches, point_ids, file_tracks, str(images_path),
-            str(folder / "points3D.bin"))
+        observations = build_observations(batches, point_ids, file_tracks, str(images_path),
+                                          str(folder / "points3D.bin"))
     finally:
         f.close()
-    check_finite(obs_xy, "2D point position", str(images_path))
-    model = Model(
-        path=str(folder), format="binary",
-        image_ids=image_ids, names=[r[4] for r in heads], camera_ids=camera_ids,
-        qvec=qvec, tvec=tvec,
-        camera_model=[cams[c][0] for c in camera_ids.tolist()],
-        params=[cams[c][3] for c in camera_ids.tolist()],
-        width=np.array([cams[c][1] for c in camera_ids.tolist()], np.int64),
-        height=np.array([cams[c][2] for c in camera_ids.tolist()], np.int64),
-        point_ids=point_ids, xyz=xyz, indptr=indptr, point=point, xy=obs_xy, track_length=track_length,
-    )
-    return model
+    check_finite(observations[2], "2D point position", str(images_path))
+    return Model.from_arrays(folder, "binary", image_ids, [r[4] for r in heads], camera_ids,
+                             qvec, tvec, cams, point_ids, xyz, observations)

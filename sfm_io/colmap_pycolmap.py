@@ -11,11 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..common import SfmpairsError
-from .model import (
-    Model, build_observations, check_pose_quaternions, compose_poses,
-   
-)
+from sfmpairs.common import SfmpairsError
+from .model import Model, build_observations, check_pose_quaternions, compose_poses
 
 
 def _xyzw_to_wxyz(q) -> np.ndarray:
@@ -69,18 +66,9 @@ def read_model(folder: str | os.PathLike, fmt: str = "binary") -> Model:
         xy = np.array([p.xy for p in pts], np.float64).reshape(-1, 2)
         rows.append((lambda iid=iid, ids=ids, xy=xy: ([iid], [len(ids)], ids, xy), len(ids)))
 
-    indptr, point, obs_xy, track_length = build_observations(
-        rows, point_ids, file_tracks, str(folder), str(folder))
-    cams = [rec.cameras[im.camera_id] for im in images]
-    model = Model(
-        path=str(folder), format=fmt,
-        image_ids=image_ids, names=[im.name for im in images],
-        camera_ids=np.array([im.camera_id for im in images], np.uint32),
-        qvec=qvec, tvec=tvec,
-        camera_model=[c.model.name for c in cams],
-        params=[np.asarray(c.params, np.float64) for c in cams],
-        width=np.array([c.width for c in cams], np.int64),
-        height=np.array([c.height for c in cams], np.int64),
-        point_ids=point_ids, xyz=xyz, indptr=indptr, point=point, xy=obs_xy, track_length=track_length,
-    )
-    return model
+    observations = build_observations(rows, point_ids, file_tracks, str(folder), str(folder))
+    cameras = {cid: (c.model.name, c.width, c.height, np.asarray(c.params, np.float64))
+               for cid, c in rec.cameras.items()}
+    return Model.from_arrays(folder, fmt, image_ids, [im.name for im in images],
+                             np.array([im.camera_id for im in images], np.uint32),
+                             qvec, tvec, cameras, point_ids, xyz, observations)

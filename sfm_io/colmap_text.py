@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..common import SfmpairsError
+from sfmpairs.common import SfmpairsError
 from .model import (
     Model, build_observations, camera_model_ids, frame_table, camera_models, check_finite,
     check_pose_quaternions, check_unique, poses_from_frames,
@@ -247,17 +247,8 @@ def read_model(folder: str | os.PathLike) -> Model:
     parsed = [_parse_points2d(r[5]) for r in recs]
     rows = [(lambda r=r, ids=ids, xy=xy: ([r[0]], [len(ids)], ids, xy), len(ids))
             for r, (ids, xy) in zip(recs, parsed)]
-    indptr, point, obs_xy, track_length = build_observations(
-        rows, point_ids, file_tracks, str(images_path), str(folder / "points3D.txt"))
-    check_finite(obs_xy, "2D point position", str(images_path))
-    model = Model(
-        path=str(folder), format="text",
-        image_ids=image_ids, names=[r[4] for r in recs], camera_ids=camera_ids,
-        qvec=qvec, tvec=tvec,
-        camera_model=[cams[c][0] for c in camera_ids.tolist()],
-        params=[cams[c][3] for c in camera_ids.tolist()],
-        width=np.array([cams[c][1] for c in camera_ids.tolist()], np.int64),
-        height=np.array([cams[c][2] for c in camera_ids.tolist()], np.int64),
-        point_ids=point_ids, xyz=xyz, indptr=indptr, point=point, xy=obs_xy, track_length=track_length,
-    )
-    return model
+    observations = build_observations(rows, point_ids, file_tracks, str(images_path),
+                                      str(folder / "points3D.txt"))
+    check_finite(observations[2], "2D point position", str(images_path))
+    return Model.from_arrays(folder, "text", image_ids, [r[4] for r in recs], camera_ids,
+                             qvec, tvec, cams, point_ids, xyz, observations)

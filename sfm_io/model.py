@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..common import SfmpairsError
+from sfmpairs.common import SfmpairsError
 
 INVALID_POINT3D_ID = np.uint64(2**64 - 1)
 
@@ -59,6 +59,28 @@ class Model:
     @property
     def num_points(self) -> int:
         return len(self.point_ids)
+
+    @classmethod
+    def from_arrays(cls, path, format: str, image_ids: np.ndarray, names: list[str],
+                    camera_ids: np.ndarray, qvec: np.ndarray, tvec: np.ndarray, cameras: dict,
+                    point_ids: np.ndarray, xyz: np.ndarray, observations: tuple) -> Model:
+        """The model from what a reader read, the one place every reader builds it.
+
+        The image arrays (``image_ids`` to ``tvec``) are in store order (by image id);
+        ``cameras`` maps each camera id to ``(model name, width, height, params)``, from
+        which each image gets its camera's; ``observations`` is what
+        :func:`build_observations` returns.
+        """
+        cams = [cameras[c] for c in camera_ids.tolist()]
+        indptr, point, xy, track_length = observations
+        return cls(
+            path=str(path), format=format,
+            image_ids=image_ids, names=names, camera_ids=camera_ids, qvec=qvec, tvec=tvec,
+            camera_model=[c[0] for c in cams], params=[c[3] for c in cams],
+            width=np.array([c[1] for c in cams], np.int64),
+            height=np.array([c[2] for c in cams], np.int64),
+            point_ids=point_ids, xyz=xyz, indptr=indptr, point=point, xy=xy, track_length=track_length,
+        )
 
 
 # --------------------------------------------------------------------------- cameras
@@ -242,19 +264,38 @@ def build_observations(batches, point_ids: np.ndarray, file_track_lengths: np.nd
     track_length = tracks.get()
     while not tracks.empty():
         track_length += tracks.get()
-    # squeeze out the gaps between batches (each wrote at its upper-bound offset)
+    indptr, point, out_xy = _squeeze_gaps(point, out_xy, offsets, counts_of)
+    indptr, point, out_xy = _drop_repeats(indptr, point, out_xy, track_length, file_track_lengths,
+                                          point_ids, points_file)
+    return indptr, point, out_xy, track_length
+
+
+def _squeeze_gaps(point: np.ndarray, xy: np.ndarray, offsets: np.ndarray, counts_of: list):
+    """``(indptr, point, xy)`` with the gaps between batches squeezed out: batch b wrote
+    its observations, ``counts_of[b]`` a row, at its upper-bound offset ``offsets[b]``;
+    each moves down to follow the previous batch's."""
     pos = 0
     for b, counts in enumerate(counts_of):
         n = int(counts.sum())
         if pos != offsets[b] and n:
             point[pos:pos + n] = point[offsets[b]:offsets[b] + n]
-            out_xy[pos:pos + n] = out_xy[offsets[b]:offsets[b] + n]
+            xy[pos:pos + n] = xy[offsets[b]:offsets[b] + n]
         pos += n
     row_counts = np.concatenate(counts_of) if counts_of else np.zeros(0, np.int64)
     indptr = np.concatenate([[0], np.cumsum(row_counts)]).astype(np.int64)
     capacity = len(point)
     point = point[:pos].copy() if pos < capacity // 2 else _shrink(point, pos)
-    out_xy = out_xy[:pos].copy() if pos < capacity // 2 else _shrink(out_xy, pos)
+    xy = xy[:pos].copy() if pos < capacity // 2 else _shrink(xy, pos)
+    return indptr, point, xy
+
+
+def _drop_repeats(indptr: np.ndarray, point: np.ndarray, xy: np.ndarray, track_length: np.ndarray,
+                  file_track_lengths: np.ndarray, point_ids: np.ndarray, points_file: str):
+    """``(indptr, point, xy)`` without the repeats of a point within an image's row (the
+    first stays), after checking that the observations of each point, repeats
+    included, number what its track in points3D says (``file_track_lengths``);
+    ``track_length`` counts each point's distinct images."""
+    num_points, pos = len(point_ids), len(point)
     raw_counts = track_length
     if pos != track_length.sum():  # some image observes a point twice: drop repeats
         drop = _repeats_in_rows(indptr, point, track_length != file_track_lengths)
@@ -262,14 +303,14 @@ def build_observations(batches, point_ids: np.ndarray, file_track_lengths: np.nd
             drop = _repeats_in_rows(indptr, point, np.ones(num_points, bool))
         raw_counts = track_length + np.bincount(point[drop], minlength=num_points)
         indptr = indptr - np.searchsorted(drop, indptr)
-        point, out_xy = _delete_in_place(point, drop), _delete_in_place(out_xy, drop)
+        point, xy = _delete_in_place(point, drop), _delete_in_place(xy, drop)
     bad = np.flatnonzero(raw_counts != file_track_lengths)
     if len(bad):
         i = bad[0]
         raise SfmpairsError(
             f"{points_file}: the track of 3D point {int(point_ids[i])} has "
             f"{int(file_track_lengths[i])} observations but the images list {int(raw_counts[i])}")
-    return indptr, point, out_xy, track_length
+    return indptr, point, xy
 
 
 def _repeats_in_rows(indptr: np.ndarray, point: np.ndarray, suspect: np.ndarray) -> np.ndarray:
