@@ -65,11 +65,20 @@ def tracks(indptr: np.ndarray, point: np.ndarray, num_points: int):
     first image that observes them, so that the tracks of neighbouring images lie
     close together in memory.
 
-    Returns ``(label, order, track_ptr, track_image, track_obs, position)``: point p
-    has track ``label[p]`` and ``order[j]`` is the point of track j; the observations of track j are positions
-    ``track_ptr[j]:track_ptr[j+1]``, in image order, of images ``track_image[...]``,
-    observations (CSR indices) ``track_obs[...]``; ``position[o]`` is where observation
-    o sits.
+    Returns ``(label, order, track_ptr, track_image, track_obs, position)``, with nnz
+    observations, M points and the index type ``idx`` (int32, or int64 for huge models):
+
+    - ``label`` idx (M,): point p has track ``label[p]``; ``order`` int64 (M,), its
+      inverse: ``order[j]`` is the point of track j. Tracks are numbered by the first
+      image that observes their point (ties by point index); unobserved points last;
+    - ``track_ptr`` int64 (M + 1,): the observations of track j are the *track
+      positions* ``track_ptr[j]:track_ptr[j+1]``;
+    - ``track_image`` idx (nnz,): the image of the observation at each track position;
+      within a track strictly increasing (the CSR -> CSC conversion walks the images in
+      order, and an image observes a point once);
+    - ``track_obs`` idx (nnz,): the observation (CSR index into ``point``) at each track
+      position;
+    - ``position`` int64 (nnz,): the inverse of ``track_obs``: where observation o sits.
     """
     n, nnz = len(indptr) - 1, len(point)
     idx = np.int32 if max(nnz, n, num_points) < 2**31 else np.int64
@@ -106,96 +115,170 @@ def log_scale_by_track(track_ptr, track_image, xyz, axis, tz, log_f, chunk: int 
 
 def pair_statistics(indptr, point, xyz, rotation, tvec, focal, longer_side, pairs, n,
                     measure="depth", xy=None, batch_images: int = 64, threads: int | None = None):
-    """Co-observed count and scale change of each unordered pair ``pairs`` (sorted keys
-    lo * n + hi) of one model.
+    """Co-observed count and scale change of each unordered pair ``pairs`` of one model.
 
-    ``indptr``/``point`` are the model's co-observation rows (local point indices),
-    ``xyz`` its points; ``rotation``, ``tvec``, ``focal``, ``longer_side`` per image;
-    ``xy`` the observations' 2D positions (for the ``bbox`` measure). Returns
-    ``(count, scale)``; scale is NaN where a pair shares no point, or where it is
-    undefined (a camera without focal length; a bounding box of zero area).
+    All of one model, images 0..n-1, points 0..M-1 and observations 0..nnz-1 local:
+
+    - ``indptr`` int64 (n + 1,), ``point`` int (nnz,): the co-observation table, CSR by
+      image: the observations of image i are ``indptr[i]:indptr[i+1]``, in the image's
+      2D point order (not sorted by point), ``point[o]`` the point observation o sees;
+      an image observes a point at most once;
+    - ``xyz`` float64 (M, 3): the points; ``rotation`` (n, 3, 3), ``tvec`` (n, 3):
+      each image's cam_from_world; ``focal`` (n,): focal length in pixels (NaN for a
+      camera without one); ``longer_side`` (n,): the image's longer side in pixels;
+    - ``pairs`` int64 (P,): unique keys lo * n + hi, lo < hi, sorted, hence by lo then
+      by hi (:func:`unordered_pairs`);
+    - ``xy`` float64 (nnz, 2): the observations' pixel positions (``bbox`` only).
+
+    Returns ``(count, scale)``, int64 and float64 (P,), in the order of ``pairs``;
+    scale is NaN where a pair shares no point, or where it is undefined (a camera
+    without focal length; a bounding box of zero area). Images go in batches of
+    ``batch_images`` consecutive lower images, on ``threads`` threads.
     """
     if measure not in SCALE_MEASURES:
         raise ValueError(f"unknown scale measure {measure!r}")
-    num_points = len(xyz)
-    label, order, track_ptr, track_image, track_obs, position = tracks(indptr, point, num_points)
+    trk = tracks(indptr, point, len(xyz))
+    _, order, track_ptr, track_image, track_obs, position = trk
     with np.errstate(divide="ignore", invalid="ignore"):
-        log_f = np.log(focal / longer_side)
+        log_f = np.log(focal / longer_side)  # (n,) log of the focal length in longer sides
     no_scale = ~np.isfinite(log_f)  # e.g. EQUIRECTANGULAR: no focal length
-    log_f[no_scale] = 0.0
+    log_f[no_scale] = 0.0  # any finite value: the pairs of these images get NaN at the end
     if measure == "depth":
+        # float64 (nnz,) by track position: log(f / z) of each observation
         by_track = log_scale_by_track(track_ptr, track_image, xyz[order], rotation[:, 2, :],
                                       tvec[:, 2], log_f)
     else:
+        # float64 (nnz, 2) by observation: positions in units of the image's longer side
         xy_norm = xy / np.repeat(longer_side, np.diff(indptr))[:, None]
 
+    # ``pairs`` is sorted by lo first, so the pairs whose lower image is i are the run
+    # lo_ptr[i]:lo_ptr[i+1] (lo_ptr (n + 1,)), and those of a batch of images one run
     lo, hi = pairs // n, pairs % n
     lo_ptr = np.searchsorted(lo, np.arange(n + 1))
     count = np.zeros(len(pairs), np.int64)
     scale = np.full(len(pairs), np.nan)
 
-    def run_batch(b0: int, slot: np.ndarray) -> None:
-        b1 = min(n, b0 + batch_images)
-        p0, p1 = lo_ptr[b0], lo_ptr[b1]
+    def run_batch(i0: int, slot: np.ndarray) -> None:
+        """The pairs whose lower image is one of i0..i1-1: the run p0:p1 of ``pairs``."""
+        i1 = min(n, i0 + batch_images)
+        p0, p1 = lo_ptr[i0], lo_ptr[i1]
         if p0 == p1:
             return
-        flat = (lo[p0:p1] - b0) * n + hi[p0:p1]
-        slot[flat] = np.arange(p1 - p0)
-        # each observation of the batch's images, with the later observations of its
-        # track (images after this one): every co-observation of an unordered pair once
-        a, b = indptr[b0], indptr[b1]
-        start = position[a:b] + 1
-        length = track_ptr[label[point[a:b]] + 1] - start
-        first = np.cumsum(length) - length
-        rep = np.repeat(np.arange(b - a), length)  # entry -> observation of the batch
-        other = np.arange(len(rep)) + (start - first)[rep]  # track positions
-        row = np.repeat(np.arange(b1 - b0), np.diff(indptr[b0:b1 + 1]))
-        g = slot[(row * n)[rep] + track_image[other]]
-        slot[flat] = -1
-        keep = g >= 0
-        g, other, rep = g[keep], other[keep], rep[keep]
-        c = np.bincount(g, minlength=p1 - p0)
-        count[p0:p1] = c
+        # pair: local pair index (0..p1-p0-1) of each co-observation; source: its
+        # observation in lo, relative to indptr[i0]; later: hi's, as a track position
+        pair, source, later = _co_observations(i0, i1, n, indptr, point, trk, slot,
+                                               (lo[p0:p1] - i0) * n + hi[p0:p1])
+        shared = np.bincount(pair, minlength=p1 - p0)  # (p1 - p0,): |P(lo) ∩ P(hi)|
+        count[p0:p1] = shared
         if measure == "depth":
-            v = np.clip(by_track[other] - by_track[start - 1][rep], -127, 127)
-            keys = np.sort(g * _KEY_SPAN + v)
-            off = np.cumsum(c) - c
-            has = c > 0
-            lo_val = keys[(off + (c - 1) // 2)[has]]
-            hi_val = keys[(off + c // 2)[has]]
-            base = np.flatnonzero(has) * _KEY_SPAN
-            scale[p0:p1][has] = np.exp(np.abs(((lo_val - base) + (hi_val - base)) / 2))
-        elif len(g):
-            by_pos = np.argsort(g, kind="stable")
-            g, mine_obs, other_obs = g[by_pos], (a + rep)[by_pos], track_obs[other[by_pos]]
-            starts = np.flatnonzero(np.r_[True, g[1:] != g[:-1]])
-            area = []
-            for obs in (mine_obs, other_obs):
-                x, y = xy_norm[obs, 0], xy_norm[obs, 1]
-                w = np.maximum.reduceat(x, starts) - np.minimum.reduceat(x, starts)
-                h = np.maximum.reduceat(y, starts) - np.minimum.reduceat(y, starts)
-                area.append(w * h)
-            with np.errstate(divide="ignore", invalid="ignore"):
-                ratio = np.sqrt(area[0] / area[1])
-                s = np.maximum(ratio, 1 / ratio)
-            s[(area[0] <= 0) | (area[1] <= 0)] = np.nan  # one point, or all on a line
-            scale[p0:p1][g[starts]] = s
+            own = position[indptr[i0]:indptr[i1]][source]  # lo's observation, as a track position
+            # log(f/z) in hi minus in lo: log r_p of (hi, lo), the sign lost in exp(|median|)
+            log_ratio = np.clip(by_track[later] - by_track[own], -127, 127)
+            has, value = _median_scale(pair, log_ratio, shared)
+            scale[p0:p1][has] = value
+        elif len(pair):
+            which, value = _bbox_scale(pair, indptr[i0] + source, track_obs[later], xy_norm)
+            scale[p0:p1][which] = value
 
-    # batches are independent and numpy releases the GIL in its loops: use the cores
+    _run_batches(run_batch, n, batch_images, threads)
+    if measure == "depth":
+        scale[no_scale[lo] | no_scale[hi]] = np.nan
+    return count, scale
+
+
+def _co_observations(i0, i1, n, indptr, point, trk, slot, keys):
+    """Every co-observation (a point seen by both images) of the batch's pairs, once.
+
+    Images i0..i1-1 are the batch; ``keys`` are its pairs (lo, hi), p1 - p0 of them, as
+    ``(lo - i0) * n + hi``, which also index ``slot``, int64 (batch_images * n,), all
+    -1 on entry and on return. ``trk`` is what :func:`tracks` returns.
+
+    A pair (lo, hi) shares point p where p's track holds both images. The track lists
+    its images in increasing order, so the entries after lo's are the images hi > lo
+    that see p: walking, for each observation of the batch's images, the rest of its
+    track finds each co-observation of an unordered pair exactly once, from lo's side.
+    Those of image pairs in no pool are dropped.
+
+    Returns ``(pair, source, later)``, one entry a co-observation, grouped by lo's
+    observation, each group in track order: ``pair`` the index into ``keys``,
+    ``source`` lo's observation minus ``indptr[i0]``, ``later`` hi's track position.
+    """
+    label, _, track_ptr, track_image, _, position = trk
+    slot[keys] = np.arange(len(keys))
+    o0, o1 = indptr[i0], indptr[i1]  # the batch's observations, CSR
+    start = position[o0:o1] + 1  # the track position after each of them
+    length = track_ptr[label[point[o0:o1]] + 1] - start  # how many follow in the track
+    # lay the runs start:start+length end to end: run s begins at entry run_begin[s]
+    run_begin = np.cumsum(length) - length
+    source = np.repeat(np.arange(o1 - o0), length)  # entry -> the observation whose run it is in
+    # entry e is the (e - run_begin[s])-th of run s, at track position start[s] + that
+    later = np.arange(len(source)) + (start - run_begin)[source]
+    row = np.repeat(np.arange(i1 - i0), np.diff(indptr[i0:i1 + 1]))  # observation -> image - i0
+    pair = slot[(row * n)[source] + track_image[later]]  # -1: (lo, hi) is in no pool
+    slot[keys] = -1
+    keep = pair >= 0
+    return pair[keep], source[keep], later[keep]
+
+
+def _median_scale(pair, log_ratio, shared):
+    """exp(|median|) of the log ratios of each pair that shares points.
+
+    ``pair`` and ``log_ratio`` (|log_ratio| <= 127) go together, one entry a
+    co-observation; ``shared[g]`` counts the entries of pair g. Returns ``(has, value)``:
+    the pairs with ``shared > 0`` and their scale changes, in pair order.
+    """
+    # one sort for all groups: group g's keys lie within g * 256 ± 127, apart from the
+    # others', so the sorted keys are the groups in order, each sorted by log ratio
+    keys = np.sort(pair * _KEY_SPAN + log_ratio)
+    group_start = np.cumsum(shared) - shared
+    has = shared > 0
+    # the two middle entries of a group of c (the same one where c is odd)
+    mid_lo = keys[(group_start + (shared - 1) // 2)[has]]
+    mid_hi = keys[(group_start + shared // 2)[has]]
+    base = np.flatnonzero(has) * _KEY_SPAN  # take the group's offset off again
+    return has, np.exp(np.abs(((mid_lo - base) + (mid_hi - base)) / 2))
+
+
+def _bbox_scale(pair, obs_lo, obs_hi, xy_norm):
+    """sqrt of the ratio of the bounding-box areas of each pair's shared points, >= 1.
+
+    One entry a co-observation: ``pair`` its pair, ``obs_lo`` and ``obs_hi`` the two
+    observations (CSR indices into ``xy_norm``). Returns ``(which, value)``: the pairs
+    that share points, ascending, and their scale changes (NaN for a box of zero area).
+    """
+    by_pair = np.argsort(pair, kind="stable")
+    pair, obs_lo, obs_hi = pair[by_pair], obs_lo[by_pair], obs_hi[by_pair]
+    group_start = np.flatnonzero(np.r_[True, pair[1:] != pair[:-1]])
+    area = []
+    for obs in (obs_lo, obs_hi):
+        x, y = xy_norm[obs, 0], xy_norm[obs, 1]
+        w = np.maximum.reduceat(x, group_start) - np.minimum.reduceat(x, group_start)
+        h = np.maximum.reduceat(y, group_start) - np.minimum.reduceat(y, group_start)
+        area.append(w * h)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.sqrt(area[0] / area[1])
+        value = np.maximum(ratio, 1 / ratio)
+    value[(area[0] <= 0) | (area[1] <= 0)] = np.nan  # one point, or all on a line
+    return pair[group_start], value
+
+
+def _run_batches(run_batch, n: int, batch_images: int, threads: int | None) -> None:
+    """``run_batch(i0, slot)`` for i0 = 0, batch_images, ... < n on a few threads.
+
+    Batches are independent (each writes its own run of the outputs) and numpy
+    releases the GIL in its loops. Each worker owns a slot table, int64
+    (batch_images * n,), all -1, that its batches borrow in turn."""
     workers = max(1, min(threads or os.cpu_count() or 1, 8))
-    slots = queue.SimpleQueue()  # one (batch image, other image) -> pair table per worker
+    slots = queue.SimpleQueue()
     for _ in range(workers):
         slots.put(np.full(batch_images * n, -1, np.int64))
 
-    def task(b0: int) -> None:
+    def task(i0: int) -> None:
         slot = slots.get()
         try:
-            run_batch(b0, slot)
+            run_batch(i0, slot)
         finally:
             slots.put(slot)
 
     with ThreadPoolExecutor(workers) as pool:
         list(pool.map(task, range(0, n, batch_images)))
-    if measure == "depth":
-        scale[no_scale[lo] | no_scale[hi]] = np.nan
-    return count, scale
