@@ -73,8 +73,8 @@ def child(which: str, tmp: Path, args) -> None:
     import torch
 
     from sfmpairs.mining.pairfile import read_descriptors
-    from sfmpairs.train.extract import extract
-    from sfmpairs.train.network import load_checkpoint
+    from sfmpairs.retrieval.extract import extract
+    from sfmpairs.retrieval.network import load_checkpoint
 
     root = DATA / "colmap"
     names = photo_names(root)
@@ -107,7 +107,7 @@ def val_map(tmp: Path, root: Path, names: list[str], desc: np.ndarray) -> float:
     from sfmpairs.mining.mine import mine
     from sfmpairs.sfm_io.ingest import ingest
     from sfmpairs.sfm_io.store import read_store
-    from sfmpairs.train.evaluate import mean_average_precision, rank, val_ground_truth
+    from sfmpairs.retrieval.evaluate import mean_average_precision, rank, val_ground_truth
 
     pairs = tmp / "pairs.h5"
     if not pairs.exists():
@@ -139,8 +139,8 @@ def main() -> None:
 
     import torch
 
-    from sfmpairs.train.extract import autocast_dtype
-    from sfmpairs.train.network import build_network, save_checkpoint
+    from sfmpairs.retrieval.extract import autocast_dtype
+    from sfmpairs.retrieval.network import build_network, save_checkpoint
 
     root = DATA / "colmap"
     names = photo_names(root)

@@ -28,7 +28,7 @@ SCENES = ["statue-of-liberty", "fountain-p11", "computer-mouse", "drinks-can", "
 def reference_epoch(net, pairs, opts, rng, device, root):
     """Mining and training as cirtorch does them: one image per forward, no cache."""
     from sfmpairs.mining.negatives import hard_negatives
-    from sfmpairs.train.data import load_image
+    from sfmpairs.retrieval.data import load_image
     from sfmpairs.train.train import _freeze_batchnorm, tuple_loss
 
     names, cluster = pairs["names"], pairs["cluster"]
@@ -65,7 +65,7 @@ def reference_epoch(net, pairs, opts, rng, device, root):
 def main() -> None:
     from sfmpairs.mining.mine import mine
     from sfmpairs.sfm_io.ingest import ingest
-    from sfmpairs.train.network import build_network
+    from sfmpairs.retrieval.network import build_network
     from sfmpairs.train.train import DEFAULTS, ImageCache, _optimizer, _read_pairs, mine_epoch, train_epoch
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

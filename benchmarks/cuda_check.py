@@ -31,7 +31,7 @@ import numpy as np
 
 
 def val_map(desc_file, pairs):
-    from sfmpairs.train.evaluate import evaluate
+    from sfmpairs.retrieval.evaluate import evaluate
 
     return evaluate(Path(desc_file).with_suffix(".json"), pairs=pairs, descriptors=desc_file, overwrite=True)["mAP"]
 
@@ -49,8 +49,8 @@ def main(argv=None) -> int:
     import h5py
     import torch
 
-    from sfmpairs.train.extract import extract, extract_descriptors
-    from sfmpairs.train.network import build_network, load_checkpoint
+    from sfmpairs.retrieval.extract import extract, extract_descriptors
+    from sfmpairs.retrieval.network import build_network, load_checkpoint
     from sfmpairs.train.train import train
 
     out = Path(args.output)

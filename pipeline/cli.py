@@ -126,7 +126,7 @@ def ingest(paths, output, manifest, images_root, cluster_by, reader, overwrite):
     Each model becomes a cluster named after its path. Binary and text models, with
     or without rigs/frames (COLMAP 3.12+), are read.
     """
-    from .sfm_io.ingest import ingest as run
+    from sfmpairs.sfm_io.ingest import ingest as run
 
     if not paths and not manifest:
         raise SfmpairsError("no input: give model paths or --manifest")
@@ -176,7 +176,7 @@ def mine(store, output, strategy, pool_size, min_inlier_ratio, max_scale_change,
     camera centres; the positive is picked from it by STRATEGY; hard negatives are the
     most similar images of other clusters (needs --descriptors).
     """
-    from .mining.mine import mine as run
+    from sfmpairs.mining.mine import mine as run
 
     run(store, output, descriptors=descriptors, overwrite=overwrite, strategy=strategy,
         pool_size=pool_size, min_inlier_ratio=min_inlier_ratio,
@@ -206,7 +206,7 @@ def _scales(text: str) -> tuple[float, ...]:
 def _network_options(fn):
     """--model, or --arch/--pool/--pretrained for an off-the-shelf network (the paper's
     baseline), for extract and evaluate."""
-    from .train.options import BACKBONES, POOLS
+    from sfmpairs.retrieval.backbones import BACKBONES, POOLS
 
     for option in reversed([
         click.option("--model", type=click.Path(dir_okay=False),
@@ -256,7 +256,7 @@ def extract(model, arch, pool, pretrained, store, images_root, image_list, outpu
             whitening, device, precision, batch_size, workers, skip_bad, overwrite):
     """Global descriptors of images, keyed by image name: with a checkpoint (--model)
     or an off-the-shelf network (--arch)."""
-    from .train.extract import extract as run
+    from sfmpairs.retrieval.extract import extract as run
 
     run(model, output, arch=arch, pool=pool, pretrained=_pretrained(pretrained), store=store,
         images_root=images_root, image_list=image_list, image_size=image_size, scales=_scales(multiscale),
@@ -278,7 +278,7 @@ def extract(model, arch, pool, pretrained, store, images_root, image_list, outpu
 @_fail_cleanly
 def whiten(descriptors, pairs, output, method, dim, all_passing, overwrite):
     """Learn a whitening (Lw or PCA) to apply in extract (--whitening)."""
-    from .train.whiten import whiten as run
+    from sfmpairs.retrieval.whiten import whiten as run
 
     r = run(descriptors, pairs, output, method=method, dim=dim, all_passing=all_passing, overwrite=overwrite)
     click.echo(f"wrote {r['output']}: {r['method']} whitening to {r['dim']} dimensions")
@@ -321,7 +321,7 @@ def evaluate(pairs, gnd, descriptors, model, arch, pool, pretrained, whitening, 
     file's val split, or on the revisited Oxford and Paris protocol (Easy, Medium,
     Hard). Descriptors from a file, a checkpoint (--model) or an off-the-shelf network
     (--arch)."""
-    from .train.evaluate import evaluate as run
+    from sfmpairs.retrieval.evaluate import evaluate as run
 
     run(output, pairs=pairs, gnd=gnd, descriptors=descriptors, model=model, arch=arch, pool=pool,
         pretrained=_pretrained(pretrained), whitening=whitening, store=store, images_root=images_root,
@@ -330,7 +330,7 @@ def evaluate(pairs, gnd, descriptors, model, arch, pool, pretrained, whitening, 
 
 
 def _train_default(key: str) -> str:
-    from .train.options import TRAIN_DEFAULTS
+    from sfmpairs.train.options import TRAIN_DEFAULTS
 
     return f" [default: {TRAIN_DEFAULTS[key]}]"
 
@@ -338,7 +338,7 @@ def _train_default(key: str) -> str:
 def _train_options(fn):
     """The options of sfmpairs train, their defaults from :data:`.train.options.TRAIN_DEFAULTS`
     (None here: an option the user did not give)."""
-    from .train.options import BACKBONES, POOLS
+    from sfmpairs.retrieval.backbones import BACKBONES, POOLS
 
     d = _train_default
     for option in reversed([
@@ -404,7 +404,7 @@ def train(pairs, images_root, run_dir, resume_dir, overwrite, **options):
     strategy, mines hard negatives with the current network, trains on the shuffled
     tuples with the contrastive loss and validates on the val split.
     """
-    from .train.train import train as run
+    from sfmpairs.train.train import train as run
 
     options["pretrained"] = _pretrained(options["pretrained"])
     if resume_dir and run_dir:
@@ -441,7 +441,7 @@ def synth(output, clusters, images_per_cluster, image_size, points, seed, overwr
     Writes OUTPUT/cluster_XX/images/*.jpg and OUTPUT/cluster_XX/sparse/0 per cluster,
     and OUTPUT/world.json with the exact geometry; `sfmpairs ingest OUTPUT` reads it.
     """
-    from .sfm_io.world import synth as run
+    from sfmpairs.sfm_io.world import synth as run
 
     try:
         w, h = (int(v) for v in image_size.lower().split("x"))
@@ -475,7 +475,7 @@ def reconstruct(images_dir, output, matcher, camera_model, single_camera, max_im
 
     Every separate model becomes a cluster when ingested: sfmpairs ingest OUTPUT.
     """
-    from .sfm_io.reconstruct import reconstruct as run
+    from sfmpairs.sfm_io.reconstruct import reconstruct as run
 
     r = run(images_dir, output, matcher=matcher, camera_model=camera_model, single_camera=single_camera,
             max_image_size=max_image_size, vocab_tree=vocab_tree, overlap=overlap, device=device,
@@ -524,7 +524,7 @@ def show(output, pairs, images_root, split, query, count, seed, embed, overwrite
 @_fail_cleanly
 def export(pairs, fmt, output, images_root, copy, all_passing, overwrite):
     """Pair files for other frameworks: cnnimageretrieval-pytorch, hloc, pandas (CSV)."""
-    from .mining.export import export as run
+    from sfmpairs.mining.export import export as run
 
     r = run(pairs, output, fmt, images_root=images_root, copy=copy, all_passing=all_passing, overwrite=overwrite)
     click.echo(f"wrote {fmt} export to {output}: " + ", ".join(f"{k} {v}" for k, v in r.items()))
@@ -548,7 +548,7 @@ def demo(workdir, epochs, device, seed, overwrite):
     val mAP before and after training.
     """
     from .demo import run_demo
-    from .train.extract import resolve_device
+    from sfmpairs.retrieval.extract import resolve_device
 
     run_demo(workdir, seed=seed, epochs=epochs, device=str(resolve_device(device)), overwrite=overwrite)
 

@@ -22,7 +22,7 @@ def make_models(folder: Path, seed: int = 0, scenes: int = 4, images: int = 40,
                 points: int = 2000) -> list[Path]:
     """Random COLMAP models without photos, one per scene, at ``folder/scene_K/sparse/0``
     (quick geometry for tests; the demo renders a world with :func:`..sfm_io.world.synth`)."""
-    from .sfm_io.synthetic import random_reconstruction, write_model
+    from sfmpairs.sfm_io.synthetic import random_reconstruction, write_model
 
     paths = []
     for k in range(scenes):
@@ -39,13 +39,13 @@ def run_demo(workdir: str | Path, seed: int = 0, epochs: int = 6, device: str = 
     import torch
 
     from .info import summary
-    from .mining.mine import mine
+    from sfmpairs.mining.mine import mine
     from .show import show
-    from .sfm_io.ingest import ingest
-    from .sfm_io.world import synth
-    from .train.evaluate import evaluate
-    from .train.network import build_network, save_checkpoint
-    from .train.train import train
+    from sfmpairs.sfm_io.ingest import ingest
+    from sfmpairs.sfm_io.world import synth
+    from sfmpairs.retrieval.evaluate import evaluate
+    from sfmpairs.retrieval.network import build_network, save_checkpoint
+    from sfmpairs.train.train import train
 
     conf = {**DEMO, **overrides}
     workdir = Path(workdir)
@@ -76,7 +76,7 @@ def run_demo(workdir: str | Path, seed: int = 0, epochs: int = 6, device: str = 
     after = evaluate(workdir / "eval_after.json", pairs=pairs, model=run_dir / "best.pt", images_root=world,
                      device=device, overwrite=True)
     say("   hard negatives with the trained network, and a picture of mined tuples")
-    from .train.extract import extract
+    from sfmpairs.retrieval.extract import extract
 
     extract(run_dir / "best.pt", workdir / "descriptors.h5", store=store, device=device, overwrite=True)
     mine(store, workdir / "pairs_negatives.h5", strategy="relaxed", queries_per_cluster=0, val_fraction=0.3,

@@ -127,7 +127,7 @@ SUMMARIES = {"sfmpairs/sfm-store": _store_summary,
 
 
 def _checkpoint_summary(path: Path) -> list[str]:
-    from .train.network import read_checkpoint
+    from sfmpairs.retrieval.network import read_checkpoint
 
     state = read_checkpoint(path)
     config = state.get("config", {})

@@ -25,7 +25,7 @@ def tuple_rows(pairs: str | Path, split: str = "train", query: str | None = None
                seed: int = 0) -> list[list[dict]]:
     """The tuples to show: for each chosen query, [query, positive, negatives...] as
     dicts of ``role``, ``index``, ``name``, ``cluster`` and the statistics."""
-    from .mining.pairfile import read_pair_file
+    from sfmpairs.mining.pairfile import read_pair_file
 
     p = read_pair_file(pairs)
     if split not in p["splits"] or len(p["splits"][split]["query"]) == 0:
@@ -147,7 +147,7 @@ def show(pairs, images_root, output, *, split: str = "train", query: str | None 
         raise SfmpairsError(f"{output}: give a .png or .html output")
     rows = tuple_rows(pairs, split, query, count, seed)
     if images_root is None:
-        from .mining.pairfile import read_pair_file
+        from sfmpairs.mining.pairfile import read_pair_file
 
         images_root = read_pair_file(pairs)["images_root"] or None
         if images_root is None:

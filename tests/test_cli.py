@@ -82,7 +82,7 @@ def test_small_demo_runs_every_stage(tmp_path):
     import numpy as np
 
     from sfmpairs.demo import run_demo
-    from sfmpairs.train.network import read_checkpoint
+    from sfmpairs.retrieval.network import read_checkpoint
 
     work = tmp_path / "demo"
     r = run_demo(work, epochs=1, clusters=9, images_per_cluster=6, image_size=(96, 72), points=600,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from sfmpairs import SfmpairsError
-from sfmpairs.train.evaluate import (alpha_query_expansion, average_precision, evaluate, load_gnd,
+from sfmpairs.retrieval.evaluate import (alpha_query_expansion, average_precision, evaluate, load_gnd,
                                      mean_average_precision, rank, revisited_protocols)
 
 
@@ -98,9 +98,9 @@ def test_gnd_queries_are_cropped_to_their_box(tmp_path, monkeypatch):
     import torch
     from PIL import Image
 
-    import sfmpairs.train.evaluate as ev
-    from sfmpairs.train.extract import extract_descriptors
-    from sfmpairs.train.network import build_network, save_checkpoint
+    import sfmpairs.retrieval.evaluate as ev
+    from sfmpairs.retrieval.extract import extract_descriptors
+    from sfmpairs.retrieval.network import build_network, save_checkpoint
 
     rng = np.random.default_rng(5)
     photos = tmp_path / "photos"

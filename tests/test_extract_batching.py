@@ -13,10 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
-from sfmpairs.train import data
-from sfmpairs.train.data import collate, load_image, resized_size
-from sfmpairs.train.extract import extract, extract_descriptors
-from sfmpairs.train.network import build_network, save_checkpoint
+from sfmpairs.retrieval import data
+from sfmpairs.retrieval.data import collate, load_image, resized_size
+from sfmpairs.retrieval.extract import extract, extract_descriptors
+from sfmpairs.retrieval.network import build_network, save_checkpoint
 
 SIZE = 362
 # (width, height) pairs whose 362 px sizes PIL rounds against round() (found by the sweep

@@ -14,8 +14,8 @@ import torchvision
 from PIL import Image
 
 from sfmpairs import SfmpairsError
-from sfmpairs.train import network
-from sfmpairs.train.network import build_network, open_network, save_checkpoint
+from sfmpairs.retrieval import network
+from sfmpairs.retrieval.network import build_network, open_network, save_checkpoint
 
 
 def torchvision_resnet18(seed: int = 0):
@@ -140,8 +140,8 @@ def test_open_network(tmp_path, caplog):
 
 
 def test_extract_with_an_off_the_shelf_network(weights_file, tmp_path):
-    from sfmpairs.train.data import load_image
-    from sfmpairs.train.extract import extract
+    from sfmpairs.retrieval.data import load_image
+    from sfmpairs.retrieval.extract import extract
 
     path, tv = weights_file
     rng = np.random.default_rng(0)

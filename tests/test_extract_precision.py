@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from sfmpairs.train import extract as extract_module
-from sfmpairs.train.network import build_network
+from sfmpairs.retrieval import extract as extract_module
+from sfmpairs.retrieval.network import build_network
 
 
 @pytest.mark.parametrize("precision, tf32_in_forward", [("fp32", False), ("bf16", True)])

@@ -148,7 +148,7 @@ def test_whiten_command_and_info_on_its_files(world, tmp_path):
     from click.testing import CliRunner
 
     from sfmpairs.cli import main
-    from sfmpairs.train.whiten import read_whitening
+    from sfmpairs.retrieval.whiten import read_whitening
 
     root, desc = world
     mine(root / "sfm.h5", tmp_path / "p.h5", queries_per_cluster=0, val_fraction=0.34)

@@ -10,17 +10,18 @@ import pytest
 import torch
 
 from sfmpairs import SfmpairsError
-from sfmpairs.train.network import (ARCHS, build_network, gem, load_checkpoint, mac, rmac,
+from sfmpairs.retrieval.backbones import BACKBONES
+from sfmpairs.retrieval.network import ( build_network, gem, load_checkpoint, mac, rmac,
                                     rmac_regions, save_checkpoint, spoc)
 
 
-@pytest.mark.parametrize("arch", list(ARCHS))
+@pytest.mark.parametrize("arch", list(BACKBONES))
 def test_every_backbone_gives_unit_descriptors(arch):
     torch.manual_seed(0)
     net = build_network({"arch": arch, "pool": "gem"}).eval()
     with torch.no_grad():
         v = net(torch.randn(2, 3, 64, 80))
-    assert v.shape == (2, ARCHS[arch][0]) == (2, net.dim)
+    assert v.shape == (2, BACKBONES[arch]) == (2, net.dim)
     torch.testing.assert_close(v.norm(dim=1), torch.ones(2))
 
 
@@ -115,7 +116,7 @@ def photos(tmp_path_factory):
 
 
 def _reference(net, root, names, size):
-    from sfmpairs.train.data import load_image
+    from sfmpairs.retrieval.data import load_image
 
     with torch.no_grad():
         return np.stack([net(net.normalise_input(load_image(root / n, size)[None]))[0].numpy() for n in names])
@@ -136,7 +137,7 @@ def _with_trained_batchnorm(net):
 
 
 def test_batched_extraction_equals_one_image_at_a_time(photos):
-    from sfmpairs.train.extract import extract_descriptors
+    from sfmpairs.retrieval.extract import extract_descriptors
 
     root, names = photos
     torch.manual_seed(0)
@@ -151,7 +152,7 @@ def test_batched_extraction_equals_one_image_at_a_time(photos):
 
 def test_reduced_precision_is_close_and_ranks_alike(photos):
     """bfloat16 moves descriptors by about 1e-3 and similarities by less."""
-    from sfmpairs.train.extract import autocast_dtype, extract_descriptors
+    from sfmpairs.retrieval.extract import autocast_dtype, extract_descriptors
 
     root, names = photos
     torch.manual_seed(0)
@@ -172,7 +173,7 @@ def test_reduced_precision_is_close_and_ranks_alike(photos):
 
 
 def test_images_are_resized_never_upscaled(photos):
-    from sfmpairs.train.data import load_image, resized_size
+    from sfmpairs.retrieval.data import load_image, resized_size
 
     root, names = photos
     assert tuple(load_image(root / names[9], 100).shape) == (3, 100, 74) == (3, *resized_size(97, 131, 100)[::-1])
@@ -182,8 +183,8 @@ def test_images_are_resized_never_upscaled(photos):
 def test_multiscale_is_the_generalised_mean(photos):
     import torch.nn.functional as F
 
-    from sfmpairs.train.data import load_image
-    from sfmpairs.train.extract import extract_descriptors
+    from sfmpairs.retrieval.data import load_image
+    from sfmpairs.retrieval.extract import extract_descriptors
 
     root, names = photos
     torch.manual_seed(0)
@@ -204,8 +205,8 @@ def test_multiscale_with_a_whitening_layer_is_the_mean_of_the_scales(photos):
     authors' code), not combined with GeM's p (a cube root of a negative mean: NaN)."""
     import torch.nn.functional as F
 
-    from sfmpairs.train.data import load_image
-    from sfmpairs.train.extract import extract_descriptors
+    from sfmpairs.retrieval.data import load_image
+    from sfmpairs.retrieval.extract import extract_descriptors
 
     root, names = photos
     torch.manual_seed(0)
@@ -224,7 +225,7 @@ def test_multiscale_with_a_whitening_layer_is_the_mean_of_the_scales(photos):
 
 
 def test_bad_images(photos, tmp_path):
-    from sfmpairs.train.extract import extract_descriptors
+    from sfmpairs.retrieval.extract import extract_descriptors
 
     root, names = photos
     net = build_network({"arch": "resnet18", "image_size": 64})
@@ -276,7 +277,7 @@ def test_extract_cli_writes_a_descriptor_file(photos, tmp_path):
 
 # ----------------------------------------------------------------------------- whitening
 def test_learned_whitening_whitens_matching_pair_differences():
-    from sfmpairs.train.whiten import learn_lw, learn_pca
+    from sfmpairs.retrieval.whiten import learn_lw, learn_pca
 
     rng = np.random.default_rng(0)
     X = rng.normal(size=(400, 12)) @ rng.normal(size=(12, 12))
@@ -302,7 +303,7 @@ def _span_basis(diff: np.ndarray) -> np.ndarray:
 def test_learned_whitening_with_fewer_pairs_than_dimensions(caplog):
     """5 pairs of 64-d descriptors span 5 dimensions: the whitening keeps those 5 and
     says so (it once divided by zero eigenvalues: projection norms near 1e5)."""
-    from sfmpairs.train.whiten import learn_lw
+    from sfmpairs.retrieval.whiten import learn_lw
 
     rng = np.random.default_rng(1)
     X = rng.normal(size=(200, 64))
@@ -331,7 +332,7 @@ def test_learned_whitening_with_fewer_pairs_than_dimensions(caplog):
 
 
 def test_pca_whitening_with_fewer_images_than_dimensions():
-    from sfmpairs.train.whiten import learn_pca
+    from sfmpairs.retrieval.whiten import learn_pca
 
     X = np.random.default_rng(2).normal(size=(10, 32))
     mean, P = learn_pca(X)  # 10 centred points span 9 dimensions
@@ -345,7 +346,7 @@ def test_whiten_records_the_dimension_it_writes(tmp_path):
     from conftest import synth_and_mine
 
     from sfmpairs.mining.pairfile import read_pair_file, write_descriptors
-    from sfmpairs.train.whiten import read_whitening, whiten
+    from sfmpairs.retrieval.whiten import read_whitening, whiten
 
     root = synth_and_mine(tmp_path, clusters=3, image_size=(64, 48), seed=1, points=400, descriptor_seed=0,
                           queries_per_cluster=0, val_clusters=[])

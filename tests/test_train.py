@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from sfmpairs import SfmpairsError
-from sfmpairs.train.network import build_network, load_checkpoint
+from sfmpairs.retrieval.network import build_network, load_checkpoint
 from sfmpairs.train.train import (contrastive_loss, mine_epoch, train, triplet_loss, tuple_loss)
 
 from conftest import COLMAP, SMALL, needs_real_data

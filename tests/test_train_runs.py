@@ -20,8 +20,8 @@ from sfmpairs import SfmpairsError
 from sfmpairs.cli import main
 from sfmpairs.mining.mine import mine
 from sfmpairs.mining.pairfile import write_descriptors
-from sfmpairs.train.evaluate import evaluate
-from sfmpairs.train.network import build_network, load_checkpoint, save_checkpoint
+from sfmpairs.retrieval.evaluate import evaluate
+from sfmpairs.retrieval.network import build_network, load_checkpoint, save_checkpoint
 from sfmpairs.train.train import _read_pairs, mine_epoch, train
 
 from conftest import SMALL
@@ -65,7 +65,7 @@ def test_epoch_tuples_are_shuffled_mixing_clusters_and_differ_between_epochs(sma
 
 # ----------------------------------------------------------------------------- sizes
 def test_checkpoints_record_both_sizes_and_extract_uses_the_test_size(small_world, tmp_path):
-    from sfmpairs.train.extract import extract, extract_descriptors
+    from sfmpairs.retrieval.extract import extract, extract_descriptors
     from sfmpairs.train.options import TRAIN_DEFAULTS
 
     assert (TRAIN_DEFAULTS["image_size"], TRAIN_DEFAULTS["test_image_size"]) == (362, 1024)  # the paper's
@@ -106,7 +106,7 @@ def test_pair_files_hold_the_val_ground_truth_of_every_val_query(small_world):
 def test_train_and_evaluate_need_no_store_once_mined(small_world, tmp_path):
     """The store moves away after mining: evaluate gives the mAP it gave with the store
     (the pre-0.2 path, from the store's observations), and training validates."""
-    from sfmpairs.train.evaluate import val_ground_truth
+    from sfmpairs.retrieval.evaluate import val_ground_truth
 
     shutil.copy(small_world / "sfm.h5", tmp_path / "sfm.h5")
     mine(tmp_path / "sfm.h5", tmp_path / "pairs.h5", queries_per_cluster=0, val_fraction=0.34, max_scale_change=3.0)
@@ -323,7 +323,7 @@ def test_every_option_has_help_and_help_shows_no_escapes():
                 assert param.help, f"sfmpairs {name} {param.opts[0]} has no description"
         text = cli(name, "--help").output
         assert "%%" not in text, name
-    from sfmpairs.train.options import BACKBONES
+    from sfmpairs.retrieval.backbones import BACKBONES
 
     text = " ".join(cli("train", "--help").output.split())
     assert all(arch in text for arch in BACKBONES)
@@ -412,7 +412,7 @@ def test_training_positives_follow_the_pair_files_min_co_observed(small_world, t
             if strategy == "max-inliers":
                 assert t[1] == pairs["train/positive"][k]
     # mac by hand for one query: the network's most similar candidate
-    from sfmpairs.train.extract import extract_descriptors
+    from sfmpairs.retrieval.extract import extract_descriptors
 
     pairs = _read_pairs(tmp_path / "mac.h5")
     tuples, _ = mine_epoch(net, pairs, {**opts, "_names": pairs["names"]}, np.random.default_rng(0),

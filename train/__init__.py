@@ -1,10 +1,7 @@
-"""The retrieval network, descriptor extraction, whitening, evaluation and training.
+"""Fine-tuning the retrieval network on mined pairs (``sfmpairs train``).
 
-- :mod:`.network`: torchvision backbones cut after their last convolutional block,
-  MAC / SPoC / GeM / R-MAC pooling, optional whitening, L2 normalisation; checkpoints;
-- :mod:`.data`: image lists, decoding in DataLoader workers, batches of equal size;
-- :mod:`.extract`: fast (multi-scale) descriptor extraction (``sfmpairs extract``);
-- :mod:`.whiten`: learned (Lw) and PCA whitening (``sfmpairs whiten``);
-- :mod:`.evaluate`: mAP and mP@k on a pair file's val split or on the revisited
-  Oxford and Paris ground truth (``sfmpairs evaluate``).
+- :mod:`.options`: the training options and their defaults (plain data);
+- :mod:`.train`: per-epoch query and pool draws, positives, hard negatives re-mined
+  with the current network, contrastive or triplet loss, validation, checkpoints;
+- :mod:`.dataset`: a ``torch.utils.data.Dataset`` of mined tuples for any training loop.
 """

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..common import SfmpairsError
+from sfmpairs.common import SfmpairsError
 
 
 def _default_transform(image_size: int | None):
@@ -37,7 +37,7 @@ class PairTuples(Dataset):
 
     def __init__(self, pairs: str | Path, images_root: str | Path | None = None, split: str = "train",
                  transform=None, image_size: int | None = None):
-        from ..mining.pairfile import read_pair_file
+        from sfmpairs.mining.pairfile import read_pair_file
 
         p = read_pair_file(pairs)
         if split not in p["splits"]:

@@ -1,19 +1,10 @@
-"""The training options and their defaults, and the backbones and poolings sfmpairs
-knows: plain data, no torch import, so that the command line shows them quickly.
-
-Each default is written here once; :mod:`.train` and :mod:`.network` use these, and
-``sfmpairs train --help`` shows them.
+"""The training options and their defaults: plain data, no torch import, so that the
+command line shows them quickly. Each default is written here once; :mod:`.train` uses
+them, and ``sfmpairs train --help`` shows them.
 """
 
 from __future__ import annotations
 
-# backbone -> channels of its last convolutional block (where :mod:`.network` cuts it)
-BACKBONES = {
-    "alexnet": 256, "vgg16": 512, "resnet18": 512, "resnet34": 512, "resnet50": 2048,
-    "resnet101": 2048, "resnet152": 2048, "mobilenet_v3_large": 960, "mobilenet_v3_small": 576,
-    "efficientnet_b0": 1280,
-}
-POOLS = ("mac", "spoc", "gem", "rmac")
 MARGINS = {"alexnet": 0.7, "vgg16": 0.75}  # the contrastive margin; resnets and the rest: 0.85
 
 TRAIN_DEFAULTS = {

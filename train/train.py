@@ -33,12 +33,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..common import SfmpairsError, file_sha256, progress
-from ..mining.mine import pool_similarity, positive_slots
-from ..mining.negatives import hard_negatives
-from .data import load_image
-from .extract import NonFiniteDescriptors, extract_descriptors, resolve_device
-from .network import build_network, load_checkpoint, read_checkpoint, save_checkpoint
+from sfmpairs.common import SfmpairsError, file_sha256, progress
+from sfmpairs.mining.mine import pool_similarity, positive_slots
+from sfmpairs.mining.negatives import hard_negatives
+from sfmpairs.retrieval.data import load_image
+from sfmpairs.retrieval.extract import NonFiniteDescriptors, extract_descriptors, resolve_device
+from sfmpairs.retrieval.network import build_network, load_checkpoint, read_checkpoint, save_checkpoint
 from .options import MARGINS, TRAIN_DEFAULTS
 
 logger = logging.getLogger("sfmpairs.train")
@@ -106,7 +106,7 @@ class ImageCache:
 # ----------------------------------------------------------------------------- the run
 def _read_pairs(path: Path) -> dict:
     """The pair file as flat arrays (``train/query``...), the train split required."""
-    from ..mining.pairfile import read_pair_file
+    from sfmpairs.mining.pairfile import read_pair_file
 
     p = read_pair_file(path)
     d = {"names": p["names"], "cluster": p["cluster"], "strategy": p["strategy"],
@@ -237,7 +237,7 @@ def train_epoch(net, tuples, opts, optimizer, scaler, device, cache: ImageCache,
 def validate(net, val, opts, device, root: Path):
     """mAP on the val split (the evaluation protocol, at the test image size), or None
     without val queries; ``val`` is :func:`~.evaluate.val_ground_truth`'s result."""
-    from .evaluate import mean_average_precision, rank
+    from sfmpairs.retrieval.evaluate import mean_average_precision, rank
 
     if val is None:
         return None
@@ -267,7 +267,7 @@ def _set_rng_state(rng, state: dict) -> None:
 def check_trainable(pairs: Path, data: dict, opts: dict):
     """Refuse, up front and with the fix, a pair file this run cannot train on; return
     the val ground truth (None without a val split)."""
-    from .evaluate import FEW_QUERIES, val_ground_truth
+    from sfmpairs.retrieval.evaluate import FEW_QUERIES, val_ground_truth
 
     clusters = np.unique(data["cluster"][data["train/images"]])
     if len(clusters) < 2:
@@ -315,7 +315,7 @@ def _new_run(pairs, images_root, run_dir: Path, overwrite: bool, options: dict) 
     if unknown:
         raise SfmpairsError(f"unknown option {sorted(unknown)[0]!r}")
     if images_root is None:
-        from ..mining.pairfile import read_pair_file
+        from sfmpairs.mining.pairfile import read_pair_file
 
         images_root = read_pair_file(pairs)["images_root"] or None
         if images_root is None:

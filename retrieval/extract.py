@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..common import SfmpairsError, atomic_output, file_sha256, progress, provenance_attrs
+from sfmpairs.common import SfmpairsError, atomic_output, file_sha256, progress, provenance_attrs
 from .data import image_loader
 from .network import RetrievalNet, open_network
 
@@ -215,12 +215,12 @@ def extract(model: str | Path | None = None, output: str | Path | None = None, *
     """Descriptors of a store's images (``store``) or of a list (``images_root`` +
     ``image_list``) into a descriptor file (docs/formats.md), with the network of the
     checkpoint ``model`` or an off-the-shelf one (``arch``, ``pool``, ``pretrained``:
-    see :func:`~sfmpairs.train.network.open_network`)."""
+    see :func:`~sfmpairs.retrieval.network.open_network`)."""
     t0 = time.perf_counter()
     if output is None:
         raise SfmpairsError("give an output file (-o)")
     if store is not None:
-        from ..sfm_io.store import read_store
+        from sfmpairs.sfm_io.store import read_store
 
         s = read_store(store, keys=["images/name"])
         names = list(s["images/name"])

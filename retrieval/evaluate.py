@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..common import SfmpairsError, atomic_output, check_output_path, now_iso
+from sfmpairs.common import SfmpairsError, atomic_output, check_output_path, now_iso
 
 logger = logging.getLogger("sfmpairs.evaluate")
 
@@ -98,7 +98,7 @@ def val_ground_truth(pairs: str | Path, min_covisible: int = 1, positives: str =
     other images of the query's cluster, and the query itself. Pair files of schema
     version 1 lack ``val/gt_*``: for them give the SfM store they were mined from.
     """
-    from ..mining.pairfile import read_pair_file
+    from sfmpairs.mining.pairfile import read_pair_file
 
     p = read_pair_file(pairs)
     names, cluster, val = p["names"], p["cluster"], p["splits"].get("val")
@@ -129,8 +129,8 @@ def val_ground_truth(pairs: str | Path, min_covisible: int = 1, positives: str =
 def _covisible_from_store(pairs, store, names, queries, min_covisible: int) -> list:
     """Images sharing points with each query, from the SfM store (pair files of schema
     version 1, which lack val/gt_*)."""
-    from ..mining.mine import co_observing_images
-    from ..sfm_io.store import read_store
+    from sfmpairs.mining.mine import co_observing_images
+    from sfmpairs.sfm_io.store import read_store
 
     if not store:
         raise SfmpairsError(f"{pairs}: an older pair file without val ground truth; mine it again "
@@ -222,7 +222,7 @@ def evaluate(output: str | Path, *, pairs=None, gnd=None, descriptors=None, mode
 
     def describe(names, root, boxes=None):
         if descriptors is not None:
-            from ..mining.pairfile import read_descriptors
+            from sfmpairs.mining.pairfile import read_descriptors
 
             d = read_descriptors(descriptors, np.asarray(names, dtype=object))
         else:
@@ -254,7 +254,7 @@ def evaluate(output: str | Path, *, pairs=None, gnd=None, descriptors=None, mode
         names, queries, database, pos, junk = val_ground_truth(pairs, min_covisible, positives, store)
         root = images_root
         if root is None and net is not None:
-            from ..mining.pairfile import read_pair_file
+            from sfmpairs.mining.pairfile import read_pair_file
 
             root = read_pair_file(pairs)["images_root"] or None
         logger.debug("val: %d queries, %d database images, %.1f positives and %.1f junk per query",

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..common import SfmpairsError
+from sfmpairs.common import SfmpairsError
 
 
 def resized_size(width: int, height: int, image_size: int) -> tuple[int, int]:

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..common import SfmpairsError, atomic_output, file_sha256, now_iso
+from sfmpairs.common import SfmpairsError, atomic_output, file_sha256, now_iso
+from sfmpairs.retrieval.backbones import BACKBONES, POOLS
 
 logger = logging.getLogger("sfmpairs.network")
 
@@ -32,20 +33,21 @@ DEFAULT_CONFIG = {
     "std": IMAGENET_STD,
 }
 
-# arch -> (channels of the last convolutional block, how to cut the backbone)
-ARCHS = {
-    "alexnet": (256, lambda m: m.features[:-1]),  # without the last max-pooling
-    "vgg16": (512, lambda m: m.features[:-1]),
-    "resnet18": (512, lambda m: nn.Sequential(*list(m.children())[:-2])),
-    "resnet34": (512, lambda m: nn.Sequential(*list(m.children())[:-2])),
-    "resnet50": (2048, lambda m: nn.Sequential(*list(m.children())[:-2])),
-    "resnet101": (2048, lambda m: nn.Sequential(*list(m.children())[:-2])),
-    "resnet152": (2048, lambda m: nn.Sequential(*list(m.children())[:-2])),
-    "mobilenet_v3_large": (960, lambda m: m.features),
-    "mobilenet_v3_small": (576, lambda m: m.features),
-    "efficientnet_b0": (1280, lambda m: m.features),
+def _resnet_trunk(m: nn.Module) -> nn.Module:
+    return nn.Sequential(*list(m.children())[:-2])  # without the average pooling and fc
+
+
+# how to cut each backbone of BACKBONES after its last convolutional block
+CUTS = {
+    "alexnet": lambda m: m.features[:-1],  # without the last max-pooling
+    "vgg16": lambda m: m.features[:-1],
+    **{name: _resnet_trunk for name in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")},
+    "mobilenet_v3_large": lambda m: m.features,
+    "mobilenet_v3_small": lambda m: m.features,
+    "efficientnet_b0": lambda m: m.features,
 }
-POOLS = ("mac", "spoc", "gem", "rmac")
+assert set(CUTS) == set(BACKBONES)
+
 CHECKPOINT_SCHEMA = "sfmpairs/checkpoint"
 
 
@@ -112,7 +114,7 @@ class RetrievalNet(nn.Module):
 
     @property
     def dim(self) -> int:
-        return self.whiten.out_features if self.whiten is not None else ARCHS[self.config["arch"]][0]
+        return self.whiten.out_features if self.whiten is not None else BACKBONES[self.config["arch"]]
 
     def normalise_input(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 or [0, 1] float images (B, 3, H, W) -> normalised float input."""
@@ -215,12 +217,12 @@ def build_network(config: dict | None = None, pretrained: bool | str | Path | No
 
     config = {**DEFAULT_CONFIG, **(config or {})}
     arch = config["arch"]
-    if arch not in ARCHS:
-        raise SfmpairsError(f"unknown architecture {arch!r} (choose from {', '.join(ARCHS)})")
+    if arch not in BACKBONES:
+        raise SfmpairsError(f"unknown architecture {arch!r} (choose from {', '.join(BACKBONES)})")
     if config["pool"] not in POOLS:
         raise SfmpairsError(f"unknown pooling {config['pool']!r} (choose from {', '.join(POOLS)})")
     backbone = torchvision.models.get_model(arch, weights=None)
-    channels, cut = ARCHS[arch]
+    channels, cut = BACKBONES[arch], CUTS[arch]
     features = cut(backbone)
     if pretrained is True or pretrained == "imagenet":
         backbone.load_state_dict(pretrained_state_dict(arch))
@@ -260,7 +262,7 @@ def open_network(model: str | Path | None = None, *, arch: str | None = None, po
 def save_checkpoint(path: str | Path, net: RetrievalNet, overwrite: bool = True, **extra) -> None:
     """Write the network's config and weights (and ``extra``, e.g. training state)
     atomically."""
-    from .. import __version__
+    from sfmpairs import __version__
 
     state = {"schema": CHECKPOINT_SCHEMA, "schema_version": 1, "tool_version": __version__,
              "created": now_iso(), "config": dict(net.config),

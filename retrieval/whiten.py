@@ -21,7 +21,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ..common import SfmpairsError, atomic_output, file_sha256, provenance_attrs
+from sfmpairs.common import SfmpairsError, atomic_output, file_sha256, provenance_attrs
 
 logger = logging.getLogger("sfmpairs.whiten")
 
@@ -102,7 +102,7 @@ def read_whitening(path: str | Path) -> dict:
 def whiten(descriptors: str | Path, pairs: str | Path, output: str | Path, *, method: str = "lw",
            dim: int | None = None, all_passing: bool = False, overwrite: bool = False) -> dict:
     """Learn a whitening from a descriptor file and the train split of a pair file."""
-    from ..mining.pairfile import read_descriptors, read_pair_file
+    from sfmpairs.mining.pairfile import read_descriptors, read_pair_file
 
     if method not in METHODS:
         raise SfmpairsError(f"unknown whitening method {method!r} (choose lw or pca)")
