@@ -84,7 +84,7 @@ def main() -> None:
              val_clusters=["drinks-can/sparse/0"])
         pairs = _read_pairs(Path(tmp) / "pairs.h5")
     opts = {**DEFAULTS, "query_size": args.queries, "pool_size": args.pool, "image_size": args.image_size,
-            "amp": device.type == "cuda", "workers": None, "_names": pairs["names"], "margin": 0.85}
+            "amp": device.type == "cuda", "workers": None, "margin": 0.85}
     print(f"{len(pairs['train/query'])} train queries; epoch of {args.queries} queries, pool {args.pool}, "
           f"resnet18 at {args.image_size} px on {device}")
     torch.manual_seed(0)
@@ -102,7 +102,7 @@ def main() -> None:
     cache = ImageCache(root, args.image_size, 2 << 30)
     t = time.perf_counter()
     tuples, _ = mine_epoch(net, pairs, opts, np.random.default_rng(0), device, root)
-    train_epoch(net, tuples, opts, optimizer, scaler, device, cache, 0)
+    train_epoch(net, tuples, pairs["names"], opts, optimizer, scaler, device, cache, 0)
     if device.type == "cuda":
         torch.cuda.synchronize()
     t_ours = time.perf_counter() - t

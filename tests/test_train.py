@@ -84,7 +84,7 @@ def test_mining_obeys_the_rules_and_follows_the_network(small_world):
     from sfmpairs.train.train import _read_pairs
 
     pairs = _read_pairs(small_world / "pairs.h5")
-    opts = {**SMALL, "neg_num": 3, "amp": False, "skip_bad": False, "_names": pairs["names"]}
+    opts = {**SMALL, "neg_num": 3, "amp": False, "skip_bad": False}
     cluster = pairs["cluster"]
     torch.manual_seed(0)
     net_a = build_network({"arch": "resnet18", "image_size": 48})
@@ -108,8 +108,7 @@ def test_relaxed_positives_vary_between_epochs_and_pass(small_world):
     from sfmpairs.train.train import _read_pairs
 
     pairs = _read_pairs(small_world / "pairs.h5")
-    opts = {**SMALL, "neg_num": 2, "amp": False, "skip_bad": False, "query_size": 1000,
-            "_names": pairs["names"]}
+    opts = {**SMALL, "neg_num": 2, "amp": False, "skip_bad": False, "query_size": 1000}
     net = build_network({"arch": "resnet18", "image_size": 48})
     rng = np.random.default_rng(0)
     seen = {}
@@ -230,11 +229,11 @@ def test_training_keeps_batch_norm_statistics_frozen(small_world):
     q, p = pairs["train/query"], pairs["train/positive"]
     other = [int(i) for i in pairs["train/images"] if pairs["cluster"][i] != pairs["cluster"][q[0]]][:2]
     tuples = [[int(q[0]), int(p[0]), *other], [int(q[1]), int(p[1]), *other]]
-    opts = {**SMALL, "loss": "contrastive", "margin": 0.85, "_names": pairs["names"], "amp": False,
+    opts = {**SMALL, "loss": "contrastive", "margin": 0.85, "amp": False,
             "lr": 1e-3, "weight_decay": 0.0, "p_lr_factor": 10.0, "optimizer": "adam"}
     optimizer = _optimizer(net, opts)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    train_epoch(net, tuples, opts, optimizer, scaler, torch.device("cpu"),
+    train_epoch(net, tuples, pairs["names"], opts, optimizer, scaler, torch.device("cpu"),
                 ImageCache(small_world / "photos", 48, 1 << 26), 0)
     assert not torch.equal(conv, net.features[0].weight)  # it trained...
     for m, before in zip(bn, means):  # ...with the batch statistics untouched

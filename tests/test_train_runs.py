@@ -46,7 +46,7 @@ def store_names(store):
 # ----------------------------------------------------------------------------- tuples
 def test_epoch_tuples_are_shuffled_mixing_clusters_and_differ_between_epochs(small_world):
     pairs = _read_pairs(small_world / "pairs.h5")
-    opts = {**SMALL, "neg_num": 2, "amp": False, "skip_bad": False, "query_size": 1000, "_names": pairs["names"]}
+    opts = {**SMALL, "neg_num": 2, "amp": False, "skip_bad": False, "query_size": 1000}
     torch.manual_seed(0)
     net = build_network({"arch": "resnet18"})
     rng = np.random.default_rng(0)
@@ -401,7 +401,7 @@ def test_training_positives_follow_the_pair_files_min_co_observed(small_world, t
         mine(small_world / "sfm.h5", tmp_path / f"{strategy}.h5", strategy=strategy, descriptors=tmp_path / "d.h5",
              min_co_observed=m, queries_per_cluster=0, val_fraction=0.34, max_scale_change=3.0)
         pairs = _read_pairs(tmp_path / f"{strategy}.h5")
-        tuples, _ = mine_epoch(net, pairs, {**opts, "_names": pairs["names"]}, np.random.default_rng(0),
+        tuples, _ = mine_epoch(net, pairs, {**opts}, np.random.default_rng(0),
                                torch.device("cpu"), photos)
         query = list(pairs["train/query"])
         assert len(tuples) == len(query)
@@ -415,7 +415,7 @@ def test_training_positives_follow_the_pair_files_min_co_observed(small_world, t
     from sfmpairs.retrieval.extract import extract_descriptors
 
     pairs = _read_pairs(tmp_path / "mac.h5")
-    tuples, _ = mine_epoch(net, pairs, {**opts, "_names": pairs["names"]}, np.random.default_rng(0),
+    tuples, _ = mine_epoch(net, pairs, {**opts}, np.random.default_rng(0),
                            torch.device("cpu"), photos)
     q, p = tuples[0][:2]
     k = list(pairs["train/query"]).index(q)

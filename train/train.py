@@ -195,8 +195,9 @@ def extract_precision(device, opts) -> str:
     return "auto" if amp else "fp32"
 
 
-def train_epoch(net, tuples, opts, optimizer, scaler, device, cache: ImageCache, epoch: int):
-    """One pass over the tuples; returns the mean loss per tuple. Stops on NaN."""
+def train_epoch(net, tuples, names, opts, optimizer, scaler, device, cache: ImageCache, epoch: int):
+    """One pass over the tuples (rows of image indices into ``names``); returns the mean
+    loss per tuple. Stops on NaN."""
     net.train()
     _freeze_batchnorm(net)
     amp = device.type == "cuda" and opts["amp"] is not False
@@ -206,7 +207,7 @@ def train_epoch(net, tuples, opts, optimizer, scaler, device, cache: ImageCache,
         batch = tuples[b:b + opts["batch_size"]]
         images = sorted({i for t in batch for i in t})
         where = {img: k for k, img in enumerate(images)}
-        tensors = cache.get([opts["_names"][i] for i in images])
+        tensors = cache.get([names[i] for i in images])
         groups: dict[tuple, list[int]] = {}
         for k, t in enumerate(tensors):
             groups.setdefault(tuple(t.shape), []).append(k)
@@ -439,8 +440,7 @@ def train(pairs: str | Path | None, images_root: str | Path | None, run_dir: str
             (run_dir / stale).unlink(missing_ok=True)
     _write_json(run_dir / "config.json", opts)
     net = net.to(device).to(memory_format=torch.channels_last)
-    opts_runtime = {**opts, "_names": data["names"],
-                    "amp": (device.type == "cuda") if opts["amp"] is None else opts["amp"]}
+    opts_runtime = {**opts, "amp": (device.type == "cuda") if opts["amp"] is None else opts["amp"]}
     optimizer = _optimizer(net, opts)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=math.exp(-opts["lr_decay"]))
     scaler = torch.amp.GradScaler(device.type, enabled=opts_runtime["amp"] and device.type == "cuda")
@@ -476,7 +476,7 @@ def train(pairs: str | Path | None, images_root: str | Path | None, run_dir: str
         try:
             tuples, stats = mine_epoch(net, data, opts_runtime, rng, device, images_root)
             logger.debug("epoch %d: %d tuples mined in %.1f s", epoch, len(tuples), time.perf_counter() - t0)
-            loss = train_epoch(net, tuples, opts_runtime, optimizer, scaler, device, cache, epoch)
+            loss = train_epoch(net, tuples, data["names"], opts_runtime, optimizer, scaler, device, cache, epoch)
             val_map = validate(net, val, opts_runtime, device, images_root)
         except NonFiniteDescriptors as e:
             fix = ("the network's activations overflow mixed precision: train with --no-amp" if e.reduced
