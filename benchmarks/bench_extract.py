@@ -72,7 +72,7 @@ def child(which: str, tmp: Path, args) -> None:
         importlib.import_module("sfmpairs.cli")  # the command's set-up, before torch loads
     import torch
 
-    from sfmpairs.mining.pairfile import read_descriptors
+    from sfmpairs.retrieval.descriptors import read_descriptors
     from sfmpairs.retrieval.extract import extract
     from sfmpairs.retrieval.network import load_checkpoint
 

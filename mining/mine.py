@@ -17,10 +17,12 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ..common import SfmpairsError, atomic_output, check_output_path, file_sha256, progress, provenance_attrs
-from ..sfm_io.store import read_store
+from sfmpairs.common import SfmpairsError, atomic_output, check_output_path, file_sha256, progress, provenance_attrs
+from sfmpairs.retrieval.descriptors import read_descriptors
+from sfmpairs.sfm_io.store import read_store
+
 from .negatives import hard_negatives
-from .pairfile import SCHEMA, SCHEMA_VERSION, SPLITS, STR, read_descriptors
+from .pairfile import SCHEMA, SCHEMA_VERSION, SPLITS, STR
 from .pools import SCALE_MEASURES, pair_statistics, pool_members, unordered_pairs
 
 logger = logging.getLogger("sfmpairs.mine")

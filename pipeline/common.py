@@ -13,6 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
+
 logger = logging.getLogger("sfmpairs")
 
 
@@ -89,6 +91,22 @@ def provenance_attrs(schema: str, schema_version: int, parameters: dict,
         "parameters": json.dumps(parameters, sort_keys=True, default=str),
         "inputs": json.dumps(inputs, sort_keys=True, default=str),
     }
+
+
+def check_schema(attrs, path, schema: str, version: int, kind: str, hint: str = "") -> None:
+    """The one check every reader makes of a file's ``schema`` and ``schema_version``
+    attributes (stamped by :func:`provenance_attrs`): the right kind of file, and a
+    version this sfmpairs reads (1 to ``version``). ``kind`` names the file in the
+    message ("a pair file"), ``hint`` says what writes it."""
+    from . import __version__
+
+    found = attrs.get("schema")
+    if found != schema:
+        raise SfmpairsError(f"{path}: not {kind} (schema {found!r}, expected {schema!r}){hint}")
+    found_version = attrs.get("schema_version")
+    if not isinstance(found_version, (int, np.integer)) or not 1 <= found_version <= version:
+        raise SfmpairsError(f"{path}: {kind} of schema version {found_version}; sfmpairs {__version__} "
+                            f"reads versions 1 to {version}")
 
 
 def progress(iterable=None, *, total=None, desc: str = "", unit: str = "it", **kwargs):

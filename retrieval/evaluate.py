@@ -222,7 +222,7 @@ def evaluate(output: str | Path, *, pairs=None, gnd=None, descriptors=None, mode
 
     def describe(names, root, boxes=None):
         if descriptors is not None:
-            from sfmpairs.mining.pairfile import read_descriptors
+            from sfmpairs.retrieval.descriptors import read_descriptors
 
             d = read_descriptors(descriptors, np.asarray(names, dtype=object))
         else:

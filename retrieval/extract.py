@@ -16,18 +16,19 @@ import logging
 import time
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from sfmpairs.common import SfmpairsError, atomic_output, file_sha256, progress, provenance_attrs
 from .data import image_loader
+from .descriptors import SCHEMA as DESCRIPTORS_SCHEMA
+from .descriptors import SCHEMA_VERSION as DESCRIPTORS_VERSION
+from .descriptors import write_descriptors
 from .network import RetrievalNet, open_network
 
 logger = logging.getLogger("sfmpairs.extract")
 
-DESCRIPTORS_SCHEMA = "sfmpairs/descriptors"
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -261,20 +262,15 @@ def extract(model: str | Path | None = None, output: str | Path | None = None, *
             desc = apply_whitening(desc, wh).astype(np.float32)
         for i, message in bad.items():
             logger.warning("skipped %s", message)
-        with h5py.File(tmp, "w") as f:
-            str_dt = h5py.string_dtype("utf-8")
-            f.create_dataset("names", data=[n for n, k in zip(names, keep) if k], dtype=str_dt)
-            f.create_dataset("descriptors", data=desc.astype(np.float32))
-            f.create_dataset("skipped", data=[names[i] for i in sorted(bad)], dtype=str_dt)
-            parameters = {"image_size": size, "scales": list(scales), "device": str(dev),
-                          "precision": precision, "compute_dtype": str(dtype or torch.float32),
-                          "batch_size": batch_size, "skip_bad": skip_bad,
-                          "whitening": str(whitening) if whitening else None,
-                          "config": net.config}
-            inputs = {**network_inputs(model, pretrained), "images_root": str(Path(images_root).resolve()),
-                      "store": str(Path(store).resolve()) if store else None,
-                      "list": str(Path(image_list).resolve()) if image_list else None}
-            f.attrs.update(provenance_attrs(DESCRIPTORS_SCHEMA, 1, parameters, inputs))
+        parameters = {"image_size": size, "scales": list(scales), "device": str(dev),
+                      "precision": precision, "compute_dtype": str(dtype or torch.float32),
+                      "batch_size": batch_size, "skip_bad": skip_bad,
+                      "whitening": str(whitening) if whitening else None, "config": net.config}
+        inputs = {**network_inputs(model, pretrained), "images_root": str(Path(images_root).resolve()),
+                  "store": str(Path(store).resolve()) if store else None,
+                  "list": str(Path(image_list).resolve()) if image_list else None}
+        write_descriptors(tmp, [n for n, k in zip(names, keep) if k], desc, skipped=[names[i] for i in sorted(bad)],
+                          attrs=provenance_attrs(DESCRIPTORS_SCHEMA, DESCRIPTORS_VERSION, parameters, inputs))
     seconds = time.perf_counter() - t0
     logger.info("wrote %s: %d descriptors of dimension %d (%d skipped) in %.1f s", output,
                 len(desc), desc.shape[1], len(bad), seconds)

@@ -21,11 +21,12 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from sfmpairs.common import SfmpairsError, atomic_output, file_sha256, provenance_attrs
+from sfmpairs.common import SfmpairsError, atomic_output, check_schema, file_sha256, provenance_attrs
 
 logger = logging.getLogger("sfmpairs.whiten")
 
 SCHEMA = "sfmpairs/whitening"
+SCHEMA_VERSION = 1
 METHODS = ("lw", "pca")
 
 
@@ -89,8 +90,7 @@ def read_whitening(path: str | Path) -> dict:
     path = Path(path)
     try:
         with h5py.File(path, "r") as f:
-            if f.attrs.get("schema") != SCHEMA:
-                raise SfmpairsError(f"{path}: not a whitening file")
+            check_schema(f.attrs, path, SCHEMA, SCHEMA_VERSION, "a whitening file", " (sfmpairs whiten writes them)")
             return {"mean": f["mean"][()], "projection": f["projection"][()],
                     "method": f.attrs.get("method")}
     except FileNotFoundError:
@@ -102,7 +102,8 @@ def read_whitening(path: str | Path) -> dict:
 def whiten(descriptors: str | Path, pairs: str | Path, output: str | Path, *, method: str = "lw",
            dim: int | None = None, all_passing: bool = False, overwrite: bool = False) -> dict:
     """Learn a whitening from a descriptor file and the train split of a pair file."""
-    from sfmpairs.mining.pairfile import read_descriptors, read_pair_file
+    from sfmpairs.mining.pairfile import read_pair_file
+    from sfmpairs.retrieval.descriptors import read_descriptors
 
     if method not in METHODS:
         raise SfmpairsError(f"unknown whitening method {method!r} (choose lw or pca)")
@@ -134,7 +135,7 @@ def whiten(descriptors: str | Path, pairs: str | Path, output: str | Path, *, me
         with h5py.File(tmp, "w") as f:
             f.create_dataset("mean", data=mean)
             f.create_dataset("projection", data=projection)
-            f.attrs.update(provenance_attrs(SCHEMA, 1, {"method": method, "dim": dim, "all_passing": all_passing},
+            f.attrs.update(provenance_attrs(SCHEMA, SCHEMA_VERSION, {"method": method, "dim": dim, "all_passing": all_passing},
                                             {"descriptors": str(Path(descriptors).resolve()),
                                              "descriptors_sha256": file_sha256(descriptors),
                                              "pairs": str(Path(pairs).resolve())}))

@@ -12,7 +12,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ..common import SfmpairsError
+from ..common import SfmpairsError, check_schema
 from .model import Model, camera_centres, camera_models, focal_lengths, quat_to_rotmat
 
 SCHEMA = "sfmpairs/sfm-store"
@@ -131,15 +131,11 @@ def open_store(path: str | Path) -> h5py.File:
         raise SfmpairsError(f"{path}: no such file") from None
     except OSError as e:
         raise SfmpairsError(f"{path}: not an HDF5 file ({e})") from None
-    schema = h5.attrs.get("schema")
-    version = h5.attrs.get("schema_version")
-    if schema != SCHEMA:
+    try:
+        check_schema(h5.attrs, path, SCHEMA, SCHEMA_VERSION, "an SfM store", " (sfmpairs ingest writes them)")
+    except SfmpairsError:
         h5.close()
-        raise SfmpairsError(f"{path}: not an SfM store (schema {schema!r}, expected {SCHEMA!r})")
-    if version != SCHEMA_VERSION:
-        h5.close()
-        raise SfmpairsError(f"{path}: SfM store schema version {version}, this sfmpairs reads "
-                            f"version {SCHEMA_VERSION}")
+        raise
     return h5
 
 

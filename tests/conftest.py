@@ -28,7 +28,7 @@ def synth_and_mine(root: Path, *, clusters: int, image_size: tuple[int, int], se
     """A rendered world in ``root/w``, its store ``root/sfm.h5``, random unit
     descriptors ``root/d.h5`` (8-d) and pairs ``root/pairs.h5`` mined with them."""
     from sfmpairs.mining.mine import mine
-    from sfmpairs.mining.pairfile import write_descriptors
+    from sfmpairs.retrieval.descriptors import write_descriptors
     from sfmpairs.sfm_io.ingest import ingest
     from sfmpairs.sfm_io.store import read_store
     from sfmpairs.sfm_io.world import synth

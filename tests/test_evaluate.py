@@ -184,7 +184,7 @@ def test_val_split_evaluation(tmp_path):
 
     from sfmpairs.demo import make_models
     from sfmpairs.mining.mine import mine
-    from sfmpairs.mining.pairfile import write_descriptors
+    from sfmpairs.retrieval.descriptors import write_descriptors
     from sfmpairs.sfm_io.ingest import ingest
 
     make_models(tmp_path / "colmap", seed=4, scenes=4, images=20, points=800)

@@ -12,7 +12,7 @@ import pytest
 from sfmpairs import SfmpairsError
 from sfmpairs.mining.mine import mine, paper_queries_per_cluster
 from sfmpairs.mining.negatives import hard_negatives
-from sfmpairs.mining.pairfile import write_descriptors
+from sfmpairs.retrieval.descriptors import write_descriptors
 from sfmpairs.sfm_io.ingest import ingest
 from sfmpairs.sfm_io.store import read_store
 

@@ -241,7 +241,7 @@ def test_extract_cli_writes_a_descriptor_file(photos, tmp_path):
     from click.testing import CliRunner
 
     from sfmpairs.cli import main
-    from sfmpairs.mining.pairfile import read_descriptors
+    from sfmpairs.retrieval.descriptors import read_descriptors
 
     root, names = photos
     save_checkpoint(tmp_path / "m.pt", build_network({"arch": "resnet18", "image_size": 64}))
@@ -345,7 +345,8 @@ def test_pca_whitening_with_fewer_images_than_dimensions():
 def test_whiten_records_the_dimension_it_writes(tmp_path):
     from conftest import synth_and_mine
 
-    from sfmpairs.mining.pairfile import read_pair_file, write_descriptors
+    from sfmpairs.mining.pairfile import read_pair_file
+    from sfmpairs.retrieval.descriptors import write_descriptors
     from sfmpairs.retrieval.whiten import read_whitening, whiten
 
     root = synth_and_mine(tmp_path, clusters=3, image_size=(64, 48), seed=1, points=400, descriptor_seed=0,

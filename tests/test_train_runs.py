@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from sfmpairs import SfmpairsError
 from sfmpairs.cli import main
 from sfmpairs.mining.mine import mine
-from sfmpairs.mining.pairfile import write_descriptors
+from sfmpairs.retrieval.descriptors import write_descriptors
 from sfmpairs.retrieval.evaluate import evaluate
 from sfmpairs.retrieval.network import build_network, load_checkpoint, save_checkpoint
 from sfmpairs.train.train import _read_pairs, mine_epoch, train
