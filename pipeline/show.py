@@ -80,14 +80,15 @@ def caption(e: dict) -> list[str]:
 def _thumbnail(root: Path, name: str, tile: int):
     from PIL import Image
 
+    from sfmpairs.retrieval.images import open_rgb
+
     img = Image.new("RGB", (tile, tile * 3 // 4), (60, 60, 60))
     try:
-        with Image.open(root / name) as src:
-            src = src.convert("RGB")
-            src.thumbnail((tile, tile * 3 // 4))
-            img.paste(src, ((tile - src.width) // 2, (tile * 3 // 4 - src.height) // 2))
-    except (OSError, ValueError):
-        pass  # a grey tile for a missing photo
+        src = open_rgb(root / name)
+        src.thumbnail((tile, tile * 3 // 4))
+        img.paste(src, ((tile - src.width) // 2, (tile * 3 // 4 - src.height) // 2))
+    except (SfmpairsError, OSError, ValueError):
+        pass  # a grey tile for a missing or broken photo
     return img
 
 

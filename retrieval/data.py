@@ -22,6 +22,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from sfmpairs.common import SfmpairsError
 
+from .images import open_rgb
+
 
 def resized_size(width: int, height: int, image_size: int) -> tuple[int, int]:
     """(width, height) after PIL's thumbnail((image_size, image_size)): the longer side
@@ -45,25 +47,20 @@ def resized_size(width: int, height: int, image_size: int) -> tuple[int, int]:
 
 
 def load_image(path: Path, image_size: int, box=None) -> torch.Tensor:
-    """An RGB uint8 tensor (3, H, W), longer side at most ``image_size``, cropped first
-    to ``box`` (x1, y1, x2, y2) if given; raises :class:`SfmpairsError` naming the file
-    if it is missing or cannot be decoded."""
-    from PIL import Image, UnidentifiedImageError
+    """An RGB uint8 tensor (3, H, W), longer side at most ``image_size`` (PIL's
+    thumbnail, Lanczos, as the authors' code), cropped first to ``box`` (x1, y1, x2, y2)
+    if given; raises :class:`SfmpairsError` naming the file if it is missing or cannot
+    be decoded."""
+    from PIL import Image
 
+    img = open_rgb(path)
     try:
-        with Image.open(path) as img:
-            img.load()  # decoded in full, as the authors' convert("RGB") does (no JPEG draft)
-            if img.mode != "RGB":  # convert() of an RGB image would only copy it
-                img = img.convert("RGB")
-            if box is not None:
-                img = img.crop(tuple(int(round(c)) for c in box))
-            img.thumbnail((image_size, image_size), Image.LANCZOS)
-            array = np.array(img)  # a writable copy
-    except FileNotFoundError:
-        raise SfmpairsError(f"{path}: image not found") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        if box is not None:
+            img = img.crop(tuple(int(round(c)) for c in box))
+        img.thumbnail((image_size, image_size), Image.LANCZOS)
+    except (OSError, ValueError) as e:  # a truncated file can fail only now
         raise SfmpairsError(f"{path}: cannot decode image ({e})") from None
-    return torch.from_numpy(array).permute(2, 0, 1)
+    return torch.from_numpy(np.array(img)).permute(2, 0, 1)  # np.array: a writable copy
 
 
 def image_sizes(paths: list[Path]) -> list[tuple[int, int] | None]:

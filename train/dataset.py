@@ -19,17 +19,24 @@ import torch
 from torch.utils.data import Dataset
 
 from sfmpairs.common import SfmpairsError
+from sfmpairs.retrieval.images import open_rgb
 
 
-def _default_transform(image_size: int | None):
-    def to_tensor(img):
+class ToTensor:
+    """The default transform: a float tensor (3, H, W) in [0, 1], the longer side at
+    most ``image_size`` if given (PIL's thumbnail, Lanczos). A class, not a closure, so
+    that DataLoader workers can pickle it under the spawn start method."""
+
+    def __init__(self, image_size: int | None = None):
+        self.image_size = image_size
+
+    def __call__(self, img):
         from PIL import Image
 
-        if image_size:
+        if self.image_size:
             img = img.copy()
-            img.thumbnail((image_size, image_size), Image.LANCZOS)
+            img.thumbnail((self.image_size, self.image_size), Image.LANCZOS)
         return torch.from_numpy(np.array(img)).permute(2, 0, 1).float().div(255)
-    return to_tensor
 
 
 class PairTuples(Dataset):
@@ -47,7 +54,7 @@ class PairTuples(Dataset):
         self.names = p["names"]
         self.query, self.positive = s["query"], s["positive"]
         self.negatives = s.get("negatives", np.zeros((len(self.query), 0), np.int64))
-        self.transform = transform or _default_transform(image_size)
+        self.transform = transform or ToTensor(image_size)
 
     def __len__(self) -> int:
         return len(self.query)
@@ -58,16 +65,7 @@ class PairTuples(Dataset):
                 [str(self.names[n]) for n in self.negatives[i] if n >= 0])
 
     def _load(self, name: str):
-        from PIL import Image
-
-        path = self.root / name
-        try:
-            with Image.open(path) as img:
-                return self.transform(img.convert("RGB"))
-        except FileNotFoundError:
-            raise SfmpairsError(f"{path}: image not found") from None
-        except OSError as e:
-            raise SfmpairsError(f"{path}: cannot decode image ({e})") from None
+        return self.transform(open_rgb(self.root / name))
 
     def __getitem__(self, i: int):
         q, p, negs = self.tuple_names(i)
