@@ -105,9 +105,9 @@ def child(which: str, tmp: Path, args) -> None:
 def val_map(tmp: Path, root: Path, names: list[str], desc: np.ndarray) -> float:
     """mAP on the val split of the photos' own SfM models (ingested and mined once)."""
     from sfmpairs.mining.mine import mine
+    from sfmpairs.retrieval.evaluate import mean_average_precision, rank, val_ground_truth
     from sfmpairs.sfm_io.ingest import ingest
     from sfmpairs.sfm_io.store import read_store
-    from sfmpairs.retrieval.evaluate import mean_average_precision, rank, val_ground_truth
 
     pairs = tmp / "pairs.h5"
     if not pairs.exists():

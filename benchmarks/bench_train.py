@@ -64,8 +64,8 @@ def reference_epoch(net, pairs, opts, rng, device, root):
 
 def main() -> None:
     from sfmpairs.mining.mine import mine
-    from sfmpairs.sfm_io.ingest import ingest
     from sfmpairs.retrieval.network import build_network
+    from sfmpairs.sfm_io.ingest import ingest
     from sfmpairs.train.train import DEFAULTS, ImageCache, _optimizer, _read_pairs, mine_epoch, train_epoch
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

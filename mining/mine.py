@@ -186,7 +186,9 @@ def co_observing_images(queries: np.ndarray, indptr: np.ndarray, point: np.ndarr
             other = members[cols] != queries[k]
             images[k], counts[k] = members[cols[other]], vals[other]
     sizes = [len(x) for x in images]
-    cat = (lambda xs: np.concatenate(xs) if xs else np.zeros(0, np.int64))
+    def cat(xs):
+        return np.concatenate(xs) if xs else np.zeros(0, np.int64)
+
     return {"gt_indptr": np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64),
             "gt_image": cat(images).astype(np.int32), "gt_co_observed": cat(counts).astype(np.int32)}
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import h5py
-import numpy as np
 
 from sfmpairs.common import SfmpairsError, check_schema
 

@@ -270,7 +270,8 @@ def extract(model, arch, pool, pretrained, store, images_root, image_list, outpu
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Whitening file.")
 @click.option("--method", type=click.Choice(["lw", "pca"]), default="lw", show_default=True,
               help="lw: learned from matching pairs; pca: PCA whitening.")
-@click.option("--dim", type=int, default=None, help="Output dimension (default: the input's, or the rank of the data where that is lower).")
+@click.option("--dim", type=int, default=None,
+              help="Output dimension (default: the input's, or the rank of the data where that is lower).")
 @click.option("--all-passing", is_flag=True,
               help="Learn from every passing pool pair, not only query-positive pairs.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
@@ -372,7 +373,8 @@ def _train_options(fn):
                      help="Initial learning rate (GeM p: 10 times higher)." + d("lr")),
         click.option("--lr-decay", type=float, default=None,
                      help="The learning rate is multiplied by exp(-DECAY) every epoch." + d("lr_decay")),
-        click.option("--weight-decay", type=float, default=None, help="Weight decay (not on GeM p)." + d("weight_decay")),
+        click.option("--weight-decay", type=float, default=None,
+                     help="Weight decay (not on GeM p)." + d("weight_decay")),
         click.option("--momentum", type=float, default=None, help="SGD momentum." + d("momentum")),
         click.option("--seed", type=int, default=None, help="Random seed." + d("seed")),
         click.option("--device", default=None, help="auto, cpu or cuda." + d("device")),
@@ -547,8 +549,9 @@ def demo(workdir, epochs, device, seed, overwrite):
     again, mines hard negatives with it and draws a picture of mined tuples; prints the
     val mAP before and after training.
     """
-    from .demo import run_demo
     from sfmpairs.retrieval.extract import resolve_device
+
+    from .demo import run_demo
 
     run_demo(workdir, seed=seed, epochs=epochs, device=str(resolve_device(device)), overwrite=overwrite)
 

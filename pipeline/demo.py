@@ -38,14 +38,15 @@ def run_demo(workdir: str | Path, seed: int = 0, epochs: int = 6, device: str = 
              overwrite: bool = False, **overrides) -> dict:
     import torch
 
-    from .info import summary
     from sfmpairs.mining.mine import mine
-    from .show import show
-    from sfmpairs.sfm_io.ingest import ingest
-    from sfmpairs.sfm_io.world import synth
     from sfmpairs.retrieval.evaluate import evaluate
     from sfmpairs.retrieval.network import build_network, save_checkpoint
+    from sfmpairs.sfm_io.ingest import ingest
+    from sfmpairs.sfm_io.world import synth
     from sfmpairs.train.train import train
+
+    from .info import summary
+    from .show import show
 
     conf = {**DEMO, **overrides}
     workdir = Path(workdir)
@@ -70,8 +71,8 @@ def run_demo(workdir: str | Path, seed: int = 0, epochs: int = 6, device: str = 
                       device=device, overwrite=True)
     say(f"5/6 train {epochs} epochs on {device} -> {run_dir}")
     train(pairs, world, run_dir, overwrite=True, weights=workdir / "init.pt", epochs=epochs,
-          image_size=conf["train_size"], test_image_size=conf["test_size"], lr=conf["lr"], query_size=conf["query_size"],
-          pool_size=conf["pool_size"], device=device, seed=seed)
+          image_size=conf["train_size"], test_image_size=conf["test_size"], lr=conf["lr"],
+          query_size=conf["query_size"], pool_size=conf["pool_size"], device=device, seed=seed)
     say("6/6 evaluate the trained network")
     after = evaluate(workdir / "eval_after.json", pairs=pairs, model=run_dir / "best.pt", images_root=world,
                      device=device, overwrite=True)

@@ -65,7 +65,9 @@ def _pairs_summary(h5: h5py.File) -> list[str]:
         # hard negatives per query as mined (fewer than asked where clusters are few)
         negs = (f"{(g['negatives'][()] >= 0).sum(1).mean():.1f}/{h5.attrs.get('negatives')}"
                 if "negatives" in g and len(q) else "-")
-        mean = (lambda a: f"{np.nanmean(a):.3f}" if len(a) and np.isfinite(a).any() else "-")
+        def mean(a):
+            return f"{np.nanmean(a):.3f}" if len(a) and np.isfinite(a).any() else "-"
+
         lines.append(f"{name:<6} {int((split == name).sum()):>8} {len(q):>8} "
                      f"{(pool >= 0).sum(1).mean() if len(q) else 0:>6.1f} "
                      f"{g['pool_passes'][()].sum(1).mean() if len(q) else 0:>8.1f} "
@@ -77,7 +79,8 @@ def histogram(values: np.ndarray, edges: np.ndarray, title: str, width: int = 40
     """A terminal histogram: one line per bin, a bar and the count; the last bin is
     open-ended."""
     values = values[np.isfinite(values)]
-    counts = np.histogram(np.clip(values, edges[0], edges[-1]), edges)[0] if len(values) else np.zeros(len(edges) - 1, int)
+    counts = (np.histogram(np.clip(values, edges[0], edges[-1]), edges)[0] if len(values)
+              else np.zeros(len(edges) - 1, int))
     top = max(int(counts.max()), 1)
     lines = [f"{title} ({len(values)} values)"]
     for k, c in enumerate(counts):

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from sfmpairs.common import SfmpairsError, atomic_output, file_sha256, progress, provenance_attrs
+
 from .data import image_loader
 from .descriptors import SCHEMA as DESCRIPTORS_SCHEMA
 from .descriptors import SCHEMA_VERSION as DESCRIPTORS_VERSION

@@ -135,7 +135,8 @@ def whiten(descriptors: str | Path, pairs: str | Path, output: str | Path, *, me
         with h5py.File(tmp, "w") as f:
             f.create_dataset("mean", data=mean)
             f.create_dataset("projection", data=projection)
-            f.attrs.update(provenance_attrs(SCHEMA, SCHEMA_VERSION, {"method": method, "dim": dim, "all_passing": all_passing},
+            parameters = {"method": method, "dim": dim, "all_passing": all_passing}
+            f.attrs.update(provenance_attrs(SCHEMA, SCHEMA_VERSION, parameters,
                                             {"descriptors": str(Path(descriptors).resolve()),
                                              "descriptors_sha256": file_sha256(descriptors),
                                              "pairs": str(Path(pairs).resolve())}))

@@ -12,17 +12,25 @@ a huge allocation), and gives exactly what the pycolmap reader
 from __future__ import annotations
 
 import mmap
-from array import array
 import os
 import struct
+from array import array
 from pathlib import Path
 
 import numpy as np
 
 from sfmpairs.common import SfmpairsError
+
 from .model import (
-    INVALID_POINT3D_ID, Model, build_observations, frame_table, camera_models, check_finite,
-    check_pose_quaternions, check_unique, poses_from_frames,
+    INVALID_POINT3D_ID,
+    Model,
+    build_observations,
+    camera_models,
+    check_finite,
+    check_pose_quaternions,
+    check_unique,
+    frame_table,
+    poses_from_frames,
 )
 
 _U64 = struct.Struct("<Q")

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from sfmpairs.common import SfmpairsError
+
 from .model import Model, build_observations, check_pose_quaternions, compose_poses
 
 

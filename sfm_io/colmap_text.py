@@ -14,9 +14,17 @@ from pathlib import Path
 import numpy as np
 
 from sfmpairs.common import SfmpairsError
+
 from .model import (
-    Model, build_observations, camera_model_ids, frame_table, camera_models, check_finite,
-    check_pose_quaternions, check_unique, poses_from_frames,
+    Model,
+    build_observations,
+    camera_model_ids,
+    camera_models,
+    check_finite,
+    check_pose_quaternions,
+    check_unique,
+    frame_table,
+    poses_from_frames,
 )
 
 

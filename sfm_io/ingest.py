@@ -111,8 +111,8 @@ def ingest(paths: str | os.PathLike | list[str | os.PathLike] | None,
     """Read COLMAP models and write the SfM store ``output``; returns a short summary.
 
     ``paths`` are model folders or trees of them (one path, str or PathLike, is taken
-    as one); ``manifest`` a TOML file listing models (both may be given). Raises :class:`SfmpairsError` on bad input, leaving no
-    output behind.
+    as one); ``manifest`` a TOML file listing models (both may be given). Raises
+    :class:`SfmpairsError` on bad input, leaving no output behind.
     """
     t0 = time.perf_counter()
     if cluster_by not in ("model", "scene"):

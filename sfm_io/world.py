@@ -166,7 +166,8 @@ def synth_cluster(folder: Path, rng, images: int, width: int, height: int, point
         z = Xc[:, 2]
         with np.errstate(divide="ignore", invalid="ignore"):
             xy = f * Xc[:, :2] / z[:, None] + np.array([width / 2, height / 2])
-        inside = (z > 1e-6) & (xy[:, 0] >= 0.5) & (xy[:, 0] < width - 0.5) & (xy[:, 1] >= 0.5) & (xy[:, 1] < height - 0.5)
+        inside = ((z > 1e-6) & (xy[:, 0] >= 0.5) & (xy[:, 0] < width - 0.5)
+                  & (xy[:, 1] >= 0.5) & (xy[:, 1] < height - 0.5))
         idx = np.flatnonzero(inside)
         px = np.clip(xy[idx].astype(int), 0, [width - 1, height - 1])
         seen = np.abs(depth[px[:, 1], px[:, 0]] - z[idx]) < 0.02 * z[idx] + 0.02

@@ -10,8 +10,15 @@ import numpy as np
 import pytest
 
 from sfmpairs import SfmpairsError
-from sfmpairs.retrieval.evaluate import (alpha_query_expansion, average_precision, evaluate, load_gnd,
-                                     mean_average_precision, rank, revisited_protocols)
+from sfmpairs.retrieval.evaluate import (
+    alpha_query_expansion,
+    average_precision,
+    evaluate,
+    load_gnd,
+    mean_average_precision,
+    rank,
+    revisited_protocols,
+)
 
 
 def test_average_precision_by_hand():

@@ -12,12 +12,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from conftest import doc_example, synth_and_mine
 from sfmpairs import SfmpairsError
 from sfmpairs.cli import main
 from sfmpairs.mining.export import CIRTORCH_NAME, cid_of, export
 from sfmpairs.train.dataset import PairTuples
-
-from conftest import doc_example, synth_and_mine
 
 
 @pytest.fixture(scope="module")

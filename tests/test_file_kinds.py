@@ -37,7 +37,8 @@ def test_every_reader_refuses_a_newer_version_and_another_kind(small_world, tmp_
     for read, path, kind in kinds:
         read(path)  # as written: fine
         newer = with_attrs(path, tmp_path / "newer.h5", schema_version=99)
-        with pytest.raises(SfmpairsError, match=f"newer.h5: {kind} of schema version 99; sfmpairs .* reads versions 1 to"):
+        with pytest.raises(SfmpairsError,
+                           match=f"newer.h5: {kind} of schema version 99; sfmpairs .* reads versions 1 to"):
             read(newer)
         other = with_attrs(path, tmp_path / "other.h5", schema="sfmpairs/something-else")
         with pytest.raises(SfmpairsError, match=f"other.h5: not {kind} \\(schema 'sfmpairs/something-else'"):

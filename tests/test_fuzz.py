@@ -9,11 +9,10 @@ import signal
 import numpy as np
 import pytest
 
+from conftest import COLMAP, needs_real_data
 from sfmpairs import SfmpairsError
 from sfmpairs.sfm_io import colmap_binary
 from sfmpairs.sfm_io.model import camera_centres
-
-from conftest import COLMAP, needs_real_data
 
 
 def assert_valid_model(m) -> None:

@@ -10,12 +10,11 @@ import h5py
 import numpy as np
 import pytest
 
+from conftest import REPO, doc_example, needs_real_data
 from sfmpairs.sfm_io import colmap_binary
 from sfmpairs.sfm_io.ingest import ingest
 from sfmpairs.sfm_io.model import camera_centres
 from sfmpairs.sfm_io.store import SCHEMA, SCHEMA_VERSION, read_store
-
-from conftest import REPO, doc_example, needs_real_data
 
 
 def _datasets(path):

@@ -9,14 +9,13 @@ import numpy as np
 import pycolmap
 import pytest
 
+from conftest import COLMAP, needs_real_data
 from sfmpairs import SfmpairsError
 from sfmpairs.mining.mine import mine, paper_queries_per_cluster
 from sfmpairs.mining.negatives import hard_negatives
 from sfmpairs.retrieval.descriptors import write_descriptors
 from sfmpairs.sfm_io.ingest import ingest
 from sfmpairs.sfm_io.store import read_store
-
-from conftest import COLMAP, needs_real_data
 
 
 def read_pairs(path) -> dict:

@@ -11,8 +11,16 @@ import torch
 
 from sfmpairs import SfmpairsError
 from sfmpairs.retrieval.backbones import BACKBONES
-from sfmpairs.retrieval.network import ( build_network, gem, load_checkpoint, mac, rmac,
-                                    rmac_regions, save_checkpoint, spoc)
+from sfmpairs.retrieval.network import (
+    build_network,
+    gem,
+    load_checkpoint,
+    mac,
+    rmac,
+    rmac_regions,
+    save_checkpoint,
+    spoc,
+)
 
 
 @pytest.mark.parametrize("arch", list(BACKBONES))
@@ -344,7 +352,6 @@ def test_pca_whitening_with_fewer_images_than_dimensions():
 
 def test_whiten_records_the_dimension_it_writes(tmp_path):
     from conftest import synth_and_mine
-
     from sfmpairs.mining.pairfile import read_pair_file
     from sfmpairs.retrieval.descriptors import write_descriptors
     from sfmpairs.retrieval.whiten import read_whitening, whiten

@@ -9,10 +9,9 @@ import numpy as np
 import pycolmap
 import pytest
 
+from conftest import COLMAP, REAL_IDS, REAL_MODELS, assert_models_equal, needs_real_data
 from sfmpairs.sfm_io import colmap_binary, colmap_pycolmap, colmap_text
 from sfmpairs.sfm_io.model import camera_centres, camera_models, quat_to_rotmat
-
-from conftest import COLMAP, REAL_IDS, REAL_MODELS, assert_models_equal, needs_real_data
 
 
 @needs_real_data()

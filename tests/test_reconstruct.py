@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import pytest
 
+from conftest import COLMAP, needs_real_data
 from sfmpairs import SfmpairsError
 from sfmpairs.mining.mine import mine
 from sfmpairs.sfm_io.ingest import ingest
 from sfmpairs.sfm_io.reconstruct import reconstruct
 from sfmpairs.sfm_io.store import read_store
 from sfmpairs.sfm_io.world import synth
-
-from conftest import COLMAP, needs_real_data
 
 
 def _check(out, photos, tmp_path, min_fraction):

@@ -8,10 +8,9 @@ import h5py
 import numpy as np
 import pytest
 
+from conftest import synth_and_mine
 from sfmpairs import SfmpairsError
 from sfmpairs.show import show
-
-from conftest import synth_and_mine
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import COLMAP, SMALL, needs_real_data
 from sfmpairs import SfmpairsError
 from sfmpairs.retrieval.network import build_network, load_checkpoint
-from sfmpairs.train.train import (contrastive_loss, mine_epoch, train, triplet_loss, tuple_loss)
-
-from conftest import COLMAP, SMALL, needs_real_data
+from sfmpairs.train.train import contrastive_loss, mine_epoch, train, triplet_loss, tuple_loss
 
 
 def test_contrastive_loss_by_hand():

@@ -16,6 +16,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from conftest import SMALL
 from sfmpairs import SfmpairsError
 from sfmpairs.cli import main
 from sfmpairs.mining.mine import mine
@@ -23,8 +24,6 @@ from sfmpairs.retrieval.descriptors import write_descriptors
 from sfmpairs.retrieval.evaluate import evaluate
 from sfmpairs.retrieval.network import build_network, load_checkpoint, save_checkpoint
 from sfmpairs.train.train import _read_pairs, mine_epoch, train
-
-from conftest import SMALL
 
 ONE_EPOCH = {**SMALL, "epochs": 1}
 
@@ -519,6 +518,7 @@ def test_descriptors_that_are_not_finite_stop_training_with_the_cause(small_worl
         net.features[0].weight[0, 0, 0, 0] = float("nan")
     save_checkpoint(tmp_path / "nan.pt", net)
     options = {k: v for k, v in ONE_EPOCH.items() if k != "arch"}
-    with pytest.raises(SfmpairsError, match=r"^epoch 0: \d+ of \d+ descriptors are not finite \(first: .*\) in "
-                                            r"float32; the network's weights hold NaN or infinity \(none written yet\)$"):
+    with pytest.raises(SfmpairsError, match=r"^epoch 0: \d+ of \d+ descriptors are not finite \(first: .*\) "
+                                            r"in float32; the network's weights hold NaN or infinity "
+                                            r"\(none written yet\)$"):
         train(small_world / "pairs.h5", small_world / "photos", tmp_path / "r", weights=tmp_path / "nan.pt", **options)

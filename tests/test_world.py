@@ -54,8 +54,8 @@ def test_store_equals_the_ground_truth(world):
             xyz = s["points/xyz"][row]
             Xc = xyz @ R.T + t
             xy = cam["f"] * Xc[:, :2] / Xc[:, 2:] + np.array([60, 45])
-            np.testing.assert_allclose(s["observations/xy"][s["observations/indptr"][i]:s["observations/indptr"][i + 1]],
-                                       xy, atol=1e-3)
+            a, b = s["observations/indptr"][i], s["observations/indptr"][i + 1]
+            np.testing.assert_allclose(s["observations/xy"][a:b], xy, atol=1e-3)
 
 
 def test_mined_statistics_equal_the_ground_truth(world):

@@ -39,6 +39,7 @@ from sfmpairs.mining.negatives import hard_negatives
 from sfmpairs.retrieval.data import load_image
 from sfmpairs.retrieval.extract import NonFiniteDescriptors, extract_descriptors, resolve_device
 from sfmpairs.retrieval.network import build_network, load_checkpoint, read_checkpoint, save_checkpoint
+
 from .options import MARGINS, TRAIN_DEFAULTS
 
 logger = logging.getLogger("sfmpairs.train")
@@ -178,9 +179,10 @@ def mine_epoch(net, pairs: dict, opts: dict, rng, device, root: Path):
     negatives = np.where(idx >= 0, pool[np.maximum(idx, 0)], -1)
     pd = desc[row(positives)]
     nd = np.where(idx[..., None] >= 0, desc[row(np.maximum(negatives, 0))], np.nan)
+    nan = float("nan")
     stats = {"queries": int(len(queries)), "pool": int(len(pool)),
-             "positive_distance": float(np.linalg.norm(qd - pd, axis=1).mean()) if len(qd) else float("nan"),
-             "negative_distance": float(np.nanmean(np.linalg.norm(qd[:, None] - nd, axis=2))) if len(qd) else float("nan")}
+             "positive_distance": float(np.linalg.norm(qd - pd, axis=1).mean()) if len(qd) else nan,
+             "negative_distance": float(np.nanmean(np.linalg.norm(qd[:, None] - nd, axis=2))) if len(qd) else nan}
     tuples = [[int(q), int(p), *[int(n) for n in negs if n >= 0]] for q, p, negs in zip(queries, positives, negatives)]
     # the queries were drawn sorted, so clusters come in blocks: shuffle, so that a batch
     # mixes clusters and every epoch has its own order
