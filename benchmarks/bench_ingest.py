@@ -47,7 +47,7 @@ print(json.dumps({"seconds": dt, "maxrss_mb": resource.getrusage(resource.RUSAGE
 
 
 def build_model(folder: Path, images: int, points: int, track: int) -> None:
-    from sfmpairs.sfm_io.synthetic import random_reconstruction, write_model
+    from sfmpairs.synthetic.models import random_reconstruction, write_model
 
     t = time.perf_counter()
     print(f"building a synthetic model of {images} images, {points} points (track {track}) "

@@ -5,7 +5,12 @@ TPAMI 2018):
 
 - ``sfmpairs.sfm_io``: COLMAP models in, an HDF5 *SfM store* out (``sfmpairs ingest``);
 - ``sfmpairs.mining``: pools, positives and hard negatives (``sfmpairs mine``);
-- ``sfmpairs.train``: the retrieval network and its fine-tuning (``sfmpairs train``).
+- ``sfmpairs.retrieval``: the network, descriptors, whitening and evaluation
+  (``sfmpairs extract``, ``whiten``, ``evaluate``);
+- ``sfmpairs.train``: fine-tuning the network on mined pairs (``sfmpairs train``);
+- ``sfmpairs.synthetic``: worlds with exact geometry for the demo and tests.
+
+docs/architecture.md is the code map.
 
 Every stage is a plain Python function with a thin command-line wrapper in
 ``sfmpairs.cli``.

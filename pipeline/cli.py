@@ -443,7 +443,7 @@ def synth(output, clusters, images_per_cluster, image_size, points, seed, overwr
     Writes OUTPUT/cluster_XX/images/*.jpg and OUTPUT/cluster_XX/sparse/0 per cluster,
     and OUTPUT/world.json with the exact geometry; `sfmpairs ingest OUTPUT` reads it.
     """
-    from sfmpairs.sfm_io.world import synth as run
+    from sfmpairs.synthetic.world import synth as run
 
     try:
         w, h = (int(v) for v in image_size.lower().split("x"))

@@ -18,22 +18,6 @@ DEMO = {"clusters": 10, "images_per_cluster": 24, "image_size": (224, 168), "poi
         "arch": "resnet18", "train_size": 128, "test_size": 224, "lr": 1e-4, "query_size": 200, "pool_size": 400}
 
 
-def make_models(folder: Path, seed: int = 0, scenes: int = 4, images: int = 40,
-                points: int = 2000) -> list[Path]:
-    """Random COLMAP models without photos, one per scene, at ``folder/scene_K/sparse/0``
-    (quick geometry for tests; the demo renders a world with :func:`..sfm_io.world.synth`)."""
-    from sfmpairs.sfm_io.synthetic import random_reconstruction, write_model
-
-    paths = []
-    for k in range(scenes):
-        rec = random_reconstruction(images, points, track_length=6, seed=seed * 1000 + k,
-                                    camera_models=("SIMPLE_RADIAL", "PINHOLE"))
-        path = folder / f"scene_{k:02d}" / "sparse" / "0"
-        write_model(rec, path)
-        paths.append(path)
-    return paths
-
-
 def run_demo(workdir: str | Path, seed: int = 0, epochs: int = 6, device: str = "cpu",
              overwrite: bool = False, **overrides) -> dict:
     import torch
@@ -42,7 +26,7 @@ def run_demo(workdir: str | Path, seed: int = 0, epochs: int = 6, device: str = 
     from sfmpairs.retrieval.evaluate import evaluate
     from sfmpairs.retrieval.network import build_network, save_checkpoint
     from sfmpairs.sfm_io.ingest import ingest
-    from sfmpairs.sfm_io.world import synth
+    from sfmpairs.synthetic.world import synth
     from sfmpairs.train.train import train
 
     from .info import summary

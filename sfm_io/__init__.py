@@ -5,5 +5,7 @@
   reader of text models and :mod:`.colmap_pycolmap` the reference reader through
   pycolmap; all three return the same :class:`.model.Model`;
 - :mod:`.store` writes and reads the SfM store (schema in ``docs/formats.md``);
-- :mod:`.synthetic` makes random COLMAP models with pycolmap for tests and benchmarks.
+- :mod:`.reconstruct` makes COLMAP models from photos with pycolmap.
+
+Synthetic models and the rendered world live in :mod:`sfmpairs.synthetic`.
 """

@@ -31,7 +31,7 @@ def synth_and_mine(root: Path, *, clusters: int, image_size: tuple[int, int], se
     from sfmpairs.retrieval.descriptors import write_descriptors
     from sfmpairs.sfm_io.ingest import ingest
     from sfmpairs.sfm_io.store import read_store
-    from sfmpairs.sfm_io.world import synth
+    from sfmpairs.synthetic.world import synth
 
     synth(root / "w", clusters=clusters, images_per_cluster=6, image_size=image_size, seed=seed, points=points)
     ingest([root / "w"], root / "sfm.h5")
@@ -40,6 +40,22 @@ def synth_and_mine(root: Path, *, clusters: int, image_size: tuple[int, int], se
     write_descriptors(root / "d.h5", names, d / np.linalg.norm(d, axis=1, keepdims=True), {})
     mine(root / "sfm.h5", root / "pairs.h5", descriptors=root / "d.h5", **mine_options)
     return root
+
+
+def make_models(folder: Path, seed: int = 0, scenes: int = 4, images: int = 40,
+                points: int = 2000) -> list[Path]:
+    """Random COLMAP models without photos, one per scene, at ``folder/scene_K/sparse/0``
+    (quick geometry for tests)."""
+    from sfmpairs.synthetic.models import random_reconstruction, write_model
+
+    paths = []
+    for k in range(scenes):
+        rec = random_reconstruction(images, points, track_length=6, seed=seed * 1000 + k,
+                                    camera_models=("SIMPLE_RADIAL", "PINHOLE"))
+        path = folder / f"scene_{k:02d}" / "sparse" / "0"
+        write_model(rec, path)
+        paths.append(path)
+    return paths
 
 
 def real_model_dirs() -> list[Path]:
@@ -86,7 +102,7 @@ def synthetic_models(tmp_path_factory):
     """Synthetic models written with pycolmap, binary and text: every camera model
     pycolmap knows, shared and per-image cameras, odd ids."""
     from sfmpairs.sfm_io.model import camera_models
-    from sfmpairs.sfm_io.synthetic import random_reconstruction, write_model
+    from sfmpairs.synthetic.models import random_reconstruction, write_model
 
     all_models = tuple(name for name, _, _ in camera_models().values())
     root = tmp_path_factory.mktemp("synthetic")
@@ -111,7 +127,6 @@ def small_world(tmp_path_factory):
     scene), ingested and mined."""
     from PIL import Image
 
-    from sfmpairs.demo import make_models
     from sfmpairs.mining.mine import mine
     from sfmpairs.sfm_io.ingest import ingest
     from sfmpairs.sfm_io.store import read_store

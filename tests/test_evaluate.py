@@ -189,7 +189,7 @@ def test_val_split_evaluation(tmp_path):
     the ranking, so that a wrong positive or junk set changes the result."""
     import h5py
 
-    from sfmpairs.demo import make_models
+    from conftest import make_models
     from sfmpairs.mining.mine import mine
     from sfmpairs.retrieval.descriptors import write_descriptors
     from sfmpairs.sfm_io.ingest import ingest

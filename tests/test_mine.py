@@ -130,7 +130,7 @@ def test_pools_and_statistics_equal_brute_force_on_synthetic(synthetic_models, t
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """Six synthetic scenes, ingested, with random descriptors for every image."""
-    from sfmpairs.demo import make_models
+    from conftest import make_models
 
     root = tmp_path_factory.mktemp("world")
     make_models(root / "colmap", seed=3, scenes=6, images=30, points=1500)

@@ -225,7 +225,7 @@ def test_delete_in_place_equals_np_delete():
 
 def test_long_tracks_take_the_exact_path(tmp_path):
     """Track lengths of 256 and more defeat the one-byte guess of record offsets."""
-    from sfmpairs.sfm_io.synthetic import random_reconstruction, write_model
+    from sfmpairs.synthetic.models import random_reconstruction, write_model
 
     rec = random_reconstruction(300, 40, 290, seed=4, duplicate_fraction=0.1)
     write_model(rec, tmp_path / "long")

@@ -10,7 +10,7 @@ from sfmpairs.mining.mine import mine
 from sfmpairs.sfm_io.ingest import ingest
 from sfmpairs.sfm_io.reconstruct import reconstruct
 from sfmpairs.sfm_io.store import read_store
-from sfmpairs.sfm_io.world import synth
+from sfmpairs.synthetic.world import synth
 
 
 def _check(out, photos, tmp_path, min_fraction):

@@ -12,7 +12,7 @@ from sfmpairs import SfmpairsError
 from sfmpairs.mining.mine import mine
 from sfmpairs.sfm_io.ingest import ingest
 from sfmpairs.sfm_io.store import read_store
-from sfmpairs.sfm_io.world import synth
+from sfmpairs.synthetic.world import synth
 
 
 @pytest.fixture(scope="module")

@@ -206,7 +206,7 @@ def synth(output: str | Path, clusters: int = 12, images_per_cluster: int = 40,
           points: int = 3000) -> dict:
     """Write a synthetic world to ``output``: ``cluster_XX/images`` and
     ``cluster_XX/sparse/0`` per cluster, and ``world.json`` (the exact ground truth)."""
-    from ..common import SfmpairsError, progress
+    from sfmpairs.common import SfmpairsError, progress
 
     output = Path(output)
     if output.exists() and any(output.iterdir()) and not overwrite:
