@@ -426,6 +426,9 @@ def train(pairs: str | Path | None, images_root: str | Path | None, run_dir: str
     if state is not None:
         net, _ = load_checkpoint(last, device)
         start, best = state["train"]["epoch"] + 1, state["train"]["best_map"]
+        best_epoch = state["train"].get("best_epoch")  # runs of sfmpairs 0.1: read from best.pt
+        if best is not None and best_epoch is None:
+            best_epoch = int(read_checkpoint(run_dir / "best.pt")["epoch"])
         _keep_metrics_before(run_dir / "metrics.jsonl", start)
     else:
         if opts["weights"]:
@@ -436,7 +439,7 @@ def train(pairs: str | Path | None, images_root: str | Path | None, run_dir: str
         # the network trained, also from --weights
         opts.update({k: net.config[k] for k in NETWORK_KEYS}, pretrained=net.config.get("pretrained", False))
         opts["margin"] = opts["margin"] if opts["margin"] is not None else MARGINS.get(opts["arch"], 0.85)
-        start, best = 0, None
+        start, best, best_epoch = 0, None, None
         run_dir.mkdir(parents=True, exist_ok=True)
         for stale in ("metrics.jsonl", "last.pt", "best.pt"):
             (run_dir / stale).unlink(missing_ok=True)
@@ -488,14 +491,14 @@ def train(pairs: str | Path | None, images_root: str | Path | None, run_dir: str
             raise SfmpairsError(f"{e} ({kept})") from None
         scheduler.step()
         if val_map is not None and (best is None or val_map > best):
-            best = val_map
+            best, best_epoch = val_map, epoch
             save_checkpoint(run_dir / "best.pt", net, epoch=epoch, val_map=val_map)
         metrics = {"epoch": epoch, "loss": loss, **stats, "val_map": val_map, "lr": lr,
                    "seconds": time.perf_counter() - t0}
         with open(run_dir / "metrics.jsonl", "a") as fh:  # before last.pt: a resume drops it if last.pt is older
             fh.write(json.dumps(metrics) + "\n")
         save_checkpoint(last, net, epoch=epoch, val_map=val_map, train={
-            "epoch": epoch, "best_map": best, "optimizer": optimizer.state_dict(),
+            "epoch": epoch, "best_map": best, "best_epoch": best_epoch, "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": _rng_state(rng)})
         if writer is not None:
             for key in ("loss", "val_map", "positive_distance", "negative_distance", "lr"):
@@ -509,7 +512,7 @@ def train(pairs: str | Path | None, images_root: str | Path | None, run_dir: str
             on_epoch_end(epoch, metrics)
     if best is not None:
         logger.info("done: best val mAP %.2f at epoch %d -> %s (last epoch: %s)", 100 * best,
-                    _best_epoch(run_dir), run_dir / "best.pt", last)
+                    best_epoch, run_dir / "best.pt", last)
     else:
         logger.info("done: %d epochs, no validation -> %s", opts["epochs"], last)
     return metrics
@@ -523,7 +526,3 @@ def _keep_metrics_before(path: Path, epoch: int) -> None:
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text("".join(x + "\n" for x in lines))
         tmp.replace(path)
-
-
-def _best_epoch(run_dir: Path) -> int:
-    return int(read_checkpoint(run_dir / "best.pt")["epoch"])
