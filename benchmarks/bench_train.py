@@ -63,10 +63,12 @@ def reference_epoch(net, pairs, opts, rng, device, root):
 
 
 def main() -> None:
+    from sfmpairs.config import conf_dict, make_conf
     from sfmpairs.mining.mine import mine
     from sfmpairs.retrieval.network import build_network
     from sfmpairs.sfm_io.ingest import ingest
-    from sfmpairs.train.train import DEFAULTS, ImageCache, _optimizer, _read_pairs, mine_epoch, train_epoch
+    from sfmpairs.train.options import TrainConf
+    from sfmpairs.train.train import ImageCache, _optimizer, _read_pairs, mine_epoch, train_epoch
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -83,8 +85,9 @@ def main() -> None:
         mine(Path(tmp) / "sfm.h5", Path(tmp) / "pairs.h5", queries_per_cluster=0,
              val_clusters=["drinks-can/sparse/0"])
         pairs = _read_pairs(Path(tmp) / "pairs.h5")
-    opts = {**DEFAULTS, "query_size": args.queries, "pool_size": args.pool, "image_size": args.image_size,
-            "amp": device.type == "cuda", "workers": None, "margin": 0.85}
+    conf = make_conf(TrainConf, query_size=args.queries, pool_size=args.pool, image_size=args.image_size,
+                     amp=device.type == "cuda", margin=0.85, lr=1e-6)
+    opts = conf_dict(conf)  # the reference reads a plain dict
     print(f"{len(pairs['train/query'])} train queries; epoch of {args.queries} queries, pool {args.pool}, "
           f"resnet18 at {args.image_size} px on {device}")
     torch.manual_seed(0)
@@ -97,12 +100,12 @@ def main() -> None:
     t_ref = time.perf_counter() - t
     net.load_state_dict(state)
     net = net.to(memory_format=torch.channels_last)
-    optimizer = _optimizer(net, {**opts, "lr": 1e-6})
+    optimizer = _optimizer(net, conf)
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
     cache = ImageCache(root, args.image_size, 2 << 30)
     t = time.perf_counter()
-    tuples, _ = mine_epoch(net, pairs, opts, np.random.default_rng(0), device, root)
-    train_epoch(net, tuples, pairs["names"], opts, optimizer, scaler, device, cache, 0)
+    tuples, _ = mine_epoch(net, pairs, conf, np.random.default_rng(0), device, root)
+    train_epoch(net, tuples, pairs["names"], conf, optimizer, scaler, device, cache, 0)
     if device.type == "cuda":
         torch.cuda.synchronize()
     t_ours = time.perf_counter() - t

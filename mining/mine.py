@@ -14,63 +14,24 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import h5py
 import numpy as np
 
-from sfmpairs.common import SfmpairsError, atomic_output, check_output_path, file_sha256, progress, provenance_attrs
+from sfmpairs.common import SfmpairsError, check_output_path, file_sha256, progress
+from sfmpairs.config import conf_dict, make_conf
 from sfmpairs.retrieval.descriptors import read_descriptors
 from sfmpairs.sfm_io.store import read_store
 
 from .negatives import hard_negatives
-from .pairfile import SCHEMA, SCHEMA_VERSION, SPLITS, STR
-from .pools import SCALE_MEASURES, pair_statistics, pool_members, unordered_pairs
+from .options import MineConf
+from .pairfile import SPLITS, write_pair_file
+from .pools import pair_statistics, pool_members, unordered_pairs
 
 logger = logging.getLogger("sfmpairs.mine")
-
-STRATEGIES = ("relaxed", "max-inliers", "mac")
-
-DEFAULTS = {
-    "strategy": "relaxed",
-    "pool_size": 100,  # k: images in M(q)
-    "min_inlier_ratio": 0.2,  # relaxed: |P(i) ∩ P(q)| / |P(q)| at least this
-    "max_scale_change": 1.5,  # relaxed: scale change at most this
-    "scale_measure": "depth",  # or "bbox"
-    "min_co_observed": 1,  # a positive shares at least this many 3D points with q
-    "queries_per_cluster": None,  # None: the paper's rule; 0: every eligible image
-    "val_fraction": 0.2,
-    "val_clusters": None,  # list of cluster names, instead of val_fraction
-    "negatives": 5,  # hard negatives per query, when descriptors are given
-    "seed": 0,
-}
 
 
 def paper_queries_per_cluster(cluster_size: int) -> int:
     """The paper's rule: 10 % of a cluster of up to 300 images, 30 for larger clusters."""
     return 30 if cluster_size > 300 else max(1, int(round(0.1 * cluster_size)))
-
-
-def check_options(opts: dict) -> None:
-    if opts["strategy"] not in STRATEGIES:
-        raise SfmpairsError(f"unknown strategy {opts['strategy']!r} (choose {', '.join(STRATEGIES)})")
-    if opts["scale_measure"] not in SCALE_MEASURES:
-        raise SfmpairsError(f"unknown scale measure {opts['scale_measure']!r} "
-                            f"(choose {', '.join(SCALE_MEASURES)})")
-    checks = [
-        (opts["pool_size"] >= 1, "--pool-size must be at least 1"),
-        (0 <= opts["min_inlier_ratio"] <= 1, "--min-inlier-ratio must be in [0, 1]"),
-        (opts["max_scale_change"] >= 1, "--max-scale-change must be at least 1"),
-        (opts["min_co_observed"] >= 1, "--min-co-observed must be at least 1"),
-        (opts["queries_per_cluster"] is None or opts["queries_per_cluster"] >= 0,
-         "--queries-per-cluster must be 0 (all) or more"),
-        (0 <= opts["val_fraction"] < 1, "--val-fraction must be in [0, 1)"),
-        (opts["negatives"] >= 0, "--negatives must be 0 or more"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise SfmpairsError(message)
-    unknown = set(opts) - set(DEFAULTS)
-    if unknown:
-        raise SfmpairsError(f"unknown option {sorted(unknown)[0]!r}")
 
 
 def compute_pools(s: dict, pool_size: int, measure: str) -> dict:
@@ -112,22 +73,22 @@ def compute_pools(s: dict, pool_size: int, measure: str) -> dict:
     return out
 
 
-def split_clusters(names: np.ndarray, opts: dict, rng) -> np.ndarray:
+def split_clusters(names: np.ndarray, conf: MineConf, rng) -> np.ndarray:
     """0 (train) or 1 (val) for each cluster."""
     C = len(names)
     split = np.zeros(C, np.int64)
-    if opts["val_clusters"]:
+    if conf.val_clusters:
         index = {n: i for i, n in enumerate(names)}
-        for name in opts["val_clusters"]:
+        for name in conf.val_clusters:
             if name not in index:
                 more = f" and {len(names) - 10} more" if len(names) > 10 else ""
                 raise SfmpairsError(f"--val-clusters: no cluster named {name!r} in the store; "
                                     f"its clusters: {', '.join(names[:10])}{more}")
             split[index[name]] = 1
-    elif opts["val_fraction"] > 0 and C >= 2:
+    elif conf.val_fraction > 0 and C >= 2:
         # at least two val clusters where four or more leave two to train on: with one,
         # every val image is a positive or junk and val mAP is 100 whatever the network
-        n_val = min(C - 1, max(2 if C >= 4 else 1, int(round(opts["val_fraction"] * C))))
+        n_val = min(C - 1, max(2 if C >= 4 else 1, int(round(conf.val_fraction * C))))
         split[rng.permutation(C)[:n_val]] = 1
     return split
 
@@ -193,126 +154,120 @@ def co_observing_images(queries: np.ndarray, indptr: np.ndarray, point: np.ndarr
             "gt_image": cat(images).astype(np.int32), "gt_co_observed": cat(counts).astype(np.int32)}
 
 
+def passing_candidates(pools: dict, conf: MineConf) -> tuple[np.ndarray, np.ndarray]:
+    """(candidate, passes), (N, K) booleans over the pools: a candidate shares at least
+    ``min_co_observed`` 3D points with q; it passes the relaxed filter where its inlier
+    ratio is high enough and its scale change small enough."""
+    candidate = pools["co_observed"] >= conf.min_co_observed
+    with np.errstate(invalid="ignore"):
+        passes = (candidate & (pools["inlier_ratio"] >= conf.min_inlier_ratio)
+                  & (pools["scale_change"] <= conf.max_scale_change))
+    return candidate, passes
+
+
+def draw_queries(clusters: np.ndarray, eligible: np.ndarray, cluster: np.ndarray, want: int | None,
+                 rng) -> np.ndarray:
+    """The queries of the given clusters: ``want`` eligible images drawn per cluster
+    (None: the paper's number; 0: every eligible image), ascending within a cluster."""
+    cluster_size = np.bincount(cluster)
+    queries = []
+    for c in clusters:
+        elig = np.flatnonzero(eligible & (cluster == c))
+        n_q = paper_queries_per_cluster(int(cluster_size[c])) if want is None else (want or len(elig))
+        n_q = min(n_q, len(elig))
+        if n_q:
+            queries.append(np.sort(rng.choice(elig, n_q, replace=False)))
+    return np.concatenate(queries) if queries else np.zeros(0, np.int64)
+
+
+def mine_negatives(split: str, queries: np.ndarray, images: np.ndarray, cluster: np.ndarray, desc: np.ndarray,
+                   count: int) -> dict:
+    """Each query's ``count`` hard negatives among the split's images, at most one per
+    other cluster (-1 where fewer clusters are left), and their similarities."""
+    idx, sim = hard_negatives(desc[queries], cluster[queries], desc[images], cluster[images], count)
+    given = (idx >= 0).sum(axis=1)
+    if len(queries) and given.min() < count:
+        spread = f"{given.min()}" if given.min() == given.max() else f"{given.min()} to {given.max()}"
+        logger.warning("%s split: %d clusters and at most one negative from each other cluster: "
+                       "%s hard negatives per query, not %d", split, len(np.unique(cluster[images])),
+                       spread, count)
+    return {"negatives": np.where(idx >= 0, images[np.maximum(idx, 0)], -1), "negative_similarity": sim}
+
+
+def mine_split(split: str, in_split: np.ndarray, s: dict, pools: dict, candidate: np.ndarray, passes: np.ndarray,
+               conf: MineConf, desc: np.ndarray | None, want_negatives: bool, rng) -> dict:
+    """One split's queries, positives, images, hard negatives (with descriptors) and,
+    for val, the ground truth: the paper's steps for the clusters ``in_split``."""
+    cluster = s["images/cluster"]
+    eligible = (passes if conf.strategy == "relaxed" else candidate).any(axis=1)
+    queries = draw_queries(np.flatnonzero(in_split), eligible, cluster, conf.queries_per_cluster, rng)
+    rows = pools["pool"][queries]
+    similarity = pool_similarity(desc, queries, rows) if conf.strategy == "mac" else None
+    slots = positive_slots(conf.strategy, passes[queries], candidate[queries], pools["co_observed"][queries], rng,
+                           similarity)
+    images = np.flatnonzero(in_split[cluster])
+    entry = {"query": queries, "positive": rows[np.arange(len(queries)), slots], "images": images}
+    if want_negatives:
+        entry.update(mine_negatives(split, queries, images, cluster, desc, conf.negatives))
+    if split == "val":
+        entry.update(co_observing_images(queries, s["observations/indptr"], s["observations/point"], cluster))
+    logger.info("%s: %d clusters, %d images, %d queries", split, int(in_split.sum()), len(images), len(queries))
+    if len(queries):
+        logger.debug("%s: per query %.1f pool images, %.1f candidates sharing points, %.1f passing", split,
+                     (rows >= 0).sum(1).mean(), candidate[queries].sum(1).mean(), passes[queries].sum(1).mean())
+    return entry
+
+
+def store_keys(conf: MineConf) -> list[str]:
+    """The SfM store's datasets that mining reads."""
+    keys = ["images/name", "images/cluster", "images/model", "images/centre", "images/rotation", "images/tvec",
+            "images/focal", "images/width", "images/height", "models/image_range", "models/point_range",
+            "points/xyz", "observations/indptr", "observations/point", "clusters/name"]
+    return keys + (["observations/xy"] if conf.scale_measure == "bbox" else [])
+
+
 def mine(store: str | Path, output: str | Path, *, descriptors: str | Path | None = None,
          overwrite: bool = False, **options) -> dict:
     """Mine training pairs from the SfM store ``store`` into the pair file ``output``.
 
-    ``options`` override :data:`DEFAULTS`. Returns a summary. Raises
-    :class:`SfmpairsError` on bad input, leaving no output.
+    ``options``: the settings of :class:`~.options.MineConf` (its defaults for the
+    rest). Returns a summary. Raises :class:`SfmpairsError` on bad input, leaving no
+    output.
     """
     t0 = time.perf_counter()
     check_output_path(output, overwrite)  # before the work, not after it
-    opts = {**DEFAULTS, **{k: v for k, v in options.items() if v is not None or k == "queries_per_cluster"}}
-    check_options(opts)
-    strategy = opts["strategy"]
-    if strategy == "mac" and descriptors is None:
+    conf = make_conf(MineConf, **options)
+    conf.check()
+    if conf.strategy == "mac" and descriptors is None:
         raise SfmpairsError("--strategy mac needs --descriptors")
     store = Path(store)
     # the store's checksum, for the provenance: hashlib releases the GIL, so it runs
     # beside the mining on another core
     checksum = ThreadPoolExecutor(1).submit(file_sha256, store) if store.is_file() else None
-    keys = ["images/name", "images/cluster", "images/model", "images/centre",
-            "images/rotation", "images/tvec", "images/focal", "images/width", "images/height",
-            "models/image_range", "models/point_range", "points/xyz", "observations/indptr",
-            "observations/point", "clusters/name"]
-    if opts["scale_measure"] == "bbox":
-        keys.append("observations/xy")
-    s = read_store(store, keys=keys)
-    images_root = s["attrs"].get("images_root", "")
-    names, cluster_names, cluster = s["images/name"], s["clusters/name"], s["images/cluster"]
-    want_negatives = descriptors is not None and opts["negatives"] > 0
+    s = read_store(store, keys=store_keys(conf))
+    names, cluster_names = s["images/name"], s["clusters/name"]
+    want_negatives = descriptors is not None and conf.negatives > 0
     if want_negatives and len(cluster_names) < 2:
         raise SfmpairsError(f"{store}: hard negatives need at least two clusters, the store has one")
     desc = read_descriptors(descriptors, names) if descriptors is not None else None
 
-    logger.info("pools of %d images (k = %d, scale measure %s)", len(names), opts["pool_size"],
-                opts["scale_measure"])
-    pools = compute_pools(s, opts["pool_size"], opts["scale_measure"])
-    candidate = pools["co_observed"] >= opts["min_co_observed"]
-    with np.errstate(invalid="ignore"):
-        passes = (candidate & (pools["inlier_ratio"] >= opts["min_inlier_ratio"])
-                  & (pools["scale_change"] <= opts["max_scale_change"]))
-    eligible = (passes if strategy == "relaxed" else candidate).any(axis=1)
+    logger.info("pools of %d images (k = %d, scale measure %s)", len(names), conf.pool_size, conf.scale_measure)
+    pools = compute_pools(s, conf.pool_size, conf.scale_measure)
+    candidate, passes = passing_candidates(pools, conf)
+    rng = np.random.default_rng(conf.seed)
+    split_of_cluster = split_clusters(cluster_names, conf, rng)
+    per_split = {split: mine_split(split, split_of_cluster == sp, s, pools, candidate, passes, conf, desc,
+                                   want_negatives, rng)
+                 for sp, split in enumerate(SPLITS)}
 
-    rng = np.random.default_rng(opts["seed"])
-    split_of_cluster = split_clusters(cluster_names, opts, rng)
-    cluster_size = np.bincount(cluster, minlength=len(cluster_names))
-    result = {"output": str(output), "strategy": strategy}
-    per_split = {}
-    for sp, split in enumerate(SPLITS):
-        queries = []
-        for c in np.flatnonzero(split_of_cluster == sp):
-            elig = np.flatnonzero(eligible & (cluster == c))
-            want = opts["queries_per_cluster"]
-            n_q = paper_queries_per_cluster(int(cluster_size[c])) if want is None else (want or len(elig))
-            n_q = min(n_q, len(elig))
-            if n_q:
-                queries.append(np.sort(rng.choice(elig, n_q, replace=False)))
-        queries = np.concatenate(queries) if queries else np.zeros(0, np.int64)
-        rows = pools["pool"][queries]
-        similarity = pool_similarity(desc, queries, rows) if strategy == "mac" else None
-        slots = positive_slots(strategy, passes[queries], candidate[queries], pools["co_observed"][queries], rng,
-                               similarity)
-        positives = rows[np.arange(len(queries)), slots]
-        images = np.flatnonzero(split_of_cluster[cluster] == sp)
-        entry = {"query": queries, "positive": positives, "images": images}
-        if want_negatives:
-            idx, sim = hard_negatives(desc[queries], cluster[queries], desc[images],
-                                      cluster[images], opts["negatives"])
-            entry["negatives"] = np.where(idx >= 0, images[np.maximum(idx, 0)], -1)
-            entry["negative_similarity"] = sim
-            given = (idx >= 0).sum(axis=1)
-            if len(queries) and given.min() < opts["negatives"]:
-                spread = f"{given.min()}" if given.min() == given.max() else f"{given.min()} to {given.max()}"
-                logger.warning("%s split: %d clusters and at most one negative from each other cluster: "
-                               "%s hard negatives per query, not %d", split, len(np.unique(cluster[images])),
-                               spread, opts["negatives"])
-        if split == "val":
-            entry.update(co_observing_images(queries, s["observations/indptr"], s["observations/point"], cluster))
-        per_split[split] = entry
-        result[f"{split}_queries"] = len(queries)
-        logger.info("%s: %d clusters, %d images, %d queries", split,
-                    int((split_of_cluster == sp).sum()), len(images), len(queries))
-        if len(queries):
-            logger.debug("%s: per query %.1f pool images, %.1f candidates sharing points, %.1f passing", split,
-                         (pools["pool"][queries] >= 0).sum(1).mean(), candidate[queries].sum(1).mean(),
-                         passes[queries].sum(1).mean())
-
-    parameters = {**opts, "descriptors": str(Path(descriptors).resolve()) if descriptors else None}
     inputs = {"store": str(store.resolve()), "store_sha256": checksum.result()}
     if descriptors:
         inputs["descriptors_sha256"] = file_sha256(descriptors)
-    with atomic_output(output, overwrite) as tmp:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("images/name", data=list(names), dtype=STR)
-            f.create_dataset("images/cluster", data=cluster.astype(np.int32))
-            f.create_dataset("images/model", data=s["images/model"].astype(np.int32))
-            f.create_dataset("clusters/name", data=list(cluster_names), dtype=STR)
-            f.create_dataset("clusters/split", data=[SPLITS[i] for i in split_of_cluster], dtype=STR)
-            for split, e in per_split.items():
-                q = e["query"]
-                g = f.create_group(split)
-                g.create_dataset("query", data=q.astype(np.int32))
-                g.create_dataset("positive", data=e["positive"].astype(np.int32))
-                g.create_dataset("images", data=e["images"].astype(np.int32))
-                g.create_dataset("pool", data=pools["pool"][q].astype(np.int32))
-                g.create_dataset("pool_co_observed", data=pools["co_observed"][q].astype(np.int32))
-                g.create_dataset("pool_inlier_ratio", data=pools["inlier_ratio"][q])
-                g.create_dataset("pool_scale_change", data=pools["scale_change"][q])
-                g.create_dataset("pool_distance", data=pools["distance"][q])
-                g.create_dataset("pool_passes", data=passes[q])
-                if "negatives" in e:
-                    g.create_dataset("negatives", data=e["negatives"].astype(np.int32))
-                    g.create_dataset("negative_similarity", data=e["negative_similarity"])
-                for key in ("gt_indptr", "gt_image", "gt_co_observed"):
-                    if key in e:
-                        g.create_dataset(key, data=e[key])
-            f.attrs.update(provenance_attrs(SCHEMA, SCHEMA_VERSION, parameters, inputs))
-            for key, value in opts.items():  # every parameter also as its own attribute
-                f.attrs[key] = "" if value is None else (list(value) if isinstance(value, (list, tuple)) else value)
-            f.attrs["source_store"] = str(store.resolve())
-            f.attrs["images_root"] = images_root
-            f.attrs["source_store_sha256"] = inputs["store_sha256"]
-    result["seconds"] = time.perf_counter() - t0
+    parameters = {**conf_dict(conf), "descriptors": str(Path(descriptors).resolve()) if descriptors else None}
+    write_pair_file(output, overwrite, s, split_of_cluster, per_split, {**pools, "passes": passes},
+                    conf_dict(conf), parameters, inputs)
+    result = {"output": str(output), "strategy": conf.strategy,
+              **{f"{split}_queries": len(e["query"]) for split, e in per_split.items()},
+              "seconds": time.perf_counter() - t0}
     logger.info("wrote %s in %.1f s", output, result["seconds"])
     return result

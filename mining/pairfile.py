@@ -1,12 +1,13 @@
-"""The pair file (``sfmpairs mine``), schema in docs/formats.md."""
+"""The pair file (``sfmpairs mine``), schema in docs/formats.md: written and read here."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import h5py
+import numpy as np
 
-from sfmpairs.common import SfmpairsError, check_schema
+from sfmpairs.common import SfmpairsError, atomic_output, check_schema, provenance_attrs
 
 SCHEMA = "sfmpairs/pairs"
 SCHEMA_VERSION = 2  # 2: val ground truth (val/gt_*)
@@ -33,3 +34,44 @@ def read_pair_file(path: str | Path) -> dict:
             if split in f:
                 out["splits"][split] = {k: f[f"{split}/{k}"][()] for k in f[split]}
     return out
+
+
+POOL_DATASETS = {"pool_co_observed": "co_observed", "pool_inlier_ratio": "inlier_ratio",
+                 "pool_scale_change": "scale_change", "pool_distance": "distance", "pool_passes": "passes"}
+
+
+def write_pair_file(path: str | Path, overwrite: bool, s: dict, split_of_cluster: np.ndarray, per_split: dict,
+                    pools: dict, settings: dict, parameters: dict, inputs: dict) -> None:
+    """Write a pair file atomically (docs/formats.md). ``s``: the SfM store's arrays
+    (:func:`~sfmpairs.sfm_io.store.read_store`); ``per_split[split]``: its ``query``,
+    ``positive``, ``images`` and optional ``negatives``, ``negative_similarity`` and
+    ``gt_*``; ``pools``: (N, K) arrays over every image (``pool``, ``co_observed``,
+    ``inlier_ratio``, ``scale_change``, ``distance``, ``passes``), of which each split
+    stores its queries' rows; ``settings``: the mining settings, each also an attribute;
+    ``parameters``, ``inputs``: the provenance."""
+    with atomic_output(path, overwrite) as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset("images/name", data=list(s["images/name"]), dtype=STR)
+        f.create_dataset("images/cluster", data=s["images/cluster"].astype(np.int32))
+        f.create_dataset("images/model", data=s["images/model"].astype(np.int32))
+        f.create_dataset("clusters/name", data=list(s["clusters/name"]), dtype=STR)
+        f.create_dataset("clusters/split", data=[SPLITS[i] for i in split_of_cluster], dtype=STR)
+        for split, e in per_split.items():
+            q, g = e["query"], f.create_group(split)
+            for key in ("query", "positive", "images"):
+                g.create_dataset(key, data=e[key].astype(np.int32))
+            g.create_dataset("pool", data=pools["pool"][q].astype(np.int32))
+            for key, source in POOL_DATASETS.items():
+                rows = pools[source][q]
+                g.create_dataset(key, data=rows.astype(np.int32) if key == "pool_co_observed" else rows)
+            if "negatives" in e:
+                g.create_dataset("negatives", data=e["negatives"].astype(np.int32))
+                g.create_dataset("negative_similarity", data=e["negative_similarity"])
+            for key in ("gt_indptr", "gt_image", "gt_co_observed"):
+                if key in e:
+                    g.create_dataset(key, data=e[key])
+        f.attrs.update(provenance_attrs(SCHEMA, SCHEMA_VERSION, parameters, inputs))
+        for key, value in settings.items():  # every setting also as its own attribute
+            f.attrs[key] = "" if value is None else value
+        f.attrs["source_store"] = inputs["store"]
+        f.attrs["images_root"] = s["attrs"].get("images_root", "")
+        f.attrs["source_store_sha256"] = inputs["store_sha256"]

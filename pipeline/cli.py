@@ -17,8 +17,14 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import click  # noqa: E402
 
+from sfmpairs.mining.options import MineConf  # noqa: E402
+from sfmpairs.retrieval.options import EvaluateConf, ExtractConf, WhitenConf  # noqa: E402
+from sfmpairs.sfm_io.options import IngestConf, ReconstructConf  # noqa: E402
+from sfmpairs.train.options import TrainConf, parse_pretrained  # noqa: E402
+
 from . import __version__  # noqa: E402
 from .common import SfmpairsError  # noqa: E402
+from .config import click_options, given  # noqa: E402
 
 
 def _fail_cleanly(fn):
@@ -111,16 +117,11 @@ def main(ctx, verbose: int, quiet: bool):
 @click.option("--images-root", type=click.Path(file_okay=False),
               help="Folder the stored image names are relative to "
                    "(default: the common folder of the models' photos).")
-@click.option("--cluster-by", type=click.Choice(["model", "scene"]), default="model",
-              show_default=True,
-              help="One cluster per model, or one per scene (scene/sparse/N share one).")
-@click.option("--reader", type=click.Choice(["auto", "pycolmap"]), default="auto",
-              show_default=True,
-              help="auto: the fast readers; pycolmap: the slower reference reader.")
+@click_options(IngestConf)
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 @_verbosity
 @_fail_cleanly
-def ingest(paths, output, manifest, images_root, cluster_by, reader, overwrite):
+def ingest(paths, output, manifest, images_root, overwrite, **options):
     """COLMAP models (PATHS: model folders or trees of them) to one HDF5 SfM store.
 
     Each model becomes a cluster named after its path. Binary and text models, with
@@ -130,46 +131,20 @@ def ingest(paths, output, manifest, images_root, cluster_by, reader, overwrite):
 
     if not paths and not manifest:
         raise SfmpairsError("no input: give model paths or --manifest")
-    run(list(paths), output, manifest=manifest, images_root=images_root,
-        cluster_by=cluster_by, reader=reader, overwrite=overwrite)
+    run(list(paths), output, manifest=manifest, images_root=images_root, overwrite=overwrite, **given(options))
 
 
 @main.command()
 @click.argument("store", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help="The pair file to write (HDF5).")
-@click.option("--strategy", type=click.Choice(["relaxed", "max-inliers", "mac"]),
-              default="relaxed", show_default=True,
-              help="How the positive is picked from the pool M(q).")
-@click.option("--pool-size", "-k", type=int, default=100, show_default=True,
-              help="Images in M(q): nearest camera centres in q's model.")
-@click.option("--min-inlier-ratio", type=float, default=0.2, show_default=True,
-              help="relaxed: co-observed points / points of q, at least.")
-@click.option("--max-scale-change", type=float, default=1.5, show_default=True,
-              help="relaxed: scale change, at most (1: same scale).")
-@click.option("--scale-measure", type=click.Choice(["depth", "bbox"]), default="depth",
-              show_default=True, help="depth: median ratio of apparent point sizes; "
-              "bbox: ratio of the co-observed points' bounding boxes.")
-@click.option("--min-co-observed", type=int, default=1, show_default=True,
-              help="A positive shares at least this many 3D points with q.")
-@click.option("--queries-per-cluster", type=int, default=None,
-              help="Queries drawn per cluster (default: a tenth of a cluster of up to 300 "
-                   "images, 30 for larger ones; 0: every eligible image).")
-@click.option("--val-fraction", type=float, default=0.2, show_default=True,
-              help="Fraction of clusters in the val split.")
-@click.option("--val-clusters", type=str, default=None,
-              help="Comma-separated cluster names for the val split (instead of --val-fraction).")
+@click_options(MineConf)
 @click.option("--descriptors", type=click.Path(dir_okay=False),
               help="HDF5 descriptors keyed by image name: for --strategy mac and hard negatives.")
-@click.option("--negatives", type=int, default=5, show_default=True,
-              help="Hard negatives per query (with --descriptors), at most one per cluster.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 @_verbosity
 @_fail_cleanly
-def mine(store, output, strategy, pool_size, min_inlier_ratio, max_scale_change, scale_measure,
-         min_co_observed, queries_per_cluster, val_fraction, val_clusters, descriptors,
-         negatives, seed, overwrite):
+def mine(store, output, descriptors, overwrite, **options):
     """Pools, positives and hard negatives from an SfM store, into a pair file.
 
     For each query q, the pool M(q) holds the images of q's model with the nearest
@@ -178,29 +153,7 @@ def mine(store, output, strategy, pool_size, min_inlier_ratio, max_scale_change,
     """
     from sfmpairs.mining.mine import mine as run
 
-    run(store, output, descriptors=descriptors, overwrite=overwrite, strategy=strategy,
-        pool_size=pool_size, min_inlier_ratio=min_inlier_ratio,
-        max_scale_change=max_scale_change, scale_measure=scale_measure,
-        min_co_observed=min_co_observed, queries_per_cluster=queries_per_cluster,
-        val_fraction=val_fraction,
-        val_clusters=[c.strip() for c in val_clusters.split(",")] if val_clusters else None,
-        negatives=negatives, seed=seed)
-
-
-_precision = click.option(
-    "--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
-    help="Forward pass: auto = float16 on CUDA, bfloat16 on CPUs that compute it natively, "
-         "else float32; fp32 = exact.")
-
-
-def _scales(text: str) -> tuple[float, ...]:
-    try:
-        scales = tuple(float(s) for s in text.split(","))
-    except ValueError:
-        raise SfmpairsError(f"--multiscale {text!r}: give comma-separated numbers, e.g. 1,0.7071,0.5") from None
-    if not scales or any(s <= 0 for s in scales):
-        raise SfmpairsError(f"--multiscale {text!r}: scales must be positive")
-    return scales
+    run(store, output, descriptors=descriptors, overwrite=overwrite, **given(options))
 
 
 def _network_options(fn):
@@ -216,16 +169,12 @@ def _network_options(fn):
         click.option("--pool", type=click.Choice(POOLS), default=None,
                      help="With --arch: the global pooling [default: gem, p = 3]."),
         click.option("--pretrained", default=None, is_flag=False, flag_value="imagenet", metavar="[FILE]",
+                     callback=lambda ctx, param, value: None if value is None else parse_pretrained(value),
                      help="With --arch: torchvision's ImageNet weights (downloaded), or a local "
                           "weights file (e.g. resnet50-11ad3fa6.pth) on an offline machine."),
     ]):
         fn = option(fn)
     return fn
-
-
-def _pretrained(value):
-    """The --pretrained value for the Python API: True, a path, or None."""
-    return True if value == "imagenet" else value
 
 
 @main.command()
@@ -237,51 +186,33 @@ def _pretrained(value):
               help="Text file of image names (relative to --images-root), one per line.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help="The descriptor file to write (HDF5).")
-@click.option("--image-size", type=int, default=None,
-              help="Longer side in pixels (never up-scaled); default: the network's test size "
-                   "(1024 unless the checkpoint records another).")
-@click.option("--multiscale", default="1", show_default=True,
-              help="Scales, combined by the generalised mean (GeM's p; 1 with a whitening layer), "
-                   "e.g. 1,0.7071,0.5.")
 @click.option("--whitening", type=click.Path(dir_okay=False), help="Apply a whitening file (sfmpairs whiten).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
-@_precision
-@click.option("--batch-size", type=int, default=16, show_default=True, help="Images per batch (same size).")
-@click.option("--workers", type=int, default=None, help="DataLoader workers (default: cores - 1, at most 4).")
-@click.option("--skip-bad", is_flag=True, help="Skip missing or corrupt images (listed in the output).")
+@click_options(ExtractConf)
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 @_verbosity
 @_fail_cleanly
-def extract(model, arch, pool, pretrained, store, images_root, image_list, output, image_size, multiscale,
-            whitening, device, precision, batch_size, workers, skip_bad, overwrite):
+def extract(model, arch, pool, pretrained, store, images_root, image_list, output, whitening, overwrite, **options):
     """Global descriptors of images, keyed by image name: with a checkpoint (--model)
     or an off-the-shelf network (--arch)."""
     from sfmpairs.retrieval.extract import extract as run
 
-    run(model, output, arch=arch, pool=pool, pretrained=_pretrained(pretrained), store=store,
-        images_root=images_root, image_list=image_list, image_size=image_size, scales=_scales(multiscale),
-        device=device, precision=precision, batch_size=batch_size, workers=workers, skip_bad=skip_bad,
-        whitening=whitening, overwrite=overwrite)
+    run(model, output, arch=arch, pool=pool, pretrained=pretrained, store=store, images_root=images_root,
+        image_list=image_list, whitening=whitening, overwrite=overwrite, **given(options))
 
 
 @main.command()
 @click.option("--descriptors", required=True, type=click.Path(dir_okay=False), help="Descriptor file.")
 @click.option("--pairs", required=True, type=click.Path(dir_okay=False), help="Pair file (train split).")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Whitening file.")
-@click.option("--method", type=click.Choice(["lw", "pca"]), default="lw", show_default=True,
-              help="lw: learned from matching pairs; pca: PCA whitening.")
-@click.option("--dim", type=int, default=None,
-              help="Output dimension (default: the input's, or the rank of the data where that is lower).")
-@click.option("--all-passing", is_flag=True,
-              help="Learn from every passing pool pair, not only query-positive pairs.")
+@click_options(WhitenConf)
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 @_verbosity
 @_fail_cleanly
-def whiten(descriptors, pairs, output, method, dim, all_passing, overwrite):
+def whiten(descriptors, pairs, output, overwrite, **options):
     """Learn a whitening (Lw or PCA) to apply in extract (--whitening)."""
     from sfmpairs.retrieval.whiten import whiten as run
 
-    r = run(descriptors, pairs, output, method=method, dim=dim, all_passing=all_passing, overwrite=overwrite)
+    r = run(descriptors, pairs, output, overwrite=overwrite, **given(options))
     click.echo(f"wrote {r['output']}: {r['method']} whitening to {r['dim']} dimensions")
 
 
@@ -299,25 +230,15 @@ def whiten(descriptors, pairs, output, method, dim, all_passing, overwrite):
                    "were mined from.")
 @click.option("--images-root", type=click.Path(file_okay=False),
               help="Folder of the photos, when extracting (default: the pair file's).")
-@click.option("--min-covisible", type=int, default=1, show_default=True,
-              help="Positive: shares at least this many 3D points with the query.")
-@click.option("--positives", type=click.Choice(["covisible", "relaxed"]), default="covisible",
-              show_default=True, help="covisible: --min-covisible; relaxed: passes the relaxed filter.")
-@click.option("--qe", type=int, default=0, show_default=True, help="alpha query expansion: neighbours (0: off).")
-@click.option("--qe-alpha", type=float, default=3.0, show_default=True, help="alpha of alpha-QE.")
-@click.option("--image-size", type=int, default=None,
-              help="When extracting: longer side in pixels (default: the network's test size).")
-@click.option("--multiscale", default="1", show_default=True, help="When extracting: scales, e.g. 1,0.7071,0.5.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
-@_precision
-@click.option("--workers", type=int, default=None, help="DataLoader workers (default: cores - 1, at most 4).")
+@click_options(EvaluateConf)
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="JSON report.")
+@click.option("--picture", type=click.Path(dir_okay=False),
+              help="Also a PNG of a few val queries and their top results, framed by ground truth.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 @_verbosity
 @_fail_cleanly
-def evaluate(pairs, gnd, descriptors, model, arch, pool, pretrained, whitening, store, images_root,
-             min_covisible, positives, qe, qe_alpha, image_size, multiscale, device, precision, workers,
-             output, overwrite):
+def evaluate(pairs, gnd, descriptors, model, arch, pool, pretrained, whitening, store, images_root, output,
+             picture, overwrite, **options):
     """mAP and mean precision at 1, 5, 10 (with the number of queries): on a pair
     file's val split, or on the revisited Oxford and Paris protocol (Easy, Medium,
     Hard). Descriptors from a file, a checkpoint (--model) or an off-the-shelf network
@@ -325,66 +246,8 @@ def evaluate(pairs, gnd, descriptors, model, arch, pool, pretrained, whitening, 
     from sfmpairs.retrieval.evaluate import evaluate as run
 
     run(output, pairs=pairs, gnd=gnd, descriptors=descriptors, model=model, arch=arch, pool=pool,
-        pretrained=_pretrained(pretrained), whitening=whitening, store=store, images_root=images_root,
-        min_covisible=min_covisible, positives=positives, qe=qe, qe_alpha=qe_alpha, image_size=image_size,
-        scales=_scales(multiscale), device=device, precision=precision, workers=workers, overwrite=overwrite)
-
-
-def _train_default(key: str) -> str:
-    from sfmpairs.train.options import TRAIN_DEFAULTS
-
-    return f" [default: {TRAIN_DEFAULTS[key]}]"
-
-
-def _train_options(fn):
-    """The options of sfmpairs train, their defaults from :data:`.train.options.TRAIN_DEFAULTS`
-    (None here: an option the user did not give)."""
-    from sfmpairs.retrieval.backbones import BACKBONES, POOLS
-
-    d = _train_default
-    for option in reversed([
-        click.option("--arch", type=click.Choice(list(BACKBONES)), default=None, help="Backbone." + d("arch")),
-        click.option("--pool", type=click.Choice(POOLS), default=None, help="Global pooling." + d("pool")),
-        click.option("--whitening", type=int, default=None,
-                     help="Add a learnable whitening layer to this many dimensions [default: none]."),
-        click.option("--pretrained", default=None, is_flag=False, flag_value="imagenet", metavar="[FILE]",
-                     help="Start from torchvision's ImageNet weights (downloaded), or from a local "
-                          "weights file (e.g. resnet50-11ad3fa6.pth) [default: random]."),
-        click.option("--weights", type=click.Path(dir_okay=False),
-                     help="Start from this checkpoint (its network: --arch, --pool are ignored)."),
-        click.option("--epochs", type=int, default=None, help="Epochs." + d("epochs")),
-        click.option("--query-size", type=int, default=None, help="Training queries per epoch." + d("query_size")),
-        click.option("--pool-size", type=int, default=None,
-                     help="Images in the negative pool per epoch." + d("pool_size")),
-        click.option("--neg-num", type=int, default=None,
-                     help="Hard negatives per tuple, one per other cluster." + d("neg_num")),
-        click.option("--batch-size", type=int, default=None, help="Tuples per batch." + d("batch_size")),
-        click.option("--image-size", type=int, default=None,
-                     help="Longer side of the images in training and mining." + d("image_size")),
-        click.option("--test-image-size", type=int, default=None,
-                     help="Longer side in validation, recorded for extract and evaluate." + d("test_image_size")),
-        click.option("--loss", type=click.Choice(["contrastive", "triplet"]), default=None,
-                     help="Loss of a tuple." + d("loss")),
-        click.option("--margin", type=float, default=None,
-                     help="Loss margin [default: 0.7 alexnet, 0.75 vgg16, else 0.85]."),
-        click.option("--optimizer", type=click.Choice(["adam", "sgd"]), default=None,
-                     help="Optimizer." + d("optimizer")),
-        click.option("--lr", type=float, default=None,
-                     help="Initial learning rate (GeM p: 10 times higher)." + d("lr")),
-        click.option("--lr-decay", type=float, default=None,
-                     help="The learning rate is multiplied by exp(-DECAY) every epoch." + d("lr_decay")),
-        click.option("--weight-decay", type=float, default=None,
-                     help="Weight decay (not on GeM p)." + d("weight_decay")),
-        click.option("--momentum", type=float, default=None, help="SGD momentum." + d("momentum")),
-        click.option("--seed", type=int, default=None, help="Random seed." + d("seed")),
-        click.option("--device", default=None, help="auto, cpu or cuda." + d("device")),
-        click.option("--amp/--no-amp", default=None, help="Mixed precision [default: on with CUDA]."),
-        click.option("--workers", type=int, default=None,
-                     help="DataLoader workers for mining and validation [default: cores - 1, at most 4]."),
-        click.option("--skip-bad", is_flag=True, default=None, help="Skip missing or corrupt images."),
-    ]):
-        fn = option(fn)
-    return fn
+        pretrained=pretrained, whitening=whitening, store=store, images_root=images_root, picture=picture,
+        overwrite=overwrite, **given(options))
 
 
 @main.command()
@@ -395,7 +258,7 @@ def _train_options(fn):
               help="Run folder: config.json, metrics.jsonl, last.pt, best.pt.")
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False),
               help="Continue the run in this folder (--epochs, --lr, --device, --workers may change).")
-@_train_options
+@click_options(TrainConf)
 @click.option("--overwrite", is_flag=True, help="Start afresh in an existing run folder.")
 @_verbosity
 @_fail_cleanly
@@ -408,12 +271,42 @@ def train(pairs, images_root, run_dir, resume_dir, overwrite, **options):
     """
     from sfmpairs.train.train import train as run
 
-    options["pretrained"] = _pretrained(options["pretrained"])
     if resume_dir and run_dir:
         raise SfmpairsError("give -o RUN_DIR for a new run or --resume RUN_DIR, not both")
     if not (resume_dir or run_dir):
         raise SfmpairsError("give -o RUN_DIR (or --resume RUN_DIR)")
-    run(pairs, images_root, resume_dir or run_dir, resume=bool(resume_dir), overwrite=overwrite, **options)
+    run(pairs, images_root, resume_dir or run_dir, resume=bool(resume_dir), overwrite=overwrite, **given(options))
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path())
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The picture to write (.png).")
+@click.option("--label", "labels", multiple=True, help="Legend label of each input, in order (default: its name).")
+@click.option("--images-root", type=click.Path(file_okay=False),
+              help="Reports: folder of the photos (default: the one the first report records).")
+@click.option("--queries", type=int, default=6, show_default=True, help="Reports: val queries shown.")
+@click.option("--top", type=int, default=5, show_default=True, help="Reports: results shown per query.")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+@_verbosity
+@_fail_cleanly
+def plot(inputs, output, labels, images_root, queries, top, overwrite):
+    """Pictures to compare: run folders (sfmpairs train -o RUN) give their training loss,
+    val mAP and learning rate per epoch, overlaid; evaluation reports (sfmpairs evaluate
+    -o REPORT.json) give a few val queries with each report's top results side by side,
+    framed by ground truth (green positive, grey junk, red negative)."""
+    from pathlib import Path
+
+    from .plot import compare_retrieval, plot_runs
+
+    runs = [Path(p).is_dir() for p in inputs]
+    if all(runs):
+        plot_runs(inputs, output, labels=list(labels) or None, overwrite=overwrite)
+    elif not any(runs):
+        compare_retrieval(inputs, output, labels=list(labels) or None, images_root=images_root, count=queries,
+                          k=top, overwrite=overwrite)
+    else:
+        raise SfmpairsError("plot: give run folders or evaluation reports, not both")
+    click.echo(f"wrote {output}")
 
 
 @main.command()
@@ -458,30 +351,19 @@ def synth(output, clusters, images_per_cluster, image_size, points, seed, overwr
 @click.argument("images_dir", type=click.Path(file_okay=False))
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False),
               help="Folder for database.db, sparse/0..N and a link to the photos.")
-@click.option("--matcher", type=click.Choice(["exhaustive", "sequential", "vocab-tree"]),
-              default="exhaustive", show_default=True,
-              help="exhaustive: every pair (small sets); sequential: video frames; vocab-tree: large sets.")
-@click.option("--camera-model", default="SIMPLE_RADIAL", show_default=True, help="COLMAP camera model.")
-@click.option("--single-camera", is_flag=True, help="All photos share one camera.")
-@click.option("--max-image-size", type=int, default=1600, show_default=True,
-              help="Longer side for feature extraction.")
+@click_options(ReconstructConf)
 @click.option("--vocab-tree", type=click.Path(dir_okay=False), help="Vocabulary tree file for vocab-tree.")
-@click.option("--overlap", type=int, default=10, show_default=True, help="sequential: neighbours matched.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda (where pycolmap has it).")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it is not empty.")
 @_verbosity
 @_fail_cleanly
-def reconstruct(images_dir, output, matcher, camera_model, single_camera, max_image_size, vocab_tree,
-                overlap, device, overwrite):
+def reconstruct(images_dir, output, vocab_tree, overwrite, **options):
     """COLMAP models from a folder of photos (pycolmap: SIFT, matching, incremental mapping).
 
     Every separate model becomes a cluster when ingested: sfmpairs ingest OUTPUT.
     """
     from sfmpairs.sfm_io.reconstruct import reconstruct as run
 
-    r = run(images_dir, output, matcher=matcher, camera_model=camera_model, single_camera=single_camera,
-            max_image_size=max_image_size, vocab_tree=vocab_tree, overlap=overlap, device=device,
-            overwrite=overwrite)
+    r = run(images_dir, output, vocab_tree=vocab_tree, overwrite=overwrite, **given(options))
     click.echo(f"{len(r['models'])} models from {r['photos']} photos; registered: "
                + ", ".join(f"sparse/{k}: {v}" for k, v in r["models"].items()))
 

@@ -362,3 +362,57 @@ def retrieval_figure(rows: list[dict], output: str | os.PathLike, overwrite: boo
     with atomic_output(output, overwrite) as tmp:
         fig.savefig(tmp, format="png", dpi=DPI, metadata=meta)
     return output
+
+
+def read_report(path: str | os.PathLike) -> dict:
+    """An evaluation report (``sfmpairs evaluate -o report.json``) on a pair file's val
+    split, with each query's AP and top results."""
+    path = Path(path)
+    try:
+        report = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise SfmpairsError(f"{path}: no such file") from None
+    except (OSError, ValueError) as e:
+        raise SfmpairsError(f"{path}: not an evaluation report ({e})") from None
+    if not isinstance(report, dict) or "per_query_top" not in report or "per_query_ap" not in report:
+        raise SfmpairsError(f"{path}: not an evaluation report of a val split with each query's results "
+                            f"(sfmpairs evaluate --pairs ... -o report.json writes them)")
+    return report
+
+
+def retrieval_rows(reports: dict[str, dict], images_root: str | os.PathLike | None = None, count: int = 6,
+                   k: int = 5) -> list[dict]:
+    """The rows of :func:`retrieval_figure` from evaluation reports (title -> report) of
+    the same val split: ``count`` queries with positives, evenly spread over the
+    queries (not chosen by their results), each with the top ``k`` results of every
+    report, the query itself left out. Photos are looked up under ``images_root``
+    (default: the first report's)."""
+    first = next(iter(reports.values()))
+    root = Path(images_root or first.get("images_root") or ".")
+    common = [q for q in first["per_query_top"]
+              if all(q in r["per_query_top"] and r["per_query_ap"].get(q) is not None for r in reports.values())]
+    if not common:
+        raise SfmpairsError("the reports share no val query with positives: evaluations of the same pair file?")
+    picks = [common[i] for i in np.unique(np.linspace(0, len(common) - 1, min(count, len(common))).round().astype(int))]
+    rows = []
+    for q in picks:
+        results = []
+        for title, report in reports.items():
+            top = [(root / name, name, label) for name, label in report["per_query_top"][q] if name != q][:k]
+            results.append({"title": title, "ap": report["per_query_ap"][q], "top": top})
+        rows.append({"query": root / q, "query_name": q, "results": results})
+    return rows
+
+
+def compare_retrieval(report_files, output: str | os.PathLike, labels: list[str] | None = None,
+                      images_root: str | os.PathLike | None = None, count: int = 6, k: int = 5,
+                      overwrite: bool = False) -> Path:
+    """:func:`retrieval_figure` of evaluation reports side by side (e.g. before and after
+    training): ``sfmpairs plot before.json after.json -o retrieval.png``."""
+    report_files = [Path(f) for f in report_files]
+    check_output_path(_check_png(output), overwrite)
+    labels = labels or [f.stem for f in report_files]
+    if len(labels) != len(report_files) or len(set(labels)) != len(labels):
+        raise SfmpairsError(f"plot: give one distinct label for each of the {len(report_files)} reports")
+    reports = {label: read_report(f) for label, f in zip(labels, report_files)}
+    return retrieval_figure(retrieval_rows(reports, images_root, count, k), output, overwrite=overwrite)

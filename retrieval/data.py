@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from sfmpairs.common import SfmpairsError
 
 from .images import open_rgb
+from .options import ExtractConf
 
 
 def resized_size(width: int, height: int, image_size: int) -> tuple[int, int]:
@@ -134,7 +135,7 @@ def default_workers() -> int:
     return max(0, min(4, (os.cpu_count() or 1) - 1))
 
 
-def image_loader(root, names, image_size: int, batch_size: int = 16, workers: int | None = None,
+def image_loader(root, names, image_size: int, batch_size: int = ExtractConf.batch_size, workers: int | None = None,
                  pin_memory: bool = False, boxes=None) -> DataLoader:
     """A DataLoader over ``root/names`` (each cropped to its box (x1, y1, x2, y2) in
     ``boxes``, where given and not None) yielding batches as :func:`collate` makes them:

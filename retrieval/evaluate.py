@@ -26,6 +26,9 @@ from pathlib import Path
 import numpy as np
 
 from sfmpairs.common import SfmpairsError, atomic_output, check_output_path, now_iso
+from sfmpairs.config import conf_dict, make_conf
+
+from .options import EvaluateConf
 
 logger = logging.getLogger("sfmpairs.evaluate")
 
@@ -89,7 +92,7 @@ def rank(query: np.ndarray, database: np.ndarray) -> np.ndarray:
 
 
 def val_ground_truth(pairs: str | Path, min_covisible: int = 1, positives: str = "covisible",
-                     store: str | Path | None = None):
+                     store: str | Path | None = None, contents: dict | None = None):
     """(names, queries, database, positives, junk) of a pair file's val split.
 
     The database is every val image. ``covisible``: a positive shares at least
@@ -97,10 +100,11 @@ def val_ground_truth(pairs: str | Path, min_covisible: int = 1, positives: str =
     ``mine``); ``relaxed``: it passes the relaxed filter in the query's pool. Junk: the
     other images of the query's cluster, and the query itself. Pair files of schema
     version 1 lack ``val/gt_*``: for them give the SfM store they were mined from.
+    ``contents``: the pair file already read (:func:`~sfmpairs.mining.pairfile.read_pair_file`).
     """
     from sfmpairs.mining.pairfile import read_pair_file
 
-    p = read_pair_file(pairs)
+    p = read_pair_file(pairs) if contents is None else contents
     names, cluster, val = p["names"], p["cluster"], p["splits"].get("val")
     if val is None or len(val["query"]) == 0:
         raise SfmpairsError(f"{pairs}: the val split has no queries (mine with --val-fraction or --val-clusters)")
@@ -183,42 +187,27 @@ def _table(rows: list[tuple[str, float, np.ndarray, int]], kappas) -> str:
 FEW_QUERIES = 20  # below this many val queries, say that the mAP is noisy
 
 
-def evaluate(output: str | Path, *, pairs=None, gnd=None, descriptors=None, model=None,
-             arch: str | None = None, pool: str | None = None, pretrained=None, whitening=None,
-             store=None, images_root=None, min_covisible: int = 1, positives: str = "covisible",
-             qe: int = 0, qe_alpha: float = 3.0, image_size: int | None = None,
-             scales=(1.0,), device: str = "auto", precision: str = "auto",
-             workers: int | None = None, overwrite: bool = False) -> dict:
-    """Evaluate descriptors on a pair file's val split (``pairs``) or on revisited
-    ground truth (``gnd``); print a table and write a JSON report.
+TOP_K = 10  # the top of each val query's ranking the report keeps (and pictures show)
 
-    The descriptors come from a descriptor file (``descriptors``), or are extracted now
-    with a checkpoint (``model``) or an off-the-shelf network (``arch``, ``pool``,
-    ``pretrained``: True for torchvision's ImageNet weights or a local weights file), at
-    ``image_size`` (default: the network's test size). ``whitening``: a whitening file
-    (``sfmpairs whiten``) applied to the descriptors.
-    """
-    check_output_path(output, overwrite)  # before the work, not after it
+
+def _check_sources(pairs, gnd, descriptors, model, arch, pool, pretrained, conf: EvaluateConf) -> None:
     if (pairs is None) == (gnd is None):
         raise SfmpairsError("give one of --pairs or --gnd")
     if (descriptors is None) == (model is None and arch is None):
         raise SfmpairsError("give one of --descriptors, --model or --arch")
     if descriptors is not None and (pool is not None or pretrained not in (None, False)):
         raise SfmpairsError("--pool and --pretrained go with --arch, not with --descriptors")
-    if min_covisible < 1:
+    if conf.min_covisible < 1:
         raise SfmpairsError("--min-covisible must be at least 1")
-    wh = None
-    if whitening is not None:
-        from .whiten import read_whitening
 
-        wh = read_whitening(whitening)
-    net = dev = None
-    if descriptors is None:
-        from .extract import resolve_device
-        from .network import open_network
 
-        dev = resolve_device(device)
-        net = open_network(model, arch=arch, pool=pool, pretrained=pretrained, device=dev)
+def describer(descriptors, net, device, conf: EvaluateConf, whitening):
+    """``describe(names, root, boxes=None)``: the descriptors of images, read from the
+    descriptor file or extracted now with ``net``, whitened with the whitening file."""
+    from .extract import apply_whitening, extract_descriptors
+    from .whiten import read_whitening
+
+    wh = read_whitening(whitening) if whitening is not None else None
 
     def describe(names, root, boxes=None):
         if descriptors is not None:
@@ -226,87 +215,149 @@ def evaluate(output: str | Path, *, pairs=None, gnd=None, descriptors=None, mode
 
             d = read_descriptors(descriptors, np.asarray(names, dtype=object))
         else:
-            from .extract import extract_descriptors
-
             if root is None:
                 raise SfmpairsError("extracting needs --images-root (or a pair file that records one)")
-            d, _ = extract_descriptors(net, root, list(names), image_size=image_size, scales=scales,
-                                       device=dev, precision=precision, workers=workers, boxes=boxes)
+            d, _ = extract_descriptors(net, root, list(names), image_size=conf.image_size, scales=conf.scales,
+                                       device=device, precision=conf.precision, batch_size=conf.batch_size,
+                                       workers=conf.workers, boxes=boxes)
         if wh is not None:
-            from .extract import apply_whitening
-
             if wh["mean"].shape[-1] != d.shape[1]:
                 raise SfmpairsError(f"{whitening}: whitening of {wh['mean'].shape[-1]}-d descriptors, "
                                     f"these are {d.shape[1]}-d")
             d = apply_whitening(d, wh)
         return d
+    return describe
 
+
+def top_results(ranks: np.ndarray, positives: list, junk: list, k: int = TOP_K) -> list[list[tuple[int, str]]]:
+    """Each query's first ``k`` database indices with their ground truth: "positive",
+    "junk" or "negative"."""
+    out = []
+    for row, pos, jk in zip(ranks[:, :k], positives, junk):
+        pos, jk = set(np.asarray(pos).tolist()), set(np.asarray(jk).tolist())
+        out.append([(int(i), "positive" if i in pos else "junk" if i in jk else "negative") for i in row])
+    return out
+
+
+def evaluate_val(pairs, store, images_root, describe, conf: EvaluateConf, extracting: bool):
+    """The pair file's val split: the table's row and the report's entries (with each
+    query's AP and top :data:`TOP_K` results)."""
+    from sfmpairs.mining.pairfile import read_pair_file
+
+    contents = read_pair_file(pairs)
+    names, queries, database, pos, junk = val_ground_truth(pairs, conf.min_covisible, conf.positives, store,
+                                                           contents)
+    root = images_root
+    if root is None and extracting:  # the photos the pair file records
+        root = contents["images_root"] or None
+    logger.debug("val: %d queries, %d database images, %.1f positives and %.1f junk per query",
+                 len(queries), len(database), np.mean([len(x) for x in pos]), np.mean([len(x) for x in junk]))
+    used = np.unique(np.concatenate([queries, database]))
+    desc = describe(names[used], root)
+    qd = desc[np.searchsorted(used, queries)]  # used is sorted
+    dd = desc[np.searchsorted(used, database)]
+    qd = alpha_query_expansion(qd, dd, conf.qe, conf.qe_alpha)
+    ranks = rank(qd, dd)
+    m, aps, mpr, _ = mean_average_precision(ranks, pos, junk)
+    counted = int(np.isfinite(aps).sum())
+    if counted == 0:
+        raise SfmpairsError(f"{pairs}: no val query has a positive (an image sharing at least "
+                            f"{conf.min_covisible} 3D points with it); lower --min-covisible")
+    if counted < FEW_QUERIES:
+        logger.warning("the val split has %d queries with positives: its mAP is noisy", counted)
+    top = top_results(ranks, pos, junk)
+    report = {"protocol": "pairs-val", "pairs": str(pairs), "positives": conf.positives,
+              "min_covisible": conf.min_covisible, "queries": len(queries), "queries_with_positives": counted,
+              "database": len(database), "mAP": m, "mP@k": mpr.tolist(),
+              "images_root": str(images_root or contents["images_root"] or ""),
+              "per_query_ap": {names[q]: (None if np.isnan(a) else a) for q, a in zip(queries, aps)},
+              "per_query_top": {names[q]: [[names[database[i]], label] for i, label in t]
+                                for q, t in zip(queries, top)}}
+    return [("val", m, mpr, counted)], report
+
+
+def evaluate_revisited(gnd, images_root, describe, descriptors, extracting: bool, conf: EvaluateConf):
+    """The revisited Oxford and Paris protocol: the table's rows (Easy, Medium, Hard)
+    and the report's entries."""
+    cfg = load_gnd(gnd)
+
+    def with_ext(n):
+        return n if Path(n).suffix else n + ".jpg"
+    db_names = [with_ext(n) for n in cfg["imlist"]]
+    q_names = [with_ext(n) for n in cfg["qimlist"]]
+    boxes = [g.get("bbx") for g in cfg["gnd"]]
+    cropped = sum(b is not None for b in boxes)  # queries without a box are used whole
+    if descriptors is not None and cropped:
+        raise SfmpairsError(f"{gnd}: the revisited protocol crops each query to its box, which "
+                            f"precomputed --descriptors cannot do; give --model or --arch so that "
+                            f"evaluate extracts the cropped queries")
+    if extracting and images_root is None:
+        raise SfmpairsError("--gnd with --model or --arch needs --images-root")
+    dd = describe(db_names, images_root)
+    qd = describe(q_names, images_root, boxes if cropped else None)
+    if 0 < cropped < len(boxes):
+        logger.warning("%s: %d of %d queries have no box (bbx) and are used whole", gnd,
+                       len(boxes) - cropped, len(boxes))
+    ranks = rank(alpha_query_expansion(qd, dd, conf.qe, conf.qe_alpha), dd)
+    report = {"protocol": "revisited", "gnd": str(gnd), "queries": len(q_names),
+              "queries_cropped": cropped, "database": len(db_names)}
+    rows = []
+    for setup, (pos, junk) in revisited_protocols(cfg["gnd"]).items():
+        m, aps, mpr, _ = mean_average_precision(ranks, pos, junk)
+        rows.append((setup, m, mpr, int(np.isfinite(aps).sum())))
+        report[setup] = {"mAP": m, "mP@k": mpr.tolist(), "queries": rows[-1][3]}
+    return rows, report
+
+
+def evaluate(output: str | Path, *, pairs=None, gnd=None, descriptors=None, model=None,
+             arch: str | None = None, pool: str | None = None, pretrained=None, whitening=None,
+             store=None, images_root=None, picture=None, overwrite: bool = False, **options) -> dict:
+    """Evaluate descriptors on a pair file's val split (``pairs``) or on revisited
+    ground truth (``gnd``); print a table and write a JSON report.
+
+    The descriptors come from a descriptor file (``descriptors``), or are extracted now
+    with a checkpoint (``model``) or an off-the-shelf network (``arch``, ``pool``,
+    ``pretrained``: True for torchvision's ImageNet weights or a local weights file), at
+    ``image_size`` (default: the network's test size). ``whitening``: a whitening file
+    (``sfmpairs whiten``) applied to the descriptors. ``picture``: a PNG of a few val
+    queries and their top results, framed by ground truth. ``options``: the settings of
+    :class:`~.options.EvaluateConf`.
+    """
+    from sfmpairs.plot import retrieval_figure, retrieval_rows
+
+    conf = make_conf(EvaluateConf, **options)
+    check_output_path(output, overwrite)  # before the work, not after it
+    if picture is not None:
+        if gnd is not None:
+            raise SfmpairsError("--picture shows a pair file's val queries; not with --gnd")
+        check_output_path(picture, overwrite)
+    _check_sources(pairs, gnd, descriptors, model, arch, pool, pretrained, conf)
+    net = dev = None
+    if descriptors is None:
+        from .extract import resolve_device
+        from .network import open_network
+
+        dev = resolve_device(conf.device)
+        net = open_network(model, arch=arch, pool=pool, pretrained=pretrained, device=dev)
+    describe = describer(descriptors, net, dev, conf, whitening)
     report = {"created": now_iso(), "descriptors": str(descriptors) if descriptors else None,
               "model": str(model) if model else None,
               "network": None if net is None else {k: net.config.get(k) for k in
                                                    ("arch", "pool", "whitening", "pretrained")},
-              "image_size": None if net is None else image_size or net.config["image_size"],
-              "whitening": str(whitening) if whitening else None,
-              "precision": precision if net is not None else None, "qe": qe, "qe_alpha": qe_alpha,
+              "image_size": None if net is None else conf.image_size or net.config["image_size"],
+              "whitening": str(whitening) if whitening else None, "settings": conf_dict(conf),
+              "precision": conf.precision if net is not None else None, "qe": conf.qe, "qe_alpha": conf.qe_alpha,
               "kappas": list(KAPPAS)}
-    rows = []
     if pairs is not None:
-        names, queries, database, pos, junk = val_ground_truth(pairs, min_covisible, positives, store)
-        root = images_root
-        if root is None and net is not None:
-            from sfmpairs.mining.pairfile import read_pair_file
-
-            root = read_pair_file(pairs)["images_root"] or None
-        logger.debug("val: %d queries, %d database images, %.1f positives and %.1f junk per query",
-                     len(queries), len(database), np.mean([len(x) for x in pos]), np.mean([len(x) for x in junk]))
-        used = np.unique(np.concatenate([queries, database]))
-        desc = describe(names[used], root)
-        qd = desc[np.searchsorted(used, queries)]  # used is sorted
-        dd = desc[np.searchsorted(used, database)]
-        qd = alpha_query_expansion(qd, dd, qe, qe_alpha)
-        m, aps, mpr, _ = mean_average_precision(rank(qd, dd), pos, junk)
-        counted = int(np.isfinite(aps).sum())
-        rows.append(("val", m, mpr, counted))
-        if counted == 0:
-            raise SfmpairsError(f"{pairs}: no val query has a positive (an image sharing at least "
-                                f"{min_covisible} 3D points with it); lower --min-covisible")
-        if counted < FEW_QUERIES:
-            logger.warning("the val split has %d queries with positives: its mAP is noisy", counted)
-        report.update({"protocol": "pairs-val", "pairs": str(pairs), "positives": positives,
-                       "min_covisible": min_covisible, "queries": len(queries),
-                       "queries_with_positives": counted,
-                       "database": len(database), "mAP": m, "mP@k": mpr.tolist(),
-                       "per_query_ap": {names[q]: (None if np.isnan(a) else a) for q, a in zip(queries, aps)}})
+        rows, found = evaluate_val(pairs, store, images_root, describe, conf, extracting=net is not None)
     else:
-        cfg = load_gnd(gnd)
-
-        def with_ext(n):
-            return n if Path(n).suffix else n + ".jpg"
-        db_names = [with_ext(n) for n in cfg["imlist"]]
-        q_names = [with_ext(n) for n in cfg["qimlist"]]
-        boxes = [g.get("bbx") for g in cfg["gnd"]]
-        cropped = sum(b is not None for b in boxes)  # queries without a box are used whole
-        if descriptors is not None and cropped:
-            raise SfmpairsError(f"{gnd}: the revisited protocol crops each query to its box, which "
-                                f"precomputed --descriptors cannot do; give --model or --arch so that "
-                                f"evaluate extracts the cropped queries")
-        if net is not None and images_root is None:
-            raise SfmpairsError("--gnd with --model or --arch needs --images-root")
-        dd = describe(db_names, images_root)
-        qd = describe(q_names, images_root, boxes if cropped else None)
-        if 0 < cropped < len(boxes):
-            logger.warning("%s: %d of %d queries have no box (bbx) and are used whole", gnd,
-                           len(boxes) - cropped, len(boxes))
-        qd = alpha_query_expansion(qd, dd, qe, qe_alpha)
-        ranks = rank(qd, dd)
-        report.update({"protocol": "revisited", "gnd": str(gnd), "queries": len(q_names),
-                       "queries_cropped": cropped, "database": len(db_names)})
-        for setup, (pos, junk) in revisited_protocols(cfg["gnd"]).items():
-            m, aps, mpr, _ = mean_average_precision(ranks, pos, junk)
-            rows.append((setup, m, mpr, int(np.isfinite(aps).sum())))
-            report[setup] = {"mAP": m, "mP@k": mpr.tolist(), "queries": rows[-1][3]}
-    table = _table(rows, KAPPAS)
-    print(table)
+        rows, found = evaluate_revisited(gnd, images_root, describe, descriptors, net is not None, conf)
+    report.update(found)
+    print(_table(rows, KAPPAS))
     with atomic_output(output, overwrite) as tmp:
         Path(tmp).write_text(json.dumps(report, indent=2, default=float))
+    if picture is not None:
+        title = Path(model or descriptors or f"{arch} (off the shelf)").name
+        retrieval_figure(retrieval_rows({title: report}, images_root), picture, overwrite=overwrite)
+        logger.info("wrote %s: top results of a few val queries", picture)
     return report

@@ -21,12 +21,14 @@ import torch
 import torch.nn.functional as F
 
 from sfmpairs.common import SfmpairsError, atomic_output, file_sha256, progress, provenance_attrs
+from sfmpairs.config import conf_dict, make_conf
 
 from .data import image_loader
 from .descriptors import SCHEMA as DESCRIPTORS_SCHEMA
 from .descriptors import SCHEMA_VERSION as DESCRIPTORS_VERSION
 from .descriptors import write_descriptors
 from .network import RetrievalNet, open_network
+from .options import ExtractConf
 
 logger = logging.getLogger("sfmpairs.extract")
 
@@ -86,7 +88,7 @@ def float32_convolutions(exact: bool = True):
         torch.backends.cudnn.allow_tf32 = saved
 
 
-def multiscale_forward(net: RetrievalNet, x: torch.Tensor, scales=(1.0,)) -> torch.Tensor:
+def multiscale_forward(net: RetrievalNet, x: torch.Tensor, scales=ExtractConf.scales) -> torch.Tensor:
     """Descriptors of a batch at several scales, combined by the generalised mean with
     the network's GeM exponent p, then L2-normalised. As in the authors' code, p = 1
     (the mean) for other poolings and for a network with a whitening layer, whose
@@ -118,8 +120,9 @@ def inference_copy(net: RetrievalNet, device: torch.device) -> RetrievalNet:
 
 
 def extract_descriptors(net: RetrievalNet, root, names, *, image_size: int | None = None,
-                        scales=(1.0,), device: str | torch.device = "cpu", batch_size: int = 16,
-                        workers: int | None = None, skip_bad: bool = False, precision: str = "auto",
+                        scales=ExtractConf.scales, device: str | torch.device = "cpu",
+                        batch_size: int = ExtractConf.batch_size, workers: int | None = None,
+                        skip_bad: bool = False, precision: str = ExtractConf.precision,
                         desc: str = "extract", boxes=None):
     """(descriptors (N, D) float32 numpy, bad {index: message}) of ``root/names``.
 
@@ -207,20 +210,9 @@ def network_inputs(model, pretrained) -> dict:
     return {"model": None, "pretrained": None}
 
 
-def extract(model: str | Path | None = None, output: str | Path | None = None, *,
-            arch: str | None = None, pool: str | None = None, pretrained: bool | str | Path | None = None,
-            store: str | Path | None = None, images_root: str | Path | None = None,
-            image_list: str | Path | None = None, image_size: int | None = None, scales=(1.0,),
-            device: str = "auto", precision: str = "auto", batch_size: int = 16,
-            workers: int | None = None, skip_bad: bool = False, whitening: str | Path | None = None,
-            overwrite: bool = False) -> dict:
-    """Descriptors of a store's images (``store``) or of a list (``images_root`` +
-    ``image_list``) into a descriptor file (docs/formats.md), with the network of the
-    checkpoint ``model`` or an off-the-shelf one (``arch``, ``pool``, ``pretrained``:
-    see :func:`~sfmpairs.retrieval.network.open_network`)."""
-    t0 = time.perf_counter()
-    if output is None:
-        raise SfmpairsError("give an output file (-o)")
+def images_to_describe(store, images_root, image_list) -> tuple[list[str], Path]:
+    """The image names to describe and their folder: every image of an SfM store
+    (under its images root unless another is given), or a list under a folder."""
     if store is not None:
         from sfmpairs.sfm_io.store import read_store
 
@@ -235,10 +227,39 @@ def extract(model: str | Path | None = None, output: str | Path | None = None, *
         raise SfmpairsError("give --store, or --images-root and --list")
     if not Path(images_root).is_dir():
         raise SfmpairsError(f"{images_root}: images root is not a folder")
-    if any(s <= 0 for s in scales):
+    return names, Path(images_root)
+
+
+def whitened(desc: np.ndarray, wh: dict | None, whitening) -> np.ndarray:
+    """The descriptors with the whitening file's whitening applied (``wh``: its
+    contents, None for none)."""
+    if wh is None:
+        return desc
+    if wh["mean"].shape[-1] != desc.shape[1]:
+        raise SfmpairsError(f"{whitening}: whitening of {wh['mean'].shape[-1]}-d descriptors, "
+                            f"the network gives {desc.shape[1]}-d")
+    return apply_whitening(desc, wh).astype(np.float32)
+
+
+def extract(model: str | Path | None = None, output: str | Path | None = None, *,
+            arch: str | None = None, pool: str | None = None, pretrained: bool | str | Path | None = None,
+            store: str | Path | None = None, images_root: str | Path | None = None,
+            image_list: str | Path | None = None, whitening: str | Path | None = None,
+            overwrite: bool = False, **options) -> dict:
+    """Descriptors of a store's images (``store``) or of a list (``images_root`` +
+    ``image_list``) into a descriptor file (docs/formats.md), with the network of the
+    checkpoint ``model`` or an off-the-shelf one (``arch``, ``pool``, ``pretrained``:
+    see :func:`~sfmpairs.retrieval.network.open_network`). ``options``: the settings of
+    :class:`~.options.ExtractConf`."""
+    t0 = time.perf_counter()
+    conf = make_conf(ExtractConf, **options)
+    if output is None:
+        raise SfmpairsError("give an output file (-o)")
+    names, images_root = images_to_describe(store, images_root, image_list)
+    if any(s <= 0 for s in conf.scales):
         raise SfmpairsError("--multiscale: scales must be positive")
-    dev = resolve_device(device)
-    dtype = autocast_dtype(dev, precision)
+    dev = resolve_device(conf.device)
+    dtype = autocast_dtype(dev, conf.precision)
     wh = None
     if whitening is not None:
         from .whiten import read_whitening
@@ -246,28 +267,22 @@ def extract(model: str | Path | None = None, output: str | Path | None = None, *
         wh = read_whitening(whitening)
     with atomic_output(output, overwrite) as tmp:  # fail early if the output exists
         net = open_network(model, arch=arch, pool=pool, pretrained=pretrained, device=dev)
-        size = image_size or net.config["image_size"]
+        size = conf.image_size or net.config["image_size"]
         weights = f"checkpoint {model}" if model else f"weights {net.config.get('pretrained') or 'random'}"
         logger.info("extracting %d images from %s with %s + %s, %s, at %d px, scales %s, on %s in %s",
                     len(names), images_root, net.config["arch"], net.config["pool"], weights, size,
-                    ",".join(f"{s:g}" for s in scales), dev, str(dtype or torch.float32).replace("torch.", ""))
-        desc, bad = extract_descriptors(net, images_root, names, image_size=size, scales=scales,
-                                        device=dev, precision=precision, batch_size=batch_size,
-                                        workers=workers, skip_bad=skip_bad)
+                    ",".join(f"{s:g}" for s in conf.scales), dev, str(dtype or torch.float32).replace("torch.", ""))
+        desc, bad = extract_descriptors(net, images_root, names, image_size=size, scales=conf.scales, device=dev,
+                                        precision=conf.precision, batch_size=conf.batch_size, workers=conf.workers,
+                                        skip_bad=conf.skip_bad)
         keep = np.array([i not in bad for i in range(len(names))], bool)
-        desc = desc[keep]
-        if wh is not None:
-            if wh["mean"].shape[-1] != desc.shape[1]:
-                raise SfmpairsError(f"{whitening}: whitening of {wh['mean'].shape[-1]}-d descriptors, "
-                                    f"the network gives {desc.shape[1]}-d")
-            desc = apply_whitening(desc, wh).astype(np.float32)
+        desc = whitened(desc[keep], wh, whitening)
         for i, message in bad.items():
             logger.warning("skipped %s", message)
-        parameters = {"image_size": size, "scales": list(scales), "device": str(dev),
-                      "precision": precision, "compute_dtype": str(dtype or torch.float32),
-                      "batch_size": batch_size, "skip_bad": skip_bad,
+        parameters = {**conf_dict(conf), "image_size": size, "device": str(dev),
+                      "compute_dtype": str(dtype or torch.float32),
                       "whitening": str(whitening) if whitening else None, "config": net.config}
-        inputs = {**network_inputs(model, pretrained), "images_root": str(Path(images_root).resolve()),
+        inputs = {**network_inputs(model, pretrained), "images_root": str(images_root.resolve()),
                   "store": str(Path(store).resolve()) if store else None,
                   "list": str(Path(image_list).resolve()) if image_list else None}
         write_descriptors(tmp, [n for n, k in zip(names, keep) if k], desc, skipped=[names[i] for i in sorted(bad)],

@@ -21,13 +21,16 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from sfmpairs.common import SfmpairsError, atomic_output, check_schema, file_sha256, provenance_attrs
+from sfmpairs.common import SfmpairsError, atomic_output, check_output_path, check_schema, file_sha256, provenance_attrs
+from sfmpairs.config import conf_dict, make_conf
+
+from .options import WHITENINGS as METHODS
+from .options import WhitenConf
 
 logger = logging.getLogger("sfmpairs.whiten")
 
 SCHEMA = "sfmpairs/whitening"
 SCHEMA_VERSION = 1
-METHODS = ("lw", "pca")
 
 
 def _eig_range(cov: np.ndarray):
@@ -99,12 +102,16 @@ def read_whitening(path: str | Path) -> dict:
         raise SfmpairsError(f"{path}: not an HDF5 file") from None
 
 
-def whiten(descriptors: str | Path, pairs: str | Path, output: str | Path, *, method: str = "lw",
-           dim: int | None = None, all_passing: bool = False, overwrite: bool = False) -> dict:
-    """Learn a whitening from a descriptor file and the train split of a pair file."""
+def whiten(descriptors: str | Path, pairs: str | Path, output: str | Path, *, overwrite: bool = False,
+           **options) -> dict:
+    """Learn a whitening from a descriptor file and the train split of a pair file;
+    ``options``: the settings of :class:`~.options.WhitenConf`."""
     from sfmpairs.mining.pairfile import read_pair_file
     from sfmpairs.retrieval.descriptors import read_descriptors
 
+    conf = make_conf(WhitenConf, **options)
+    method, dim = conf.method, conf.dim
+    check_output_path(output, overwrite)  # before the work, not after it
     if method not in METHODS:
         raise SfmpairsError(f"unknown whitening method {method!r} (choose lw or pca)")
     pf = read_pair_file(pairs)
@@ -112,7 +119,7 @@ def whiten(descriptors: str | Path, pairs: str | Path, output: str | Path, *, me
     if train is None:
         raise SfmpairsError(f"{pairs}: no train split")
     q, p, images = train["query"], train["positive"], train["images"]
-    if all_passing:
+    if conf.all_passing:
         q, p = np.repeat(q, train["pool_passes"].sum(1)), train["pool"][train["pool_passes"]]
     used = np.unique(np.concatenate([images, q, p]))
     desc = read_descriptors(descriptors, names[used])
@@ -135,7 +142,7 @@ def whiten(descriptors: str | Path, pairs: str | Path, output: str | Path, *, me
         with h5py.File(tmp, "w") as f:
             f.create_dataset("mean", data=mean)
             f.create_dataset("projection", data=projection)
-            parameters = {"method": method, "dim": dim, "all_passing": all_passing}
+            parameters = {**conf_dict(conf), "dim": dim}
             f.attrs.update(provenance_attrs(SCHEMA, SCHEMA_VERSION, parameters,
                                             {"descriptors": str(Path(descriptors).resolve()),
                                              "descriptors_sha256": file_sha256(descriptors),

@@ -14,15 +14,16 @@ from pathlib import Path
 
 import h5py
 
-from ..common import SfmpairsError, atomic_output, progress, provenance_attrs
+from sfmpairs.common import SfmpairsError, atomic_output, progress, provenance_attrs
+from sfmpairs.config import conf_dict, make_conf
+
 from . import colmap_binary, colmap_pycolmap, colmap_text
 from .discover import MODEL_FILES, ModelSource, from_manifest, from_paths
 from .model import Model
+from .options import READERS, IngestConf
 from .store import SCHEMA, SCHEMA_VERSION, append_model, create_store, write_table
 
 logger = logging.getLogger("sfmpairs.ingest")
-
-READERS = ("auto", "pycolmap")
 
 
 def read_model(folder: str | os.PathLike, fmt: str, reader: str = "auto") -> Model:
@@ -102,27 +103,14 @@ def _small_pages():
         _set_madvise_hugepage(before)
 
 
-def ingest(paths: str | os.PathLike | list[str | os.PathLike] | None,
-           output: str | os.PathLike, *,
-           manifest: str | os.PathLike | None = None,
-           images_root: str | os.PathLike | None = None,
-           cluster_by: str = "model", reader: str = "auto",
-           overwrite: bool = False) -> dict:
-    """Read COLMAP models and write the SfM store ``output``; returns a short summary.
-
-    ``paths`` are model folders or trees of them (one path, str or PathLike, is taken
-    as one); ``manifest`` a TOML file listing models (both may be given). Raises
-    :class:`SfmpairsError` on bad input, leaving no output behind.
-    """
-    t0 = time.perf_counter()
-    if cluster_by not in ("model", "scene"):
-        raise SfmpairsError(f"unknown --cluster-by {cluster_by!r} (choose model or scene)")
+def gather_sources(paths, manifest, cluster_by: str) -> tuple[list[ModelSource], Path | None]:
+    """The models to ingest, from a manifest and from paths (model folders or trees of
+    them), names unique; and the manifest's images root (None without one)."""
     sources: list[ModelSource] = []
-    given_root = images_root is not None
+    manifest_root = None
     if manifest is not None:
         listed, manifest_root = from_manifest(manifest, cluster_by)
         sources += listed
-        images_root = images_root or manifest_root
     if isinstance(paths, (str, os.PathLike)):  # one path, not its characters
         paths = [paths]
     sources += from_paths(list(paths or []), cluster_by)
@@ -134,54 +122,82 @@ def ingest(paths: str | os.PathLike | list[str | os.PathLike] | None,
             raise SfmpairsError(f"{s.path}: model name {s.name!r} is also that of {seen[s.name]}; "
                                 f"name them in a manifest")
         seen[s.name] = s.path
-    root, prefixes = _image_prefixes(sources, images_root, given_root)
-    cluster_names = list(dict.fromkeys(s.cluster for s in sources))
-    cluster_index = {c: i for i, c in enumerate(cluster_names)}
-    parameters = {"cluster_by": cluster_by, "reader": reader,
-                  "images_root": str(root) if root else None,
-                  "manifest": str(Path(manifest).resolve()) if manifest else None}
+    return sources, manifest_root
 
+
+def append_models(h5, sources: list[ModelSource], prefixes: list[str], cluster_names: list[str],
+                  reader: str) -> tuple[dict, list]:
+    """Read each model and append it to the store being written; the totals and each
+    model's (first image, first point, end image, end point). Image names (with their
+    folder prefix) must be unique across models."""
+    cluster_index = {c: i for i, c in enumerate(cluster_names)}
     totals = {"images": 0, "points": 0, "observations": 0}
-    with atomic_output(output, overwrite) as tmp, _small_pages():
-        with h5py.File(tmp, "w") as h5:
-            create_store(h5)
-            names_seen: dict[str, str] = {}
-            ranges = []
-            for k, (src, prefix) in enumerate(progress(list(zip(sources, prefixes)),
-                                                      desc="ingest", unit="model")):
-                model = read_model(src.path, src.format, reader)
-                if model.num_images == 0:
-                    raise SfmpairsError(f"{src.path}: empty model (no registered images)")
-                names = [prefix + n for n in model.names]
-                for n in names:
-                    if n in names_seen:
-                        raise SfmpairsError(
-                            f"{src.path}: image name {n!r} is also in model {names_seen[n]}; give "
-                            f"each model its photo folder (--images-root or a manifest)")
-                    names_seen[n] = src.name
-                start = (totals["images"], totals["points"])
-                append_model(h5, model, k, cluster_index[src.cluster], names)
-                totals["images"] += model.num_images
-                totals["points"] += model.num_points
-                totals["observations"] += len(model.point)
-                ranges.append((*start, totals["images"], totals["points"]))
-                logger.info("%s: %d images, %d points, %d observations (%s)", src.name,
-                            model.num_images, model.num_points, len(model.point), src.format)
-                del model
-            write_table(h5, "clusters", {
-                "name": cluster_names,
-                "source": [";".join(str(s.path.resolve()) for s in sources if s.cluster == c)
-                           for c in cluster_names]})
-            write_table(h5, "models", {
-                "name": [s.name for s in sources],
-                "path": [str(s.path.resolve()) for s in sources],
-                "format": [s.format for s in sources],
-                "cluster": [cluster_index[s.cluster] for s in sources],
-                "images_dir": [str(s.images_dir) if s.images_dir else "" for s in sources],
-                "image_range": [(r[0], r[2]) for r in ranges],
-                "point_range": [(r[1], r[3]) for r in ranges]})
-            h5.attrs.update(provenance_attrs(SCHEMA, SCHEMA_VERSION, parameters, _inputs(sources)))
-            h5.attrs["images_root"] = str(root) if root else ""
+    names_seen: dict[str, str] = {}
+    ranges = []
+    for k, (src, prefix) in enumerate(progress(list(zip(sources, prefixes)), desc="ingest", unit="model")):
+        model = read_model(src.path, src.format, reader)
+        if model.num_images == 0:
+            raise SfmpairsError(f"{src.path}: empty model (no registered images)")
+        names = [prefix + n for n in model.names]
+        for n in names:
+            if n in names_seen:
+                raise SfmpairsError(f"{src.path}: image name {n!r} is also in model {names_seen[n]}; give "
+                                    f"each model its photo folder (--images-root or a manifest)")
+            names_seen[n] = src.name
+        start = (totals["images"], totals["points"])
+        append_model(h5, model, k, cluster_index[src.cluster], names)
+        totals["images"] += model.num_images
+        totals["points"] += model.num_points
+        totals["observations"] += len(model.point)
+        ranges.append((*start, totals["images"], totals["points"]))
+        logger.info("%s: %d images, %d points, %d observations (%s)", src.name,
+                    model.num_images, model.num_points, len(model.point), src.format)
+        del model
+    return totals, ranges
+
+
+def write_source_tables(h5, sources: list[ModelSource], cluster_names: list[str], ranges: list) -> None:
+    """The store's ``clusters`` and ``models`` tables: where each came from."""
+    cluster_index = {c: i for i, c in enumerate(cluster_names)}
+    write_table(h5, "clusters", {
+        "name": cluster_names,
+        "source": [";".join(str(s.path.resolve()) for s in sources if s.cluster == c) for c in cluster_names]})
+    write_table(h5, "models", {
+        "name": [s.name for s in sources],
+        "path": [str(s.path.resolve()) for s in sources],
+        "format": [s.format for s in sources],
+        "cluster": [cluster_index[s.cluster] for s in sources],
+        "images_dir": [str(s.images_dir) if s.images_dir else "" for s in sources],
+        "image_range": [(r[0], r[2]) for r in ranges],
+        "point_range": [(r[1], r[3]) for r in ranges]})
+
+
+def ingest(paths: str | os.PathLike | list[str | os.PathLike] | None,
+           output: str | os.PathLike, *,
+           manifest: str | os.PathLike | None = None,
+           images_root: str | os.PathLike | None = None,
+           overwrite: bool = False, **options) -> dict:
+    """Read COLMAP models and write the SfM store ``output``; returns a short summary.
+
+    ``paths`` are model folders or trees of them (one path, str or PathLike, is taken
+    as one); ``manifest`` a TOML file listing models (both may be given); ``options``:
+    the settings of :class:`~.options.IngestConf`. Raises :class:`SfmpairsError` on bad
+    input, leaving no output behind.
+    """
+    t0 = time.perf_counter()
+    conf = make_conf(IngestConf, **options)
+    conf.check()
+    sources, manifest_root = gather_sources(paths, manifest, conf.cluster_by)
+    root, prefixes = _image_prefixes(sources, images_root or manifest_root, images_root is not None)
+    cluster_names = list(dict.fromkeys(s.cluster for s in sources))
+    parameters = {**conf_dict(conf), "images_root": str(root) if root else None,
+                  "manifest": str(Path(manifest).resolve()) if manifest else None}
+    with atomic_output(output, overwrite) as tmp, _small_pages(), h5py.File(tmp, "w") as h5:
+        create_store(h5)
+        totals, ranges = append_models(h5, sources, prefixes, cluster_names, conf.reader)
+        write_source_tables(h5, sources, cluster_names, ranges)
+        h5.attrs.update(provenance_attrs(SCHEMA, SCHEMA_VERSION, parameters, _inputs(sources)))
+        h5.attrs["images_root"] = str(root) if root else ""
     seconds = time.perf_counter() - t0
     logger.info("wrote %s: %d clusters, %d models, %d images, %d points, %d observations in %.1f s",
                 output, len(cluster_names), len(sources), totals["images"], totals["points"],

@@ -303,18 +303,30 @@ def test_retrieval_grid_titles_and_ap_in_percent(photo):
     assert "1. a.jpg" in texts and "1. b$1$" in texts and "q.jpg" in texts
 
 
-def test_retrieval_figure_missing_photo_is_a_placeholder(tmp_path, photo, caplog, monkeypatch):
-    # the CLI's logging set-up stops propagation at "sfmpairs": let caplog's root handler hear it
-    monkeypatch.setattr(logging.getLogger("sfmpairs"), "propagate", True)
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+def test_retrieval_figure_missing_photo_is_a_placeholder(tmp_path, photo):
+    # a handler of its own on the plot's logger: whatever the CLI's tests did to logging
+    heard, log = _Records(), logging.getLogger("sfmpairs.plot")
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not a jpeg")
     rows = [{"query": photo, "query_name": "q.jpg", "results": [{"title": "trained", "ap": 1.0, "top": [
         (photo, "here.jpg", "positive"), (tmp_path / "gone.jpg", "gone.jpg", "negative"),
         (None, "unknown.jpg", "junk"), (broken, "broken.jpg", "negative")]}]}]
     out = tmp_path / "retrieval.png"
-    with caplog.at_level(logging.WARNING, logger="sfmpairs.plot"):
+    log.addHandler(heard)
+    try:
         retrieval_figure(rows, out, thumb=THUMB)
-    warnings = [r.getMessage() for r in caplog.records if r.name == "sfmpairs.plot" and r.levelno == logging.WARNING]
+    finally:
+        log.removeHandler(heard)
+    warnings = [r.getMessage() for r in heard.records]
     assert len(warnings) == 3, warnings
     assert "gone.jpg: image not found" in warnings[0] and "unknown.jpg" in warnings[1]
     assert "broken.jpg: cannot decode image" in warnings[2]
@@ -350,3 +362,67 @@ def test_retrieval_figure_output_rules(tmp_path, photo):
     with pytest.raises(ValueError, match="a.jpg: label 'relevant' is not one of positive, junk, negative"):
         retrieval_figure(bad, tmp_path / "bad.png", thumb=THUMB)
     assert files_in(tmp_path) == ["photo.png", "retrieval.png"]
+
+
+# ----------------------------------------------------------------------------- wired into the tool
+def test_plot_command_overlays_runs_and_refuses_a_mix(tmp_path):
+    from click.testing import CliRunner
+
+    from sfmpairs.cli import main
+
+    for name, losses in (("a", [0.5, 0.3]), ("b", [0.6, 0.2])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text("".join(
+            json.dumps({"epoch": e, "loss": x, "val_map": 0.5, "lr": 1e-4}) + "\n" for e, x in enumerate(losses)))
+    r = CliRunner().invoke(main, ["plot", str(tmp_path / "a"), str(tmp_path / "b"), "-o", str(tmp_path / "c.png")])
+    assert r.exit_code == 0, r.output
+    with Image.open(tmp_path / "c.png") as img:
+        assert json.loads(img.text["parameters"])["labels"] == ["a", "b"]
+    (tmp_path / "r.json").write_text("{}")
+    r = CliRunner().invoke(main, ["plot", str(tmp_path / "a"), str(tmp_path / "r.json"), "-o", str(tmp_path / "d.png")])
+    assert r.exit_code == 2 and "not both" in r.output and not (tmp_path / "d.png").exists()
+
+
+def test_evaluate_picture_frames_each_result_by_the_pair_files_ground_truth(small_world, tmp_path):
+    """The report's top results carry labels that agree with the pair file's own val
+    ground truth (val/gt_image: images sharing points; same cluster otherwise: junk), and
+    evaluate --picture draws them; `sfmpairs plot` compares two reports."""
+    import h5py
+    from click.testing import CliRunner
+
+    from sfmpairs.cli import main
+    from sfmpairs.common import provenance_attrs
+    from sfmpairs.retrieval.descriptors import SCHEMA, SCHEMA_VERSION, write_descriptors
+    from sfmpairs.retrieval.evaluate import evaluate
+
+    with h5py.File(small_world / "pairs.h5") as f:
+        all_names = f["images/name"].asstr()[()]
+    reports = []
+    for k in range(2):  # random descriptors: rankings that mix positives, junk and negatives
+        d = np.random.default_rng(k).normal(size=(len(all_names), 16))
+        d /= np.linalg.norm(d, axis=1, keepdims=True)
+        write_descriptors(tmp_path / f"d{k}.h5", all_names, d, provenance_attrs(SCHEMA, SCHEMA_VERSION, {}, {}))
+        reports.append(evaluate(tmp_path / f"r{k}.json", pairs=small_world / "pairs.h5", descriptors=tmp_path /
+                                f"d{k}.h5", images_root=small_world / "photos", picture=tmp_path / f"p{k}.png"))
+    with h5py.File(small_world / "pairs.h5") as f:
+        names = f["images/name"].asstr()[()]
+        cluster = f["images/cluster"][()]
+        q, indptr, gt = f["val/query"][()], f["val/gt_indptr"][()], f["val/gt_image"][()]
+    index = {n: i for i, n in enumerate(names)}
+    checked = 0
+    for i, qi in enumerate(q):
+        positives = set(names[gt[indptr[i]:indptr[i + 1]]])
+        for name, label in reports[0]["per_query_top"][names[qi]]:
+            expected = ("positive" if name in positives else "junk" if cluster[index[name]] == cluster[qi]
+                        else "negative")
+            assert label == expected, (names[qi], name)
+            checked += 1
+    assert checked == 10 * len(q) and {"positive", "junk", "negative"} == {
+        label for top in reports[0]["per_query_top"].values() for _, label in top}
+    with Image.open(tmp_path / "p0.png") as img:
+        assert img.text["schema"] == "sfmpairs/retrieval-picture"
+    r = CliRunner().invoke(main, ["plot", str(tmp_path / "r0.json"), str(tmp_path / "r1.json"), "--label", "one",
+                                  "--label", "two", "-o", str(tmp_path / "both.png")])
+    assert r.exit_code == 0, r.output
+    with Image.open(tmp_path / "both.png") as img:
+        assert "one, two" in img.text["Description"] and img.width > Image.open(tmp_path / "p0.png").width

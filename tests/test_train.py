@@ -11,7 +11,9 @@ import torch
 
 from conftest import COLMAP, SMALL, needs_real_data
 from sfmpairs import SfmpairsError
+from sfmpairs.config import make_conf
 from sfmpairs.retrieval.network import build_network, load_checkpoint
+from sfmpairs.train.options import TrainConf
 from sfmpairs.train.train import contrastive_loss, mine_epoch, train, triplet_loss, tuple_loss
 
 
@@ -58,8 +60,7 @@ def test_the_optimizer_steps_lower_the_loss_and_move_gem_p_ten_times_faster():
     x = torch.rand(7, 3, 64, 64)
     tuples = [[0, 1, 2, 3, 4], [5, 6, 2, 3]]
     lr = 1e-4
-    opt = _optimizer(net, {"lr": lr, "weight_decay": 1e-6, "p_lr_factor": 10.0, "optimizer": "adam",
-                           "momentum": 0.9})
+    opt = _optimizer(net, make_conf(TrainConf, lr=lr, weight_decay=1e-6, p_lr_factor=10.0, optimizer="adam"))
     groups = {id(p): g for g in opt.param_groups for p in g["params"]}
     assert groups[id(net.p)]["weight_decay"] == 0.0 and groups[id(net.p)]["lr"] == pytest.approx(10 * lr)
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(net.parameters()))
@@ -83,7 +84,7 @@ def test_mining_obeys_the_rules_and_follows_the_network(small_world):
     from sfmpairs.train.train import _read_pairs
 
     pairs = _read_pairs(small_world / "pairs.h5")
-    opts = {**SMALL, "neg_num": 3, "amp": False, "skip_bad": False}
+    opts = make_conf(TrainConf, **{**SMALL, "neg_num": 3, "amp": False, "skip_bad": False})
     cluster = pairs["cluster"]
     torch.manual_seed(0)
     net_a = build_network({"arch": "resnet18", "image_size": 48})
@@ -107,7 +108,7 @@ def test_relaxed_positives_vary_between_epochs_and_pass(small_world):
     from sfmpairs.train.train import _read_pairs
 
     pairs = _read_pairs(small_world / "pairs.h5")
-    opts = {**SMALL, "neg_num": 2, "amp": False, "skip_bad": False, "query_size": 1000}
+    opts = make_conf(TrainConf, **{**SMALL, "neg_num": 2, "amp": False, "skip_bad": False, "query_size": 1000})
     net = build_network({"arch": "resnet18", "image_size": 48})
     rng = np.random.default_rng(0)
     seen = {}
@@ -228,8 +229,8 @@ def test_training_keeps_batch_norm_statistics_frozen(small_world):
     q, p = pairs["train/query"], pairs["train/positive"]
     other = [int(i) for i in pairs["train/images"] if pairs["cluster"][i] != pairs["cluster"][q[0]]][:2]
     tuples = [[int(q[0]), int(p[0]), *other], [int(q[1]), int(p[1]), *other]]
-    opts = {**SMALL, "loss": "contrastive", "margin": 0.85, "amp": False,
-            "lr": 1e-3, "weight_decay": 0.0, "p_lr_factor": 10.0, "optimizer": "adam"}
+    opts = make_conf(TrainConf, **{**SMALL, "loss": "contrastive", "margin": 0.85, "amp": False,
+            "lr": 1e-3, "weight_decay": 0.0, "p_lr_factor": 10.0, "optimizer": "adam"})
     optimizer = _optimizer(net, opts)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     train_epoch(net, tuples, pairs["names"], opts, optimizer, scaler, torch.device("cpu"),

@@ -19,10 +19,12 @@ from click.testing import CliRunner
 from conftest import SMALL
 from sfmpairs import SfmpairsError
 from sfmpairs.cli import main
+from sfmpairs.config import make_conf
 from sfmpairs.mining.mine import mine
 from sfmpairs.retrieval.descriptors import write_descriptors
 from sfmpairs.retrieval.evaluate import evaluate
 from sfmpairs.retrieval.network import build_network, load_checkpoint, save_checkpoint
+from sfmpairs.train.options import TrainConf
 from sfmpairs.train.train import _read_pairs, mine_epoch, train
 
 ONE_EPOCH = {**SMALL, "epochs": 1}
@@ -45,7 +47,7 @@ def store_names(store):
 # ----------------------------------------------------------------------------- tuples
 def test_epoch_tuples_are_shuffled_mixing_clusters_and_differ_between_epochs(small_world):
     pairs = _read_pairs(small_world / "pairs.h5")
-    opts = {**SMALL, "neg_num": 2, "amp": False, "skip_bad": False, "query_size": 1000}
+    opts = make_conf(TrainConf, **{**SMALL, "neg_num": 2, "amp": False, "skip_bad": False, "query_size": 1000})
     torch.manual_seed(0)
     net = build_network({"arch": "resnet18"})
     rng = np.random.default_rng(0)
@@ -65,9 +67,9 @@ def test_epoch_tuples_are_shuffled_mixing_clusters_and_differ_between_epochs(sma
 # ----------------------------------------------------------------------------- sizes
 def test_checkpoints_record_both_sizes_and_extract_uses_the_test_size(small_world, tmp_path):
     from sfmpairs.retrieval.extract import extract, extract_descriptors
-    from sfmpairs.train.options import TRAIN_DEFAULTS
+    from sfmpairs.train.options import TrainConf
 
-    assert (TRAIN_DEFAULTS["image_size"], TRAIN_DEFAULTS["test_image_size"]) == (362, 1024)  # the paper's
+    assert (TrainConf.image_size, TrainConf.test_image_size) == (362, 1024)  # the paper's
     photos = small_world / "photos"
     train(small_world / "pairs.h5", photos, tmp_path / "run", **{**ONE_EPOCH, "image_size": 40,
                                                                     "test_image_size": 56})
@@ -395,12 +397,12 @@ def test_training_positives_follow_the_pair_files_min_co_observed(small_world, t
     photos = small_world / "photos"
     torch.manual_seed(0)
     net = build_network({"arch": "resnet18"})
-    opts = {**SMALL, "neg_num": 2, "amp": False, "skip_bad": False, "query_size": 1000}
+    opts = make_conf(TrainConf, **{**SMALL, "neg_num": 2, "amp": False, "skip_bad": False, "query_size": 1000})
     for strategy in ("mac", "max-inliers"):
         mine(small_world / "sfm.h5", tmp_path / f"{strategy}.h5", strategy=strategy, descriptors=tmp_path / "d.h5",
              min_co_observed=m, queries_per_cluster=0, val_fraction=0.34, max_scale_change=3.0)
         pairs = _read_pairs(tmp_path / f"{strategy}.h5")
-        tuples, _ = mine_epoch(net, pairs, {**opts}, np.random.default_rng(0),
+        tuples, _ = mine_epoch(net, pairs, opts, np.random.default_rng(0),
                                torch.device("cpu"), photos)
         query = list(pairs["train/query"])
         assert len(tuples) == len(query)
@@ -414,7 +416,7 @@ def test_training_positives_follow_the_pair_files_min_co_observed(small_world, t
     from sfmpairs.retrieval.extract import extract_descriptors
 
     pairs = _read_pairs(tmp_path / "mac.h5")
-    tuples, _ = mine_epoch(net, pairs, {**opts}, np.random.default_rng(0),
+    tuples, _ = mine_epoch(net, pairs, opts, np.random.default_rng(0),
                            torch.device("cpu"), photos)
     q, p = tuples[0][:2]
     k = list(pairs["train/query"]).index(q)

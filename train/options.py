@@ -1,24 +1,78 @@
-"""The training options and their defaults: plain data, no torch import, so that the
-command line shows them quickly. Each default is written here once; :mod:`.train` uses
-them, and ``sfmpairs train --help`` shows them.
+"""The training stage's configuration (``sfmpairs train``): plain data, no torch, so that
+the command line shows it quickly. Each default is written here once; :mod:`.train`
+merges the caller's settings into it and records it in the run's ``config.json``.
 """
 
 from __future__ import annotations
 
-MARGINS = {"alexnet": 0.7, "vgg16": 0.75}  # the contrastive margin; resnets and the rest: 0.85
+from dataclasses import dataclass
 
-TRAIN_DEFAULTS = {
-    "arch": "resnet50", "pool": "gem", "p": 3.0, "whitening": None,
-    "pretrained": False,  # True: torchvision's ImageNet weights; or a local weights file
-    "weights": None,  # a checkpoint to start from
-    "epochs": 30, "query_size": 2000, "pool_size": 20000, "neg_num": 5, "batch_size": 5,
-    "image_size": 362,  # longer side of the images in training and mining
-    "test_image_size": 1024,  # validation's, and extract's and evaluate's by default
-    "loss": "contrastive", "margin": None,  # None: by architecture (MARGINS)
-    "optimizer": "adam", "lr": 1e-6, "momentum": 0.9, "weight_decay": 1e-6,
-    "lr_decay": 0.1,  # lr *= exp(-lr_decay) every epoch (the paper; the authors' code: 0.01)
-    "p_lr_factor": 10.0,  # GeM p learns 10 times faster, without weight decay
-    "min_covisible": 1,  # validation: positives share this many 3D points
-    "seed": 0, "device": "auto", "amp": None,  # None: on for CUDA
-    "workers": None, "skip_bad": False, "cache_mb": 2048,
-}
+from sfmpairs.common import SfmpairsError
+from sfmpairs.config import setting
+from sfmpairs.retrieval.backbones import BACKBONES, POOLS
+from sfmpairs.retrieval.options import DeviceConf
+
+MARGINS = {"alexnet": 0.7, "vgg16": 0.75}  # the contrastive margin by architecture
+DEFAULT_MARGIN = 0.85  # resnets and the rest
+LOSSES = ("contrastive", "triplet")
+OPTIMIZERS = ("adam", "sgd")
+# what --resume may change; everything else is the run's own
+RESUME_OPTIONS = ("epochs", "lr", "device", "workers")
+NETWORK_KEYS = ("arch", "pool", "p", "whitening")
+
+
+def parse_pretrained(text: str) -> bool | str:
+    """``--pretrained`` alone: torchvision's ImageNet weights (True); with a value: a file."""
+    return True if text == "imagenet" else text
+
+
+@dataclass(frozen=True)
+class TrainConf(DeviceConf):
+    arch: str = setting("resnet50", "Backbone.", choices=list(BACKBONES))
+    pool: str = setting("gem", "Global pooling.", choices=POOLS)
+    p: float = setting(3.0, "GeM's initial exponent.", cli=False)
+    whitening: int | None = setting(None, "Add a learnable whitening layer to this many dimensions.")
+    pretrained: bool | str = setting(
+        False, "Start from torchvision's ImageNet weights (downloaded), or from a local weights file "
+        "(e.g. resnet50-11ad3fa6.pth).", default_text="random", flag_value="imagenet", metavar="[FILE]",
+        parse=parse_pretrained)
+    weights: str | None = setting(None, "Start from this checkpoint (its network: --arch, --pool are ignored).",
+                                  metavar="FILE")
+    epochs: int = setting(30, "Epochs.")
+    query_size: int = setting(2000, "Training queries per epoch.")
+    pool_size: int = setting(20000, "Images in the negative pool per epoch.")
+    neg_num: int = setting(5, "Hard negatives per tuple, one per other cluster.")
+    batch_size: int = setting(5, "Tuples per batch.")
+    image_size: int = setting(362, "Longer side of the images in training and mining.")
+    test_image_size: int = setting(1024, "Longer side in validation, recorded for extract and evaluate.")
+    loss: str = setting("contrastive", "Loss of a tuple.", choices=LOSSES)
+    margin: float | None = setting(None, "Loss margin.", default_text=", ".join(
+        [f"{m} {a}" for a, m in MARGINS.items()] + [f"else {DEFAULT_MARGIN}"]))
+    optimizer: str = setting("adam", "Optimizer.", choices=OPTIMIZERS)
+    lr: float = setting(1e-6, "Initial learning rate (GeM's p: --p-lr-factor times higher).")
+    momentum: float = setting(0.9, "SGD momentum.")
+    weight_decay: float = setting(1e-6, "Weight decay (not on GeM's p).")
+    lr_decay: float = setting(0.1, "The learning rate is multiplied by exp(-DECAY) every epoch (the paper's; "
+                              "the authors' code: 0.01).")
+    p_lr_factor: float = setting(10.0, "GeM's p learns this many times faster, without weight decay.")
+    min_covisible: int = setting(1, "Validation: a positive shares at least this many 3D points with the query.")
+    seed: int = setting(0, "Random seed.")
+    amp: bool | None = setting(None, "Mixed precision.", default_text="on with CUDA")
+    skip_bad: bool = setting(False, "Skip missing or corrupt images.")
+    cache_mb: int = setting(2048, "Memory for decoded training images, in MiB.")
+
+    def check(self) -> None:
+        """Refuse settings outside their range, naming the option."""
+        if self.loss not in LOSSES:
+            raise SfmpairsError(f"unknown loss {self.loss!r} ({' or '.join(LOSSES)})")
+        if self.optimizer not in OPTIMIZERS:
+            raise SfmpairsError(f"unknown optimizer {self.optimizer!r} ({' or '.join(OPTIMIZERS)})")
+        for key in ("epochs", "query_size", "pool_size", "batch_size", "image_size", "test_image_size", "neg_num"):
+            if getattr(self, key) < 1:
+                raise SfmpairsError(f"--{key.replace('_', '-')} must be at least 1")
+        if not self.lr > 0:
+            raise SfmpairsError("--lr must be positive")
+
+    def margin_for(self, arch: str) -> float:
+        """The loss margin: the one given, else the architecture's."""
+        return self.margin if self.margin is not None else MARGINS.get(arch, DEFAULT_MARGIN)

@@ -16,12 +16,14 @@ Each epoch:
    frozen statistics this changes nothing but speed), decoded images cached in memory;
 5. validates on the ``val`` split with the evaluation protocol.
 
-The run folder holds ``config.json``, ``metrics.jsonl``, ``last.pt`` (every epoch) and
-``best.pt`` (by val mAP), checkpoints that ``sfmpairs extract`` reads.
+The run folder holds ``config.json``, ``metrics.jsonl``, ``metrics.png`` (its plot),
+``last.pt`` (every epoch) and ``best.pt`` (by val mAP), checkpoints that ``sfmpairs
+extract`` reads.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -34,20 +36,17 @@ import numpy as np
 import torch
 
 from sfmpairs.common import SfmpairsError, file_sha256, progress
+from sfmpairs.config import conf_dict, given, make_conf
 from sfmpairs.mining.mine import pool_similarity, positive_slots
 from sfmpairs.mining.negatives import hard_negatives
+from sfmpairs.plot import plot_run
 from sfmpairs.retrieval.data import load_image
 from sfmpairs.retrieval.extract import NonFiniteDescriptors, extract_descriptors, resolve_device
 from sfmpairs.retrieval.network import build_network, load_checkpoint, read_checkpoint, save_checkpoint
 
-from .options import MARGINS, TRAIN_DEFAULTS
+from .options import NETWORK_KEYS, RESUME_OPTIONS, TrainConf
 
 logger = logging.getLogger("sfmpairs.train")
-
-DEFAULTS = TRAIN_DEFAULTS
-# what --resume may change; everything else is the run's own
-RESUME_OPTIONS = ("epochs", "lr", "device", "workers")
-NETWORK_KEYS = ("arch", "pool", "p", "whitening")
 
 
 # ----------------------------------------------------------------------------- losses
@@ -105,11 +104,12 @@ class ImageCache:
 
 
 # ----------------------------------------------------------------------------- the run
-def _read_pairs(path: Path) -> dict:
-    """The pair file as flat arrays (``train/query``...), the train split required."""
+def _read_pairs(path: Path, p: dict | None = None) -> dict:
+    """The pair file ``path`` as flat arrays (``train/query``...), the train split
+    required; ``p``: the file already read (:func:`~sfmpairs.mining.pairfile.read_pair_file`)."""
     from sfmpairs.mining.pairfile import read_pair_file
 
-    p = read_pair_file(path)
+    p = read_pair_file(path) if p is None else p
     d = {"names": p["names"], "cluster": p["cluster"], "strategy": p["strategy"],
          "source_store": p["source_store"], "min_co_observed": p["min_co_observed"]}
     for split in ("train", "val"):
@@ -121,16 +121,14 @@ def _read_pairs(path: Path) -> dict:
     return d
 
 
-def _optimizer(net, opts):
+def _optimizer(net, conf: TrainConf):
     p_params = [net.p]
     other = [p for n, p in net.named_parameters() if n != "p"]
-    groups = [{"params": other, "lr": opts["lr"], "weight_decay": opts["weight_decay"]},
-              {"params": p_params, "lr": opts["lr"] * opts["p_lr_factor"], "weight_decay": 0.0}]
-    if opts["optimizer"] == "adam":
-        return torch.optim.Adam(groups, lr=opts["lr"])
-    if opts["optimizer"] == "sgd":
-        return torch.optim.SGD(groups, lr=opts["lr"], momentum=opts["momentum"])
-    raise SfmpairsError(f"unknown optimizer {opts['optimizer']!r} (adam or sgd)")
+    groups = [{"params": other, "lr": conf.lr, "weight_decay": conf.weight_decay},
+              {"params": p_params, "lr": conf.lr * conf.p_lr_factor, "weight_decay": 0.0}]
+    if conf.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=conf.lr, momentum=conf.momentum)
+    return torch.optim.Adam(groups, lr=conf.lr)  # TrainConf.check knows no other
 
 
 def _freeze_batchnorm(net) -> None:
@@ -139,14 +137,14 @@ def _freeze_batchnorm(net) -> None:
             m.eval()
 
 
-def mine_epoch(net, pairs: dict, opts: dict, rng, device, root: Path):
+def mine_epoch(net, pairs: dict, conf: TrainConf, rng, device, root: Path):
     """The tuples of one epoch: (query, positive, negatives...) image indices, and the
     mining statistics."""
     train_q = pairs["train/query"]
-    pick = np.sort(rng.choice(len(train_q), min(opts["query_size"], len(train_q)), replace=False))
+    pick = np.sort(rng.choice(len(train_q), min(conf.query_size, len(train_q)), replace=False))
     queries = train_q[pick]
     images = pairs["train/images"]
-    pool = np.sort(rng.choice(images, min(opts["pool_size"], len(images)), replace=False))
+    pool = np.sort(rng.choice(images, min(conf.pool_size, len(images)), replace=False))
     strategy, rows = pairs["strategy"], pairs["train/pool"][pick]
     candidate = (rows >= 0) & (pairs["train/pool_co_observed"][pick] >= pairs["min_co_observed"])
     if strategy != "mac":  # relaxed draws afresh each epoch; max-inliers gives the file's
@@ -156,9 +154,9 @@ def mine_epoch(net, pairs: dict, opts: dict, rng, device, root: Path):
         wanted = np.unique(np.concatenate([queries, positives, pool]))
     else:  # the candidates are described too: the positive is the nearest with this network
         wanted = np.unique(np.concatenate([queries, pool, rows[candidate]]))
-    desc, bad = extract_descriptors(net, root, list(pairs["names"][wanted]), image_size=opts["image_size"],
-                                    device=device, workers=opts["workers"], skip_bad=opts["skip_bad"],
-                                    precision=extract_precision(device, opts), desc="mining")
+    desc, bad = extract_descriptors(net, root, list(pairs["names"][wanted]), image_size=conf.image_size,
+                                    device=device, workers=conf.workers, skip_bad=conf.skip_bad,
+                                    precision=extract_precision(device, conf), desc="mining")
 
     def row(images):  # rows of desc: wanted is sorted
         return np.minimum(np.searchsorted(wanted, images), len(wanted) - 1)
@@ -175,7 +173,7 @@ def mine_epoch(net, pairs: dict, opts: dict, rng, device, root: Path):
     queries, positives = queries[keep], positives[keep]
     qd = desc[row(queries)]
     idx, _ = hard_negatives(qd, pairs["cluster"][queries], desc[row(pool)], pairs["cluster"][pool],
-                            opts["neg_num"])
+                            conf.neg_num)
     negatives = np.where(idx >= 0, pool[np.maximum(idx, 0)], -1)
     pd = desc[row(positives)]
     nd = np.where(idx[..., None] >= 0, desc[row(np.maximum(negatives, 0))], np.nan)
@@ -190,23 +188,23 @@ def mine_epoch(net, pairs: dict, opts: dict, rng, device, root: Path):
     return tuples, stats
 
 
-def extract_precision(device, opts) -> str:
+def extract_precision(device, conf: TrainConf) -> str:
     """Mining and validation extract in mixed precision where training's ``amp`` is on
     (by default only on CUDA), else in float32."""
-    amp = device.type == "cuda" if opts["amp"] is None else opts["amp"]
+    amp = device.type == "cuda" if conf.amp is None else conf.amp
     return "auto" if amp else "fp32"
 
 
-def train_epoch(net, tuples, names, opts, optimizer, scaler, device, cache: ImageCache, epoch: int):
+def train_epoch(net, tuples, names, conf: TrainConf, optimizer, scaler, device, cache: ImageCache, epoch: int):
     """One pass over the tuples (rows of image indices into ``names``); returns the mean
     loss per tuple. Stops on NaN."""
     net.train()
     _freeze_batchnorm(net)
-    amp = device.type == "cuda" and opts["amp"] is not False
+    amp = device.type == "cuda" and conf.amp is not False
     total, count = 0.0, 0
-    bar = progress(range(0, len(tuples), opts["batch_size"]), desc=f"epoch {epoch}", unit="batch")
+    bar = progress(range(0, len(tuples), conf.batch_size), desc=f"epoch {epoch}", unit="batch")
     for b in bar:
-        batch = tuples[b:b + opts["batch_size"]]
+        batch = tuples[b:b + conf.batch_size]
         images = sorted({i for t in batch for i in t})
         where = {img: k for k, img in enumerate(images)}
         tensors = cache.get([names[i] for i in images])
@@ -223,7 +221,7 @@ def train_epoch(net, tuples, names, opts, optimizer, scaler, device, cache: Imag
                 order += ks
             desc = torch.empty(len(images), parts[0].shape[1], device=device)
             desc[torch.tensor(order, device=device)] = torch.cat(parts)
-            loss = tuple_loss(desc, [[where[i] for i in t] for t in batch], opts["loss"], opts["margin"])
+            loss = tuple_loss(desc, [[where[i] for i in t] for t in batch], conf.loss, conf.margin)
         if not torch.isfinite(loss):
             raise SfmpairsError(f"epoch {epoch}: the loss is {loss.item()}; training stopped, "
                                 f"the last good checkpoint is kept")
@@ -237,7 +235,7 @@ def train_epoch(net, tuples, names, opts, optimizer, scaler, device, cache: Imag
     return total / max(count, 1)
 
 
-def validate(net, val, opts, device, root: Path):
+def validate(net, val, conf: TrainConf, device, root: Path):
     """mAP on the val split (the evaluation protocol, at the test image size), or None
     without val queries; ``val`` is :func:`~.evaluate.val_ground_truth`'s result."""
     from sfmpairs.retrieval.evaluate import mean_average_precision, rank
@@ -246,9 +244,9 @@ def validate(net, val, opts, device, root: Path):
         return None
     names, queries, database, pos, junk = val
     used = np.unique(np.concatenate([queries, database]))
-    desc, _ = extract_descriptors(net, root, list(names[used]), image_size=opts["test_image_size"],
-                                  device=device, workers=opts["workers"], skip_bad=opts["skip_bad"],
-                                  precision=extract_precision(device, opts), desc="validation")
+    desc, _ = extract_descriptors(net, root, list(names[used]), image_size=conf.test_image_size,
+                                  device=device, workers=conf.workers, skip_bad=conf.skip_bad,
+                                  precision=extract_precision(device, conf), desc="validation")
     desc = np.nan_to_num(desc)
     m, *_ = mean_average_precision(rank(desc[np.searchsorted(used, queries)], desc[np.searchsorted(used, database)]),
                                    pos, junk)
@@ -267,7 +265,7 @@ def _set_rng_state(rng, state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def check_trainable(pairs: Path, data: dict, opts: dict):
+def check_trainable(pairs: Path, data: dict, conf: TrainConf, contents: dict | None = None):
     """Refuse, up front and with the fix, a pair file this run cannot train on; return
     the val ground truth (None without a val split)."""
     from sfmpairs.retrieval.evaluate import FEW_QUERIES, val_ground_truth
@@ -277,9 +275,9 @@ def check_trainable(pairs: Path, data: dict, opts: dict):
         raise SfmpairsError(f"{pairs}: the train split has {len(clusters)} cluster, and hard negatives come "
                             f"from other clusters; ingest more models, or mine with a smaller "
                             f"--val-fraction or other --val-clusters")
-    if len(clusters) < opts["neg_num"] + 1:
+    if len(clusters) < conf.neg_num + 1:
         raise SfmpairsError(f"{pairs}: the train split has {len(clusters)} clusters, and --neg-num "
-                            f"{opts['neg_num']} takes one hard negative from each of {opts['neg_num']} "
+                            f"{conf.neg_num} takes one hard negative from each of {conf.neg_num} "
                             f"other clusters; use --neg-num {len(clusters) - 1} or fewer, or add clusters")
     if len(data["val/query"]) == 0:
         logger.warning("%s: no val queries: no validation and no best.pt (last.pt holds each epoch's "
@@ -291,11 +289,11 @@ def check_trainable(pairs: Path, data: dict, opts: dict):
         if not store or not Path(store).is_file():
             raise SfmpairsError(f"{pairs}: a pair file of schema version 1, without the val ground truth, and "
                                 f"its SfM store {store} is gone; mine it again")
-    val = val_ground_truth(pairs, opts["min_covisible"], store=store)
+    val = val_ground_truth(pairs, conf.min_covisible, store=store, contents=contents)
     counted = sum(len(p) > 0 for p in val[3])
     if counted == 0:
         raise SfmpairsError(f"{pairs}: no val query has a positive (an image sharing at least "
-                            f"{opts['min_covisible']} 3D points with it); lower min_covisible")
+                            f"{conf.min_covisible} 3D points with it); lower min_covisible")
     if counted < FEW_QUERIES:
         logger.warning("the val split has %d queries with positives: val mAP will be noisy", counted)
     return val
@@ -308,213 +306,260 @@ def _write_json(path: Path, value: dict) -> None:
     tmp.replace(path)
 
 
-def _new_run(pairs, images_root, run_dir: Path, overwrite: bool, options: dict) -> dict:
-    """The options of a new run, checked, with the paths resolved."""
+# ----------------------------------------------------------------------------- the run's configuration
+INPUT_KEYS = ("pairs", "images_root", "pairs_sha256")  # config.json: the run's inputs, beside TrainConf's fields
+
+
+def _new_run(pairs, images_root, run_dir: Path, overwrite: bool, options: dict) -> tuple[TrainConf, dict]:
+    """A new run's configuration, checked, and its inputs (paths resolved; the images
+    root None where the pair file's is to be used)."""
     if pairs is None:
         raise SfmpairsError("give --pairs (or --resume RUN_DIR)")
     if not Path(pairs).is_file():
         raise SfmpairsError(f"{pairs}: not a readable pair file")
-    unknown = set(options) - set(DEFAULTS)
-    if unknown:
-        raise SfmpairsError(f"unknown option {sorted(unknown)[0]!r}")
-    if images_root is None:
-        from sfmpairs.mining.pairfile import read_pair_file
-
-        images_root = read_pair_file(pairs)["images_root"] or None
-        if images_root is None:
-            raise SfmpairsError(f"{pairs}: no images root recorded; give --images-root")
+    conf = make_conf(TrainConf, **options)
     started = [n for n in ("last.pt", "metrics.jsonl", "best.pt") if (run_dir / n).exists()]
     if started and not overwrite:
         raise SfmpairsError(f"{run_dir}: run folder exists (with {', '.join(started)}); pass --overwrite "
                             f"to start afresh, or --resume {run_dir} to continue it")
     if run_dir.exists() and not run_dir.is_dir():
         raise SfmpairsError(f"{run_dir}: not a folder")
-    if options.get("weights") is not None:
+    if conf.weights is not None:
         clash = [k for k in (*NETWORK_KEYS, "pretrained") if options.get(k) not in (None, False)]
         if clash:
             raise SfmpairsError(f"--weights starts from a checkpoint with its own network; "
                                 f"--{clash[0]} cannot go with it")
-    opts = {**DEFAULTS, **{k: v for k, v in options.items() if v is not None}}
-    opts["amp"] = options.get("amp")
-    for key in ("weights", "pretrained"):  # files, resolved: a run folder can be resumed from anywhere
-        if isinstance(opts[key], (str, Path)) and opts[key] != "imagenet":
-            opts[key] = str(Path(opts[key]).resolve())
-    opts.update(pairs=str(Path(pairs).resolve()), images_root=str(Path(images_root).resolve()),
-                pairs_sha256=file_sha256(pairs))
-    return opts
+    # files, resolved: a run folder can be resumed from anywhere
+    files = {k: str(Path(v).resolve()) for k in ("weights", "pretrained")
+             if isinstance(v := getattr(conf, k), (str, Path))}
+    inputs = {"pairs": str(Path(pairs).resolve()), "pairs_sha256": file_sha256(pairs),
+              "images_root": str(Path(images_root).resolve()) if images_root is not None else None}
+    return dataclasses.replace(conf, **files), inputs
 
 
-def _resumed_run(run_dir: Path, pairs, images_root, options: dict) -> dict:
-    """The saved options of the run in ``run_dir``, with those --resume may change."""
+def _resumed_run(run_dir: Path, pairs, images_root, options: dict) -> tuple[TrainConf, dict]:
+    """The configuration and inputs of the run in ``run_dir``, with the settings that
+    --resume may change (:data:`RESUME_OPTIONS`) changed."""
     if not (run_dir / "config.json").is_file():
         raise SfmpairsError(f"{run_dir}: nothing to resume (no config.json); start a run with -o {run_dir}")
     saved = json.loads((run_dir / "config.json").read_text())
+    inputs = {k: saved.pop(k, None) for k in INPUT_KEYS}
     # a run of an older sfmpairs: what its config lacks, as that version did it
-    saved = {**DEFAULTS, "test_image_size": saved.get("image_size", DEFAULTS["image_size"]), **saved}
-    fixed = sorted(k for k, v in options.items() if v is not None and k not in RESUME_OPTIONS
-                   and v != saved.get(k))
+    saved.setdefault("test_image_size", saved.get("image_size", TrainConf.image_size))
+    conf = make_conf(TrainConf, {k: v for k, v in saved.items() if k in TrainConf.__dataclass_fields__})
+    fixed = sorted(k for k, v in options.items() if k not in RESUME_OPTIONS and v != getattr(conf, k, None))
     if fixed:
         raise SfmpairsError(f"--resume continues {run_dir} with its own settings; --{fixed[0].replace('_', '-')} "
                             f"cannot change (only {', '.join('--' + k for k in RESUME_OPTIONS)} can); "
                             f"start a new run with -o to change it")
-    changed = {k: v for k, v in options.items() if k in RESUME_OPTIONS and v is not None and v != saved.get(k)}
+    changed = {k: v for k, v in options.items() if k in RESUME_OPTIONS and v != getattr(conf, k)}
     for k, v in changed.items():
-        logger.info("resume: %s %s (was %s)", k, v, saved.get(k))
-    opts = {**saved, **changed}
+        logger.info("resume: %s %s (was %s)", k, v, getattr(conf, k))
     if pairs is not None:  # the run's pair file, moved
-        if saved.get("pairs_sha256") and file_sha256(pairs) != saved["pairs_sha256"]:
+        if inputs["pairs_sha256"] and file_sha256(pairs) != inputs["pairs_sha256"]:
             raise SfmpairsError(f"{pairs}: not the pair file {run_dir} trains on (another SHA-256); "
                                 f"start a new run with -o to train on it")
-        opts["pairs"] = str(Path(pairs).resolve())
+        inputs["pairs"] = str(Path(pairs).resolve())
     if images_root is not None:
-        opts["images_root"] = str(Path(images_root).resolve())
-    return opts
+        inputs["images_root"] = str(Path(images_root).resolve())
+    return dataclasses.replace(conf, **changed), inputs
 
 
-def _check_options(opts: dict) -> None:
-    if opts["loss"] not in ("contrastive", "triplet"):
-        raise SfmpairsError(f"unknown loss {opts['loss']!r} (contrastive or triplet)")
-    for key in ("epochs", "query_size", "pool_size", "batch_size", "image_size", "test_image_size", "neg_num"):
-        if opts[key] < 1:
-            raise SfmpairsError(f"--{key.replace('_', '-')} must be at least 1")
-    if not opts["lr"] > 0:
-        raise SfmpairsError("--lr must be positive")
+def _images_root(inputs: dict, pairs: Path, contents: dict) -> Path:
+    """The photos' folder: the one given, else the one the pair file records."""
+    root = inputs["images_root"] or contents["images_root"] or None
+    if root is None:
+        raise SfmpairsError(f"{pairs}: no images root recorded; give --images-root")
+    if not Path(root).is_dir():
+        raise SfmpairsError(f"{root}: images root is not a folder")
+    return Path(root).resolve()
 
 
-def _set_lr(optimizer, scheduler, opts: dict, epoch: int) -> None:
+def _set_lr(optimizer, scheduler, conf: TrainConf, epoch: int) -> None:
     """Epoch ``epoch``'s learning rates for the run's initial ``lr`` (the GeM exponent's
     ``p_lr_factor`` times higher), decayed by exp(-lr_decay) per epoch: used where
     --resume changes the lr."""
-    bases = [opts["lr"], opts["lr"] * opts["p_lr_factor"]]
+    bases = [conf.lr, conf.lr * conf.p_lr_factor]
     scheduler.base_lrs = bases
     for group, base in zip(optimizer.param_groups, bases):
         group["initial_lr"] = base
-        group["lr"] = base * math.exp(-opts["lr_decay"] * epoch)
+        group["lr"] = base * math.exp(-conf.lr_decay * epoch)
+
+
+# ----------------------------------------------------------------------------- the run
+def _start_network(conf: TrainConf, run_dir: Path, state: dict | None, device):
+    """The network to train (from ``last.pt`` when resuming, else from ``--weights``,
+    ``--pretrained`` or random), the configuration with the network it holds, and where
+    the run stands: ``(net, conf, start epoch, best val mAP, its epoch)``."""
+    if state is not None:
+        net, _ = load_checkpoint(run_dir / "last.pt", device)
+        start, best = state["train"]["epoch"] + 1, state["train"]["best_map"]
+        best_epoch = state["train"].get("best_epoch")  # runs of sfmpairs 0.1: read from best.pt
+        if best is not None and best_epoch is None:
+            best_epoch = int(read_checkpoint(run_dir / "best.pt")["epoch"])
+        _keep_metrics_before(run_dir / "metrics.jsonl", start)
+        return net, conf, start, best, best_epoch
+    if conf.weights:
+        net, _ = load_checkpoint(conf.weights, device)
+    else:
+        net = build_network({k: getattr(conf, k) for k in NETWORK_KEYS}, pretrained=conf.pretrained)
+    net.config.update(image_size=conf.test_image_size, train_image_size=conf.image_size)
+    # the network trained, also from --weights
+    conf = dataclasses.replace(conf, **{k: net.config[k] for k in NETWORK_KEYS},
+                               pretrained=net.config.get("pretrained", False))
+    conf = dataclasses.replace(conf, margin=conf.margin_for(conf.arch))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for stale in ("metrics.jsonl", "last.pt", "best.pt", "metrics.png"):
+        (run_dir / stale).unlink(missing_ok=True)
+    return net, conf, 0, None, None
+
+
+def _training_tools(net, conf: TrainConf, device, state: dict | None, rng, start: int):
+    """The optimizer, learning-rate schedule and gradient scaler, restored from the
+    training state when resuming (and the random generators with them)."""
+    optimizer = _optimizer(net, conf)
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=math.exp(-conf.lr_decay))
+    scaler = torch.amp.GradScaler(device.type, enabled=extract_precision(device, conf) != "fp32"
+                                  and device.type == "cuda")
+    if state is not None:
+        optimizer.load_state_dict(state["train"]["optimizer"])
+        scheduler.load_state_dict(state["train"]["scheduler"])
+        scaler.load_state_dict(state["train"]["scaler"])
+        _set_rng_state(rng, state["train"]["rng"])
+        if optimizer.param_groups[0]["initial_lr"] != conf.lr:  # --resume --lr
+            _set_lr(optimizer, scheduler, conf, start)
+    return optimizer, scheduler, scaler
+
+
+def _tensorboard(run_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(str(run_dir / "tensorboard"))
+    except Exception:  # tensorboard not installed
+        return None
+
+
+def _run_epoch(epoch: int, net, data: dict, val, conf: TrainConf, tools: tuple, rng, device, cache, root: Path,
+               kept: str) -> dict:
+    """One epoch of the paper's loop: re-mine the tuples with the current network, train
+    on them, validate. Returns the epoch's metrics; the failures a user can act on become
+    :class:`SfmpairsError` naming what to do and which checkpoint is kept."""
+    optimizer, scheduler, scaler = tools
+    t0 = time.perf_counter()
+    lr = optimizer.param_groups[0]["lr"]
+    try:
+        tuples, stats = mine_epoch(net, data, conf, rng, device, root)
+        logger.debug("epoch %d: %d tuples mined in %.1f s", epoch, len(tuples), time.perf_counter() - t0)
+        loss = train_epoch(net, tuples, data["names"], conf, optimizer, scaler, device, cache, epoch)
+        val_map = validate(net, val, conf, device, root)
+    except NonFiniteDescriptors as e:
+        fix = ("the network's activations overflow mixed precision: train with --no-amp" if e.reduced
+               else "the network's weights hold NaN or infinity")
+        raise SfmpairsError(f"epoch {epoch}: {str(e).split(';')[0]}; {fix} ({kept})") from None
+    except SfmpairsError as e:
+        raise SfmpairsError(f"{e} ({kept})") from None
+    scheduler.step()
+    return {"epoch": epoch, "loss": loss, **stats, "val_map": val_map, "lr": lr,
+            "seconds": time.perf_counter() - t0}
+
+
+def _record_epoch(run_dir: Path, net, metrics: dict, training_state: dict, writer) -> None:
+    """Write what an epoch leaves: its metrics line, then ``last.pt`` with the training
+    state (a resume drops a metrics line newer than ``last.pt``), the tensorboard
+    scalars and the run's plot."""
+    with open(run_dir / "metrics.jsonl", "a") as fh:
+        fh.write(json.dumps(metrics) + "\n")
+    save_checkpoint(run_dir / "last.pt", net, epoch=metrics["epoch"], val_map=metrics["val_map"],
+                    train=training_state)
+    if writer is not None:
+        for key in ("loss", "val_map", "positive_distance", "negative_distance", "lr"):
+            if metrics[key] is not None:
+                writer.add_scalar(key, metrics[key], metrics["epoch"])
+    try:
+        plot_run(run_dir)  # metrics.png: loss, val mAP and learning rate so far
+    except (SfmpairsError, OSError) as e:  # a picture never stops a run
+        logger.warning("%s (no metrics.png this epoch)", e)
+
+
+def _log_start(conf: TrainConf, data: dict, val, start: int, device, run_dir: Path) -> None:
+    amp = " (mixed precision)" if extract_precision(device, conf) != "fp32" else ""
+    train_q = len(data["train/query"])
+    logger.info("train %s + %s on %s%s: %d of %d train queries and a pool of %d images per epoch, %d hard "
+                "negatives, %d val queries, epochs %d-%d, at %d px (val at %d px) -> %s",
+                conf.arch, conf.pool, device, amp, min(conf.query_size, train_q), train_q,
+                min(conf.pool_size, len(data["train/images"])), conf.neg_num,
+                0 if val is None else len(val[1]), start, conf.epochs - 1, conf.image_size,
+                conf.test_image_size, run_dir)
+    logger.debug("options: %s", json.dumps(conf_dict(conf), default=str))
+
+
+def _log_epoch(conf: TrainConf, m: dict) -> None:
+    logger.info("epoch %d/%d: loss %.4f, val mAP %s, %.1f s", m["epoch"], conf.epochs - 1, m["loss"],
+                "-" if m["val_map"] is None else f"{100 * m['val_map']:.2f}", m["seconds"])
+    logger.debug("epoch %d: lr %.3g, distances positive %.3f negative %.3f, %d queries, pool %d", m["epoch"],
+                 m["lr"], m["positive_distance"], m["negative_distance"], m["queries"], m["pool"])
 
 
 def train(pairs: str | Path | None, images_root: str | Path | None, run_dir: str | Path, *,
           resume: bool = False, overwrite: bool = False, on_epoch_end=None, **options) -> dict:
     """Fine-tune a retrieval network on a pair file; see the module docstring.
 
-    With ``resume``, continue the run in ``run_dir`` from its ``last.pt`` (or from the
-    start if no epoch finished); ``pairs`` and ``images_root`` default to the run's, and
-    only ``epochs``, ``lr`` (the run's initial rate: epoch e then trains at lr
+    ``options`` are :class:`~.options.TrainConf`'s settings (None: not given). With
+    ``resume``, continue the run in ``run_dir`` from its ``last.pt`` (or from the start
+    if no epoch finished); ``pairs`` and ``images_root`` default to the run's, and only
+    ``epochs``, ``lr`` (the run's initial rate: epoch e then trains at lr
     exp(-lr_decay e)), ``device`` and ``workers`` may change. ``on_epoch_end(epoch,
     metrics)`` is called after each epoch's checkpoint is written. Returns the last
     epoch's metrics.
     """
-    run_dir = Path(run_dir)
-    last = run_dir / "last.pt"
-    options = {k: v for k, v in options.items() if v is not None}
-    opts = (_resumed_run(run_dir, pairs, images_root, options) if resume
-            else _new_run(pairs, images_root, run_dir, overwrite, options))
-    _check_options(opts)
-    pairs, images_root = Path(opts["pairs"]), Path(opts["images_root"])
-    if not images_root.is_dir():
-        raise SfmpairsError(f"{images_root}: images root is not a folder")
-    device = resolve_device(opts["device"])
-    data = _read_pairs(pairs)
-    val = check_trainable(pairs, data, opts)
+    from sfmpairs.mining.pairfile import read_pair_file
+
+    run_dir, options = Path(run_dir), given(options)
+    conf, inputs = (_resumed_run(run_dir, pairs, images_root, options) if resume
+                    else _new_run(pairs, images_root, run_dir, overwrite, options))
+    conf.check()
+    pairs = Path(inputs["pairs"])
+    contents = read_pair_file(pairs)  # once: the run's tuples, its val ground truth, its images root
+    root = _images_root(inputs, pairs, contents)
+    inputs["images_root"] = str(root)
+    device = resolve_device(conf.device)
+    data = _read_pairs(pairs, contents)
+    val = check_trainable(pairs, data, conf, contents)
     # the training state on the CPU: the random generators' states must stay there
+    last = run_dir / "last.pt"
     state = read_checkpoint(last, "cpu") if resume and last.is_file() else None
-    if state is not None and state["train"]["epoch"] + 1 >= opts["epochs"]:
+    if state is not None and state["train"]["epoch"] + 1 >= conf.epochs:
         raise SfmpairsError(f"{run_dir}: the run is finished ({state['train']['epoch'] + 1} of "
-                            f"{opts['epochs']} epochs); pass --epochs N to train it longer")
+                            f"{conf.epochs} epochs); pass --epochs N to train it longer")
 
-    torch.manual_seed(opts["seed"])
-    rng = np.random.default_rng(opts["seed"])
-    if state is not None:
-        net, _ = load_checkpoint(last, device)
-        start, best = state["train"]["epoch"] + 1, state["train"]["best_map"]
-        best_epoch = state["train"].get("best_epoch")  # runs of sfmpairs 0.1: read from best.pt
-        if best is not None and best_epoch is None:
-            best_epoch = int(read_checkpoint(run_dir / "best.pt")["epoch"])
-        _keep_metrics_before(run_dir / "metrics.jsonl", start)
-    else:
-        if opts["weights"]:
-            net, _ = load_checkpoint(opts["weights"], device)
-        else:
-            net = build_network({k: opts[k] for k in NETWORK_KEYS}, pretrained=opts["pretrained"])
-        net.config.update(image_size=opts["test_image_size"], train_image_size=opts["image_size"])
-        # the network trained, also from --weights
-        opts.update({k: net.config[k] for k in NETWORK_KEYS}, pretrained=net.config.get("pretrained", False))
-        opts["margin"] = opts["margin"] if opts["margin"] is not None else MARGINS.get(opts["arch"], 0.85)
-        start, best, best_epoch = 0, None, None
-        run_dir.mkdir(parents=True, exist_ok=True)
-        for stale in ("metrics.jsonl", "last.pt", "best.pt"):
-            (run_dir / stale).unlink(missing_ok=True)
-    _write_json(run_dir / "config.json", opts)
+    torch.manual_seed(conf.seed)
+    rng = np.random.default_rng(conf.seed)
+    net, conf, start, best, best_epoch = _start_network(conf, run_dir, state, device)
+    _write_json(run_dir / "config.json", {**conf_dict(conf), **inputs})
     net = net.to(device).to(memory_format=torch.channels_last)
-    opts_runtime = {**opts, "amp": (device.type == "cuda") if opts["amp"] is None else opts["amp"]}
-    optimizer = _optimizer(net, opts)
-    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=math.exp(-opts["lr_decay"]))
-    scaler = torch.amp.GradScaler(device.type, enabled=opts_runtime["amp"] and device.type == "cuda")
-    if state is not None:
-        optimizer.load_state_dict(state["train"]["optimizer"])
-        scheduler.load_state_dict(state["train"]["scheduler"])
-        scaler.load_state_dict(state["train"]["scaler"])
-        _set_rng_state(rng, state["train"]["rng"])
-        if optimizer.param_groups[0]["initial_lr"] != opts["lr"]:  # --resume --lr
-            _set_lr(optimizer, scheduler, opts, start)
-    writer = None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(run_dir / "tensorboard"))
-    except Exception:  # tensorboard not installed
-        pass
-    cache = ImageCache(images_root, opts["image_size"], int(opts["cache_mb"]) << 20)
-    train_q = len(data["train/query"])
-    logger.info("train %s + %s on %s%s: %d of %d train queries and a pool of %d images per epoch, %d hard "
-                "negatives, %d val queries, epochs %d-%d, at %d px (val at %d px) -> %s",
-                opts["arch"], opts["pool"], device, " (mixed precision)" if opts_runtime["amp"] else "",
-                min(opts["query_size"], train_q), train_q,
-                min(opts["pool_size"], len(data["train/images"])), opts["neg_num"],
-                0 if val is None else len(val[1]), start, opts["epochs"] - 1, opts["image_size"],
-                opts["test_image_size"], run_dir)
-    logger.debug("options: %s", json.dumps({k: v for k, v in opts.items()}, default=str))
+    tools = _training_tools(net, conf, device, state, rng, start)
+    writer, cache = _tensorboard(run_dir), ImageCache(root, conf.image_size, int(conf.cache_mb) << 20)
+    _log_start(conf, data, val, start, device, run_dir)
     metrics = {}
-    for epoch in range(start, opts["epochs"]):
-        t0 = time.perf_counter()
-        lr = optimizer.param_groups[0]["lr"]
+    for epoch in range(start, conf.epochs):
         kept = last if last.exists() else "none written yet"
-        try:
-            tuples, stats = mine_epoch(net, data, opts_runtime, rng, device, images_root)
-            logger.debug("epoch %d: %d tuples mined in %.1f s", epoch, len(tuples), time.perf_counter() - t0)
-            loss = train_epoch(net, tuples, data["names"], opts_runtime, optimizer, scaler, device, cache, epoch)
-            val_map = validate(net, val, opts_runtime, device, images_root)
-        except NonFiniteDescriptors as e:
-            fix = ("the network's activations overflow mixed precision: train with --no-amp" if e.reduced
-                   else "the network's weights hold NaN or infinity")
-            raise SfmpairsError(f"epoch {epoch}: {str(e).split(';')[0]}; {fix} ({kept})") from None
-        except SfmpairsError as e:
-            raise SfmpairsError(f"{e} ({kept})") from None
-        scheduler.step()
-        if val_map is not None and (best is None or val_map > best):
-            best, best_epoch = val_map, epoch
-            save_checkpoint(run_dir / "best.pt", net, epoch=epoch, val_map=val_map)
-        metrics = {"epoch": epoch, "loss": loss, **stats, "val_map": val_map, "lr": lr,
-                   "seconds": time.perf_counter() - t0}
-        with open(run_dir / "metrics.jsonl", "a") as fh:  # before last.pt: a resume drops it if last.pt is older
-            fh.write(json.dumps(metrics) + "\n")
-        save_checkpoint(last, net, epoch=epoch, val_map=val_map, train={
+        metrics = _run_epoch(epoch, net, data, val, conf, tools, rng, device, cache, root, kept)
+        if metrics["val_map"] is not None and (best is None or metrics["val_map"] > best):
+            best, best_epoch = metrics["val_map"], epoch
+            save_checkpoint(run_dir / "best.pt", net, epoch=epoch, val_map=best)
+        optimizer, scheduler, scaler = tools
+        _record_epoch(run_dir, net, metrics, {
             "epoch": epoch, "best_map": best, "best_epoch": best_epoch, "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": _rng_state(rng)})
-        if writer is not None:
-            for key in ("loss", "val_map", "positive_distance", "negative_distance", "lr"):
-                if metrics[key] is not None:
-                    writer.add_scalar(key, metrics[key], epoch)
-        logger.info("epoch %d/%d: loss %.4f, val mAP %s, %.1f s", epoch, opts["epochs"] - 1, loss,
-                    "-" if val_map is None else f"{100 * val_map:.2f}", metrics["seconds"])
-        logger.debug("epoch %d: lr %.3g, distances positive %.3f negative %.3f, %d queries, pool %d", epoch,
-                     lr, stats["positive_distance"], stats["negative_distance"], stats["queries"], stats["pool"])
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": _rng_state(rng)}, writer)
+        _log_epoch(conf, metrics)
         if on_epoch_end is not None:
             on_epoch_end(epoch, metrics)
     if best is not None:
         logger.info("done: best val mAP %.2f at epoch %d -> %s (last epoch: %s)", 100 * best,
                     best_epoch, run_dir / "best.pt", last)
     else:
-        logger.info("done: %d epochs, no validation -> %s", opts["epochs"], last)
+        logger.info("done: %d epochs, no validation -> %s", conf.epochs, last)
     return metrics
 
 

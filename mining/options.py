@@ -1,0 +1,53 @@
+"""The mining stage's configuration (``sfmpairs mine``), and the names of its rules:
+plain data, so that the command line shows them quickly. Each default is written here
+once; :func:`sfmpairs.mining.mine.mine` merges the caller's settings into it and records
+it in the pair file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sfmpairs.common import SfmpairsError
+from sfmpairs.config import setting
+
+STRATEGIES = ("relaxed", "max-inliers", "mac")  # how the positive is picked from the pool M(q)
+SCALE_MEASURES = ("depth", "bbox")  # how the scale change between two images is measured
+
+
+@dataclass(frozen=True)
+class MineConf:
+    strategy: str = setting("relaxed", "How the positive is picked from the pool M(q).", choices=STRATEGIES)
+    pool_size: int = setting(100, "k, the images in M(q): nearest camera centres in q's model.", short="-k")
+    min_inlier_ratio: float = setting(0.2, "relaxed: co-observed points / points of q, at least.")
+    max_scale_change: float = setting(1.5, "relaxed: scale change, at most (1: same scale).")
+    scale_measure: str = setting("depth", "depth: median ratio of apparent point sizes; bbox: ratio of the "
+                                 "co-observed points' bounding boxes.", choices=SCALE_MEASURES)
+    min_co_observed: int = setting(1, "A positive shares at least this many 3D points with q.")
+    queries_per_cluster: int | None = setting(
+        None, "Queries drawn per cluster (0: every eligible image).",
+        default_text="the paper's: a tenth of a cluster of up to 300 images, 30 for larger ones")
+    val_fraction: float = setting(0.2, "Fraction of clusters in the val split.")
+    val_clusters: tuple[str, ...] | None = setting(
+        None, "Comma-separated cluster names for the val split (instead of --val-fraction).")
+    negatives: int = setting(5, "Hard negatives per query (with --descriptors), at most one per cluster.")
+    seed: int = setting(0, "Random seed.")
+
+    def check(self) -> None:
+        """Refuse settings outside their range, naming the option."""
+        checks = [
+            (self.strategy in STRATEGIES, f"unknown strategy {self.strategy!r} (choose {', '.join(STRATEGIES)})"),
+            (self.scale_measure in SCALE_MEASURES,
+             f"unknown scale measure {self.scale_measure!r} (choose {', '.join(SCALE_MEASURES)})"),
+            (self.pool_size >= 1, "--pool-size must be at least 1"),
+            (0 <= self.min_inlier_ratio <= 1, "--min-inlier-ratio must be in [0, 1]"),
+            (self.max_scale_change >= 1, "--max-scale-change must be at least 1"),
+            (self.min_co_observed >= 1, "--min-co-observed must be at least 1"),
+            (self.queries_per_cluster is None or self.queries_per_cluster >= 0,
+             "--queries-per-cluster must be 0 (all) or more"),
+            (0 <= self.val_fraction < 1, "--val-fraction must be in [0, 1)"),
+            (self.negatives >= 0, "--negatives must be 0 or more"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise SfmpairsError(message)

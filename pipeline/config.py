@@ -1,0 +1,163 @@
+"""Each stage's configuration: one typed dataclass per stage, the one place where its
+settings, their defaults and their one-line help are written.
+
+- The Python API merges the caller's keywords into it: :func:`make_conf`.
+- The command line derives its options from it: :func:`click_options` (``--pool-size``
+  for ``pool_size``, the help and the default from the field).
+- Every output records it: :func:`conf_dict` (into the file's ``parameters``).
+
+A stage declares its configuration with :func:`setting`::
+
+    @dataclass(frozen=True)
+    class MineConf:
+        pool_size: int = setting(100, "Images in M(q): nearest camera centres.", short="-k")
+
+Only plain types: ``int``, ``float``, ``str``, ``bool``, tuples of them (given on the
+command line as comma-separated text) and ``X | None``. No torch here, so that
+``sfmpairs --help`` is quick.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any, Callable
+
+from .common import SfmpairsError
+
+
+def setting(default: Any, help: str, *, choices: typing.Sequence[str] | None = None, short: str | None = None,
+            default_text: str | None = None, parse: Callable[[str], Any] | None = None, metavar: str | None = None,
+            flag_value: str | None = None, name: str | None = None, cli: bool = True) -> Any:
+    """A field of a stage's configuration.
+
+    ``help``: one line for ``--help``; ``choices``: the values allowed; ``short``: a
+    one-letter option (``-k``); ``default_text``: what ``--help`` says of the default
+    where the value alone would not tell (None defaults); ``parse``: command-line text to
+    the value (comma-separated tuples, ``--pretrained`` without a file); ``metavar``,
+    ``flag_value``: passed to click; ``name``: the option's name where it is not the
+    field's (``--multiscale`` for ``scales``); ``cli=False``: a setting of the Python API only.
+    """
+    meta = {"help": help, "choices": tuple(choices) if choices is not None else None, "short": short,
+            "default_text": default_text, "parse": parse, "metavar": metavar, "flag_value": flag_value,
+            "name": name, "cli": cli}
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def make_conf(cls: type, conf=None, **overrides):
+    """An instance of the configuration class ``cls``: its defaults, updated by ``conf``
+    (an instance or a dict) and then by ``overrides``. An unknown name is an error."""
+    values = {}
+    if conf is not None:
+        values.update(dataclasses.asdict(conf) if dataclasses.is_dataclass(conf) else dict(conf))
+    values.update(overrides)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise SfmpairsError(f"unknown option {unknown[0]!r} (known: {', '.join(sorted(names))})")
+    hints = typing.get_type_hints(cls)
+    values = {k: tuple(v) if _is_tuple(hints[k]) and isinstance(v, list) else v for k, v in values.items()}
+    return cls(**values)
+
+
+def conf_dict(conf) -> dict:
+    """The configuration as a plain dict (tuples as lists): what outputs record."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(conf).items()}
+
+
+def click_options(cls: type, *, skip: typing.Iterable[str] = ()):
+    """A decorator adding one click option per field of ``cls`` (except ``skip``).
+
+    Every option defaults to None, "not given": the command passes only the options the
+    user gave (:func:`given`), and the configuration class supplies the rest, so each
+    default is written once, in the class, and ``--help`` shows it from there.
+    """
+    hints = typing.get_type_hints(cls)
+    fields = [f for f in dataclasses.fields(cls) if f.metadata.get("cli", True) and f.name not in set(skip)]
+    # the class's own settings first, those it shares with other stages (its bases') after them
+    depth = {f.name: max(i for i, c in enumerate(cls.__mro__) if f.name in getattr(c, "__annotations__", {}))
+             for f in fields}
+    fields.sort(key=lambda f: depth[f.name])
+
+    def decorate(fn):
+        for f in reversed(fields):
+            fn = _click_option(f, hints[f.name])(fn)
+        return fn
+    return decorate
+
+
+def given(options: dict) -> dict:
+    """The options the user gave on the command line (click passes None for the others)."""
+    return {k: v for k, v in options.items() if v is not None}
+
+
+def _is_tuple(hint) -> bool:
+    return any(typing.get_origin(t) is tuple for t in (hint, *typing.get_args(hint)))
+
+
+def _base_type(hint):
+    """``int | None`` -> int; ``tuple[float, ...]`` -> tuple."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        hint = next(t for t in typing.get_args(hint) if t is not type(None))
+    return typing.get_origin(hint) or hint
+
+
+def _default_text(f) -> str:
+    if f.metadata["default_text"] is not None:
+        return f.metadata["default_text"]
+    value = f.default
+    if isinstance(value, tuple):
+        return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
+    return "none" if value is None else str(value)
+
+
+def _click_option(f, hint):
+    import click
+
+    meta, base = f.metadata, _base_type(hint)
+    name = "--" + (meta["name"] or f.name).replace("_", "-")
+    decls = [name] + ([meta["short"]] if meta["short"] else [])
+    kwargs: dict[str, Any] = {"default": None}
+    help_text = meta["help"]
+    if base is bool and meta["flag_value"] is None:
+        if f.default is False:  # a plain flag: off unless given
+            kwargs["is_flag"] = True
+        else:
+            decls = [f"{name}/--no-{name[2:]}"]
+            help_text += f" [default: {_default_text(f)}]"
+    else:
+        help_text += f" [default: {_default_text(f)}]"
+        if meta["choices"] is not None:
+            kwargs["type"] = click.Choice(meta["choices"])
+        elif meta["parse"] is not None or base in (tuple, str) or meta["flag_value"] is not None:
+            kwargs["type"] = str
+        else:
+            kwargs["type"] = base
+    if meta["flag_value"] is not None:
+        kwargs.update(is_flag=False, flag_value=meta["flag_value"])
+    if meta["metavar"] is not None:
+        kwargs["metavar"] = meta["metavar"]
+    parse = meta["parse"] or (_comma_separated(hint) if base is tuple else None)
+    if parse is not None:
+        def callback(ctx, param, value, parse=parse):
+            try:
+                return None if value is None else parse(value)
+            except SfmpairsError as e:
+                raise click.BadParameter(str(e)) from None
+        kwargs["callback"] = callback
+    return click.option(*decls, f.name, help=help_text, **kwargs)
+
+
+def _comma_separated(hint):
+    """Command-line text to a tuple: "1,0.7071,0.5" -> (1.0, 0.7071, 0.5)."""
+    args = [t for t in typing.get_args(hint) if t is not type(None)]
+    inner = typing.get_args(args[0] if args else hint)
+    item = inner[0] if inner else str
+
+    def parse(text: str):
+        try:
+            return tuple(item(s.strip()) for s in text.split(",") if s.strip())
+        except ValueError:
+            raise SfmpairsError(f"{text!r}: give comma-separated values of type {item.__name__}") from None
+    return parse
