@@ -252,15 +252,7 @@ def _wrap(name: str, chars: int, lines: int = 3) -> list[str]:
     return parts
 
 
-def retrieval_grid(rows: list[dict], thumb: int = 128):
-    """The figure of :func:`retrieval_figure` (see there for ``rows``): a
-    ``matplotlib.figure.Figure`` on an Agg canvas, one pixel per pixel at its dpi. Its
-    texts (``fig.texts``) are the row headings (``"query"``, each set's ``"<title>   AP
-    42.0%"``), the tiles' captions (``"1. <name>"``) and the placeholders' ``"missing\\n<name>"``."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Patch
-
+def _check_rows(rows: list[dict], thumb: int) -> None:
     if not rows:
         raise ValueError("retrieval_figure: no rows")
     if thumb < 16:
@@ -271,29 +263,37 @@ def retrieval_grid(rows: list[dict], thumb: int = 128):
                 if label not in LABEL_COLOURS:
                     raise ValueError(f"retrieval_figure: {name}: label {label!r} is not one of "
                                      f"{', '.join(LABEL_COLOURS)}")
+
+
+def _grid_layout(rows: list[dict], thumb: int) -> dict:
+    """Where things go, in pixels from the top left: a framed tile is ``cell`` wide, the
+    tiles ``step`` apart; each result set's block starts at ``block_x``."""
     n_sets = max(len(r["results"]) for r in rows)
     ks = [max((len(r["results"][s]["top"]) for r in rows if s < len(r["results"])), default=0)
           for s in range(n_sets)]
-
-    # the layout, in pixels from the top left
     frame = max(3, thumb // 24)
-    cell = thumb + 2 * frame  # a framed tile
-    step = cell + 6  # from one tile to the next
-    margin, gap = 10, max(16, thumb // 4)  # gap: between the query and the blocks, and between blocks
-    head, caption = 22, 16  # text above a row's tiles (titles, AP), and below each tile (its name)
-    legend_h = 30
-    row_h = head + cell + caption + 8
-    block_x = [margin + step + gap]
+    lay = {"thumb": thumb, "frame": frame, "cell": thumb + 2 * frame, "margin": 10,
+           "gap": max(16, thumb // 4),  # between the query and the blocks, and between blocks
+           "head": 22, "caption": 16,  # text above a row's tiles (titles, AP), and below each tile (its name)
+           "legend_h": 30}
+    lay["step"] = lay["cell"] + 6
+    lay["row_h"] = lay["head"] + lay["cell"] + lay["caption"] + 8
+    block_x = [lay["margin"] + lay["step"] + lay["gap"]]
     for k in ks[:-1]:
-        block_x.append(block_x[-1] + k * step + gap)
-    width = block_x[-1] + ks[-1] * step + margin if ks else margin + step
-    width = max(width, 420)
-    height = legend_h + len(rows) * row_h + margin
+        block_x.append(block_x[-1] + k * lay["step"] + lay["gap"])
+    width = block_x[-1] + ks[-1] * lay["step"] + lay["margin"] if ks else lay["margin"] + lay["step"]
+    lay.update(block_x=block_x, width=max(width, 420), height=lay["legend_h"] + len(rows) * lay["row_h"] + 10,
+               chars=max(8, lay["cell"] // 6))  # the characters of a caption (about 6 pixels each at 7 points)
+    return lay
 
-    canvas = np.full((height, width, 3), 255, np.uint8)
-    texts = []  # (x, y, text, options), y from the top
-    placeholders = []  # (x, y, name) of the tiles drawn as placeholders
-    chars = max(8, cell // 6)  # the characters of a caption (about 6 pixels each at 7 points)
+
+def _paint_grid(rows: list[dict], lay: dict):
+    """The grid's pixels (framed tiles on white), its texts ``(x, y, text, options)`` and
+    the positions of the tiles drawn as placeholders ``(x, y, name)``."""
+    canvas = np.full((lay["height"], lay["width"], 3), 255, np.uint8)
+    texts, placeholders = [], []
+    cell, frame, thumb, chars = lay["cell"], lay["frame"], lay["thumb"], lay["chars"]
+    bold = {"ha": "left", "va": "bottom", "fontsize": 9, "fontweight": "bold"}
 
     def put(x, y, path, name, colour, caption_text):
         canvas[y:y + cell, x:x + cell] = colour
@@ -304,32 +304,45 @@ def retrieval_grid(rows: list[dict], thumb: int = 128):
         texts.append((x + cell / 2, y + cell + 2, caption_text, {"ha": "center", "va": "top", "fontsize": 7}))
 
     for i, row in enumerate(rows):
-        y0 = legend_h + i * row_h
-        y = y0 + head
+        y0 = lay["legend_h"] + i * lay["row_h"]
+        y = y0 + lay["head"]
         name = str(row.get("query_name", ""))
-        texts.append((margin, y0 + head - 4, "query", {"ha": "left", "va": "bottom", "fontsize": 9,
-                                                      "fontweight": "bold"}))
-        put(margin, y, row.get("query"), name, QUERY_COLOUR, _short(name, chars))
-        for s, res in enumerate(row["results"]):
-            x0 = block_x[s]
-            title = f"{res.get('title', '')}   {_ap_text(res.get('ap'))}".strip()
-            texts.append((x0, y0 + head - 4, title, {"ha": "left", "va": "bottom", "fontsize": 9,
-                                                     "fontweight": "bold"}))
+        texts.append((lay["margin"], y - 4, "query", bold))
+        put(lay["margin"], y, row.get("query"), name, QUERY_COLOUR, _short(name, chars))
+        for x0, res in zip(lay["block_x"], row["results"]):
+            texts.append((x0, y - 4, f"{res.get('title', '')}   {_ap_text(res.get('ap'))}".strip(), bold))
             for j, (path, rname, label) in enumerate(res["top"]):
                 rank = f"{j + 1}. "
-                put(x0 + j * step, y, path, str(rname), LABEL_COLOURS[label], rank + _short(rname, chars - len(rank)))
+                put(x0 + j * lay["step"], y, path, str(rname), LABEL_COLOURS[label],
+                    rank + _short(rname, chars - len(rank)))
+    return canvas, texts, placeholders
 
+
+def retrieval_grid(rows: list[dict], thumb: int = 128):
+    """The figure of :func:`retrieval_figure` (see there for ``rows``): a
+    ``matplotlib.figure.Figure`` on an Agg canvas, one pixel per pixel at its dpi. Its
+    texts (``fig.texts``) are the row headings (``"query"``, each set's ``"<title>   AP
+    42.0%"``), the tiles' captions (``"1. <name>"``) and the placeholders' ``"missing\\n<name>"``."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    _check_rows(rows, thumb)
+    lay = _grid_layout(rows, thumb)
+    canvas, texts, placeholders = _paint_grid(rows, lay)
+    width, height, cell = lay["width"], lay["height"], lay["cell"]
     fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI)
     FigureCanvasAgg(fig)
     fig.figimage(canvas, 0, 0, origin="upper")
     for x, y, text, opts in texts:
         fig.text(x / width, 1 - y / height, text, parse_math=False, **opts)
     for x, y, name in placeholders:
-        fig.text((x + cell / 2) / width, 1 - (y + cell / 2) / height, "\n".join(["missing", *_wrap(name, chars)]),
+        fig.text((x + cell / 2) / width, 1 - (y + cell / 2) / height,
+                 "\n".join(["missing", *_wrap(name, lay["chars"])]),
                  ha="center", va="center", fontsize=7, color="0.25", parse_math=False)
     handles = [Patch(facecolor=np.array(c) / 255, edgecolor="none", label=label)
                for label, c in [("query", QUERY_COLOUR), *LABEL_COLOURS.items()]]
-    fig.legend(handles=handles, loc="upper left", bbox_to_anchor=(margin / width, 1), ncol=4, fontsize=8,
+    fig.legend(handles=handles, loc="upper left", bbox_to_anchor=(lay["margin"] / width, 1), ncol=4, fontsize=8,
                frameon=False, handlelength=1.2, borderaxespad=0.2)
     return fig
 
