@@ -20,6 +20,7 @@ Both measures are symmetric in (q, i), so each unordered pair is computed once.
 
 from __future__ import annotations
 
+import functools
 import os
 import queue
 from concurrent.futures import ThreadPoolExecutor
@@ -139,24 +140,45 @@ def pair_statistics(indptr, point, xyz, rotation, tvec, focal, longer_side, pair
         raise ValueError(f"unknown scale measure {measure!r}")
     trk = tracks(indptr, point, len(xyz))
     _, order, track_ptr, track_image, track_obs, position = trk
-    with np.errstate(divide="ignore", invalid="ignore"):
-        log_f = np.log(focal / longer_side)  # (n,) log of the focal length in longer sides
-    no_scale = ~np.isfinite(log_f)  # e.g. EQUIRECTANGULAR: no focal length
-    log_f[no_scale] = 0.0  # any finite value: the pairs of these images get NaN at the end
+    log_f, no_scale = _log_focal(focal, longer_side)
     if measure == "depth":
         # float64 (nnz,) by track position: log(f / z) of each observation
-        by_track = log_scale_by_track(track_ptr, track_image, xyz[order], rotation[:, 2, :],
-                                      tvec[:, 2], log_f)
+        log_size = log_scale_by_track(track_ptr, track_image, xyz[order], rotation[:, 2, :], tvec[:, 2], log_f)
+        scale_change = functools.partial(_depth_scale, log_size, position)
     else:
-        # float64 (nnz, 2) by observation: positions in units of the image's longer side
+        # float64 (nnz, 2) by observation (CSR): positions in units of the image's longer side
         xy_norm = xy / np.repeat(longer_side, np.diff(indptr))[:, None]
+        scale_change = functools.partial(_bbox_scale, xy_norm, track_obs)
+    lo, hi = pairs // n, pairs % n  # (P,) each pair's lower and higher image
+    count, scale = _statistics_by_batch(lo, hi, n, indptr, point, trk, scale_change, batch_images, threads)
+    if measure == "depth":
+        scale[no_scale[lo] | no_scale[hi]] = np.nan
+    return count, scale
 
-    # ``pairs`` is sorted by lo first, so the pairs whose lower image is i are the run
-    # lo_ptr[i]:lo_ptr[i+1] (lo_ptr (n + 1,)), and those of a batch of images one run
-    lo, hi = pairs // n, pairs % n
+
+def _log_focal(focal: np.ndarray, longer_side: np.ndarray):
+    """``(log_f, no_scale)``, (n,) each: the log of each image's focal length in units of
+    its longer side, and whether the image has none (e.g. EQUIRECTANGULAR), where
+    ``log_f`` is 0.0 (any finite value: the pairs of these images get NaN at the end)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_f = np.log(focal / longer_side)
+    no_scale = ~np.isfinite(log_f)
+    log_f[no_scale] = 0.0
+    return log_f, no_scale
+
+
+def _statistics_by_batch(lo, hi, n, indptr, point, trk, scale_change, batch_images, threads):
+    """``(count, scale)`` of each pair (lo[j], hi[j]), (P,), batch by batch of
+    ``batch_images`` consecutive lower images (:func:`_run_batches`).
+
+    ``scale_change(pair, o0, source, later, shared)`` gives ``(which, value)``, the
+    scale changes of a batch's pairs ``which`` from its co-observations
+    (:func:`_co_observations`; lo's observation, CSR, is ``o0 + source``)."""
+    # ``lo`` is sorted (``pairs`` are keys lo * n + hi, sorted), so the pairs whose lower
+    # image is i are the run lo_ptr[i]:lo_ptr[i+1] (lo_ptr (n + 1,)), those of a batch one run
     lo_ptr = np.searchsorted(lo, np.arange(n + 1))
-    count = np.zeros(len(pairs), np.int64)
-    scale = np.full(len(pairs), np.nan)
+    count = np.zeros(len(lo), np.int64)
+    scale = np.full(len(lo), np.nan)
 
     def run_batch(i0: int, slot: np.ndarray) -> None:
         """The pairs whose lower image is one of i0..i1-1: the run p0:p1 of ``pairs``."""
@@ -164,25 +186,17 @@ def pair_statistics(indptr, point, xyz, rotation, tvec, focal, longer_side, pair
         p0, p1 = lo_ptr[i0], lo_ptr[i1]
         if p0 == p1:
             return
-        # pair: local pair index (0..p1-p0-1) of each co-observation; source: its
-        # observation in lo, relative to indptr[i0]; later: hi's, as a track position
+        # the batch's pairs as keys (lo - i0) * n + hi, each < batch_images * n: indices
+        # into ``slot``; pair: local pair index (0..p1-p0-1) of each co-observation;
+        # source: its observation in lo, relative to indptr[i0]; later: hi's, as a track position
         pair, source, later = _co_observations(i0, i1, n, indptr, point, trk, slot,
                                                (lo[p0:p1] - i0) * n + hi[p0:p1])
         shared = np.bincount(pair, minlength=p1 - p0)  # (p1 - p0,): |P(lo) ∩ P(hi)|
         count[p0:p1] = shared
-        if measure == "depth":
-            own = position[indptr[i0]:indptr[i1]][source]  # lo's observation, as a track position
-            # log(f/z) in hi minus in lo: log r_p of (hi, lo), the sign lost in exp(|median|)
-            log_ratio = np.clip(by_track[later] - by_track[own], -127, 127)
-            has, value = _median_scale(pair, log_ratio, shared)
-            scale[p0:p1][has] = value
-        elif len(pair):
-            which, value = _bbox_scale(pair, indptr[i0] + source, track_obs[later], xy_norm)
-            scale[p0:p1][which] = value
+        which, value = scale_change(pair, indptr[i0], source, later, shared)
+        scale[p0:p1][which] = value
 
     _run_batches(run_batch, n, batch_images, threads)
-    if measure == "depth":
-        scale[no_scale[lo] | no_scale[hi]] = np.nan
     return count, scale
 
 
@@ -220,6 +234,20 @@ def _co_observations(i0, i1, n, indptr, point, trk, slot, keys):
     return pair[keep], source[keep], later[keep]
 
 
+def _depth_scale(log_size, position, pair, o0, source, later, shared):
+    """The ``depth`` measure, exp(|median_p log r_p|), of each pair that shares points.
+
+    ``log_size`` float64 (nnz,) by track position: log(f / z) of each observation
+    (:func:`log_scale_by_track`); ``position`` int64 (nnz,): each observation's track
+    position. One entry a co-observation: ``pair`` its pair, ``o0 + source`` lo's
+    observation (CSR), ``later`` hi's track position; ``shared[g]`` counts pair g's.
+    Returns ``(has, value)`` as :func:`_median_scale` does."""
+    own = position[o0:][source]  # lo's observation, as a track position
+    # log(f/z) in hi minus in lo: log r_p of (hi, lo), the sign lost in exp(|median|)
+    log_ratio = np.clip(log_size[later] - log_size[own], -127, 127)
+    return _median_scale(pair, log_ratio, shared)
+
+
 def _median_scale(pair, log_ratio, shared):
     """exp(|median|) of the log ratios of each pair that shares points.
 
@@ -239,15 +267,21 @@ def _median_scale(pair, log_ratio, shared):
     return has, np.exp(np.abs(((mid_lo - base) + (mid_hi - base)) / 2))
 
 
-def _bbox_scale(pair, obs_lo, obs_hi, xy_norm):
-    """sqrt of the ratio of the bounding-box areas of each pair's shared points, >= 1.
+def _bbox_scale(xy_norm, track_obs, pair, o0, source, later, shared):
+    """The ``bbox`` measure: sqrt of the ratio of the bounding-box areas of each pair's
+    shared points, >= 1.
 
-    One entry a co-observation: ``pair`` its pair, ``obs_lo`` and ``obs_hi`` the two
-    observations (CSR indices into ``xy_norm``). Returns ``(which, value)``: the pairs
-    that share points, ascending, and their scale changes (NaN for a box of zero area).
+    ``xy_norm`` float64 (nnz, 2) by observation (CSR): positions in units of the
+    image's longer side; ``track_obs`` (nnz,): the observation at each track position.
+    One entry a co-observation: ``pair`` its pair, ``o0 + source`` lo's observation
+    (CSR), ``later`` hi's track position (``shared`` unused: the signature of
+    :func:`_depth_scale`). Returns ``(which, value)``: the pairs that share points,
+    ascending, and their scale changes (NaN for a box of zero area).
     """
+    if not len(pair):
+        return np.zeros(0, np.int64), np.zeros(0)
     by_pair = np.argsort(pair, kind="stable")
-    pair, obs_lo, obs_hi = pair[by_pair], obs_lo[by_pair], obs_hi[by_pair]
+    pair, obs_lo, obs_hi = pair[by_pair], (o0 + source)[by_pair], track_obs[later][by_pair]
     group_start = np.flatnonzero(np.r_[True, pair[1:] != pair[:-1]])
     area = []
     for obs in (obs_lo, obs_hi):
