@@ -14,6 +14,7 @@ order of its 2D points.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import queue
@@ -220,54 +221,98 @@ def build_observations(batches, point_ids: np.ndarray, file_track_lengths: np.nd
     Batches run on a few threads (numpy releases the GIL in its loops), each writing
     at its own offset of the output; the gaps are squeezed out at the end.
     """
-    num_points = len(point_ids)
     lookup = point_lookup(point_ids)
+    # batch b writes its observations at offsets[b]:offsets[b+1] of ``point`` and ``xy``
+    # (its ``size``, an upper bound): (B + 1,) int64
     offsets = np.concatenate([[0], np.cumsum([size for _, size in batches])]).astype(np.int64)
-    point = np.empty(int(offsets[-1]), np.int32)
+    point = np.empty(int(offsets[-1]), np.int32)  # index into point_ids, with gaps
     out_xy = np.empty((int(offsets[-1]), 2), np.float32)
-    counts_of = [None] * len(batches)
+    counts_of = [None] * len(batches)  # int64 (images of batch b,): its observations per image
     workers = max(1, min(threads or os.cpu_count() or 1, 4, len(batches)))
-    tracks = queue.SimpleQueue()  # one track-length array per worker: no shared writes
-    for _ in range(workers):
-        tracks.put(np.zeros(num_points, np.int32))
+    tracks = _per_worker(workers, len(point_ids))  # track lengths, int32 (M,): no shared writes
 
     def run(b: int) -> None:
         image_ids, counts, ids, xy = batches[b][0]()
         idx = lookup(ids)
-        if len(idx) and idx.min() < 0:
-            j = np.flatnonzero(idx < 0)[0]
-            image = image_ids[np.searchsorted(np.cumsum(counts), j, side="right")]
-            raise SfmpairsError(f"{where}: image {int(image)} observes 3D point {int(ids[j])}, "
-                                f"which the model does not have")
-        pos = int(offsets[b])
-        point[pos:pos + len(idx)] = idx
-        with np.errstate(over="ignore"):  # huge values become inf: check_finite reports them
-            out_xy[pos:pos + len(idx)] = xy
-        track = tracks.get()
-        try:
-            if len(counts) == 1:
-                track[idx] += 1  # fancy +=: a point repeated in a row counts once
-            else:
-                for k in counts:
-                    track[point[pos:pos + k]] += 1
-                    pos += k
-        finally:
-            tracks.put(track)
+        _check_points_known(idx, ids, image_ids, counts, where)
+        _write_at(int(offsets[b]), point, out_xy, idx, xy)
+        with _borrowed(tracks) as track:
+            _count_track_lengths(track, idx, counts)
         counts_of[b] = np.asarray(counts, np.int64)
 
-    if workers == 1:
-        for b in range(len(batches)):
-            run(b)
-    else:
-        with ThreadPoolExecutor(workers) as pool:
-            list(pool.map(run, range(len(batches))))
-    track_length = tracks.get()
-    while not tracks.empty():
-        track_length += tracks.get()
+    _run_batches(run, len(batches), workers)
+    track_length = _total(tracks)
     indptr, point, out_xy = _squeeze_gaps(point, out_xy, offsets, counts_of)
     indptr, point, out_xy = _drop_repeats(indptr, point, out_xy, track_length, file_track_lengths,
                                           point_ids, points_file)
     return indptr, point, out_xy, track_length
+
+
+def _per_worker(workers: int, num_points: int) -> queue.SimpleQueue:
+    """One track-length array, int32 (M,) zeros, per worker, to borrow in turn."""
+    arrays = queue.SimpleQueue()
+    for _ in range(workers):
+        arrays.put(np.zeros(num_points, np.int32))
+    return arrays
+
+
+@contextlib.contextmanager
+def _borrowed(arrays: queue.SimpleQueue):
+    """One of ``arrays`` for a with-block, given back after it."""
+    a = arrays.get()
+    try:
+        yield a
+    finally:
+        arrays.put(a)
+
+
+def _total(arrays: queue.SimpleQueue) -> np.ndarray:
+    """The sum of ``arrays`` (into the first of them)."""
+    total = arrays.get()
+    while not arrays.empty():
+        total += arrays.get()
+    return total
+
+
+def _write_at(pos: int, point: np.ndarray, xy: np.ndarray, batch_point: np.ndarray, batch_xy: np.ndarray) -> None:
+    """A batch's observations into ``point`` and ``xy`` (float32) from offset ``pos`` on."""
+    point[pos:pos + len(batch_point)] = batch_point
+    with np.errstate(over="ignore"):  # huge values become inf: check_finite reports them
+        xy[pos:pos + len(batch_point)] = batch_xy
+
+
+def _check_points_known(idx: np.ndarray, ids: np.ndarray, image_ids, counts, where: str) -> None:
+    """Raise where an observation names a 3D point id that the model lacks (``idx`` -1):
+    the observations ``ids`` are those of ``image_ids``, image after image, ``counts``
+    of them per image."""
+    if len(idx) and idx.min() < 0:
+        j = np.flatnonzero(idx < 0)[0]
+        image = image_ids[np.searchsorted(np.cumsum(counts), j, side="right")]
+        raise SfmpairsError(f"{where}: image {int(image)} observes 3D point {int(ids[j])}, "
+                            f"which the model does not have")
+
+
+def _count_track_lengths(track: np.ndarray, idx: np.ndarray, counts) -> None:
+    """Add to ``track`` (M,) one for each distinct (image, point) of a batch: ``idx``
+    holds the points of its observations, image after image, ``counts`` of them per
+    image (a fancy ``+=`` counts a point repeated within one index once)."""
+    if len(counts) == 1:
+        track[idx] += 1
+        return
+    pos = 0
+    for k in counts:
+        track[idx[pos:pos + k]] += 1
+        pos += k
+
+
+def _run_batches(run, num_batches: int, workers: int) -> None:
+    """``run(b)`` for each batch b, on ``workers`` threads (here, in order, if one)."""
+    if workers == 1:
+        for b in range(num_batches):
+            run(b)
+    else:
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(run, range(num_batches)))
 
 
 def _squeeze_gaps(point: np.ndarray, xy: np.ndarray, offsets: np.ndarray, counts_of: list):
