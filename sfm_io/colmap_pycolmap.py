@@ -22,9 +22,27 @@ def _xyzw_to_wxyz(q) -> np.ndarray:
 
 
 def read_model(folder: str | os.PathLike, fmt: str = "binary") -> Model:
+    """Read the COLMAP model (``fmt`` "binary" or "text") in ``folder`` with pycolmap."""
+    folder = Path(folder)
+    rec = _reconstruction(folder, fmt)
+    image_ids = np.array(sorted(i for i, im in rec.images.items() if im.has_pose), np.uint32)
+    images = [rec.images[int(i)] for i in image_ids]
+    qvec, tvec = _cam_from_world(rec, images)
+    check_pose_quaternions(qvec, str(folder))
+    point_ids, xyz, file_tracks = _points(rec)
+    observations = build_observations(_observation_rows(image_ids, images), point_ids, file_tracks,
+                                      str(folder), str(folder))
+    cameras = {cid: (c.model.name, c.width, c.height, np.asarray(c.params, np.float64))
+               for cid, c in rec.cameras.items()}
+    return Model.from_arrays(folder, fmt, image_ids, [im.name for im in images],
+                             np.array([im.camera_id for im in images], np.uint32),
+                             qvec, tvec, cameras, point_ids, xyz, observations)
+
+
+def _reconstruction(folder: Path, fmt: str):
+    """The pycolmap.Reconstruction in ``folder``; pycolmap's errors become one line."""
     import pycolmap
 
-    folder = Path(folder)
     try:
         rec = pycolmap.Reconstruction()
         if fmt == "binary":
@@ -34,9 +52,13 @@ def read_model(folder: str | os.PathLike, fmt: str = "binary") -> Model:
     except Exception as e:  # pycolmap raises ValueError/RuntimeError with C++ context
         msg = " ".join(str(e).split())
         raise SfmpairsError(f"{folder}: pycolmap cannot read the model: {msg}") from None
+    return rec
 
-    image_ids = np.array(sorted(i for i, im in rec.images.items() if im.has_pose), np.uint32)
-    images = [rec.images[int(i)] for i in image_ids]
+
+def _cam_from_world(rec, images: list):
+    """``(qvec, tvec)``, (N, 4) w x y z and (N, 3): each image's cam_from_world pose."""
+    import pycolmap
+
     qvec = np.empty((len(images), 4))
     tvec = np.empty((len(images), 3))
     for k, im in enumerate(images):
@@ -54,22 +76,25 @@ def read_model(folder: str | os.PathLike, fmt: str = "binary") -> Model:
                                    np.asarray(s_from_r.translation)[None], q[None], t[None])
             q, t = qq[0], tt[0]
         qvec[k], tvec[k] = q, t
-    check_pose_quaternions(qvec, str(folder))
+    return qvec, tvec
 
+
+def _points(rec):
+    """``(point_ids, xyz, track_lengths)`` of the 3D points, sorted by id: uint64 (M,),
+    float64 (M, 3), int64 (M,) (observations in each point's track, repeats included)."""
     point_ids = np.array(sorted(rec.points3D), np.uint64)
     xyz = np.array([rec.points3D[int(p)].xyz for p in point_ids], np.float64).reshape(-1, 3)
     file_tracks = np.array([rec.points3D[int(p)].track.length() for p in point_ids], np.int64)
+    return point_ids, xyz, file_tracks
 
+
+def _observation_rows(image_ids: np.ndarray, images: list) -> list:
+    """The (read, size) batches of :func:`.model.build_observations`, one an image: its
+    2D points that name a 3D point, in its 2D point order."""
     rows = []
     for iid, im in zip(image_ids.tolist(), images):
         pts = [p for p in im.points2D if p.has_point3D()]
         ids = np.array([p.point3D_id for p in pts], np.uint64)
         xy = np.array([p.xy for p in pts], np.float64).reshape(-1, 2)
         rows.append((lambda iid=iid, ids=ids, xy=xy: ([iid], [len(ids)], ids, xy), len(ids)))
-
-    observations = build_observations(rows, point_ids, file_tracks, str(folder), str(folder))
-    cameras = {cid: (c.model.name, c.width, c.height, np.asarray(c.params, np.float64))
-               for cid, c in rec.cameras.items()}
-    return Model.from_arrays(folder, fmt, image_ids, [im.name for im in images],
-                             np.array([im.camera_id for im in images], np.uint32),
-                             qvec, tvec, cameras, point_ids, xyz, observations)
+    return rows
