@@ -32,6 +32,7 @@ LABEL_COLOURS = {"positive": (0, 170, 0), "junk": (150, 150, 150), "negative": (
 QUERY_COLOUR = (30, 70, 200)
 PLACEHOLDER = (205, 205, 205)  # the fill of a photo that could not be opened
 DPI = 100
+BASELINE_EPOCH = -1  # metrics.jsonl: the network before training (its val mAP only)
 
 
 def _is_number(x) -> bool:
@@ -43,7 +44,8 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
 
     Every line must be a JSON object with an integer ``epoch`` (increasing from line to
     line), a number ``loss``, a positive number ``lr`` and ``val_map`` a number or null
-    (missing reads as null); the other keys are kept as they are. Raises
+    (missing reads as null); the other keys are kept as they are. Epoch -1 is the
+    network before training (:data:`BASELINE_EPOCH`): its val mAP, loss and lr null. Raises
     :class:`SfmpairsError` naming the file (and line) and the problem.
     """
     run_dir = Path(run_dir)
@@ -67,13 +69,15 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
         if not isinstance(m, dict):
             raise SfmpairsError(f"{path}: line {n}: not a JSON object")
         m.setdefault("val_map", None)
-        if not isinstance(m.get("epoch"), int) or isinstance(m.get("epoch"), bool) or m["epoch"] < 0:
-            raise SfmpairsError(f"{path}: line {n}: epoch must be an integer >= 0, not {m.get('epoch')!r}")
+        if not isinstance(m.get("epoch"), int) or isinstance(m.get("epoch"), bool) or m["epoch"] < BASELINE_EPOCH:
+            raise SfmpairsError(f"{path}: line {n}: epoch must be an integer >= -1, not {m.get('epoch')!r}")
         if epochs and m["epoch"] <= epochs[-1]["epoch"]:
             raise SfmpairsError(f"{path}: line {n}: epoch {m['epoch']} after epoch {epochs[-1]['epoch']}")
-        if not _is_number(m.get("loss")):
+        if m["epoch"] == BASELINE_EPOCH:  # before training: no loss, no learning rate
+            m.update(loss=None, lr=None)
+        elif not _is_number(m.get("loss")):
             raise SfmpairsError(f"{path}: line {n}: loss must be a number, not {m.get('loss')!r}")
-        if not _is_number(m.get("lr")) or not m["lr"] > 0:
+        elif not _is_number(m.get("lr")) or not m["lr"] > 0:
             raise SfmpairsError(f"{path}: line {n}: lr must be a positive number, not {m.get('lr')!r}")
         if m["val_map"] is not None and not _is_number(m["val_map"]):
             raise SfmpairsError(f"{path}: line {n}: val_map must be a number or null, not {m['val_map']!r}")
@@ -110,14 +114,14 @@ def run_figure(runs: dict[str, list[dict]]):
     has_map = False
     for i, (label, metrics) in enumerate(runs.items()):
         style = {"color": f"C{i % 10}", "marker": "o", "markersize": 3, "linewidth": 1.5}
-        epochs = [m["epoch"] for m in metrics]
-        ax_loss.plot(epochs, [m["loss"] for m in metrics], label=_tex_safe(label), **style)
+        trained = [m for m in metrics if m["epoch"] != BASELINE_EPOCH]
+        ax_loss.plot([m["epoch"] for m in trained], [m["loss"] for m in trained], label=_tex_safe(label), **style)
         val = [(m["epoch"], 100 * m["val_map"]) for m in metrics if m.get("val_map") is not None]
         has_map |= bool(val)
         ax_map.plot([e for e, _ in val], [v for _, v in val], **style)
-        ax_lr.plot(epochs, [m["lr"] for m in metrics], **style)
+        ax_lr.plot([m["epoch"] for m in trained], [m["lr"] for m in trained], **style)
     ax_loss.set_title("training loss")
-    ax_map.set_title("val mAP (%)")
+    ax_map.set_title("val mAP (%); epoch -1: before training")
     ax_lr.set_title("learning rate")
     ax_lr.set_yscale("log")
     if not has_map:

@@ -83,7 +83,8 @@ def test_the_command_line_passes_only_what_was_given_and_the_file_records_it(sma
     """`mine` with two options: the pair file records those two and the class's defaults
     for the rest, as attributes and in its parameters."""
     out = tmp_path / "pairs.h5"
-    r = invoke("mine", small_world / "sfm.h5", "-o", out, "-k", 9, "--val-clusters", "scene_00/sparse/0,scene_01/sparse/0")
+    r = invoke("mine", small_world / "sfm.h5", "-o", out, "-k", 9,
+               "--val-clusters", "scene_00/sparse/0,scene_01/sparse/0")
     assert r.exit_code == 0, r.output
     with h5py.File(out) as f:
         parameters = json.loads(f.attrs["parameters"])
@@ -101,10 +102,9 @@ def test_comma_separated_settings_are_checked_by_the_command_line(tmp_path):
 
 
 def test_the_evaluation_report_and_the_run_record_their_settings(small_world, tmp_path):
+    from conftest import SMALL
     from sfmpairs.retrieval.evaluate import evaluate
     from sfmpairs.train.train import train
-
-    from conftest import SMALL
 
     run = tmp_path / "run"
     train(small_world / "pairs.h5", small_world / "photos", run, **{**SMALL, "epochs": 1, "margin": None})

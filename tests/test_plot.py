@@ -79,6 +79,22 @@ def test_read_metrics_bad_lines_name_the_file_and_line(tmp_path, content, proble
     assert "\n" not in str(e.value)
 
 
+def test_the_line_before_training_has_a_val_map_only(tmp_path):
+    """Epoch -1 (the network before training): on the mAP panel, not on loss or lr."""
+    (tmp_path / "metrics.jsonl").write_text(
+        '{"epoch": -1, "loss": null, "val_map": 0.4, "lr": null}\n'
+        '{"epoch": 0, "loss": 0.9, "val_map": 0.6, "lr": 1e-4}\n')
+    metrics = read_metrics(tmp_path)
+    loss, val, lr = run_figure({"r": metrics}).axes
+    np.testing.assert_array_equal(val.get_lines()[0].get_xdata(), [-1, 0])
+    np.testing.assert_allclose(val.get_lines()[0].get_ydata(), [40, 60])
+    np.testing.assert_array_equal(loss.get_lines()[0].get_xdata(), [0])
+    np.testing.assert_array_equal(lr.get_lines()[0].get_xdata(), [0])
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": -2, "loss": null, "val_map": 0.4, "lr": null}\n')
+    with pytest.raises(SfmpairsError, match="epoch must be an integer >= -1"):
+        read_metrics(tmp_path)
+
+
 def test_read_metrics_missing_folder_or_file(tmp_path):
     with pytest.raises(SfmpairsError, match=f"^{tmp_path / 'nowhere'}: run folder not found$"):
         read_metrics(tmp_path / "nowhere")
@@ -92,7 +108,8 @@ def test_read_metrics_missing_folder_or_file(tmp_path):
 def test_run_figure_draws_the_numbers(tmp_path):
     fig = run_figure({"run a": RUN_A, "run b": RUN_B})
     loss, val, lr = fig.axes
-    assert [ax.get_title() for ax in fig.axes] == ["training loss", "val mAP (%)", "learning rate"]
+    assert [ax.get_title() for ax in fig.axes] == ["training loss", "val mAP (%); epoch -1: before training",
+                                                   "learning rate"]
     # one line a run on every panel, in the order given
     assert [len(ax.get_lines()) for ax in fig.axes] == [2, 2, 2]
     np.testing.assert_array_equal(loss.get_lines()[0].get_xdata(), [0, 1, 2])

@@ -142,9 +142,10 @@ def test_run_folder_and_resume_reproduces_an_uninterrupted_run(small_world, tmp_
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         torch.testing.assert_close(x, y, rtol=0, atol=0, msg=name)
     lines = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
-    assert [m["epoch"] for m in lines] == [0, 1, 2]
-    assert {"loss", "positive_distance", "negative_distance", "val_map", "lr", "seconds"} <= set(lines[0])
-    assert lines[1]["lr"] == pytest.approx(lines[0]["lr"] * np.exp(-0.1))
+    assert [m["epoch"] for m in lines] == [-1, 0, 1, 2]  # -1: the val mAP before training
+    assert lines[0]["loss"] is None and 0 <= lines[0]["val_map"] <= 1
+    assert {"loss", "positive_distance", "negative_distance", "val_map", "lr", "seconds"} <= set(lines[1])
+    assert lines[2]["lr"] == pytest.approx(lines[1]["lr"] * np.exp(-0.1))
     config = json.loads((tmp_path / "full" / "config.json").read_text())
     assert config["margin"] == 0.85 and config["arch"] == "resnet18"
     assert (tmp_path / "full" / "best.pt").exists()
@@ -214,7 +215,7 @@ def test_end_to_end_on_real_photos(tmp_path):
     assert 0 < report["mAP"] <= 1 and report["queries"] > 0
     assert f"{100 * report['mAP']:.2f}" in r.stdout  # the printed table
     metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert len(metrics) == 2 and all(np.isfinite(m["loss"]) for m in metrics)
+    assert [m["epoch"] for m in metrics] == [-1, 0, 1] and all(np.isfinite(m["loss"]) for m in metrics[1:])
 
 
 def test_training_keeps_batch_norm_statistics_frozen(small_world):

@@ -184,8 +184,8 @@ def test_resume_applies_new_epochs_and_lr_records_them_and_refuses_other_changes
     config = json.loads((run / "config.json").read_text())
     assert (config["epochs"], config["lr"]) == (3, 5e-5)
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [m["epoch"] for m in lines] == [0, 1, 2]
-    assert [m["lr"] for m in lines] == pytest.approx([1e-4, 5e-5 * math.exp(-0.1), 5e-5 * math.exp(-0.2)])
+    assert [m["epoch"] for m in lines] == [-1, 0, 1, 2]
+    assert [m["lr"] for m in lines[1:]] == pytest.approx([1e-4, 5e-5 * math.exp(-0.1), 5e-5 * math.exp(-0.2)])
     groups = torch.load(run / "last.pt", weights_only=False)["train"]["optimizer"]["param_groups"]
     assert groups[1]["lr"] == pytest.approx(10 * groups[0]["lr"])  # GeM p: ten times the rate
     assert groups[0]["lr"] == pytest.approx(5e-5 * math.exp(-0.3))  # after epoch 2's decay
@@ -234,9 +234,14 @@ def test_train_logs_a_start_line_a_line_per_epoch_and_a_closing_line(small_world
     epochs = [x for x in lines if re.fullmatch(r"epoch [01]/1: loss \d+\.\d{4}, val mAP \d+\.\d\d, \d+\.\d s", x)]
     assert len(epochs) == 2
     best = max(json.loads(x)["val_map"] for x in (run / "metrics.jsonl").read_text().splitlines())
+    best_epoch = load_checkpoint(run / "best.pt")[1]["epoch"]
+    when = "before training: no epoch did better" if best_epoch == -1 else f"at epoch {best_epoch}"
     assert [x for x in lines if x.startswith("done:")] == [
-        f"done: best val mAP {100 * best:.2f} at epoch {load_checkpoint(run / 'best.pt')[1]['epoch']} -> "
-        f"{run / 'best.pt'} (last epoch: {run / 'last.pt'})"]
+        f"done: best val mAP {100 * best:.2f} {when} -> {run / 'best.pt'} (last epoch: {run / 'last.pt'})"]
+    baseline = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert baseline["epoch"] == -1
+    assert [x for x in lines if x.startswith("before training:")] == [
+        f"before training: val mAP {100 * baseline['val_map']:.2f}"]
     val_queries = len(_read_pairs(small_world / "pairs.h5")["val/query"])
     assert f"3 hard negatives, {val_queries} val queries" in start[0]
     quiet = cli("-q", "train", "--pairs", small_world / "pairs.h5", "--images-root", small_world / "photos", "-o",
@@ -510,7 +515,7 @@ def test_a_stop_around_the_checkpoint_leaves_one_metrics_line_per_epoch(small_wo
     monkeypatch.undo()
     train(None, None, tmp_path / "run", resume=True)
     epochs = [json.loads(x)["epoch"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert epochs == [0, 1, 2]
+    assert epochs == [-1, 0, 1, 2]
 
 
 def test_descriptors_that_are_not_finite_stop_training_with_the_cause(small_world, tmp_path):
@@ -520,7 +525,7 @@ def test_descriptors_that_are_not_finite_stop_training_with_the_cause(small_worl
         net.features[0].weight[0, 0, 0, 0] = float("nan")
     save_checkpoint(tmp_path / "nan.pt", net)
     options = {k: v for k, v in ONE_EPOCH.items() if k != "arch"}
-    with pytest.raises(SfmpairsError, match=r"^epoch 0: \d+ of \d+ descriptors are not finite \(first: .*\) "
+    with pytest.raises(SfmpairsError, match=r"^before training: \d+ of \d+ descriptors are not finite \(first: .*\) "
                                             r"in float32; the network's weights hold NaN or infinity "
                                             r"\(none written yet\)$"):
         train(small_world / "pairs.h5", small_world / "photos", tmp_path / "r", weights=tmp_path / "nan.pt", **options)

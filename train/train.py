@@ -23,6 +23,7 @@ extract`` reads.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -39,6 +40,7 @@ from sfmpairs.common import SfmpairsError, file_sha256, progress
 from sfmpairs.config import conf_dict, given, make_conf
 from sfmpairs.mining.mine import pool_similarity, positive_slots
 from sfmpairs.mining.negatives import hard_negatives
+from sfmpairs.plot import BASELINE_EPOCH as BEFORE_TRAINING
 from sfmpairs.plot import plot_run
 from sfmpairs.retrieval.data import load_image
 from sfmpairs.retrieval.extract import NonFiniteDescriptors, extract_descriptors, resolve_device
@@ -318,9 +320,8 @@ def _new_run(pairs, images_root, run_dir: Path, overwrite: bool, options: dict) 
     if not Path(pairs).is_file():
         raise SfmpairsError(f"{pairs}: not a readable pair file")
     conf = make_conf(TrainConf, **options)
-    started = [n for n in ("last.pt", "metrics.jsonl", "best.pt") if (run_dir / n).exists()]
-    if started and not overwrite:
-        raise SfmpairsError(f"{run_dir}: run folder exists (with {', '.join(started)}); pass --overwrite "
+    if (run_dir / "last.pt").exists() and not overwrite:  # an epoch finished: a run to keep
+        raise SfmpairsError(f"{run_dir}: run folder exists (with last.pt); pass --overwrite "
                             f"to start afresh, or --resume {run_dir} to continue it")
     if run_dir.exists() and not run_dir.is_dir():
         raise SfmpairsError(f"{run_dir}: not a folder")
@@ -440,6 +441,20 @@ def _tensorboard(run_dir: Path):
         return None
 
 
+@contextlib.contextmanager
+def _stopped_with_the_cause(when: str, kept: str):
+    """Failures a user can act on become :class:`SfmpairsError` naming when, what to do
+    and which checkpoint is kept."""
+    try:
+        yield
+    except NonFiniteDescriptors as e:
+        fix = ("the network's activations overflow mixed precision: train with --no-amp" if e.reduced
+               else "the network's weights hold NaN or infinity")
+        raise SfmpairsError(f"{when}: {str(e).split(';')[0]}; {fix} ({kept})") from None
+    except SfmpairsError as e:
+        raise SfmpairsError(f"{e} ({kept})") from None
+
+
 def _run_epoch(epoch: int, net, data: dict, val, conf: TrainConf, tools: tuple, rng, device, cache, root: Path,
                kept: str) -> dict:
     """One epoch of the paper's loop: re-mine the tuples with the current network, train
@@ -448,17 +463,11 @@ def _run_epoch(epoch: int, net, data: dict, val, conf: TrainConf, tools: tuple, 
     optimizer, scheduler, scaler = tools
     t0 = time.perf_counter()
     lr = optimizer.param_groups[0]["lr"]
-    try:
+    with _stopped_with_the_cause(f"epoch {epoch}", kept):
         tuples, stats = mine_epoch(net, data, conf, rng, device, root)
         logger.debug("epoch %d: %d tuples mined in %.1f s", epoch, len(tuples), time.perf_counter() - t0)
         loss = train_epoch(net, tuples, data["names"], conf, optimizer, scaler, device, cache, epoch)
         val_map = validate(net, val, conf, device, root)
-    except NonFiniteDescriptors as e:
-        fix = ("the network's activations overflow mixed precision: train with --no-amp" if e.reduced
-               else "the network's weights hold NaN or infinity")
-        raise SfmpairsError(f"epoch {epoch}: {str(e).split(';')[0]}; {fix} ({kept})") from None
-    except SfmpairsError as e:
-        raise SfmpairsError(f"{e} ({kept})") from None
     scheduler.step()
     return {"epoch": epoch, "loss": loss, **stats, "val_map": val_map, "lr": lr,
             "seconds": time.perf_counter() - t0}
@@ -480,6 +489,21 @@ def _record_epoch(run_dir: Path, net, metrics: dict, training_state: dict, write
         plot_run(run_dir)  # metrics.png: loss, val mAP and learning rate so far
     except (SfmpairsError, OSError) as e:  # a picture never stops a run
         logger.warning("%s (no metrics.png this epoch)", e)
+
+
+def _validate_before_training(net, val, conf: TrainConf, device, root: Path, run_dir: Path) -> tuple[float, int]:
+    """The val mAP of the network before training, as epoch -1 of ``metrics.jsonl``;
+    ``best.pt`` holds these weights until an epoch does better (so that a run that does
+    not help on the val split never leaves a worse ``best.pt`` than it started from)."""
+    t0 = time.perf_counter()
+    with _stopped_with_the_cause("before training", "none written yet"):
+        val_map = validate(net, val, conf, device, root)
+    with open(run_dir / "metrics.jsonl", "a") as fh:
+        fh.write(json.dumps({"epoch": BEFORE_TRAINING, "loss": None, "val_map": val_map, "lr": None,
+                             "seconds": time.perf_counter() - t0}) + "\n")
+    save_checkpoint(run_dir / "best.pt", net, epoch=BEFORE_TRAINING, val_map=val_map)
+    logger.info("before training: val mAP %.2f", 100 * val_map)
+    return val_map, BEFORE_TRAINING
 
 
 def _log_start(conf: TrainConf, data: dict, val, start: int, device, run_dir: Path) -> None:
@@ -541,6 +565,8 @@ def train(pairs: str | Path | None, images_root: str | Path | None, run_dir: str
     tools = _training_tools(net, conf, device, state, rng, start)
     writer, cache = _tensorboard(run_dir), ImageCache(root, conf.image_size, int(conf.cache_mb) << 20)
     _log_start(conf, data, val, start, device, run_dir)
+    if state is None and val is not None:  # where training starts from: the baseline of the plot and of best.pt
+        best, best_epoch = _validate_before_training(net, val, conf, device, root, run_dir)
     metrics = {}
     for epoch in range(start, conf.epochs):
         kept = last if last.exists() else "none written yet"
@@ -556,8 +582,8 @@ def train(pairs: str | Path | None, images_root: str | Path | None, run_dir: str
         if on_epoch_end is not None:
             on_epoch_end(epoch, metrics)
     if best is not None:
-        logger.info("done: best val mAP %.2f at epoch %d -> %s (last epoch: %s)", 100 * best,
-                    best_epoch, run_dir / "best.pt", last)
+        when = "before training: no epoch did better" if best_epoch == BEFORE_TRAINING else f"at epoch {best_epoch}"
+        logger.info("done: best val mAP %.2f %s -> %s (last epoch: %s)", 100 * best, when, run_dir / "best.pt", last)
     else:
         logger.info("done: %d epochs, no validation -> %s", conf.epochs, last)
     return metrics
