@@ -65,3 +65,17 @@ def hard_negatives(query_desc: np.ndarray, query_cluster: np.ndarray,
         index[q0:q1, :k] = np.where(ok, by_cluster[col], -1)
         similarity[q0:q1, :k] = np.where(ok, top_sim, -np.inf)
     return index, similarity
+
+
+def random_negatives(query_cluster: np.ndarray, pool_cluster: np.ndarray, num: int, rng) -> np.ndarray:
+    """The control of :func:`hard_negatives`: for each query, ``num`` pool images of
+    other clusters drawn at random, at most one per cluster. Returns (Q, num) indices
+    into the pool, -1 where fewer than ``num`` other clusters exist."""
+    query_cluster, pool_cluster = np.asarray(query_cluster), np.asarray(pool_cluster)
+    index = np.full((len(query_cluster), num), -1, np.int64)
+    for i, c in enumerate(query_cluster):  # queries per epoch: thousands at most
+        order = rng.permutation(np.flatnonzero(pool_cluster != c))
+        _, first = np.unique(pool_cluster[order], return_index=True)  # each cluster's first image in the order
+        chosen = order[np.sort(first)][:num]  # the clusters, too, in a random order
+        index[i, :len(chosen)] = chosen
+    return index

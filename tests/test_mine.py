@@ -401,3 +401,20 @@ def test_formats_doc_lists_every_pair_dataset(world, tmp_path):
         if key != "attrs":
             name = key.replace("train/", "{split}/").replace("val/", "{split}/")
             assert f"`{name}`" in doc or f"`{key}`" in doc, key  # val/gt_*: the val split only
+
+
+def test_random_negatives_are_one_per_other_cluster_and_cover_every_choice():
+    """The control of hard negatives: never the query's cluster, never two from one
+    cluster, -1 once the other clusters run out; over many draws every other cluster
+    and every image of it turns up (a brute-force count)."""
+    from sfmpairs.mining.negatives import random_negatives
+
+    pool_cluster = np.array([0, 0, 1, 1, 1, 2, 3, 3])
+    rng = np.random.default_rng(0)
+    idx = random_negatives(np.array([1] * 400 + [0]), pool_cluster, 4, rng)
+    assert (idx[:400, 3] == -1).all() and (idx[:400, :3] >= 0).all()  # three other clusters
+    chosen = pool_cluster[idx[:400, :3]]
+    assert (chosen != 1).all() and all(len(set(r)) == 3 for r in chosen.tolist())
+    assert set(idx[:400, :3].ravel()) == {0, 1, 5, 6, 7}  # every image of the other clusters
+    firsts = np.bincount(chosen[:, 0], minlength=4)
+    assert min(firsts[[0, 2, 3]]) > 80  # the first negative's cluster is random, not always the lowest

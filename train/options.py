@@ -16,6 +16,7 @@ MARGINS = {"alexnet": 0.7, "vgg16": 0.75}  # the contrastive margin by architect
 DEFAULT_MARGIN = 0.85  # resnets and the rest
 LOSSES = ("contrastive", "triplet")
 OPTIMIZERS = ("adam", "sgd")
+NEGATIVE_MINING = ("hard", "random")
 # what --resume may change; everything else is the run's own
 RESUME_OPTIONS = ("epochs", "lr", "device", "workers")
 NETWORK_KEYS = ("arch", "pool", "p", "whitening")
@@ -42,6 +43,9 @@ class TrainConf(DeviceConf):
     query_size: int = setting(2000, "Training queries per epoch.")
     pool_size: int = setting(20000, "Images in the negative pool per epoch.")
     neg_num: int = setting(5, "Hard negatives per tuple, one per other cluster.")
+    negative_mining: str = setting("hard", "hard: the most similar images of other clusters, re-mined every epoch "
+                                   "with the current network (the paper); random: drawn at random (a control).",
+                                   choices=NEGATIVE_MINING)
     batch_size: int = setting(5, "Tuples per batch.")
     image_size: int = setting(362, "Longer side of the images in training and mining.")
     test_image_size: int = setting(1024, "Longer side in validation, recorded for extract and evaluate.")
@@ -65,6 +69,8 @@ class TrainConf(DeviceConf):
         """Refuse settings outside their range, naming the option."""
         if self.loss not in LOSSES:
             raise SfmpairsError(f"unknown loss {self.loss!r} ({' or '.join(LOSSES)})")
+        if self.negative_mining not in NEGATIVE_MINING:
+            raise SfmpairsError(f"unknown negative mining {self.negative_mining!r} ({' or '.join(NEGATIVE_MINING)})")
         if self.optimizer not in OPTIMIZERS:
             raise SfmpairsError(f"unknown optimizer {self.optimizer!r} ({' or '.join(OPTIMIZERS)})")
         for key in ("epochs", "query_size", "pool_size", "batch_size", "image_size", "test_image_size", "neg_num"):

@@ -39,7 +39,7 @@ import torch
 from sfmpairs.common import SfmpairsError, file_sha256, progress
 from sfmpairs.config import conf_dict, given, make_conf
 from sfmpairs.mining.mine import pool_similarity, positive_slots
-from sfmpairs.mining.negatives import hard_negatives
+from sfmpairs.mining.negatives import hard_negatives, random_negatives
 from sfmpairs.plot import BASELINE_EPOCH as BEFORE_TRAINING
 from sfmpairs.plot import plot_run
 from sfmpairs.retrieval.data import load_image
@@ -174,8 +174,10 @@ def mine_epoch(net, pairs: dict, conf: TrainConf, rng, device, root: Path):
     keep = ok[row(queries)] & ok[row(positives)]
     queries, positives = queries[keep], positives[keep]
     qd = desc[row(queries)]
-    idx, _ = hard_negatives(qd, pairs["cluster"][queries], desc[row(pool)], pairs["cluster"][pool],
-                            conf.neg_num)
+    if conf.negative_mining == "hard":
+        idx, _ = hard_negatives(qd, pairs["cluster"][queries], desc[row(pool)], pairs["cluster"][pool], conf.neg_num)
+    else:
+        idx = random_negatives(pairs["cluster"][queries], pairs["cluster"][pool], conf.neg_num, rng)
     negatives = np.where(idx >= 0, pool[np.maximum(idx, 0)], -1)
     pd = desc[row(positives)]
     nd = np.where(idx[..., None] >= 0, desc[row(np.maximum(negatives, 0))], np.nan)
