@@ -13,7 +13,8 @@ import numpy as np
 
 from sfmpairs.common import SfmpairsError
 
-from .model import Model, build_observations, check_pose_quaternions, compose_poses
+from .checks import check_pose_quaternions
+from .model import Model, build_observations, compose_poses
 
 
 def _xyzw_to_wxyz(q) -> np.ndarray:

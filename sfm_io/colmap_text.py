@@ -15,14 +15,12 @@ import numpy as np
 
 from sfmpairs.common import SfmpairsError
 
+from .checks import check_finite, check_pose_quaternions, check_unique
 from .model import (
     Model,
     build_observations,
     camera_model_ids,
     camera_models,
-    check_finite,
-    check_pose_quaternions,
-    check_unique,
     frame_table,
     poses_from_frames,
 )
