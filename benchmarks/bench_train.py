@@ -6,7 +6,7 @@ On the real photos in ``$SFMPAIRS_DATA/colmap`` (ingested and mined here), resne
 image size 362, the same tuples for both (mined once with the same network).
 Target (issue 5): at least 2x faster on CPU. On CUDA it prints tuples per second.
 
-    python benchmarks/bench_train.py [--device cpu|cuda] [--queries 60] [--pool 120]
+    python benchmarks/bench_train.py [--device cpu|cuda] [--queries 60] [--pool 120] [--amp]
 """
 
 from __future__ import annotations
@@ -75,6 +75,7 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=60)
     ap.add_argument("--pool", type=int, default=120)
     ap.add_argument("--image-size", type=int, default=362)
+    ap.add_argument("--amp", action="store_true", help="CPU: bfloat16 where the CPU computes it natively")
     args = ap.parse_args()
     root = DATA / "colmap"
     if not root.is_dir():
@@ -86,7 +87,7 @@ def main() -> None:
              val_clusters=["drinks-can/sparse/0"])
         pairs = _read_pairs(Path(tmp) / "pairs.h5")
     conf = make_conf(TrainConf, query_size=args.queries, pool_size=args.pool, image_size=args.image_size,
-                     amp=device.type == "cuda", margin=0.85, lr=1e-6)
+                     amp=device.type == "cuda" or args.amp, margin=0.85, lr=1e-6)
     opts = conf_dict(conf)  # the reference reads a plain dict
     print(f"{len(pairs['train/query'])} train queries; epoch of {args.queries} queries, pool {args.pool}, "
           f"resnet18 at {args.image_size} px on {device}")

@@ -60,7 +60,7 @@ def test_the_help_shows_the_paper_defaults():
     help_text = " ".join(invoke("train", "--help").output.split())
     for expected in ("Training queries per epoch. [default: 2000]", "negative pool per epoch. [default: 20000]",
                      "[default: 0.7 alexnet, 0.75 vgg16, else 0.85]", "training and mining. [default: 362]",
-                     "Mixed precision. [default: on with CUDA]"):
+                     "[default: on with CUDA, off on the CPU]"):
         assert expected in help_text
     help_text = " ".join(invoke("extract", "--help").output.split())
     assert "e.g. 1,0.7071,0.5. [default: 1]" in help_text

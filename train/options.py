@@ -61,7 +61,8 @@ class TrainConf(DeviceConf):
     p_lr_factor: float = setting(10.0, "GeM's p learns this many times faster, without weight decay.")
     min_covisible: int = setting(1, "Validation: a positive shares at least this many 3D points with the query.")
     seed: int = setting(0, "Random seed.")
-    amp: bool | None = setting(None, "Mixed precision.", default_text="on with CUDA")
+    amp: bool | None = setting(None, "Mixed precision: float16 on CUDA; bfloat16 on a CPU that computes it "
+                               "natively.", default_text="on with CUDA, off on the CPU")
     skip_bad: bool = setting(False, "Skip missing or corrupt images.")
     cache_mb: int = setting(2048, "Memory for decoded training images, in MiB.")
 

@@ -38,12 +38,13 @@ import torch
 
 from sfmpairs.common import SfmpairsError, file_sha256, progress
 from sfmpairs.config import conf_dict, given, make_conf
+from sfmpairs.distributed import ONE, Ranks, join, leave, rank_device
 from sfmpairs.mining.mine import pool_similarity, positive_slots
 from sfmpairs.mining.negatives import hard_negatives, random_negatives
 from sfmpairs.plot import BASELINE_EPOCH as BEFORE_TRAINING
 from sfmpairs.plot import plot_run
 from sfmpairs.retrieval.data import load_image
-from sfmpairs.retrieval.extract import NonFiniteDescriptors, extract_descriptors, resolve_device
+from sfmpairs.retrieval.extract import NonFiniteDescriptors, cpu_has_bf16, extract_across_ranks, resolve_device
 from sfmpairs.retrieval.network import build_network, load_checkpoint, read_checkpoint, save_checkpoint
 
 from .options import NETWORK_KEYS, RESUME_OPTIONS, TrainConf
@@ -139,7 +140,7 @@ def _freeze_batchnorm(net) -> None:
             m.eval()
 
 
-def mine_epoch(net, pairs: dict, conf: TrainConf, rng, device, root: Path):
+def mine_epoch(net, pairs: dict, conf: TrainConf, rng, device, root: Path, ranks: Ranks = ONE):
     """The tuples of one epoch: (query, positive, negatives...) image indices, and the
     mining statistics."""
     train_q = pairs["train/query"]
@@ -156,9 +157,9 @@ def mine_epoch(net, pairs: dict, conf: TrainConf, rng, device, root: Path):
         wanted = np.unique(np.concatenate([queries, positives, pool]))
     else:  # the candidates are described too: the positive is the nearest with this network
         wanted = np.unique(np.concatenate([queries, pool, rows[candidate]]))
-    desc, bad = extract_descriptors(net, root, list(pairs["names"][wanted]), image_size=conf.image_size,
-                                    device=device, workers=conf.workers, skip_bad=conf.skip_bad,
-                                    precision=extract_precision(device, conf), desc="mining")
+    desc, bad = extract_across_ranks(net, root, list(pairs["names"][wanted]), ranks, image_size=conf.image_size,
+                                     device=device, workers=conf.workers, skip_bad=conf.skip_bad,
+                                     precision=extract_precision(device, conf), desc="mining")
 
     def row(images):  # rows of desc: wanted is sorted
         return np.minimum(np.searchsorted(wanted, images), len(wanted) - 1)
@@ -199,47 +200,86 @@ def extract_precision(device, conf: TrainConf) -> str:
     return "auto" if amp else "fp32"
 
 
-def train_epoch(net, tuples, names, conf: TrainConf, optimizer, scaler, device, cache: ImageCache, epoch: int):
+class TupleForward(torch.nn.Module):
+    """The images of a batch, one stack per image size, through the network in one
+    forward call: the module DistributedDataParallel wraps. With batch normalisation
+    frozen, grouping images by size changes nothing but speed."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, stacks: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [self.net(self.net.normalise_input(x).contiguous(memory_format=torch.channels_last)).float()
+                for x in stacks]
+
+
+def _batch_descriptors(model, batch, names, cache: ImageCache, device):
+    """The descriptors of the images of a batch of tuples (rows: the images in ascending
+    order) and the tuples as rows of them."""
+    images = sorted({i for t in batch for i in t})
+    where = {img: k for k, img in enumerate(images)}
+    tensors = cache.get([names[i] for i in images])
+    groups: dict[tuple, list[int]] = {}
+    for k, t in enumerate(tensors):
+        groups.setdefault(tuple(t.shape), []).append(k)
+    parts = model([torch.stack([tensors[k] for k in ks]).to(device, non_blocking=True) for ks in groups.values()])
+    order = [k for ks in groups.values() for k in ks]
+    desc = torch.empty(len(images), parts[0].shape[1], device=device)
+    desc[torch.tensor(order, device=device)] = torch.cat(parts)
+    return desc, [[where[i] for i in t] for t in batch]
+
+
+def training_dtype(device, conf: TrainConf) -> torch.dtype | None:
+    """The reduced precision of training's forward pass, None for float32: float16 on
+    CUDA unless ``--no-amp``; on the CPU bfloat16 with ``--amp`` where the CPU computes
+    it natively (AVX512-BF16, AMX), else float32."""
+    if device.type == "cuda":
+        return torch.float16 if conf.amp is not False else None
+    return torch.bfloat16 if conf.amp and cpu_has_bf16() else None
+
+
+def train_epoch(net, tuples, names, conf: TrainConf, optimizer, scaler, device, cache: ImageCache, epoch: int,
+                model=None, ranks: Ranks = ONE):
     """One pass over the tuples (rows of image indices into ``names``); returns the mean
-    loss per tuple. Stops on NaN."""
+    loss per tuple. Stops on NaN.
+
+    ``model``: the forward module (:class:`TupleForward` of ``net``, wrapped in
+    DistributedDataParallel under torchrun). There each rank takes its share of every
+    batch of ``batch_size`` tuples and weighs its loss by the number of ranks: DDP
+    averages the gradients over the ranks, so a step is the one of the whole batch in one
+    process, and ``--batch-size`` and ``--lr`` mean the same with any number of ranks."""
+    model = TupleForward(net) if model is None else model
     net.train()
     _freeze_batchnorm(net)
-    amp = device.type == "cuda" and conf.amp is not False
+    dtype = training_dtype(device, conf)
     total, count = 0.0, 0
     bar = progress(range(0, len(tuples), conf.batch_size), desc=f"epoch {epoch}", unit="batch")
     for b in bar:
         batch = tuples[b:b + conf.batch_size]
-        images = sorted({i for t in batch for i in t})
-        where = {img: k for k, img in enumerate(images)}
-        tensors = cache.get([names[i] for i in images])
-        groups: dict[tuple, list[int]] = {}
-        for k, t in enumerate(tensors):
-            groups.setdefault(tuple(t.shape), []).append(k)
+        start, stop = ranks.share(len(batch))
+        share, weight = batch[start:stop], float(ranks.world_size)
+        if not share:  # fewer tuples than ranks: a forward and backward that count for nothing
+            share, weight = batch[:1], 0.0
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, enabled=amp):
-            parts, order = [], []
-            for ks in groups.values():
-                x = torch.stack([tensors[k] for k in ks]).to(device, non_blocking=True)
-                x = net.normalise_input(x).contiguous(memory_format=torch.channels_last)
-                parts.append(net(x).float())
-                order += ks
-            desc = torch.empty(len(images), parts[0].shape[1], device=device)
-            desc[torch.tensor(order, device=device)] = torch.cat(parts)
-            loss = tuple_loss(desc, [[where[i] for i in t] for t in batch], conf.loss, conf.margin)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            desc, rows = _batch_descriptors(model, share, names, cache, device)
+            loss = tuple_loss(desc, rows, conf.loss, conf.margin)
         if not torch.isfinite(loss):
             raise SfmpairsError(f"epoch {epoch}: the loss is {loss.item()}; training stopped, "
                                 f"the last good checkpoint is kept")
-        scaler.scale(loss).backward()
+        scaler.scale(loss * weight).backward()
         scaler.step(optimizer)
         scaler.update()
-        total += float(loss.detach())
-        count += len(batch)
+        total += float(loss.detach()) if weight else 0.0
+        count += len(share) if weight else 0
         if hasattr(bar, "set_postfix"):
-            bar.set_postfix(loss=f"{total / count:.4f}")
+            bar.set_postfix(loss=f"{total / max(count, 1):.4f}")
+    total, count = ranks.all_sum([total, count])
     return total / max(count, 1)
 
 
-def validate(net, val, conf: TrainConf, device, root: Path):
+def validate(net, val, conf: TrainConf, device, root: Path, ranks: Ranks = ONE):
     """mAP on the val split (the evaluation protocol, at the test image size), or None
     without val queries; ``val`` is :func:`~.evaluate.val_ground_truth`'s result."""
     from sfmpairs.retrieval.evaluate import mean_average_precision, rank
@@ -248,9 +288,9 @@ def validate(net, val, conf: TrainConf, device, root: Path):
         return None
     names, queries, database, pos, junk = val
     used = np.unique(np.concatenate([queries, database]))
-    desc, _ = extract_descriptors(net, root, list(names[used]), image_size=conf.test_image_size,
-                                  device=device, workers=conf.workers, skip_bad=conf.skip_bad,
-                                  precision=extract_precision(device, conf), desc="validation")
+    desc, _ = extract_across_ranks(net, root, list(names[used]), ranks, image_size=conf.test_image_size,
+                                   device=device, workers=conf.workers, skip_bad=conf.skip_bad,
+                                   precision=extract_precision(device, conf), desc="validation")
     desc = np.nan_to_num(desc)
     m, *_ = mean_average_precision(rank(desc[np.searchsorted(used, queries)], desc[np.searchsorted(used, database)]),
                                    pos, junk)
@@ -311,7 +351,8 @@ def _write_json(path: Path, value: dict) -> None:
 
 
 # ----------------------------------------------------------------------------- the run's configuration
-INPUT_KEYS = ("pairs", "images_root", "pairs_sha256")  # config.json: the run's inputs, beside TrainConf's fields
+# config.json: the run's inputs and its number of ranks, beside TrainConf's fields
+INPUT_KEYS = ("pairs", "images_root", "pairs_sha256", "world_size")
 
 
 def _new_run(pairs, images_root, run_dir: Path, overwrite: bool, options: dict) -> tuple[TrainConf, dict]:
@@ -390,7 +431,7 @@ def _set_lr(optimizer, scheduler, conf: TrainConf, epoch: int) -> None:
 
 
 # ----------------------------------------------------------------------------- the run
-def _start_network(conf: TrainConf, run_dir: Path, state: dict | None, device):
+def _start_network(conf: TrainConf, run_dir: Path, state: dict | None, device, main: bool = True):
     """The network to train (from ``last.pt`` when resuming, else from ``--weights``,
     ``--pretrained`` or random), the configuration with the network it holds, and where
     the run stands: ``(net, conf, start epoch, best val mAP, its epoch)``."""
@@ -400,7 +441,8 @@ def _start_network(conf: TrainConf, run_dir: Path, state: dict | None, device):
         best_epoch = state["train"].get("best_epoch")  # runs of sfmpairs 0.1: read from best.pt
         if best is not None and best_epoch is None:
             best_epoch = int(read_checkpoint(run_dir / "best.pt")["epoch"])
-        _keep_metrics_before(run_dir / "metrics.jsonl", start)
+        if main:
+            _keep_metrics_before(run_dir / "metrics.jsonl", start)
         return net, conf, start, best, best_epoch
     if conf.weights:
         net, _ = load_checkpoint(conf.weights, device)
@@ -411,9 +453,10 @@ def _start_network(conf: TrainConf, run_dir: Path, state: dict | None, device):
     conf = dataclasses.replace(conf, **{k: net.config[k] for k in NETWORK_KEYS},
                                pretrained=net.config.get("pretrained", False))
     conf = dataclasses.replace(conf, margin=conf.margin_for(conf.arch))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for stale in ("metrics.jsonl", "last.pt", "best.pt", "metrics.png"):
-        (run_dir / stale).unlink(missing_ok=True)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for stale in ("metrics.jsonl", "last.pt", "best.pt", "metrics.png"):
+            (run_dir / stale).unlink(missing_ok=True)
     return net, conf, 0, None, None
 
 
@@ -457,59 +500,114 @@ def _stopped_with_the_cause(when: str, kept: str):
         raise SfmpairsError(f"{e} ({kept})") from None
 
 
-def _run_epoch(epoch: int, net, data: dict, val, conf: TrainConf, tools: tuple, rng, device, cache, root: Path,
-               kept: str) -> dict:
+@dataclasses.dataclass
+class _Run:
+    """What a run's epochs work with: its folder and settings, the pair file's arrays, the
+    val ground truth, the photos, the network and its forward module (DDP under
+    torchrun), the optimizer, schedule and scaler, the generator that draws the tuples
+    (the same on every rank), the image cache, the ranks."""
+    dir: Path
+    conf: TrainConf
+    data: dict
+    val: tuple | None
+    root: Path
+    device: torch.device
+    ranks: Ranks
+    net: torch.nn.Module
+    model: torch.nn.Module
+    tools: tuple
+    rng: np.random.Generator
+    cache: ImageCache
+    writer: object = None
+    start: int = 0  # the first epoch to train
+    best: float | None = None
+    best_epoch: int | None = None
+
+
+def _forward_module(net, device, ranks: Ranks):
+    """:class:`TupleForward` of ``net``; under torchrun wrapped in
+    DistributedDataParallel (which starts every rank from rank 0's weights and averages
+    the gradients; batch statistics are frozen, so no buffers are broadcast)."""
+    model = TupleForward(net)
+    if not ranks.distributed:
+        return model
+    import warnings
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    # channels-last weights give gradients of other strides than DDP's flat buckets: a
+    # copy per step, not an error
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+    return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
+                                   broadcast_buffers=False)
+
+
+def _run_epoch(run: _Run, epoch: int, kept: str) -> dict:
     """One epoch of the paper's loop: re-mine the tuples with the current network, train
     on them, validate. Returns the epoch's metrics; the failures a user can act on become
     :class:`SfmpairsError` naming what to do and which checkpoint is kept."""
-    optimizer, scheduler, scaler = tools
+    optimizer, scheduler, scaler = run.tools
     t0 = time.perf_counter()
     lr = optimizer.param_groups[0]["lr"]
     with _stopped_with_the_cause(f"epoch {epoch}", kept):
-        tuples, stats = mine_epoch(net, data, conf, rng, device, root)
+        tuples, stats = mine_epoch(run.net, run.data, run.conf, run.rng, run.device, run.root, run.ranks)
         logger.debug("epoch %d: %d tuples mined in %.1f s", epoch, len(tuples), time.perf_counter() - t0)
-        loss = train_epoch(net, tuples, data["names"], conf, optimizer, scaler, device, cache, epoch)
-        val_map = validate(net, val, conf, device, root)
+        loss = train_epoch(run.net, tuples, run.data["names"], run.conf, optimizer, scaler, run.device, run.cache,
+                           epoch, run.model, run.ranks)
+        val_map = validate(run.net, run.val, run.conf, run.device, run.root, run.ranks)
     scheduler.step()
     return {"epoch": epoch, "loss": loss, **stats, "val_map": val_map, "lr": lr,
             "seconds": time.perf_counter() - t0}
 
 
-def _record_epoch(run_dir: Path, net, metrics: dict, training_state: dict, writer) -> None:
-    """Write what an epoch leaves: its metrics line, then ``last.pt`` with the training
-    state (a resume drops a metrics line newer than ``last.pt``), the tensorboard
-    scalars and the run's plot."""
-    with open(run_dir / "metrics.jsonl", "a") as fh:
+def _record_epoch(run: _Run, metrics: dict) -> None:
+    """Rank 0 writes what an epoch leaves: ``best.pt`` if it is the best so far, its
+    metrics line, then ``last.pt`` with the training state (a resume drops a metrics line
+    newer than ``last.pt``), the tensorboard scalars and the run's plot."""
+    epoch, val_map = metrics["epoch"], metrics["val_map"]
+    improved = val_map is not None and (run.best is None or val_map > run.best)
+    if improved:
+        run.best, run.best_epoch = val_map, epoch
+    if not run.ranks.main:
+        return
+    if improved:
+        save_checkpoint(run.dir / "best.pt", run.net, epoch=epoch, val_map=val_map)
+    with open(run.dir / "metrics.jsonl", "a") as fh:
         fh.write(json.dumps(metrics) + "\n")
-    save_checkpoint(run_dir / "last.pt", net, epoch=metrics["epoch"], val_map=metrics["val_map"],
-                    train=training_state)
-    if writer is not None:
+    optimizer, scheduler, scaler = run.tools
+    save_checkpoint(run.dir / "last.pt", run.net, epoch=epoch, val_map=val_map, train={
+        "epoch": epoch, "best_map": run.best, "best_epoch": run.best_epoch, "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": _rng_state(run.rng)})
+    if run.writer is not None:
         for key in ("loss", "val_map", "positive_distance", "negative_distance", "lr"):
             if metrics[key] is not None:
-                writer.add_scalar(key, metrics[key], metrics["epoch"])
+                run.writer.add_scalar(key, metrics[key], epoch)
     try:
-        plot_run(run_dir)  # metrics.png: loss, val mAP and learning rate so far
+        plot_run(run.dir)  # metrics.png: loss, val mAP and learning rate so far
     except (SfmpairsError, OSError) as e:  # a picture never stops a run
         logger.warning("%s (no metrics.png this epoch)", e)
 
 
-def _validate_before_training(net, val, conf: TrainConf, device, root: Path, run_dir: Path) -> tuple[float, int]:
+def _validate_before_training(run: _Run) -> None:
     """The val mAP of the network before training, as epoch -1 of ``metrics.jsonl``;
     ``best.pt`` holds these weights until an epoch does better (so that a run that does
     not help on the val split never leaves a worse ``best.pt`` than it started from)."""
     t0 = time.perf_counter()
     with _stopped_with_the_cause("before training", "none written yet"):
-        val_map = validate(net, val, conf, device, root)
-    with open(run_dir / "metrics.jsonl", "a") as fh:
-        fh.write(json.dumps({"epoch": BEFORE_TRAINING, "loss": None, "val_map": val_map, "lr": None,
-                             "seconds": time.perf_counter() - t0}) + "\n")
-    save_checkpoint(run_dir / "best.pt", net, epoch=BEFORE_TRAINING, val_map=val_map)
+        val_map = validate(run.net, run.val, run.conf, run.device, run.root, run.ranks)
+    run.best, run.best_epoch = val_map, BEFORE_TRAINING
+    if run.ranks.main:
+        with open(run.dir / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps({"epoch": BEFORE_TRAINING, "loss": None, "val_map": val_map, "lr": None,
+                                 "seconds": time.perf_counter() - t0}) + "\n")
+        save_checkpoint(run.dir / "best.pt", run.net, epoch=BEFORE_TRAINING, val_map=val_map)
     logger.info("before training: val mAP %.2f", 100 * val_map)
-    return val_map, BEFORE_TRAINING
 
 
-def _log_start(conf: TrainConf, data: dict, val, start: int, device, run_dir: Path) -> None:
+def _log_start(conf: TrainConf, data: dict, val, start: int, device, run_dir: Path, ranks: Ranks = ONE) -> None:
     amp = " (mixed precision)" if extract_precision(device, conf) != "fp32" else ""
+    if ranks.distributed:
+        amp += f", {ranks.world_size} ranks ({'NCCL' if device.type == 'cuda' else 'gloo'})"
     train_q = len(data["train/query"])
     logger.info("train %s + %s on %s%s: %d of %d train queries and a pool of %d images per epoch, %d hard "
                 "negatives, %d val queries, epochs %d-%d, at %d px (val at %d px) -> %s",
@@ -537,19 +635,32 @@ def train(pairs: str | Path | None, images_root: str | Path | None, run_dir: str
     ``epochs``, ``lr`` (the run's initial rate: epoch e then trains at lr
     exp(-lr_decay e)), ``device`` and ``workers`` may change. ``on_epoch_end(epoch,
     metrics)`` is called after each epoch's checkpoint is written. Returns the last
-    epoch's metrics.
+    epoch's metrics. Under ``torchrun`` every rank runs this, and rank 0 alone writes.
     """
-    from sfmpairs.mining.pairfile import read_pair_file
-
     run_dir, options = Path(run_dir), given(options)
     conf, inputs = (_resumed_run(run_dir, pairs, images_root, options) if resume
                     else _new_run(pairs, images_root, run_dir, overwrite, options))
     conf.check()
+    device = resolve_device(conf.device)
+    ranks, joined = join(device.type)
+    try:
+        if not ranks.main:  # one log, one set of progress bars: rank 0's
+            logging.getLogger("sfmpairs").setLevel(logging.WARNING)
+        run = _open_run(run_dir, conf, inputs, resume, rank_device(device, ranks), ranks)
+        return _epochs(run, on_epoch_end)
+    finally:
+        leave(joined)
+
+
+def _open_run(run_dir: Path, conf: TrainConf, inputs: dict, resume: bool, device, ranks: Ranks) -> _Run:
+    """Everything the epochs need, read and checked before any work: the pair file (read
+    once), the val ground truth, the training state when resuming, the network."""
+    from sfmpairs.mining.pairfile import read_pair_file
+
     pairs = Path(inputs["pairs"])
     contents = read_pair_file(pairs)  # once: the run's tuples, its val ground truth, its images root
     root = _images_root(inputs, pairs, contents)
     inputs["images_root"] = str(root)
-    device = resolve_device(conf.device)
     data = _read_pairs(pairs, contents)
     val = check_trainable(pairs, data, conf, contents)
     # the training state on the CPU: the random generators' states must stay there
@@ -558,36 +669,39 @@ def train(pairs: str | Path | None, images_root: str | Path | None, run_dir: str
     if state is not None and state["train"]["epoch"] + 1 >= conf.epochs:
         raise SfmpairsError(f"{run_dir}: the run is finished ({state['train']['epoch'] + 1} of "
                             f"{conf.epochs} epochs); pass --epochs N to train it longer")
-
-    torch.manual_seed(conf.seed)
+    torch.manual_seed(conf.seed + ranks.rank)  # the torch generator per rank; numpy's draws the tuples: one for all
     rng = np.random.default_rng(conf.seed)
-    net, conf, start, best, best_epoch = _start_network(conf, run_dir, state, device)
-    _write_json(run_dir / "config.json", {**conf_dict(conf), **inputs})
+    net, conf, start, best, best_epoch = _start_network(conf, run_dir, state, device, ranks.main)
+    if ranks.main:
+        _write_json(run_dir / "config.json", {**conf_dict(conf), **inputs, "world_size": ranks.world_size})
     net = net.to(device).to(memory_format=torch.channels_last)
-    tools = _training_tools(net, conf, device, state, rng, start)
-    writer, cache = _tensorboard(run_dir), ImageCache(root, conf.image_size, int(conf.cache_mb) << 20)
-    _log_start(conf, data, val, start, device, run_dir)
-    if state is None and val is not None:  # where training starts from: the baseline of the plot and of best.pt
-        best, best_epoch = _validate_before_training(net, val, conf, device, root, run_dir)
+    run = _Run(run_dir, conf, data, val, root, device, ranks, net, _forward_module(net, device, ranks),
+               _training_tools(net, conf, device, state, rng, start), rng,
+               ImageCache(root, conf.image_size, int(conf.cache_mb) << 20),
+               _tensorboard(run_dir) if ranks.main else None, start, best, best_epoch)
+    return run
+
+
+def _epochs(run: _Run, on_epoch_end) -> dict:
+    """The epochs from where the run stands to ``--epochs``; the last one's metrics."""
+    conf, last = run.conf, run.dir / "last.pt"
+    _log_start(conf, run.data, run.val, run.start, run.device, run.dir, run.ranks)
+    if run.start == 0 and run.val is not None:  # where training starts from: the baseline of the plot and best.pt
+        _validate_before_training(run)
     metrics = {}
-    for epoch in range(start, conf.epochs):
-        kept = last if last.exists() else "none written yet"
-        metrics = _run_epoch(epoch, net, data, val, conf, tools, rng, device, cache, root, kept)
-        if metrics["val_map"] is not None and (best is None or metrics["val_map"] > best):
-            best, best_epoch = metrics["val_map"], epoch
-            save_checkpoint(run_dir / "best.pt", net, epoch=epoch, val_map=best)
-        optimizer, scheduler, scaler = tools
-        _record_epoch(run_dir, net, metrics, {
-            "epoch": epoch, "best_map": best, "best_epoch": best_epoch, "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": _rng_state(rng)}, writer)
+    for epoch in range(run.start, conf.epochs):
+        metrics = _run_epoch(run, epoch, kept=str(last) if last.exists() else "none written yet")
+        _record_epoch(run, metrics)
         _log_epoch(conf, metrics)
         if on_epoch_end is not None:
             on_epoch_end(epoch, metrics)
-    if best is not None:
-        when = "before training: no epoch did better" if best_epoch == BEFORE_TRAINING else f"at epoch {best_epoch}"
-        logger.info("done: best val mAP %.2f %s -> %s (last epoch: %s)", 100 * best, when, run_dir / "best.pt", last)
-    else:
+    if run.best is None:
         logger.info("done: %d epochs, no validation -> %s", conf.epochs, last)
+    else:
+        when = ("before training: no epoch did better" if run.best_epoch == BEFORE_TRAINING
+                else f"at epoch {run.best_epoch}")
+        logger.info("done: best val mAP %.2f %s -> %s (last epoch: %s)", 100 * run.best, when, run.dir / "best.pt",
+                    last)
     return metrics
 
 
