@@ -47,18 +47,42 @@ def setting(default: Any, help: str, *, choices: typing.Sequence[str] | None = N
 
 def make_conf(cls: type, conf=None, **overrides):
     """An instance of the configuration class ``cls``: its defaults, updated by ``conf``
-    (an instance or a dict) and then by ``overrides``. An unknown name is an error."""
+    (an instance or a dict) and then by ``overrides`` (None: not given, the default).
+
+    Text is parsed where a setting is not text: a comma-separated tuple
+    (``scales="1,0.5"``), ``pretrained="imagenet"``; the command line passes its text so,
+    and a bad value is a one-line error naming the option. An unknown name is an error."""
     values = {}
     if conf is not None:
         values.update(dataclasses.asdict(conf) if dataclasses.is_dataclass(conf) else dict(conf))
-    values.update(overrides)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
+    values.update(given(overrides))
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise SfmpairsError(f"unknown option {unknown[0]!r} (known: {', '.join(sorted(names))})")
+        raise SfmpairsError(f"unknown option {unknown[0]!r} (known: {', '.join(sorted(fields))})")
     hints = typing.get_type_hints(cls)
-    values = {k: tuple(v) if _is_tuple(hints[k]) and isinstance(v, list) else v for k, v in values.items()}
+    for name, value in values.items():
+        if isinstance(value, str) and (parse := _parser(fields[name], hints[name])) is not None:
+            values[name] = parse(value)
+        elif isinstance(value, list) and _is_tuple(hints[name]):
+            values[name] = tuple(value)
     return cls(**values)
+
+
+def _parser(f, hint):
+    """How text becomes the setting's value: the field's own parser, or comma-separated
+    items for a tuple; None for text settings."""
+    parse = f.metadata.get("parse") or (_comma_separated(hint) if _base_type(hint) is tuple else None)
+    if parse is None:
+        return None
+    option = "--" + (f.metadata.get("name") or f.name).replace("_", "-")
+
+    def parse_option(text: str):
+        try:
+            return parse(text)
+        except SfmpairsError as e:
+            raise SfmpairsError(f"{option} {text!r}: {e}") from None
+    return parse_option
 
 
 def conf_dict(conf) -> dict:
@@ -138,15 +162,7 @@ def _click_option(f, hint):
         kwargs.update(is_flag=False, flag_value=meta["flag_value"])
     if meta["metavar"] is not None:
         kwargs["metavar"] = meta["metavar"]
-    parse = meta["parse"] or (_comma_separated(hint) if base is tuple else None)
-    if parse is not None:
-        def callback(ctx, param, value, parse=parse):
-            try:
-                return None if value is None else parse(value)
-            except SfmpairsError as e:
-                raise click.BadParameter(str(e)) from None
-        kwargs["callback"] = callback
-    return click.option(*decls, f.name, help=help_text, **kwargs)
+    return click.option(*decls, f.name, help=help_text, **kwargs)  # text is parsed by make_conf
 
 
 def _comma_separated(hint):
@@ -157,7 +173,10 @@ def _comma_separated(hint):
 
     def parse(text: str):
         try:
-            return tuple(item(s.strip()) for s in text.split(",") if s.strip())
+            values = tuple(item(s.strip()) for s in text.split(",") if s.strip())
         except ValueError:
-            raise SfmpairsError(f"{text!r}: give comma-separated values of type {item.__name__}") from None
+            raise SfmpairsError(f"give comma-separated values of type {item.__name__}") from None
+        if not values:
+            raise SfmpairsError("give at least one value")
+        return values
     return parse

@@ -18,6 +18,7 @@ What the stages do with the ranks:
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
@@ -26,10 +27,14 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Ranks:
-    """This process's place among the ranks of a run (one rank without torchrun)."""
+    """This process's place among the ranks of a run (one rank without torchrun).
+    ``launched``: started by torchrun, so in a process group (with DDP) even as its only
+    rank; ``local_world_size``: the ranks on this machine, which share its cores."""
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    launched: bool = False
+    local_world_size: int = 1
 
     @property
     def main(self) -> bool:
@@ -38,7 +43,7 @@ class Ranks:
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        return self.launched
 
     def share(self, n: int, rank: int | None = None) -> tuple[int, int]:
         """``[start, stop)`` of this rank's (or ``rank``'s) contiguous share of ``n``
@@ -74,10 +79,11 @@ ONE = Ranks()
 
 def environment_ranks() -> Ranks:
     """The ranks torchrun describes in the environment (one rank without it)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return ONE
-    return Ranks(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    env = os.environ
+    return Ranks(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", "0")), True,
+                 int(env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"])))
 
 
 def join(device_type: str) -> tuple[Ranks, bool]:
@@ -92,6 +98,8 @@ def join(device_type: str) -> tuple[Ranks, bool]:
     if dist.is_initialized():
         return ranks, False
     dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    if not ranks.main:  # one log and one set of progress bars: rank 0's
+        logging.getLogger("sfmpairs").setLevel(logging.WARNING)
     return ranks, True
 
 
@@ -106,8 +114,20 @@ def rank_device(device, ranks: Ranks):
     """Under torchrun on CUDA, each rank its own GPU (``cuda:LOCAL_RANK``)."""
     import torch
 
+    from sfmpairs.common import SfmpairsError
+
     device = torch.device(device)
-    if ranks.distributed and device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", ranks.local_rank)
+    if ranks.distributed and device.type == "cuda":
+        if device.index is not None and ranks.local_world_size > 1:
+            raise SfmpairsError(f"--device {device}: under torchrun each rank takes its own GPU (cuda:LOCAL_RANK); "
+                                f"give --device cuda (or auto)")
+        device = torch.device("cuda", ranks.local_rank if device.index is None else device.index)
         torch.cuda.set_device(device)
     return device
+
+
+def default_workers(ranks: Ranks | None = None) -> int:
+    """DataLoader workers by default: the machine's cores, less one, shared among the
+    ranks on it, at most 4."""
+    per_rank = (os.cpu_count() or 1) // (ranks or environment_ranks()).local_world_size
+    return max(0, min(4, per_rank - 1))

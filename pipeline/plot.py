@@ -158,7 +158,7 @@ def _png_metadata(schema: str, title: str, description: str, parameters: dict, i
     return {"Title": title, "Description": description, "Software": f"sfmpairs {__version__}", **attrs}
 
 
-def _check_png(output) -> Path:
+def check_png(output) -> Path:
     output = Path(output)
     if output.suffix.lower() != ".png":
         raise SfmpairsError(f"{output}: give a .png output")
@@ -177,7 +177,7 @@ def plot_runs(run_dirs, output: str | os.PathLike, labels: list[str] | None = No
     run_dirs = [Path(d) for d in run_dirs]
     if not run_dirs:
         raise SfmpairsError("plot: give at least one run folder")
-    output = check_output_path(_check_png(output), overwrite)
+    output = check_output_path(check_png(output), overwrite)
     if labels is None:
         labels = _run_labels(run_dirs)
     elif len(labels) != len(run_dirs):
@@ -366,7 +366,7 @@ def retrieval_figure(rows: list[dict], output: str | os.PathLike, overwrite: boo
     (1 + sets x k) x (thumb + 16) pixels wide and (thumb + 56) pixels high a query.
     Refuses to replace ``output`` unless ``overwrite``. Returns ``output``.
     """
-    output = check_output_path(_check_png(output), overwrite)
+    output = check_output_path(check_png(output), overwrite)
     fig = retrieval_grid(rows, thumb)
     titles = [res.get("title", "") for res in max((r["results"] for r in rows), key=len)]
     ks = sorted({len(res["top"]) for r in rows for res in r["results"]})
@@ -402,7 +402,7 @@ def retrieval_rows(reports: dict[str, dict], images_root: str | os.PathLike | No
     """The rows of :func:`retrieval_figure` from evaluation reports (title -> report) of
     the same val split: ``count`` queries with positives, evenly spread over the
     queries (not chosen by their results), each with the top ``k`` results of every
-    report, the query itself left out. Photos are looked up under ``images_root``
+    report. Photos are looked up under ``images_root``
     (default: the first report's)."""
     first = next(iter(reports.values()))
     root = Path(images_root or first.get("images_root") or ".")
@@ -415,7 +415,7 @@ def retrieval_rows(reports: dict[str, dict], images_root: str | os.PathLike | No
     for q in picks:
         results = []
         for title, report in reports.items():
-            top = [(root / name, name, label) for name, label in report["per_query_top"][q] if name != q][:k]
+            top = [(root / name, name, label) for name, label in report["per_query_top"][q]][:k]
             results.append({"title": title, "ap": report["per_query_ap"][q], "top": top})
         rows.append({"query": root / q, "query_name": q, "results": results})
     return rows
@@ -427,7 +427,7 @@ def compare_retrieval(report_files, output: str | os.PathLike, labels: list[str]
     """:func:`retrieval_figure` of evaluation reports side by side (e.g. before and after
     training): ``sfmpairs plot before.json after.json -o retrieval.png``."""
     report_files = [Path(f) for f in report_files]
-    check_output_path(_check_png(output), overwrite)
+    check_output_path(check_png(output), overwrite)
     labels = labels or [f.stem for f in report_files]
     if len(labels) != len(report_files) or len(set(labels)) != len(labels):
         raise SfmpairsError(f"plot: give one distinct label for each of the {len(report_files)} reports")

@@ -12,7 +12,6 @@ R-MAC pool), so batching never changes a descriptor.
 from __future__ import annotations
 
 import math
-import os
 from collections import defaultdict
 from pathlib import Path
 
@@ -132,7 +131,9 @@ def collate(items):
 
 
 def default_workers() -> int:
-    return max(0, min(4, (os.cpu_count() or 1) - 1))
+    from sfmpairs.distributed import default_workers as per_rank
+
+    return per_rank()
 
 
 def image_loader(root, names, image_size: int, batch_size: int = ExtractConf.batch_size, workers: int | None = None,

@@ -229,13 +229,16 @@ def describer(descriptors, net, device, conf: EvaluateConf, whitening):
     return describe
 
 
-def top_results(ranks: np.ndarray, positives: list, junk: list, k: int = TOP_K) -> list[list[tuple[int, str]]]:
-    """Each query's first ``k`` database indices with their ground truth: "positive",
+def top_results(ranks: np.ndarray, positives: list, junk: list, own: np.ndarray,
+                k: int = TOP_K) -> list[list[tuple[int, str]]]:
+    """Each query's first ``k`` database indices, the query itself (``own[i]``, its
+    index in the database, -1 if absent) left out, with their ground truth: "positive",
     "junk" or "negative"."""
     out = []
-    for row, pos, jk in zip(ranks[:, :k], positives, junk):
+    for row, pos, jk, me in zip(ranks[:, :k + 1], positives, junk, own):
         pos, jk = set(np.asarray(pos).tolist()), set(np.asarray(jk).tolist())
-        out.append([(int(i), "positive" if i in pos else "junk" if i in jk else "negative") for i in row])
+        out.append([(int(i), "positive" if i in pos else "junk" if i in jk else "negative")
+                    for i in row if i != me][:k])
     return out
 
 
@@ -265,7 +268,8 @@ def evaluate_val(pairs, store, images_root, describe, conf: EvaluateConf, extrac
                             f"{conf.min_covisible} 3D points with it); lower --min-covisible")
     if counted < FEW_QUERIES:
         logger.warning("the val split has %d queries with positives: its mAP is noisy", counted)
-    top = top_results(ranks, pos, junk)
+    own = np.searchsorted(database, queries)  # the database is sorted and holds the val queries
+    top = top_results(ranks, pos, junk, np.where(database[np.minimum(own, len(database) - 1)] == queries, own, -1))
     report = {"protocol": "pairs-val", "pairs": str(pairs), "positives": conf.positives,
               "min_covisible": conf.min_covisible, "queries": len(queries), "queries_with_positives": counted,
               "database": len(database), "mAP": m, "mP@k": mpr.tolist(),
@@ -323,14 +327,15 @@ def evaluate(output: str | Path, *, pairs=None, gnd=None, descriptors=None, mode
     queries and their top results, framed by ground truth. ``options``: the settings of
     :class:`~.options.EvaluateConf`.
     """
-    from sfmpairs.plot import retrieval_figure, retrieval_rows
+    from sfmpairs.plot import check_png, retrieval_figure, retrieval_rows
 
     conf = make_conf(EvaluateConf, **options)
+    conf.check()
     check_output_path(output, overwrite)  # before the work, not after it
     if picture is not None:
         if gnd is not None:
             raise SfmpairsError("--picture shows a pair file's val queries; not with --gnd")
-        check_output_path(picture, overwrite)
+        check_output_path(check_png(picture), overwrite)
     _check_sources(pairs, gnd, descriptors, model, arch, pool, pretrained, conf)
     net = dev = None
     if descriptors is None:

@@ -164,9 +164,17 @@ def extract_across_ranks(net: RetrievalNet, root, names, ranks: Ranks = ONE, **k
         return extract_descriptors(net, root, names, **kwargs)
     a, b = ranks.share(len(names))
     boxes = kwargs.pop("boxes", None)
-    desc, bad = extract_descriptors(net, root, names[a:b], boxes=None if boxes is None else boxes[a:b], **kwargs)
-    parts = ranks.gather((desc, {a + i: message for i, message in bad.items()}))
-    return np.concatenate([d for d, _ in parts]), {i: m for _, part in parts for i, m in part.items()}
+    try:
+        desc, bad = extract_descriptors(net, root, names[a:b], boxes=None if boxes is None else boxes[a:b], **kwargs)
+        part = (desc, {a + i: message for i, message in bad.items()}, None)
+    except SfmpairsError as e:  # every rank raises it, not only the one whose share held the problem
+        part = (None, None, (str(e), getattr(e, "reduced", None)))
+    parts = ranks.gather(part)
+    for _, _, error in parts:
+        if error is not None:
+            message, reduced = error
+            raise NonFiniteDescriptors(message, reduced) if reduced is not None else SfmpairsError(message)
+    return np.concatenate([d for d, _, _ in parts]), {i: m for _, part, _ in parts for i, m in part.items()}
 
 
 class NonFiniteDescriptors(SfmpairsError):
@@ -267,11 +275,10 @@ def extract(model: str | Path | None = None, output: str | Path | None = None, *
     :class:`~.options.ExtractConf`."""
     t0 = time.perf_counter()
     conf = make_conf(ExtractConf, **options)
+    conf.check()
     if output is None:
         raise SfmpairsError("give an output file (-o)")
     names, images_root = images_to_describe(store, images_root, image_list)
-    if any(s <= 0 for s in conf.scales):
-        raise SfmpairsError("--multiscale: scales must be positive")
     check_output_path(output, overwrite)  # before the work, not after it
     dev = resolve_device(conf.device)
     ranks, joined = join(dev.type)

@@ -20,9 +20,9 @@ def parse_scales(text: str) -> tuple[float, ...]:
     try:
         scales = tuple(float(s) for s in text.split(","))
     except ValueError:
-        raise SfmpairsError(f"--multiscale {text!r}: give comma-separated numbers, e.g. 1,0.7071,0.5") from None
+        raise SfmpairsError("give comma-separated numbers, e.g. 1,0.7071,0.5") from None
     if not scales or any(s <= 0 for s in scales):
-        raise SfmpairsError(f"--multiscale {text!r}: scales must be positive")
+        raise SfmpairsError("scales must be positive")
     return scales
 
 
@@ -43,6 +43,15 @@ class ExtractionConf(DeviceConf):
     precision: str = setting("auto", "Forward pass: auto = float16 on CUDA, bfloat16 on CPUs that compute it "
                              "natively, else float32; fp32 = exact.", choices=PRECISIONS)
     batch_size: int = setting(16, "Images per batch (of equal size).")
+
+    def check(self) -> None:
+        """Refuse settings outside their range, naming the option."""
+        for ok, message in ((self.batch_size >= 1, "--batch-size must be at least 1"),
+                            (self.workers is None or self.workers >= 0, "--workers must be 0 or more"),
+                            (self.image_size is None or self.image_size >= 1, "--image-size must be at least 1"),
+                            (all(s > 0 for s in self.scales), "--multiscale: scales must be positive")):
+            if not ok:
+                raise SfmpairsError(message)
 
 
 @dataclass(frozen=True)

@@ -84,7 +84,7 @@ def test_the_command_line_passes_only_what_was_given_and_the_file_records_it(sma
     for the rest, as attributes and in its parameters."""
     out = tmp_path / "pairs.h5"
     r = invoke("mine", small_world / "sfm.h5", "-o", out, "-k", 9,
-               "--val-clusters", "scene_00/sparse/0,scene_01/sparse/0")
+               "--val-clusters", "scene_00/sparse/0, scene_01/sparse/0")
     assert r.exit_code == 0, r.output
     with h5py.File(out) as f:
         parameters = json.loads(f.attrs["parameters"])
@@ -94,11 +94,24 @@ def test_the_command_line_passes_only_what_was_given_and_the_file_records_it(sma
     assert {k: parameters[k] for k in expected} == expected
 
 
-def test_comma_separated_settings_are_checked_by_the_command_line(tmp_path):
+def test_comma_separated_settings_are_checked_with_a_one_line_error(tmp_path, small_world):
     r = invoke("extract", "--arch", "resnet18", "--images-root", tmp_path, "--list", tmp_path / "l.txt",
                "-o", tmp_path / "d.h5", "--multiscale", "1,x")
-    assert r.exit_code == 2 and "--multiscale '1,x': give comma-separated numbers" in r.output
+    assert r.exit_code == 2 and r.output.strip() == "sfmpairs: error: --multiscale '1,x': give comma-separated " \
+                                                    "numbers, e.g. 1,0.7071,0.5"
     assert not (tmp_path / "d.h5").exists()
+    r = invoke("mine", small_world / "sfm.h5", "-o", tmp_path / "p.h5", "--val-clusters", " , ")
+    assert r.exit_code == 2 and r.output.strip() == "sfmpairs: error: --val-clusters ' , ': give at least one value"
+
+
+def test_a_value_equal_to_nothing_is_still_given(small_world, tmp_path):
+    """0 and off are values, not "not given": they reach the stage over its defaults."""
+    out = tmp_path / "pairs.h5"
+    assert invoke("mine", small_world / "sfm.h5", "-o", out, "--val-fraction", 0, "--seed", 0).exit_code == 0
+    with h5py.File(out) as f:
+        assert f.attrs["val_fraction"] == 0 and "val" not in f["clusters/split"].asstr()[()]
+    assert make_conf(TrainConf, amp=False).amp is False and make_conf(TrainConf, amp=None).amp is None
+    assert make_conf(MineConf, seed=None).seed == 0  # None: not given (the Python API's way too)
 
 
 def test_the_evaluation_report_and_the_run_record_their_settings(small_world, tmp_path):

@@ -148,3 +148,65 @@ def test_extract_under_torchrun_writes_one_file_equal_to_one_process(small_world
         assert list(a["names"].asstr()[()]) == list(b["names"].asstr()[()])
         np.testing.assert_allclose(a["descriptors"][()], b["descriptors"][()], rtol=0, atol=1e-6)
         assert json.loads(b.attrs["parameters"])["world_size"] == 2
+
+
+class SharedRanks(Ranks):
+    """Rank ``rank`` of ``world_size``, in one process: every other rank is taken to
+    send what this one sends (enough to see what this rank does with its share)."""
+
+    def gather(self, value):
+        return [value] * self.world_size
+
+
+def test_each_rank_forwards_only_its_share_of_a_batch(small_world):
+    """Rank 1 of 2, a batch of 3 tuples: its share is the third tuple alone, and with a
+    batch of 1 tuple it forwards a tuple that counts for nothing (its loss weighs 0)."""
+    from sfmpairs.config import make_conf
+    from sfmpairs.retrieval.network import build_network
+    from sfmpairs.train.options import TrainConf
+    from sfmpairs.train.train import ImageCache, TupleForward, _optimizer, _read_pairs, train_epoch
+
+    class Recording(TupleForward):
+        def forward(self, stacks):
+            self.seen.append(sum(len(x) for x in stacks))
+            return super().forward(stacks)
+
+    torch.manual_seed(0)
+    net = build_network({"arch": "resnet18", "image_size": 48})
+    pairs = _read_pairs(small_world / "pairs.h5")
+    q, p, images = pairs["train/query"], pairs["train/positive"], pairs["train/images"]
+    others = [[int(i) for i in images if pairs["cluster"][i] != pairs["cluster"][q[k]]][k:k + 2] for k in range(3)]
+    tuples = [[int(q[k]), int(p[k]), *others[k]] for k in range(3)]
+    conf = make_conf(TrainConf, arch="resnet18", image_size=48, batch_size=3, optimizer="sgd", lr=1e-3,
+                     margin=0.85, amp=False)
+    model = Recording(net)
+    model.seen = []
+    cache = ImageCache(small_world / "photos", 48, 1 << 26)
+    before = [x.detach().clone() for x in net.parameters()]
+    train_epoch(net, tuples, pairs["names"], conf, _optimizer(net, conf), torch.amp.GradScaler("cpu", enabled=False),
+                torch.device("cpu"), cache, 0, model, SharedRanks(1, 2, launched=True))
+    assert model.seen == [len(set(tuples[2]))]  # the third tuple's images, not the batch's
+    model.seen = []
+    before = [x.detach().clone() for x in net.parameters()]
+    train_epoch(net, tuples[:1], pairs["names"], conf, _optimizer(net, conf),
+                torch.amp.GradScaler("cpu", enabled=False), torch.device("cpu"), cache, 0, model,
+                SharedRanks(1, 2, launched=True))
+    assert model.seen == [len(set(tuples[0]))]  # a forward for DDP's sake...
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))  # ...that moves nothing
+
+
+def test_each_rank_extracts_only_its_share_and_every_rank_gets_every_descriptor(monkeypatch):
+    import sfmpairs.retrieval.extract as E
+
+    calls = []
+
+    def fake(net, root, names, **kwargs):
+        calls.append(list(names))
+        return np.arange(len(names), dtype=np.float32)[:, None] + 100 * len(calls), {0: f"{names[0]}: bad"}
+
+    monkeypatch.setattr(E, "extract_descriptors", fake)
+    names = [f"im{i}" for i in range(7)]
+    desc, bad = E.extract_across_ranks(None, "root", names, SharedRanks(1, 3, launched=True))
+    assert calls == [["im3", "im4"]]  # rank 1 of 3: items 3 and 4 of 7
+    assert desc.shape == (6, 1) and bad == {3: "im3: bad"}  # 3 ranks' shares (here all alike), in order
+

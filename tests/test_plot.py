@@ -426,8 +426,15 @@ def test_evaluate_picture_frames_each_result_by_the_pair_files_ground_truth(smal
         cluster = f["images/cluster"][()]
         q, indptr, gt = f["val/query"][()], f["val/gt_indptr"][()], f["val/gt_image"][()]
     index = {n: i for i, n in enumerate(names)}
+    d0 = np.random.default_rng(0).normal(size=(len(all_names), 16))  # the first report's descriptors, again,
+    d0 = (d0 / np.linalg.norm(d0, axis=1, keepdims=True)).astype(np.float32).astype(np.float64)  # as stored
+    val_images = np.flatnonzero(np.isin(cluster, cluster[q]))  # the val split: the clusters of its queries
     checked = 0
     for i, qi in enumerate(q):
+        # the order: by inner product, by brute force, the query itself left out
+        others = val_images[val_images != qi]
+        expected_top = names[others[np.argsort(-(d0[others] @ d0[qi]), kind="stable")[:10]]]
+        assert [n for n, _ in reports[0]["per_query_top"][names[qi]]] == list(expected_top)
         positives = set(names[gt[indptr[i]:indptr[i + 1]]])
         for name, label in reports[0]["per_query_top"][names[qi]]:
             expected = ("positive" if name in positives else "junk" if cluster[index[name]] == cluster[qi]

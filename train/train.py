@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -230,6 +231,13 @@ def _batch_descriptors(model, batch, names, cache: ImageCache, device):
     return desc, [[where[i] for i in t] for t in batch]
 
 
+def _finite_on_every_rank(loss: torch.Tensor, ranks: Ranks) -> bool:
+    """Whether the loss is finite here and, under torchrun, on every rank (so that all
+    stop together rather than some waiting for the others' gradients)."""
+    finite = bool(torch.isfinite(loss))
+    return all(ranks.gather(finite)) if ranks.distributed else finite
+
+
 def training_dtype(device, conf: TrainConf) -> torch.dtype | None:
     """The reduced precision of training's forward pass, None for float32: float16 on
     CUDA unless ``--no-amp``; on the CPU bfloat16 with ``--amp`` where the CPU computes
@@ -265,8 +273,9 @@ def train_epoch(net, tuples, names, conf: TrainConf, optimizer, scaler, device, 
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             desc, rows = _batch_descriptors(model, share, names, cache, device)
             loss = tuple_loss(desc, rows, conf.loss, conf.margin)
-        if not torch.isfinite(loss):
-            raise SfmpairsError(f"epoch {epoch}: the loss is {loss.item()}; training stopped, "
+        if not _finite_on_every_rank(loss, ranks):
+            raise SfmpairsError(f"epoch {epoch}: the loss is {loss.item()}"
+                                f"{' on a rank' if ranks.distributed else ''}; training stopped, "
                                 f"the last good checkpoint is kept")
         scaler.scale(loss * weight).backward()
         scaler.step(optimizer)
@@ -470,7 +479,8 @@ def _training_tools(net, conf: TrainConf, device, state: dict | None, rng, start
     if state is not None:
         optimizer.load_state_dict(state["train"]["optimizer"])
         scheduler.load_state_dict(state["train"]["scheduler"])
-        scaler.load_state_dict(state["train"]["scaler"])
+        if state["train"]["scaler"]:  # empty where it was off (a run on the CPU resumed on CUDA)
+            scaler.load_state_dict(state["train"]["scaler"])
         _set_rng_state(rng, state["train"]["rng"])
         if optimizer.param_groups[0]["initial_lr"] != conf.lr:  # --resume --lr
             _set_lr(optimizer, scheduler, conf, start)
@@ -528,6 +538,7 @@ def _forward_module(net, device, ranks: Ranks):
     """:class:`TupleForward` of ``net``; under torchrun wrapped in
     DistributedDataParallel (which starts every rank from rank 0's weights and averages
     the gradients; batch statistics are frozen, so no buffers are broadcast)."""
+    net.p.requires_grad_(net.config["pool"] == "gem")  # GeM's exponent, unused by the other poolings
     model = TupleForward(net)
     if not ranks.distributed:
         return model
@@ -542,6 +553,17 @@ def _forward_module(net, device, ranks: Ranks):
                                    broadcast_buffers=False)
 
 
+def _check_same_tuples(tuples: list, ranks: Ranks, epoch: int) -> None:
+    """Every rank mines the epoch's tuples from the same gathered descriptors with the
+    same generator; should they differ anyway (near-ties broken otherwise by another
+    machine's arithmetic), the ranks would train on different batches: refuse."""
+    if ranks.distributed:
+        digest = hashlib.sha256(json.dumps(tuples).encode()).hexdigest()
+        if len(set(ranks.gather(digest))) > 1:
+            raise SfmpairsError(f"epoch {epoch}: the ranks mined different tuples (different machines' arithmetic "
+                                f"broke a tie otherwise); run the ranks on machines of one kind")
+
+
 def _run_epoch(run: _Run, epoch: int, kept: str) -> dict:
     """One epoch of the paper's loop: re-mine the tuples with the current network, train
     on them, validate. Returns the epoch's metrics; the failures a user can act on become
@@ -551,6 +573,7 @@ def _run_epoch(run: _Run, epoch: int, kept: str) -> dict:
     lr = optimizer.param_groups[0]["lr"]
     with _stopped_with_the_cause(f"epoch {epoch}", kept):
         tuples, stats = mine_epoch(run.net, run.data, run.conf, run.rng, run.device, run.root, run.ranks)
+        _check_same_tuples(tuples, run.ranks, epoch)
         logger.debug("epoch %d: %d tuples mined in %.1f s", epoch, len(tuples), time.perf_counter() - t0)
         loss = train_epoch(run.net, tuples, run.data["names"], run.conf, optimizer, scaler, run.device, run.cache,
                            epoch, run.model, run.ranks)
@@ -584,7 +607,7 @@ def _record_epoch(run: _Run, metrics: dict) -> None:
                 run.writer.add_scalar(key, metrics[key], epoch)
     try:
         plot_run(run.dir)  # metrics.png: loss, val mAP and learning rate so far
-    except (SfmpairsError, OSError) as e:  # a picture never stops a run
+    except Exception as e:  # a picture never stops a run
         logger.warning("%s (no metrics.png this epoch)", e)
 
 
@@ -605,7 +628,8 @@ def _validate_before_training(run: _Run) -> None:
 
 
 def _log_start(conf: TrainConf, data: dict, val, start: int, device, run_dir: Path, ranks: Ranks = ONE) -> None:
-    amp = " (mixed precision)" if extract_precision(device, conf) != "fp32" else ""
+    dtype = training_dtype(device, conf)
+    amp = f" ({str(dtype).replace('torch.', '')})" if dtype is not None else ""
     if ranks.distributed:
         amp += f", {ranks.world_size} ranks ({'NCCL' if device.type == 'cuda' else 'gloo'})"
     train_q = len(data["train/query"])
@@ -644,8 +668,6 @@ def train(pairs: str | Path | None, images_root: str | Path | None, run_dir: str
     device = resolve_device(conf.device)
     ranks, joined = join(device.type)
     try:
-        if not ranks.main:  # one log, one set of progress bars: rank 0's
-            logging.getLogger("sfmpairs").setLevel(logging.WARNING)
         run = _open_run(run_dir, conf, inputs, resume, rank_device(device, ranks), ranks)
         return _epochs(run, on_epoch_end)
     finally:
@@ -669,8 +691,8 @@ def _open_run(run_dir: Path, conf: TrainConf, inputs: dict, resume: bool, device
     if state is not None and state["train"]["epoch"] + 1 >= conf.epochs:
         raise SfmpairsError(f"{run_dir}: the run is finished ({state['train']['epoch'] + 1} of "
                             f"{conf.epochs} epochs); pass --epochs N to train it longer")
-    torch.manual_seed(conf.seed + ranks.rank)  # the torch generator per rank; numpy's draws the tuples: one for all
-    rng = np.random.default_rng(conf.seed)
+    torch.manual_seed(conf.seed)  # on every rank: the network starts alike (DDP checks it) and
+    rng = np.random.default_rng(conf.seed)  # the tuples are drawn alike
     net, conf, start, best, best_epoch = _start_network(conf, run_dir, state, device, ranks.main)
     if ranks.main:
         _write_json(run_dir / "config.json", {**conf_dict(conf), **inputs, "world_size": ranks.world_size})
