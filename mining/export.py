@@ -3,32 +3,46 @@
 - ``cirtorch``: the training database of the authors' PyTorch code
   (cnnimageretrieval-pytorch): ``DIR/train/retrieval-SfM-120k/retrieval-SfM-120k.pkl``
   with ``train`` and ``val``, each holding ``cids``, ``cluster``, ``qidxs``, ``pidxs``,
-  and the photos under ``DIR/train/retrieval-SfM-120k/ims`` in its layout
-  (``ims/cid[-2:]/cid[-4:-2]/cid[-6:-4]/cid``), as links or copies. Its ``train.py``
-  accepts only that dataset name, and finds it under its data root (``data/`` in its
-  checkout): export there, or link ``data/train/retrieval-SfM-120k`` to the export.
-- ``hloc``: ``pairs.txt``, one ``name0 name1`` line per query-positive pair (all passing
-  pool pairs with ``all_passing``), image names relative to the images root, as hloc's
-  matching step reads them.
+  the learned-whitening file its ``test.py --whitening`` reads
+  (``retrieval-SfM-120k-whiten.pkl``: ``cids``, ``qidxs``, ``pidxs`` of the train
+  split's pairs), and the photos under ``DIR/train/retrieval-SfM-120k/ims`` in its
+  layout (``ims/cid[-2:]/cid[-4:-2]/cid[-6:-4]/cid``), as links or copies. Its
+  ``train.py`` accepts only that dataset name, and finds it under its data root
+  (``data/`` in its checkout): export there, or link ``data/train/retrieval-SfM-120k``
+  to the export.
+- ``hloc``: pairs files, one ``name0 name1`` line per query-positive pair (all passing
+  pool pairs with ``all_passing``), see :mod:`.export_hloc` for the names.
 - ``csv``: one row per (query, candidate) pair with every statistic.
+
+Every export gets its provenance beside it (``export.json`` in a folder,
+``<file>.provenance.json`` beside a file): the formats themselves have no room for it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
+import json
+import logging
 import os
 import pickle
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from ..common import SfmpairsError
+from ..common import SfmpairsError, atomic_output, provenance_attrs
+from .export_hloc import names_under, pair_indices, write_pairs, write_per_model
 from .pairfile import read_pair_file
+
+logger = logging.getLogger("sfmpairs.export")
 
 FORMATS = ("cirtorch", "hloc", "csv")
 CIRTORCH_NAME = "retrieval-SfM-120k"  # the one training set name cirtorch's train.py accepts
+EXPORT_SCHEMA = "sfmpairs/export"
+EXPORT_SCHEMA_VERSION = 1
 
 
 def cid_of(name: str) -> str:
@@ -41,53 +55,78 @@ def cid2filename(cid: str, prefix: Path) -> Path:
     return prefix / cid[-2:] / cid[-4:-2] / cid[-6:-4] / cid
 
 
-def export_cirtorch(p: dict, images_root: Path, output: Path, copy: bool = False) -> dict:
-    db_root = output / "train" / CIRTORCH_NAME
-    ims = db_root / "ims"
-    db = {}
-    linked = 0
-    for split in ("train", "val"):
-        s = p["splits"].get(split)
-        images = s["images"] if s is not None else np.zeros(0, np.int64)
-        position = {int(i): k for k, i in enumerate(images)}
-        cids = [cid_of(p["names"][i]) for i in images]
-        db[split] = {
-            "cids": cids,
-            "cluster": [int(p["cluster"][i]) for i in images],
-            "qidxs": [position[int(q)] for q in s["query"]] if s is not None else [],
-            "pidxs": [position[int(q)] for q in s["positive"]] if s is not None else [],
-        }
-        for i, cid in zip(images, cids):
-            src, dst = (images_root / p["names"][i]).resolve(), cid2filename(cid, ims)
-            if not src.is_file():
-                raise SfmpairsError(f"{src}: image not found (give --images-root)")
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            if dst.exists() or dst.is_symlink():
-                dst.unlink()
-            (shutil.copyfile if copy else os.symlink)(src, dst)
-            linked += 1
-    with open(db_root / f"{CIRTORCH_NAME}.pkl", "wb") as fh:
-        pickle.dump(db, fh)
+def check_cirtorch_clusters(p: dict, pairs, neg_num: int = 5, strict: bool = False) -> list[str]:
+    """cirtorch's ``create_epoch_tuples`` takes each query's ``--neg-num`` negatives
+    from distinct clusters other than the query's, and runs past its pool (IndexError)
+    when a split has fewer than ``neg_num + 1`` clusters. A warning per such split with
+    queries (an error with ``strict``); returns the messages."""
+    problems = []
+    for split, s in p["splits"].items():
+        clusters = len(np.unique(p["cluster"][s["images"]]))
+        if len(s["query"]) and clusters < neg_num + 1:
+            problems.append(f"{pairs}: the {split} split has {clusters} clusters; cirtorch's train.py with "
+                            f"--neg-num {neg_num} needs {neg_num + 1} (its create_epoch_tuples fails with an "
+                            f"IndexError): pass it --neg-num {max(clusters - 1, 0)} or fewer"
+                            + (" or --no-val" if split == "val" else ""))
+    if problems and strict:
+        raise SfmpairsError(problems[0])
+    for message in problems:
+        logger.warning("%s", message)
+    return problems
+
+
+def _cirtorch_split(p: dict, split: str) -> dict:
+    s = p["splits"].get(split)
+    images = s["images"] if s is not None else np.zeros(0, np.int64)
+    position = {int(i): k for k, i in enumerate(images)}
+    return {
+        "cids": [cid_of(p["names"][i]) for i in images],
+        "cluster": [int(p["cluster"][i]) for i in images],
+        "qidxs": [position[int(q)] for q in s["query"]] if s is not None else [],
+        "pidxs": [position[int(q)] for q in s["positive"]] if s is not None else [],
+    }
+
+
+def cirtorch_whitening(p: dict, all_passing: bool = False) -> dict:
+    """What cirtorch's ``test.py --whitening`` reads (``<name>-whiten.pkl``): the images
+    of the train split's query-positive pairs (``all_passing``: every passing pool
+    pair), as ``cids``, and each pair as indices into them (``qidxs``, ``pidxs``)."""
+    q, j = pair_indices(p, all_passing, splits=("train",))
+    used = np.unique(np.concatenate([q, j]))
+    row = {int(i): k for k, i in enumerate(used)}
+    return {"cids": [cid_of(p["names"][i]) for i in used],
+            "qidxs": [row[int(i)] for i in q], "pidxs": [row[int(i)] for i in j]}
+
+
+def _place_photos(p: dict, images_root: Path, ims: Path, copy: bool) -> int:
+    used = np.unique(np.concatenate([s["images"] for s in p["splits"].values()] or [np.zeros(0, np.int64)]))
+    for i in used:
+        src, dst = (images_root / p["names"][i]).resolve(), cid2filename(cid_of(p["names"][i]), ims)
+        if not src.is_file():
+            raise SfmpairsError(f"{src}: image not found (give --images-root)")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copyfile if copy else os.symlink)(src, dst)
+    return len(used)
+
+
+def export_cirtorch(p: dict, images_root: Path, db_root: Path, provenance: dict, copy: bool = False,
+                    all_passing: bool = False) -> dict:
+    """The database, the whitening file, ``cids.tsv`` and the photos, into ``db_root``."""
+    db_root.mkdir(parents=True)
+    db = {split: _cirtorch_split(p, split) for split in ("train", "val")}
+    whitening = cirtorch_whitening(p, all_passing)
+    linked = _place_photos(p, images_root, db_root / "ims", copy)
+    for name, data in ((f"{CIRTORCH_NAME}.pkl", db), (f"{CIRTORCH_NAME}-whiten.pkl", whitening)):
+        with open(db_root / name, "wb") as fh:  # extra keys are ignored by its readers
+            pickle.dump({**data, "provenance": provenance}, fh)
     with open(db_root / "cids.tsv", "w", encoding="utf-8") as fh:  # cid -> our image name
         for split in ("train", "val"):
             s = p["splits"].get(split)
             for i in (s["images"] if s is not None else []):
                 fh.write(f"{cid_of(p['names'][i])}\t{p['names'][i]}\n")
-    return {"database": str(db_root / f"{CIRTORCH_NAME}.pkl"), "images": linked}
-
-
-def export_hloc(p: dict, output: Path, all_passing: bool = False) -> dict:
-    lines = []
-    for split, s in p["splits"].items():
-        if all_passing:
-            for q, pool, ok in zip(s["query"], s["pool"], s["pool_passes"]):
-                lines += [f"{p['names'][q]} {p['names'][j]}" for j in pool[ok]]
-        else:
-            lines += [f"{p['names'][q]} {p['names'][j]}" for q, j in zip(s["query"], s["positive"])]
-    if any(" " in n for n in p["names"]):
-        raise SfmpairsError("an image name holds a space: hloc's pairs format cannot carry it")
-    output.write_text("\n".join(lines) + ("\n" if lines else ""), encoding="utf-8")
-    return {"pairs": len(lines)}
+    _write_json(db_root / "export.json", provenance)
+    return {"database": str(db_root / f"{CIRTORCH_NAME}.pkl"), "images": linked,
+            "whitening_pairs": len(whitening["qidxs"])}
 
 
 CSV_COLUMNS = ["split", "query", "candidate", "query_cluster", "slot", "is_positive", "passes",
@@ -112,33 +151,94 @@ def export_csv(p: dict, output: Path) -> dict:
     return {"rows": rows}
 
 
-def export(pairs: str | Path, output: str | Path, fmt: str, *, images_root: str | Path | None = None,
-           copy: bool = False, all_passing: bool = False, overwrite: bool = False) -> dict:
-    """Export a pair file as ``fmt`` (cirtorch: a folder; hloc and csv: a file)."""
-    from ..common import atomic_output
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n", encoding="utf-8")
 
-    if fmt not in FORMATS:
-        raise SfmpairsError(f"unknown format {fmt!r} (choose {', '.join(FORMATS)})")
-    p = read_pair_file(pairs)
-    output = Path(output)
+
+@contextlib.contextmanager
+def _atomic_folder(target: Path, overwrite: bool, scratch_in: Path):
+    """Yield a fresh folder to build in; it replaces ``target`` at the end, or vanishes on error."""
+    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
+        raise SfmpairsError(f"{target}: exists; pass --overwrite")
+    scratch_in.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=".sfmpairs-export-", dir=scratch_in))
+    try:
+        yield scratch / "out"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        elif target.exists() or target.is_symlink():
+            target.unlink()
+        os.replace(scratch / "out", target)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _model_names(p: dict, pairs, store) -> dict:
+    """The SfM store's model and COLMAP names of the pair file's images (``store``, or
+    the store the pair file was mined from), checked to be the same images."""
+    from sfmpairs.sfm_io.store import read_store
+
+    path = Path(store or p["source_store"] or "")
+    if not path.is_file():
+        raise SfmpairsError(f"{pairs}: its SfM store {path} is not found; give it (--store)")
+    s = read_store(path, observations=False, keys=["images/name", "images/colmap_name", "images/model",
+                                                   "models/name", "models/path", "models/images_dir"])
+    if "images/colmap_name" not in s:
+        raise SfmpairsError(f"{path}: the store lacks images/colmap_name; ingest the models again")
+    if len(s["images/name"]) != len(p["names"]) or np.any(s["images/name"] != p["names"]):
+        raise SfmpairsError(f"{path}: its images are not those of {pairs}; give the store it was mined from")
+    return s
+
+
+def _export_folder(p: dict, pairs, output: Path, fmt: str, options: dict, provenance: dict) -> dict:
+    overwrite = options["overwrite"]
     if fmt == "cirtorch":
-        import tempfile
-
-        root = Path(images_root or p["images_root"] or ".")
+        check_cirtorch_clusters(p, pairs, options["neg_num"], options["strict"])
+        root = Path(options["images_root"] or p["images_root"] or ".")
         target = output / "train" / CIRTORCH_NAME
-        if target.exists() and any(target.iterdir()) and not overwrite:
-            raise SfmpairsError(f"{target}: exists; pass --overwrite")
-        output.mkdir(parents=True, exist_ok=True)
-        scratch = Path(tempfile.mkdtemp(prefix=".sfmpairs-export-", dir=output))
-        try:  # build beside the target, move it into place at the end: no partial export
-            result = export_cirtorch(p, root, scratch, copy)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(scratch / "train" / CIRTORCH_NAME, target)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
+        with _atomic_folder(target, overwrite, output) as tmp:  # built beside the target: no partial export
+            result = export_cirtorch(p, root, tmp, provenance, options["copy"], options["all_passing"])
         result["database"] = str(target / f"{CIRTORCH_NAME}.pkl")
         return result
+    store = _model_names(p, pairs, options["store"])
+    with _atomic_folder(output, overwrite, output.parent) as tmp:
+        tmp.mkdir()
+        result = write_per_model(p, tmp, store, options["all_passing"])
+        _write_json(tmp / "export.json", provenance)
+    return result
+
+
+def export(pairs: str | Path, output: str | Path, fmt: str, *, images_root: str | Path | None = None,
+           copy: bool = False, all_passing: bool = False, overwrite: bool = False, per_model: bool = False,
+           image_dir: str | Path | None = None, store: str | Path | None = None, neg_num: int = 5,
+           strict: bool = False) -> dict:
+    """Export a pair file as ``fmt``: cirtorch into a data folder; hloc into a file
+    (``per_model``: a folder of one pairs file per model, names as the COLMAP models
+    have them, read from ``store``; ``image_dir``: names relative to that folder); csv
+    into a file. ``neg_num``, ``strict``: cirtorch's ``--neg-num`` to check the splits'
+    clusters against, and whether too few is an error rather than a warning."""
+    if fmt not in FORMATS:
+        raise SfmpairsError(f"unknown format {fmt!r} (choose {', '.join(FORMATS)})")
+    if (per_model or image_dir is not None) and fmt != "hloc":
+        raise SfmpairsError("--per-model and --image-dir are options of the hloc export")
+    if per_model and image_dir is not None:
+        raise SfmpairsError("--per-model writes names as each model has them; it takes no --image-dir")
+    options = dict(images_root=images_root, copy=copy, all_passing=all_passing, overwrite=overwrite,
+                   per_model=per_model, image_dir=image_dir, store=store, neg_num=neg_num, strict=strict)
+    p = read_pair_file(pairs)
+    output = Path(output)
+    provenance = provenance_attrs(EXPORT_SCHEMA, EXPORT_SCHEMA_VERSION, {"format": fmt, **options},
+                                  {"pairs": str(Path(pairs).resolve())})
+    provenance.update({k: json.loads(provenance[k]) for k in ("parameters", "inputs")})
+    if fmt == "cirtorch" or per_model:
+        return _export_folder(p, pairs, output, fmt, options, provenance)
     with atomic_output(output, overwrite) as tmp:
-        return export_hloc(p, tmp, all_passing) if fmt == "hloc" else export_csv(p, tmp)
+        if fmt == "hloc":
+            names = p["names"] if image_dir is None else names_under(p, images_root or p["images_root"], image_dir)
+            result = write_pairs(p, tmp, names, all_passing)
+        else:
+            result = export_csv(p, tmp)
+        with atomic_output(output.with_name(output.name + ".provenance.json"), True) as side:
+            _write_json(side, provenance)
+    return result

@@ -40,7 +40,8 @@ def test_cirtorch_export_follows_its_reader_conventions(mined, tmp_path):
     db_root = tmp_path / "data" / "train" / CIRTORCH_NAME  # data_root/train/<name>
     with open(db_root / f"{CIRTORCH_NAME}.pkl", "rb") as fh:  # <name>.pkl, read with [mode]
         db = pickle.load(fh)
-    assert set(db) == {"train", "val"}
+    assert set(db) == {"train", "val", "provenance"}  # extra keys: its readers take [mode]
+    assert db["provenance"]["schema"] == "sfmpairs/export"
     for split in ("train", "val"):
         d = db[split]
         assert set(d) >= {"cids", "cluster", "qidxs", "pidxs"}

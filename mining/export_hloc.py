@@ -1,0 +1,97 @@
+"""The hloc export: pairs files with image names as hloc's steps look them up.
+
+hloc names an image by its path relative to the ``image_dir`` its features were
+extracted from; its ``triangulation`` and localisation look names up in a COLMAP
+model (``{image.name: image_id}``). So:
+
+- store-wide names (the default): relative to the store's images root, for retrieval
+  and matching over every model at once (``image_dir`` = the images root);
+- ``image_dir=DIR``: names relative to another folder the user extracted from;
+- ``per_model=True``: one pairs file per model, names as that COLMAP model has them
+  (``images/colmap_name`` of the SfM store), for mapping (``triangulation``) and
+  localisation against the model, with ``image_dir`` = the model's photo folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+
+from ..common import SfmpairsError
+
+
+def pair_indices(p: dict, all_passing: bool = False, splits=("train", "val")) -> tuple[np.ndarray, np.ndarray]:
+    """Image indices (query, other) of every query-positive pair of ``splits``
+    (``all_passing``: every passing pool pair), in split then query order."""
+    qs, js = [], []
+    for split in splits:
+        s = p["splits"].get(split)
+        if s is None:
+            continue
+        if all_passing:
+            qs.append(np.repeat(s["query"], s["pool_passes"].sum(1)))
+            js.append(s["pool"][s["pool_passes"]])
+        else:
+            qs.append(s["query"])
+            js.append(s["positive"])
+    if not qs:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.concatenate(qs).astype(np.int64), np.concatenate(js).astype(np.int64)
+
+
+def _lines(names, q: np.ndarray, j: np.ndarray, where: str) -> str:
+    if any(" " in names[i] for i in np.unique(np.concatenate([q, j]))):
+        raise SfmpairsError(f"{where}: an image name holds a space: hloc's pairs format cannot carry it")
+    lines = [f"{names[a]} {names[b]}" for a, b in zip(q, j)]
+    return "\n".join(lines) + ("\n" if lines else "")
+
+
+def names_under(p: dict, images_root: Path, image_dir: Path) -> np.ndarray:
+    """The pair file's image names made relative to ``image_dir``; every photo must lie below it."""
+    root, image_dir = Path(images_root).resolve(), Path(image_dir).resolve()
+    rel = [Path(os.path.relpath(root / n, image_dir)).as_posix() for n in p["names"]]
+    outside = [n for n in rel if n.startswith("../") or n == ".."]
+    if outside:
+        raise SfmpairsError(f"{image_dir}: {len(outside)} images lie outside it, e.g. {outside[0]}")
+    return np.array(rel, dtype=object)
+
+
+def write_pairs(p: dict, output: Path, names, all_passing: bool) -> dict:
+    """One pairs file, ``name0 name1`` per line, with the given names."""
+    q, j = pair_indices(p, all_passing)
+    output.write_text(_lines(names, q, j, str(output)), encoding="utf-8")
+    return {"pairs": len(q)}
+
+
+def model_folder(name: str, k: int) -> str:
+    """The folder of model ``k`` in a per-model export: its name, when that is a plain relative path."""
+    parts = PurePosixPath(name).parts
+    if not parts or any(x in (".", "..") for x in parts) or PurePosixPath(name).is_absolute():
+        return f"model_{k}"
+    return str(PurePosixPath(*parts))
+
+
+def write_per_model(p: dict, folder: Path, store: dict, all_passing: bool) -> dict:
+    """``folder/<model name>/pairs.txt`` per model with pairs (names as the COLMAP model
+    has them) and ``folder/models.json``: each model's pairs file, model folder and
+    photo folder (hloc's ``reference_model`` and ``image_dir``)."""
+    q, j = pair_indices(p, all_passing)
+    model_of = store["images/model"]
+    if np.any(model_of[q] != model_of[j]):  # pools are per model: cannot happen with sfmpairs files
+        raise SfmpairsError("a pair spans two models; a per-model export cannot hold it")
+    colmap = store["images/colmap_name"]
+    entries = []
+    for k, name in enumerate(store["models/name"]):
+        mine = model_of[q] == k
+        if not mine.any():
+            continue
+        rel = model_folder(name, k)
+        (folder / rel).mkdir(parents=True, exist_ok=True)
+        (folder / rel / "pairs.txt").write_text(_lines(colmap, q[mine], j[mine], name), encoding="utf-8")
+        entries.append({"model": name, "pairs_file": f"{rel}/pairs.txt", "pairs": int(mine.sum()),
+                        "model_path": store["models/path"][k], "image_dir": store["models/images_dir"][k]})
+    (folder / "models.json").write_text(json.dumps(entries, indent=1) + "\n", encoding="utf-8")
+    return {"pairs": len(q), "models": len(entries)}
