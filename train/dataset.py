@@ -8,6 +8,20 @@ Item i is the i-th query of the split, its positive and its hard negatives (as m
 ``-1`` padding left out), each image loaded with PIL (RGB) and passed through
 ``transform`` (default: a float tensor in [0, 1], resized to ``image_size`` if given).
 ``negatives`` is a list (its length may vary with the number of other clusters).
+
+Images keep their aspect ratio, so tuples of different images do not stack into one
+tensor: batch them with ``collate_fn=collate_tuples``, which gives what the authors'
+training loop (cnnimageretrieval-pytorch) takes, a list of tuples of images and a list
+of targets:
+
+    loader = DataLoader(ds, batch_size=5, shuffle=True, collate_fn=collate_tuples, num_workers=4)
+    for inputs, targets in loader:          # inputs[k]: [query, positive, *negatives]
+        for images, target in zip(inputs, targets):
+            out = torch.cat([net(x) for x in images])   # each x is (1, 3, H, W)
+            loss = criterion(out, target)                # target: [-1, 1, 0, ..., 0]
+
+Everything here is picklable (classes and module-level functions), so DataLoader
+workers run under every start method, ``spawn`` and ``forkserver`` included.
 """
 
 from __future__ import annotations
@@ -37,6 +51,19 @@ class ToTensor:
             img = img.copy()
             img.thumbnail((self.image_size, self.image_size), Image.LANCZOS)
         return torch.from_numpy(np.array(img)).permute(2, 0, 1).float().div(255)
+
+
+def collate_tuples(batch: list) -> tuple[list[list[torch.Tensor]], list[torch.Tensor]]:
+    """Batch items of :class:`PairTuples` as cnnimageretrieval-pytorch's training does
+    (its ``collate_tuples`` over its ``TuplesDataset``): ``inputs[k]`` lists tuple k's
+    images, query, positive, then negatives, each ``(1, C, H, W)`` at its own size;
+    ``targets[k]`` is ``[-1, 1, 0, ..., 0]`` (query, positive, one 0 per negative),
+    what its contrastive and triplet losses take."""
+    inputs, targets = [], []
+    for query, positive, negatives in batch:
+        inputs.append([x.unsqueeze(0) for x in (query, positive, *negatives)])
+        targets.append(torch.tensor([-1.0, 1.0] + [0.0] * len(negatives)))
+    return inputs, targets
 
 
 class PairTuples(Dataset):
