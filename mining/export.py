@@ -33,8 +33,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..common import SfmpairsError, atomic_output, provenance_attrs
+from sfmpairs.common import SfmpairsError, atomic_output, provenance_attrs
+from sfmpairs.config import make_conf
+
 from .export_hloc import names_under, pair_indices, write_pairs, write_per_model
+from .options import ExportConf
 from .pairfile import read_pair_file
 
 logger = logging.getLogger("sfmpairs.export")
@@ -210,14 +213,17 @@ def _export_folder(p: dict, pairs, output: Path, fmt: str, options: dict, proven
 
 
 def export(pairs: str | Path, output: str | Path, fmt: str, *, images_root: str | Path | None = None,
-           copy: bool = False, all_passing: bool = False, overwrite: bool = False, per_model: bool = False,
-           image_dir: str | Path | None = None, store: str | Path | None = None, neg_num: int = 5,
-           strict: bool = False) -> dict:
+           image_dir: str | Path | None = None, store: str | Path | None = None, overwrite: bool = False,
+           **settings) -> dict:
     """Export a pair file as ``fmt``: cirtorch into a data folder; hloc into a file
     (``per_model``: a folder of one pairs file per model, names as the COLMAP models
     have them, read from ``store``; ``image_dir``: names relative to that folder); csv
-    into a file. ``neg_num``, ``strict``: cirtorch's ``--neg-num`` to check the splits'
-    clusters against, and whether too few is an error rather than a warning."""
+    into a file. ``settings``: those of :class:`~.options.ExportConf` (``neg_num``,
+    ``strict``: cirtorch's ``--neg-num`` to check the splits' clusters against, and
+    whether too few is an error rather than a warning)."""
+    conf = make_conf(ExportConf, **settings)
+    copy, all_passing, per_model, neg_num, strict = conf.copy, conf.all_passing, conf.per_model, conf.neg_num, \
+        conf.strict
     if fmt not in FORMATS:
         raise SfmpairsError(f"unknown format {fmt!r} (choose {', '.join(FORMATS)})")
     if (per_model or image_dir is not None) and fmt != "hloc":

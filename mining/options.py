@@ -51,3 +51,16 @@ class MineConf:
         for ok, message in checks:
             if not ok:
                 raise SfmpairsError(message)
+
+
+@dataclass(frozen=True)
+class ExportConf:
+    copy: bool = setting(False, "cirtorch: copy the photos instead of linking them.")
+    all_passing: bool = setting(False, "hloc: every passing pool pair, not only query-positive; cirtorch: so too "
+                                "for its whitening pairs.")
+    per_model: bool = setting(False, "hloc: -o is a folder of one pairs file per model, names as the COLMAP model "
+                              "has them (mapping, localisation).")
+    neg_num: int = setting(5, "cirtorch: the --neg-num its train.py will run with (its default: 5); a split with "
+                           "fewer clusters than it + 1 is warned of.")
+    strict: bool = setting(False, "cirtorch: refuse a split with fewer clusters than --neg-num + 1 instead of "
+                           "warning.")

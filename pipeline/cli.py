@@ -17,7 +17,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import click  # noqa: E402
 
-from sfmpairs.mining.options import MineConf  # noqa: E402
+from sfmpairs.mining.options import ExportConf, MineConf  # noqa: E402
 from sfmpairs.retrieval.options import EvaluateConf, ExtractConf, WhitenConf  # noqa: E402
 from sfmpairs.sfm_io.options import IngestConf, ReconstructConf  # noqa: E402
 from sfmpairs.train.options import TrainConf, parse_pretrained  # noqa: E402
@@ -398,19 +398,25 @@ def show(output, pairs, images_root, split, query, count, seed, embed, overwrite
 @click.option("--format", "fmt", type=click.Choice(["cirtorch", "hloc", "csv"]), required=True,
               help="cirtorch: the authors' training database; hloc: a pairs text file; csv: every statistic.")
 @click.option("-o", "--output", required=True, type=click.Path(),
-              help="cirtorch: a data folder; hloc, csv: a file.")
+              help="cirtorch: a data folder; hloc: a file (a folder with --per-model); csv: a file.")
 @click.option("--images-root", type=click.Path(file_okay=False),
               help="cirtorch: where the photos are (default: the one the pair file records).")
-@click.option("--copy", is_flag=True, help="cirtorch: copy the photos instead of linking them.")
-@click.option("--all-passing", is_flag=True, help="hloc: every passing pool pair, not only query-positive.")
+@click.option("--image-dir", type=click.Path(file_okay=False), help="hloc: names relative to this folder (hloc's "
+              "image_dir).")
+@click.option("--store", type=click.Path(dir_okay=False),
+              help="hloc --per-model: the SfM store the pair file was mined from (default: the one it records).")
+@click_options(ExportConf)
 @click.option("--overwrite", is_flag=True, help="Replace an existing export.")
 @_verbosity
 @_fail_cleanly
-def export(pairs, fmt, output, images_root, copy, all_passing, overwrite):
-    """Pair files for other frameworks: cnnimageretrieval-pytorch, hloc, pandas (CSV)."""
+def export(pairs, fmt, output, images_root, image_dir, store, overwrite, **options):
+    """Pair files for other frameworks: cnnimageretrieval-pytorch (with its whitening
+    pairs), hloc (store-wide names, or per model as the COLMAP models name the images),
+    pandas (CSV)."""
     from sfmpairs.mining.export import export as run
 
-    r = run(pairs, output, fmt, images_root=images_root, copy=copy, all_passing=all_passing, overwrite=overwrite)
+    r = run(pairs, output, fmt, images_root=images_root, image_dir=image_dir, store=store, overwrite=overwrite,
+            **given(options))
     click.echo(f"wrote {fmt} export to {output}: " + ", ".join(f"{k} {v}" for k, v in r.items()))
 
 

@@ -13,13 +13,13 @@ from click.testing import CliRunner
 from sfmpairs.cli import main
 from sfmpairs.common import SfmpairsError
 from sfmpairs.config import conf_dict, make_conf
-from sfmpairs.mining.options import MineConf
+from sfmpairs.mining.options import ExportConf, MineConf
 from sfmpairs.retrieval.options import EvaluateConf, ExtractConf, WhitenConf
 from sfmpairs.sfm_io.options import IngestConf, ReconstructConf
 from sfmpairs.train.options import TrainConf
 
 STAGES = {"ingest": IngestConf, "reconstruct": ReconstructConf, "mine": MineConf, "extract": ExtractConf,
-          "evaluate": EvaluateConf, "whiten": WhitenConf, "train": TrainConf}
+          "evaluate": EvaluateConf, "whiten": WhitenConf, "train": TrainConf, "export": ExportConf}
 
 
 def invoke(*args):
