@@ -1,4 +1,4 @@
-"""Pictures of training runs and retrieval results (issue 13 items 3 and 4).
+"""Pictures of training runs and retrieval results.
 
 - :func:`read_metrics`: a run folder's ``metrics.jsonl``, checked, as a list of dicts;
 - :func:`run_figure`: training loss, val mAP and learning rate per epoch, several runs
