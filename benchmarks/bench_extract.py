@@ -88,8 +88,17 @@ def child(which: str, tmp: Path, args) -> None:
                 torch.cuda.synchronize()
             return desc
         out = tmp / f"desc-{which}.h5"
-        extract(tmp / "net.pt", out, images_root=root, image_list=tmp / "list.txt", image_size=args.image_size,
-                device=str(device), precision=which, workers=args.workers, overwrite=True)
+        extract(
+            tmp / "net.pt",
+            out,
+            images_root=root,
+            image_list=tmp / "list.txt",
+            image_size=args.image_size,
+            device=str(device),
+            precision=which,
+            workers=args.workers,
+            overwrite=True,
+        )
         return read_descriptors(out, np.asarray(names, dtype=object))
 
     run()  # untimed
@@ -97,9 +106,15 @@ def child(which: str, tmp: Path, args) -> None:
     desc = run()
     seconds = time.perf_counter() - t
     np.save(tmp / f"desc-{which}.npy", desc)
-    (tmp / f"time-{which}.json").write_text(json.dumps(
-        {"seconds": seconds, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-         "threads": torch.get_num_threads()}))
+    (tmp / f"time-{which}.json").write_text(
+        json.dumps(
+            {
+                "seconds": seconds,
+                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+                "threads": torch.get_num_threads(),
+            }
+        )
+    )
 
 
 def val_map(tmp: Path, root: Path, names: list[str], desc: np.ndarray) -> float:
@@ -147,13 +162,16 @@ def main() -> None:
     if not names:
         raise SystemExit(f"no photos under {root}/*/images (set SFMPAIRS_DATA)")
     auto = str(autocast_dtype(torch.device(args.device), "auto") or torch.float32).replace("torch.", "")
-    print(f"{len(names)} photos, {args.arch} at {args.image_size} px on {args.device} "
-          f"({torch.get_num_threads()} CPU threads); precision auto = {auto}")
+    print(
+        f"{len(names)} photos, {args.arch} at {args.image_size} px on {args.device} "
+        f"({torch.get_num_threads()} CPU threads); precision auto = {auto}"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         torch.manual_seed(0)
-        save_checkpoint(tmp / "net.pt", build_network({"arch": args.arch, "pool": "gem",
-                                                        "image_size": args.image_size}))
+        save_checkpoint(
+            tmp / "net.pt", build_network({"arch": args.arch, "pool": "gem", "image_size": args.image_size})
+        )
         (tmp / "list.txt").write_text("\n".join(names) + "\n")
         kinds = ["reference", "fp32", "auto"]
         best = {k: float("inf") for k in kinds}
@@ -165,18 +183,25 @@ def main() -> None:
                 subprocess.run([sys.executable, __file__, *passed, "--child", k, str(tmp)], check=True)
                 info = json.loads((tmp / f"time-{k}.json").read_text())
                 best[k] = min(best[k], info["seconds"])
-                print(f"  {k:<9} {info['seconds']:5.2f} s (OMP_WAIT_POLICY={info['omp_wait_policy']}, "
-                      f"{info['threads']} threads)", flush=True)
+                print(
+                    f"  {k:<9} {info['seconds']:5.2f} s (OMP_WAIT_POLICY={info['omp_wait_policy']}, "
+                    f"{info['threads']} threads)",
+                    flush=True,
+                )
         desc = {k: np.load(tmp / f"desc-{k}.npy") for k in kinds}
         ref, n = desc["reference"], len(names)
         print(f"reference loop:            {n / best['reference']:6.1f} images/s ({best['reference']:.2f} s)")
         for k, label in (("fp32", "extract --precision fp32: "), ("auto", f"extract (auto, {auto}):")):
-            print(f"{label:<26} {n / best[k]:6.1f} images/s ({best[k]:.2f} s)  speed-up "
-                  f"{best['reference'] / best[k]:.2f}x, largest descriptor difference "
-                  f"{np.abs(desc[k] - ref).max():.1e}")
+            print(
+                f"{label:<26} {n / best[k]:6.1f} images/s ({best[k]:.2f} s)  speed-up "
+                f"{best['reference'] / best[k]:.2f}x, largest descriptor difference "
+                f"{np.abs(desc[k] - ref).max():.1e}"
+            )
         maps = {k: 100 * val_map(tmp, root, names, d) for k, d in desc.items()}
-        print(f"val mAP (every model in val): reference {maps['reference']:.2f}, fp32 {maps['fp32']:.2f}, "
-              f"auto {maps['auto']:.2f}: auto moves it by {abs(maps['auto'] - maps['reference']):.2f} points")
+        print(
+            f"val mAP (every model in val): reference {maps['reference']:.2f}, fp32 {maps['fp32']:.2f}, "
+            f"auto {maps['auto']:.2f}: auto moves it by {abs(maps['auto'] - maps['reference']):.2f} points"
+        )
         print("target: speed-up >= 2.00 with difference <= 1e-4, or mAP moving < 0.5 points")
 
 

@@ -50,12 +50,14 @@ def build_model(folder: Path, images: int, points: int, track: int) -> None:
     from sfmpairs.synthetic.models import random_reconstruction, write_model
 
     t = time.perf_counter()
-    print(f"building a synthetic model of {images} images, {points} points (track {track}) "
-          f"in {folder} ...", flush=True)
+    print(f"building a synthetic model of {images} images, {points} points (track {track}) in {folder} ...", flush=True)
     rec = random_reconstruction(images, points, track, untriangulated_per_image=100, seed=0)
     write_model(rec, folder)
-    print(f"  built in {time.perf_counter() - t:.0f} s: {rec.num_reg_images()} images, "
-          f"{rec.num_points3D()} points, {rec.compute_num_observations()} observations", flush=True)
+    print(
+        f"  built in {time.perf_counter() - t:.0f} s: {rec.num_reg_images()} images, "
+        f"{rec.num_points3D()} points, {rec.compute_num_observations()} observations",
+        flush=True,
+    )
 
 
 def run_child(code: str, *args: str) -> dict:
@@ -84,18 +86,24 @@ def main() -> None:
             # untimed: a new file each time, as a user's first ingest, and its pages gone
             # before the kernel writes them back while a later run is being timed
             out.unlink()
-            print(f"  run {r + 1}: pycolmap load {loads[-1]['seconds']:.2f} s, "
-                  f"ingest {ingests[-1]['seconds']:.2f} s", flush=True)
+            print(
+                f"  run {r + 1}: pycolmap load {loads[-1]['seconds']:.2f} s, ingest {ingests[-1]['seconds']:.2f} s",
+                flush=True,
+            )
     t_load = statistics.median(x["seconds"] for x in loads)
     t_ingest = statistics.median(x["seconds"] for x in ingests)
     m_load = max(x["maxrss_mb"] for x in loads)
     m_ingest = max(x["maxrss_mb"] for x in ingests)
     i = ingests[0]
     print(f"model: {i['images']} images, {i['points']} points, {i['observations']} observations")
-    print(f"pycolmap.Reconstruction(path): median {t_load:.2f} s (min {min(x['seconds'] for x in loads):.2f}), "
-          f"peak memory {m_load:.0f} MB")
-    print(f"sfmpairs ingest (HDF5 written): median {t_ingest:.2f} s (min {min(x['seconds'] for x in ingests):.2f}), "
-          f"peak memory {m_ingest:.0f} MB")
+    print(
+        f"pycolmap.Reconstruction(path): median {t_load:.2f} s (min {min(x['seconds'] for x in loads):.2f}), "
+        f"peak memory {m_load:.0f} MB"
+    )
+    print(
+        f"sfmpairs ingest (HDF5 written): median {t_ingest:.2f} s (min {min(x['seconds'] for x in ingests):.2f}), "
+        f"peak memory {m_ingest:.0f} MB"
+    )
     print(f"time ratio ingest / load: {t_ingest / t_load:.2f}  (target <= 0.50)")
     print(f"memory ratio ingest / load: {m_ingest / m_load:.2f}  (target <= 1.00)")
 

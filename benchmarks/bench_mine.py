@@ -75,18 +75,24 @@ def main() -> None:
     loads, mines = [], []
     with tempfile.TemporaryDirectory() as tmp:
         store = Path(tmp) / "sfm.h5"
-        subprocess.run([sys.executable, "-m", "sfmpairs.cli", "-q", "ingest", str(folder), "-o",
-                        str(store)], check=True)
+        subprocess.run(
+            [sys.executable, "-m", "sfmpairs.cli", "-q", "ingest", str(folder), "-o", str(store)], check=True
+        )
         for r in range(args.repeats):
             loads.append(run_child(CHILD_PYCOLMAP, str(folder)))
             mines.append(run_child(CHILD_MINE, str(store), str(Path(tmp) / "pairs.h5")))
-            print(f"  run {r + 1}: pycolmap load {loads[-1]['seconds']:.2f} s, "
-                  f"mine {mines[-1]['seconds']:.2f} s ({mines[-1]['queries']} queries)", flush=True)
+            print(
+                f"  run {r + 1}: pycolmap load {loads[-1]['seconds']:.2f} s, "
+                f"mine {mines[-1]['seconds']:.2f} s ({mines[-1]['queries']} queries)",
+                flush=True,
+            )
     t_load = statistics.median(x["seconds"] for x in loads)
     t_mine = statistics.median(x["seconds"] for x in mines)
     print(f"pycolmap.Reconstruction(path): median {t_load:.2f} s")
-    print(f"sfmpairs mine --strategy relaxed, k = 100, every image a query: median {t_mine:.2f} s, "
-          f"peak memory {max(x['maxrss_mb'] for x in mines):.0f} MB")
+    print(
+        f"sfmpairs mine --strategy relaxed, k = 100, every image a query: median {t_mine:.2f} s, "
+        f"peak memory {max(x['maxrss_mb'] for x in mines):.0f} MB"
+    )
     print(f"ratio mine / load: {t_mine / t_load:.2f}  (target <= 2.00)")
     bench_negatives(args.repeats)
 

@@ -36,14 +36,21 @@ def reference_epoch(net, pairs, opts, rng, device, root):
     pick = np.sort(rng.choice(len(train_q), min(opts["query_size"], len(train_q)), replace=False))
     queries = train_q[pick]
     pool = np.sort(rng.choice(pairs["train/images"], min(opts["pool_size"], len(pairs["train/images"])), replace=False))
-    positives = np.array([pairs["train/pool"][k][rng.choice(np.flatnonzero(pairs["train/pool_passes"][k]))]
-                          for k in pick])
+    positives = np.array(
+        [pairs["train/pool"][k][rng.choice(np.flatnonzero(pairs["train/pool_passes"][k]))] for k in pick]
+    )
 
     def describe(indices):
         net.eval()
         with torch.no_grad():
-            return np.stack([net(net.normalise_input(load_image(root / names[i], opts["image_size"])[None].to(device)))
-                             .cpu().numpy()[0] for i in indices])
+            return np.stack(
+                [
+                    net(net.normalise_input(load_image(root / names[i], opts["image_size"])[None].to(device)))
+                    .cpu()
+                    .numpy()[0]
+                    for i in indices
+                ]
+            )
 
     qd, pd = describe(queries), describe(pool)
     idx, _ = hard_negatives(qd, cluster[queries], pd, cluster[pool], opts["neg_num"])
@@ -53,9 +60,10 @@ def reference_epoch(net, pairs, opts, rng, device, root):
     opt = torch.optim.Adam(net.parameters(), lr=1e-6)
     for b in range(0, len(tuples), opts["batch_size"]):
         opt.zero_grad()
-        for t in tuples[b:b + opts["batch_size"]]:
-            out = torch.cat([net(net.normalise_input(load_image(root / names[i], opts["image_size"])[None].to(device)))
-                             for i in t])
+        for t in tuples[b : b + opts["batch_size"]]:
+            out = torch.cat(
+                [net(net.normalise_input(load_image(root / names[i], opts["image_size"])[None].to(device))) for i in t]
+            )
             loss = tuple_loss(out, [list(range(len(t)))], "contrastive", 0.85)
             loss.backward()
         opt.step()
@@ -83,14 +91,22 @@ def main() -> None:
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         ingest([root / s for s in SCENES], Path(tmp) / "sfm.h5")
-        mine(Path(tmp) / "sfm.h5", Path(tmp) / "pairs.h5", queries_per_cluster=0,
-             val_clusters=["drinks-can/sparse/0"])
+        mine(Path(tmp) / "sfm.h5", Path(tmp) / "pairs.h5", queries_per_cluster=0, val_clusters=["drinks-can/sparse/0"])
         pairs = _read_pairs(Path(tmp) / "pairs.h5")
-    conf = make_conf(TrainConf, query_size=args.queries, pool_size=args.pool, image_size=args.image_size,
-                     amp=device.type == "cuda" or args.amp, margin=0.85, lr=1e-6)
+    conf = make_conf(
+        TrainConf,
+        query_size=args.queries,
+        pool_size=args.pool,
+        image_size=args.image_size,
+        amp=device.type == "cuda" or args.amp,
+        margin=0.85,
+        lr=1e-6,
+    )
     opts = conf_dict(conf)  # the reference reads a plain dict
-    print(f"{len(pairs['train/query'])} train queries; epoch of {args.queries} queries, pool {args.pool}, "
-          f"resnet18 at {args.image_size} px on {device}")
+    print(
+        f"{len(pairs['train/query'])} train queries; epoch of {args.queries} queries, pool {args.pool}, "
+        f"resnet18 at {args.image_size} px on {device}"
+    )
     torch.manual_seed(0)
     net = build_network({"arch": "resnet18", "image_size": args.image_size}).to(device)
     state = {k: v.clone() for k, v in net.state_dict().items()}

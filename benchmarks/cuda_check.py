@@ -56,21 +56,38 @@ def main(argv=None) -> int:
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     dev = args.device
-    report = {"device": dev, "torch": torch.__version__,
-              "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    report = {
+        "device": dev,
+        "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
     print(f"device {dev}: {report['gpu']}, torch {torch.__version__}", flush=True)
-    common = dict(arch="resnet18", image_size=128, test_image_size=224, query_size=200, pool_size=400, lr=1e-4,
-                  device=dev, seed=0, workers=4)
+    common = dict(
+        arch="resnet18",
+        image_size=128,
+        test_image_size=224,
+        query_size=200,
+        pool_size=400,
+        lr=1e-4,
+        device=dev,
+        seed=0,
+        workers=4,
+    )
 
     # 1. training on the device, mixed precision by default on CUDA
     t0 = time.perf_counter()
     train(args.pairs, args.images_root, out / "run", overwrite=True, epochs=args.epochs, **common)
     metrics = [json.loads(x) for x in (out / "run" / "metrics.jsonl").read_text().splitlines()]
     for m in metrics:
-        print(f"train epoch {m['epoch']}: loss {m['loss']:.4f}, val mAP {100 * m['val_map']:.2f}, "
-              f"{m['seconds']:.1f} s", flush=True)
-    report["train"] = {"seconds": time.perf_counter() - t0, "metrics": metrics,
-                       "finite": bool(all(np.isfinite(m["loss"]) for m in metrics))}
+        print(
+            f"train epoch {m['epoch']}: loss {m['loss']:.4f}, val mAP {100 * m['val_map']:.2f}, {m['seconds']:.1f} s",
+            flush=True,
+        )
+    report["train"] = {
+        "seconds": time.perf_counter() - t0,
+        "metrics": metrics,
+        "finite": bool(all(np.isfinite(m["loss"]) for m in metrics)),
+    }
 
     # 2. the trained checkpoint's descriptors: device fp32, device auto (fp16), CPU fp32
     best = out / "run" / "best.pt"
@@ -78,22 +95,38 @@ def main(argv=None) -> int:
         names = f["images/name"].asstr()[()]
     (out / "all.txt").write_text("\n".join(names))
     files = {}
-    for label, device, precision in (("device_fp32", dev, "fp32"), ("device_auto", dev, "auto"),
-                                     ("cpu_fp32", "cpu", "fp32")):
+    for label, device, precision in (
+        ("device_fp32", dev, "fp32"),
+        ("device_auto", dev, "auto"),
+        ("cpu_fp32", "cpu", "fp32"),
+    ):
         files[label] = out / f"{label}.h5"
         t = time.perf_counter()
-        extract(best, files[label], images_root=args.images_root, image_list=out / "all.txt", device=device,
-                precision=precision, overwrite=True)
+        extract(
+            best,
+            files[label],
+            images_root=args.images_root,
+            image_list=out / "all.txt",
+            device=device,
+            precision=precision,
+            overwrite=True,
+        )
         seconds = time.perf_counter() - t
         with h5py.File(files[label], "r") as f:
-            report[label] = {"seconds": seconds, "val_map": val_map(files[label], args.pairs),
-                             "compute_dtype": json.loads(f.attrs["parameters"])["compute_dtype"]}
+            report[label] = {
+                "seconds": seconds,
+                "val_map": val_map(files[label], args.pairs),
+                "compute_dtype": json.loads(f.attrs["parameters"])["compute_dtype"],
+            }
     desc = {k: h5py.File(v, "r")["descriptors"][()] for k, v in files.items()}
     for label in ("device_fp32", "device_auto"):
         report[label]["max_difference_to_cpu_fp32"] = float(np.abs(desc[label] - desc["cpu_fp32"]).max())
         r = report[label]
-        print(f"extract {label} ({r['compute_dtype']}): max |d - cpu fp32| {r['max_difference_to_cpu_fp32']:.2e}, "
-              f"val mAP {100 * r['val_map']:.2f} (cpu fp32 {100 * report['cpu_fp32']['val_map']:.2f})", flush=True)
+        print(
+            f"extract {label} ({r['compute_dtype']}): max |d - cpu fp32| {r['max_difference_to_cpu_fp32']:.2e}, "
+            f"val mAP {100 * r['val_map']:.2f} (cpu fp32 {100 * report['cpu_fp32']['val_map']:.2f})",
+            flush=True,
+        )
 
     # 3. interrupted after epoch 0, resumed: against the uninterrupted run
     class Interrupted(Exception):
@@ -111,16 +144,18 @@ def main(argv=None) -> int:
     train(args.pairs, args.images_root, out / "full", overwrite=True, epochs=2, **common)
     a, _ = load_checkpoint(out / "full" / "last.pt")
     b, _ = load_checkpoint(out / "cut" / "last.pt")
-    diff = max(float((x.float() - y.float()).abs().max()) for x, y in zip(a.state_dict().values(),
-                                                                          b.state_dict().values()))
+    diff = max(
+        float((x.float() - y.float()).abs().max()) for x, y in zip(a.state_dict().values(), b.state_dict().values())
+    )
     report["resume_max_weight_difference"] = diff
     print(f"resume on {dev}: largest weight difference to the uninterrupted run {diff:.2e}", flush=True)
 
     # 4. multi-scale with a whitening layer
     torch.manual_seed(0)
     net = build_network({"arch": "resnet18", "whitening": 64}).to(dev).eval()
-    d, _ = extract_descriptors(net, args.images_root, list(names[:32]), image_size=224, scales=(1, 0.7071, 0.5),
-                               device=dev, workers=2)
+    d, _ = extract_descriptors(
+        net, args.images_root, list(names[:32]), image_size=224, scales=(1, 0.7071, 0.5), device=dev, workers=2
+    )
     ok = bool(np.isfinite(d).all() and np.allclose(np.linalg.norm(d, axis=1), 1, atol=1e-4))
     report["multiscale_whitening_finite_unit"] = ok
     print(f"multi-scale with a whitening layer on {dev}: finite and unit norm: {ok}", flush=True)
@@ -138,12 +173,25 @@ def main(argv=None) -> int:
     speed = {}
     for precision in ("fp32", "auto", "fp32", "auto"):  # twice: the first of each warms up
         t = time.perf_counter()
-        extract(None, out / f"speed_{precision}.h5", arch="resnet50", pool="gem", images_root=photos,
-                image_list=out / "speed.txt", device=dev, precision=precision, batch_size=16, overwrite=True)
+        extract(
+            None,
+            out / f"speed_{precision}.h5",
+            arch="resnet50",
+            pool="gem",
+            images_root=photos,
+            image_list=out / "speed.txt",
+            device=dev,
+            precision=precision,
+            batch_size=16,
+            overwrite=True,
+        )
         speed[precision] = args.speed_images / (time.perf_counter() - t)
     report["speed_resnet50_1024_images_per_s"] = speed
-    print(f"extract resnet50 + GeM at 1024 px on {dev}: fp32 {speed['fp32']:.1f} images/s, "
-          f"auto {speed['auto']:.1f} images/s ({speed['auto'] / speed['fp32']:.2f}x)", flush=True)
+    print(
+        f"extract resnet50 + GeM at 1024 px on {dev}: fp32 {speed['fp32']:.1f} images/s, "
+        f"auto {speed['auto']:.1f} images/s ({speed['auto'] / speed['fp32']:.2f}x)",
+        flush=True,
+    )
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
     return 0
 

@@ -67,10 +67,12 @@ def check_cirtorch_clusters(p: dict, pairs, neg_num: int = 5, strict: bool = Fal
     for split, s in p["splits"].items():
         clusters = len(np.unique(p["cluster"][s["images"]]))
         if len(s["query"]) and clusters < neg_num + 1:
-            problems.append(f"{pairs}: the {split} split has {clusters} clusters; cirtorch's train.py with "
-                            f"--neg-num {neg_num} needs {neg_num + 1} (its create_epoch_tuples fails with an "
-                            f"IndexError): pass it --neg-num {max(clusters - 1, 0)} or fewer"
-                            + (" or --no-val" if split == "val" else ""))
+            problems.append(
+                f"{pairs}: the {split} split has {clusters} clusters; cirtorch's train.py with "
+                f"--neg-num {neg_num} needs {neg_num + 1} (its create_epoch_tuples fails with an "
+                f"IndexError): pass it --neg-num {max(clusters - 1, 0)} or fewer"
+                + (" or --no-val" if split == "val" else "")
+            )
     if problems and strict:
         raise SfmpairsError(problems[0])
     for message in problems:
@@ -97,8 +99,11 @@ def cirtorch_whitening(p: dict, all_passing: bool = False) -> dict:
     q, j = pair_indices(p, all_passing, splits=("train",))
     used = np.unique(np.concatenate([q, j]))
     row = {int(i): k for k, i in enumerate(used)}
-    return {"cids": [cid_of(p["names"][i]) for i in used],
-            "qidxs": [row[int(i)] for i in q], "pidxs": [row[int(i)] for i in j]}
+    return {
+        "cids": [cid_of(p["names"][i]) for i in used],
+        "qidxs": [row[int(i)] for i in q],
+        "pidxs": [row[int(i)] for i in j],
+    }
 
 
 def _place_photos(p: dict, images_root: Path, ims: Path, copy: bool) -> int:
@@ -112,8 +117,9 @@ def _place_photos(p: dict, images_root: Path, ims: Path, copy: bool) -> int:
     return len(used)
 
 
-def export_cirtorch(p: dict, images_root: Path, db_root: Path, provenance: dict, copy: bool = False,
-                    all_passing: bool = False) -> dict:
+def export_cirtorch(
+    p: dict, images_root: Path, db_root: Path, provenance: dict, copy: bool = False, all_passing: bool = False
+) -> dict:
     """The database, the whitening file, ``cids.tsv`` and the photos, into ``db_root``."""
     db_root.mkdir(parents=True)
     db = {split: _cirtorch_split(p, split) for split in ("train", "val")}
@@ -125,15 +131,29 @@ def export_cirtorch(p: dict, images_root: Path, db_root: Path, provenance: dict,
     with open(db_root / "cids.tsv", "w", encoding="utf-8") as fh:  # cid -> our image name
         for split in ("train", "val"):
             s = p["splits"].get(split)
-            for i in (s["images"] if s is not None else []):
+            for i in s["images"] if s is not None else []:
                 fh.write(f"{cid_of(p['names'][i])}\t{p['names'][i]}\n")
     _write_json(db_root / "export.json", provenance)
-    return {"database": str(db_root / f"{CIRTORCH_NAME}.pkl"), "images": linked,
-            "whitening_pairs": len(whitening["qidxs"])}
+    return {
+        "database": str(db_root / f"{CIRTORCH_NAME}.pkl"),
+        "images": linked,
+        "whitening_pairs": len(whitening["qidxs"]),
+    }
 
 
-CSV_COLUMNS = ["split", "query", "candidate", "query_cluster", "slot", "is_positive", "passes",
-               "co_observed", "inlier_ratio", "scale_change", "distance"]
+CSV_COLUMNS = [
+    "split",
+    "query",
+    "candidate",
+    "query_cluster",
+    "slot",
+    "is_positive",
+    "passes",
+    "co_observed",
+    "inlier_ratio",
+    "scale_change",
+    "distance",
+]
 
 
 def export_csv(p: dict, output: Path) -> dict:
@@ -146,10 +166,21 @@ def export_csv(p: dict, output: Path) -> dict:
                 for slot, j in enumerate(s["pool"][r]):
                     if j < 0:
                         continue
-                    w.writerow([split, p["names"][q], p["names"][j], p["cluster_names"][p["cluster"][q]], slot,
-                                int(j == s["positive"][r]), int(s["pool_passes"][r, slot]),
-                                int(s["pool_co_observed"][r, slot]), repr(float(s["pool_inlier_ratio"][r, slot])),
-                                repr(float(s["pool_scale_change"][r, slot])), repr(float(s["pool_distance"][r, slot]))])
+                    w.writerow(
+                        [
+                            split,
+                            p["names"][q],
+                            p["names"][j],
+                            p["cluster_names"][p["cluster"][q]],
+                            slot,
+                            int(j == s["positive"][r]),
+                            int(s["pool_passes"][r, slot]),
+                            int(s["pool_co_observed"][r, slot]),
+                            repr(float(s["pool_inlier_ratio"][r, slot])),
+                            repr(float(s["pool_scale_change"][r, slot])),
+                            repr(float(s["pool_distance"][r, slot])),
+                        ]
+                    )
                     rows += 1
     return {"rows": rows}
 
@@ -185,8 +216,11 @@ def _model_names(p: dict, pairs, store) -> dict:
     path = Path(store or p["source_store"] or "")
     if not path.is_file():
         raise SfmpairsError(f"{pairs}: its SfM store {path} is not found; give it (--store)")
-    s = read_store(path, observations=False, keys=["images/name", "images/colmap_name", "images/model",
-                                                   "models/name", "models/path", "models/images_dir"])
+    s = read_store(
+        path,
+        observations=False,
+        keys=["images/name", "images/colmap_name", "images/model", "models/name", "models/path", "models/images_dir"],
+    )
     if "images/colmap_name" not in s:
         raise SfmpairsError(f"{path}: the store lacks images/colmap_name; ingest the models again")
     if len(s["images/name"]) != len(p["names"]) or np.any(s["images/name"] != p["names"]):
@@ -212,9 +246,17 @@ def _export_folder(p: dict, pairs, output: Path, fmt: str, options: dict, proven
     return result
 
 
-def export(pairs: str | Path, output: str | Path, fmt: str, *, images_root: str | Path | None = None,
-           image_dir: str | Path | None = None, store: str | Path | None = None, overwrite: bool = False,
-           **settings) -> dict:
+def export(
+    pairs: str | Path,
+    output: str | Path,
+    fmt: str,
+    *,
+    images_root: str | Path | None = None,
+    image_dir: str | Path | None = None,
+    store: str | Path | None = None,
+    overwrite: bool = False,
+    **settings,
+) -> dict:
     """Export a pair file as ``fmt``: cirtorch into a data folder; hloc into a file
     (``per_model``: a folder of one pairs file per model, names as the COLMAP models
     have them, read from ``store``; ``image_dir``: names relative to that folder); csv
@@ -222,20 +264,35 @@ def export(pairs: str | Path, output: str | Path, fmt: str, *, images_root: str 
     ``strict``: cirtorch's ``--neg-num`` to check the splits' clusters against, and
     whether too few is an error rather than a warning)."""
     conf = make_conf(ExportConf, **settings)
-    copy, all_passing, per_model, neg_num, strict = conf.copy, conf.all_passing, conf.per_model, conf.neg_num, \
-        conf.strict
+    copy, all_passing, per_model, neg_num, strict = (
+        conf.copy,
+        conf.all_passing,
+        conf.per_model,
+        conf.neg_num,
+        conf.strict,
+    )
     if fmt not in FORMATS:
         raise SfmpairsError(f"unknown format {fmt!r} (choose {', '.join(FORMATS)})")
     if (per_model or image_dir is not None) and fmt != "hloc":
         raise SfmpairsError("--per-model and --image-dir are options of the hloc export")
     if per_model and image_dir is not None:
         raise SfmpairsError("--per-model writes names as each model has them; it takes no --image-dir")
-    options = dict(images_root=images_root, copy=copy, all_passing=all_passing, overwrite=overwrite,
-                   per_model=per_model, image_dir=image_dir, store=store, neg_num=neg_num, strict=strict)
+    options = dict(
+        images_root=images_root,
+        copy=copy,
+        all_passing=all_passing,
+        overwrite=overwrite,
+        per_model=per_model,
+        image_dir=image_dir,
+        store=store,
+        neg_num=neg_num,
+        strict=strict,
+    )
     p = read_pair_file(pairs)
     output = Path(output)
-    provenance = provenance_attrs(EXPORT_SCHEMA, EXPORT_SCHEMA_VERSION, {"format": fmt, **options},
-                                  {"pairs": str(Path(pairs).resolve())})
+    provenance = provenance_attrs(
+        EXPORT_SCHEMA, EXPORT_SCHEMA_VERSION, {"format": fmt, **options}, {"pairs": str(Path(pairs).resolve())}
+    )
     provenance.update({k: json.loads(provenance[k]) for k in ("parameters", "inputs")})
     if fmt == "cirtorch" or per_model:
         return _export_folder(p, pairs, output, fmt, options, provenance)

@@ -91,7 +91,14 @@ def write_per_model(p: dict, folder: Path, store: dict, all_passing: bool) -> di
         rel = model_folder(name, k)
         (folder / rel).mkdir(parents=True, exist_ok=True)
         (folder / rel / "pairs.txt").write_text(_lines(colmap, q[mine], j[mine], name), encoding="utf-8")
-        entries.append({"model": name, "pairs_file": f"{rel}/pairs.txt", "pairs": int(mine.sum()),
-                        "model_path": store["models/path"][k], "image_dir": store["models/images_dir"][k]})
+        entries.append(
+            {
+                "model": name,
+                "pairs_file": f"{rel}/pairs.txt",
+                "pairs": int(mine.sum()),
+                "model_path": store["models/path"][k],
+                "image_dir": store["models/images_dir"][k],
+            }
+        )
     (folder / "models.json").write_text(json.dumps(entries, indent=1) + "\n", encoding="utf-8")
     return {"pairs": len(q), "models": len(entries)}

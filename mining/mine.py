@@ -40,8 +40,12 @@ def compute_pools(s: dict, pool_size: int, measure: str) -> dict:
     N = len(s["images/model"])
     ranges, point_ranges = s["models/image_range"], s["models/point_range"]
     K = int(max((min(pool_size, b - a - 1) for a, b in ranges), default=0))
-    out = {"pool": np.full((N, K), -1, np.int64), "distance": np.full((N, K), np.nan),
-           "co_observed": np.zeros((N, K), np.int64), "scale_change": np.full((N, K), np.nan)}
+    out = {
+        "pool": np.full((N, K), -1, np.int64),
+        "distance": np.full((N, K), np.nan),
+        "co_observed": np.zeros((N, K), np.int64),
+        "scale_change": np.full((N, K), np.nan),
+    }
     indptr = s["observations/indptr"]
     longer = np.maximum(s["images/width"], s["images/height"]).astype(np.float64)
     for (a, b), (pa, pb) in progress(list(zip(ranges, point_ranges)), desc="pools", unit="model"):
@@ -51,13 +55,22 @@ def compute_pools(s: dict, pool_size: int, measure: str) -> dict:
         pool, dist = pool_members(s["images/centre"][a:b], pool_size)
         k = pool.shape[1]
         ia, ib = indptr[a], indptr[b]
-        local_indptr = indptr[a:b + 1] - ia
+        local_indptr = indptr[a : b + 1] - ia
         local_point = s["observations/point"][ia:ib] - pa
         pairs = unordered_pairs(pool, n)
         count, scale = pair_statistics(
-            local_indptr, local_point, s["points/xyz"][pa:pb], s["images/rotation"][a:b],
-            s["images/tvec"][a:b], s["images/focal"][a:b], longer[a:b], pairs, n, measure,
-            xy=s["observations/xy"][ia:ib].astype(np.float64) if measure == "bbox" else None)
+            local_indptr,
+            local_point,
+            s["points/xyz"][pa:pb],
+            s["images/rotation"][a:b],
+            s["images/tvec"][a:b],
+            s["images/focal"][a:b],
+            longer[a:b],
+            pairs,
+            n,
+            measure,
+            xy=s["observations/xy"][ia:ib].astype(np.float64) if measure == "bbox" else None,
+        )
         q = np.repeat(np.arange(n), k).reshape(n, k)
         which = np.searchsorted(pairs, np.minimum(q, pool) * n + np.maximum(q, pool))
         out["pool"][a:b, :k] = pool + a
@@ -82,8 +95,10 @@ def split_clusters(names: np.ndarray, conf: MineConf, rng) -> np.ndarray:
         for name in conf.val_clusters:
             if name not in index:
                 more = f" and {len(names) - 10} more" if len(names) > 10 else ""
-                raise SfmpairsError(f"--val-clusters: no cluster named {name!r} in the store; "
-                                    f"its clusters: {', '.join(names[:10])}{more}")
+                raise SfmpairsError(
+                    f"--val-clusters: no cluster named {name!r} in the store; "
+                    f"its clusters: {', '.join(names[:10])}{more}"
+                )
             split[index[name]] = 1
     elif conf.val_fraction > 0 and C >= 2:
         # at least two val clusters where four or more leave two to train on: with one,
@@ -93,8 +108,14 @@ def split_clusters(names: np.ndarray, conf: MineConf, rng) -> np.ndarray:
     return split
 
 
-def positive_slots(strategy: str, passes: np.ndarray, candidate: np.ndarray, co_observed: np.ndarray,
-                   rng, similarity: np.ndarray | None = None) -> np.ndarray:
+def positive_slots(
+    strategy: str,
+    passes: np.ndarray,
+    candidate: np.ndarray,
+    co_observed: np.ndarray,
+    rng,
+    similarity: np.ndarray | None = None,
+) -> np.ndarray:
     """The positive of each query, as a slot of its pool row, by the strategy.
 
     Rows are queries, columns pool slots (nearest camera first): ``passes``, the relaxed
@@ -121,12 +142,11 @@ def pool_similarity(desc: np.ndarray, queries: np.ndarray, pool: np.ndarray, chu
     slots, -1, get whatever row -1 is: they are never candidates), in chunks of queries."""
     out = np.empty(pool.shape, np.float32)
     for a in range(0, len(queries), chunk):
-        out[a:a + chunk] = np.einsum("qkd,qd->qk", desc[pool[a:a + chunk]], desc[queries[a:a + chunk]])
+        out[a : a + chunk] = np.einsum("qkd,qd->qk", desc[pool[a : a + chunk]], desc[queries[a : a + chunk]])
     return out
 
 
-def co_observing_images(queries: np.ndarray, indptr: np.ndarray, point: np.ndarray,
-                     cluster: np.ndarray) -> dict:
+def co_observing_images(queries: np.ndarray, indptr: np.ndarray, point: np.ndarray, cluster: np.ndarray) -> dict:
     """For each val query q, every other image of q's cluster that shares 3D points
     with it and how many (``gt_indptr``, ``gt_image``, ``gt_co_observed``: CSR rows by
     query, images ascending), so that evaluation needs the pair file alone. One
@@ -142,16 +162,20 @@ def co_observing_images(queries: np.ndarray, indptr: np.ndarray, point: np.ndarr
         shared = (A[queries[qk]] @ A[members].T).tocsr()  # co-observed points
         shared.sort_indices()
         for row, k in enumerate(qk):
-            cols = shared.indices[shared.indptr[row]:shared.indptr[row + 1]]
-            vals = shared.data[shared.indptr[row]:shared.indptr[row + 1]]
+            cols = shared.indices[shared.indptr[row] : shared.indptr[row + 1]]
+            vals = shared.data[shared.indptr[row] : shared.indptr[row + 1]]
             other = members[cols] != queries[k]
             images[k], counts[k] = members[cols[other]], vals[other]
     sizes = [len(x) for x in images]
+
     def cat(xs):
         return np.concatenate(xs) if xs else np.zeros(0, np.int64)
 
-    return {"gt_indptr": np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64),
-            "gt_image": cat(images).astype(np.int32), "gt_co_observed": cat(counts).astype(np.int32)}
+    return {
+        "gt_indptr": np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64),
+        "gt_image": cat(images).astype(np.int32),
+        "gt_co_observed": cat(counts).astype(np.int32),
+    }
 
 
 def passing_candidates(pools: dict, conf: MineConf) -> tuple[np.ndarray, np.ndarray]:
@@ -160,13 +184,15 @@ def passing_candidates(pools: dict, conf: MineConf) -> tuple[np.ndarray, np.ndar
     ratio is high enough and its scale change small enough."""
     candidate = pools["co_observed"] >= conf.min_co_observed
     with np.errstate(invalid="ignore"):
-        passes = (candidate & (pools["inlier_ratio"] >= conf.min_inlier_ratio)
-                  & (pools["scale_change"] <= conf.max_scale_change))
+        passes = (
+            candidate
+            & (pools["inlier_ratio"] >= conf.min_inlier_ratio)
+            & (pools["scale_change"] <= conf.max_scale_change)
+        )
     return candidate, passes
 
 
-def draw_queries(clusters: np.ndarray, eligible: np.ndarray, cluster: np.ndarray, want: int | None,
-                 rng) -> np.ndarray:
+def draw_queries(clusters: np.ndarray, eligible: np.ndarray, cluster: np.ndarray, want: int | None, rng) -> np.ndarray:
     """The queries of the given clusters: ``want`` eligible images drawn per cluster
     (None: the paper's number; 0: every eligible image), ascending within a cluster."""
     cluster_size = np.bincount(cluster)
@@ -180,22 +206,38 @@ def draw_queries(clusters: np.ndarray, eligible: np.ndarray, cluster: np.ndarray
     return np.concatenate(queries) if queries else np.zeros(0, np.int64)
 
 
-def mine_negatives(split: str, queries: np.ndarray, images: np.ndarray, cluster: np.ndarray, desc: np.ndarray,
-                   count: int) -> dict:
+def mine_negatives(
+    split: str, queries: np.ndarray, images: np.ndarray, cluster: np.ndarray, desc: np.ndarray, count: int
+) -> dict:
     """Each query's ``count`` hard negatives among the split's images, at most one per
     other cluster (-1 where fewer clusters are left), and their similarities."""
     idx, sim = hard_negatives(desc[queries], cluster[queries], desc[images], cluster[images], count)
     given = (idx >= 0).sum(axis=1)
     if len(queries) and given.min() < count:
         spread = f"{given.min()}" if given.min() == given.max() else f"{given.min()} to {given.max()}"
-        logger.warning("%s split: %d clusters and at most one negative from each other cluster: "
-                       "%s hard negatives per query, not %d", split, len(np.unique(cluster[images])),
-                       spread, count)
+        logger.warning(
+            "%s split: %d clusters and at most one negative from each other cluster: "
+            "%s hard negatives per query, not %d",
+            split,
+            len(np.unique(cluster[images])),
+            spread,
+            count,
+        )
     return {"negatives": np.where(idx >= 0, images[np.maximum(idx, 0)], -1), "negative_similarity": sim}
 
 
-def mine_split(split: str, in_split: np.ndarray, s: dict, pools: dict, candidate: np.ndarray, passes: np.ndarray,
-               conf: MineConf, desc: np.ndarray | None, want_negatives: bool, rng) -> dict:
+def mine_split(
+    split: str,
+    in_split: np.ndarray,
+    s: dict,
+    pools: dict,
+    candidate: np.ndarray,
+    passes: np.ndarray,
+    conf: MineConf,
+    desc: np.ndarray | None,
+    want_negatives: bool,
+    rng,
+) -> dict:
     """One split's queries, positives, images, hard negatives (with descriptors) and,
     for val, the ground truth: the paper's steps for the clusters ``in_split``."""
     cluster = s["images/cluster"]
@@ -203,8 +245,9 @@ def mine_split(split: str, in_split: np.ndarray, s: dict, pools: dict, candidate
     queries = draw_queries(np.flatnonzero(in_split), eligible, cluster, conf.queries_per_cluster, rng)
     rows = pools["pool"][queries]
     similarity = pool_similarity(desc, queries, rows) if conf.strategy == "mac" else None
-    slots = positive_slots(conf.strategy, passes[queries], candidate[queries], pools["co_observed"][queries], rng,
-                           similarity)
+    slots = positive_slots(
+        conf.strategy, passes[queries], candidate[queries], pools["co_observed"][queries], rng, similarity
+    )
     images = np.flatnonzero(in_split[cluster])
     entry = {"query": queries, "positive": rows[np.arange(len(queries)), slots], "images": images}
     if want_negatives:
@@ -213,21 +256,41 @@ def mine_split(split: str, in_split: np.ndarray, s: dict, pools: dict, candidate
         entry.update(co_observing_images(queries, s["observations/indptr"], s["observations/point"], cluster))
     logger.info("%s: %d clusters, %d images, %d queries", split, int(in_split.sum()), len(images), len(queries))
     if len(queries):
-        logger.debug("%s: per query %.1f pool images, %.1f candidates sharing points, %.1f passing", split,
-                     (rows >= 0).sum(1).mean(), candidate[queries].sum(1).mean(), passes[queries].sum(1).mean())
+        logger.debug(
+            "%s: per query %.1f pool images, %.1f candidates sharing points, %.1f passing",
+            split,
+            (rows >= 0).sum(1).mean(),
+            candidate[queries].sum(1).mean(),
+            passes[queries].sum(1).mean(),
+        )
     return entry
 
 
 def store_keys(conf: MineConf) -> list[str]:
     """The SfM store's datasets that mining reads."""
-    keys = ["images/name", "images/cluster", "images/model", "images/centre", "images/rotation", "images/tvec",
-            "images/focal", "images/width", "images/height", "models/image_range", "models/point_range",
-            "points/xyz", "observations/indptr", "observations/point", "clusters/name"]
+    keys = [
+        "images/name",
+        "images/cluster",
+        "images/model",
+        "images/centre",
+        "images/rotation",
+        "images/tvec",
+        "images/focal",
+        "images/width",
+        "images/height",
+        "models/image_range",
+        "models/point_range",
+        "points/xyz",
+        "observations/indptr",
+        "observations/point",
+        "clusters/name",
+    ]
     return keys + (["observations/xy"] if conf.scale_measure == "bbox" else [])
 
 
-def mine(store: str | Path, output: str | Path, *, descriptors: str | Path | None = None,
-         overwrite: bool = False, **options) -> dict:
+def mine(
+    store: str | Path, output: str | Path, *, descriptors: str | Path | None = None, overwrite: bool = False, **options
+) -> dict:
     """Mine training pairs from the SfM store ``store`` into the pair file ``output``.
 
     ``options``: the settings of :class:`~.options.MineConf` (its defaults for the
@@ -256,18 +319,31 @@ def mine(store: str | Path, output: str | Path, *, descriptors: str | Path | Non
     candidate, passes = passing_candidates(pools, conf)
     rng = np.random.default_rng(conf.seed)
     split_of_cluster = split_clusters(cluster_names, conf, rng)
-    per_split = {split: mine_split(split, split_of_cluster == sp, s, pools, candidate, passes, conf, desc,
-                                   want_negatives, rng)
-                 for sp, split in enumerate(SPLITS)}
+    per_split = {
+        split: mine_split(split, split_of_cluster == sp, s, pools, candidate, passes, conf, desc, want_negatives, rng)
+        for sp, split in enumerate(SPLITS)
+    }
 
     inputs = {"store": str(store.resolve()), "store_sha256": checksum.result()}
     if descriptors:
         inputs["descriptors_sha256"] = file_sha256(descriptors)
     parameters = {**conf_dict(conf), "descriptors": str(Path(descriptors).resolve()) if descriptors else None}
-    write_pair_file(output, overwrite, s, split_of_cluster, per_split, {**pools, "passes": passes},
-                    conf_dict(conf), parameters, inputs)
-    result = {"output": str(output), "strategy": conf.strategy,
-              **{f"{split}_queries": len(e["query"]) for split, e in per_split.items()},
-              "seconds": time.perf_counter() - t0}
+    write_pair_file(
+        output,
+        overwrite,
+        s,
+        split_of_cluster,
+        per_split,
+        {**pools, "passes": passes},
+        conf_dict(conf),
+        parameters,
+        inputs,
+    )
+    result = {
+        "output": str(output),
+        "strategy": conf.strategy,
+        **{f"{split}_queries": len(e["query"]) for split, e in per_split.items()},
+        "seconds": time.perf_counter() - t0,
+    }
     logger.info("wrote %s in %.1f s", output, result["seconds"])
     return result

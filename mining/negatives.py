@@ -12,9 +12,14 @@ from __future__ import annotations
 import numpy as np
 
 
-def hard_negatives(query_desc: np.ndarray, query_cluster: np.ndarray,
-                   pool_desc: np.ndarray, pool_cluster: np.ndarray, num: int,
-                   batch_size: int = 256):
+def hard_negatives(
+    query_desc: np.ndarray,
+    query_cluster: np.ndarray,
+    pool_desc: np.ndarray,
+    pool_cluster: np.ndarray,
+    num: int,
+    batch_size: int = 256,
+):
     """The ``num`` pool images most similar (inner product) to each query, from
     clusters other than the query's, at most one per cluster, most similar first.
 
@@ -50,8 +55,11 @@ def hard_negatives(query_desc: np.ndarray, query_cluster: np.ndarray,
         own = np.searchsorted(labels, query_cluster[q0:q1])
         own_ok = (own < len(labels)) & (labels[np.minimum(own, len(labels) - 1)] == query_cluster[q0:q1])
         best[rows[own_ok], own[own_ok]] = -np.inf
-        top = np.argpartition(-best, k - 1, axis=1)[:, :k] if k < best.shape[1] else \
-            np.broadcast_to(np.arange(best.shape[1]), best.shape)
+        top = (
+            np.argpartition(-best, k - 1, axis=1)[:, :k]
+            if k < best.shape[1]
+            else np.broadcast_to(np.arange(best.shape[1]), best.shape)
+        )
         top_sim = np.take_along_axis(best, top, axis=1)
         order = np.lexsort((top, -top_sim), axis=1)  # most similar first, ties by cluster
         top = np.take_along_axis(top, order, axis=1)
@@ -77,5 +85,5 @@ def random_negatives(query_cluster: np.ndarray, pool_cluster: np.ndarray, num: i
         order = rng.permutation(np.flatnonzero(pool_cluster != c))
         _, first = np.unique(pool_cluster[order], return_index=True)  # each cluster's first image in the order
         chosen = order[np.sort(first)][:num]  # the clusters, too, in a random order
-        index[i, :len(chosen)] = chosen
+        index[i, : len(chosen)] = chosen
     return index

@@ -21,15 +21,21 @@ class MineConf:
     pool_size: int = setting(100, "k, the images in M(q): nearest camera centres in q's model.", short="-k")
     min_inlier_ratio: float = setting(0.2, "relaxed: co-observed points / points of q, at least.")
     max_scale_change: float = setting(1.5, "relaxed: scale change, at most (1: same scale).")
-    scale_measure: str = setting("depth", "depth: median ratio of apparent point sizes; bbox: ratio of the "
-                                 "co-observed points' bounding boxes.", choices=SCALE_MEASURES)
+    scale_measure: str = setting(
+        "depth",
+        "depth: median ratio of apparent point sizes; bbox: ratio of the co-observed points' bounding boxes.",
+        choices=SCALE_MEASURES,
+    )
     min_co_observed: int = setting(1, "A positive shares at least this many 3D points with q.")
     queries_per_cluster: int | None = setting(
-        None, "Queries drawn per cluster (0: every eligible image).",
-        default_text="the paper's: a tenth of a cluster of up to 300 images, 30 for larger ones")
+        None,
+        "Queries drawn per cluster (0: every eligible image).",
+        default_text="the paper's: a tenth of a cluster of up to 300 images, 30 for larger ones",
+    )
     val_fraction: float = setting(0.2, "Fraction of clusters in the val split.")
     val_clusters: tuple[str, ...] | None = setting(
-        None, "Comma-separated cluster names for the val split (instead of --val-fraction).")
+        None, "Comma-separated cluster names for the val split (instead of --val-fraction)."
+    )
     negatives: int = setting(5, "Hard negatives per query (with --descriptors), at most one per cluster.")
     seed: int = setting(0, "Random seed.")
 
@@ -37,14 +43,18 @@ class MineConf:
         """Refuse settings outside their range, naming the option."""
         checks = [
             (self.strategy in STRATEGIES, f"unknown strategy {self.strategy!r} (choose {', '.join(STRATEGIES)})"),
-            (self.scale_measure in SCALE_MEASURES,
-             f"unknown scale measure {self.scale_measure!r} (choose {', '.join(SCALE_MEASURES)})"),
+            (
+                self.scale_measure in SCALE_MEASURES,
+                f"unknown scale measure {self.scale_measure!r} (choose {', '.join(SCALE_MEASURES)})",
+            ),
             (self.pool_size >= 1, "--pool-size must be at least 1"),
             (0 <= self.min_inlier_ratio <= 1, "--min-inlier-ratio must be in [0, 1]"),
             (self.max_scale_change >= 1, "--max-scale-change must be at least 1"),
             (self.min_co_observed >= 1, "--min-co-observed must be at least 1"),
-            (self.queries_per_cluster is None or self.queries_per_cluster >= 0,
-             "--queries-per-cluster must be 0 (all) or more"),
+            (
+                self.queries_per_cluster is None or self.queries_per_cluster >= 0,
+                "--queries-per-cluster must be 0 (all) or more",
+            ),
             (0 <= self.val_fraction < 1, "--val-fraction must be in [0, 1)"),
             (self.negatives >= 0, "--negatives must be 0 or more"),
         ]
@@ -56,11 +66,16 @@ class MineConf:
 @dataclass(frozen=True)
 class ExportConf:
     copy: bool = setting(False, "cirtorch: copy the photos instead of linking them.")
-    all_passing: bool = setting(False, "hloc: every passing pool pair, not only query-positive; cirtorch: so too "
-                                "for its whitening pairs.")
-    per_model: bool = setting(False, "hloc: -o is a folder of one pairs file per model, names as the COLMAP model "
-                              "has them (mapping, localisation).")
-    neg_num: int = setting(5, "cirtorch: the --neg-num its train.py will run with (its default: 5); a split with "
-                           "fewer clusters than it + 1 is warned of.")
-    strict: bool = setting(False, "cirtorch: refuse a split with fewer clusters than --neg-num + 1 instead of "
-                           "warning.")
+    all_passing: bool = setting(
+        False, "hloc: every passing pool pair, not only query-positive; cirtorch: so too for its whitening pairs."
+    )
+    per_model: bool = setting(
+        False,
+        "hloc: -o is a folder of one pairs file per model, names as the COLMAP model has them (mapping, localisation).",
+    )
+    neg_num: int = setting(
+        5,
+        "cirtorch: the --neg-num its train.py will run with (its default: 5); a split with "
+        "fewer clusters than it + 1 is warned of.",
+    )
+    strict: bool = setting(False, "cirtorch: refuse a split with fewer clusters than --neg-num + 1 instead of warning.")

@@ -25,23 +25,42 @@ def read_pair_file(path: str | Path) -> dict:
         raise SfmpairsError(f"{path}: not a readable pair file") from None
     with f:
         check_schema(f.attrs, path, SCHEMA, SCHEMA_VERSION, "a pair file", " (sfmpairs mine writes them)")
-        out = {"names": f["images/name"].asstr()[()], "cluster": f["images/cluster"][()],
-               "cluster_names": f["clusters/name"].asstr()[()], "images_root": f.attrs.get("images_root", ""),
-               "strategy": f.attrs.get("strategy"), "source_store": f.attrs.get("source_store"),
-               "min_co_observed": int(f.attrs.get("min_co_observed", 1)),
-               "splits": {}}
+        out = {
+            "names": f["images/name"].asstr()[()],
+            "cluster": f["images/cluster"][()],
+            "cluster_names": f["clusters/name"].asstr()[()],
+            "images_root": f.attrs.get("images_root", ""),
+            "strategy": f.attrs.get("strategy"),
+            "source_store": f.attrs.get("source_store"),
+            "min_co_observed": int(f.attrs.get("min_co_observed", 1)),
+            "splits": {},
+        }
         for split in ("train", "val"):
             if split in f:
                 out["splits"][split] = {k: f[f"{split}/{k}"][()] for k in f[split]}
     return out
 
 
-POOL_DATASETS = {"pool_co_observed": "co_observed", "pool_inlier_ratio": "inlier_ratio",
-                 "pool_scale_change": "scale_change", "pool_distance": "distance", "pool_passes": "passes"}
+POOL_DATASETS = {
+    "pool_co_observed": "co_observed",
+    "pool_inlier_ratio": "inlier_ratio",
+    "pool_scale_change": "scale_change",
+    "pool_distance": "distance",
+    "pool_passes": "passes",
+}
 
 
-def write_pair_file(path: str | Path, overwrite: bool, s: dict, split_of_cluster: np.ndarray, per_split: dict,
-                    pools: dict, settings: dict, parameters: dict, inputs: dict) -> None:
+def write_pair_file(
+    path: str | Path,
+    overwrite: bool,
+    s: dict,
+    split_of_cluster: np.ndarray,
+    per_split: dict,
+    pools: dict,
+    settings: dict,
+    parameters: dict,
+    inputs: dict,
+) -> None:
     """Write a pair file atomically (docs/formats.md). ``s``: the SfM store's arrays
     (:func:`~sfmpairs.sfm_io.store.read_store`); ``per_split[split]``: its ``query``,
     ``positive``, ``images`` and optional ``negatives``, ``negative_similarity`` and

@@ -89,8 +89,9 @@ def tracks(indptr: np.ndarray, point: np.ndarray, num_points: int):
     order = np.argsort(first, kind="stable")
     label = np.empty(num_points, idx)
     label[order] = np.arange(num_points, dtype=idx)
-    csc = sparse.csr_matrix((np.arange(nnz, dtype=idx), label[point], indptr.astype(idx)),
-                            shape=(n, num_points)).tocsc()
+    csc = sparse.csr_matrix(
+        (np.arange(nnz, dtype=idx), label[point], indptr.astype(idx)), shape=(n, num_points)
+    ).tocsc()
     position = np.empty(nnz, np.int64)
     position[csc.data] = np.arange(nnz)
     return label, order, csc.indptr.astype(np.int64), csc.indices, csc.data, position
@@ -114,8 +115,21 @@ def log_scale_by_track(track_ptr, track_image, xyz, axis, tz, log_f, chunk: int 
     return out
 
 
-def pair_statistics(indptr, point, xyz, rotation, tvec, focal, longer_side, pairs, n,
-                    measure="depth", xy=None, batch_images: int = 64, threads: int | None = None):
+def pair_statistics(
+    indptr,
+    point,
+    xyz,
+    rotation,
+    tvec,
+    focal,
+    longer_side,
+    pairs,
+    n,
+    measure="depth",
+    xy=None,
+    batch_images: int = 64,
+    threads: int | None = None,
+):
     """Co-observed count and scale change of each unordered pair ``pairs`` of one model.
 
     All of one model, images 0..n-1, points 0..M-1 and observations 0..nnz-1 local:
@@ -189,8 +203,7 @@ def _statistics_by_batch(lo, hi, n, indptr, point, trk, scale_change, batch_imag
         # the batch's pairs as keys (lo - i0) * n + hi, each < batch_images * n: indices
         # into ``slot``; pair: local pair index (0..p1-p0-1) of each co-observation;
         # source: its observation in lo, relative to indptr[i0]; later: hi's, as a track position
-        pair, source, later = _co_observations(i0, i1, n, indptr, point, trk, slot,
-                                               (lo[p0:p1] - i0) * n + hi[p0:p1])
+        pair, source, later = _co_observations(i0, i1, n, indptr, point, trk, slot, (lo[p0:p1] - i0) * n + hi[p0:p1])
         shared = np.bincount(pair, minlength=p1 - p0)  # (p1 - p0,): |P(lo) ∩ P(hi)|
         count[p0:p1] = shared
         which, value = scale_change(pair, indptr[i0], source, later, shared)
@@ -227,7 +240,7 @@ def _co_observations(i0, i1, n, indptr, point, trk, slot, keys):
     source = np.repeat(np.arange(o1 - o0), length)  # entry -> the observation whose run it is in
     # entry e is the (e - run_begin[s])-th of run s, at track position start[s] + that
     later = np.arange(len(source)) + (start - run_begin)[source]
-    row = np.repeat(np.arange(i1 - i0), np.diff(indptr[i0:i1 + 1]))  # observation -> image - i0
+    row = np.repeat(np.arange(i1 - i0), np.diff(indptr[i0 : i1 + 1]))  # observation -> image - i0
     pair = slot[(row * n)[source] + track_image[later]]  # -1: (lo, hi) is in no pool
     slot[keys] = -1
     keep = pair >= 0

@@ -29,6 +29,7 @@ from .config import click_options, given  # noqa: E402
 
 def _fail_cleanly(fn):
     """Bad input: one line on stderr naming the file and the problem, exit code 2."""
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         log, start = logging.getLogger("sfmpairs"), time.perf_counter()
@@ -43,6 +44,7 @@ def _fail_cleanly(fn):
         except KeyboardInterrupt:
             click.echo("sfmpairs: interrupted", err=True)
             sys.exit(130)
+
     return wrapper
 
 
@@ -71,16 +73,25 @@ def _set_logging(verbose: int, quiet: bool) -> None:
 
 def _verbosity(fn):
     """-v/-q on every command too, so that ``sfmpairs ingest -q ...`` works."""
+
     def callback(ctx, param, value):
         if value:
             state = ctx.ensure_object(dict)
             state[param.name] = value
             _set_logging(state.get("verbose", 0), state.get("quiet", False))
         return value
-    fn = click.option("-v", "--verbose", count=True, expose_value=False, callback=callback,
-                      help="More detail in the log.")(fn)
-    fn = click.option("-q", "--quiet", is_flag=True, expose_value=False, callback=callback,
-                      help="Only warnings and errors; no progress bars.")(fn)
+
+    fn = click.option(
+        "-v", "--verbose", count=True, expose_value=False, callback=callback, help="More detail in the log."
+    )(fn)
+    fn = click.option(
+        "-q",
+        "--quiet",
+        is_flag=True,
+        expose_value=False,
+        callback=callback,
+        help="Only warnings and errors; no progress bars.",
+    )(fn)
     return fn
 
 
@@ -110,13 +121,15 @@ def main(ctx, verbose: int, quiet: bool):
 
 @main.command()
 @click.argument("paths", nargs=-1, type=click.Path(path_type=str))
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
-              help="The SfM store to write (HDF5).")
-@click.option("--manifest", type=click.Path(dir_okay=False),
-              help="TOML file listing models, cluster names and image folders.")
-@click.option("--images-root", type=click.Path(file_okay=False),
-              help="Folder the stored image names are relative to "
-                   "(default: the common folder of the models' photos).")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The SfM store to write (HDF5).")
+@click.option(
+    "--manifest", type=click.Path(dir_okay=False), help="TOML file listing models, cluster names and image folders."
+)
+@click.option(
+    "--images-root",
+    type=click.Path(file_okay=False),
+    help="Folder the stored image names are relative to (default: the common folder of the models' photos).",
+)
 @click_options(IngestConf)
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 @_verbosity
@@ -136,11 +149,13 @@ def ingest(paths, output, manifest, images_root, overwrite, **options):
 
 @main.command()
 @click.argument("store", type=click.Path(dir_okay=False))
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
-              help="The pair file to write (HDF5).")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The pair file to write (HDF5).")
 @click_options(MineConf)
-@click.option("--descriptors", type=click.Path(dir_okay=False),
-              help="HDF5 descriptors keyed by image name: for --strategy mac and hard negatives.")
+@click.option(
+    "--descriptors",
+    type=click.Path(dir_okay=False),
+    help="HDF5 descriptors keyed by image name: for --strategy mac and hard negatives.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 @_verbosity
 @_fail_cleanly
@@ -161,31 +176,56 @@ def _network_options(fn):
     baseline), for extract and evaluate."""
     from sfmpairs.retrieval.backbones import BACKBONES, POOLS
 
-    for option in reversed([
-        click.option("--model", type=click.Path(dir_okay=False),
-                     help="A checkpoint (.pt) of sfmpairs train; or give --arch."),
-        click.option("--arch", type=click.Choice(list(BACKBONES)), default=None,
-                     help="An off-the-shelf network instead of --model: this torchvision backbone."),
-        click.option("--pool", type=click.Choice(POOLS), default=None,
-                     help="With --arch: the global pooling [default: gem, p = 3]."),
-        click.option("--pretrained", default=None, is_flag=False, flag_value="imagenet", metavar="[FILE]",
-                     callback=lambda ctx, param, value: None if value is None else parse_pretrained(value),
-                     help="With --arch: torchvision's ImageNet weights (downloaded), or a local "
-                          "weights file (e.g. resnet50-11ad3fa6.pth) on an offline machine."),
-    ]):
+    for option in reversed(
+        [
+            click.option(
+                "--model", type=click.Path(dir_okay=False), help="A checkpoint (.pt) of sfmpairs train; or give --arch."
+            ),
+            click.option(
+                "--arch",
+                type=click.Choice(list(BACKBONES)),
+                default=None,
+                help="An off-the-shelf network instead of --model: this torchvision backbone.",
+            ),
+            click.option(
+                "--pool",
+                type=click.Choice(POOLS),
+                default=None,
+                help="With --arch: the global pooling [default: gem, p = 3].",
+            ),
+            click.option(
+                "--pretrained",
+                default=None,
+                is_flag=False,
+                flag_value="imagenet",
+                metavar="[FILE]",
+                callback=lambda ctx, param, value: None if value is None else parse_pretrained(value),
+                help="With --arch: torchvision's ImageNet weights (downloaded), or a local "
+                "weights file (e.g. resnet50-11ad3fa6.pth) on an offline machine.",
+            ),
+        ]
+    ):
         fn = option(fn)
     return fn
 
 
 @main.command()
 @_network_options
-@click.option("--store", type=click.Path(dir_okay=False),
-              help="Describe every image of this SfM store (photos under its images root).")
+@click.option(
+    "--store",
+    type=click.Path(dir_okay=False),
+    help="Describe every image of this SfM store (photos under its images root).",
+)
 @click.option("--images-root", type=click.Path(file_okay=False), help="Folder of the photos.")
-@click.option("--list", "image_list", type=click.Path(dir_okay=False),
-              help="Text file of image names (relative to --images-root), one per line.")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
-              help="The descriptor file to write (HDF5).")
+@click.option(
+    "--list",
+    "image_list",
+    type=click.Path(dir_okay=False),
+    help="Text file of image names (relative to --images-root), one per line.",
+)
+@click.option(
+    "-o", "--output", required=True, type=click.Path(dir_okay=False), help="The descriptor file to write (HDF5)."
+)
 @click.option("--whitening", type=click.Path(dir_okay=False), help="Apply a whitening file (sfmpairs whiten).")
 @click_options(ExtractConf)
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
@@ -196,8 +236,19 @@ def extract(model, arch, pool, pretrained, store, images_root, image_list, outpu
     or an off-the-shelf network (--arch)."""
     from sfmpairs.retrieval.extract import extract as run
 
-    run(model, output, arch=arch, pool=pool, pretrained=pretrained, store=store, images_root=images_root,
-        image_list=image_list, whitening=whitening, overwrite=overwrite, **given(options))
+    run(
+        model,
+        output,
+        arch=arch,
+        pool=pool,
+        pretrained=pretrained,
+        store=store,
+        images_root=images_root,
+        image_list=image_list,
+        whitening=whitening,
+        overwrite=overwrite,
+        **given(options),
+    )
 
 
 @main.command()
@@ -218,46 +269,100 @@ def whiten(descriptors, pairs, output, overwrite, **options):
 
 @main.command()
 @click.option("--pairs", type=click.Path(dir_okay=False), help="Evaluate on this pair file's val split.")
-@click.option("--gnd", type=click.Path(dir_okay=False),
-              help="Or on revisited Oxford/Paris ground truth (gnd_*.pkl); queries are cropped to their box.")
-@click.option("--descriptors", type=click.Path(dir_okay=False),
-              help="Precomputed descriptor file (not with --gnd: its queries need cropping).")
+@click.option(
+    "--gnd",
+    type=click.Path(dir_okay=False),
+    help="Or on revisited Oxford/Paris ground truth (gnd_*.pkl); queries are cropped to their box.",
+)
+@click.option(
+    "--descriptors",
+    type=click.Path(dir_okay=False),
+    help="Precomputed descriptor file (not with --gnd: its queries need cropping).",
+)
 @_network_options
-@click.option("--whitening", type=click.Path(dir_okay=False),
-              help="Apply a whitening file (sfmpairs whiten) to the descriptors.")
-@click.option("--store", type=click.Path(dir_okay=False),
-              help="Only for pair files of schema version 1 (sfmpairs info shows it): the SfM store they "
-                   "were mined from.")
-@click.option("--images-root", type=click.Path(file_okay=False),
-              help="Folder of the photos, when extracting (default: the pair file's).")
+@click.option(
+    "--whitening", type=click.Path(dir_okay=False), help="Apply a whitening file (sfmpairs whiten) to the descriptors."
+)
+@click.option(
+    "--store",
+    type=click.Path(dir_okay=False),
+    help="Only for pair files of schema version 1 (sfmpairs info shows it): the SfM store they were mined from.",
+)
+@click.option(
+    "--images-root",
+    type=click.Path(file_okay=False),
+    help="Folder of the photos, when extracting (default: the pair file's).",
+)
 @click_options(EvaluateConf)
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="JSON report.")
-@click.option("--picture", type=click.Path(dir_okay=False),
-              help="Also a PNG of a few val queries and their top results, framed by ground truth.")
+@click.option(
+    "--picture",
+    type=click.Path(dir_okay=False),
+    help="Also a PNG of a few val queries and their top results, framed by ground truth.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 @_verbosity
 @_fail_cleanly
-def evaluate(pairs, gnd, descriptors, model, arch, pool, pretrained, whitening, store, images_root, output,
-             picture, overwrite, **options):
+def evaluate(
+    pairs,
+    gnd,
+    descriptors,
+    model,
+    arch,
+    pool,
+    pretrained,
+    whitening,
+    store,
+    images_root,
+    output,
+    picture,
+    overwrite,
+    **options,
+):
     """mAP and mean precision at 1, 5, 10 (with the number of queries): on a pair
     file's val split, or on the revisited Oxford and Paris protocol (Easy, Medium,
     Hard). Descriptors from a file, a checkpoint (--model) or an off-the-shelf network
     (--arch)."""
     from sfmpairs.retrieval.evaluate import evaluate as run
 
-    run(output, pairs=pairs, gnd=gnd, descriptors=descriptors, model=model, arch=arch, pool=pool,
-        pretrained=pretrained, whitening=whitening, store=store, images_root=images_root, picture=picture,
-        overwrite=overwrite, **given(options))
+    run(
+        output,
+        pairs=pairs,
+        gnd=gnd,
+        descriptors=descriptors,
+        model=model,
+        arch=arch,
+        pool=pool,
+        pretrained=pretrained,
+        whitening=whitening,
+        store=store,
+        images_root=images_root,
+        picture=picture,
+        overwrite=overwrite,
+        **given(options),
+    )
 
 
 @main.command()
 @click.option("--pairs", type=click.Path(dir_okay=False), help="Pair file (sfmpairs mine).")
-@click.option("--images-root", type=click.Path(file_okay=False),
-              help="Folder of the photos (default: the one the pair file records).")
-@click.option("-o", "--output", "run_dir", type=click.Path(file_okay=False),
-              help="Run folder: config.json, metrics.jsonl, last.pt, best.pt.")
-@click.option("--resume", "resume_dir", type=click.Path(file_okay=False),
-              help="Continue the run in this folder (--epochs, --lr, --device, --workers may change).")
+@click.option(
+    "--images-root",
+    type=click.Path(file_okay=False),
+    help="Folder of the photos (default: the one the pair file records).",
+)
+@click.option(
+    "-o",
+    "--output",
+    "run_dir",
+    type=click.Path(file_okay=False),
+    help="Run folder: config.json, metrics.jsonl, last.pt, best.pt.",
+)
+@click.option(
+    "--resume",
+    "resume_dir",
+    type=click.Path(file_okay=False),
+    help="Continue the run in this folder (--epochs, --lr, --device, --workers may change).",
+)
 @click_options(TrainConf)
 @click.option("--overwrite", is_flag=True, help="Start afresh in an existing run folder.")
 @_verbosity
@@ -282,8 +387,11 @@ def train(pairs, images_root, run_dir, resume_dir, overwrite, **options):
 @click.argument("inputs", nargs=-1, required=True, type=click.Path())
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The picture to write (.png).")
 @click.option("--label", "labels", multiple=True, help="Legend label of each input, in order (default: its name).")
-@click.option("--images-root", type=click.Path(file_okay=False),
-              help="Reports: folder of the photos (default: the one the first report records).")
+@click.option(
+    "--images-root",
+    type=click.Path(file_okay=False),
+    help="Reports: folder of the photos (default: the one the first report records).",
+)
 @click.option("--queries", type=int, default=6, show_default=True, help="Reports: val queries shown.")
 @click.option("--top", type=int, default=5, show_default=True, help="Reports: results shown per query.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
@@ -302,8 +410,15 @@ def plot(inputs, output, labels, images_root, queries, top, overwrite):
     if all(runs):
         plot_runs(inputs, output, labels=list(labels) or None, overwrite=overwrite)
     elif not any(runs):
-        compare_retrieval(inputs, output, labels=list(labels) or None, images_root=images_root, count=queries,
-                          k=top, overwrite=overwrite)
+        compare_retrieval(
+            inputs,
+            output,
+            labels=list(labels) or None,
+            images_root=images_root,
+            count=queries,
+            k=top,
+            overwrite=overwrite,
+        )
     else:
         raise SfmpairsError("plot: give run folders or evaluation reports, not both")
     click.echo(f"wrote {output}")
@@ -342,15 +457,27 @@ def synth(output, clusters, images_per_cluster, image_size, points, seed, overwr
         w, h = (int(v) for v in image_size.lower().split("x"))
     except ValueError:
         raise SfmpairsError(f"--image-size {image_size!r}: give WIDTHxHEIGHT, e.g. 320x240") from None
-    run(output, clusters=clusters, images_per_cluster=images_per_cluster, image_size=(w, h),
-        seed=seed, overwrite=overwrite, points=points)
+    run(
+        output,
+        clusters=clusters,
+        images_per_cluster=images_per_cluster,
+        image_size=(w, h),
+        seed=seed,
+        overwrite=overwrite,
+        points=points,
+    )
     click.echo(f"wrote {clusters} clusters of {images_per_cluster} photos to {output}")
 
 
 @main.command()
 @click.argument("images_dir", type=click.Path(file_okay=False))
-@click.option("-o", "--output", required=True, type=click.Path(file_okay=False),
-              help="Folder for database.db, sparse/0..N and a link to the photos.")
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Folder for database.db, sparse/0..N and a link to the photos.",
+)
 @click_options(ReconstructConf)
 @click.option("--vocab-tree", type=click.Path(dir_okay=False), help="Vocabulary tree file for vocab-tree.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it is not empty.")
@@ -364,18 +491,27 @@ def reconstruct(images_dir, output, vocab_tree, overwrite, **options):
     from sfmpairs.sfm_io.reconstruct import reconstruct as run
 
     r = run(images_dir, output, vocab_tree=vocab_tree, overwrite=overwrite, **given(options))
-    click.echo(f"{len(r['models'])} models from {r['photos']} photos; registered: "
-               + ", ".join(f"sparse/{k}: {v}" for k, v in r["models"].items()))
+    click.echo(
+        f"{len(r['models'])} models from {r['photos']} photos; registered: "
+        + ", ".join(f"sparse/{k}: {v}" for k, v in r["models"].items())
+    )
 
 
 @main.command()
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
-              help="tuples.png or tuples.html.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="tuples.png or tuples.html.")
 @click.argument("pairs", type=click.Path(dir_okay=False))
-@click.option("--images-root", type=click.Path(file_okay=False),
-              help="Folder of the photos (default: the one the pair file records).")
-@click.option("--split", type=click.Choice(["train", "val"]), default="train", show_default=True,
-              help="The split whose tuples are shown.")
+@click.option(
+    "--images-root",
+    type=click.Path(file_okay=False),
+    help="Folder of the photos (default: the one the pair file records).",
+)
+@click.option(
+    "--split",
+    type=click.Choice(["train", "val"]),
+    default="train",
+    show_default=True,
+    help="The split whose tuples are shown.",
+)
 @click.option("--query", default=None, help="Show this query (its image name) only.")
 @click.option("--count", type=int, default=6, show_default=True, help="Tuples sampled.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
@@ -388,23 +524,41 @@ def show(output, pairs, images_root, split, query, count, seed, embed, overwrite
     side by side with cluster names, inlier ratio, scale change and camera distance."""
     from .show import show as run
 
-    rows = run(pairs, images_root, output, split=split, query=query, count=count, seed=seed, embed=embed,
-               overwrite=overwrite)
+    rows = run(
+        pairs, images_root, output, split=split, query=query, count=count, seed=seed, embed=embed, overwrite=overwrite
+    )
     click.echo(f"wrote {output}: {len(rows)} tuples")
 
 
 @main.command()
 @click.argument("pairs", type=click.Path(dir_okay=False))
-@click.option("--format", "fmt", type=click.Choice(["cirtorch", "hloc", "csv"]), required=True,
-              help="cirtorch: the authors' training database; hloc: a pairs text file; csv: every statistic.")
-@click.option("-o", "--output", required=True, type=click.Path(),
-              help="cirtorch: a data folder; hloc: a file (a folder with --per-model); csv: a file.")
-@click.option("--images-root", type=click.Path(file_okay=False),
-              help="cirtorch: where the photos are (default: the one the pair file records).")
-@click.option("--image-dir", type=click.Path(file_okay=False), help="hloc: names relative to this folder (hloc's "
-              "image_dir).")
-@click.option("--store", type=click.Path(dir_okay=False),
-              help="hloc --per-model: the SfM store the pair file was mined from (default: the one it records).")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["cirtorch", "hloc", "csv"]),
+    required=True,
+    help="cirtorch: the authors' training database; hloc: a pairs text file; csv: every statistic.",
+)
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(),
+    help="cirtorch: a data folder; hloc: a file (a folder with --per-model); csv: a file.",
+)
+@click.option(
+    "--images-root",
+    type=click.Path(file_okay=False),
+    help="cirtorch: where the photos are (default: the one the pair file records).",
+)
+@click.option(
+    "--image-dir", type=click.Path(file_okay=False), help="hloc: names relative to this folder (hloc's image_dir)."
+)
+@click.option(
+    "--store",
+    type=click.Path(dir_okay=False),
+    help="hloc --per-model: the SfM store the pair file was mined from (default: the one it records).",
+)
 @click_options(ExportConf)
 @click.option("--overwrite", is_flag=True, help="Replace an existing export.")
 @_verbosity
@@ -415,14 +569,27 @@ def export(pairs, fmt, output, images_root, image_dir, store, overwrite, **optio
     pandas (CSV)."""
     from sfmpairs.mining.export import export as run
 
-    r = run(pairs, output, fmt, images_root=images_root, image_dir=image_dir, store=store, overwrite=overwrite,
-            **given(options))
+    r = run(
+        pairs,
+        output,
+        fmt,
+        images_root=images_root,
+        image_dir=image_dir,
+        store=store,
+        overwrite=overwrite,
+        **given(options),
+    )
     click.echo(f"wrote {fmt} export to {output}: " + ", ".join(f"{k} {v}" for k, v in r.items()))
 
 
 @main.command()
-@click.option("--workdir", type=click.Path(file_okay=False), default="sfmpairs-demo",
-              show_default=True, help="Folder for the demo's inputs and outputs.")
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False),
+    default="sfmpairs-demo",
+    show_default=True,
+    help="Folder for the demo's inputs and outputs.",
+)
 @click.option("--epochs", type=int, default=6, show_default=True, help="Training epochs.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or auto.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")

@@ -76,8 +76,7 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def provenance_attrs(schema: str, schema_version: int, parameters: dict,
-                     inputs: list | dict) -> dict:
+def provenance_attrs(schema: str, schema_version: int, parameters: dict, inputs: list | dict) -> dict:
     """The attributes every file the tool writes carries: how it was made."""
     from . import __version__
 
@@ -105,8 +104,9 @@ def check_schema(attrs, path, schema: str, version: int, kind: str, hint: str = 
         raise SfmpairsError(f"{path}: not {kind} (schema {found!r}, expected {schema!r}){hint}")
     found_version = attrs.get("schema_version")
     if not isinstance(found_version, (int, np.integer)) or not 1 <= found_version <= version:
-        raise SfmpairsError(f"{path}: {kind} of schema version {found_version}; sfmpairs {__version__} "
-                            f"reads versions 1 to {version}")
+        raise SfmpairsError(
+            f"{path}: {kind} of schema version {found_version}; sfmpairs {__version__} reads versions 1 to {version}"
+        )
 
 
 def progress(iterable=None, *, total=None, desc: str = "", unit: str = "it", **kwargs):
@@ -119,5 +119,4 @@ def progress(iterable=None, *, total=None, desc: str = "", unit: str = "it", **k
 
     if total is None and iterable is not None and hasattr(iterable, "__len__"):
         total = len(iterable)
-    return tqdm(iterable, total=total, desc=desc, unit=unit, disable=disable,
-                leave=False, dynamic_ncols=True, **kwargs)
+    return tqdm(iterable, total=total, desc=desc, unit=unit, disable=disable, leave=False, dynamic_ncols=True, **kwargs)

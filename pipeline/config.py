@@ -27,9 +27,19 @@ from typing import Any, Callable
 from .common import SfmpairsError
 
 
-def setting(default: Any, help: str, *, choices: typing.Sequence[str] | None = None, short: str | None = None,
-            default_text: str | None = None, parse: Callable[[str], Any] | None = None, metavar: str | None = None,
-            flag_value: str | None = None, name: str | None = None, cli: bool = True) -> Any:
+def setting(
+    default: Any,
+    help: str,
+    *,
+    choices: typing.Sequence[str] | None = None,
+    short: str | None = None,
+    default_text: str | None = None,
+    parse: Callable[[str], Any] | None = None,
+    metavar: str | None = None,
+    flag_value: str | None = None,
+    name: str | None = None,
+    cli: bool = True,
+) -> Any:
     """A field of a stage's configuration.
 
     ``help``: one line for ``--help``; ``choices``: the values allowed; ``short``: a
@@ -39,9 +49,17 @@ def setting(default: Any, help: str, *, choices: typing.Sequence[str] | None = N
     ``flag_value``: passed to click; ``name``: the option's name where it is not the
     field's (``--multiscale`` for ``scales``); ``cli=False``: a setting of the Python API only.
     """
-    meta = {"help": help, "choices": tuple(choices) if choices is not None else None, "short": short,
-            "default_text": default_text, "parse": parse, "metavar": metavar, "flag_value": flag_value,
-            "name": name, "cli": cli}
+    meta = {
+        "help": help,
+        "choices": tuple(choices) if choices is not None else None,
+        "short": short,
+        "default_text": default_text,
+        "parse": parse,
+        "metavar": metavar,
+        "flag_value": flag_value,
+        "name": name,
+        "cli": cli,
+    }
     return dataclasses.field(default=default, metadata=meta)
 
 
@@ -82,6 +100,7 @@ def _parser(f, hint):
             return parse(text)
         except SfmpairsError as e:
             raise SfmpairsError(f"{option} {text!r}: {e}") from None
+
     return parse_option
 
 
@@ -100,14 +119,16 @@ def click_options(cls: type, *, skip: typing.Iterable[str] = ()):
     hints = typing.get_type_hints(cls)
     fields = [f for f in dataclasses.fields(cls) if f.metadata.get("cli", True) and f.name not in set(skip)]
     # the class's own settings first, those it shares with other stages (its bases') after them
-    depth = {f.name: max(i for i, c in enumerate(cls.__mro__) if f.name in getattr(c, "__annotations__", {}))
-             for f in fields}
+    depth = {
+        f.name: max(i for i, c in enumerate(cls.__mro__) if f.name in getattr(c, "__annotations__", {})) for f in fields
+    }
     fields.sort(key=lambda f: depth[f.name])
 
     def decorate(fn):
         for f in reversed(fields):
             fn = _click_option(f, hints[f.name])(fn)
         return fn
+
     return decorate
 
 
@@ -179,4 +200,5 @@ def _comma_separated(hint):
         if not values:
             raise SfmpairsError("give at least one value")
         return values
+
     return parse

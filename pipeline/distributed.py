@@ -30,6 +30,7 @@ class Ranks:
     """This process's place among the ranks of a run (one rank without torchrun).
     ``launched``: started by torchrun, so in a process group (with DDP) even as its only
     rank; ``local_world_size``: the ranks on this machine, which share its cores."""
+
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
@@ -82,8 +83,13 @@ def environment_ranks() -> Ranks:
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return ONE
     env = os.environ
-    return Ranks(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", "0")), True,
-                 int(env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"])))
+    return Ranks(
+        int(env["RANK"]),
+        int(env["WORLD_SIZE"]),
+        int(env.get("LOCAL_RANK", "0")),
+        True,
+        int(env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"])),
+    )
 
 
 def join(device_type: str) -> tuple[Ranks, bool]:
@@ -119,8 +125,10 @@ def rank_device(device, ranks: Ranks):
     device = torch.device(device)
     if ranks.distributed and device.type == "cuda":
         if device.index is not None and ranks.local_world_size > 1:
-            raise SfmpairsError(f"--device {device}: under torchrun each rank takes its own GPU (cuda:LOCAL_RANK); "
-                                f"give --device cuda (or auto)")
+            raise SfmpairsError(
+                f"--device {device}: under torchrun each rank takes its own GPU (cuda:LOCAL_RANK); "
+                f"give --device cuda (or auto)"
+            )
         device = torch.device("cuda", ranks.local_rank if device.index is None else device.index)
         torch.cuda.set_device(device)
     return device

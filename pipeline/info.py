@@ -12,10 +12,11 @@ from .common import SfmpairsError
 
 
 def _provenance(attrs) -> list[str]:
-    lines = [f"schema      {attrs.get('schema')} v{attrs.get('schema_version')}",
-             f"written by  {attrs.get('tool', '?')} {attrs.get('tool_version', '?')} "
-             f"at {attrs.get('created', '?')}",
-             f"command     {attrs.get('command', '?')}"]
+    lines = [
+        f"schema      {attrs.get('schema')} v{attrs.get('schema_version')}",
+        f"written by  {attrs.get('tool', '?')} {attrs.get('tool_version', '?')} at {attrs.get('created', '?')}",
+        f"command     {attrs.get('command', '?')}",
+    ]
     params = json.loads(attrs.get("parameters", "{}"))
     if params:
         lines.append("parameters  " + ", ".join(f"{k}={v}" for k, v in sorted(params.items())))
@@ -30,12 +31,16 @@ def _store_summary(h5: h5py.File) -> list[str]:
     n_img, n_pts = len(image_cluster), len(h5["points/xyz"])
     n_obs = len(h5["observations/point"])
     track = h5["points/track_length"][()]
-    lines = [f"SfM store   {len(clusters)} clusters, {len(models)} models, {n_img} images, "
-             f"{n_pts} points, {n_obs} observations",
-             f"            {n_obs / max(n_img, 1):.1f} observations per image, "
-             f"mean track length {track.mean() if n_pts else 0:.2f}",
-             f"images root {h5.attrs.get('images_root') or '(none)'}",
-             *_provenance(h5.attrs), "", f"{'cluster':<48} {'models':>6} {'images':>7}"]
+    lines = [
+        f"SfM store   {len(clusters)} clusters, {len(models)} models, {n_img} images, "
+        f"{n_pts} points, {n_obs} observations",
+        f"            {n_obs / max(n_img, 1):.1f} observations per image, "
+        f"mean track length {track.mean() if n_pts else 0:.2f}",
+        f"images root {h5.attrs.get('images_root') or '(none)'}",
+        *_provenance(h5.attrs),
+        "",
+        f"{'cluster':<48} {'models':>6} {'images':>7}",
+    ]
     per_cluster = np.bincount(image_cluster, minlength=len(clusters))
     models_per = np.bincount(model_cluster, minlength=len(clusters))
     for name, m, n in zip(clusters, models_per, per_cluster):
@@ -46,13 +51,18 @@ def _store_summary(h5: h5py.File) -> list[str]:
 def _pairs_summary(h5: h5py.File) -> list[str]:
     clusters = h5["clusters/name"].asstr()[()]
     split = h5["clusters/split"].asstr()[()]
-    lines = [f"pair file   strategy {h5.attrs.get('strategy')}, scale measure "
-             f"{h5.attrs.get('scale_measure')}, {len(h5['images/name'])} images, "
-             f"{len(clusters)} clusters",
-             f"source      {h5.attrs.get('source_store')} (sha256 {str(h5.attrs.get('source_store_sha256'))[:12]}…)",
-             *_provenance(h5.attrs), ""]
-    lines.append(f"{'split':<6} {'clusters':>8} {'queries':>8} {'pool':>6} {'passing':>8} "
-                 f"{'pos. inliers':>12} {'pos. scale':>10} {'negatives/asked':>15}")
+    lines = [
+        f"pair file   strategy {h5.attrs.get('strategy')}, scale measure "
+        f"{h5.attrs.get('scale_measure')}, {len(h5['images/name'])} images, "
+        f"{len(clusters)} clusters",
+        f"source      {h5.attrs.get('source_store')} (sha256 {str(h5.attrs.get('source_store_sha256'))[:12]}…)",
+        *_provenance(h5.attrs),
+        "",
+    ]
+    lines.append(
+        f"{'split':<6} {'clusters':>8} {'queries':>8} {'pool':>6} {'passing':>8} "
+        f"{'pos. inliers':>12} {'pos. scale':>10} {'negatives/asked':>15}"
+    )
     for name in ("train", "val"):
         if name not in h5:
             continue
@@ -63,15 +73,21 @@ def _pairs_summary(h5: h5py.File) -> list[str]:
         ratio = g["pool_inlier_ratio"][()][rows, slot] if len(q) else np.zeros(0)
         scale = g["pool_scale_change"][()][rows, slot] if len(q) else np.zeros(0)
         # hard negatives per query as mined (fewer than asked where clusters are few)
-        negs = (f"{(g['negatives'][()] >= 0).sum(1).mean():.1f}/{h5.attrs.get('negatives')}"
-                if "negatives" in g and len(q) else "-")
+        negs = (
+            f"{(g['negatives'][()] >= 0).sum(1).mean():.1f}/{h5.attrs.get('negatives')}"
+            if "negatives" in g and len(q)
+            else "-"
+        )
+
         def mean(a):
             return f"{np.nanmean(a):.3f}" if len(a) and np.isfinite(a).any() else "-"
 
-        lines.append(f"{name:<6} {int((split == name).sum()):>8} {len(q):>8} "
-                     f"{(pool >= 0).sum(1).mean() if len(q) else 0:>6.1f} "
-                     f"{g['pool_passes'][()].sum(1).mean() if len(q) else 0:>8.1f} "
-                     f"{mean(ratio):>12} {mean(scale):>10} {negs:>15}")
+        lines.append(
+            f"{name:<6} {int((split == name).sum()):>8} {len(q):>8} "
+            f"{(pool >= 0).sum(1).mean() if len(q) else 0:>6.1f} "
+            f"{g['pool_passes'][()].sum(1).mean() if len(q) else 0:>8.1f} "
+            f"{mean(ratio):>12} {mean(scale):>10} {negs:>15}"
+        )
     return lines
 
 
@@ -79,8 +95,9 @@ def histogram(values: np.ndarray, edges: np.ndarray, title: str, width: int = 40
     """A terminal histogram: one line per bin, a bar and the count; the last bin is
     open-ended."""
     values = values[np.isfinite(values)]
-    counts = (np.histogram(np.clip(values, edges[0], edges[-1]), edges)[0] if len(values)
-              else np.zeros(len(edges) - 1, int))
+    counts = (
+        np.histogram(np.clip(values, edges[0], edges[-1]), edges)[0] if len(values) else np.zeros(len(edges) - 1, int)
+    )
     top = max(int(counts.max()), 1)
     lines = [f"{title} ({len(values)} values)"]
     for k, c in enumerate(counts):
@@ -104,9 +121,14 @@ def _pairs_histograms(h5: h5py.File) -> list[str]:
         return []
     ratio, scale, size = (np.concatenate(x) for x in (ratio, scale, size))
     k = max(int(size.max()), 1)
-    return ["", *histogram(ratio, np.linspace(0, 1, 11), "inlier ratio of candidates sharing points"), "",
-            *histogram(scale, np.array([1, 1.1, 1.25, 1.5, 1.75, 2, 2.5, 3, 4]), "scale change of those candidates"),
-            "", *histogram(size.astype(float), np.linspace(0, k, min(k, 10) + 1), "pool size per query")]
+    return [
+        "",
+        *histogram(ratio, np.linspace(0, 1, 11), "inlier ratio of candidates sharing points"),
+        "",
+        *histogram(scale, np.array([1, 1.1, 1.25, 1.5, 1.75, 2, 2.5, 3, 4]), "scale change of those candidates"),
+        "",
+        *histogram(size.astype(float), np.linspace(0, k, min(k, 10) + 1), "pool size per query"),
+    ]
 
 
 def _descriptors_summary(h5: h5py.File) -> list[str]:
@@ -114,8 +136,7 @@ def _descriptors_summary(h5: h5py.File) -> list[str]:
     config = json.loads(h5.attrs.get("parameters", "{}")).get("config", {})
     net = f"{config.get('arch', '?')} + {config.get('pool', '?')}" if config else "?"
     skipped = len(h5["skipped"]) if "skipped" in h5 else 0
-    return [f"descriptors {n} images, dimension {dim}, {skipped} skipped, network {net}",
-            *_provenance(h5.attrs)]
+    return [f"descriptors {n} images, dimension {dim}, {skipped} skipped, network {net}", *_provenance(h5.attrs)]
 
 
 def _whitening_summary(h5: h5py.File) -> list[str]:
@@ -123,10 +144,12 @@ def _whitening_summary(h5: h5py.File) -> list[str]:
     return [f"whitening   {h5.attrs.get('method')}: {dim} -> {d} dimensions", *_provenance(h5.attrs)]
 
 
-SUMMARIES = {"sfmpairs/sfm-store": _store_summary,
-             "sfmpairs/pairs": lambda h5: _pairs_summary(h5) + _pairs_histograms(h5),
-             "sfmpairs/descriptors": _descriptors_summary,
-             "sfmpairs/whitening": _whitening_summary}
+SUMMARIES = {
+    "sfmpairs/sfm-store": _store_summary,
+    "sfmpairs/pairs": lambda h5: _pairs_summary(h5) + _pairs_histograms(h5),
+    "sfmpairs/descriptors": _descriptors_summary,
+    "sfmpairs/whitening": _whitening_summary,
+}
 
 
 def _checkpoint_summary(path: Path) -> list[str]:
@@ -135,16 +158,20 @@ def _checkpoint_summary(path: Path) -> list[str]:
     state = read_checkpoint(path)
     config = state.get("config", {})
     weights = sum(v.numel() for v in state.get("state_dict", {}).values())
-    lines = [f"checkpoint  {config.get('arch')} + {config.get('pool')}, whitening "
-             f"{config.get('whitening') or 'none'}, image size {config.get('image_size')}"
-             + (f" (trained at {config['train_image_size']})" if config.get("train_image_size") else "")
-             + f", {weights / 1e6:.1f} M weights",
-             f"schema      {state.get('schema')} v{state.get('schema_version')}",
-             f"written by  sfmpairs {state.get('tool_version', '?')} at {state.get('created', '?')}",
-             "config      " + ", ".join(f"{k}={v}" for k, v in sorted(config.items()))]
+    lines = [
+        f"checkpoint  {config.get('arch')} + {config.get('pool')}, whitening "
+        f"{config.get('whitening') or 'none'}, image size {config.get('image_size')}"
+        + (f" (trained at {config['train_image_size']})" if config.get("train_image_size") else "")
+        + f", {weights / 1e6:.1f} M weights",
+        f"schema      {state.get('schema')} v{state.get('schema_version')}",
+        f"written by  sfmpairs {state.get('tool_version', '?')} at {state.get('created', '?')}",
+        "config      " + ", ".join(f"{k}={v}" for k, v in sorted(config.items())),
+    ]
     if "epoch" in state:
-        lines.append(f"training    epoch {state['epoch']}" +
-                     (f", val mAP {100 * state['val_map']:.2f}" if state.get("val_map") is not None else ""))
+        lines.append(
+            f"training    epoch {state['epoch']}"
+            + (f", val mAP {100 * state['val_map']:.2f}" if state.get("val_map") is not None else "")
+        )
     return lines
 
 

@@ -125,8 +125,7 @@ def run_figure(runs: dict[str, list[dict]]):
     ax_lr.set_title("learning rate")
     ax_lr.set_yscale("log")
     if not has_map:
-        ax_map.text(0.5, 0.5, "no validation", transform=ax_map.transAxes, ha="center", va="center",
-                    color="0.4")
+        ax_map.text(0.5, 0.5, "no validation", transform=ax_map.transAxes, ha="center", va="center", color="0.4")
     for ax in (ax_loss, ax_map, ax_lr):
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -165,8 +164,7 @@ def check_png(output) -> Path:
     return output
 
 
-def plot_runs(run_dirs, output: str | os.PathLike, labels: list[str] | None = None,
-              overwrite: bool = False) -> Path:
+def plot_runs(run_dirs, output: str | os.PathLike, labels: list[str] | None = None, overwrite: bool = False) -> Path:
     """One PNG comparing training runs (:func:`run_figure`) at ``output``.
 
     ``labels`` name the runs in the legend (default: each run folder's name, with its
@@ -189,9 +187,12 @@ def plot_runs(run_dirs, output: str | os.PathLike, labels: list[str] | None = No
         runs[label] = read_metrics(d)
     fig = run_figure(runs)
     meta = _png_metadata(
-        "sfmpairs/plot-runs", "sfmpairs training runs",
+        "sfmpairs/plot-runs",
+        "sfmpairs training runs",
         "training loss, val mAP (%) and learning rate (log scale) per epoch of each run",
-        {"labels": list(labels)}, [str(d / "metrics.jsonl") for d in run_dirs])
+        {"labels": list(labels)},
+        [str(d / "metrics.jsonl") for d in run_dirs],
+    )
     with atomic_output(output, overwrite) as tmp:
         fig.savefig(tmp, format="png", metadata=meta)
     return output
@@ -207,9 +208,12 @@ def plot_run(run_dir: str | os.PathLike) -> Path:
     fig = run_figure({_run_labels([run_dir])[0]: metrics})
     output = run_dir / "metrics.png"
     meta = _png_metadata(
-        "sfmpairs/plot-runs", "sfmpairs training run",
+        "sfmpairs/plot-runs",
+        "sfmpairs training run",
         "training loss, val mAP (%) and learning rate (log scale) per epoch",
-        {"epochs": len(metrics)}, [str(run_dir / "metrics.jsonl")])
+        {"epochs": len(metrics)},
+        [str(run_dir / "metrics.jsonl")],
+    )
     with atomic_output(output, overwrite=True) as tmp:
         fig.savefig(tmp, format="png", metadata=meta)
     return output
@@ -244,12 +248,12 @@ def _ap_text(ap) -> str:
 
 def _short(name: str, chars: int) -> str:
     name = str(name)
-    return name if len(name) <= chars else "…" + name[-(chars - 1):]
+    return name if len(name) <= chars else "…" + name[-(chars - 1) :]
 
 
 def _wrap(name: str, chars: int, lines: int = 3) -> list[str]:
     """``name`` in lines of ``chars`` characters, at most ``lines`` (its end kept)."""
-    parts = [name[i:i + chars] for i in range(0, len(name), chars)] or [""]
+    parts = [name[i : i + chars] for i in range(0, len(name), chars)] or [""]
     if len(parts) > lines:
         parts = parts[-lines:]
         parts[0] = "…" + parts[0][1:]
@@ -265,29 +269,39 @@ def _check_rows(rows: list[dict], thumb: int) -> None:
         for res in row["results"]:
             for _, name, label in res["top"]:
                 if label not in LABEL_COLOURS:
-                    raise ValueError(f"retrieval_figure: {name}: label {label!r} is not one of "
-                                     f"{', '.join(LABEL_COLOURS)}")
+                    raise ValueError(
+                        f"retrieval_figure: {name}: label {label!r} is not one of {', '.join(LABEL_COLOURS)}"
+                    )
 
 
 def _grid_layout(rows: list[dict], thumb: int) -> dict:
     """Where things go, in pixels from the top left: a framed tile is ``cell`` wide, the
     tiles ``step`` apart; each result set's block starts at ``block_x``."""
     n_sets = max(len(r["results"]) for r in rows)
-    ks = [max((len(r["results"][s]["top"]) for r in rows if s < len(r["results"])), default=0)
-          for s in range(n_sets)]
+    ks = [max((len(r["results"][s]["top"]) for r in rows if s < len(r["results"])), default=0) for s in range(n_sets)]
     frame = max(3, thumb // 24)
-    lay = {"thumb": thumb, "frame": frame, "cell": thumb + 2 * frame, "margin": 10,
-           "gap": max(16, thumb // 4),  # between the query and the blocks, and between blocks
-           "head": 22, "caption": 16,  # text above a row's tiles (titles, AP), and below each tile (its name)
-           "legend_h": 30}
+    lay = {
+        "thumb": thumb,
+        "frame": frame,
+        "cell": thumb + 2 * frame,
+        "margin": 10,
+        "gap": max(16, thumb // 4),  # between the query and the blocks, and between blocks
+        "head": 22,
+        "caption": 16,  # text above a row's tiles (titles, AP), and below each tile (its name)
+        "legend_h": 30,
+    }
     lay["step"] = lay["cell"] + 6
     lay["row_h"] = lay["head"] + lay["cell"] + lay["caption"] + 8
     block_x = [lay["margin"] + lay["step"] + lay["gap"]]
     for k in ks[:-1]:
         block_x.append(block_x[-1] + k * lay["step"] + lay["gap"])
     width = block_x[-1] + ks[-1] * lay["step"] + lay["margin"] if ks else lay["margin"] + lay["step"]
-    lay.update(block_x=block_x, width=max(width, 420), height=lay["legend_h"] + len(rows) * lay["row_h"] + 10,
-               chars=max(8, lay["cell"] // 6))  # the characters of a caption (about 6 pixels each at 7 points)
+    lay.update(
+        block_x=block_x,
+        width=max(width, 420),
+        height=lay["legend_h"] + len(rows) * lay["row_h"] + 10,
+        chars=max(8, lay["cell"] // 6),
+    )  # the characters of a caption (about 6 pixels each at 7 points)
     return lay
 
 
@@ -300,11 +314,11 @@ def _paint_grid(rows: list[dict], lay: dict):
     bold = {"ha": "left", "va": "bottom", "fontsize": 9, "fontweight": "bold"}
 
     def put(x, y, path, name, colour, caption_text):
-        canvas[y:y + cell, x:x + cell] = colour
+        canvas[y : y + cell, x : x + cell] = colour
         tile, ok = _tile(path, name, thumb)
         if not ok:
             placeholders.append((x, y, name))
-        canvas[y + frame:y + frame + thumb, x + frame:x + frame + thumb] = tile
+        canvas[y + frame : y + frame + thumb, x + frame : x + frame + thumb] = tile
         texts.append((x + cell / 2, y + cell + 2, caption_text, {"ha": "center", "va": "top", "fontsize": 7}))
 
     for i, row in enumerate(rows):
@@ -317,8 +331,14 @@ def _paint_grid(rows: list[dict], lay: dict):
             texts.append((x0, y - 4, f"{res.get('title', '')}   {_ap_text(res.get('ap'))}".strip(), bold))
             for j, (path, rname, label) in enumerate(res["top"]):
                 rank = f"{j + 1}. "
-                put(x0 + j * lay["step"], y, path, str(rname), LABEL_COLOURS[label],
-                    rank + _short(rname, chars - len(rank)))
+                put(
+                    x0 + j * lay["step"],
+                    y,
+                    path,
+                    str(rname),
+                    LABEL_COLOURS[label],
+                    rank + _short(rname, chars - len(rank)),
+                )
     return canvas, texts, placeholders
 
 
@@ -341,18 +361,34 @@ def retrieval_grid(rows: list[dict], thumb: int = 128):
     for x, y, text, opts in texts:
         fig.text(x / width, 1 - y / height, text, parse_math=False, **opts)
     for x, y, name in placeholders:
-        fig.text((x + cell / 2) / width, 1 - (y + cell / 2) / height,
-                 "\n".join(["missing", *_wrap(name, lay["chars"])]),
-                 ha="center", va="center", fontsize=7, color="0.25", parse_math=False)
-    handles = [Patch(facecolor=np.array(c) / 255, edgecolor="none", label=label)
-               for label, c in [("query", QUERY_COLOUR), *LABEL_COLOURS.items()]]
-    fig.legend(handles=handles, loc="upper left", bbox_to_anchor=(lay["margin"] / width, 1), ncol=4, fontsize=8,
-               frameon=False, handlelength=1.2, borderaxespad=0.2)
+        fig.text(
+            (x + cell / 2) / width,
+            1 - (y + cell / 2) / height,
+            "\n".join(["missing", *_wrap(name, lay["chars"])]),
+            ha="center",
+            va="center",
+            fontsize=7,
+            color="0.25",
+            parse_math=False,
+        )
+    handles = [
+        Patch(facecolor=np.array(c) / 255, edgecolor="none", label=label)
+        for label, c in [("query", QUERY_COLOUR), *LABEL_COLOURS.items()]
+    ]
+    fig.legend(
+        handles=handles,
+        loc="upper left",
+        bbox_to_anchor=(lay["margin"] / width, 1),
+        ncol=4,
+        fontsize=8,
+        frameon=False,
+        handlelength=1.2,
+        borderaxespad=0.2,
+    )
     return fig
 
 
-def retrieval_figure(rows: list[dict], output: str | os.PathLike, overwrite: bool = False,
-                     thumb: int = 128) -> Path:
+def retrieval_figure(rows: list[dict], output: str | os.PathLike, overwrite: bool = False, thumb: int = 128) -> Path:
     """A PNG grid of retrieval results: one row per query, the query's thumbnail, then
     for each result set (e.g. before and after training) its top-k thumbnails, each in a
     thick frame by its ground truth (positive green, junk grey, negative red; the query
@@ -371,11 +407,13 @@ def retrieval_figure(rows: list[dict], output: str | os.PathLike, overwrite: boo
     titles = [res.get("title", "") for res in max((r["results"] for r in rows), key=len)]
     ks = sorted({len(res["top"]) for r in rows for res in r["results"]})
     meta = _png_metadata(
-        "sfmpairs/retrieval-picture", "sfmpairs retrieval results",
+        "sfmpairs/retrieval-picture",
+        "sfmpairs retrieval results",
         f"per query: the query, then the top-k of each result set ({', '.join(map(str, titles))}) framed by "
         "ground truth (green positive, grey junk, red negative; blue the query), the query's AP in percent",
         {"thumb": thumb, "queries": len(rows), "k": ks[-1] if ks else 0},
-        [str(r.get("query_name", "")) for r in rows])
+        [str(r.get("query_name", "")) for r in rows],
+    )
     with atomic_output(output, overwrite) as tmp:
         fig.savefig(tmp, format="png", dpi=DPI, metadata=meta)
     return output
@@ -392,13 +430,16 @@ def read_report(path: str | os.PathLike) -> dict:
     except (OSError, ValueError) as e:
         raise SfmpairsError(f"{path}: not an evaluation report ({e})") from None
     if not isinstance(report, dict) or "per_query_top" not in report or "per_query_ap" not in report:
-        raise SfmpairsError(f"{path}: not an evaluation report of a val split with each query's results "
-                            f"(sfmpairs evaluate --pairs ... -o report.json writes them)")
+        raise SfmpairsError(
+            f"{path}: not an evaluation report of a val split with each query's results "
+            f"(sfmpairs evaluate --pairs ... -o report.json writes them)"
+        )
     return report
 
 
-def retrieval_rows(reports: dict[str, dict], images_root: str | os.PathLike | None = None, count: int = 6,
-                   k: int = 5) -> list[dict]:
+def retrieval_rows(
+    reports: dict[str, dict], images_root: str | os.PathLike | None = None, count: int = 6, k: int = 5
+) -> list[dict]:
     """The rows of :func:`retrieval_figure` from evaluation reports (title -> report) of
     the same val split: ``count`` queries with positives, evenly spread over the
     queries (not chosen by their results), each with the top ``k`` results of every
@@ -406,8 +447,11 @@ def retrieval_rows(reports: dict[str, dict], images_root: str | os.PathLike | No
     (default: the first report's)."""
     first = next(iter(reports.values()))
     root = Path(images_root or first.get("images_root") or ".")
-    common = [q for q in first["per_query_top"]
-              if all(q in r["per_query_top"] and r["per_query_ap"].get(q) is not None for r in reports.values())]
+    common = [
+        q
+        for q in first["per_query_top"]
+        if all(q in r["per_query_top"] and r["per_query_ap"].get(q) is not None for r in reports.values())
+    ]
     if not common:
         raise SfmpairsError("the reports share no val query with positives: evaluations of the same pair file?")
     picks = [common[i] for i in np.unique(np.linspace(0, len(common) - 1, min(count, len(common))).round().astype(int))]
@@ -421,9 +465,15 @@ def retrieval_rows(reports: dict[str, dict], images_root: str | os.PathLike | No
     return rows
 
 
-def compare_retrieval(report_files, output: str | os.PathLike, labels: list[str] | None = None,
-                      images_root: str | os.PathLike | None = None, count: int = 6, k: int = 5,
-                      overwrite: bool = False) -> Path:
+def compare_retrieval(
+    report_files,
+    output: str | os.PathLike,
+    labels: list[str] | None = None,
+    images_root: str | os.PathLike | None = None,
+    count: int = 6,
+    k: int = 5,
+    overwrite: bool = False,
+) -> Path:
     """:func:`retrieval_figure` of evaluation reports side by side (e.g. before and after
     training): ``sfmpairs plot before.json after.json -o retrieval.png``."""
     report_files = [Path(f) for f in report_files]

@@ -21,8 +21,9 @@ from .common import SfmpairsError, atomic_output
 TILE = 200
 
 
-def tuple_rows(pairs: str | Path, split: str = "train", query: str | None = None, count: int = 6,
-               seed: int = 0) -> list[list[dict]]:
+def tuple_rows(
+    pairs: str | Path, split: str = "train", query: str | None = None, count: int = 6, seed: int = 0
+) -> list[list[dict]]:
     """The tuples to show: for each chosen query, [query, positive, negatives...] as
     dicts of ``role``, ``index``, ``name``, ``cluster`` and the statistics."""
     from sfmpairs.mining.pairfile import read_pair_file
@@ -51,13 +52,16 @@ def tuple_rows(pairs: str | Path, split: str = "train", query: str | None = None
             slot = np.flatnonzero(pool == img)
             if len(slot):
                 s = slot[0]
-                e.update(inlier_ratio=float(g["pool_inlier_ratio"][k, s]),
-                         scale_change=float(g["pool_scale_change"][k, s]),
-                         distance=float(g["pool_distance"][k, s]),
-                         co_observed=int(g["pool_co_observed"][k, s]))
+                e.update(
+                    inlier_ratio=float(g["pool_inlier_ratio"][k, s]),
+                    scale_change=float(g["pool_scale_change"][k, s]),
+                    distance=float(g["pool_distance"][k, s]),
+                    co_observed=int(g["pool_co_observed"][k, s]),
+                )
             if sim is not None:
                 e["similarity"] = float(sim)
             return e
+
         row = [entry("query", q), entry("positive", p)]
         if "negatives" in g:
             for n, s in zip(g["negatives"][k], g["negative_similarity"][k]):
@@ -114,11 +118,13 @@ def write_png(rows, images_root, path, tile: int = TILE) -> None:
 def write_html(rows, images_root, path, embed: bool = False) -> None:
     """A self-contained page; photos by relative path (or embedded thumbnails)."""
     root, folder = Path(images_root).resolve(), Path(path).resolve().parent
-    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>sfmpairs: mined tuples</title>",
-             "<style>body{font-family:sans-serif} table{border-collapse:collapse} td{padding:4px;"
-             "vertical-align:top;font-size:12px} img{max-width:200px;max-height:150px;display:block}"
-             ".query{color:#00a}.positive{color:#070}.negative{color:#a00}</style></head><body>",
-             "<h1>Mined tuples</h1><table>"]
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>sfmpairs: mined tuples</title>",
+        "<style>body{font-family:sans-serif} table{border-collapse:collapse} td{padding:4px;"
+        "vertical-align:top;font-size:12px} img{max-width:200px;max-height:150px;display:block}"
+        ".query{color:#00a}.positive{color:#070}.negative{color:#a00}</style></head><body>",
+        "<h1>Mined tuples</h1><table>",
+    ]
     for row in rows:
         parts.append("<tr>")
         for e in row:
@@ -130,18 +136,31 @@ def write_html(rows, images_root, path, embed: bool = False) -> None:
                 src = Path(os.path.relpath(root / e["name"], folder)).as_posix()
             stats = "".join(
                 f"<span class='stat' data-key='{k}'>{k.replace('_', ' ')} {e[k]:.4f}</span><br>"
-                for k in ("inlier_ratio", "scale_change", "distance", "similarity") if k in e)
+                for k in ("inlier_ratio", "scale_change", "distance", "similarity")
+                if k in e
+            )
             parts.append(
                 f"<td class='{e['role']}' data-name='{html.escape(e['name'])}'>"
                 f"<img src='{html.escape(src)}' alt='{html.escape(e['name'])}'>"
-                f"<b>{e['role']}</b><br>{html.escape(e['cluster'])}<br>{html.escape(e['name'])}<br>{stats}</td>")
+                f"<b>{e['role']}</b><br>{html.escape(e['cluster'])}<br>{html.escape(e['name'])}<br>{stats}</td>"
+            )
         parts.append("</tr>")
     parts.append("</table></body></html>")
     Path(path).write_text("\n".join(parts), encoding="utf-8")
 
 
-def show(pairs, images_root, output, *, split: str = "train", query: str | None = None, count: int = 6,
-         seed: int = 0, embed: bool = False, overwrite: bool = False) -> list:
+def show(
+    pairs,
+    images_root,
+    output,
+    *,
+    split: str = "train",
+    query: str | None = None,
+    count: int = 6,
+    seed: int = 0,
+    embed: bool = False,
+    overwrite: bool = False,
+) -> list:
     """Write a picture (``.png``) or page (``.html``) of sampled mined tuples."""
     output = Path(output)
     if output.suffix.lower() not in (".png", ".html", ".htm"):

@@ -106,7 +106,7 @@ class SameSizeBatches(Sampler):
         groups = defaultdict(list)
         for i, s in enumerate(sizes):
             groups[resized_size(*s, image_size) if s else ("bad", i)].append(i)
-        self.batches = [g[k:k + batch_size] for g in groups.values() for k in range(0, len(g), batch_size)]
+        self.batches = [g[k : k + batch_size] for g in groups.values() for k in range(0, len(g), batch_size)]
         if self.batches:  # the smallest batch first: the network waits less for it
             smallest = min(range(len(self.batches)), key=lambda k: len(self.batches[k]))
             self.batches.insert(0, self.batches.pop(smallest))
@@ -125,8 +125,9 @@ def collate(items):
     for img, i, _ in items:
         if img is not None:
             groups[tuple(img.shape)].append((img, i))
-    stacks = [(torch.stack([img for img, _ in g]), torch.tensor([i for _, i in g], dtype=torch.long))
-              for g in groups.values()]
+    stacks = [
+        (torch.stack([img for img, _ in g]), torch.tensor([i for _, i in g], dtype=torch.long)) for g in groups.values()
+    ]
     return stacks, [(i, msg) for img, i, msg in items if img is None]
 
 
@@ -136,8 +137,15 @@ def default_workers() -> int:
     return per_rank()
 
 
-def image_loader(root, names, image_size: int, batch_size: int = ExtractConf.batch_size, workers: int | None = None,
-                 pin_memory: bool = False, boxes=None) -> DataLoader:
+def image_loader(
+    root,
+    names,
+    image_size: int,
+    batch_size: int = ExtractConf.batch_size,
+    workers: int | None = None,
+    pin_memory: bool = False,
+    boxes=None,
+) -> DataLoader:
     """A DataLoader over ``root/names`` (each cropped to its box (x1, y1, x2, y2) in
     ``boxes``, where given and not None) yielding batches as :func:`collate` makes them:
     ([(uint8 images (B, 3, H, W), indices)], [(index, message) of bad images]), each
@@ -145,9 +153,16 @@ def image_loader(root, names, image_size: int, batch_size: int = ExtractConf.bat
     dataset = ImageList(root, names, image_size, boxes)
     boxes = boxes if boxes is not None else [None] * len(names)
     sizes = image_sizes([dataset.root / n for n, b in zip(dataset.names, boxes) if b is None])[::-1]
-    sizes = [sizes.pop() if b is None else
-             (int(round(b[2])) - int(round(b[0])), int(round(b[3])) - int(round(b[1]))) for b in boxes]
+    sizes = [
+        sizes.pop() if b is None else (int(round(b[2])) - int(round(b[0])), int(round(b[3])) - int(round(b[1])))
+        for b in boxes
+    ]
     workers = default_workers() if workers is None else workers
-    return DataLoader(dataset, batch_sampler=SameSizeBatches(sizes, image_size, batch_size),
-                      num_workers=workers, collate_fn=collate, pin_memory=pin_memory,
-                      prefetch_factor=4 if workers else None)
+    return DataLoader(
+        dataset,
+        batch_sampler=SameSizeBatches(sizes, image_size, batch_size),
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=pin_memory,
+        prefetch_factor=4 if workers else None,
+    )

@@ -42,8 +42,7 @@ def read_descriptors(path: str | Path, names: np.ndarray) -> np.ndarray:
         row = {n: i for i, n in enumerate(file_names)}
         missing = [n for n in names if n not in row]
         if missing:
-            raise SfmpairsError(f"{path}: no descriptors for {len(missing)} images of the store, "
-                                f"e.g. {missing[0]!r}")
+            raise SfmpairsError(f"{path}: no descriptors for {len(missing)} images of the store, e.g. {missing[0]!r}")
         rows = np.array([row[n] for n in names], np.int64)
         out = np.asarray(desc[()], np.float32)[rows] if len(rows) else np.zeros((0, desc.shape[1]), np.float32)
     norms = np.linalg.norm(out, axis=1)

@@ -91,8 +91,13 @@ def rank(query: np.ndarray, database: np.ndarray) -> np.ndarray:
     return np.argsort(-(query @ database.T), axis=1, kind="stable")
 
 
-def val_ground_truth(pairs: str | Path, min_covisible: int = 1, positives: str = "covisible",
-                     store: str | Path | None = None, contents: dict | None = None):
+def val_ground_truth(
+    pairs: str | Path,
+    min_covisible: int = 1,
+    positives: str = "covisible",
+    store: str | Path | None = None,
+    contents: dict | None = None,
+):
     """(names, queries, database, positives, junk) of a pair file's val split.
 
     The database is every val image. ``covisible``: a positive shares at least
@@ -110,9 +115,11 @@ def val_ground_truth(pairs: str | Path, min_covisible: int = 1, positives: str =
         raise SfmpairsError(f"{pairs}: the val split has no queries (mine with --val-fraction or --val-clusters)")
     queries, database = val["query"].astype(np.int64), val["images"].astype(np.int64)
     if len(np.unique(cluster[database])) < 2:
-        raise SfmpairsError(f"{pairs}: the val split has one cluster, so every val image is a positive or junk "
-                            f"of each val query and mAP is 100 whatever the descriptors; mine with two or more "
-                            f"val clusters (--val-clusters A,B)")
+        raise SfmpairsError(
+            f"{pairs}: the val split has one cluster, so every val image is a positive or junk "
+            f"of each val query and mAP is 100 whatever the descriptors; mine with two or more "
+            f"val clusters (--val-clusters A,B)"
+        )
     if positives == "covisible":
         if "gt_indptr" in val:
             indptr, image, count = val["gt_indptr"], val["gt_image"], val["gt_co_observed"]
@@ -121,12 +128,16 @@ def val_ground_truth(pairs: str | Path, min_covisible: int = 1, positives: str =
             ok = _covisible_from_store(pairs, store, names, queries, min_covisible)
         pos_lists = [np.searchsorted(database, o).astype(np.int64) for o in ok]  # database is sorted
     elif positives == "relaxed":
-        pos_lists = [np.searchsorted(database, pool[passes]).astype(np.int64)
-                     for pool, passes in zip(val["pool"], val["pool_passes"])]
+        pos_lists = [
+            np.searchsorted(database, pool[passes]).astype(np.int64)
+            for pool, passes in zip(val["pool"], val["pool_passes"])
+        ]
     else:
         raise SfmpairsError(f"unknown positives {positives!r} (covisible or relaxed)")
-    junk_lists = [np.setdiff1d(np.flatnonzero(cluster[database] == cluster[q]), pos)  # the query too
-                  for q, pos in zip(queries, pos_lists)]
+    junk_lists = [
+        np.setdiff1d(np.flatnonzero(cluster[database] == cluster[q]), pos)  # the query too
+        for q, pos in zip(queries, pos_lists)
+    ]
     return names, queries, database, pos_lists, junk_lists
 
 
@@ -137,8 +148,10 @@ def _covisible_from_store(pairs, store, names, queries, min_covisible: int) -> l
     from sfmpairs.sfm_io.store import read_store
 
     if not store:
-        raise SfmpairsError(f"{pairs}: an older pair file without val ground truth; mine it again "
-                            f"with this sfmpairs, or give --store with the SfM store it was mined from")
+        raise SfmpairsError(
+            f"{pairs}: an older pair file without val ground truth; mine it again "
+            f"with this sfmpairs, or give --store with the SfM store it was mined from"
+        )
     s = read_store(store, keys=["observations/indptr", "observations/point", "images/name", "images/cluster"])
     if len(s["images/name"]) != len(names) or np.any(s["images/name"] != names):
         raise SfmpairsError(f"{store}: not the store the pair file was mined from")
@@ -167,11 +180,15 @@ def load_gnd(path: str | Path) -> dict:
 def revisited_protocols(gnd: list) -> dict:
     """Positives and junk of the revisited protocol's Easy, Medium and Hard setups."""
     out = {}
-    for name, ok_keys, junk_keys in (("easy", ["easy"], ["junk", "hard"]),
-                                     ("medium", ["easy", "hard"], ["junk"]),
-                                     ("hard", ["hard"], ["junk", "easy"])):
-        out[name] = ([np.concatenate([np.asarray(g[k], np.int64) for k in ok_keys]) for g in gnd],
-                     [np.concatenate([np.asarray(g[k], np.int64) for k in junk_keys]) for g in gnd])
+    for name, ok_keys, junk_keys in (
+        ("easy", ["easy"], ["junk", "hard"]),
+        ("medium", ["easy", "hard"], ["junk"]),
+        ("hard", ["hard"], ["junk", "easy"]),
+    ):
+        out[name] = (
+            [np.concatenate([np.asarray(g[k], np.int64) for k in ok_keys]) for g in gnd],
+            [np.concatenate([np.asarray(g[k], np.int64) for k in junk_keys]) for g in gnd],
+        )
     return out
 
 
@@ -217,28 +234,41 @@ def describer(descriptors, net, device, conf: EvaluateConf, whitening):
         else:
             if root is None:
                 raise SfmpairsError("extracting needs --images-root (or a pair file that records one)")
-            d, _ = extract_descriptors(net, root, list(names), image_size=conf.image_size, scales=conf.scales,
-                                       device=device, precision=conf.precision, batch_size=conf.batch_size,
-                                       workers=conf.workers, boxes=boxes)
+            d, _ = extract_descriptors(
+                net,
+                root,
+                list(names),
+                image_size=conf.image_size,
+                scales=conf.scales,
+                device=device,
+                precision=conf.precision,
+                batch_size=conf.batch_size,
+                workers=conf.workers,
+                boxes=boxes,
+            )
         if wh is not None:
             if wh["mean"].shape[-1] != d.shape[1]:
-                raise SfmpairsError(f"{whitening}: whitening of {wh['mean'].shape[-1]}-d descriptors, "
-                                    f"these are {d.shape[1]}-d")
+                raise SfmpairsError(
+                    f"{whitening}: whitening of {wh['mean'].shape[-1]}-d descriptors, these are {d.shape[1]}-d"
+                )
             d = apply_whitening(d, wh)
         return d
+
     return describe
 
 
-def top_results(ranks: np.ndarray, positives: list, junk: list, own: np.ndarray,
-                k: int = TOP_K) -> list[list[tuple[int, str]]]:
+def top_results(
+    ranks: np.ndarray, positives: list, junk: list, own: np.ndarray, k: int = TOP_K
+) -> list[list[tuple[int, str]]]:
     """Each query's first ``k`` database indices, the query itself (``own[i]``, its
     index in the database, -1 if absent) left out, with their ground truth: "positive",
     "junk" or "negative"."""
     out = []
-    for row, pos, jk, me in zip(ranks[:, :k + 1], positives, junk, own):
+    for row, pos, jk, me in zip(ranks[:, : k + 1], positives, junk, own):
         pos, jk = set(np.asarray(pos).tolist()), set(np.asarray(jk).tolist())
-        out.append([(int(i), "positive" if i in pos else "junk" if i in jk else "negative")
-                    for i in row if i != me][:k])
+        out.append(
+            [(int(i), "positive" if i in pos else "junk" if i in jk else "negative") for i in row if i != me][:k]
+        )
     return out
 
 
@@ -248,13 +278,17 @@ def evaluate_val(pairs, store, images_root, describe, conf: EvaluateConf, extrac
     from sfmpairs.mining.pairfile import read_pair_file
 
     contents = read_pair_file(pairs)
-    names, queries, database, pos, junk = val_ground_truth(pairs, conf.min_covisible, conf.positives, store,
-                                                           contents)
+    names, queries, database, pos, junk = val_ground_truth(pairs, conf.min_covisible, conf.positives, store, contents)
     root = images_root
     if root is None and extracting:  # the photos the pair file records
         root = contents["images_root"] or None
-    logger.debug("val: %d queries, %d database images, %.1f positives and %.1f junk per query",
-                 len(queries), len(database), np.mean([len(x) for x in pos]), np.mean([len(x) for x in junk]))
+    logger.debug(
+        "val: %d queries, %d database images, %.1f positives and %.1f junk per query",
+        len(queries),
+        len(database),
+        np.mean([len(x) for x in pos]),
+        np.mean([len(x) for x in junk]),
+    )
     used = np.unique(np.concatenate([queries, database]))
     desc = describe(names[used], root)
     qd = desc[np.searchsorted(used, queries)]  # used is sorted
@@ -264,19 +298,28 @@ def evaluate_val(pairs, store, images_root, describe, conf: EvaluateConf, extrac
     m, aps, mpr, _ = mean_average_precision(ranks, pos, junk)
     counted = int(np.isfinite(aps).sum())
     if counted == 0:
-        raise SfmpairsError(f"{pairs}: no val query has a positive (an image sharing at least "
-                            f"{conf.min_covisible} 3D points with it); lower --min-covisible")
+        raise SfmpairsError(
+            f"{pairs}: no val query has a positive (an image sharing at least "
+            f"{conf.min_covisible} 3D points with it); lower --min-covisible"
+        )
     if counted < FEW_QUERIES:
         logger.warning("the val split has %d queries with positives: its mAP is noisy", counted)
     own = np.searchsorted(database, queries)  # the database is sorted and holds the val queries
     top = top_results(ranks, pos, junk, np.where(database[np.minimum(own, len(database) - 1)] == queries, own, -1))
-    report = {"protocol": "pairs-val", "pairs": str(pairs), "positives": conf.positives,
-              "min_covisible": conf.min_covisible, "queries": len(queries), "queries_with_positives": counted,
-              "database": len(database), "mAP": m, "mP@k": mpr.tolist(),
-              "images_root": str(images_root or contents["images_root"] or ""),
-              "per_query_ap": {names[q]: (None if np.isnan(a) else a) for q, a in zip(queries, aps)},
-              "per_query_top": {names[q]: [[names[database[i]], label] for i, label in t]
-                                for q, t in zip(queries, top)}}
+    report = {
+        "protocol": "pairs-val",
+        "pairs": str(pairs),
+        "positives": conf.positives,
+        "min_covisible": conf.min_covisible,
+        "queries": len(queries),
+        "queries_with_positives": counted,
+        "database": len(database),
+        "mAP": m,
+        "mP@k": mpr.tolist(),
+        "images_root": str(images_root or contents["images_root"] or ""),
+        "per_query_ap": {names[q]: (None if np.isnan(a) else a) for q, a in zip(queries, aps)},
+        "per_query_top": {names[q]: [[names[database[i]], label] for i, label in t] for q, t in zip(queries, top)},
+    }
     return [("val", m, mpr, counted)], report
 
 
@@ -287,24 +330,33 @@ def evaluate_revisited(gnd, images_root, describe, descriptors, extracting: bool
 
     def with_ext(n):
         return n if Path(n).suffix else n + ".jpg"
+
     db_names = [with_ext(n) for n in cfg["imlist"]]
     q_names = [with_ext(n) for n in cfg["qimlist"]]
     boxes = [g.get("bbx") for g in cfg["gnd"]]
     cropped = sum(b is not None for b in boxes)  # queries without a box are used whole
     if descriptors is not None and cropped:
-        raise SfmpairsError(f"{gnd}: the revisited protocol crops each query to its box, which "
-                            f"precomputed --descriptors cannot do; give --model or --arch so that "
-                            f"evaluate extracts the cropped queries")
+        raise SfmpairsError(
+            f"{gnd}: the revisited protocol crops each query to its box, which "
+            f"precomputed --descriptors cannot do; give --model or --arch so that "
+            f"evaluate extracts the cropped queries"
+        )
     if extracting and images_root is None:
         raise SfmpairsError("--gnd with --model or --arch needs --images-root")
     dd = describe(db_names, images_root)
     qd = describe(q_names, images_root, boxes if cropped else None)
     if 0 < cropped < len(boxes):
-        logger.warning("%s: %d of %d queries have no box (bbx) and are used whole", gnd,
-                       len(boxes) - cropped, len(boxes))
+        logger.warning(
+            "%s: %d of %d queries have no box (bbx) and are used whole", gnd, len(boxes) - cropped, len(boxes)
+        )
     ranks = rank(alpha_query_expansion(qd, dd, conf.qe, conf.qe_alpha), dd)
-    report = {"protocol": "revisited", "gnd": str(gnd), "queries": len(q_names),
-              "queries_cropped": cropped, "database": len(db_names)}
+    report = {
+        "protocol": "revisited",
+        "gnd": str(gnd),
+        "queries": len(q_names),
+        "queries_cropped": cropped,
+        "database": len(db_names),
+    }
     rows = []
     for setup, (pos, junk) in revisited_protocols(cfg["gnd"]).items():
         m, aps, mpr, _ = mean_average_precision(ranks, pos, junk)
@@ -313,9 +365,41 @@ def evaluate_revisited(gnd, images_root, describe, descriptors, extracting: bool
     return rows, report
 
 
-def evaluate(output: str | Path, *, pairs=None, gnd=None, descriptors=None, model=None,
-             arch: str | None = None, pool: str | None = None, pretrained=None, whitening=None,
-             store=None, images_root=None, picture=None, overwrite: bool = False, **options) -> dict:
+def _report_head(descriptors, model, net, whitening, conf: EvaluateConf) -> dict:
+    """What the report says of the inputs and settings."""
+    network = None if net is None else {k: net.config.get(k) for k in ("arch", "pool", "whitening", "pretrained")}
+    return {
+        "created": now_iso(),
+        "descriptors": str(descriptors) if descriptors else None,
+        "model": str(model) if model else None,
+        "network": network,
+        "image_size": None if net is None else conf.image_size or net.config["image_size"],
+        "whitening": str(whitening) if whitening else None,
+        "settings": conf_dict(conf),
+        "precision": conf.precision if net is not None else None,
+        "qe": conf.qe,
+        "qe_alpha": conf.qe_alpha,
+        "kappas": list(KAPPAS),
+    }
+
+
+def evaluate(
+    output: str | Path,
+    *,
+    pairs=None,
+    gnd=None,
+    descriptors=None,
+    model=None,
+    arch: str | None = None,
+    pool: str | None = None,
+    pretrained=None,
+    whitening=None,
+    store=None,
+    images_root=None,
+    picture=None,
+    overwrite: bool = False,
+    **options,
+) -> dict:
     """Evaluate descriptors on a pair file's val split (``pairs``) or on revisited
     ground truth (``gnd``); print a table and write a JSON report.
 
@@ -345,14 +429,7 @@ def evaluate(output: str | Path, *, pairs=None, gnd=None, descriptors=None, mode
         dev = resolve_device(conf.device)
         net = open_network(model, arch=arch, pool=pool, pretrained=pretrained, device=dev)
     describe = describer(descriptors, net, dev, conf, whitening)
-    report = {"created": now_iso(), "descriptors": str(descriptors) if descriptors else None,
-              "model": str(model) if model else None,
-              "network": None if net is None else {k: net.config.get(k) for k in
-                                                   ("arch", "pool", "whitening", "pretrained")},
-              "image_size": None if net is None else conf.image_size or net.config["image_size"],
-              "whitening": str(whitening) if whitening else None, "settings": conf_dict(conf),
-              "precision": conf.precision if net is not None else None, "qe": conf.qe, "qe_alpha": conf.qe_alpha,
-              "kappas": list(KAPPAS)}
+    report = _report_head(descriptors, model, net, whitening, conf)
     if pairs is not None:
         rows, found = evaluate_val(pairs, store, images_root, describe, conf, extracting=net is not None)
     else:

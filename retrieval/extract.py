@@ -34,7 +34,6 @@ from .options import ExtractConf
 logger = logging.getLogger("sfmpairs.extract")
 
 
-
 def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -120,11 +119,21 @@ def inference_copy(net: RetrievalNet, device: torch.device) -> RetrievalNet:
     return fast.to(memory_format=torch.channels_last)
 
 
-def extract_descriptors(net: RetrievalNet, root, names, *, image_size: int | None = None,
-                        scales=ExtractConf.scales, device: str | torch.device = "cpu",
-                        batch_size: int = ExtractConf.batch_size, workers: int | None = None,
-                        skip_bad: bool = False, precision: str = ExtractConf.precision,
-                        desc: str = "extract", boxes=None):
+def extract_descriptors(
+    net: RetrievalNet,
+    root,
+    names,
+    *,
+    image_size: int | None = None,
+    scales=ExtractConf.scales,
+    device: str | torch.device = "cpu",
+    batch_size: int = ExtractConf.batch_size,
+    workers: int | None = None,
+    skip_bad: bool = False,
+    precision: str = ExtractConf.precision,
+    desc: str = "extract",
+    boxes=None,
+):
     """(descriptors (N, D) float32 numpy, bad {index: message}) of ``root/names``.
 
     The function training calls every epoch. Rows of bad images (only with
@@ -140,8 +149,11 @@ def extract_descriptors(net: RetrievalNet, root, names, *, image_size: int | Non
     net = inference_copy(net, device)
     out = torch.full((len(names), net.dim), float("nan"), device=device)
     bad = {}
-    with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None), \
-            float32_convolutions(dtype is None):
+    with (
+        torch.inference_mode(),
+        torch.autocast(device.type, dtype=dtype, enabled=dtype is not None),
+        float32_convolutions(dtype is None),
+    ):
         for stacks, bad_items in batches:
             for i, message in bad_items:
                 if not skip_bad:
@@ -193,10 +205,16 @@ def check_finite(desc: np.ndarray, bad: dict, dtype, names) -> None:
     wrong[list(bad)] = False
     if wrong.any():
         first = names[int(np.flatnonzero(wrong)[0])]
-        hint = ("; the network's activations overflow reduced precision: use --precision fp32"
-                if dtype is not None else "; the network's weights may hold NaN or infinity")
-        raise NonFiniteDescriptors(f"{wrong.sum()} of {len(desc)} descriptors are not finite (first: {first}) "
-                                   f"in {str(dtype or torch.float32).replace('torch.', '')}{hint}", dtype is not None)
+        hint = (
+            "; the network's activations overflow reduced precision: use --precision fp32"
+            if dtype is not None
+            else "; the network's weights may hold NaN or infinity"
+        )
+        raise NonFiniteDescriptors(
+            f"{wrong.sum()} of {len(desc)} descriptors are not finite (first: {first}) "
+            f"in {str(dtype or torch.float32).replace('torch.', '')}{hint}",
+            dtype is not None,
+        )
 
 
 def read_image_list(path: str | Path) -> list[str]:
@@ -227,8 +245,11 @@ def network_inputs(model, pretrained) -> dict:
     if pretrained is True or pretrained == "imagenet":
         return {"model": None, "pretrained": "imagenet"}
     if pretrained:
-        return {"model": None, "pretrained": str(Path(pretrained).resolve()),
-                "pretrained_sha256": file_sha256(pretrained)}
+        return {
+            "model": None,
+            "pretrained": str(Path(pretrained).resolve()),
+            "pretrained_sha256": file_sha256(pretrained),
+        }
     return {"model": None, "pretrained": None}
 
 
@@ -258,21 +279,52 @@ def whitened(desc: np.ndarray, wh: dict | None, whitening) -> np.ndarray:
     if wh is None:
         return desc
     if wh["mean"].shape[-1] != desc.shape[1]:
-        raise SfmpairsError(f"{whitening}: whitening of {wh['mean'].shape[-1]}-d descriptors, "
-                            f"the network gives {desc.shape[1]}-d")
+        raise SfmpairsError(
+            f"{whitening}: whitening of {wh['mean'].shape[-1]}-d descriptors, the network gives {desc.shape[1]}-d"
+        )
     return apply_whitening(desc, wh).astype(np.float32)
 
 
-def extract(model: str | Path | None = None, output: str | Path | None = None, *,
-            arch: str | None = None, pool: str | None = None, pretrained: bool | str | Path | None = None,
-            store: str | Path | None = None, images_root: str | Path | None = None,
-            image_list: str | Path | None = None, whitening: str | Path | None = None,
-            overwrite: bool = False, **options) -> dict:
+def _extract_all(net, names, images_root, model, conf: ExtractConf, device, ranks: Ranks):
+    """The descriptors of every image (rows NaN where one was skipped) and the skipped
+    ones, with the extraction logged."""
+    size = conf.image_size or net.config["image_size"]
+    dtype = autocast_dtype(device, conf.precision)
+    weights = f"checkpoint {model}" if model else f"weights {net.config.get('pretrained') or 'random'}"
+    scales = ",".join(f"{s:g}" for s in conf.scales)
+    precision = str(dtype or torch.float32).replace("torch.", "")
+    ranks_text = f", {ranks.world_size} ranks" if ranks.distributed else ""
+    logger.info(
+        f"extracting {len(names)} images from {images_root} with {net.config['arch']} + {net.config['pool']}, "
+        f"{weights}, at {size} px, scales {scales}, on {device} in {precision}{ranks_text}"
+    )
+    kwargs = dict(image_size=size, scales=conf.scales, device=device, precision=conf.precision)
+    kwargs.update(batch_size=conf.batch_size, workers=conf.workers, skip_bad=conf.skip_bad)
+    return extract_across_ranks(net, images_root, names, ranks, **kwargs)
+
+
+def extract(
+    model: str | Path | None = None,
+    output: str | Path | None = None,
+    *,
+    arch: str | None = None,
+    pool: str | None = None,
+    pretrained: bool | str | Path | None = None,
+    store: str | Path | None = None,
+    images_root: str | Path | None = None,
+    image_list: str | Path | None = None,
+    whitening: str | Path | None = None,
+    overwrite: bool = False,
+    **options,
+) -> dict:
     """Descriptors of a store's images (``store``) or of a list (``images_root`` +
     ``image_list``) into a descriptor file (docs/formats.md), with the network of the
     checkpoint ``model`` or an off-the-shelf one (``arch``, ``pool``, ``pretrained``:
     see :func:`~sfmpairs.retrieval.network.open_network`). ``options``: the settings of
-    :class:`~.options.ExtractConf`."""
+    :class:`~.options.ExtractConf`. Under torchrun each rank describes its share and
+    rank 0 writes the file."""
+    from .whiten import read_whitening
+
     t0 = time.perf_counter()
     conf = make_conf(ExtractConf, **options)
     conf.check()
@@ -280,26 +332,13 @@ def extract(model: str | Path | None = None, output: str | Path | None = None, *
         raise SfmpairsError("give an output file (-o)")
     names, images_root = images_to_describe(store, images_root, image_list)
     check_output_path(output, overwrite)  # before the work, not after it
-    dev = resolve_device(conf.device)
-    ranks, joined = join(dev.type)
+    wh = read_whitening(whitening) if whitening is not None else None
+    device = resolve_device(conf.device)
+    ranks, joined = join(device.type)
     try:
-        dev = rank_device(dev, ranks)
-        dtype = autocast_dtype(dev, conf.precision)
-        wh = None
-        if whitening is not None:
-            from .whiten import read_whitening
-
-            wh = read_whitening(whitening)
-        net = open_network(model, arch=arch, pool=pool, pretrained=pretrained, device=dev)
-        size = conf.image_size or net.config["image_size"]
-        weights = f"checkpoint {model}" if model else f"weights {net.config.get('pretrained') or 'random'}"
-        logger.info("extracting %d images from %s with %s + %s, %s, at %d px, scales %s, on %s in %s%s",
-                    len(names), images_root, net.config["arch"], net.config["pool"], weights, size,
-                    ",".join(f"{s:g}" for s in conf.scales), dev, str(dtype or torch.float32).replace("torch.", ""),
-                    f", {ranks.world_size} ranks" if ranks.distributed else "")
-        desc, bad = extract_across_ranks(net, images_root, names, ranks, image_size=size, scales=conf.scales,
-                                         device=dev, precision=conf.precision, batch_size=conf.batch_size,
-                                         workers=conf.workers, skip_bad=conf.skip_bad)
+        device = rank_device(device, ranks)
+        net = open_network(model, arch=arch, pool=pool, pretrained=pretrained, device=device)
+        desc, bad = _extract_all(net, names, images_root, model, conf, device, ranks)
     finally:
         leave(joined)
     if not ranks.main:  # rank 0 writes the one descriptor file
@@ -308,16 +347,19 @@ def extract(model: str | Path | None = None, output: str | Path | None = None, *
     desc = whitened(desc[keep], wh, whitening)
     for i, message in bad.items():
         logger.warning("skipped %s", message)
-    parameters = {**conf_dict(conf), "image_size": size, "device": str(dev), "world_size": ranks.world_size,
-                  "compute_dtype": str(dtype or torch.float32),
-                  "whitening": str(whitening) if whitening else None, "config": net.config}
-    inputs = {**network_inputs(model, pretrained), "images_root": str(images_root.resolve()),
-              "store": str(Path(store).resolve()) if store else None,
-              "list": str(Path(image_list).resolve()) if image_list else None}
+    dtype = autocast_dtype(device, conf.precision)
+    parameters = {**conf_dict(conf), "image_size": conf.image_size or net.config["image_size"]}
+    parameters.update(device=str(device), world_size=ranks.world_size, compute_dtype=str(dtype or torch.float32))
+    parameters.update(whitening=str(whitening) if whitening else None, config=net.config)
+    inputs = {**network_inputs(model, pretrained), "images_root": str(images_root.resolve())}
+    inputs.update(store=str(Path(store).resolve()) if store else None)
+    inputs.update(list=str(Path(image_list).resolve()) if image_list else None)
+    attrs = provenance_attrs(DESCRIPTORS_SCHEMA, DESCRIPTORS_VERSION, parameters, inputs)
     with atomic_output(output, overwrite) as tmp:
-        write_descriptors(tmp, [n for n, k in zip(names, keep) if k], desc, skipped=[names[i] for i in sorted(bad)],
-                          attrs=provenance_attrs(DESCRIPTORS_SCHEMA, DESCRIPTORS_VERSION, parameters, inputs))
+        kept = [n for n, k in zip(names, keep) if k]
+        write_descriptors(tmp, kept, desc, skipped=[names[i] for i in sorted(bad)], attrs=attrs)
     seconds = time.perf_counter() - t0
-    logger.info("wrote %s: %d descriptors of dimension %d (%d skipped) in %.1f s", output,
-                len(desc), desc.shape[1], len(bad), seconds)
+    logger.info(
+        f"wrote {output}: {len(desc)} descriptors of dimension {desc.shape[1]} ({len(bad)} skipped) in {seconds:.1f} s"
+    )
     return {"output": str(output), "images": int(keep.sum()), "skipped": len(bad), "seconds": seconds}

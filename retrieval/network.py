@@ -33,6 +33,7 @@ DEFAULT_CONFIG = {
     "std": IMAGENET_STD,
 }
 
+
 def _resnet_trunk(m: nn.Module) -> nn.Module:
     return nn.Sequential(*list(m.children())[:-2])  # without the average pooling and fc
 
@@ -73,7 +74,7 @@ def rmac_regions(h: int, w: int, levels: int = 3, overlap: float = 0.4):
     short, long_ = min(h, w), max(h, w)
     steps = torch.arange(1, 7, dtype=torch.float64)
     b = (long_ - short) / steps
-    idx = int(torch.argmin(torch.abs(((short ** 2 - short * b) / short ** 2) - overlap)))
+    idx = int(torch.argmin(torch.abs(((short**2 - short * b) / short**2) - overlap)))
     extra = int(idx + 1) if long_ > short else 0
     extra_h, extra_w = (extra, 0) if h > w else (0, extra)
     regions = []
@@ -94,7 +95,7 @@ def rmac(x: torch.Tensor, levels: int = 3) -> torch.Tensor:
     h, w = x.shape[-2:]
     out = F.normalize(mac(x), dim=-1)
     for top, left, s in rmac_regions(h, w, levels):
-        out = out + F.normalize(mac(x[..., top:top + s, left:left + s]), dim=-1)
+        out = out + F.normalize(mac(x[..., top : top + s, left : left + s]), dim=-1)
     return out
 
 
@@ -150,7 +151,8 @@ def pretrained_state_dict(arch: str) -> dict:
         raise SfmpairsError(
             f"{cache}: pretrained ImageNet weights of {arch} are missing and could not be "
             f"downloaded from {weights.url} ({type(e).__name__}); put the file there, or "
-            f"give a local weights file (--pretrained FILE), or start from random initialisation") from None
+            f"give a local weights file (--pretrained FILE), or start from random initialisation"
+        ) from None
 
 
 def _listed(items: list[str], noun: str, plural: str) -> str:
@@ -186,12 +188,20 @@ def fit_weights(state: dict, backbone: nn.Module, head: set, arch: str, path) ->
     own = {k: v for k, v in backbone.state_dict().items() if k not in head}
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in own and k not in head]
-    shapes = [f"{k}: file {tuple(state[k].shape)}, network {tuple(v.shape)}"
-              for k, v in own.items() if k in state and state[k].shape != v.shape]
-    problems = [_listed(keys, *nouns) for keys, nouns in ((missing, ("missing key", "missing keys")),
-                                                          (unexpected, ("unexpected key", "unexpected keys")),
-                                                          (shapes, ("shape mismatch", "shape mismatches")))
-                if keys]
+    shapes = [
+        f"{k}: file {tuple(state[k].shape)}, network {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    problems = [
+        _listed(keys, *nouns)
+        for keys, nouns in (
+            (missing, ("missing key", "missing keys")),
+            (unexpected, ("unexpected key", "unexpected keys")),
+            (shapes, ("shape mismatch", "shape mismatches")),
+        )
+        if keys
+    ]
     if problems:
         raise SfmpairsError(f"{path}: not {arch} weights: {', '.join(problems)}")
     return {k: v for k, v in state.items() if k in own}
@@ -229,15 +239,21 @@ def build_network(config: dict | None = None, pretrained: bool | str | Path | No
         config["pretrained"] = f"imagenet ({Path(torchvision.models.get_model_weights(arch).DEFAULT.url).name})"
     elif pretrained:
         state = read_weights_file(pretrained)
-        backbone.load_state_dict(fit_weights(state, backbone, head_keys(backbone, features), arch, pretrained),
-                                 strict=False)
+        backbone.load_state_dict(
+            fit_weights(state, backbone, head_keys(backbone, features), arch, pretrained), strict=False
+        )
         config["pretrained"] = f"{Path(pretrained).name} (sha256 {file_sha256(pretrained)[:12]})"
     return RetrievalNet(config, features, channels)
 
 
-def open_network(model: str | Path | None = None, *, arch: str | None = None, pool: str | None = None,
-                 pretrained: bool | str | Path | None = None,
-                 device: str | torch.device = "cpu") -> RetrievalNet:
+def open_network(
+    model: str | Path | None = None,
+    *,
+    arch: str | None = None,
+    pool: str | None = None,
+    pretrained: bool | str | Path | None = None,
+    device: str | torch.device = "cpu",
+) -> RetrievalNet:
     """The network to extract with, in eval mode on ``device``: a checkpoint's
     (``model``), or an off-the-shelf one (the paper's baseline): ``arch`` (default
     resnet50) + ``pool`` (default gem), no whitening layer, image size 1024, with
@@ -249,13 +265,15 @@ def open_network(model: str | Path | None = None, *, arch: str | None = None, po
             raise SfmpairsError("--pool and --pretrained go with --arch; a --model checkpoint has its own")
         return load_checkpoint(model, device)[0]
     if arch is None:
-        raise SfmpairsError("give --model CHECKPOINT, or --arch for an off-the-shelf network"
-                            + ("" if pool is None and pretrained in (None, False) else
-                               " (--pool and --pretrained go with --arch)"))
+        raise SfmpairsError(
+            "give --model CHECKPOINT, or --arch for an off-the-shelf network"
+            + ("" if pool is None and pretrained in (None, False) else " (--pool and --pretrained go with --arch)")
+        )
     config = {"arch": arch or DEFAULT_CONFIG["arch"], "pool": pool or DEFAULT_CONFIG["pool"]}
     if not pretrained:
-        logger.warning("%s with random weights: an untrained network (--pretrained for ImageNet weights)",
-                       config["arch"])
+        logger.warning(
+            "%s with random weights: an untrained network (--pretrained for ImageNet weights)", config["arch"]
+        )
     return build_network(config, pretrained=pretrained).to(device).eval()
 
 
@@ -264,9 +282,15 @@ def save_checkpoint(path: str | Path, net: RetrievalNet, overwrite: bool = True,
     atomically."""
     from sfmpairs import __version__
 
-    state = {"schema": CHECKPOINT_SCHEMA, "schema_version": 1, "tool_version": __version__,
-             "created": now_iso(), "config": dict(net.config),
-             "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()}, **extra}
+    state = {
+        "schema": CHECKPOINT_SCHEMA,
+        "schema_version": 1,
+        "tool_version": __version__,
+        "created": now_iso(),
+        "config": dict(net.config),
+        "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+        **extra,
+    }
     with atomic_output(path, overwrite=overwrite) as tmp:
         torch.save(state, tmp)
 

@@ -50,8 +50,9 @@ def _output_dim(dim: int | None, rank: int, size: int, what: str) -> int:
     if rank == 0:
         raise SfmpairsError(f"{what} span no dimension (all zero)")
     if dim is not None and dim > rank:
-        raise SfmpairsError(f"{what} span only {rank} of {size} dimensions; ask for --dim {rank} "
-                            f"or fewer, or learn from more data")
+        raise SfmpairsError(
+            f"{what} span only {rank} of {size} dimensions; ask for --dim {rank} or fewer, or learn from more data"
+        )
     if dim is None and rank < size:
         logger.warning("%s span %d of %d dimensions: the whitening has %d dimensions", what, rank, size, rank)
     return rank if dim is None else dim
@@ -94,16 +95,16 @@ def read_whitening(path: str | Path) -> dict:
     try:
         with h5py.File(path, "r") as f:
             check_schema(f.attrs, path, SCHEMA, SCHEMA_VERSION, "a whitening file", " (sfmpairs whiten writes them)")
-            return {"mean": f["mean"][()], "projection": f["projection"][()],
-                    "method": f.attrs.get("method")}
+            return {"mean": f["mean"][()], "projection": f["projection"][()], "method": f.attrs.get("method")}
     except FileNotFoundError:
         raise SfmpairsError(f"{path}: no such file") from None
     except OSError:
         raise SfmpairsError(f"{path}: not an HDF5 file") from None
 
 
-def whiten(descriptors: str | Path, pairs: str | Path, output: str | Path, *, overwrite: bool = False,
-           **options) -> dict:
+def whiten(
+    descriptors: str | Path, pairs: str | Path, output: str | Path, *, overwrite: bool = False, **options
+) -> dict:
     """Learn a whitening from a descriptor file and the train split of a pair file;
     ``options``: the settings of :class:`~.options.WhitenConf`."""
     from sfmpairs.mining.pairfile import read_pair_file
@@ -143,9 +144,17 @@ def whiten(descriptors: str | Path, pairs: str | Path, output: str | Path, *, ov
             f.create_dataset("mean", data=mean)
             f.create_dataset("projection", data=projection)
             parameters = {**conf_dict(conf), "dim": dim}
-            f.attrs.update(provenance_attrs(SCHEMA, SCHEMA_VERSION, parameters,
-                                            {"descriptors": str(Path(descriptors).resolve()),
-                                             "descriptors_sha256": file_sha256(descriptors),
-                                             "pairs": str(Path(pairs).resolve())}))
+            f.attrs.update(
+                provenance_attrs(
+                    SCHEMA,
+                    SCHEMA_VERSION,
+                    parameters,
+                    {
+                        "descriptors": str(Path(descriptors).resolve()),
+                        "descriptors_sha256": file_sha256(descriptors),
+                        "pairs": str(Path(pairs).resolve()),
+                    },
+                )
+            )
             f.attrs["method"] = method
     return {"output": str(output), "method": method, "dim": dim, "pairs": len(q)}

@@ -26,5 +26,6 @@ def check_pose_quaternions(qvec: np.ndarray, where: str) -> None:
         norms = np.linalg.norm(qvec, axis=1)
     bad = np.flatnonzero(np.abs(norms - 1.0) > 1e-3)
     if len(bad):
-        raise SfmpairsError(f"{where}: pose quaternion of image row {int(bad[0])} is not of unit length "
-                            f"(norm {norms[bad[0]]:.6g})")
+        raise SfmpairsError(
+            f"{where}: pose quaternion of image row {int(bad[0])} is not of unit length (norm {norms[bad[0]]:.6g})"
+        )

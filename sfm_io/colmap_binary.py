@@ -61,8 +61,9 @@ class _File:
 
     def need(self, offset: int, nbytes: int, what: str) -> None:
         if offset + nbytes > self.size:
-            self.fail(f"truncated: {what} runs past the end of the file "
-                      f"(needs byte {offset + nbytes}, file has {self.size})")
+            self.fail(
+                f"truncated: {what} runs past the end of the file (needs byte {offset + nbytes}, file has {self.size})"
+            )
 
     def unpack(self, st: struct.Struct, offset: int, what: str):
         self.need(offset, st.size, what)
@@ -159,9 +160,17 @@ def read_rigs(path: Path) -> dict[int, dict[int, tuple | None]]:
     return rigs
 
 
-_FRAME_ONE_IMAGE = np.dtype([("frame_id", "<u4"), ("rig_id", "<u4"), ("pose", "<f8", 7),
-                             ("num_data", "<u4"), ("sensor_type", "<i4"), ("sensor_id", "<u4"),
-                             ("data_id", "<u8")])
+_FRAME_ONE_IMAGE = np.dtype(
+    [
+        ("frame_id", "<u4"),
+        ("rig_id", "<u4"),
+        ("pose", "<f8", 7),
+        ("num_data", "<u4"),
+        ("sensor_type", "<i4"),
+        ("sensor_id", "<u4"),
+        ("data_id", "<u8"),
+    ]
+)
 
 
 def read_frames(path: Path) -> dict:
@@ -179,8 +188,12 @@ def read_frames(path: Path) -> dict:
                     bad = int(rec["frame_id"][~np.isfinite(rec["pose"]).all(1)][0])
                     f.fail(f"frame {bad} has a non-finite pose")
                 cam = rec["sensor_type"] == _SENSOR_CAMERA
-                return {"image_id": rec["data_id"][cam], "q": rec["pose"][cam, :4], "t": rec["pose"][cam, 4:],
-                        "rig_id": rec["rig_id"][cam].astype(np.int64)}
+                return {
+                    "image_id": rec["data_id"][cam],
+                    "q": rec["pose"][cam, :4],
+                    "t": rec["pose"][cam, 4:],
+                    "rig_id": rec["rig_id"][cam].astype(np.int64),
+                }
         off = 8
         for _ in range(n):
             frame_id, rig_id, *pose, num_data = f.unpack(head, off, "frame record")
@@ -277,8 +290,9 @@ def read_points(path: Path):
     return ids, xyz, track
 
 
-_POINT_RECORD = np.dtype([("id", "<u8"), ("xyz", "<f8", 3), ("rgb", "u1", 3), ("error", "<f8"),
-                          ("track_length", "<u8")])  # the fixed-size head, 51 bytes, packed
+_POINT_RECORD = np.dtype(
+    [("id", "<u8"), ("xyz", "<f8", 3), ("rgb", "u1", 3), ("error", "<f8"), ("track_length", "<u8")]
+)  # the fixed-size head, 51 bytes, packed
 
 
 def _gather_heads(f: _File, offsets: np.ndarray):
@@ -286,8 +300,9 @@ def _gather_heads(f: _File, offsets: np.ndarray):
     if not len(offsets):
         return np.empty(0, np.uint64), np.empty((0, 3)), np.empty(0, np.uint64)
     # every byte offset as the start of a 51-byte record: a 1-D fancy index copies the ones asked
-    heads = np.ndarray((f.size - _POINT_RECORD.itemsize + 1,), np.dtype((np.void, _POINT_RECORD.itemsize)),
-                       f.buf, 0, (1,))
+    heads = np.ndarray(
+        (f.size - _POINT_RECORD.itemsize + 1,), np.dtype((np.void, _POINT_RECORD.itemsize)), f.buf, 0, (1,)
+    )
     rec = heads[offsets].view(_POINT_RECORD)
     del heads
     return rec["id"].copy(), rec["xyz"].copy(), rec["track_length"].copy()
@@ -317,6 +332,7 @@ def _point2d_batches(f: _File, heads: list, batch: int = 1 << 16) -> list:
             # (x, y) pairs as one complex64 each: a 1-D boolean index, numpy's fast path
             xy = xy.view(np.complex64)[:, 0][valid].view(np.float32).reshape(-1, 2)
             return [r[0] for r in group], cum[ends] - cum[ends - sizes], ids[valid], xy
+
         tasks.append((read, total))
         start = stop
     return tasks
@@ -336,8 +352,7 @@ def read_model(folder: str | os.PathLike) -> Model:
         camera_ids = np.array([r[3] for r in heads], np.uint32)
         missing = [c for c in camera_ids.tolist() if c not in cams]
         if missing:
-            raise SfmpairsError(f"{images_path}: an image uses camera {missing[0]}, "
-                                f"which cameras.bin does not have")
+            raise SfmpairsError(f"{images_path}: an image uses camera {missing[0]}, which cameras.bin does not have")
         qvec = np.array([r[1] for r in heads], np.float64).reshape(-1, 4)
         tvec = np.array([r[2] for r in heads], np.float64).reshape(-1, 3)
         rigs_path, frames_path = folder / "rigs.bin", folder / "frames.bin"
@@ -349,10 +364,12 @@ def read_model(folder: str | os.PathLike) -> Model:
         check_finite(tvec, "image translation", str(images_path))
 
         batches = _point2d_batches(f, heads)
-        observations = build_observations(batches, point_ids, file_tracks, str(images_path),
-                                          str(folder / "points3D.bin"))
+        observations = build_observations(
+            batches, point_ids, file_tracks, str(images_path), str(folder / "points3D.bin")
+        )
     finally:
         f.close()
     check_finite(observations[2], "2D point position", str(images_path))
-    return Model.from_arrays(folder, "binary", image_ids, [r[4] for r in heads], camera_ids,
-                             qvec, tvec, cams, point_ids, xyz, observations)
+    return Model.from_arrays(
+        folder, "binary", image_ids, [r[4] for r in heads], camera_ids, qvec, tvec, cams, point_ids, xyz, observations
+    )

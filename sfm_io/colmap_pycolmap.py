@@ -31,13 +31,25 @@ def read_model(folder: str | os.PathLike, fmt: str = "binary") -> Model:
     qvec, tvec = _cam_from_world(rec, images)
     check_pose_quaternions(qvec, str(folder))
     point_ids, xyz, file_tracks = _points(rec)
-    observations = build_observations(_observation_rows(image_ids, images), point_ids, file_tracks,
-                                      str(folder), str(folder))
-    cameras = {cid: (c.model.name, c.width, c.height, np.asarray(c.params, np.float64))
-               for cid, c in rec.cameras.items()}
-    return Model.from_arrays(folder, fmt, image_ids, [im.name for im in images],
-                             np.array([im.camera_id for im in images], np.uint32),
-                             qvec, tvec, cameras, point_ids, xyz, observations)
+    observations = build_observations(
+        _observation_rows(image_ids, images), point_ids, file_tracks, str(folder), str(folder)
+    )
+    cameras = {
+        cid: (c.model.name, c.width, c.height, np.asarray(c.params, np.float64)) for cid, c in rec.cameras.items()
+    }
+    return Model.from_arrays(
+        folder,
+        fmt,
+        image_ids,
+        [im.name for im in images],
+        np.array([im.camera_id for im in images], np.uint32),
+        qvec,
+        tvec,
+        cameras,
+        point_ids,
+        xyz,
+        observations,
+    )
 
 
 def _reconstruction(folder: Path, fmt: str):
@@ -73,8 +85,9 @@ def _cam_from_world(rec, images: list):
         if not (ref.type == pycolmap.SensorType.CAMERA and ref.id == im.camera_id):
             sensor = pycolmap.sensor_t(type=pycolmap.SensorType.CAMERA, id=im.camera_id)
             s_from_r = rig.sensor_from_rig(sensor)
-            qq, tt = compose_poses(_xyzw_to_wxyz(s_from_r.rotation.quat)[None],
-                                   np.asarray(s_from_r.translation)[None], q[None], t[None])
+            qq, tt = compose_poses(
+                _xyzw_to_wxyz(s_from_r.rotation.quat)[None], np.asarray(s_from_r.translation)[None], q[None], t[None]
+            )
             q, t = qq[0], tt[0]
         qvec[k], tvec[k] = q, t
     return qvec, tvec

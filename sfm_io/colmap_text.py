@@ -64,7 +64,7 @@ class _Line:
 
     def floats(self, i: int, n: int, what: str) -> np.ndarray:
         try:
-            v = np.array([float(t) for t in self.tok[i:i + n]])
+            v = np.array([float(t) for t in self.tok[i : i + n]])
         except ValueError:
             self.fail(f"bad number in {what}")
         if len(v) != n:
@@ -247,14 +247,14 @@ def read_model(folder: str | os.PathLike) -> Model:
     tvec = np.array([r[2] for r in recs], np.float64).reshape(-1, 3)
     rigs_path, frames_path = folder / "rigs.txt", folder / "frames.txt"
     if rigs_path.exists() or frames_path.exists():
-        qvec, tvec = poses_from_frames(image_ids, camera_ids, read_frames(frames_path),
-                                       read_rigs(rigs_path), str(frames_path))
+        qvec, tvec = poses_from_frames(
+            image_ids, camera_ids, read_frames(frames_path), read_rigs(rigs_path), str(frames_path)
+        )
     check_pose_quaternions(qvec, str(images_path))
     parsed = [_parse_points2d(r[5]) for r in recs]
-    rows = [(lambda r=r, ids=ids, xy=xy: ([r[0]], [len(ids)], ids, xy), len(ids))
-            for r, (ids, xy) in zip(recs, parsed)]
-    observations = build_observations(rows, point_ids, file_tracks, str(images_path),
-                                      str(folder / "points3D.txt"))
+    rows = [(lambda r=r, ids=ids, xy=xy: ([r[0]], [len(ids)], ids, xy), len(ids)) for r, (ids, xy) in zip(recs, parsed)]
+    observations = build_observations(rows, point_ids, file_tracks, str(images_path), str(folder / "points3D.txt"))
     check_finite(observations[2], "2D point position", str(images_path))
-    return Model.from_arrays(folder, "text", image_ids, [r[4] for r in recs], camera_ids,
-                             qvec, tvec, cams, point_ids, xyz, observations)
+    return Model.from_arrays(
+        folder, "text", image_ids, [r[4] for r in recs], camera_ids, qvec, tvec, cams, point_ids, xyz, observations
+    )

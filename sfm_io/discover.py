@@ -27,18 +27,18 @@ class ModelSource:
 
 
 def model_format(folder: Path) -> str | None:
-    """"binary" or "text" for a complete model folder, None for a folder with no model
+    """ "binary" or "text" for a complete model folder, None for a folder with no model
     files; a clear error for a folder with only some of them."""
-    present = {ext: [f for f in MODEL_FILES if (folder / f"{f}.{ext}").is_file()]
-               for ext in ("bin", "txt")}
+    present = {ext: [f for f in MODEL_FILES if (folder / f"{f}.{ext}").is_file()] for ext in ("bin", "txt")}
     for ext, fmt in (("bin", "binary"), ("txt", "text")):
         if len(present[ext]) == len(MODEL_FILES):
             return fmt
     for ext in ("bin", "txt"):
         if present[ext]:
             missing = [f"{f}.{ext}" for f in MODEL_FILES if f not in present[ext]]
-            raise SfmpairsError(f"{folder / missing[0]}: missing (the folder has "
-                                f"{', '.join(f + '.' + ext for f in present[ext])})")
+            raise SfmpairsError(
+                f"{folder / missing[0]}: missing (the folder has {', '.join(f + '.' + ext for f in present[ext])})"
+            )
     return None
 
 
@@ -55,8 +55,7 @@ def find_model_folders(path: Path) -> list[tuple[Path, str]]:
         if fmt:
             found.append((Path(root), fmt))
     if not found:
-        raise SfmpairsError(f"{path}: no COLMAP model found (expected cameras, images and "
-                            f"points3D as .bin or .txt)")
+        raise SfmpairsError(f"{path}: no COLMAP model found (expected cameras, images and points3D as .bin or .txt)")
     return found
 
 
@@ -122,7 +121,7 @@ def _unique_names(entries: list[tuple[Path, str]]) -> list[str]:
             parts = entries[i][0].resolve().parts
             depth = len(names[i].split("/"))
             if depth < len(parts) - 1:
-                names[i] = "/".join(parts[-depth - 1:])
+                names[i] = "/".join(parts[-depth - 1 :])
     return names
 
 

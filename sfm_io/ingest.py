@@ -54,8 +54,7 @@ def _image_prefixes(sources: list[ModelSource], images_root: Path | None, given:
             prefix = ""
             rel = os.path.relpath(s.images_dir, images_root)
             if rel.startswith(".."):
-                logger.warning("%s: photos at %s are outside the images root %s",
-                               s.path, s.images_dir, images_root)
+                logger.warning("%s: photos at %s are outside the images root %s", s.path, s.images_dir, images_root)
             elif rel != ".":
                 prefix = Path(rel).as_posix() + "/"
         prefixes.append(prefix)
@@ -72,8 +71,9 @@ def _inputs(sources: list[ModelSource]) -> list[dict]:
             if p.exists():
                 st = p.stat()
                 files[p.name] = {"bytes": st.st_size, "mtime": int(st.st_mtime)}
-        out.append({"path": str(s.path.resolve()), "format": s.format, "name": s.name,
-                    "cluster": s.cluster, "files": files})
+        out.append(
+            {"path": str(s.path.resolve()), "format": s.format, "name": s.name, "cluster": s.cluster, "files": files}
+        )
     return out
 
 
@@ -119,14 +119,16 @@ def gather_sources(paths, manifest, cluster_by: str) -> tuple[list[ModelSource],
     seen = {}
     for s in sources:
         if s.name in seen:
-            raise SfmpairsError(f"{s.path}: model name {s.name!r} is also that of {seen[s.name]}; "
-                                f"name them in a manifest")
+            raise SfmpairsError(
+                f"{s.path}: model name {s.name!r} is also that of {seen[s.name]}; name them in a manifest"
+            )
         seen[s.name] = s.path
     return sources, manifest_root
 
 
-def append_models(h5, sources: list[ModelSource], prefixes: list[str], cluster_names: list[str],
-                  reader: str) -> tuple[dict, list]:
+def append_models(
+    h5, sources: list[ModelSource], prefixes: list[str], cluster_names: list[str], reader: str
+) -> tuple[dict, list]:
     """Read each model and append it to the store being written; the totals and each
     model's (first image, first point, end image, end point). Image names (with their
     folder prefix) must be unique across models."""
@@ -141,8 +143,10 @@ def append_models(h5, sources: list[ModelSource], prefixes: list[str], cluster_n
         names = [prefix + n for n in model.names]
         for n in names:
             if n in names_seen:
-                raise SfmpairsError(f"{src.path}: image name {n!r} is also in model {names_seen[n]}; give "
-                                    f"each model its photo folder (--images-root or a manifest)")
+                raise SfmpairsError(
+                    f"{src.path}: image name {n!r} is also in model {names_seen[n]}; give "
+                    f"each model its photo folder (--images-root or a manifest)"
+                )
             names_seen[n] = src.name
         start = (totals["images"], totals["points"])
         append_model(h5, model, k, cluster_index[src.cluster], names)
@@ -150,8 +154,14 @@ def append_models(h5, sources: list[ModelSource], prefixes: list[str], cluster_n
         totals["points"] += model.num_points
         totals["observations"] += len(model.point)
         ranges.append((*start, totals["images"], totals["points"]))
-        logger.info("%s: %d images, %d points, %d observations (%s)", src.name,
-                    model.num_images, model.num_points, len(model.point), src.format)
+        logger.info(
+            "%s: %d images, %d points, %d observations (%s)",
+            src.name,
+            model.num_images,
+            model.num_points,
+            len(model.point),
+            src.format,
+        )
         del model
     return totals, ranges
 
@@ -159,24 +169,38 @@ def append_models(h5, sources: list[ModelSource], prefixes: list[str], cluster_n
 def write_source_tables(h5, sources: list[ModelSource], cluster_names: list[str], ranges: list) -> None:
     """The store's ``clusters`` and ``models`` tables: where each came from."""
     cluster_index = {c: i for i, c in enumerate(cluster_names)}
-    write_table(h5, "clusters", {
-        "name": cluster_names,
-        "source": [";".join(str(s.path.resolve()) for s in sources if s.cluster == c) for c in cluster_names]})
-    write_table(h5, "models", {
-        "name": [s.name for s in sources],
-        "path": [str(s.path.resolve()) for s in sources],
-        "format": [s.format for s in sources],
-        "cluster": [cluster_index[s.cluster] for s in sources],
-        "images_dir": [str(s.images_dir) if s.images_dir else "" for s in sources],
-        "image_range": [(r[0], r[2]) for r in ranges],
-        "point_range": [(r[1], r[3]) for r in ranges]})
+    write_table(
+        h5,
+        "clusters",
+        {
+            "name": cluster_names,
+            "source": [";".join(str(s.path.resolve()) for s in sources if s.cluster == c) for c in cluster_names],
+        },
+    )
+    write_table(
+        h5,
+        "models",
+        {
+            "name": [s.name for s in sources],
+            "path": [str(s.path.resolve()) for s in sources],
+            "format": [s.format for s in sources],
+            "cluster": [cluster_index[s.cluster] for s in sources],
+            "images_dir": [str(s.images_dir) if s.images_dir else "" for s in sources],
+            "image_range": [(r[0], r[2]) for r in ranges],
+            "point_range": [(r[1], r[3]) for r in ranges],
+        },
+    )
 
 
-def ingest(paths: str | os.PathLike | list[str | os.PathLike] | None,
-           output: str | os.PathLike, *,
-           manifest: str | os.PathLike | None = None,
-           images_root: str | os.PathLike | None = None,
-           overwrite: bool = False, **options) -> dict:
+def ingest(
+    paths: str | os.PathLike | list[str | os.PathLike] | None,
+    output: str | os.PathLike,
+    *,
+    manifest: str | os.PathLike | None = None,
+    images_root: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    **options,
+) -> dict:
     """Read COLMAP models and write the SfM store ``output``; returns a short summary.
 
     ``paths`` are model folders or trees of them (one path, str or PathLike, is taken
@@ -190,8 +214,11 @@ def ingest(paths: str | os.PathLike | list[str | os.PathLike] | None,
     sources, manifest_root = gather_sources(paths, manifest, conf.cluster_by)
     root, prefixes = _image_prefixes(sources, images_root or manifest_root, images_root is not None)
     cluster_names = list(dict.fromkeys(s.cluster for s in sources))
-    parameters = {**conf_dict(conf), "images_root": str(root) if root else None,
-                  "manifest": str(Path(manifest).resolve()) if manifest else None}
+    parameters = {
+        **conf_dict(conf),
+        "images_root": str(root) if root else None,
+        "manifest": str(Path(manifest).resolve()) if manifest else None,
+    }
     with atomic_output(output, overwrite) as tmp, _small_pages(), h5py.File(tmp, "w") as h5:
         create_store(h5)
         totals, ranges = append_models(h5, sources, prefixes, cluster_names, conf.reader)
@@ -199,8 +226,14 @@ def ingest(paths: str | os.PathLike | list[str | os.PathLike] | None,
         h5.attrs.update(provenance_attrs(SCHEMA, SCHEMA_VERSION, parameters, _inputs(sources)))
         h5.attrs["images_root"] = str(root) if root else ""
     seconds = time.perf_counter() - t0
-    logger.info("wrote %s: %d clusters, %d models, %d images, %d points, %d observations in %.1f s",
-                output, len(cluster_names), len(sources), totals["images"], totals["points"],
-                totals["observations"], seconds)
-    return {"output": str(output), "clusters": len(cluster_names), "models": len(sources),
-            **totals, "seconds": seconds}
+    logger.info(
+        "wrote %s: %d clusters, %d models, %d images, %d points, %d observations in %.1f s",
+        output,
+        len(cluster_names),
+        len(sources),
+        totals["images"],
+        totals["points"],
+        totals["observations"],
+        seconds,
+    )
+    return {"output": str(output), "clusters": len(cluster_names), "models": len(sources), **totals, "seconds": seconds}

@@ -62,9 +62,20 @@ class Model:
         return len(self.point_ids)
 
     @classmethod
-    def from_arrays(cls, path, format: str, image_ids: np.ndarray, names: list[str],
-                    camera_ids: np.ndarray, qvec: np.ndarray, tvec: np.ndarray, cameras: dict,
-                    point_ids: np.ndarray, xyz: np.ndarray, observations: tuple) -> Model:
+    def from_arrays(
+        cls,
+        path,
+        format: str,
+        image_ids: np.ndarray,
+        names: list[str],
+        camera_ids: np.ndarray,
+        qvec: np.ndarray,
+        tvec: np.ndarray,
+        cameras: dict,
+        point_ids: np.ndarray,
+        xyz: np.ndarray,
+        observations: tuple,
+    ) -> Model:
         """The model from what a reader read, the one place every reader builds it.
 
         The image arrays (``image_ids`` to ``tvec``) are in store order (by image id);
@@ -75,12 +86,23 @@ class Model:
         cams = [cameras[c] for c in camera_ids.tolist()]
         indptr, point, xy, track_length = observations
         return cls(
-            path=str(path), format=format,
-            image_ids=image_ids, names=names, camera_ids=camera_ids, qvec=qvec, tvec=tvec,
-            camera_model=[c[0] for c in cams], params=[c[3] for c in cams],
+            path=str(path),
+            format=format,
+            image_ids=image_ids,
+            names=names,
+            camera_ids=camera_ids,
+            qvec=qvec,
+            tvec=tvec,
+            camera_model=[c[0] for c in cams],
+            params=[c[3] for c in cams],
             width=np.array([c[1] for c in cams], np.int64),
             height=np.array([c[2] for c in cams], np.int64),
-            point_ids=point_ids, xyz=xyz, indptr=indptr, point=point, xy=xy, track_length=track_length,
+            point_ids=point_ids,
+            xyz=xyz,
+            indptr=indptr,
+            point=point,
+            xy=xy,
+            track_length=track_length,
         )
 
 
@@ -123,11 +145,20 @@ def quat_to_rotmat(q: np.ndarray) -> np.ndarray:
     with np.errstate(over="ignore", invalid="ignore"):  # corrupt input: checked by callers
         q = q / np.linalg.norm(q, axis=1, keepdims=True)
     w, x, y, z = q.T
-    return np.stack([
-        1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
-        2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
-        2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y),
-    ], axis=1).reshape(-1, 3, 3)
+    return np.stack(
+        [
+            1 - 2 * (y * y + z * z),
+            2 * (x * y - w * z),
+            2 * (x * z + w * y),
+            2 * (x * y + w * z),
+            1 - 2 * (x * x + z * z),
+            2 * (y * z - w * x),
+            2 * (x * z - w * y),
+            2 * (y * z + w * x),
+            1 - 2 * (x * x + y * y),
+        ],
+        axis=1,
+    ).reshape(-1, 3, 3)
 
 
 def camera_centres(qvec: np.ndarray, tvec: np.ndarray) -> np.ndarray:
@@ -140,22 +171,27 @@ def compose_poses(q_a: np.ndarray, t_a: np.ndarray, q_b: np.ndarray, t_b: np.nda
     """a_from_c = a_from_b * b_from_c for (N, 4) w-x-y-z quaternions and (N, 3) translations."""
     wa, xa, ya, za = q_a.T
     wb, xb, yb, zb = q_b.T
-    q = np.stack([
-        wa * wb - xa * xb - ya * yb - za * zb,
-        wa * xb + xa * wb + ya * zb - za * yb,
-        wa * yb - xa * zb + ya * wb + za * xb,
-        wa * zb + xa * yb - ya * xb + za * wb,
-    ], axis=1)
+    q = np.stack(
+        [
+            wa * wb - xa * xb - ya * yb - za * zb,
+            wa * xb + xa * wb + ya * zb - za * yb,
+            wa * yb - xa * zb + ya * wb + za * xb,
+            wa * zb + xa * yb - ya * xb + za * wb,
+        ],
+        axis=1,
+    )
     t = np.einsum("nij,nj->ni", quat_to_rotmat(q_a), t_b) + t_a
     return q, t
 
 
 def frame_table(rows) -> dict:
     """Frames as arrays from (image id, rig_from_world pose (7,), rig id) rows."""
-    return {"image_id": np.array([r[0] for r in rows], np.uint64),
-            "q": np.array([r[1][:4] for r in rows], np.float64).reshape(-1, 4),
-            "t": np.array([r[1][4:] for r in rows], np.float64).reshape(-1, 3),
-            "rig_id": np.array([r[2] for r in rows], np.int64)}
+    return {
+        "image_id": np.array([r[0] for r in rows], np.uint64),
+        "q": np.array([r[1][:4] for r in rows], np.float64).reshape(-1, 4),
+        "t": np.array([r[1][4:] for r in rows], np.float64).reshape(-1, 3),
+        "rig_id": np.array([r[2] for r in rows], np.int64),
+    }
 
 
 def poses_from_frames(image_ids, camera_ids, frames: dict, rigs: dict, where: str):
@@ -179,7 +215,7 @@ def poses_from_frames(image_ids, camera_ids, frames: dict, rigs: dict, where: st
         if sensors is None or cid not in sensors:
             raise SfmpairsError(f"{where}: camera {cid} of image {int(image_ids[i])} is not a sensor of rig {rid}")
         if sensors[cid] is not None:  # not the rig's reference sensor
-            qq, tt = compose_poses(sensors[cid][0][None], sensors[cid][1][None], q[i:i + 1], t[i:i + 1])
+            qq, tt = compose_poses(sensors[cid][0][None], sensors[cid][1][None], q[i : i + 1], t[i : i + 1])
             q[i], t[i] = qq[0], tt[0]
     return q, t
 
@@ -202,11 +238,18 @@ def point_lookup(point_ids: np.ndarray):
         pos = np.searchsorted(point_ids, ids)
         pos[pos == m] = 0
         return np.where(point_ids[pos] == ids, pos, -1)
+
     return lookup
 
 
-def build_observations(batches, point_ids: np.ndarray, file_track_lengths: np.ndarray,
-                       where: str, points_file: str, threads: int | None = None):
+def build_observations(
+    batches,
+    point_ids: np.ndarray,
+    file_track_lengths: np.ndarray,
+    where: str,
+    points_file: str,
+    threads: int | None = None,
+):
     """The CSR co-observation table from the images' 2D points.
 
     ``batches`` is a list of ``(read, size)``: ``read()`` returns, for consecutive
@@ -243,8 +286,9 @@ def build_observations(batches, point_ids: np.ndarray, file_track_lengths: np.nd
     _run_batches(run, len(batches), workers)
     track_length = _total(tracks)
     indptr, point, out_xy = _squeeze_gaps(point, out_xy, offsets, counts_of)
-    indptr, point, out_xy = _drop_repeats(indptr, point, out_xy, track_length, file_track_lengths,
-                                          point_ids, points_file)
+    indptr, point, out_xy = _drop_repeats(
+        indptr, point, out_xy, track_length, file_track_lengths, point_ids, points_file
+    )
     return indptr, point, out_xy, track_length
 
 
@@ -276,9 +320,9 @@ def _total(arrays: queue.SimpleQueue) -> np.ndarray:
 
 def _write_at(pos: int, point: np.ndarray, xy: np.ndarray, batch_point: np.ndarray, batch_xy: np.ndarray) -> None:
     """A batch's observations into ``point`` and ``xy`` (float32) from offset ``pos`` on."""
-    point[pos:pos + len(batch_point)] = batch_point
+    point[pos : pos + len(batch_point)] = batch_point
     with np.errstate(over="ignore"):  # huge values become inf: check_finite reports them
-        xy[pos:pos + len(batch_point)] = batch_xy
+        xy[pos : pos + len(batch_point)] = batch_xy
 
 
 def _check_points_known(idx: np.ndarray, ids: np.ndarray, image_ids, counts, where: str) -> None:
@@ -288,8 +332,9 @@ def _check_points_known(idx: np.ndarray, ids: np.ndarray, image_ids, counts, whe
     if len(idx) and idx.min() < 0:
         j = np.flatnonzero(idx < 0)[0]
         image = image_ids[np.searchsorted(np.cumsum(counts), j, side="right")]
-        raise SfmpairsError(f"{where}: image {int(image)} observes 3D point {int(ids[j])}, "
-                            f"which the model does not have")
+        raise SfmpairsError(
+            f"{where}: image {int(image)} observes 3D point {int(ids[j])}, which the model does not have"
+        )
 
 
 def _count_track_lengths(track: np.ndarray, idx: np.ndarray, counts) -> None:
@@ -301,7 +346,7 @@ def _count_track_lengths(track: np.ndarray, idx: np.ndarray, counts) -> None:
         return
     pos = 0
     for k in counts:
-        track[idx[pos:pos + k]] += 1
+        track[idx[pos : pos + k]] += 1
         pos += k
 
 
@@ -323,8 +368,8 @@ def _squeeze_gaps(point: np.ndarray, xy: np.ndarray, offsets: np.ndarray, counts
     for b, counts in enumerate(counts_of):
         n = int(counts.sum())
         if pos != offsets[b] and n:
-            point[pos:pos + n] = point[offsets[b]:offsets[b] + n]
-            xy[pos:pos + n] = xy[offsets[b]:offsets[b] + n]
+            point[pos : pos + n] = point[offsets[b] : offsets[b] + n]
+            xy[pos : pos + n] = xy[offsets[b] : offsets[b] + n]
         pos += n
     row_counts = np.concatenate(counts_of) if counts_of else np.zeros(0, np.int64)
     indptr = np.concatenate([[0], np.cumsum(row_counts)]).astype(np.int64)
@@ -334,8 +379,15 @@ def _squeeze_gaps(point: np.ndarray, xy: np.ndarray, offsets: np.ndarray, counts
     return indptr, point, xy
 
 
-def _drop_repeats(indptr: np.ndarray, point: np.ndarray, xy: np.ndarray, track_length: np.ndarray,
-                  file_track_lengths: np.ndarray, point_ids: np.ndarray, points_file: str):
+def _drop_repeats(
+    indptr: np.ndarray,
+    point: np.ndarray,
+    xy: np.ndarray,
+    track_length: np.ndarray,
+    file_track_lengths: np.ndarray,
+    point_ids: np.ndarray,
+    points_file: str,
+):
     """``(indptr, point, xy)`` without the repeats of a point within an image's row (the
     first stays), after checking that the observations of each point, repeats
     included, number what its track in points3D says (``file_track_lengths``);
@@ -354,7 +406,8 @@ def _drop_repeats(indptr: np.ndarray, point: np.ndarray, xy: np.ndarray, track_l
         i = bad[0]
         raise SfmpairsError(
             f"{points_file}: the track of 3D point {int(point_ids[i])} has "
-            f"{int(file_track_lengths[i])} observations but the images list {int(raw_counts[i])}")
+            f"{int(file_track_lengths[i])} observations but the images list {int(raw_counts[i])}"
+        )
     return indptr, point, xy
 
 
@@ -384,7 +437,7 @@ def _delete_in_place(a: np.ndarray, drop: np.ndarray) -> np.ndarray:
     stops = [*drop[1:].tolist(), len(a)]
     dst = int(drop[0])
     for s, e in zip(starts, stops):
-        a[dst:dst + e - s] = a[s:e]  # numpy copies overlapping ranges safely
+        a[dst : dst + e - s] = a[s:e]  # numpy copies overlapping ranges safely
         dst += e - s
     return _shrink(a, dst)
 

@@ -16,10 +16,10 @@ MATCHERS = ("exhaustive", "sequential", "vocab-tree")
 
 @dataclass(frozen=True)
 class IngestConf:
-    cluster_by: str = setting("model", "One cluster per model, or one per scene (scene/sparse/N share one).",
-                              choices=CLUSTER_BY)
-    reader: str = setting("auto", "auto: the fast readers; pycolmap: the slower reference reader.",
-                          choices=READERS)
+    cluster_by: str = setting(
+        "model", "One cluster per model, or one per scene (scene/sparse/N share one).", choices=CLUSTER_BY
+    )
+    reader: str = setting("auto", "auto: the fast readers; pycolmap: the slower reference reader.", choices=READERS)
 
     def check(self) -> None:
         if self.cluster_by not in CLUSTER_BY:
@@ -30,8 +30,11 @@ class IngestConf:
 
 @dataclass(frozen=True)
 class ReconstructConf:
-    matcher: str = setting("exhaustive", "exhaustive: every pair (small sets); sequential: video frames; "
-                           "vocab-tree: large sets.", choices=MATCHERS)
+    matcher: str = setting(
+        "exhaustive",
+        "exhaustive: every pair (small sets); sequential: video frames; vocab-tree: large sets.",
+        choices=MATCHERS,
+    )
     camera_model: str = setting("SIMPLE_RADIAL", "COLMAP camera model.")
     single_camera: bool = setting(False, "All photos share one camera.")
     max_image_size: int = setting(1600, "Longer side for feature extraction.")

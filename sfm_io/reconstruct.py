@@ -47,8 +47,10 @@ def check_settings(conf: ReconstructConf, vocab_tree) -> None:
     if conf.camera_model not in camera_model_ids():
         raise SfmpairsError(f"unknown camera model {conf.camera_model!r}")
     if conf.matcher == "vocab-tree" and (vocab_tree is None or not Path(vocab_tree).is_file()):
-        raise SfmpairsError(f"{vocab_tree or '--vocab-tree'}: the vocab-tree matcher needs a vocabulary "
-                            f"tree file (COLMAP's, e.g. vocab_tree_flickr100K_words32K.bin)")
+        raise SfmpairsError(
+            f"{vocab_tree or '--vocab-tree'}: the vocab-tree matcher needs a vocabulary "
+            f"tree file (COLMAP's, e.g. vocab_tree_flickr100K_words32K.bin)"
+        )
 
 
 def extract_features(db: Path, images_dir: Path, conf: ReconstructConf, device) -> None:
@@ -60,8 +62,9 @@ def extract_features(db: Path, images_dir: Path, conf: ReconstructConf, device) 
     extraction = pycolmap.FeatureExtractionOptions()
     extraction.max_image_size = conf.max_image_size
     mode = pycolmap.CameraMode.SINGLE if conf.single_camera else pycolmap.CameraMode.AUTO
-    pycolmap.extract_features(db, images_dir, camera_mode=mode, reader_options=reader,
-                              extraction_options=extraction, device=device)
+    pycolmap.extract_features(
+        db, images_dir, camera_mode=mode, reader_options=reader, extraction_options=extraction, device=device
+    )
 
 
 def match_features(db: Path, conf: ReconstructConf, vocab_tree, device) -> None:
@@ -97,8 +100,14 @@ def map_models(db: Path, images_dir: Path, output: Path) -> dict[str, int]:
     return registered
 
 
-def reconstruct(images_dir: str | Path, output: str | Path, *, vocab_tree: str | Path | None = None,
-                overwrite: bool = False, **options) -> dict:
+def reconstruct(
+    images_dir: str | Path,
+    output: str | Path,
+    *,
+    vocab_tree: str | Path | None = None,
+    overwrite: bool = False,
+    **options,
+) -> dict:
     """Reconstruct ``images_dir`` into ``output``; returns the registered images per
     model. ``options``: the settings of :class:`~.options.ReconstructConf`."""
     import pycolmap
@@ -115,8 +124,9 @@ def reconstruct(images_dir: str | Path, output: str | Path, *, vocab_tree: str |
     db = output / "database.db"
     # COLMAP's own log (glog) only with -vv
     pycolmap.logging.minloglevel = 0 if logger.isEnabledFor(logging.DEBUG) else 2
-    device = {"auto": pycolmap.Device.auto, "cpu": pycolmap.Device.cpu,
-              "cuda": pycolmap.Device.cuda}.get(conf.device, pycolmap.Device.auto)
+    device = {"auto": pycolmap.Device.auto, "cpu": pycolmap.Device.cpu, "cuda": pycolmap.Device.cuda}.get(
+        conf.device, pycolmap.Device.auto
+    )
     t0 = time.perf_counter()
     logger.info("1/3 features of %d photos in %s", len(photos), images_dir)
     extract_features(db, images_dir, conf, device)
@@ -128,6 +138,11 @@ def reconstruct(images_dir: str | Path, output: str | Path, *, vocab_tree: str |
     if not link.exists():
         os.symlink(images_dir, link, target_is_directory=True)
     seconds = time.perf_counter() - t0
-    logger.info("%d models, %s registered of %d photos, in %.0f s", len(registered),
-                "+".join(str(v) for v in registered.values()), len(photos), seconds)
+    logger.info(
+        "%d models, %s registered of %d photos, in %.0f s",
+        len(registered),
+        "+".join(str(v) for v in registered.values()),
+        len(photos),
+        seconds,
+    )
     return {"photos": len(photos), "models": registered, "seconds": seconds}

@@ -59,10 +59,8 @@ def create_store(h5: h5py.File) -> None:
     width = max_params()
     for name, dtype, tail, chunk in _LAYOUT:
         tail = (width,) if tail == (None,) else tail
-        h5.create_dataset(name, shape=(0, *tail), maxshape=(None, *tail), dtype=dtype,
-                          chunks=(chunk, *tail))
-    h5.create_dataset("observations/indptr", data=np.zeros(1, np.int64), maxshape=(None,),
-                      chunks=(_IMAGE_CHUNK,))
+        h5.create_dataset(name, shape=(0, *tail), maxshape=(None, *tail), dtype=dtype, chunks=(chunk, *tail))
+    h5.create_dataset("observations/indptr", data=np.zeros(1, np.int64), maxshape=(None,), chunks=(_IMAGE_CHUNK,))
 
 
 def _append(ds: h5py.Dataset, values) -> None:
@@ -72,15 +70,14 @@ def _append(ds: h5py.Dataset, values) -> None:
         ds[n:] = values
 
 
-def append_model(h5: h5py.File, model: Model, model_index: int, cluster_index: int,
-                 names: list[str]) -> None:
+def append_model(h5: h5py.File, model: Model, model_index: int, cluster_index: int, names: list[str]) -> None:
     """Append one model's images, points and observations."""
     n, m = model.num_images, model.num_points
     point_offset = len(h5["points/xyz"])
     obs_offset = int(h5["observations/indptr"][-1])
     params = np.full((n, h5["images/params"].shape[1]), np.nan)
     for i, p in enumerate(model.params):
-        params[i, :len(p)] = p
+        params[i, : len(p)] = p
     columns = {
         "images/name": names,
         "images/colmap_name": model.names,
@@ -145,6 +142,7 @@ def read_store(path: str | Path, observations: bool = True, keys: list[str] | No
     co-observation table but for ``observations/indptr``."""
     out = {}
     with open_store(path) as h5:
+
         def visit(name, obj):
             if isinstance(obj, h5py.Dataset):
                 if keys is not None and name not in keys:
@@ -152,6 +150,7 @@ def read_store(path: str | Path, observations: bool = True, keys: list[str] | No
                 if not observations and name.startswith("observations/") and name != "observations/indptr":
                     return
                 out[name] = obj.asstr()[()] if h5py.check_string_dtype(obj.dtype) else obj[()]
+
         h5.visititems(visit)
         out["attrs"] = {k: (v.item() if hasattr(v, "item") else v) for k, v in h5.attrs.items()}
     for key in ("parameters", "inputs"):

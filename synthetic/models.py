@@ -120,7 +120,7 @@ def _observations(seen_by, xyz, R, t, focal, duplicate_fraction: float, rng):
     Xc = np.einsum("nij,nj->ni", R[obs_image], xyz[obs_point]) + t[obs_image]
     f = focal[obs_image]
     uv = f[:, None] * Xc[:, :2] / Xc[:, 2:3] + np.array([_WIDTH / 2, _HEIGHT / 2])
-    uv[len(uv) - dup.sum():] += rng.normal(0, 0.5, (dup.sum(), 2))
+    uv[len(uv) - dup.sum() :] += rng.normal(0, 0.5, (dup.sum(), 2))
     order = np.lexsort((obs_point, obs_image))
     return obs_image[order], obs_point[order], uv[order]
 
@@ -139,8 +139,12 @@ def _add_images(rec, obs_image, uv, image_ids, image_cam, R, t, untriangulated: 
         extra = rng.uniform([0, 0], [_WIDTH, _HEIGHT], (untriangulated, 2))
         kps = np.concatenate([extra[:before], uv[a:b], extra[before:]])
         kp_index[a:b] = before + np.arange(b - a)
-        img = pycolmap.Image(name=f"seq/img_{int(image_ids[i]):05d}.jpg", keypoints=kps,
-                             camera_id=image_cam[i], image_id=int(image_ids[i]))
+        img = pycolmap.Image(
+            name=f"seq/img_{int(image_ids[i]):05d}.jpg",
+            keypoints=kps,
+            camera_id=image_cam[i],
+            image_id=int(image_ids[i]),
+        )
         pose = pycolmap.Rigid3d(pycolmap.Rotation3d(R[i]), t[i])
         rec.add_image_with_trivial_frame(img, pose)
     return kp_index
@@ -157,9 +161,8 @@ def _add_points(rec, xyz, obs_image, obs_point, kp_index, image_ids, point_id_ga
     pstarts = np.searchsorted(obs_point[by_point], np.arange(m + 1))  # point p: pstarts[p]:pstarts[p+1]
     spares = []
     for p in range(m):
-        sel = by_point[pstarts[p]:pstarts[p + 1]]
-        track = pycolmap.Track([pycolmap.TrackElement(int(image_ids[obs_image[s]]), int(kp_index[s]))
-                                for s in sel])
+        sel = by_point[pstarts[p] : pstarts[p + 1]]
+        track = pycolmap.Track([pycolmap.TrackElement(int(image_ids[obs_image[s]]), int(kp_index[s])) for s in sel])
         rec.add_point3D(xyz[p], track)
         if point_id_gaps and p % 3 == 0:
             spares.append(rec.add_point3D(xyz[p], pycolmap.Track()))

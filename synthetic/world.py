@@ -34,8 +34,10 @@ def make_texture(rng, width_units: float, height_units: float) -> np.ndarray:
         xx = np.linspace(0, cells, w)[None, :]
         y0, x0 = np.minimum(yy.astype(int), cells - 1), np.minimum(xx.astype(int), cells - 1)
         fy, fx = yy - y0, xx - x0
-        noise += ((g[y0, x0] * (1 - fx) + g[y0, x0 + 1] * fx) * (1 - fy)
-                  + (g[y0 + 1, x0] * (1 - fx) + g[y0 + 1, x0 + 1] * fx) * fy) / cells ** 0.5
+        noise += (
+            (g[y0, x0] * (1 - fx) + g[y0, x0 + 1] * fx) * (1 - fy)
+            + (g[y0 + 1, x0] * (1 - fx) + g[y0 + 1, x0 + 1] * fx) * fy
+        ) / cells**0.5
     noise = (noise - noise.min()) / (np.ptp(noise) + 1e-9)
     tex = palette[0] * (1 - noise[..., None]) + palette[1] * noise[..., None]
     # windows: a grid of rectangles in the third colour, with a frame
@@ -55,7 +57,7 @@ def make_texture(rng, width_units: float, height_units: float) -> np.ndarray:
     for _ in range(int(w * h / 400)):
         x0, y0 = rng.integers(0, w - 4), rng.integers(0, h - 4)
         dx, dy = rng.integers(4, 16), rng.integers(4, 16)
-        tex[y0:y0 + dy, x0:x0 + dx] = rng.choice([0.0, 1.0], 3) * rng.uniform(0.6, 1.0)
+        tex[y0 : y0 + dy, x0 : x0 + dx] = rng.choice([0.0, 1.0], 3) * rng.uniform(0.6, 1.0)
     return np.clip(tex + rng.normal(0, 0.02, tex.shape), 0, 1)
 
 
@@ -79,8 +81,11 @@ def sample_cameras(rng, n: int, walls: dict, width: int, height: int):
     for _ in range(n):
         on_a = rng.random() < LA / (LA + LB)
         s = rng.uniform(0.1, 0.9)
-        target = np.array([s * LA, rng.uniform(0.25, 0.75) * H, 0.0]) if on_a else \
-            np.array([0.0, rng.uniform(0.25, 0.75) * H, s * LB])
+        target = (
+            np.array([s * LA, rng.uniform(0.25, 0.75) * H, 0.0])
+            if on_a
+            else np.array([0.0, rng.uniform(0.25, 0.75) * H, s * LB])
+        )
         ang = rng.uniform(np.deg2rad(10), np.deg2rad(80))  # direction in the x-z quadrant
         dist = rng.uniform(0.5, 2.2) * H
         direction = np.array([np.cos(ang), 0.0, np.sin(ang)])
@@ -126,8 +131,9 @@ def render(R, t, f, width, height, walls, texture, rng, supersample: int = 2):
     py = np.clip((walls["H"] - v) * TEXTURE_PX_PER_UNIT, 0, th - 1.001)
     x0, y0 = px.astype(int), py.astype(int)
     fx, fy = (px - x0)[:, None], (py - y0)[:, None]
-    col = ((texture[y0, x0] * (1 - fx) + texture[y0, x0 + 1] * fx) * (1 - fy)
-           + (texture[y0 + 1, x0] * (1 - fx) + texture[y0 + 1, x0 + 1] * fx) * fy)
+    col = (texture[y0, x0] * (1 - fx) + texture[y0, x0 + 1] * fx) * (1 - fy) + (
+        texture[y0 + 1, x0] * (1 - fx) + texture[y0 + 1, x0 + 1] * fx
+    ) * fy
     light = rng.uniform(0.55, 1.0, 2)  # the two walls lit differently
     col = col * np.where(wall == 1, light[1], light[0])[:, None]
     sky_top, sky_bottom = rng.uniform(0.5, 1.0, 3), rng.uniform(0.3, 0.9, 3)
@@ -155,8 +161,11 @@ def synth_cluster(folder: Path, rng, images: int, width: int, height: int, point
     # 3D points on the walls, uniformly by area
     on_a = rng.random(points) < walls["LA"] / (walls["LA"] + walls["LB"])
     s, h = rng.random(points), rng.uniform(0, walls["H"], points)
-    xyz = np.where(on_a[:, None], np.stack([s * walls["LA"], h, np.zeros(points)], 1),
-                   np.stack([np.zeros(points), h, s * walls["LB"]], 1))
+    xyz = np.where(
+        on_a[:, None],
+        np.stack([s * walls["LA"], h, np.zeros(points)], 1),
+        np.stack([np.zeros(points), h, s * walls["LB"]], 1),
+    )
     (folder / "images").mkdir(parents=True, exist_ok=True)
     visible = []  # per image: (point indices, xy)
     for k, (R, t, f) in enumerate(cams):
@@ -166,8 +175,9 @@ def synth_cluster(folder: Path, rng, images: int, width: int, height: int, point
         z = Xc[:, 2]
         with np.errstate(divide="ignore", invalid="ignore"):
             xy = f * Xc[:, :2] / z[:, None] + np.array([width / 2, height / 2])
-        inside = ((z > 1e-6) & (xy[:, 0] >= 0.5) & (xy[:, 0] < width - 0.5)
-                  & (xy[:, 1] >= 0.5) & (xy[:, 1] < height - 0.5))
+        inside = (
+            (z > 1e-6) & (xy[:, 0] >= 0.5) & (xy[:, 0] < width - 0.5) & (xy[:, 1] >= 0.5) & (xy[:, 1] < height - 0.5)
+        )
         idx = np.flatnonzero(inside)
         px = np.clip(xy[idx].astype(int), 0, [width - 1, height - 1])
         seen = np.abs(depth[px[:, 1], px[:, 0]] - z[idx]) < 0.02 * z[idx] + 0.02
@@ -187,8 +197,9 @@ def synth_cluster(folder: Path, rng, images: int, width: int, height: int, point
         idx, xy = idx[sel], xy[sel]
         visible[k] = (idx, xy)
         kp_index.append({int(p): j for j, p in enumerate(idx)})
-        im = pycolmap.Image(name=f"img_{k:03d}.jpg", keypoints=xy.reshape(-1, 2).astype(np.float64),
-                            camera_id=k + 1, image_id=k + 1)
+        im = pycolmap.Image(
+            name=f"img_{k:03d}.jpg", keypoints=xy.reshape(-1, 2).astype(np.float64), camera_id=k + 1, image_id=k + 1
+        )
         rec.add_image_with_trivial_frame(im, pycolmap.Rigid3d(pycolmap.Rotation3d(R), t))
     point_id = {}
     for p in np.flatnonzero(keep):
@@ -196,14 +207,23 @@ def synth_cluster(folder: Path, rng, images: int, width: int, height: int, point
         point_id[int(p)] = rec.add_point3D(xyz[p], pycolmap.Track(elems))
     (folder / "sparse" / "0").mkdir(parents=True, exist_ok=True)
     rec.write_binary(str(folder / "sparse" / "0"))
-    return {"walls": walls, "cameras": [{"R": R.tolist(), "t": t.tolist(), "f": f} for R, t, f in cams],
-            "points": {str(point_id[p]): xyz[p].tolist() for p in point_id},
-            "visible": [[point_id[int(p)] for p in v[0]] for v in visible]}
+    return {
+        "walls": walls,
+        "cameras": [{"R": R.tolist(), "t": t.tolist(), "f": f} for R, t, f in cams],
+        "points": {str(point_id[p]): xyz[p].tolist() for p in point_id},
+        "visible": [[point_id[int(p)] for p in v[0]] for v in visible],
+    }
 
 
-def synth(output: str | Path, clusters: int = 12, images_per_cluster: int = 40,
-          image_size: tuple[int, int] = (320, 240), seed: int = 0, overwrite: bool = False,
-          points: int = 3000) -> dict:
+def synth(
+    output: str | Path,
+    clusters: int = 12,
+    images_per_cluster: int = 40,
+    image_size: tuple[int, int] = (320, 240),
+    seed: int = 0,
+    overwrite: bool = False,
+    points: int = 3000,
+) -> dict:
     """Write a synthetic world to ``output``: ``cluster_XX/images`` and
     ``cluster_XX/sparse/0`` per cluster, and ``world.json`` (the exact ground truth)."""
     from sfmpairs.common import SfmpairsError, progress

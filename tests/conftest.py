@@ -23,8 +23,16 @@ def doc_example(heading: str) -> str:
     return code
 
 
-def synth_and_mine(root: Path, *, clusters: int, image_size: tuple[int, int], seed: int, points: int,
-                   descriptor_seed: int, **mine_options) -> Path:
+def synth_and_mine(
+    root: Path,
+    *,
+    clusters: int,
+    image_size: tuple[int, int],
+    seed: int,
+    points: int,
+    descriptor_seed: int,
+    **mine_options,
+) -> Path:
     """A rendered world in ``root/w``, its store ``root/sfm.h5``, random unit
     descriptors ``root/d.h5`` (8-d) and pairs ``root/pairs.h5`` mined with them."""
     from sfmpairs.mining.mine import mine
@@ -42,16 +50,16 @@ def synth_and_mine(root: Path, *, clusters: int, image_size: tuple[int, int], se
     return root
 
 
-def make_models(folder: Path, seed: int = 0, scenes: int = 4, images: int = 40,
-                points: int = 2000) -> list[Path]:
+def make_models(folder: Path, seed: int = 0, scenes: int = 4, images: int = 40, points: int = 2000) -> list[Path]:
     """Random COLMAP models without photos, one per scene, at ``folder/scene_K/sparse/0``
     (quick geometry for tests)."""
     from sfmpairs.synthetic.models import random_reconstruction, write_model
 
     paths = []
     for k in range(scenes):
-        rec = random_reconstruction(images, points, track_length=6, seed=seed * 1000 + k,
-                                    camera_models=("SIMPLE_RADIAL", "PINHOLE"))
+        rec = random_reconstruction(
+            images, points, track_length=6, seed=seed * 1000 + k, camera_models=("SIMPLE_RADIAL", "PINHOLE")
+        )
         path = folder / f"scene_{k:02d}" / "sparse" / "0"
         write_model(rec, path)
         paths.append(path)
@@ -65,8 +73,10 @@ def real_model_dirs() -> list[Path]:
 
 
 def needs_real_data():
-    return pytest.mark.skipif(not COLMAP.is_dir(), reason=f"real COLMAP models not found at {COLMAP} "
-                              "(set SFMPAIRS_DATA to the folder holding colmap/)")
+    return pytest.mark.skipif(
+        not COLMAP.is_dir(),
+        reason=f"real COLMAP models not found at {COLMAP} (set SFMPAIRS_DATA to the folder holding colmap/)",
+    )
 
 
 REAL_MODELS = real_model_dirs()
@@ -80,8 +90,20 @@ def colmap_root() -> Path:
     return COLMAP
 
 
-MODEL_FIELDS = ("image_ids", "camera_ids", "qvec", "tvec", "width", "height", "point_ids",
-                "xyz", "indptr", "point", "xy", "track_length")
+MODEL_FIELDS = (
+    "image_ids",
+    "camera_ids",
+    "qvec",
+    "tvec",
+    "width",
+    "height",
+    "point_ids",
+    "xyz",
+    "indptr",
+    "point",
+    "xy",
+    "track_length",
+)
 
 
 def assert_models_equal(a, b) -> None:
@@ -108,11 +130,23 @@ def synthetic_models(tmp_path_factory):
     root = tmp_path_factory.mktemp("synthetic")
     out = {}
     for key, kwargs in {
-        "per-image-cameras": dict(num_images=len(all_models) + 3, num_points=400, track_length=5,
-                                  camera_models=all_models, shared_cameras=False, seed=1),
-        "shared-cameras": dict(num_images=30, num_points=600, track_length=4,
-                               camera_models=("PINHOLE", "SIMPLE_RADIAL", "OPENCV"), seed=2,
-                               id_start=1000, id_step=7),
+        "per-image-cameras": dict(
+            num_images=len(all_models) + 3,
+            num_points=400,
+            track_length=5,
+            camera_models=all_models,
+            shared_cameras=False,
+            seed=1,
+        ),
+        "shared-cameras": dict(
+            num_images=30,
+            num_points=600,
+            track_length=4,
+            camera_models=("PINHOLE", "SIMPLE_RADIAL", "OPENCV"),
+            seed=2,
+            id_start=1000,
+            id_step=7,
+        ),
     }.items():
         rec = random_reconstruction(**kwargs)
         for fmt in ("binary", "text"):
@@ -147,5 +181,16 @@ def small_world(tmp_path_factory):
 
 
 # a short training run on small_world
-SMALL = dict(arch="resnet18", epochs=3, image_size=48, test_image_size=48, query_size=12, pool_size=30,
-             lr=1e-4, batch_size=3, neg_num=3, workers=0, device="cpu")
+SMALL = dict(
+    arch="resnet18",
+    epochs=3,
+    image_size=48,
+    test_image_size=48,
+    query_size=12,
+    pool_size=30,
+    lr=1e-4,
+    batch_size=3,
+    neg_num=3,
+    workers=0,
+    device="cpu",
+)

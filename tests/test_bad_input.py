@@ -72,8 +72,10 @@ def test_truncated_binary(model, tmp_path, name):
     assert_clean_failure(tmp_path, [model], name, "truncated")
 
 
-@pytest.mark.parametrize("name,what", [("images.bin", "images"), ("points3D.bin", "3D points"),
-                                       ("cameras.bin", "cameras"), ("frames.bin", "frames")])
+@pytest.mark.parametrize(
+    "name,what",
+    [("images.bin", "images"), ("points3D.bin", "3D points"), ("cameras.bin", "cameras"), ("frames.bin", "frames")],
+)
 def test_corrupt_count(model, tmp_path, name, what):
     data = bytearray((model / name).read_bytes())
     data[:8] = struct.pack("<Q", 2**40)
@@ -124,15 +126,18 @@ def _edit_line(path: Path, index: int, edit):
     return data[index] + 1
 
 
-@pytest.mark.parametrize("name,index,edit,expect", [
-    ("cameras.txt", 0, lambda s: s.replace("PINHOLE", "PINHOLEX", 1), "unknown camera model"),
-    ("cameras.txt", 1, lambda s: " ".join(s.split()[:-1]), "parameters"),
-    ("images.txt", 0, lambda s: "x" + s, "bad image id"),
-    ("images.txt", 0, lambda s: s.replace(".", ",", 1), "bad number"),
-    ("images.txt", 1, lambda s: s + " 1.0", "triples"),
-    ("points3D.txt", 2, lambda s: " ".join(s.split()[:5]), "expected"),
-    ("points3D.txt", 0, lambda s: s + " 7", "pairs"),
-])
+@pytest.mark.parametrize(
+    "name,index,edit,expect",
+    [
+        ("cameras.txt", 0, lambda s: s.replace("PINHOLE", "PINHOLEX", 1), "unknown camera model"),
+        ("cameras.txt", 1, lambda s: " ".join(s.split()[:-1]), "parameters"),
+        ("images.txt", 0, lambda s: "x" + s, "bad image id"),
+        ("images.txt", 0, lambda s: s.replace(".", ",", 1), "bad number"),
+        ("images.txt", 1, lambda s: s + " 1.0", "triples"),
+        ("points3D.txt", 2, lambda s: " ".join(s.split()[:5]), "expected"),
+        ("points3D.txt", 0, lambda s: s + " 7", "pairs"),
+    ],
+)
 def test_text_model_bad_lines(text_model, tmp_path, name, index, edit, expect):
     lineno = _edit_line(text_model / name, index, edit)
     assert_clean_failure(tmp_path, [text_model], f"{name} line {lineno}", expect)
@@ -176,12 +181,15 @@ def test_output_folder_missing(model, tmp_path):
     assert code == 2 and "output folder does not exist" in err
 
 
-@pytest.mark.parametrize("text,expect", [
-    ("[[model]\npath = 'x'", "not valid TOML"),
-    ("title = 'no models'", "no [[model]] entries"),
-    ("[[model]]\ncluster = 'a'", "has no path"),
-    ("[[model]]\npath = 'm'\ncolour = 'red'", "unknown key 'colour'"),
-])
+@pytest.mark.parametrize(
+    "text,expect",
+    [
+        ("[[model]\npath = 'x'", "not valid TOML"),
+        ("title = 'no models'", "no [[model]] entries"),
+        ("[[model]]\ncluster = 'a'", "has no path"),
+        ("[[model]]\npath = 'm'\ncolour = 'red'", "unknown key 'colour'"),
+    ],
+)
 def test_bad_manifest(tmp_path, text, expect):
     manifest = tmp_path / "m.toml"
     manifest.write_text(text)
@@ -193,8 +201,7 @@ def test_cli_subprocess_exit_code_and_one_line(model, tmp_path):
     (model / "images.bin").write_bytes(b"\x01")
     exe = Path(sys.executable).with_name("sfmpairs")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "sfmpairs.cli"]
-    proc = subprocess.run([*cmd, "ingest", str(model), "-o", str(tmp_path / "o.h5")],
-                          capture_output=True, text=True)
+    proc = subprocess.run([*cmd, "ingest", str(model), "-o", str(tmp_path / "o.h5")], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "images.bin" in proc.stderr
     assert "Traceback" not in proc.stderr

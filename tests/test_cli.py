@@ -54,8 +54,10 @@ def test_info_summarises_a_store(synthetic_models, tmp_path):
     assert "\nbinary " in out  # the cluster, named after the model folder
 
 
-@pytest.mark.parametrize("content,expect", [(None, "no such file"), (b"not hdf5", "not an HDF5 file"),
-                                            (b"PK\x03\x04 a zip, not torch's", "not a checkpoint")])
+@pytest.mark.parametrize(
+    "content,expect",
+    [(None, "no such file"), (b"not hdf5", "not an HDF5 file"), (b"PK\x03\x04 a zip, not torch's", "not a checkpoint")],
+)
 def test_info_on_bad_files(tmp_path, content, expect):
     path = tmp_path / "x.h5"
     if content is not None:
@@ -85,10 +87,30 @@ def test_small_demo_runs_every_stage(tmp_path):
     from sfmpairs.retrieval.network import read_checkpoint
 
     work = tmp_path / "demo"
-    r = run_demo(work, epochs=1, clusters=9, images_per_cluster=6, image_size=(96, 72), points=600,
-                 train_size=64, test_size=64, query_size=20, pool_size=30)
-    for name in ("sfm.h5", "pairs.h5", "pairs_negatives.h5", "descriptors.h5", "tuples.png",
-                 "eval_before.json", "eval_after.json", "run/best.pt", "run/metrics.jsonl", "world/world.json"):
+    r = run_demo(
+        work,
+        epochs=1,
+        clusters=9,
+        images_per_cluster=6,
+        image_size=(96, 72),
+        points=600,
+        train_size=64,
+        test_size=64,
+        query_size=20,
+        pool_size=30,
+    )
+    for name in (
+        "sfm.h5",
+        "pairs.h5",
+        "pairs_negatives.h5",
+        "descriptors.h5",
+        "tuples.png",
+        "eval_before.json",
+        "eval_after.json",
+        "run/best.pt",
+        "run/metrics.jsonl",
+        "world/world.json",
+    ):
         assert (work / name).exists(), name
     with h5py.File(work / "pairs.h5") as f:
         cluster, split = f["images/cluster"][()], f["clusters/split"].asstr()[()]

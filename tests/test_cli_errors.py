@@ -9,25 +9,46 @@ from click.testing import CliRunner
 from sfmpairs.cli import main
 
 
-@pytest.mark.parametrize("args,expect", [
-    (["mine", "{tmp}/missing.h5", "-o", "{out}"], "missing.h5: no such file"),
-    (["extract", "--model", "{tmp}/missing.pt", "--images-root", "{tmp}", "--list", "{tmp}/l.txt", "-o", "{out}"],
-     "l.txt: cannot read"),
-    (["whiten", "--descriptors", "{tmp}/d.h5", "--pairs", "{tmp}/missing.h5", "-o", "{out}"],
-     "missing.h5: not a readable pair file"),
-    (["evaluate", "--pairs", "{tmp}/missing.h5", "--descriptors", "{tmp}/d.h5", "-o", "{out}"],
-     "missing.h5: not a readable pair file"),
-    (["evaluate", "--descriptors", "{tmp}/d.h5", "-o", "{out}"], "give one of --pairs or --gnd"),
-    (["train", "--pairs", "{tmp}/missing.h5", "--images-root", "{tmp}", "-o", "{out}"],
-     "missing.h5: not a readable pair file"),
-    (["synth", "-o", "{out}", "--image-size", "big"], "--image-size 'big'"),
-    (["reconstruct", "{tmp}", "-o", "{out}"], "needs at least two photos"),
-    (["show", "{tmp}/missing.h5", "-o", "{tmp}/x.gif"], "x.gif: give a .png or .html output"),
-    (["show", "{tmp}/missing.h5", "-o", "{out}.png"], "missing.h5: not a readable pair file"),
-    (["export", "{tmp}/missing.h5", "--format", "hloc", "-o", "{out}"], "missing.h5: not a readable pair file"),
-    (["info", "{tmp}/missing.h5"], "missing.h5: no such file"),
-    (["ingest", "{tmp}/nowhere", "-o", "{out}"], "nowhere: no such file or directory"),
-])
+@pytest.mark.parametrize(
+    "args,expect",
+    [
+        (["mine", "{tmp}/missing.h5", "-o", "{out}"], "missing.h5: no such file"),
+        (
+            [
+                "extract",
+                "--model",
+                "{tmp}/missing.pt",
+                "--images-root",
+                "{tmp}",
+                "--list",
+                "{tmp}/l.txt",
+                "-o",
+                "{out}",
+            ],
+            "l.txt: cannot read",
+        ),
+        (
+            ["whiten", "--descriptors", "{tmp}/d.h5", "--pairs", "{tmp}/missing.h5", "-o", "{out}"],
+            "missing.h5: not a readable pair file",
+        ),
+        (
+            ["evaluate", "--pairs", "{tmp}/missing.h5", "--descriptors", "{tmp}/d.h5", "-o", "{out}"],
+            "missing.h5: not a readable pair file",
+        ),
+        (["evaluate", "--descriptors", "{tmp}/d.h5", "-o", "{out}"], "give one of --pairs or --gnd"),
+        (
+            ["train", "--pairs", "{tmp}/missing.h5", "--images-root", "{tmp}", "-o", "{out}"],
+            "missing.h5: not a readable pair file",
+        ),
+        (["synth", "-o", "{out}", "--image-size", "big"], "--image-size 'big'"),
+        (["reconstruct", "{tmp}", "-o", "{out}"], "needs at least two photos"),
+        (["show", "{tmp}/missing.h5", "-o", "{tmp}/x.gif"], "x.gif: give a .png or .html output"),
+        (["show", "{tmp}/missing.h5", "-o", "{out}.png"], "missing.h5: not a readable pair file"),
+        (["export", "{tmp}/missing.h5", "--format", "hloc", "-o", "{out}"], "missing.h5: not a readable pair file"),
+        (["info", "{tmp}/missing.h5"], "missing.h5: no such file"),
+        (["ingest", "{tmp}/nowhere", "-o", "{out}"], "nowhere: no such file or directory"),
+    ],
+)
 def test_bad_input_everywhere(tmp_path, args, expect):
     out = tmp_path / "out"
     r = CliRunner().invoke(main, [a.format(tmp=tmp_path, out=out) for a in args])

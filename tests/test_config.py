@@ -18,8 +18,16 @@ from sfmpairs.retrieval.options import EvaluateConf, ExtractConf, WhitenConf
 from sfmpairs.sfm_io.options import IngestConf, ReconstructConf
 from sfmpairs.train.options import TrainConf
 
-STAGES = {"ingest": IngestConf, "reconstruct": ReconstructConf, "mine": MineConf, "extract": ExtractConf,
-          "evaluate": EvaluateConf, "whiten": WhitenConf, "train": TrainConf, "export": ExportConf}
+STAGES = {
+    "ingest": IngestConf,
+    "reconstruct": ReconstructConf,
+    "mine": MineConf,
+    "extract": ExtractConf,
+    "evaluate": EvaluateConf,
+    "whiten": WhitenConf,
+    "train": TrainConf,
+    "export": ExportConf,
+}
 
 
 def invoke(*args):
@@ -53,14 +61,21 @@ def test_the_help_shows_the_paper_defaults():
     """Values written here by hand from the paper and the authors' code, not read from
     the classes: a default changed by mistake in the class shows here."""
     help_text = " ".join(invoke("mine", "--help").output.split())
-    for expected in ("k, the images in M(q): nearest camera centres in q's model. [default: 100]",
-                     "[default: relaxed]", "relaxed: scale change, at most (1: same scale). [default: 1.5]",
-                     "relaxed: co-observed points / points of q, at least. [default: 0.2]"):
+    for expected in (
+        "k, the images in M(q): nearest camera centres in q's model. [default: 100]",
+        "[default: relaxed]",
+        "relaxed: scale change, at most (1: same scale). [default: 1.5]",
+        "relaxed: co-observed points / points of q, at least. [default: 0.2]",
+    ):
         assert expected in help_text
     help_text = " ".join(invoke("train", "--help").output.split())
-    for expected in ("Training queries per epoch. [default: 2000]", "negative pool per epoch. [default: 20000]",
-                     "[default: 0.7 alexnet, 0.75 vgg16, else 0.85]", "training and mining. [default: 362]",
-                     "[default: on with CUDA, off on the CPU]"):
+    for expected in (
+        "Training queries per epoch. [default: 2000]",
+        "negative pool per epoch. [default: 20000]",
+        "[default: 0.7 alexnet, 0.75 vgg16, else 0.85]",
+        "training and mining. [default: 362]",
+        "[default: on with CUDA, off on the CPU]",
+    ):
         assert expected in help_text
     help_text = " ".join(invoke("extract", "--help").output.split())
     assert "e.g. 1,0.7071,0.5. [default: 1]" in help_text
@@ -83,8 +98,9 @@ def test_the_command_line_passes_only_what_was_given_and_the_file_records_it(sma
     """`mine` with two options: the pair file records those two and the class's defaults
     for the rest, as attributes and in its parameters."""
     out = tmp_path / "pairs.h5"
-    r = invoke("mine", small_world / "sfm.h5", "-o", out, "-k", 9,
-               "--val-clusters", "scene_00/sparse/0, scene_01/sparse/0")
+    r = invoke(
+        "mine", small_world / "sfm.h5", "-o", out, "-k", 9, "--val-clusters", "scene_00/sparse/0, scene_01/sparse/0"
+    )
     assert r.exit_code == 0, r.output
     with h5py.File(out) as f:
         parameters = json.loads(f.attrs["parameters"])
@@ -95,10 +111,23 @@ def test_the_command_line_passes_only_what_was_given_and_the_file_records_it(sma
 
 
 def test_comma_separated_settings_are_checked_with_a_one_line_error(tmp_path, small_world):
-    r = invoke("extract", "--arch", "resnet18", "--images-root", tmp_path, "--list", tmp_path / "l.txt",
-               "-o", tmp_path / "d.h5", "--multiscale", "1,x")
-    assert r.exit_code == 2 and r.output.strip() == "sfmpairs: error: --multiscale '1,x': give comma-separated " \
-                                                    "numbers, e.g. 1,0.7071,0.5"
+    r = invoke(
+        "extract",
+        "--arch",
+        "resnet18",
+        "--images-root",
+        tmp_path,
+        "--list",
+        tmp_path / "l.txt",
+        "-o",
+        tmp_path / "d.h5",
+        "--multiscale",
+        "1,x",
+    )
+    assert (
+        r.exit_code == 2
+        and r.output.strip() == "sfmpairs: error: --multiscale '1,x': give comma-separated numbers, e.g. 1,0.7071,0.5"
+    )
     assert not (tmp_path / "d.h5").exists()
     r = invoke("mine", small_world / "sfm.h5", "-o", tmp_path / "p.h5", "--val-clusters", " , ")
     assert r.exit_code == 2 and r.output.strip() == "sfmpairs: error: --val-clusters ' , ': give at least one value"
@@ -125,7 +154,13 @@ def test_the_evaluation_report_and_the_run_record_their_settings(small_world, tm
     assert {f.name for f in dataclasses.fields(TrainConf)} <= set(config)
     assert config["margin"] == 0.85 and config["query_size"] == SMALL["query_size"]  # resolved, and as given
     assert (run / "metrics.png").is_file()  # the run's plot, written after the epoch
-    report = evaluate(tmp_path / "r.json", pairs=small_world / "pairs.h5", model=run / "last.pt", qe=2,
-                      images_root=small_world / "photos",
-                      device="cpu", workers=0)
+    report = evaluate(
+        tmp_path / "r.json",
+        pairs=small_world / "pairs.h5",
+        model=run / "last.pt",
+        qe=2,
+        images_root=small_world / "photos",
+        device="cpu",
+        workers=0,
+    )
     assert report["settings"] == {**conf_dict(EvaluateConf()), "qe": 2, "device": "cpu", "workers": 0}

@@ -24,8 +24,10 @@ from sfmpairs.distributed import Ranks
 from sfmpairs.retrieval.network import load_checkpoint
 from sfmpairs.train.train import train
 
-pytestmark = pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None,
-                                reason="torchrun is not installed beside this Python")
+pytestmark = pytest.mark.skipif(
+    shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None,
+    reason="torchrun is not installed beside this Python",
+)
 
 # 13 queries in batches of 3: the last batch holds one tuple, fewer than the ranks. One
 # epoch of plain SGD: a step is linear in the gradient, so the ranks' float rounding (the
@@ -44,12 +46,19 @@ def free_port() -> int:
 
 def torchrun(*args, procs: int = 2, wait: bool = True):
     """``torchrun --nproc_per_node=procs -m sfmpairs ARGS`` on the CPU (gloo)."""
-    command = [str(Path(sys.executable).parent / "torchrun"), f"--nproc_per_node={procs}",
-               f"--master_port={free_port()}", "-m", "sfmpairs", *[str(a) for a in args]]
+    command = [
+        str(Path(sys.executable).parent / "torchrun"),
+        f"--nproc_per_node={procs}",
+        f"--master_port={free_port()}",
+        "-m",
+        "sfmpairs",
+        *[str(a) for a in args],
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     if not wait:
-        return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        return subprocess.Popen(
+            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+        )
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc
@@ -106,9 +115,13 @@ def test_two_ranks_train_the_weights_of_one_process_and_only_rank_0_writes(small
             assert (b["queries"], b["pool"]) == (a["queries"], a["pool"])
     config = json.loads((run / "config.json").read_text())
     assert config["world_size"] == 2
-    assert sorted(p.name for p in run.iterdir()) == ["best.pt", "config.json", "last.pt", "metrics.jsonl",
-                                                     "metrics.png"] + (["tensorboard"] if (run / "tensorboard").exists()
-                                                                       else [])
+    assert sorted(p.name for p in run.iterdir()) == [
+        "best.pt",
+        "config.json",
+        "last.pt",
+        "metrics.jsonl",
+        "metrics.png",
+    ] + (["tensorboard"] if (run / "tensorboard").exists() else [])
     log = proc.stdout + proc.stderr
     assert log.count("epoch 0/0: loss") == 1 and "2 ranks (gloo)" in log  # one log: rank 0's
 
@@ -138,11 +151,32 @@ def test_extract_under_torchrun_writes_one_file_equal_to_one_process(small_world
     from sfmpairs.retrieval.extract import extract
 
     model = one_process / "last.pt"
-    extract(model, tmp_path / "one.h5", store=small_world / "sfm.h5", images_root=small_world / "photos",
-            device="cpu", workers=0, precision="fp32")
-    torchrun("extract", "--model", model, "--store", small_world / "sfm.h5", "--images-root",
-             small_world / "photos", "-o", tmp_path / "two.h5", "--device", "cpu", "--workers", 0,
-             "--precision", "fp32")
+    extract(
+        model,
+        tmp_path / "one.h5",
+        store=small_world / "sfm.h5",
+        images_root=small_world / "photos",
+        device="cpu",
+        workers=0,
+        precision="fp32",
+    )
+    torchrun(
+        "extract",
+        "--model",
+        model,
+        "--store",
+        small_world / "sfm.h5",
+        "--images-root",
+        small_world / "photos",
+        "-o",
+        tmp_path / "two.h5",
+        "--device",
+        "cpu",
+        "--workers",
+        0,
+        "--precision",
+        "fp32",
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one.h5", "two.h5"]  # no leftovers of rank 1
     with h5py.File(tmp_path / "one.h5") as a, h5py.File(tmp_path / "two.h5") as b:
         assert list(a["names"].asstr()[()]) == list(b["names"].asstr()[()])
@@ -175,22 +209,44 @@ def test_each_rank_forwards_only_its_share_of_a_batch(small_world):
     net = build_network({"arch": "resnet18", "image_size": 48})
     pairs = _read_pairs(small_world / "pairs.h5")
     q, p, images = pairs["train/query"], pairs["train/positive"], pairs["train/images"]
-    others = [[int(i) for i in images if pairs["cluster"][i] != pairs["cluster"][q[k]]][k:k + 2] for k in range(3)]
+    others = [[int(i) for i in images if pairs["cluster"][i] != pairs["cluster"][q[k]]][k : k + 2] for k in range(3)]
     tuples = [[int(q[k]), int(p[k]), *others[k]] for k in range(3)]
-    conf = make_conf(TrainConf, arch="resnet18", image_size=48, batch_size=3, optimizer="sgd", lr=1e-3,
-                     margin=0.85, amp=False)
+    conf = make_conf(
+        TrainConf, arch="resnet18", image_size=48, batch_size=3, optimizer="sgd", lr=1e-3, margin=0.85, amp=False
+    )
     model = Recording(net)
     model.seen = []
     cache = ImageCache(small_world / "photos", 48, 1 << 26)
     before = [x.detach().clone() for x in net.parameters()]
-    train_epoch(net, tuples, pairs["names"], conf, _optimizer(net, conf), torch.amp.GradScaler("cpu", enabled=False),
-                torch.device("cpu"), cache, 0, model, SharedRanks(1, 2, launched=True))
+    train_epoch(
+        net,
+        tuples,
+        pairs["names"],
+        conf,
+        _optimizer(net, conf),
+        torch.amp.GradScaler("cpu", enabled=False),
+        torch.device("cpu"),
+        cache,
+        0,
+        model,
+        SharedRanks(1, 2, launched=True),
+    )
     assert model.seen == [len(set(tuples[2]))]  # the third tuple's images, not the batch's
     model.seen = []
     before = [x.detach().clone() for x in net.parameters()]
-    train_epoch(net, tuples[:1], pairs["names"], conf, _optimizer(net, conf),
-                torch.amp.GradScaler("cpu", enabled=False), torch.device("cpu"), cache, 0, model,
-                SharedRanks(1, 2, launched=True))
+    train_epoch(
+        net,
+        tuples[:1],
+        pairs["names"],
+        conf,
+        _optimizer(net, conf),
+        torch.amp.GradScaler("cpu", enabled=False),
+        torch.device("cpu"),
+        cache,
+        0,
+        model,
+        SharedRanks(1, 2, launched=True),
+    )
     assert model.seen == [len(set(tuples[0]))]  # a forward for DDP's sake...
     assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))  # ...that moves nothing
 
@@ -209,4 +265,3 @@ def test_each_rank_extracts_only_its_share_and_every_rank_gets_every_descriptor(
     desc, bad = E.extract_across_ranks(None, "root", names, SharedRanks(1, 3, launched=True))
     assert calls == [["im3", "im4"]]  # rank 1 of 3: items 3 and 4 of 7
     assert desc.shape == (6, 1) and bad == {3: "im3: bad"}  # 3 ranks' shares (here all alike), in order
-

@@ -112,17 +112,19 @@ def test_gnd_queries_are_cropped_to_their_box(tmp_path, monkeypatch):
     rng = np.random.default_rng(5)
     photos = tmp_path / "photos"
     photos.mkdir()
-    colours = [(1, .3, .3), (.3, 1, .3), (.3, .3, 1), (1, 1, .3), (.3, 1, 1), (1, .3, 1)]
+    colours = [(1, 0.3, 0.3), (0.3, 1, 0.3), (0.3, 0.3, 1), (1, 1, 0.3), (0.3, 1, 1), (1, 0.3, 1)]
     for k, c in enumerate(colours):
         _texture(rng, (96, 72), c).save(photos / f"d{k}.jpg", quality=95)
     # each query: a database-like texture inside its box, something else around it
     boxes = [[16, 8, 80, 56], [40, 20, 110, 84]]
-    for k, (box, inside, outside) in enumerate(zip(boxes, [0, 3], [(1, 1, 1), (.2, .2, .2)])):
+    for k, (box, inside, outside) in enumerate(zip(boxes, [0, 3], [(1, 1, 1), (0.2, 0.2, 0.2)])):
         q = _texture(rng, (128, 96), outside)
         q.paste(_texture(rng, (box[2] - box[0], box[3] - box[1]), colours[inside]), tuple(box[:2]))
         q.save(photos / f"q{k}.jpg", quality=95)
-    gnd = [{"easy": [0, 1], "hard": [2], "junk": [5], "bbx": boxes[0]},
-           {"easy": [3], "hard": [4, 0], "junk": [], "bbx": boxes[1]}]
+    gnd = [
+        {"easy": [0, 1], "hard": [2], "junk": [5], "bbx": boxes[0]},
+        {"easy": [3], "hard": [4, 0], "junk": [], "bbx": boxes[1]},
+    ]
     with open(tmp_path / "gnd.pkl", "wb") as fh:
         pickle.dump({"imlist": [f"d{k}" for k in range(6)], "qimlist": ["q0", "q1"], "gnd": gnd}, fh)
     torch.manual_seed(0)
@@ -141,21 +143,36 @@ def test_gnd_queries_are_cropped_to_their_box(tmp_path, monkeypatch):
 
     seen = []
     monkeypatch.setattr(ev, "rank", lambda q, d: seen.append((q, d)) or np.argsort(-(q @ d.T), axis=1))
-    r = evaluate(tmp_path / "r.json", gnd=tmp_path / "gnd.pkl", model=tmp_path / "m.pt",
-                 images_root=photos, image_size=64, precision="fp32", workers=0, device="cpu")
-    (used_q, used_d), = seen
+    r = evaluate(
+        tmp_path / "r.json",
+        gnd=tmp_path / "gnd.pkl",
+        model=tmp_path / "m.pt",
+        images_root=photos,
+        image_size=64,
+        precision="fp32",
+        workers=0,
+        device="cpu",
+    )
+    ((used_q, used_d),) = seen
     np.testing.assert_allclose(used_d, dd, atol=1e-5)
     np.testing.assert_allclose(used_q, qd, atol=1e-5)
     assert r["queries_cropped"] == 2
     order = np.argsort(-(qd @ dd.T), axis=1)
-    for setup, ok, junk in (("easy", ["easy"], ["junk", "hard"]), ("medium", ["easy", "hard"], ["junk"]),
-                            ("hard", ["hard"], ["junk", "easy"])):
-        aps = [_ap_by_hand(order[i], [j for k in ok for j in g[k]], [j for k in junk for j in g[k]])
-               for i, g in enumerate(gnd)]
+    for setup, ok, junk in (
+        ("easy", ["easy"], ["junk", "hard"]),
+        ("medium", ["easy", "hard"], ["junk"]),
+        ("hard", ["hard"], ["junk", "easy"]),
+    ):
+        aps = [
+            _ap_by_hand(order[i], [j for k in ok for j in g[k]], [j for k in junk for j in g[k]])
+            for i, g in enumerate(gnd)
+        ]
         assert r[setup]["mAP"] == pytest.approx(np.mean(aps), abs=1e-9), setup
         assert r[setup]["queries"] == 2
-        uncropped = [_ap_by_hand(o, [j for k in ok for j in g[k]], [j for k in junk for j in g[k]])
-                     for o, g in zip(np.argsort(-(whole @ dd.T), axis=1), gnd)]
+        uncropped = [
+            _ap_by_hand(o, [j for k in ok for j in g[k]], [j for k in junk for j in g[k]])
+            for o, g in zip(np.argsort(-(whole @ dd.T), axis=1), gnd)
+        ]
         assert abs(np.mean(uncropped) - np.mean(aps)) > 0.02, setup  # uncropped queries score otherwise
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["protocol"] == "revisited" and report["medium"]["mAP"] == pytest.approx(r["medium"]["mAP"])
@@ -165,9 +182,17 @@ def test_gnd_queries_are_cropped_to_their_box(tmp_path, monkeypatch):
     with open(tmp_path / "gnd.pkl", "wb") as fh:
         pickle.dump({"imlist": [f"d{k}" for k in range(6)], "qimlist": ["q0", "q1"], "gnd": gnd}, fh)
     seen.clear()
-    r = evaluate(tmp_path / "r2.json", gnd=tmp_path / "gnd.pkl", model=tmp_path / "m.pt",
-                 images_root=photos, image_size=64, precision="fp32", workers=0, device="cpu")
-    (used_q, _), = seen
+    r = evaluate(
+        tmp_path / "r2.json",
+        gnd=tmp_path / "gnd.pkl",
+        model=tmp_path / "m.pt",
+        images_root=photos,
+        image_size=64,
+        precision="fp32",
+        workers=0,
+        device="cpu",
+    )
+    ((used_q, _),) = seen
     np.testing.assert_allclose(used_q, [qd[0], whole[1]], atol=1e-5)
     assert r["queries_cropped"] == 1
 
@@ -176,7 +201,7 @@ def test_alpha_query_expansion():
     db = np.eye(3)
     q = np.array([[0.8, 0.6, 0.0]])
     out = alpha_query_expansion(q, db, 1, 3.0)
-    expect = q + 0.8 ** 3 * db[0]
+    expect = q + 0.8**3 * db[0]
     np.testing.assert_allclose(out, expect / np.linalg.norm(expect))
     np.testing.assert_array_equal(alpha_query_expansion(q, db, 0, 3.0), q)
 
@@ -223,23 +248,29 @@ def test_val_split_evaluation(tmp_path):
     def covisible(k):
         return lambda i, q: [j for j in database if j != q and len(points[q] & points[j]) >= k]
 
-    for kwargs, positives_of in (({}, covisible(1)), ({"min_covisible": 100}, covisible(100)),
-                                 ({"positives": "relaxed"}, lambda i, q: list(pool[i][passes[i]]))):
+    for kwargs, positives_of in (
+        ({}, covisible(1)),
+        ({"min_covisible": 100}, covisible(100)),
+        ({"positives": "relaxed"}, lambda i, q: list(pool[i][passes[i]])),
+    ):
         want = expected(positives_of)
-        r = evaluate(tmp_path / "r.json", pairs=tmp_path / "p.h5", descriptors=tmp_path / "d.h5",
-                     overwrite=True, **kwargs)
+        r = evaluate(
+            tmp_path / "r.json", pairs=tmp_path / "p.h5", descriptors=tmp_path / "d.h5", overwrite=True, **kwargs
+        )
         assert set(r["per_query_ap"]) == set(want), kwargs
         for name, ap in want.items():
-            assert (r["per_query_ap"][name] is None) if ap is None else \
-                r["per_query_ap"][name] == pytest.approx(ap, abs=1e-12), (kwargs, name)
+            assert (
+                (r["per_query_ap"][name] is None)
+                if ap is None
+                else r["per_query_ap"][name] == pytest.approx(ap, abs=1e-12)
+            ), (kwargs, name)
         m = np.mean([a for a in want.values() if a is not None])
         assert r["mAP"] == pytest.approx(m, abs=1e-12) and 0.3 < m < 0.95, kwargs
         assert r["queries_with_positives"] == sum(a is not None for a in want.values())
     # these descriptors tell the ground truths apart: with 100 shared points fewer
     # queries' positives and another mAP; had junk counted as negatives, another mAP too
     assert expected(covisible(100)) != expected(covisible(1))
-    no_junk = [_ap_by_hand(database[np.argsort(-sim[i])], covisible(1)(i, q), [q])
-               for i, q in enumerate(queries)]
+    no_junk = [_ap_by_hand(database[np.argsort(-sim[i])], covisible(1)(i, q), [q]) for i, q in enumerate(queries)]
     assert np.mean(no_junk) < np.mean([a for a in expected(covisible(1)).values()]) - 0.02
     with pytest.raises(SfmpairsError, match="one of --pairs or --gnd"):
         evaluate(tmp_path / "x.json", descriptors=tmp_path / "d.h5")

@@ -21,14 +21,36 @@ from sfmpairs.train.dataset import PairTuples
 
 @pytest.fixture(scope="module")
 def mined(tmp_path_factory):
-    root = synth_and_mine(tmp_path_factory.mktemp("export"), clusters=4, image_size=(64, 48), seed=2,
-                          points=400, descriptor_seed=1, negatives=2, queries_per_cluster=0,
-                          val_clusters=["cluster_03/sparse/0"], max_scale_change=3)
+    root = synth_and_mine(
+        tmp_path_factory.mktemp("export"),
+        clusters=4,
+        image_size=(64, 48),
+        seed=2,
+        points=400,
+        descriptor_seed=1,
+        negatives=2,
+        queries_per_cluster=0,
+        val_clusters=["cluster_03/sparse/0"],
+        max_scale_change=3,
+    )
     with h5py.File(root / "pairs.h5") as f:
-        p = {k: f[k][()] for k in ("train/query", "train/positive", "val/query", "val/positive",
-                                    "train/images", "val/images", "images/cluster", "train/pool",
-                                    "train/pool_passes", "train/negatives", "val/pool",
-                                    "val/pool_passes")}
+        p = {
+            k: f[k][()]
+            for k in (
+                "train/query",
+                "train/positive",
+                "val/query",
+                "val/positive",
+                "train/images",
+                "val/images",
+                "images/cluster",
+                "train/pool",
+                "train/pool_passes",
+                "train/negatives",
+                "val/pool",
+                "val/pool_passes",
+            )
+        }
         p["names"] = f["images/name"].asstr()[()]
         p["images_root"] = f.attrs["images_root"]
     return root, p
@@ -81,13 +103,20 @@ def test_hloc_and_csv_exports(mined, tmp_path):
     root, p = mined
     export(root / "pairs.h5", tmp_path / "pairs.txt", "hloc")
     lines = (tmp_path / "pairs.txt").read_text().splitlines()
-    expect = [f"{p['names'][q]} {p['names'][j]}" for split in ("train", "val")
-              for q, j in zip(p[f"{split}/query"], p[f"{split}/positive"])]
+    expect = [
+        f"{p['names'][q]} {p['names'][j]}"
+        for split in ("train", "val")
+        for q, j in zip(p[f"{split}/query"], p[f"{split}/positive"])
+    ]
     assert lines == expect
     export(root / "pairs.h5", tmp_path / "all.txt", "hloc", all_passing=True)
-    expect_all = [f"{p['names'][q]} {p['names'][j]}" for split in ("train", "val")
-                  for q, pool, ok in zip(p[f"{split}/query"], p[f"{split}/pool"], p[f"{split}/pool_passes"])
-                  for j, passes in zip(pool, ok) if j >= 0 and passes]
+    expect_all = [
+        f"{p['names'][q]} {p['names'][j]}"
+        for split in ("train", "val")
+        for q, pool, ok in zip(p[f"{split}/query"], p[f"{split}/pool"], p[f"{split}/pool_passes"])
+        for j, passes in zip(pool, ok)
+        if j >= 0 and passes
+    ]
     assert len(expect_all) > len(expect)  # pools hold more passing pairs than the positives
     assert (tmp_path / "all.txt").read_text().splitlines() == expect_all
     export(root / "pairs.h5", tmp_path / "pairs.csv", "csv")

@@ -33,11 +33,25 @@ from sfmpairs.train.dataset import PairTuples, ToTensor, collate_tuples
 def world(tmp_path_factory):
     """A rendered world of 4 models with photos: pairs mined with descriptors
     (``pairs.h5``, 2 negatives) and without (``plain.h5``)."""
-    root = synth_and_mine(tmp_path_factory.mktemp("consumers"), clusters=4, image_size=(64, 48), seed=3,
-                          points=400, descriptor_seed=1, negatives=2, queries_per_cluster=0,
-                          val_clusters=["cluster_03/sparse/0"], max_scale_change=3)
-    mine(root / "sfm.h5", root / "plain.h5", queries_per_cluster=0, val_clusters=["cluster_03/sparse/0"],
-         max_scale_change=3)
+    root = synth_and_mine(
+        tmp_path_factory.mktemp("consumers"),
+        clusters=4,
+        image_size=(64, 48),
+        seed=3,
+        points=400,
+        descriptor_seed=1,
+        negatives=2,
+        queries_per_cluster=0,
+        val_clusters=["cluster_03/sparse/0"],
+        max_scale_change=3,
+    )
+    mine(
+        root / "sfm.h5",
+        root / "plain.h5",
+        queries_per_cluster=0,
+        val_clusters=["cluster_03/sparse/0"],
+        max_scale_change=3,
+    )
     return root
 
 
@@ -73,11 +87,12 @@ def test_hloc_per_model_names_are_those_of_the_pycolmap_models(which, request, t
         lines = _pairs(tmp_path / "hloc" / e["pairs_file"])
         assert len(lines) == e["pairs"] > 0
         assert {n for line in lines for n in line} <= model_names  # hloc's image_ids[name] finds each
-        for (a, b), (store_a, store_b) in zip(lines, default[seen:seen + len(lines)]):
+        for (a, b), (store_a, store_b) in zip(lines, default[seen : seen + len(lines)]):
             for colmap, store_name in ((a, store_a), (b, store_b)):  # the same photo, two names
                 if e["image_dir"]:
-                    assert os.path.samefile(os.path.join(e["image_dir"], colmap),
-                                            os.path.join(p["images_root"], store_name))
+                    assert os.path.samefile(
+                        os.path.join(e["image_dir"], colmap), os.path.join(p["images_root"], store_name)
+                    )
                 else:
                     assert store_name == f"{e['model']}/{colmap}"
         seen += len(lines)
@@ -145,8 +160,9 @@ def test_cirtorch_whitening_file_learns_what_sfmpairs_whiten_learns(world, tmp_p
     train = p["splits"]["train"]
     names = [back[c] for c in w["cids"]]
     assert len(set(w["cids"])) == len(w["cids"])
-    assert [(names[a], names[b]) for a, b in zip(w["qidxs"], w["pidxs"])] == \
-        [(p["names"][q], p["names"][j]) for q, j in zip(train["query"], train["positive"])]
+    assert [(names[a], names[b]) for a, b in zip(w["qidxs"], w["pidxs"])] == [
+        (p["names"][q], p["names"][j]) for q, j in zip(train["query"], train["positive"])
+    ]
     for cid in w["cids"]:  # test.py reads cid2filename(cid, db_root/ims)
         assert (db_root / "ims" / cid[-2:] / cid[-4:-2] / cid[-6:-4] / cid).is_file()
     # what test.py learns from them equals Lw learned on the same images and pairs, found from the pair file
@@ -154,8 +170,9 @@ def test_cirtorch_whitening_file_learns_what_sfmpairs_whiten_learns(world, tmp_p
     used = np.unique(np.concatenate([train["query"], train["positive"]]))
     row = np.searchsorted(used, np.arange(len(p["names"])))
     assert names == list(p["names"][used])
-    m2, proj2 = learn_lw(read_descriptors(world / "d.h5", list(p["names"][used])), row[train["query"]],
-                         row[train["positive"]])
+    m2, proj2 = learn_lw(
+        read_descriptors(world / "d.h5", list(p["names"][used])), row[train["query"]], row[train["positive"]]
+    )
     np.testing.assert_allclose(m, m2, atol=1e-12)
     np.testing.assert_allclose(proj, proj2, atol=1e-8)
     export(world / "pairs.h5", tmp_path / "all", "cirtorch", all_passing=True)
@@ -168,8 +185,7 @@ def test_dataloader_batches_tuples_in_spawned_workers(world, pairs):
     ds = PairTuples(world / pairs, split="train", image_size=40)
     pickle.loads(pickle.dumps(ds))  # what spawn and forkserver do to it
     pickle.loads(pickle.dumps(ToTensor(40)))
-    loader = DataLoader(ds, batch_size=3, num_workers=2, multiprocessing_context="spawn",
-                        collate_fn=collate_tuples)
+    loader = DataLoader(ds, batch_size=3, num_workers=2, multiprocessing_context="spawn", collate_fn=collate_tuples)
     k = 0
     for inputs, targets in loader:
         assert len(inputs) == len(targets) <= 3
@@ -187,7 +203,7 @@ def test_dataloader_batches_tuples_in_spawned_workers(world, pairs):
 
 def _python_blocks(path, after: str = "") -> list[str]:
     text = path.read_text()
-    return re.findall(r"```python\n(.*?)```", text[text.index(after):] if after else text, re.S)
+    return re.findall(r"```python\n(.*?)```", text[text.index(after) :] if after else text, re.S)
 
 
 @pytest.mark.parametrize("pairs", ["pairs.h5", "plain.h5"])

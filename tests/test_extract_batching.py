@@ -21,8 +21,18 @@ from sfmpairs.retrieval.network import build_network, save_checkpoint
 SIZE = 362
 # (width, height) pairs whose 362 px sizes PIL rounds against round() (found by the sweep
 # below with the old prediction), each next to a size that really gives the old guess
-PROBLEM_SIZES = [(1125, 303), (1126, 303), (539, 303), (540, 303), (375, 500), (376, 500),
-                 (1358, 362), (571, 362), (200, 150), (150, 200)]
+PROBLEM_SIZES = [
+    (1125, 303),
+    (1126, 303),
+    (539, 303),
+    (540, 303),
+    (375, 500),
+    (376, 500),
+    (1358, 362),
+    (571, 362),
+    (200, 150),
+    (150, 200),
+]
 
 
 def pil_thumbnail_size(width: int, height: int, image_size: int) -> tuple[int, int]:
@@ -37,18 +47,23 @@ def pil_thumbnail_size(width: int, height: int, image_size: int) -> tuple[int, i
 def test_predicted_size_is_pils_for_every_width(image_size):
     sizes = [(w, h) for h in (1, 303, 362, 500, 1024, 2000) for w in range(1, 2001)]
     sizes += [(h, w) for w, h in sizes]  # portrait too
-    wrong = [(w, h, resized_size(w, h, image_size), pil_thumbnail_size(w, h, image_size))
-             for w, h in sizes if resized_size(w, h, image_size) != pil_thumbnail_size(w, h, image_size)]
+    wrong = [
+        (w, h, resized_size(w, h, image_size), pil_thumbnail_size(w, h, image_size))
+        for w, h in sizes
+        if resized_size(w, h, image_size) != pil_thumbnail_size(w, h, image_size)
+    ]
     assert not wrong, f"{len(wrong)} sizes differ from PIL, e.g. (w, h, predicted, PIL) {wrong[:5]}"
 
 
 def test_collate_stacks_images_by_their_actual_shape():
-    a, b, c = torch.zeros(3, 98, 362, dtype=torch.uint8), torch.ones(3, 97, 362, dtype=torch.uint8), \
-        torch.full((3, 98, 362), 2, dtype=torch.uint8)
+    a, b, c = (
+        torch.zeros(3, 98, 362, dtype=torch.uint8),
+        torch.ones(3, 97, 362, dtype=torch.uint8),
+        torch.full((3, 98, 362), 2, dtype=torch.uint8),
+    )
     stacks, bad = collate([(a, 5, None), (b, 7, None), (None, 8, "x.jpg: image not found"), (c, 9, None)])
     assert bad == [(8, "x.jpg: image not found")]
-    assert [(tuple(x.shape), idx.tolist()) for x, idx in stacks] == [((2, 3, 98, 362), [5, 9]),
-                                                                     ((1, 3, 97, 362), [7])]
+    assert [(tuple(x.shape), idx.tolist()) for x, idx in stacks] == [((2, 3, 98, 362), [5, 9]), ((1, 3, 97, 362), [7])]
     assert torch.equal(stacks[0][0][1], c) and torch.equal(stacks[1][0][0], b)
     assert collate([(None, 0, "bad")]) == ([], [(0, "bad")])
 
@@ -69,8 +84,7 @@ def problem_photos(tmp_path_factory):
 def one_at_a_time(net, root, names, size):
     """The float32 reference: each image decoded and forwarded alone, no batching."""
     with torch.no_grad():
-        return np.stack([net(net.normalise_input(load_image(root / n, size)[None]))[0].numpy()
-                         for n in names])
+        return np.stack([net(net.normalise_input(load_image(root / n, size)[None]))[0].numpy() for n in names])
 
 
 @pytest.fixture(params=["predicted", "mispredicted"])
@@ -98,8 +112,16 @@ def test_extract_api_over_problem_sizes(problem_photos, sampler_prediction, tmp_
     torch.manual_seed(1)
     net = build_network({"arch": "resnet18", "pool": "mac", "image_size": SIZE}).eval()
     save_checkpoint(tmp_path / "m.pt", net)
-    r = extract(tmp_path / "m.pt", tmp_path / "d.h5", images_root=root, image_list=root / "list.txt",
-                device="cpu", precision="fp32", batch_size=32, workers=1)
+    r = extract(
+        tmp_path / "m.pt",
+        tmp_path / "d.h5",
+        images_root=root,
+        image_list=root / "list.txt",
+        device="cpu",
+        precision="fp32",
+        batch_size=32,
+        workers=1,
+    )
     assert r["images"] == len(names) and r["skipped"] == 0
     with h5py.File(tmp_path / "d.h5") as f:
         assert list(f["names"].asstr()[()]) == names

@@ -71,8 +71,10 @@ def test_weights_that_do_not_fit_are_refused_in_one_line(weights_file, tmp_path)
     extra = len(set(r34) - set(tv.state_dict()))  # resnet34's blocks that resnet18 lacks
     with pytest.raises(SfmpairsError) as e:
         build_network({"arch": "resnet18"}, pretrained=tmp_path / "r34.pth")
-    assert str(e.value) == (f"{tmp_path / 'r34.pth'}: not resnet18 weights: {extra} unexpected keys "
-                            "(layer1.2.conv1.weight, layer1.2.bn1.weight, ...)")
+    assert str(e.value) == (
+        f"{tmp_path / 'r34.pth'}: not resnet18 weights: {extra} unexpected keys "
+        "(layer1.2.conv1.weight, layer1.2.bn1.weight, ...)"
+    )
     assert "\n" not in str(e.value)
 
     state = tv.state_dict()
@@ -81,9 +83,11 @@ def test_weights_that_do_not_fit_are_refused_in_one_line(weights_file, tmp_path)
     torch.save(state, tmp_path / "bad.pth")
     with pytest.raises(SfmpairsError) as e:
         build_network({"arch": "resnet18"}, pretrained=str(tmp_path / "bad.pth"))
-    assert str(e.value) == (f"{tmp_path / 'bad.pth'}: not resnet18 weights: 2 missing keys (layer4.1.bn2.weight, "
-                            "layer4.1.bn2.bias), 1 shape mismatch (conv1.weight: file (64, 3, 3, 3), network "
-                            "(64, 3, 7, 7))")
+    assert str(e.value) == (
+        f"{tmp_path / 'bad.pth'}: not resnet18 weights: 2 missing keys (layer4.1.bn2.weight, "
+        "layer4.1.bn2.bias), 1 shape mismatch (conv1.weight: file (64, 3, 3, 3), network "
+        "(64, 3, 7, 7))"
+    )
 
     with pytest.raises(SfmpairsError, match=r"not efficientnet_b0 weights: \d+ missing keys .*unexpected keys"):
         build_network({"arch": "efficientnet_b0"}, pretrained=path)
@@ -96,8 +100,9 @@ def test_weights_that_do_not_fit_are_refused_in_one_line(weights_file, tmp_path)
     with pytest.raises(SfmpairsError, match="dict.pth: not a weights file"):
         build_network({"arch": "resnet18"}, pretrained=tmp_path / "dict.pth")
     save_checkpoint(tmp_path / "ckpt.pt", build_network({"arch": "resnet18"}))  # needs --model, not --pretrained
-    with pytest.raises(SfmpairsError,
-                       match="ckpt.pt: an sfmpairs checkpoint, not backbone weights; give it as --model"):
+    with pytest.raises(
+        SfmpairsError, match="ckpt.pt: an sfmpairs checkpoint, not backbone weights; give it as --model"
+    ):
         build_network({"arch": "resnet18"}, pretrained=tmp_path / "ckpt.pt")
 
 
@@ -152,8 +157,18 @@ def test_extract_with_an_off_the_shelf_network(weights_file, tmp_path):
         Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8)).save(tmp_path / names[-1])
     (tmp_path / "list.txt").write_text("\n".join(names) + "\n")
     out = tmp_path / "d.h5"
-    r = extract(None, out, arch="resnet18", pool="gem", pretrained=path, images_root=tmp_path,
-                image_list=tmp_path / "list.txt", device="cpu", precision="fp32", workers=0)
+    r = extract(
+        None,
+        out,
+        arch="resnet18",
+        pool="gem",
+        pretrained=path,
+        images_root=tmp_path,
+        image_list=tmp_path / "list.txt",
+        device="cpu",
+        precision="fp32",
+        workers=0,
+    )
     assert r["images"] == 4
     with h5py.File(out) as f:
         desc = f["descriptors"][()]

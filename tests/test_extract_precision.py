@@ -42,11 +42,19 @@ def test_descriptors_that_are_not_finite_are_an_error_not_a_silent_nan(tmp_path)
     assert np.isfinite(good).all()
     with torch.no_grad():
         net.features[0].weight[0, 0, 0, 0] = float("nan")
-    with pytest.raises(SfmpairsError, match=r"^2 of 2 descriptors are not finite \(first: 0.png\) in float32; "
-                                            r"the network's weights may hold NaN"):
+    with pytest.raises(
+        SfmpairsError,
+        match=r"^2 of 2 descriptors are not finite \(first: 0.png\) in float32; "
+        r"the network's weights may hold NaN",
+    ):
         extract_module.extract_descriptors(net, tmp_path, ["0.png", "1.png"], workers=0, precision="fp32")
     # a skipped image's row is NaN by design, and no error
-    desc, bad = extract_module.extract_descriptors(build_network({"arch": "resnet18", "image_size": 64}), tmp_path,
-                                                   ["2.png", "missing.png"], workers=0, precision="fp32",
-                                                   skip_bad=True)
+    desc, bad = extract_module.extract_descriptors(
+        build_network({"arch": "resnet18", "image_size": 64}),
+        tmp_path,
+        ["2.png", "missing.png"],
+        workers=0,
+        precision="fp32",
+        skip_bad=True,
+    )
     assert list(bad) == [1] and np.isnan(desc[1]).all() and np.isfinite(desc[0]).all()

@@ -30,15 +30,18 @@ def test_every_reader_refuses_a_newer_version_and_another_kind(small_world, tmp_
     with h5py.File(tmp_path / "w.h5", "w") as f:
         f["mean"], f["projection"] = np.zeros(4), np.eye(4)
         f.attrs.update(schema="sfmpairs/whitening", schema_version=1, method="pca")
-    kinds = [(read_store, small_world / "sfm.h5", "an SfM store"),
-             (read_pair_file, small_world / "pairs.h5", "a pair file"),
-             (lambda p: read_descriptors(p, names), tmp_path / "d.h5", "a descriptor file"),
-             (read_whitening, tmp_path / "w.h5", "a whitening file")]
+    kinds = [
+        (read_store, small_world / "sfm.h5", "an SfM store"),
+        (read_pair_file, small_world / "pairs.h5", "a pair file"),
+        (lambda p: read_descriptors(p, names), tmp_path / "d.h5", "a descriptor file"),
+        (read_whitening, tmp_path / "w.h5", "a whitening file"),
+    ]
     for read, path, kind in kinds:
         read(path)  # as written: fine
         newer = with_attrs(path, tmp_path / "newer.h5", schema_version=99)
-        with pytest.raises(SfmpairsError,
-                           match=f"newer.h5: {kind} of schema version 99; sfmpairs .* reads versions 1 to"):
+        with pytest.raises(
+            SfmpairsError, match=f"newer.h5: {kind} of schema version 99; sfmpairs .* reads versions 1 to"
+        ):
             read(newer)
         other = with_attrs(path, tmp_path / "other.h5", schema="sfmpairs/something-else")
         with pytest.raises(SfmpairsError, match=f"other.h5: not {kind} \\(schema 'sfmpairs/something-else'"):

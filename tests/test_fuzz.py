@@ -22,7 +22,7 @@ def assert_valid_model(m) -> None:
     assert m.indptr[0] == 0 and m.indptr[-1] == k and np.all(np.diff(m.indptr) >= 0)
     assert m.point.dtype == np.int32 and (k == 0 or (m.point.min() >= 0 and m.point.max() < m.num_points))
     for i in range(n):  # no point twice in a row
-        row = m.point[m.indptr[i]:m.indptr[i + 1]]
+        row = m.point[m.indptr[i] : m.indptr[i + 1]]
         assert len(np.unique(row)) == len(row)
     np.testing.assert_array_equal(m.track_length, np.bincount(m.point, minlength=m.num_points))
     assert np.all(np.diff(m.image_ids.astype(np.int64)) > 0)

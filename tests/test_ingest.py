@@ -39,11 +39,11 @@ def test_store_holds_each_model_exactly(synthetic_models, tmp_path):
     np.testing.assert_array_equal(s["models/point_range"], [[0, m_pts[0]], [m_pts[0], sum(m_pts)]])
     # the second model's observations index its own points, after the first model's
     second = models[1]
-    rows = s["observations/indptr"][n[0]:]
+    rows = s["observations/indptr"][n[0] :]
     np.testing.assert_array_equal(rows - rows[0], second.indptr)
-    np.testing.assert_array_equal(s["observations/point"][rows[0]:], second.point + m_pts[0])
-    np.testing.assert_array_equal(s["observations/xy"][rows[0]:], second.xy)
-    np.testing.assert_array_equal(s["points/track_length"][m_pts[0]:], second.track_length)
+    np.testing.assert_array_equal(s["observations/point"][rows[0] :], second.point + m_pts[0])
+    np.testing.assert_array_equal(s["observations/xy"][rows[0] :], second.xy)
+    np.testing.assert_array_equal(s["points/track_length"][m_pts[0] :], second.track_length)
     # every observation is of a point of the image's own model
     img_of_obs = np.repeat(np.arange(sum(n)), np.diff(s["observations/indptr"]))
     assert np.array_equal(s["points/model"][s["observations/point"]], s["images/model"][img_of_obs])
@@ -53,8 +53,7 @@ def test_store_holds_each_model_exactly(synthetic_models, tmp_path):
     np.testing.assert_allclose(s["images/centre"], -np.einsum("nji,nj->ni", R, s["images/tvec"]), atol=1e-12)
     np.testing.assert_array_equal(s["images/centre"], camera_centres(s["images/qvec"], s["images/tvec"]))
     # track length = distinct images observing the point
-    np.testing.assert_array_equal(s["points/track_length"],
-                                  np.bincount(s["observations/point"], minlength=sum(m_pts)))
+    np.testing.assert_array_equal(s["points/track_length"], np.bincount(s["observations/point"], minlength=sum(m_pts)))
     assert np.all(np.isfinite(s["images/focal"]) | np.isin(s["images/camera_model"], ["EQUIRECTANGULAR"]))
     k = s["images/num_params"]
     assert all(np.isnan(p[j:]).all() and np.isfinite(p[:j]).all() for p, j in zip(s["images/params"], k))
@@ -75,16 +74,21 @@ def test_pycolmap_reader_gives_the_identical_store(synthetic_models, tmp_path):
     folders = [synthetic_models[k] / "binary" for k in ("per-image-cameras", "shared-cameras")]
     ingest(folders, tmp_path / "fast.h5")
     ingest(folders, tmp_path / "ref.h5", reader="pycolmap")
-    ingest([synthetic_models[k] / "text" for k in ("per-image-cameras", "shared-cameras")],
-           tmp_path / "text.h5")
+    ingest([synthetic_models[k] / "text" for k in ("per-image-cameras", "shared-cameras")], tmp_path / "text.h5")
     fast, ref, text = (_datasets(tmp_path / f) for f in ("fast.h5", "ref.h5", "text.h5"))
     assert fast.keys() == ref.keys() == text.keys()
     for key in fast:
         a, b, c = fast[key], ref[key], text[key]
         assert a.dtype == b.dtype == c.dtype, key
         assert np.array_equal(a, b, equal_nan=a.dtype.kind == "f"), key
-        if key not in ("models/format", "models/path", "clusters/source", "models/name",
-                       "clusters/name", "images/name"):  # these name the text folders
+        if key not in (
+            "models/format",
+            "models/path",
+            "clusters/source",
+            "models/name",
+            "clusters/name",
+            "images/name",
+        ):  # these name the text folders
             assert np.array_equal(a, c, equal_nan=a.dtype.kind == "f"), key
 
 
@@ -121,8 +125,11 @@ def test_tree_of_real_models_names_clusters_and_photos(colmap_root, tmp_path):
 
 @needs_real_data()
 def test_cluster_by_scene_merges_a_scenes_models(colmap_root, tmp_path):
-    ingest([colmap_root / "video-submodels-no-photos", colmap_root / "statue-of-liberty"],
-           tmp_path / "sfm.h5", cluster_by="scene")
+    ingest(
+        [colmap_root / "video-submodels-no-photos", colmap_root / "statue-of-liberty"],
+        tmp_path / "sfm.h5",
+        cluster_by="scene",
+    )
     s = read_store(tmp_path / "sfm.h5", observations=False)
     assert list(s["clusters/name"]) == ["video-submodels-no-photos", "statue-of-liberty"]
     assert s["models/name"][3] == "video-submodels-no-photos/sparse/3"
@@ -137,9 +144,16 @@ def test_manifest_for_shared_data(colmap_root, tmp_path):
     manifest = REPO / "data_manifests" / "shared_colmap.toml"
     ingest(None, tmp_path / "sfm.h5", manifest=manifest)
     s = read_store(tmp_path / "sfm.h5", observations=False)
-    assert list(s["clusters/name"]) == ["statue-of-liberty", "fountain-p11", "computer-mouse",
-                                        "drinks-can", "eyedrop-box", "lego-batmobile",
-                                        "video-submodels", "many-cameras"]
+    assert list(s["clusters/name"]) == [
+        "statue-of-liberty",
+        "fountain-p11",
+        "computer-mouse",
+        "drinks-can",
+        "eyedrop-box",
+        "lego-batmobile",
+        "video-submodels",
+        "many-cameras",
+    ]
     assert np.sum(s["models/cluster"] == 6) == 10
     assert s["attrs"]["parameters"]["manifest"] == str(manifest.resolve())
     root = Path(s["attrs"]["images_root"])
@@ -200,8 +214,8 @@ def test_one_path_str_or_path_is_one_path(synthetic_models, tmp_path, monkeypatc
     ingest(Path("models"), "path.h5")
     want = _datasets("list.h5")
     assert len(want["images/name"]) == sum(
-        colmap_binary.read_model(tmp_path / "models" / k).num_images
-        for k in ("per-image-cameras", "shared-cameras"))
+        colmap_binary.read_model(tmp_path / "models" / k).num_images for k in ("per-image-cameras", "shared-cameras")
+    )
     for out in ("str.h5", "path.h5"):
         got = _datasets(out)
         assert sorted(got) == sorted(want), out
@@ -209,7 +223,8 @@ def test_one_path_str_or_path_is_one_path(synthetic_models, tmp_path, monkeypatc
             np.testing.assert_array_equal(got[name], want[name], err_msg=f"{out}: {name}")
         attrs = read_store(out, observations=False)["attrs"]
         assert [e["path"] for e in attrs["inputs"]] == [
-            str((tmp_path / "models" / k).resolve()) for k in ("per-image-cameras", "shared-cameras")]
+            str((tmp_path / "models" / k).resolve()) for k in ("per-image-cameras", "shared-cameras")
+        ]
 
 
 def test_python_floor_has_tomllib():
@@ -220,11 +235,17 @@ def test_python_floor_has_tomllib():
     meta = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     floor = re.fullmatch(r">=\s*(\d+)\.(\d+)", meta["requires-python"])
     assert floor, meta["requires-python"]
-    users = [p for d in ("pipeline", "sfm_io", "mining", "train") for p in (REPO / d).glob("*.py")
-             if re.search(r"^\s*import tomllib", p.read_text(), re.M)]
+    users = [
+        p
+        for d in ("pipeline", "sfm_io", "mining", "train")
+        for p in (REPO / d).glob("*.py")
+        if re.search(r"^\s*import tomllib", p.read_text(), re.M)
+    ]
     assert users  # the manifest reader
     if (int(floor[1]), int(floor[2])) < (3, 11):
-        assert any(re.fullmatch(r"""tomli>=[\d.]+;python_version<["']3\.11["']""", d.replace(" ", ""))
-                   for d in meta["dependencies"]), meta["dependencies"]
+        assert any(
+            re.fullmatch(r"""tomli>=[\d.]+;python_version<["']3\.11["']""", d.replace(" ", ""))
+            for d in meta["dependencies"]
+        ), meta["dependencies"]
         for p in users:
             assert "import tomli as tomllib" in p.read_text(), p

@@ -21,9 +21,11 @@ from sfmpairs.sfm_io.store import read_store
 def read_pairs(path) -> dict:
     out = {}
     with h5py.File(path, "r") as f:
+
         def visit(name, obj):
             if isinstance(obj, h5py.Dataset):
                 out[name] = obj.asstr()[()] if h5py.check_string_dtype(obj.dtype) else obj[()]
+
         f.visititems(visit)
         out["attrs"] = dict(f.attrs)
     return out
@@ -64,14 +66,15 @@ def brute_force(model_dir, k, measure="depth"):
                     logs.append(np.log((fq / zq) / (fi / zi)))
                 scale = np.exp(abs(np.median(logs)))
             elif common:
+
                 def area(im_points, cam):
                     P = np.array([im_points[p] for p in common]) / max(cam.width, cam.height)
                     return np.ptp(P[:, 0]) * np.ptp(P[:, 1])
+
                 a, b = area(points[q], cq), area(points[i], ci)
                 if a > 0 and b > 0:
                     scale = max(np.sqrt(a / b), np.sqrt(b / a))
-            rows.append((ids[i], len(common), len(common) / len(points[q]) if points[q] else 0.0,
-                         scale, d[i]))
+            rows.append((ids[i], len(common), len(common) / len(points[q]) if points[q] else 0.0, scale, d[i]))
         out[ids[q]] = rows
     return out
 
@@ -95,8 +98,9 @@ def check_against_brute_force(store_path, pairs_path, model_dirs, k, measure):
                 assert all(model[j] == m for j in pool[:n])
                 np.testing.assert_array_equal(p[f"{split}/pool_co_observed"][row, :n], [e[1] for e in expect])
                 np.testing.assert_allclose(p[f"{split}/pool_inlier_ratio"][row, :n], [e[2] for e in expect], rtol=1e-15)
-                np.testing.assert_allclose(p[f"{split}/pool_scale_change"][row, :n], [e[3] for e in expect],
-                                           rtol=0, atol=1e-6, equal_nan=True)
+                np.testing.assert_allclose(
+                    p[f"{split}/pool_scale_change"][row, :n], [e[3] for e in expect], rtol=0, atol=1e-6, equal_nan=True
+                )
                 np.testing.assert_allclose(p[f"{split}/pool_distance"][row, :n], [e[4] for e in expect], rtol=1e-12)
                 checked += 1
     assert checked == sum(len(p[f"{sp}/query"]) for sp in ("train", "val"))
@@ -104,17 +108,31 @@ def check_against_brute_force(store_path, pairs_path, model_dirs, k, measure):
 
 
 @needs_real_data()
-@pytest.mark.parametrize("scene,k,measure", [
-    ("statue-of-liberty", 100, "depth"), ("lego-batmobile", 10, "depth"),
-    ("fountain-p11", 100, "depth"), ("eyedrop-box", 15, "bbox"), ("drinks-can", 12, "depth"),
-    ("computer-mouse", 8, "bbox"), ("many-cameras-no-photos", 5, "depth"),
-    ("video-submodels-no-photos/sparse/9", 9, "depth"),
-])
+@pytest.mark.parametrize(
+    "scene,k,measure",
+    [
+        ("statue-of-liberty", 100, "depth"),
+        ("lego-batmobile", 10, "depth"),
+        ("fountain-p11", 100, "depth"),
+        ("eyedrop-box", 15, "bbox"),
+        ("drinks-can", 12, "depth"),
+        ("computer-mouse", 8, "bbox"),
+        ("many-cameras-no-photos", 5, "depth"),
+        ("video-submodels-no-photos/sparse/9", 9, "depth"),
+    ],
+)
 def test_pools_and_statistics_equal_brute_force_on_real_models(scene, k, measure, tmp_path):
     model_dir = COLMAP / scene if "/sparse/" in scene else COLMAP / scene / "sparse" / "0"
     ingest([model_dir], tmp_path / "sfm.h5")
-    mine(tmp_path / "sfm.h5", tmp_path / "pairs.h5", pool_size=k, queries_per_cluster=0,
-         scale_measure=measure, strategy="max-inliers", val_fraction=0)
+    mine(
+        tmp_path / "sfm.h5",
+        tmp_path / "pairs.h5",
+        pool_size=k,
+        queries_per_cluster=0,
+        scale_measure=measure,
+        strategy="max-inliers",
+        val_fraction=0,
+    )
     assert check_against_brute_force(tmp_path / "sfm.h5", tmp_path / "pairs.h5", [model_dir], k, measure) > 0
 
 
@@ -122,8 +140,15 @@ def test_pools_and_statistics_equal_brute_force_on_real_models(scene, k, measure
 def test_pools_and_statistics_equal_brute_force_on_synthetic(synthetic_models, tmp_path, measure):
     dirs = [synthetic_models["shared-cameras"] / "binary", synthetic_models["per-image-cameras"] / "binary"]
     ingest(dirs, tmp_path / "sfm.h5")
-    mine(tmp_path / "sfm.h5", tmp_path / "pairs.h5", pool_size=12, queries_per_cluster=0,
-         scale_measure=measure, strategy="max-inliers", val_fraction=0.5)
+    mine(
+        tmp_path / "sfm.h5",
+        tmp_path / "pairs.h5",
+        pool_size=12,
+        queries_per_cluster=0,
+        scale_measure=measure,
+        strategy="max-inliers",
+        val_fraction=0.5,
+    )
     check_against_brute_force(tmp_path / "sfm.h5", tmp_path / "pairs.h5", dirs, 12, measure)
 
 
@@ -151,8 +176,22 @@ def test_whiten_command_and_info_on_its_files(world, tmp_path):
 
     root, desc = world
     mine(root / "sfm.h5", tmp_path / "p.h5", queries_per_cluster=0, val_fraction=0.34)
-    r = CliRunner().invoke(main, ["whiten", "--descriptors", str(root / "desc.h5"), "--pairs", str(tmp_path / "p.h5"),
-                                  "--method", "pca", "--dim", "8", "-o", str(tmp_path / "w.h5")])
+    r = CliRunner().invoke(
+        main,
+        [
+            "whiten",
+            "--descriptors",
+            str(root / "desc.h5"),
+            "--pairs",
+            str(tmp_path / "p.h5"),
+            "--method",
+            "pca",
+            "--dim",
+            "8",
+            "-o",
+            str(tmp_path / "w.h5"),
+        ],
+    )
     assert r.exit_code == 0, r.stderr
     assert read_whitening(tmp_path / "w.h5")["projection"].shape == (8, 16)
     r = CliRunner().invoke(main, ["info", str(tmp_path / "w.h5")])
@@ -164,8 +203,15 @@ def test_whiten_command_and_info_on_its_files(world, tmp_path):
 
 def test_relaxed_rules(world, tmp_path):
     root, desc = world
-    mine(root / "sfm.h5", tmp_path / "p.h5", descriptors=root / "desc.h5", negatives=3, seed=5,
-         queries_per_cluster=0, val_fraction=0.34)
+    mine(
+        root / "sfm.h5",
+        tmp_path / "p.h5",
+        descriptors=root / "desc.h5",
+        negatives=3,
+        seed=5,
+        queries_per_cluster=0,
+        val_fraction=0.34,
+    )
     p = read_pairs(tmp_path / "p.h5")
     cluster = p["images/cluster"]
     split_of = {c: s for c, s in zip(range(len(p["clusters/name"])), p["clusters/split"])}
@@ -227,8 +273,14 @@ def test_max_inliers_and_mac(world, tmp_path):
     co, pool, pos = p["train/pool_co_observed"], p["train/pool"], p["train/positive"]
     rows = np.arange(len(pos))
     assert np.all(co[rows, (pool == pos[:, None]).argmax(1)] == co.max(1))
-    mine(root / "sfm.h5", tmp_path / "mac.h5", strategy="mac", descriptors=root / "desc.h5",
-         queries_per_cluster=0, negatives=0)
+    mine(
+        root / "sfm.h5",
+        tmp_path / "mac.h5",
+        strategy="mac",
+        descriptors=root / "desc.h5",
+        queries_per_cluster=0,
+        negatives=0,
+    )
     p = read_pairs(tmp_path / "mac.h5")
     for q, pos, pool, co in zip(p["train/query"], p["train/positive"], p["train/pool"], p["train/pool_co_observed"]):
         cand = pool[(pool >= 0) & (co >= 1)]
@@ -264,8 +316,9 @@ def test_same_seed_same_file(world, tmp_path):
     assert a["attrs"]["parameters"] == b["attrs"]["parameters"]
     mine(root / "sfm.h5", tmp_path / "c.h5", seed=8)
     c = read_pairs(tmp_path / "c.h5")
-    assert not np.array_equal(c["train/query"], a["train/query"]) or \
-        not np.array_equal(c["clusters/split"], a["clusters/split"])
+    assert not np.array_equal(c["train/query"], a["train/query"]) or not np.array_equal(
+        c["clusters/split"], a["clusters/split"]
+    )
 
 
 def test_pair_file_records_how_it_was_made(world, tmp_path):
@@ -363,15 +416,17 @@ def test_cli_mine_and_info(world, tmp_path):
     from sfmpairs.cli import main
 
     root, _ = world
-    r = CliRunner().invoke(main, ["mine", str(root / "sfm.h5"), "-o", str(tmp_path / "p.h5"),
-                                  "--descriptors", str(root / "desc.h5"), "-q"])
+    r = CliRunner().invoke(
+        main, ["mine", str(root / "sfm.h5"), "-o", str(tmp_path / "p.h5"), "--descriptors", str(root / "desc.h5"), "-q"]
+    )
     assert r.exit_code == 0, r.stderr
     r = CliRunner().invoke(main, ["info", str(tmp_path / "p.h5")])
     assert r.exit_code == 0 and "strategy relaxed" in r.stdout and "train" in r.stdout
     r = CliRunner().invoke(main, ["mine", str(root / "sfm.h5"), "-o", str(tmp_path / "p.h5")])
     assert r.exit_code == 2 and "exists" in r.stderr
-    r = CliRunner().invoke(main, ["mine", str(root / "sfm.h5"), "-o", str(tmp_path / "x.h5"),
-                                  "--max-scale-change", "0.9"])
+    r = CliRunner().invoke(
+        main, ["mine", str(root / "sfm.h5"), "-o", str(tmp_path / "x.h5"), "--max-scale-change", "0.9"]
+    )
     assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "--max-scale-change" in r.stderr
     assert not (tmp_path / "x.h5").exists()
 

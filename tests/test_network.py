@@ -43,7 +43,7 @@ def test_poolings_match_their_formulas():
     # R-MAC: the whole map plus every region, each MAC L2-normalised, summed
     expect = torch.nn.functional.normalize(mac(x), dim=-1)
     for t, left, s in rmac_regions(5, 7):
-        expect = expect + torch.nn.functional.normalize(mac(x[..., t:t + s, left:left + s]), dim=-1)
+        expect = expect + torch.nn.functional.normalize(mac(x[..., t : t + s, left : left + s]), dim=-1)
     torch.testing.assert_close(rmac(x), expect)
     regions = rmac_regions(30, 40)
     assert regions[0][2] == 30 and all(t + s <= 30 and left + s <= 40 for t, left, s in regions)
@@ -202,9 +202,11 @@ def test_multiscale_is_the_generalised_mean(photos):
     with torch.no_grad():
         for k, n in enumerate(names[:2]):
             x = net.normalise_input(load_image(root / n, 100)[None])
-            vs = [net(F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False) if s != 1 else x)
-                  for s in scales]
-            v = (sum(u ** 3 for u in vs) / 3) ** (1 / 3)
+            vs = [
+                net(F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False) if s != 1 else x)
+                for s in scales
+            ]
+            v = (sum(u**3 for u in vs) / 3) ** (1 / 3)
             np.testing.assert_allclose(desc[k], F.normalize(v, dim=-1)[0].numpy(), atol=1e-4)
 
 
@@ -254,15 +256,27 @@ def test_extract_cli_writes_a_descriptor_file(photos, tmp_path):
     root, names = photos
     save_checkpoint(tmp_path / "m.pt", build_network({"arch": "resnet18", "image_size": 64}))
     (tmp_path / "list.txt").write_text("\n".join(names + ["sub/broken.jpg"]) + "\n")
-    args = ["extract", "--model", tmp_path / "m.pt", "--images-root", root, "--list", tmp_path / "list.txt",
-            "-o", tmp_path / "d.h5", "--device", "cpu"]
+    args = [
+        "extract",
+        "--model",
+        tmp_path / "m.pt",
+        "--images-root",
+        root,
+        "--list",
+        tmp_path / "list.txt",
+        "-o",
+        tmp_path / "d.h5",
+        "--device",
+        "cpu",
+    ]
     r = CliRunner().invoke(main, [str(a) for a in args])
     errors = [line for line in r.stderr.splitlines() if line.startswith("sfmpairs: error:")]
     assert r.exit_code == 2 and len(errors) == 1 and "broken.jpg" in errors[0]
     assert "Traceback" not in r.stderr
     assert not (tmp_path / "d.h5").exists()
-    r = CliRunner().invoke(main, [str(a) for a in args + ["--skip-bad", "--multiscale", "1,0.5",
-                                                          "--precision", "bf16"]])
+    r = CliRunner().invoke(
+        main, [str(a) for a in args + ["--skip-bad", "--multiscale", "1,0.5", "--precision", "bf16"]]
+    )
     assert r.exit_code == 0, r.stderr
     with h5py.File(tmp_path / "d.h5") as f:
         assert list(f["skipped"].asstr()[()]) == ["sub/broken.jpg"]
@@ -356,8 +370,16 @@ def test_whiten_records_the_dimension_it_writes(tmp_path):
     from sfmpairs.retrieval.descriptors import write_descriptors
     from sfmpairs.retrieval.whiten import read_whitening, whiten
 
-    root = synth_and_mine(tmp_path, clusters=3, image_size=(64, 48), seed=1, points=400, descriptor_seed=0,
-                          queries_per_cluster=0, val_clusters=[])
+    root = synth_and_mine(
+        tmp_path,
+        clusters=3,
+        image_size=(64, 48),
+        seed=1,
+        points=400,
+        descriptor_seed=0,
+        queries_per_cluster=0,
+        val_clusters=[],
+    )
     pf = read_pair_file(root / "pairs.h5")
     names, q, p = pf["names"], pf["splits"]["train"]["query"], pf["splits"]["train"]["positive"]
     X = np.random.default_rng(0).normal(size=(len(names), 256)).astype(np.float32)

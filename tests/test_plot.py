@@ -22,12 +22,39 @@ from sfmpairs.plot import plot_run, plot_runs, read_metrics, retrieval_figure, r
 
 # two runs by hand: run "a" validated at epochs 0 and 2 only, run "b" never
 RUN_A = [
-    {"epoch": 0, "loss": 0.9, "val_map": 0.25, "lr": 1e-6, "seconds": 3.0, "positive_distance": 0.5,
-     "negative_distance": 0.9, "queries": 10, "pool": 40},
-    {"epoch": 1, "loss": 0.7, "val_map": None, "lr": 1e-7, "seconds": 3.1, "positive_distance": 0.4,
-     "negative_distance": 1.0, "queries": 10, "pool": 40},
-    {"epoch": 2, "loss": 0.4, "val_map": 0.5, "lr": 1e-8, "seconds": 2.9, "positive_distance": 0.3,
-     "negative_distance": 1.1, "queries": 10, "pool": 40},
+    {
+        "epoch": 0,
+        "loss": 0.9,
+        "val_map": 0.25,
+        "lr": 1e-6,
+        "seconds": 3.0,
+        "positive_distance": 0.5,
+        "negative_distance": 0.9,
+        "queries": 10,
+        "pool": 40,
+    },
+    {
+        "epoch": 1,
+        "loss": 0.7,
+        "val_map": None,
+        "lr": 1e-7,
+        "seconds": 3.1,
+        "positive_distance": 0.4,
+        "negative_distance": 1.0,
+        "queries": 10,
+        "pool": 40,
+    },
+    {
+        "epoch": 2,
+        "loss": 0.4,
+        "val_map": 0.5,
+        "lr": 1e-8,
+        "seconds": 2.9,
+        "positive_distance": 0.3,
+        "negative_distance": 1.1,
+        "queries": 10,
+        "pool": 40,
+    },
 ]
 RUN_B = [
     {"epoch": 0, "loss": 1.5, "val_map": None, "lr": 2e-6},
@@ -56,21 +83,27 @@ def test_read_metrics_returns_the_lines(tmp_path):
     (run / "metrics.jsonl").write_text(
         '{"epoch": 0, "loss": 0.9, "val_map": 0.25, "lr": 1e-06, "queries": 10}\n'
         "\n"
-        '{"epoch": 3, "loss": 0.5, "lr": 5e-07}\n')
-    assert read_metrics(run) == [{"epoch": 0, "loss": 0.9, "val_map": 0.25, "lr": 1e-6, "queries": 10},
-                                 {"epoch": 3, "loss": 0.5, "val_map": None, "lr": 5e-7}]
+        '{"epoch": 3, "loss": 0.5, "lr": 5e-07}\n'
+    )
+    assert read_metrics(run) == [
+        {"epoch": 0, "loss": 0.9, "val_map": 0.25, "lr": 1e-6, "queries": 10},
+        {"epoch": 3, "loss": 0.5, "val_map": None, "lr": 5e-7},
+    ]
 
 
-@pytest.mark.parametrize("content, problem", [
-    ('{"epoch": 0, "loss": 0.9, "val_map": null, "lr": 1e-6}\n{"epoch": 1, "loss": 0.8, "va', "line 2: not JSON"),
-    ("[1, 2]\n", "line 1: not a JSON object"),
-    ('{"epoch": 0, "loss": "big", "val_map": null, "lr": 1e-6}\n', "line 1: loss must be a number"),
-    ('{"epoch": 0.5, "loss": 1, "val_map": null, "lr": 1e-6}\n', "line 1: epoch must be an integer"),
-    ('{"epoch": 0, "loss": 1, "val_map": null, "lr": 0}\n', "line 1: lr must be a positive number"),
-    ('{"epoch": 0, "loss": 1, "val_map": "high", "lr": 1e-6}\n', "line 1: val_map must be a number or null"),
-    ('{"epoch": 1, "loss": 1, "lr": 1e-6}\n{"epoch": 1, "loss": 1, "lr": 1e-6}\n', "line 2: epoch 1 after epoch 1"),
-    ("\n", "no epochs recorded"),
-])
+@pytest.mark.parametrize(
+    "content, problem",
+    [
+        ('{"epoch": 0, "loss": 0.9, "val_map": null, "lr": 1e-6}\n{"epoch": 1, "loss": 0.8, "va', "line 2: not JSON"),
+        ("[1, 2]\n", "line 1: not a JSON object"),
+        ('{"epoch": 0, "loss": "big", "val_map": null, "lr": 1e-6}\n', "line 1: loss must be a number"),
+        ('{"epoch": 0.5, "loss": 1, "val_map": null, "lr": 1e-6}\n', "line 1: epoch must be an integer"),
+        ('{"epoch": 0, "loss": 1, "val_map": null, "lr": 0}\n', "line 1: lr must be a positive number"),
+        ('{"epoch": 0, "loss": 1, "val_map": "high", "lr": 1e-6}\n', "line 1: val_map must be a number or null"),
+        ('{"epoch": 1, "loss": 1, "lr": 1e-6}\n{"epoch": 1, "loss": 1, "lr": 1e-6}\n', "line 2: epoch 1 after epoch 1"),
+        ("\n", "no epochs recorded"),
+    ],
+)
 def test_read_metrics_bad_lines_name_the_file_and_line(tmp_path, content, problem):
     (tmp_path / "metrics.jsonl").write_text(content)
     with pytest.raises(SfmpairsError) as e:
@@ -83,7 +116,8 @@ def test_the_line_before_training_has_a_val_map_only(tmp_path):
     """Epoch -1 (the network before training): on the mAP panel, not on loss or lr."""
     (tmp_path / "metrics.jsonl").write_text(
         '{"epoch": -1, "loss": null, "val_map": 0.4, "lr": null}\n'
-        '{"epoch": 0, "loss": 0.9, "val_map": 0.6, "lr": 1e-4}\n')
+        '{"epoch": 0, "loss": 0.9, "val_map": 0.6, "lr": 1e-4}\n'
+    )
     metrics = read_metrics(tmp_path)
     loss, val, lr = run_figure({"r": metrics}).axes
     np.testing.assert_array_equal(val.get_lines()[0].get_xdata(), [-1, 0])
@@ -108,8 +142,11 @@ def test_read_metrics_missing_folder_or_file(tmp_path):
 def test_run_figure_draws_the_numbers(tmp_path):
     fig = run_figure({"run a": RUN_A, "run b": RUN_B})
     loss, val, lr = fig.axes
-    assert [ax.get_title() for ax in fig.axes] == ["training loss", "val mAP (%); epoch -1: before training",
-                                                   "learning rate"]
+    assert [ax.get_title() for ax in fig.axes] == [
+        "training loss",
+        "val mAP (%); epoch -1: before training",
+        "learning rate",
+    ]
     # one line a run on every panel, in the order given
     assert [len(ax.get_lines()) for ax in fig.axes] == [2, 2, 2]
     np.testing.assert_array_equal(loss.get_lines()[0].get_xdata(), [0, 1, 2])
@@ -158,8 +195,7 @@ def test_plot_runs_writes_a_png_with_its_provenance(tmp_path):
         text = dict(img.text)
     assert text["tool_version"] == sfmpairs.__version__ and text["tool"] == "sfmpairs"
     assert "val mAP" in text["Description"] and "learning rate" in text["Description"]
-    assert json.loads(text["inputs"]) == [str(a / "metrics.jsonl"), str(b / "metrics.jsonl"),
-                                          str(c / "metrics.jsonl")]
+    assert json.loads(text["inputs"]) == [str(a / "metrics.jsonl"), str(b / "metrics.jsonl"), str(c / "metrics.jsonl")]
     assert json.loads(text["parameters"])["labels"] == ["exp1/run", "exp2/run", "other"]
     assert files_in(tmp_path) == ["compare.png", "exp1", "exp2"]  # no temporary file left
 
@@ -228,8 +264,13 @@ def test_plot_run_replaces_its_picture_quickly(tmp_path):
         assert json.loads(img.text["parameters"]) == {"epochs": 3}
     assert files_in(run) == ["metrics.jsonl", "metrics.png"]
     # after every epoch of a training: well under a second for 30 epochs (the fastest of 3, on a busy machine)
-    write_run(run, [{"epoch": e, "loss": 1 / (e + 1), "val_map": e / 40 if e % 2 else None,
-                     "lr": 1e-6 * math.exp(-0.1 * e)} for e in range(30)])
+    write_run(
+        run,
+        [
+            {"epoch": e, "loss": 1 / (e + 1), "val_map": e / 40 if e % 2 else None, "lr": 1e-6 * math.exp(-0.1 * e)}
+            for e in range(30)
+        ],
+    )
     seconds = []
     for _ in range(3):
         t0 = time.perf_counter()
@@ -282,10 +323,20 @@ def photo(tmp_path):
 
 
 def test_retrieval_figure_frames_by_ground_truth(tmp_path, photo):
-    rows = [{"query": photo, "query_name": "q.jpg", "results": [
-        {"title": "untrained", "ap": 0.42, "top": [(photo, "p1.jpg", "negative"), (photo, "p2.jpg", "positive")]},
-        {"title": "trained", "ap": 0.875, "top": [(photo, "p2.jpg", "positive"), (photo, "p3.jpg", "junk")]},
-    ]}]
+    rows = [
+        {
+            "query": photo,
+            "query_name": "q.jpg",
+            "results": [
+                {
+                    "title": "untrained",
+                    "ap": 0.42,
+                    "top": [(photo, "p1.jpg", "negative"), (photo, "p2.jpg", "positive")],
+                },
+                {"title": "trained", "ap": 0.875, "top": [(photo, "p2.jpg", "positive"), (photo, "p3.jpg", "junk")]},
+            ],
+        }
+    ]
     out = tmp_path / "retrieval.png"
     assert retrieval_figure(rows, out, thumb=THUMB) == out
     with Image.open(out) as img:
@@ -310,11 +361,17 @@ def test_retrieval_figure_frames_by_ground_truth(tmp_path, photo):
 
 
 def test_retrieval_grid_titles_and_ap_in_percent(photo):
-    rows = [{"query": photo, "query_name": "q.jpg", "results": [
-        {"title": "untrained", "ap": 0.42, "top": [(photo, "a.jpg", "negative")]},
-        {"title": "trained", "ap": 0.875, "top": [(photo, "b$1$", "positive")]},
-        {"title": "no positives", "ap": float("nan"), "top": []},
-    ]}]
+    rows = [
+        {
+            "query": photo,
+            "query_name": "q.jpg",
+            "results": [
+                {"title": "untrained", "ap": 0.42, "top": [(photo, "a.jpg", "negative")]},
+                {"title": "trained", "ap": 0.875, "top": [(photo, "b$1$", "positive")]},
+                {"title": "no positives", "ap": float("nan"), "top": []},
+            ],
+        }
+    ]
     texts = [t.get_text() for t in retrieval_grid(rows, thumb=THUMB).texts]
     assert "untrained   AP 42.0%" in texts and "trained   AP 87.5%" in texts and "no positives   AP -" in texts
     assert "1. a.jpg" in texts and "1. b$1$" in texts and "q.jpg" in texts
@@ -334,9 +391,24 @@ def test_retrieval_figure_missing_photo_is_a_placeholder(tmp_path, photo):
     heard, log = _Records(), logging.getLogger("sfmpairs.plot")
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not a jpeg")
-    rows = [{"query": photo, "query_name": "q.jpg", "results": [{"title": "trained", "ap": 1.0, "top": [
-        (photo, "here.jpg", "positive"), (tmp_path / "gone.jpg", "gone.jpg", "negative"),
-        (None, "unknown.jpg", "junk"), (broken, "broken.jpg", "negative")]}]}]
+    rows = [
+        {
+            "query": photo,
+            "query_name": "q.jpg",
+            "results": [
+                {
+                    "title": "trained",
+                    "ap": 1.0,
+                    "top": [
+                        (photo, "here.jpg", "positive"),
+                        (tmp_path / "gone.jpg", "gone.jpg", "negative"),
+                        (None, "unknown.jpg", "junk"),
+                        (broken, "broken.jpg", "negative"),
+                    ],
+                }
+            ],
+        }
+    ]
     out = tmp_path / "retrieval.png"
     log.addHandler(heard)
     try:
@@ -360,13 +432,21 @@ def test_retrieval_figure_missing_photo_is_a_placeholder(tmp_path, photo):
     assert is_red(frames[0]) and is_grey(frames[1]) and is_red(frames[2]), frames
     texts = [t.get_text() for t in retrieval_grid(rows, thumb=THUMB).texts]
     missing = [t.split("\n") for t in texts if t.startswith("missing")]  # the name wrapped under "missing"
-    assert [(t[0], "".join(t[1:])) for t in missing] == [("missing", "gone.jpg"), ("missing", "unknown.jpg"),
-                                                         ("missing", "broken.jpg")]
+    assert [(t[0], "".join(t[1:])) for t in missing] == [
+        ("missing", "gone.jpg"),
+        ("missing", "unknown.jpg"),
+        ("missing", "broken.jpg"),
+    ]
 
 
 def test_retrieval_figure_output_rules(tmp_path, photo):
-    rows = [{"query": photo, "query_name": "q.jpg",
-             "results": [{"title": "t", "ap": 0.5, "top": [(photo, "a.jpg", "positive")]}]}]
+    rows = [
+        {
+            "query": photo,
+            "query_name": "q.jpg",
+            "results": [{"title": "t", "ap": 0.5, "top": [(photo, "a.jpg", "positive")]}],
+        }
+    ]
     out = tmp_path / "retrieval.png"
     out.write_bytes(b"the user's file")
     with pytest.raises(SfmpairsError, match="output exists; pass --overwrite"):
@@ -389,8 +469,11 @@ def test_plot_command_overlays_runs_and_refuses_a_mix(tmp_path):
 
     for name, losses in (("a", [0.5, 0.3]), ("b", [0.6, 0.2])):
         (tmp_path / name).mkdir()
-        (tmp_path / name / "metrics.jsonl").write_text("".join(
-            json.dumps({"epoch": e, "loss": x, "val_map": 0.5, "lr": 1e-4}) + "\n" for e, x in enumerate(losses)))
+        (tmp_path / name / "metrics.jsonl").write_text(
+            "".join(
+                json.dumps({"epoch": e, "loss": x, "val_map": 0.5, "lr": 1e-4}) + "\n" for e, x in enumerate(losses)
+            )
+        )
     r = CliRunner().invoke(main, ["plot", str(tmp_path / "a"), str(tmp_path / "b"), "-o", str(tmp_path / "c.png")])
     assert r.exit_code == 0, r.output
     with Image.open(tmp_path / "c.png") as img:
@@ -419,8 +502,15 @@ def test_evaluate_picture_frames_each_result_by_the_pair_files_ground_truth(smal
         d = np.random.default_rng(k).normal(size=(len(all_names), 16))
         d /= np.linalg.norm(d, axis=1, keepdims=True)
         write_descriptors(tmp_path / f"d{k}.h5", all_names, d, provenance_attrs(SCHEMA, SCHEMA_VERSION, {}, {}))
-        reports.append(evaluate(tmp_path / f"r{k}.json", pairs=small_world / "pairs.h5", descriptors=tmp_path /
-                                f"d{k}.h5", images_root=small_world / "photos", picture=tmp_path / f"p{k}.png"))
+        reports.append(
+            evaluate(
+                tmp_path / f"r{k}.json",
+                pairs=small_world / "pairs.h5",
+                descriptors=tmp_path / f"d{k}.h5",
+                images_root=small_world / "photos",
+                picture=tmp_path / f"p{k}.png",
+            )
+        )
     with h5py.File(small_world / "pairs.h5") as f:
         names = f["images/name"].asstr()[()]
         cluster = f["images/cluster"][()]
@@ -435,18 +525,32 @@ def test_evaluate_picture_frames_each_result_by_the_pair_files_ground_truth(smal
         others = val_images[val_images != qi]
         expected_top = names[others[np.argsort(-(d0[others] @ d0[qi]), kind="stable")[:10]]]
         assert [n for n, _ in reports[0]["per_query_top"][names[qi]]] == list(expected_top)
-        positives = set(names[gt[indptr[i]:indptr[i + 1]]])
+        positives = set(names[gt[indptr[i] : indptr[i + 1]]])
         for name, label in reports[0]["per_query_top"][names[qi]]:
-            expected = ("positive" if name in positives else "junk" if cluster[index[name]] == cluster[qi]
-                        else "negative")
+            expected = (
+                "positive" if name in positives else "junk" if cluster[index[name]] == cluster[qi] else "negative"
+            )
             assert label == expected, (names[qi], name)
             checked += 1
     assert checked == 10 * len(q) and {"positive", "junk", "negative"} == {
-        label for top in reports[0]["per_query_top"].values() for _, label in top}
+        label for top in reports[0]["per_query_top"].values() for _, label in top
+    }
     with Image.open(tmp_path / "p0.png") as img:
         assert img.text["schema"] == "sfmpairs/retrieval-picture"
-    r = CliRunner().invoke(main, ["plot", str(tmp_path / "r0.json"), str(tmp_path / "r1.json"), "--label", "one",
-                                  "--label", "two", "-o", str(tmp_path / "both.png")])
+    r = CliRunner().invoke(
+        main,
+        [
+            "plot",
+            str(tmp_path / "r0.json"),
+            str(tmp_path / "r1.json"),
+            "--label",
+            "one",
+            "--label",
+            "two",
+            "-o",
+            str(tmp_path / "both.png"),
+        ],
+    )
     assert r.exit_code == 0, r.output
     with Image.open(tmp_path / "both.png") as img:
         assert "one, two" in img.text["Description"] and img.width > Image.open(tmp_path / "p0.png").width

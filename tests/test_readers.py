@@ -46,20 +46,42 @@ def _pycolmap_truth(folder) -> dict:
     rec = pycolmap.Reconstruction(str(folder))
     ids = sorted(rec.reg_image_ids())
     registered = set(ids)
-    t = {"image_ids": np.array(ids), "names": [], "camera_ids": [], "R": [], "t": [], "quat": [],
-         "centre": [], "camera_model": [], "params": [], "focal": [], "width": [], "height": [],
-         "counts": [], "obs_ids": [], "obs_xy": []}
+    t = {
+        "image_ids": np.array(ids),
+        "names": [],
+        "camera_ids": [],
+        "R": [],
+        "t": [],
+        "quat": [],
+        "centre": [],
+        "camera_model": [],
+        "params": [],
+        "focal": [],
+        "width": [],
+        "height": [],
+        "counts": [],
+        "obs_ids": [],
+        "obs_xy": [],
+    }
     for i in ids:
         im = rec.images[i]
         cam = rec.cameras[im.camera_id]
         pose = im.cam_from_world()
         x, y, z, w = pose.rotation.quat
         idxs = list(cam.focal_length_idxs())
-        for key, value in (("names", im.name), ("camera_ids", im.camera_id), ("R", pose.rotation.matrix()),
-                           ("t", pose.translation), ("quat", [w, x, y, z]), ("centre", im.projection_center()),
-                           ("camera_model", cam.model.name), ("params", np.array(cam.params)),
-                           ("focal", np.mean(cam.params[idxs]) if idxs else np.nan),
-                           ("width", cam.width), ("height", cam.height)):
+        for key, value in (
+            ("names", im.name),
+            ("camera_ids", im.camera_id),
+            ("R", pose.rotation.matrix()),
+            ("t", pose.translation),
+            ("quat", [w, x, y, z]),
+            ("centre", im.projection_center()),
+            ("camera_model", cam.model.name),
+            ("params", np.array(cam.params)),
+            ("focal", np.mean(cam.params[idxs]) if idxs else np.nan),
+            ("width", cam.width),
+            ("height", cam.height),
+        ):
             t[key].append(value)
         obs = im.get_observation_points2D()
         pid = np.array([p.point3D_id for p in obs], np.uint64)
@@ -76,14 +98,32 @@ def _pycolmap_truth(folder) -> dict:
     pids = sorted(rec.point3D_ids())
     t["point_ids"] = np.array(pids, np.uint64)
     t["xyz"] = np.array([rec.points3D[p].xyz for p in pids]).reshape(-1, 3)
-    t["track_length"] = np.array([len({e.image_id for e in rec.points3D[p].track.elements} & registered)
-                                  for p in pids])
+    t["track_length"] = np.array([len({e.image_id for e in rec.points3D[p].track.elements} & registered) for p in pids])
     return t
 
 
-def _assert_matches_pycolmap(t: dict, *, image_ids, names, camera_ids, qvec, tvec, rotation, centre,
-                             camera_model, params, width, height, indptr, obs_point_ids, obs_xy,
-                             point_ids, xyz, track_length, focal=None) -> None:
+def _assert_matches_pycolmap(
+    t: dict,
+    *,
+    image_ids,
+    names,
+    camera_ids,
+    qvec,
+    tvec,
+    rotation,
+    centre,
+    camera_model,
+    params,
+    width,
+    height,
+    indptr,
+    obs_point_ids,
+    obs_xy,
+    point_ids,
+    xyz,
+    track_length,
+    focal=None,
+) -> None:
     """What an sfmpairs reader or store gives, against :func:`_pycolmap_truth`."""
     np.testing.assert_array_equal(image_ids, t["image_ids"])
     assert list(names) == t["names"]
@@ -112,11 +152,25 @@ def _assert_matches_pycolmap(t: dict, *, image_ids, names, camera_ids, qvec, tve
 
 def _check_model_against_pycolmap(folder, model) -> None:
     _assert_matches_pycolmap(
-        _pycolmap_truth(folder), image_ids=model.image_ids, names=model.names, camera_ids=model.camera_ids,
-        qvec=model.qvec, tvec=model.tvec, rotation=quat_to_rotmat(model.qvec),
-        centre=camera_centres(model.qvec, model.tvec), camera_model=model.camera_model, params=model.params,
-        width=model.width, height=model.height, indptr=model.indptr, obs_point_ids=model.point_ids[model.point],
-        obs_xy=model.xy, point_ids=model.point_ids, xyz=model.xyz, track_length=model.track_length)
+        _pycolmap_truth(folder),
+        image_ids=model.image_ids,
+        names=model.names,
+        camera_ids=model.camera_ids,
+        qvec=model.qvec,
+        tvec=model.tvec,
+        rotation=quat_to_rotmat(model.qvec),
+        centre=camera_centres(model.qvec, model.tvec),
+        camera_model=model.camera_model,
+        params=model.params,
+        width=model.width,
+        height=model.height,
+        indptr=model.indptr,
+        obs_point_ids=model.point_ids[model.point],
+        obs_xy=model.xy,
+        point_ids=model.point_ids,
+        xyz=model.xyz,
+        track_length=model.track_length,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -145,15 +199,26 @@ def test_store_holds_every_image_and_point_as_pycolmap_reads_them(folder, real_s
     assert np.all(s["points/model"][s["observations/point"][obs]] == m)  # the model's own points
     t = _pycolmap_truth(folder)
     _assert_matches_pycolmap(
-        t, image_ids=s["images/colmap_id"][a:b], names=s["images/colmap_name"][a:b],
-        camera_ids=s["images/camera_colmap_id"][a:b], qvec=s["images/qvec"][a:b], tvec=s["images/tvec"][a:b],
-        rotation=s["images/rotation"][a:b], centre=s["images/centre"][a:b],
-        camera_model=s["images/camera_model"][a:b], params=[p[:n] for p, n in zip(params, k)],
-        focal=s["images/focal"][a:b], width=s["images/width"][a:b], height=s["images/height"][a:b],
-        indptr=s["observations/indptr"][a:b + 1],
-        obs_point_ids=s["points/colmap_id"][s["observations/point"][obs]], obs_xy=s["observations/xy"][obs],
-        point_ids=s["points/colmap_id"][pa:pb], xyz=s["points/xyz"][pa:pb],
-        track_length=s["points/track_length"][pa:pb])
+        t,
+        image_ids=s["images/colmap_id"][a:b],
+        names=s["images/colmap_name"][a:b],
+        camera_ids=s["images/camera_colmap_id"][a:b],
+        qvec=s["images/qvec"][a:b],
+        tvec=s["images/tvec"][a:b],
+        rotation=s["images/rotation"][a:b],
+        centre=s["images/centre"][a:b],
+        camera_model=s["images/camera_model"][a:b],
+        params=[p[:n] for p, n in zip(params, k)],
+        focal=s["images/focal"][a:b],
+        width=s["images/width"][a:b],
+        height=s["images/height"][a:b],
+        indptr=s["observations/indptr"][a : b + 1],
+        obs_point_ids=s["points/colmap_id"][s["observations/point"][obs]],
+        obs_xy=s["observations/xy"][obs],
+        point_ids=s["points/colmap_id"][pa:pb],
+        xyz=s["points/xyz"][pa:pb],
+        track_length=s["points/track_length"][pa:pb],
+    )
     # the stored name is the COLMAP name under its model's photo folder, and names the photo
     names = s["images/name"][a:b]
     assert all(n.endswith("/" + c) for n, c in zip(names, t["names"]))

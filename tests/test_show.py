@@ -16,9 +16,18 @@ from sfmpairs.show import show
 @pytest.fixture(scope="module")
 def mined(tmp_path_factory):
     # photos larger than a tile (200 x 150), of another aspect ratio: tiles shrink and centre them
-    return synth_and_mine(tmp_path_factory.mktemp("show"), clusters=3, image_size=(300, 220), seed=1, points=500,
-                          descriptor_seed=0, negatives=2, queries_per_cluster=0, val_fraction=0,
-                          max_scale_change=3)
+    return synth_and_mine(
+        tmp_path_factory.mktemp("show"),
+        clusters=3,
+        image_size=(300, 220),
+        seed=1,
+        points=500,
+        descriptor_seed=0,
+        negatives=2,
+        queries_per_cluster=0,
+        val_fraction=0,
+        max_scale_change=3,
+    )
 
 
 class _Cells(HTMLParser):
@@ -99,8 +108,8 @@ def test_png_tiles_are_the_right_images(mined, tmp_path):
             assert photo.width == 200 and photo.height < 150  # shrunk to fit, aspect kept
             expect = np.full((h_img, 200, 3), 60, np.uint8)  # grey where the photo is not
             x, y = (200 - photo.width) // 2, (h_img - photo.height) // 2
-            expect[y:y + photo.height, x:x + photo.width] = np.asarray(photo)
-            tile = img[i * (h_img + h_text):i * (h_img + h_text) + h_img, j * 200:(j + 1) * 200]
+            expect[y : y + photo.height, x : x + photo.width] = np.asarray(photo)
+            tile = img[i * (h_img + h_text) : i * (h_img + h_text) + h_img, j * 200 : (j + 1) * 200]
             np.testing.assert_array_equal(tile, expect, err_msg=f"row {i}, tile {j}")
 
 

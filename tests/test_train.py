@@ -23,7 +23,7 @@ def test_contrastive_loss_by_hand():
     d1, d2 = np.sqrt(0.8), np.sqrt(2.0)
     # positive: 1/2 d²; negative: 1/2 max(0, m - d)²
     got = contrastive_loss(q, x, torch.tensor([1.0, 0.0]), margin=1.5)
-    assert float(got) == pytest.approx(0.5 * d1 ** 2 + 0.5 * (1.5 - d2) ** 2)
+    assert float(got) == pytest.approx(0.5 * d1**2 + 0.5 * (1.5 - d2) ** 2)
     got = contrastive_loss(q, x, torch.tensor([0.0, 0.0]), margin=0.7)  # both beyond the margin
     assert d1 > 0.7 and float(got) == 0.0
     got = contrastive_loss(q, x, torch.tensor([0.0, 0.0]), margin=1.0)  # the first within it
@@ -77,7 +77,6 @@ def test_the_optimizer_steps_lower_the_loss_and_move_gem_p_ten_times_faster():
             moved = (net.features[0].weight.detach() - w0).abs()
             assert float(moved.max()) == pytest.approx(lr, rel=1e-2)
     assert losses[-1] < losses[0]
-
 
 
 def test_mining_obeys_the_rules_and_follows_the_network(small_world):
@@ -204,13 +203,54 @@ def test_end_to_end_on_real_photos(tmp_path):
         return r
 
     run("ingest", *[COLMAP / s for s in scenes], "-o", tmp_path / "sfm.h5")
-    run("mine", tmp_path / "sfm.h5", "-o", tmp_path / "pairs.h5", "--val-clusters",
-        "statue-of-liberty/sparse/0,drinks-can/sparse/0")
-    run("train", "--pairs", tmp_path / "pairs.h5", "--images-root", COLMAP, "-o", tmp_path / "run",
-        "--arch", "resnet18", "--epochs", 2, "--image-size", 96, "--query-size", 30, "--pool-size", 60,
-        "--lr", 1e-4, "--device", "cpu", "--test-image-size", 96, "--neg-num", 3)
-    r = run("evaluate", "--pairs", tmp_path / "pairs.h5", "--model", tmp_path / "run" / "best.pt",
-            "--images-root", COLMAP, "--device", "cpu", "-o", tmp_path / "report.json")
+    run(
+        "mine",
+        tmp_path / "sfm.h5",
+        "-o",
+        tmp_path / "pairs.h5",
+        "--val-clusters",
+        "statue-of-liberty/sparse/0,drinks-can/sparse/0",
+    )
+    run(
+        "train",
+        "--pairs",
+        tmp_path / "pairs.h5",
+        "--images-root",
+        COLMAP,
+        "-o",
+        tmp_path / "run",
+        "--arch",
+        "resnet18",
+        "--epochs",
+        2,
+        "--image-size",
+        96,
+        "--query-size",
+        30,
+        "--pool-size",
+        60,
+        "--lr",
+        1e-4,
+        "--device",
+        "cpu",
+        "--test-image-size",
+        96,
+        "--neg-num",
+        3,
+    )
+    r = run(
+        "evaluate",
+        "--pairs",
+        tmp_path / "pairs.h5",
+        "--model",
+        tmp_path / "run" / "best.pt",
+        "--images-root",
+        COLMAP,
+        "--device",
+        "cpu",
+        "-o",
+        tmp_path / "report.json",
+    )
     report = json.loads((tmp_path / "report.json").read_text())
     assert 0 < report["mAP"] <= 1 and report["queries"] > 0
     assert f"{100 * report['mAP']:.2f}" in r.stdout  # the printed table
@@ -230,12 +270,32 @@ def test_training_keeps_batch_norm_statistics_frozen(small_world):
     q, p = pairs["train/query"], pairs["train/positive"]
     other = [int(i) for i in pairs["train/images"] if pairs["cluster"][i] != pairs["cluster"][q[0]]][:2]
     tuples = [[int(q[0]), int(p[0]), *other], [int(q[1]), int(p[1]), *other]]
-    opts = make_conf(TrainConf, **{**SMALL, "loss": "contrastive", "margin": 0.85, "amp": False,
-            "lr": 1e-3, "weight_decay": 0.0, "p_lr_factor": 10.0, "optimizer": "adam"})
+    opts = make_conf(
+        TrainConf,
+        **{
+            **SMALL,
+            "loss": "contrastive",
+            "margin": 0.85,
+            "amp": False,
+            "lr": 1e-3,
+            "weight_decay": 0.0,
+            "p_lr_factor": 10.0,
+            "optimizer": "adam",
+        },
+    )
     optimizer = _optimizer(net, opts)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    train_epoch(net, tuples, pairs["names"], opts, optimizer, scaler, torch.device("cpu"),
-                ImageCache(small_world / "photos", 48, 1 << 26), 0)
+    train_epoch(
+        net,
+        tuples,
+        pairs["names"],
+        opts,
+        optimizer,
+        scaler,
+        torch.device("cpu"),
+        ImageCache(small_world / "photos", 48, 1 << 26),
+        0,
+    )
     assert not torch.equal(conv, net.features[0].weight)  # it trained...
     for m, before in zip(bn, means):  # ...with the batch statistics untouched
         torch.testing.assert_close(m.running_mean, before, rtol=0, atol=0)

@@ -60,7 +60,7 @@ def test_epoch_tuples_are_shuffled_mixing_clusters_and_differ_between_epochs(sma
     # in the pair file's order the clusters come in blocks: n_clusters - 1 changes
     assert np.count_nonzero(np.diff(pairs["cluster"][pairs["train/query"]])) == n_clusters - 1
     assert np.count_nonzero(np.diff(cluster)) > 3 * (n_clusters - 1)
-    batches = [cluster[k:k + SMALL["batch_size"]] for k in range(0, len(cluster), SMALL["batch_size"])]
+    batches = [cluster[k : k + SMALL["batch_size"]] for k in range(0, len(cluster), SMALL["batch_size"])]
     assert sum(len(set(b)) > 1 for b in batches) > len(batches) / 2  # most batches mix clusters
 
 
@@ -71,17 +71,25 @@ def test_checkpoints_record_both_sizes_and_extract_uses_the_test_size(small_worl
 
     assert (TrainConf.image_size, TrainConf.test_image_size) == (362, 1024)  # the paper's
     photos = small_world / "photos"
-    train(small_world / "pairs.h5", photos, tmp_path / "run", **{**ONE_EPOCH, "image_size": 40,
-                                                                    "test_image_size": 56})
+    train(small_world / "pairs.h5", photos, tmp_path / "run", **{**ONE_EPOCH, "image_size": 40, "test_image_size": 56})
     net, _ = load_checkpoint(tmp_path / "run" / "best.pt")
     assert (net.config["image_size"], net.config["train_image_size"]) == (56, 40)
-    extract(tmp_path / "run" / "best.pt", tmp_path / "d.h5", store=small_world / "sfm.h5", images_root=photos,
-            device="cpu", workers=0, precision="fp32")
+    extract(
+        tmp_path / "run" / "best.pt",
+        tmp_path / "d.h5",
+        store=small_world / "sfm.h5",
+        images_root=photos,
+        device="cpu",
+        workers=0,
+        precision="fp32",
+    )
     with h5py.File(tmp_path / "d.h5", "r") as f:
         names, got = f["names"].asstr()[()][:4], f["descriptors"][:4]
         assert json.loads(f.attrs["parameters"])["image_size"] == 56
-    at = {size: extract_descriptors(net, photos, list(names), image_size=size, workers=0, precision="fp32")[0]
-          for size in (56, 64)}  # the photos are 64 x 48: at 64, they are not resized
+    at = {
+        size: extract_descriptors(net, photos, list(names), image_size=size, workers=0, precision="fp32")[0]
+        for size in (56, 64)
+    }  # the photos are 64 x 48: at 64, they are not resized
     np.testing.assert_allclose(got, at[56], atol=1e-6)
     assert np.abs(got - at[64]).max() > 1e-3
 
@@ -94,11 +102,14 @@ def test_pair_files_hold_the_val_ground_truth_of_every_val_query(small_world):
     with h5py.File(small_world / "pairs.h5", "r") as f:
         cluster, queries = f["images/cluster"][()], f["val/query"][()]
         gt = [f[f"val/{k}"][()] for k in ("gt_indptr", "gt_image", "gt_co_observed")]
-    points = [set(point[indptr[i]:indptr[i + 1]].tolist()) for i in range(len(indptr) - 1)]
+    points = [set(point[indptr[i] : indptr[i + 1]].tolist()) for i in range(len(indptr) - 1)]
     assert len(queries) > 5
     for k, q in enumerate(queries):
-        expect = {j: len(points[q] & points[j]) for j in range(len(points))
-                  if j != q and cluster[j] == cluster[q] and points[q] & points[j]}
+        expect = {
+            j: len(points[q] & points[j])
+            for j in range(len(points))
+            if j != q and cluster[j] == cluster[q] and points[q] & points[j]
+        }
         a, b = gt[0][k], gt[0][k + 1]
         assert dict(zip(gt[1][a:b].tolist(), gt[2][a:b].tolist())) == expect
         assert list(gt[1][a:b]) == sorted(expect)
@@ -135,8 +146,11 @@ def test_train_and_evaluate_need_no_store_once_mined(small_world, tmp_path):
 
 
 def test_revisited_protocol_refuses_precomputed_descriptors_it_cannot_crop(tmp_path):
-    gnd = {"imlist": ["a", "b"], "qimlist": ["q"],
-           "gnd": [{"easy": [0], "hard": [], "junk": [1], "bbx": [0, 0, 10, 10]}]}
+    gnd = {
+        "imlist": ["a", "b"],
+        "qimlist": ["q"],
+        "gnd": [{"easy": [0], "hard": [], "junk": [1], "bbx": [0, 0, 10, 10]}],
+    }
     (tmp_path / "gnd.pkl").write_bytes(pickle.dumps(gnd))
     random_descriptors(tmp_path / "d.h5", ["a.jpg", "b.jpg", "q.jpg"])
     with pytest.raises(SfmpairsError, match="crops each query to its box.*give --model or --arch"):
@@ -207,24 +221,61 @@ def test_pair_files_that_cannot_train_are_refused_up_front(small_world, tmp_path
     with pytest.raises(SfmpairsError, match="train split has 1 cluster.*ingest more models"):
         train(tmp_path / "one.h5", small_world / "photos", tmp_path / "r1", **SMALL)
     # small_world's train split has 4 clusters: 5 negatives, one per other cluster, cannot be
-    r = cli("train", "--pairs", small_world / "pairs.h5", "--images-root", small_world / "photos", "-o",
-            tmp_path / "r2", "--neg-num", 5, "--arch", "resnet18", "--device", "cpu")
+    r = cli(
+        "train",
+        "--pairs",
+        small_world / "pairs.h5",
+        "--images-root",
+        small_world / "photos",
+        "-o",
+        tmp_path / "r2",
+        "--neg-num",
+        5,
+        "--arch",
+        "resnet18",
+        "--device",
+        "cpu",
+    )
     assert r.exit_code == 2
     assert r.stderr.strip().splitlines() == [
         f"sfmpairs: error: {small_world / 'pairs.h5'}: the train split has 4 clusters, and --neg-num 5 takes "
-        "one hard negative from each of 5 other clusters; use --neg-num 3 or fewer, or add clusters"]
+        "one hard negative from each of 5 other clusters; use --neg-num 3 or fewer, or add clusters"
+    ]
     assert not (tmp_path / "r1").exists() and not (tmp_path / "r2").exists()
 
 
 # ----------------------------------------------------------------------------- logs
-TRAIN_ARGS = ["--arch", "resnet18", "--epochs", 2, "--image-size", 48, "--test-image-size", 48, "--query-size", 12,
-              "--pool-size", 30, "--neg-num", 3, "--batch-size", 3, "--workers", 0, "--device", "cpu", "--lr", 1e-4]
+TRAIN_ARGS = [
+    "--arch",
+    "resnet18",
+    "--epochs",
+    2,
+    "--image-size",
+    48,
+    "--test-image-size",
+    48,
+    "--query-size",
+    12,
+    "--pool-size",
+    30,
+    "--neg-num",
+    3,
+    "--batch-size",
+    3,
+    "--workers",
+    0,
+    "--device",
+    "cpu",
+    "--lr",
+    1e-4,
+]
 
 
 def test_train_logs_a_start_line_a_line_per_epoch_and_a_closing_line(small_world, tmp_path):
     run = tmp_path / "run"
-    r = cli("train", "--pairs", small_world / "pairs.h5", "--images-root", small_world / "photos", "-o", run,
-            *TRAIN_ARGS)
+    r = cli(
+        "train", "--pairs", small_world / "pairs.h5", "--images-root", small_world / "photos", "-o", run, *TRAIN_ARGS
+    )
     assert r.exit_code == 0, r.stderr
     lines = r.stderr.splitlines()  # CliRunner's stderr is no terminal
     train_queries = len(_read_pairs(small_world / "pairs.h5")["train/query"])
@@ -237,25 +288,40 @@ def test_train_logs_a_start_line_a_line_per_epoch_and_a_closing_line(small_world
     best_epoch = load_checkpoint(run / "best.pt")[1]["epoch"]
     when = "before training: no epoch did better" if best_epoch == -1 else f"at epoch {best_epoch}"
     assert [x for x in lines if x.startswith("done:")] == [
-        f"done: best val mAP {100 * best:.2f} {when} -> {run / 'best.pt'} (last epoch: {run / 'last.pt'})"]
+        f"done: best val mAP {100 * best:.2f} {when} -> {run / 'best.pt'} (last epoch: {run / 'last.pt'})"
+    ]
     baseline = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     assert baseline["epoch"] == -1
     assert [x for x in lines if x.startswith("before training:")] == [
-        f"before training: val mAP {100 * baseline['val_map']:.2f}"]
+        f"before training: val mAP {100 * baseline['val_map']:.2f}"
+    ]
     val_queries = len(_read_pairs(small_world / "pairs.h5")["val/query"])
     assert f"3 hard negatives, {val_queries} val queries" in start[0]
-    quiet = cli("-q", "train", "--pairs", small_world / "pairs.h5", "--images-root", small_world / "photos", "-o",
-                tmp_path / "quiet", *TRAIN_ARGS)
+    quiet = cli(
+        "-q",
+        "train",
+        "--pairs",
+        small_world / "pairs.h5",
+        "--images-root",
+        small_world / "photos",
+        "-o",
+        tmp_path / "quiet",
+        *TRAIN_ARGS,
+    )
     assert not any(x.startswith(("train ", "epoch ", "done:")) for x in quiet.stderr.splitlines())
 
 
 def test_a_small_val_split_is_reported_with_its_count(small_world, tmp_path):
     _, clusters = store_names(small_world / "sfm.h5")
-    mine(small_world / "sfm.h5", tmp_path / "p.h5", queries_per_cluster=1, val_clusters=list(clusters[:2]),
-         max_scale_change=3.0)
+    mine(
+        small_world / "sfm.h5",
+        tmp_path / "p.h5",
+        queries_per_cluster=1,
+        val_clusters=list(clusters[:2]),
+        max_scale_change=3.0,
+    )
     args = [a if a != 2 else 1 for a in TRAIN_ARGS]  # one epoch
-    r = cli("train", "--pairs", tmp_path / "p.h5", "--images-root", small_world / "photos", "-o", tmp_path / "r",
-            *args)
+    r = cli("train", "--pairs", tmp_path / "p.h5", "--images-root", small_world / "photos", "-o", tmp_path / "r", *args)
     assert r.exit_code == 0, r.stderr
     assert "the val split has 2 queries with positives: val mAP will be noisy" in r.stderr
     assert "2 val queries" in r.stderr
@@ -270,10 +336,19 @@ def test_a_small_val_split_is_reported_with_its_count(small_world, tmp_path):
 def test_verbose_adds_detail(small_world, tmp_path, command):
     names, _ = store_names(small_world / "sfm.h5")
     random_descriptors(tmp_path / "d.h5", names)
-    args = {"mine": ["mine", small_world / "sfm.h5", "-o", tmp_path / "{}.h5"],
-            "evaluate": ["evaluate", "--pairs", small_world / "pairs.h5", "--descriptors", tmp_path / "d.h5",
-                         "-o", tmp_path / "{}.json"],
-            "info": ["info", small_world / "pairs.h5"]}[command]
+    args = {
+        "mine": ["mine", small_world / "sfm.h5", "-o", tmp_path / "{}.h5"],
+        "evaluate": [
+            "evaluate",
+            "--pairs",
+            small_world / "pairs.h5",
+            "--descriptors",
+            tmp_path / "d.h5",
+            "-o",
+            tmp_path / "{}.json",
+        ],
+        "info": ["info", small_world / "pairs.h5"],
+    }[command]
     plain = cli(*[str(a).format("plain") for a in args])
     verbose = cli("-v", *[str(a).format("verbose") for a in args])
     assert plain.exit_code == verbose.exit_code == 0, verbose.stderr
@@ -286,8 +361,9 @@ def test_verbose_adds_detail(small_world, tmp_path, command):
 def test_evaluate_table_shows_the_number_of_queries(small_world, tmp_path):
     names, _ = store_names(small_world / "sfm.h5")
     random_descriptors(tmp_path / "d.h5", names)
-    r = cli("evaluate", "--pairs", small_world / "pairs.h5", "--descriptors", tmp_path / "d.h5", "-o",
-            tmp_path / "r.json")
+    r = cli(
+        "evaluate", "--pairs", small_world / "pairs.h5", "--descriptors", tmp_path / "d.h5", "-o", tmp_path / "r.json"
+    )
     report = json.loads((tmp_path / "r.json").read_text())
     header, row = r.stdout.splitlines()[:2]
     assert header.split()[:2] == ["queries", "mAP"]
@@ -299,14 +375,30 @@ def test_evaluate_table_shows_the_number_of_queries(small_world, tmp_path):
 def test_mine_says_how_many_negatives_it_gave_and_info_reports_them(small_world, tmp_path):
     names, _ = store_names(small_world / "sfm.h5")
     random_descriptors(tmp_path / "d.h5", names)
-    r = cli("mine", small_world / "sfm.h5", "-o", tmp_path / "p.h5", "--descriptors", tmp_path / "d.h5",
-            "--negatives", 5, "--val-fraction", 0.34, "--queries-per-cluster", 0)
+    r = cli(
+        "mine",
+        small_world / "sfm.h5",
+        "-o",
+        tmp_path / "p.h5",
+        "--descriptors",
+        tmp_path / "d.h5",
+        "--negatives",
+        5,
+        "--val-fraction",
+        0.34,
+        "--queries-per-cluster",
+        0,
+    )
     assert r.exit_code == 0, r.stderr
-    assert ("train split: 4 clusters and at most one negative from each other cluster: 3 hard negatives per "
-            "query, not 5") in r.stderr
+    assert (
+        "train split: 4 clusters and at most one negative from each other cluster: 3 hard negatives per query, not 5"
+    ) in r.stderr
     assert "val split: 2 clusters" in r.stderr and "1 hard negatives per query, not 5" in r.stderr
-    rows = {x.split()[0]: x.split() for x in cli("info", tmp_path / "p.h5").stdout.splitlines()
-            if x.startswith(("train ", "val "))}
+    rows = {
+        x.split()[0]: x.split()
+        for x in cli("info", tmp_path / "p.h5").stdout.splitlines()
+        if x.startswith(("train ", "val "))
+    }
     assert rows["train"][-1] == "3.0/5" and rows["val"][-1] == "1.0/5"
 
 
@@ -347,8 +439,18 @@ def test_show_points_a_val_query_to_split_val(small_world, tmp_path):
         name = f["images/name"].asstr()[f["val/query"][0]]
     r = cli("show", small_world / "pairs.h5", "--query", name, "-o", tmp_path / "t.png")
     assert r.exit_code == 2 and "it is a query of the val split: add --split val" in r.stderr
-    r = cli("show", small_world / "pairs.h5", "--query", name, "--split", "val", "--images-root",
-            small_world / "photos", "-o", tmp_path / "t.png")
+    r = cli(
+        "show",
+        small_world / "pairs.h5",
+        "--query",
+        name,
+        "--split",
+        "val",
+        "--images-root",
+        small_world / "photos",
+        "-o",
+        tmp_path / "t.png",
+    )
     assert r.exit_code == 0, r.stderr
 
 
@@ -363,9 +465,25 @@ def test_extract_and_evaluate_an_off_the_shelf_network_from_a_local_weights_file
     reference = torchvision.models.resnet18(weights=None).eval()
     torch.save(reference.state_dict(), tmp_path / "resnet18-local.pth")
     photos = small_world / "photos"
-    r = cli("extract", "--arch", "resnet18", "--pretrained", tmp_path / "resnet18-local.pth", "--store",
-            small_world / "sfm.h5", "--images-root", photos, "-o", tmp_path / "d.h5", "--device", "cpu",
-            "--precision", "fp32", "--workers", 0)
+    r = cli(
+        "extract",
+        "--arch",
+        "resnet18",
+        "--pretrained",
+        tmp_path / "resnet18-local.pth",
+        "--store",
+        small_world / "sfm.h5",
+        "--images-root",
+        photos,
+        "-o",
+        tmp_path / "d.h5",
+        "--device",
+        "cpu",
+        "--precision",
+        "fp32",
+        "--workers",
+        0,
+    )
     assert r.exit_code == 0, r.stderr
     with h5py.File(tmp_path / "d.h5", "r") as f:
         name, got = f["names"].asstr()[0], f["descriptors"][0]
@@ -375,17 +493,42 @@ def test_extract_and_evaluate_an_off_the_shelf_network_from_a_local_weights_file
         fmap = torch.nn.Sequential(*list(reference.children())[:-2])(x[None])[0]  # the 64 x 48 photo, not resized
     v = fmap.clamp(min=1e-6).pow(3).mean(dim=(1, 2)).pow(1 / 3)  # GeM, p = 3
     np.testing.assert_allclose(got, (v / v.norm()).numpy(), atol=1e-5)
-    r = cli("evaluate", "--pairs", small_world / "pairs.h5", "--arch", "resnet18", "--pretrained",
-            tmp_path / "resnet18-local.pth", "--images-root", photos, "--device", "cpu", "--precision", "fp32",
-            "-o", tmp_path / "r.json")
+    r = cli(
+        "evaluate",
+        "--pairs",
+        small_world / "pairs.h5",
+        "--arch",
+        "resnet18",
+        "--pretrained",
+        tmp_path / "resnet18-local.pth",
+        "--images-root",
+        photos,
+        "--device",
+        "cpu",
+        "--precision",
+        "fp32",
+        "-o",
+        tmp_path / "r.json",
+    )
     assert r.exit_code == 0, r.stderr
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["network"]["arch"] == "resnet18" and "resnet18-local.pth" in str(report["network"]["pretrained"])
     same = evaluate(tmp_path / "same.json", pairs=small_world / "pairs.h5", descriptors=tmp_path / "d.h5")
     assert report["mAP"] == pytest.approx(same["mAP"], abs=1e-6)
     torch.save(torchvision.models.resnet34(weights=None).state_dict(), tmp_path / "resnet34.pth")
-    r = cli("extract", "--arch", "resnet18", "--pretrained", tmp_path / "resnet34.pth", "--store",
-            small_world / "sfm.h5", "--images-root", photos, "-o", tmp_path / "bad.h5")
+    r = cli(
+        "extract",
+        "--arch",
+        "resnet18",
+        "--pretrained",
+        tmp_path / "resnet34.pth",
+        "--store",
+        small_world / "sfm.h5",
+        "--images-root",
+        photos,
+        "-o",
+        tmp_path / "bad.h5",
+    )
     assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1 and "resnet34.pth" in r.stderr
     assert not (tmp_path / "bad.h5").exists()
 
@@ -404,11 +547,18 @@ def test_training_positives_follow_the_pair_files_min_co_observed(small_world, t
     net = build_network({"arch": "resnet18"})
     opts = make_conf(TrainConf, **{**SMALL, "neg_num": 2, "amp": False, "skip_bad": False, "query_size": 1000})
     for strategy in ("mac", "max-inliers"):
-        mine(small_world / "sfm.h5", tmp_path / f"{strategy}.h5", strategy=strategy, descriptors=tmp_path / "d.h5",
-             min_co_observed=m, queries_per_cluster=0, val_fraction=0.34, max_scale_change=3.0)
+        mine(
+            small_world / "sfm.h5",
+            tmp_path / f"{strategy}.h5",
+            strategy=strategy,
+            descriptors=tmp_path / "d.h5",
+            min_co_observed=m,
+            queries_per_cluster=0,
+            val_fraction=0.34,
+            max_scale_change=3.0,
+        )
         pairs = _read_pairs(tmp_path / f"{strategy}.h5")
-        tuples, _ = mine_epoch(net, pairs, opts, np.random.default_rng(0),
-                               torch.device("cpu"), photos)
+        tuples, _ = mine_epoch(net, pairs, opts, np.random.default_rng(0), torch.device("cpu"), photos)
         query = list(pairs["train/query"])
         assert len(tuples) == len(query)
         for t in tuples:
@@ -421,13 +571,18 @@ def test_training_positives_follow_the_pair_files_min_co_observed(small_world, t
     from sfmpairs.retrieval.extract import extract_descriptors
 
     pairs = _read_pairs(tmp_path / "mac.h5")
-    tuples, _ = mine_epoch(net, pairs, opts, np.random.default_rng(0),
-                           torch.device("cpu"), photos)
+    tuples, _ = mine_epoch(net, pairs, opts, np.random.default_rng(0), torch.device("cpu"), photos)
     q, p = tuples[0][:2]
     k = list(pairs["train/query"]).index(q)
     cands = [int(i) for i, c in zip(pairs["train/pool"][k], pairs["train/pool_co_observed"][k]) if i >= 0 and c >= m]
-    d, _ = extract_descriptors(net, photos, [pairs["names"][i] for i in [q, *cands]], image_size=SMALL["image_size"],
-                               workers=0, precision="fp32")
+    d, _ = extract_descriptors(
+        net,
+        photos,
+        [pairs["names"][i] for i in [q, *cands]],
+        image_size=SMALL["image_size"],
+        workers=0,
+        precision="fp32",
+    )
     assert p == cands[int(np.argmax(d[1:] @ d[0]))]
 
 
@@ -437,15 +592,18 @@ def test_val_splits_that_cannot_measure_are_refused(small_world, tmp_path):
     names, clusters = store_names(small_world / "sfm.h5")
     random_descriptors(tmp_path / "d.h5", names)
     mine(small_world / "sfm.h5", tmp_path / "one.h5", queries_per_cluster=0, val_clusters=[clusters[0]])
-    for run in (lambda: train(tmp_path / "one.h5", small_world / "photos", tmp_path / "r1", **SMALL),
-                lambda: evaluate(tmp_path / "e1.json", pairs=tmp_path / "one.h5", descriptors=tmp_path / "d.h5")):
+    for run in (
+        lambda: train(tmp_path / "one.h5", small_world / "photos", tmp_path / "r1", **SMALL),
+        lambda: evaluate(tmp_path / "e1.json", pairs=tmp_path / "one.h5", descriptors=tmp_path / "d.h5"),
+    ):
         with pytest.raises(SfmpairsError, match="val split has one cluster.*mAP is 100 whatever.*--val-clusters A,B"):
             run()
     with pytest.raises(SfmpairsError, match="no val query has a positive .*at least 100000 3D points"):
         train(small_world / "pairs.h5", small_world / "photos", tmp_path / "r2", **SMALL, min_covisible=100000)
     with pytest.raises(SfmpairsError, match="no val query has a positive .*lower --min-covisible"):
-        evaluate(tmp_path / "e2.json", pairs=small_world / "pairs.h5", descriptors=tmp_path / "d.h5",
-                 min_covisible=100000)
+        evaluate(
+            tmp_path / "e2.json", pairs=small_world / "pairs.h5", descriptors=tmp_path / "d.h5", min_covisible=100000
+        )
     assert not any((tmp_path / x).exists() for x in ("r1", "r2", "e1.json", "e2.json"))
 
 
@@ -462,8 +620,14 @@ def test_weights_refuse_network_options_and_config_records_the_weights_used(smal
     options = {k: v for k, v in ONE_EPOCH.items() if k != "arch"}
     for clash in ({"whitening": 64}, {"arch": "resnet18"}, {"pretrained": True}):
         with pytest.raises(SfmpairsError, match=f"--{next(iter(clash))} cannot go with it"):
-            train(small_world / "pairs.h5", small_world / "photos", tmp_path / "r", weights=tmp_path / "init.pt",
-                  **options, **clash)
+            train(
+                small_world / "pairs.h5",
+                small_world / "photos",
+                tmp_path / "r",
+                weights=tmp_path / "init.pt",
+                **options,
+                **clash,
+            )
     train(small_world / "pairs.h5", small_world / "photos", tmp_path / "r", weights=tmp_path / "init.pt", **options)
     config = json.loads((tmp_path / "r" / "config.json").read_text())
     assert config["pretrained"] is False and config["whitening"] is None
@@ -474,8 +638,14 @@ def test_resume_takes_the_same_pair_file_moved_but_no_other(small_world, tmp_pat
     shutil.copy(small_world / "pairs.h5", tmp_path / "pairs.h5")
     train(tmp_path / "pairs.h5", small_world / "photos", tmp_path / "run", **ONE_EPOCH)
     (tmp_path / "pairs.h5").rename(tmp_path / "moved.h5")
-    mine(small_world / "sfm.h5", tmp_path / "other.h5", queries_per_cluster=0, val_fraction=0.34, seed=7,
-         max_scale_change=3.0)
+    mine(
+        small_world / "sfm.h5",
+        tmp_path / "other.h5",
+        queries_per_cluster=0,
+        val_fraction=0.34,
+        seed=7,
+        max_scale_change=3.0,
+    )
     with pytest.raises(SfmpairsError, match="other.h5: not the pair file .* trains on"):
         train(tmp_path / "other.h5", None, tmp_path / "run", resume=True, epochs=2)
     train(tmp_path / "moved.h5", None, tmp_path / "run", resume=True, epochs=2)
@@ -525,7 +695,10 @@ def test_descriptors_that_are_not_finite_stop_training_with_the_cause(small_worl
         net.features[0].weight[0, 0, 0, 0] = float("nan")
     save_checkpoint(tmp_path / "nan.pt", net)
     options = {k: v for k, v in ONE_EPOCH.items() if k != "arch"}
-    with pytest.raises(SfmpairsError, match=r"^before training: \d+ of \d+ descriptors are not finite \(first: .*\) "
-                                            r"in float32; the network's weights hold NaN or infinity "
-                                            r"\(none written yet\)$"):
+    with pytest.raises(
+        SfmpairsError,
+        match=r"^before training: \d+ of \d+ descriptors are not finite \(first: .*\) "
+        r"in float32; the network's weights hold NaN or infinity "
+        r"\(none written yet\)$",
+    ):
         train(small_world / "pairs.h5", small_world / "photos", tmp_path / "r", weights=tmp_path / "nan.pt", **options)

@@ -48,7 +48,7 @@ def test_store_equals_the_ground_truth(world):
             np.testing.assert_allclose(s["images/rotation"][i], R, atol=1e-12)
             np.testing.assert_allclose(s["images/centre"][i], -R.T @ t, atol=1e-12)
             assert s["images/focal"][i] == pytest.approx(cam["f"])
-            row = s["observations/point"][s["observations/indptr"][i]:s["observations/indptr"][i + 1]]
+            row = s["observations/point"][s["observations/indptr"][i] : s["observations/indptr"][i + 1]]
             assert set(s["points/colmap_id"][row].tolist()) == set(truth["visible"][k])
             # every observation is the exact projection of its point
             xyz = s["points/xyz"][row]

@@ -69,8 +69,14 @@ def collate_tuples(batch: list) -> tuple[list[list[torch.Tensor]], list[torch.Te
 class PairTuples(Dataset):
     """(query, positive, [negatives]) images of a pair file's split."""
 
-    def __init__(self, pairs: str | Path, images_root: str | Path | None = None, split: str = "train",
-                 transform=None, image_size: int | None = None):
+    def __init__(
+        self,
+        pairs: str | Path,
+        images_root: str | Path | None = None,
+        split: str = "train",
+        transform=None,
+        image_size: int | None = None,
+    ):
         from sfmpairs.mining.pairfile import read_pair_file
 
         p = read_pair_file(pairs)
@@ -88,8 +94,11 @@ class PairTuples(Dataset):
 
     def tuple_names(self, i: int) -> tuple[str, str, list[str]]:
         """The image names of tuple i: (query, positive, negatives)."""
-        return (str(self.names[self.query[i]]), str(self.names[self.positive[i]]),
-                [str(self.names[n]) for n in self.negatives[i] if n >= 0])
+        return (
+            str(self.names[self.query[i]]),
+            str(self.names[self.positive[i]]),
+            [str(self.names[n]) for n in self.negatives[i] if n >= 0],
+        )
 
     def _load(self, name: str):
         return self.transform(open_rgb(self.root / name))

@@ -34,35 +34,51 @@ class TrainConf(DeviceConf):
     p: float = setting(3.0, "GeM's initial exponent.", cli=False)
     whitening: int | None = setting(None, "Add a learnable whitening layer to this many dimensions.")
     pretrained: bool | str = setting(
-        False, "Start from torchvision's ImageNet weights (downloaded), or from a local weights file "
-        "(e.g. resnet50-11ad3fa6.pth).", default_text="random", flag_value="imagenet", metavar="[FILE]",
-        parse=parse_pretrained)
-    weights: str | None = setting(None, "Start from this checkpoint (its network: --arch, --pool are ignored).",
-                                  metavar="FILE")
+        False,
+        "Start from torchvision's ImageNet weights (downloaded), or from a local weights file "
+        "(e.g. resnet50-11ad3fa6.pth).",
+        default_text="random",
+        flag_value="imagenet",
+        metavar="[FILE]",
+        parse=parse_pretrained,
+    )
+    weights: str | None = setting(
+        None, "Start from this checkpoint (its network: --arch, --pool are ignored).", metavar="FILE"
+    )
     epochs: int = setting(30, "Epochs.")
     query_size: int = setting(2000, "Training queries per epoch.")
     pool_size: int = setting(20000, "Images in the negative pool per epoch.")
     neg_num: int = setting(5, "Hard negatives per tuple, one per other cluster.")
-    negative_mining: str = setting("hard", "hard: the most similar images of other clusters, re-mined every epoch "
-                                   "with the current network (the paper); random: drawn at random (a control).",
-                                   choices=NEGATIVE_MINING)
+    negative_mining: str = setting(
+        "hard",
+        "hard: the most similar images of other clusters, re-mined every epoch "
+        "with the current network (the paper); random: drawn at random (a control).",
+        choices=NEGATIVE_MINING,
+    )
     batch_size: int = setting(5, "Tuples per batch.")
     image_size: int = setting(362, "Longer side of the images in training and mining.")
     test_image_size: int = setting(1024, "Longer side in validation, recorded for extract and evaluate.")
     loss: str = setting("contrastive", "Loss of a tuple.", choices=LOSSES)
-    margin: float | None = setting(None, "Loss margin.", default_text=", ".join(
-        [f"{m} {a}" for a, m in MARGINS.items()] + [f"else {DEFAULT_MARGIN}"]))
+    margin: float | None = setting(
+        None,
+        "Loss margin.",
+        default_text=", ".join([f"{m} {a}" for a, m in MARGINS.items()] + [f"else {DEFAULT_MARGIN}"]),
+    )
     optimizer: str = setting("adam", "Optimizer.", choices=OPTIMIZERS)
     lr: float = setting(1e-6, "Initial learning rate (GeM's p: --p-lr-factor times higher).")
     momentum: float = setting(0.9, "SGD momentum.")
     weight_decay: float = setting(1e-6, "Weight decay (not on GeM's p).")
-    lr_decay: float = setting(0.1, "The learning rate is multiplied by exp(-DECAY) every epoch (the paper's; "
-                              "the authors' code: 0.01).")
+    lr_decay: float = setting(
+        0.1, "The learning rate is multiplied by exp(-DECAY) every epoch (the paper's; the authors' code: 0.01)."
+    )
     p_lr_factor: float = setting(10.0, "GeM's p learns this many times faster, without weight decay.")
     min_covisible: int = setting(1, "Validation: a positive shares at least this many 3D points with the query.")
     seed: int = setting(0, "Random seed.")
-    amp: bool | None = setting(None, "Mixed precision: float16 on CUDA; bfloat16 on a CPU that computes it "
-                               "natively.", default_text="on with CUDA, off on the CPU")
+    amp: bool | None = setting(
+        None,
+        "Mixed precision: float16 on CUDA; bfloat16 on a CPU that computes it natively.",
+        default_text="on with CUDA, off on the CPU",
+    )
     skip_bad: bool = setting(False, "Skip missing or corrupt images.")
     cache_mb: int = setting(2048, "Memory for decoded training images, in MiB.")
 

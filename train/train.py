@@ -114,8 +114,13 @@ def _read_pairs(path: Path, p: dict | None = None) -> dict:
     from sfmpairs.mining.pairfile import read_pair_file
 
     p = read_pair_file(path) if p is None else p
-    d = {"names": p["names"], "cluster": p["cluster"], "strategy": p["strategy"],
-         "source_store": p["source_store"], "min_co_observed": p["min_co_observed"]}
+    d = {
+        "names": p["names"],
+        "cluster": p["cluster"],
+        "strategy": p["strategy"],
+        "source_store": p["source_store"],
+        "min_co_observed": p["min_co_observed"],
+    }
     for split in ("train", "val"):
         s = p["splits"].get(split, {})
         for key in ("query", "positive", "images", "pool", "pool_passes", "pool_co_observed", "gt_indptr"):
@@ -128,8 +133,10 @@ def _read_pairs(path: Path, p: dict | None = None) -> dict:
 def _optimizer(net, conf: TrainConf):
     p_params = [net.p]
     other = [p for n, p in net.named_parameters() if n != "p"]
-    groups = [{"params": other, "lr": conf.lr, "weight_decay": conf.weight_decay},
-              {"params": p_params, "lr": conf.lr * conf.p_lr_factor, "weight_decay": 0.0}]
+    groups = [
+        {"params": other, "lr": conf.lr, "weight_decay": conf.weight_decay},
+        {"params": p_params, "lr": conf.lr * conf.p_lr_factor, "weight_decay": 0.0},
+    ]
     if conf.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=conf.lr, momentum=conf.momentum)
     return torch.optim.Adam(groups, lr=conf.lr)  # TrainConf.check knows no other
@@ -139,6 +146,17 @@ def _freeze_batchnorm(net) -> None:
     for m in net.modules():
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
             m.eval()
+
+
+def _distances(query: np.ndarray, positive: np.ndarray, negatives: np.ndarray) -> dict:
+    """The mean descriptor distance of the queries to their positives and to their
+    negatives (NaN rows: no negative), as the epoch's statistics."""
+    if len(query) == 0:
+        return {"positive_distance": float("nan"), "negative_distance": float("nan")}
+    return {
+        "positive_distance": float(np.linalg.norm(query - positive, axis=1).mean()),
+        "negative_distance": float(np.nanmean(np.linalg.norm(query[:, None] - negatives, axis=2))),
+    }
 
 
 def mine_epoch(net, pairs: dict, conf: TrainConf, rng, device, root: Path, ranks: Ranks = ONE):
@@ -152,15 +170,23 @@ def mine_epoch(net, pairs: dict, conf: TrainConf, rng, device, root: Path, ranks
     strategy, rows = pairs["strategy"], pairs["train/pool"][pick]
     candidate = (rows >= 0) & (pairs["train/pool_co_observed"][pick] >= pairs["min_co_observed"])
     if strategy != "mac":  # relaxed draws afresh each epoch; max-inliers gives the file's
-        slots = positive_slots(strategy, pairs["train/pool_passes"][pick], candidate,
-                               pairs["train/pool_co_observed"][pick], rng)
+        slots = positive_slots(
+            strategy, pairs["train/pool_passes"][pick], candidate, pairs["train/pool_co_observed"][pick], rng
+        )
         positives = rows[np.arange(len(pick)), slots]
         wanted = np.unique(np.concatenate([queries, positives, pool]))
     else:  # the candidates are described too: the positive is the nearest with this network
         wanted = np.unique(np.concatenate([queries, pool, rows[candidate]]))
-    desc, bad = extract_across_ranks(net, root, list(pairs["names"][wanted]), ranks, image_size=conf.image_size,
-                                     device=device, workers=conf.workers, skip_bad=conf.skip_bad,
-                                     precision=extract_precision(device, conf), desc="mining")
+    kwargs = dict(image_size=conf.image_size, device=device, workers=conf.workers, skip_bad=conf.skip_bad)
+    desc, bad = extract_across_ranks(
+        net,
+        root,
+        list(pairs["names"][wanted]),
+        ranks,
+        precision=extract_precision(device, conf),
+        desc="mining",
+        **kwargs,
+    )
 
     def row(images):  # rows of desc: wanted is sorted
         return np.minimum(np.searchsorted(wanted, images), len(wanted) - 1)
@@ -181,12 +207,8 @@ def mine_epoch(net, pairs: dict, conf: TrainConf, rng, device, root: Path, ranks
     else:
         idx = random_negatives(pairs["cluster"][queries], pairs["cluster"][pool], conf.neg_num, rng)
     negatives = np.where(idx >= 0, pool[np.maximum(idx, 0)], -1)
-    pd = desc[row(positives)]
     nd = np.where(idx[..., None] >= 0, desc[row(np.maximum(negatives, 0))], np.nan)
-    nan = float("nan")
-    stats = {"queries": int(len(queries)), "pool": int(len(pool)),
-             "positive_distance": float(np.linalg.norm(qd - pd, axis=1).mean()) if len(qd) else nan,
-             "negative_distance": float(np.nanmean(np.linalg.norm(qd[:, None] - nd, axis=2))) if len(qd) else nan}
+    stats = {"queries": int(len(queries)), "pool": int(len(pool)), **_distances(qd, desc[row(positives)], nd)}
     tuples = [[int(q), int(p), *[int(n) for n in negs if n >= 0]] for q, p, negs in zip(queries, positives, negatives)]
     # the queries were drawn sorted, so clusters come in blocks: shuffle, so that a batch
     # mixes clusters and every epoch has its own order
@@ -211,8 +233,9 @@ class TupleForward(torch.nn.Module):
         self.net = net
 
     def forward(self, stacks: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [self.net(self.net.normalise_input(x).contiguous(memory_format=torch.channels_last)).float()
-                for x in stacks]
+        return [
+            self.net(self.net.normalise_input(x).contiguous(memory_format=torch.channels_last)).float() for x in stacks
+        ]
 
 
 def _batch_descriptors(model, batch, names, cache: ImageCache, device):
@@ -247,8 +270,19 @@ def training_dtype(device, conf: TrainConf) -> torch.dtype | None:
     return torch.bfloat16 if conf.amp and cpu_has_bf16() else None
 
 
-def train_epoch(net, tuples, names, conf: TrainConf, optimizer, scaler, device, cache: ImageCache, epoch: int,
-                model=None, ranks: Ranks = ONE):
+def train_epoch(
+    net,
+    tuples,
+    names,
+    conf: TrainConf,
+    optimizer,
+    scaler,
+    device,
+    cache: ImageCache,
+    epoch: int,
+    model=None,
+    ranks: Ranks = ONE,
+):
     """One pass over the tuples (rows of image indices into ``names``); returns the mean
     loss per tuple. Stops on NaN.
 
@@ -264,7 +298,7 @@ def train_epoch(net, tuples, names, conf: TrainConf, optimizer, scaler, device, 
     total, count = 0.0, 0
     bar = progress(range(0, len(tuples), conf.batch_size), desc=f"epoch {epoch}", unit="batch")
     for b in bar:
-        batch = tuples[b:b + conf.batch_size]
+        batch = tuples[b : b + conf.batch_size]
         start, stop = ranks.share(len(batch))
         share, weight = batch[start:stop], float(ranks.world_size)
         if not share:  # fewer tuples than ranks: a forward and backward that count for nothing
@@ -274,9 +308,11 @@ def train_epoch(net, tuples, names, conf: TrainConf, optimizer, scaler, device, 
             desc, rows = _batch_descriptors(model, share, names, cache, device)
             loss = tuple_loss(desc, rows, conf.loss, conf.margin)
         if not _finite_on_every_rank(loss, ranks):
-            raise SfmpairsError(f"epoch {epoch}: the loss is {loss.item()}"
-                                f"{' on a rank' if ranks.distributed else ''}; training stopped, "
-                                f"the last good checkpoint is kept")
+            raise SfmpairsError(
+                f"epoch {epoch}: the loss is {loss.item()}"
+                f"{' on a rank' if ranks.distributed else ''}; training stopped, "
+                f"the last good checkpoint is kept"
+            )
         scaler.scale(loss * weight).backward()
         scaler.step(optimizer)
         scaler.update()
@@ -297,18 +333,31 @@ def validate(net, val, conf: TrainConf, device, root: Path, ranks: Ranks = ONE):
         return None
     names, queries, database, pos, junk = val
     used = np.unique(np.concatenate([queries, database]))
-    desc, _ = extract_across_ranks(net, root, list(names[used]), ranks, image_size=conf.test_image_size,
-                                   device=device, workers=conf.workers, skip_bad=conf.skip_bad,
-                                   precision=extract_precision(device, conf), desc="validation")
+    desc, _ = extract_across_ranks(
+        net,
+        root,
+        list(names[used]),
+        ranks,
+        image_size=conf.test_image_size,
+        device=device,
+        workers=conf.workers,
+        skip_bad=conf.skip_bad,
+        precision=extract_precision(device, conf),
+        desc="validation",
+    )
     desc = np.nan_to_num(desc)
-    m, *_ = mean_average_precision(rank(desc[np.searchsorted(used, queries)], desc[np.searchsorted(used, database)]),
-                                   pos, junk)
+    m, *_ = mean_average_precision(
+        rank(desc[np.searchsorted(used, queries)], desc[np.searchsorted(used, database)]), pos, junk
+    )
     return m
 
 
 def _rng_state(rng) -> dict:
-    return {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    return {
+        "numpy": rng.bit_generator.state,
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
 
 
 def _set_rng_state(rng, state: dict) -> None:
@@ -325,28 +374,39 @@ def check_trainable(pairs: Path, data: dict, conf: TrainConf, contents: dict | N
 
     clusters = np.unique(data["cluster"][data["train/images"]])
     if len(clusters) < 2:
-        raise SfmpairsError(f"{pairs}: the train split has {len(clusters)} cluster, and hard negatives come "
-                            f"from other clusters; ingest more models, or mine with a smaller "
-                            f"--val-fraction or other --val-clusters")
+        raise SfmpairsError(
+            f"{pairs}: the train split has {len(clusters)} cluster, and hard negatives come "
+            f"from other clusters; ingest more models, or mine with a smaller "
+            f"--val-fraction or other --val-clusters"
+        )
     if len(clusters) < conf.neg_num + 1:
-        raise SfmpairsError(f"{pairs}: the train split has {len(clusters)} clusters, and --neg-num "
-                            f"{conf.neg_num} takes one hard negative from each of {conf.neg_num} "
-                            f"other clusters; use --neg-num {len(clusters) - 1} or fewer, or add clusters")
+        raise SfmpairsError(
+            f"{pairs}: the train split has {len(clusters)} clusters, and --neg-num "
+            f"{conf.neg_num} takes one hard negative from each of {conf.neg_num} "
+            f"other clusters; use --neg-num {len(clusters) - 1} or fewer, or add clusters"
+        )
     if len(data["val/query"]) == 0:
-        logger.warning("%s: no val queries: no validation and no best.pt (last.pt holds each epoch's "
-                       "weights); mine with --val-fraction or --val-clusters to validate", pairs)
+        logger.warning(
+            "%s: no val queries: no validation and no best.pt (last.pt holds each epoch's "
+            "weights); mine with --val-fraction or --val-clusters to validate",
+            pairs,
+        )
         return None
     store = None
     if len(data["val/gt_indptr"]) == 0:  # schema version 1: the ground truth from its store, if still there
         store = data["source_store"]
         if not store or not Path(store).is_file():
-            raise SfmpairsError(f"{pairs}: a pair file of schema version 1, without the val ground truth, and "
-                                f"its SfM store {store} is gone; mine it again")
+            raise SfmpairsError(
+                f"{pairs}: a pair file of schema version 1, without the val ground truth, and "
+                f"its SfM store {store} is gone; mine it again"
+            )
     val = val_ground_truth(pairs, conf.min_covisible, store=store, contents=contents)
     counted = sum(len(p) > 0 for p in val[3])
     if counted == 0:
-        raise SfmpairsError(f"{pairs}: no val query has a positive (an image sharing at least "
-                            f"{conf.min_covisible} 3D points with it); lower min_covisible")
+        raise SfmpairsError(
+            f"{pairs}: no val query has a positive (an image sharing at least "
+            f"{conf.min_covisible} 3D points with it); lower min_covisible"
+        )
     if counted < FEW_QUERIES:
         logger.warning("the val split has %d queries with positives: val mAP will be noisy", counted)
     return val
@@ -373,20 +433,27 @@ def _new_run(pairs, images_root, run_dir: Path, overwrite: bool, options: dict) 
         raise SfmpairsError(f"{pairs}: not a readable pair file")
     conf = make_conf(TrainConf, **options)
     if (run_dir / "last.pt").exists() and not overwrite:  # an epoch finished: a run to keep
-        raise SfmpairsError(f"{run_dir}: run folder exists (with last.pt); pass --overwrite "
-                            f"to start afresh, or --resume {run_dir} to continue it")
+        raise SfmpairsError(
+            f"{run_dir}: run folder exists (with last.pt); pass --overwrite "
+            f"to start afresh, or --resume {run_dir} to continue it"
+        )
     if run_dir.exists() and not run_dir.is_dir():
         raise SfmpairsError(f"{run_dir}: not a folder")
     if conf.weights is not None:
         clash = [k for k in (*NETWORK_KEYS, "pretrained") if options.get(k) not in (None, False)]
         if clash:
-            raise SfmpairsError(f"--weights starts from a checkpoint with its own network; "
-                                f"--{clash[0]} cannot go with it")
+            raise SfmpairsError(
+                f"--weights starts from a checkpoint with its own network; --{clash[0]} cannot go with it"
+            )
     # files, resolved: a run folder can be resumed from anywhere
-    files = {k: str(Path(v).resolve()) for k in ("weights", "pretrained")
-             if isinstance(v := getattr(conf, k), (str, Path))}
-    inputs = {"pairs": str(Path(pairs).resolve()), "pairs_sha256": file_sha256(pairs),
-              "images_root": str(Path(images_root).resolve()) if images_root is not None else None}
+    files = {
+        k: str(Path(v).resolve()) for k in ("weights", "pretrained") if isinstance(v := getattr(conf, k), (str, Path))
+    }
+    inputs = {
+        "pairs": str(Path(pairs).resolve()),
+        "pairs_sha256": file_sha256(pairs),
+        "images_root": str(Path(images_root).resolve()) if images_root is not None else None,
+    }
     return dataclasses.replace(conf, **files), inputs
 
 
@@ -402,16 +469,20 @@ def _resumed_run(run_dir: Path, pairs, images_root, options: dict) -> tuple[Trai
     conf = make_conf(TrainConf, {k: v for k, v in saved.items() if k in TrainConf.__dataclass_fields__})
     fixed = sorted(k for k, v in options.items() if k not in RESUME_OPTIONS and v != getattr(conf, k, None))
     if fixed:
-        raise SfmpairsError(f"--resume continues {run_dir} with its own settings; --{fixed[0].replace('_', '-')} "
-                            f"cannot change (only {', '.join('--' + k for k in RESUME_OPTIONS)} can); "
-                            f"start a new run with -o to change it")
+        raise SfmpairsError(
+            f"--resume continues {run_dir} with its own settings; --{fixed[0].replace('_', '-')} "
+            f"cannot change (only {', '.join('--' + k for k in RESUME_OPTIONS)} can); "
+            f"start a new run with -o to change it"
+        )
     changed = {k: v for k, v in options.items() if k in RESUME_OPTIONS and v != getattr(conf, k)}
     for k, v in changed.items():
         logger.info("resume: %s %s (was %s)", k, v, getattr(conf, k))
     if pairs is not None:  # the run's pair file, moved
         if inputs["pairs_sha256"] and file_sha256(pairs) != inputs["pairs_sha256"]:
-            raise SfmpairsError(f"{pairs}: not the pair file {run_dir} trains on (another SHA-256); "
-                                f"start a new run with -o to train on it")
+            raise SfmpairsError(
+                f"{pairs}: not the pair file {run_dir} trains on (another SHA-256); "
+                f"start a new run with -o to train on it"
+            )
         inputs["pairs"] = str(Path(pairs).resolve())
     if images_root is not None:
         inputs["images_root"] = str(Path(images_root).resolve())
@@ -459,8 +530,9 @@ def _start_network(conf: TrainConf, run_dir: Path, state: dict | None, device, m
         net = build_network({k: getattr(conf, k) for k in NETWORK_KEYS}, pretrained=conf.pretrained)
     net.config.update(image_size=conf.test_image_size, train_image_size=conf.image_size)
     # the network trained, also from --weights
-    conf = dataclasses.replace(conf, **{k: net.config[k] for k in NETWORK_KEYS},
-                               pretrained=net.config.get("pretrained", False))
+    conf = dataclasses.replace(
+        conf, **{k: net.config[k] for k in NETWORK_KEYS}, pretrained=net.config.get("pretrained", False)
+    )
     conf = dataclasses.replace(conf, margin=conf.margin_for(conf.arch))
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -474,8 +546,9 @@ def _training_tools(net, conf: TrainConf, device, state: dict | None, rng, start
     training state when resuming (and the random generators with them)."""
     optimizer = _optimizer(net, conf)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=math.exp(-conf.lr_decay))
-    scaler = torch.amp.GradScaler(device.type, enabled=extract_precision(device, conf) != "fp32"
-                                  and device.type == "cuda")
+    scaler = torch.amp.GradScaler(
+        device.type, enabled=extract_precision(device, conf) != "fp32" and device.type == "cuda"
+    )
     if state is not None:
         optimizer.load_state_dict(state["train"]["optimizer"])
         scheduler.load_state_dict(state["train"]["scheduler"])
@@ -503,8 +576,11 @@ def _stopped_with_the_cause(when: str, kept: str):
     try:
         yield
     except NonFiniteDescriptors as e:
-        fix = ("the network's activations overflow mixed precision: train with --no-amp" if e.reduced
-               else "the network's weights hold NaN or infinity")
+        fix = (
+            "the network's activations overflow mixed precision: train with --no-amp"
+            if e.reduced
+            else "the network's weights hold NaN or infinity"
+        )
         raise SfmpairsError(f"{when}: {str(e).split(';')[0]}; {fix} ({kept})") from None
     except SfmpairsError as e:
         raise SfmpairsError(f"{e} ({kept})") from None
@@ -516,6 +592,7 @@ class _Run:
     val ground truth, the photos, the network and its forward module (DDP under
     torchrun), the optimizer, schedule and scaler, the generator that draws the tuples
     (the same on every rank), the image cache, the ranks."""
+
     dir: Path
     conf: TrainConf
     data: dict
@@ -549,8 +626,9 @@ def _forward_module(net, device, ranks: Ranks):
     # channels-last weights give gradients of other strides than DDP's flat buckets: a
     # copy per step, not an error
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
-    return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
-                                   broadcast_buffers=False)
+    return DistributedDataParallel(
+        model, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False
+    )
 
 
 def _check_same_tuples(tuples: list, ranks: Ranks, epoch: int) -> None:
@@ -560,8 +638,10 @@ def _check_same_tuples(tuples: list, ranks: Ranks, epoch: int) -> None:
     if ranks.distributed:
         digest = hashlib.sha256(json.dumps(tuples).encode()).hexdigest()
         if len(set(ranks.gather(digest))) > 1:
-            raise SfmpairsError(f"epoch {epoch}: the ranks mined different tuples (different machines' arithmetic "
-                                f"broke a tie otherwise); run the ranks on machines of one kind")
+            raise SfmpairsError(
+                f"epoch {epoch}: the ranks mined different tuples (different machines' arithmetic "
+                f"broke a tie otherwise); run the ranks on machines of one kind"
+            )
 
 
 def _run_epoch(run: _Run, epoch: int, kept: str) -> dict:
@@ -575,12 +655,22 @@ def _run_epoch(run: _Run, epoch: int, kept: str) -> dict:
         tuples, stats = mine_epoch(run.net, run.data, run.conf, run.rng, run.device, run.root, run.ranks)
         _check_same_tuples(tuples, run.ranks, epoch)
         logger.debug("epoch %d: %d tuples mined in %.1f s", epoch, len(tuples), time.perf_counter() - t0)
-        loss = train_epoch(run.net, tuples, run.data["names"], run.conf, optimizer, scaler, run.device, run.cache,
-                           epoch, run.model, run.ranks)
+        loss = train_epoch(
+            run.net,
+            tuples,
+            run.data["names"],
+            run.conf,
+            optimizer,
+            scaler,
+            run.device,
+            run.cache,
+            epoch,
+            run.model,
+            run.ranks,
+        )
         val_map = validate(run.net, run.val, run.conf, run.device, run.root, run.ranks)
     scheduler.step()
-    return {"epoch": epoch, "loss": loss, **stats, "val_map": val_map, "lr": lr,
-            "seconds": time.perf_counter() - t0}
+    return {"epoch": epoch, "loss": loss, **stats, "val_map": val_map, "lr": lr, "seconds": time.perf_counter() - t0}
 
 
 def _record_epoch(run: _Run, metrics: dict) -> None:
@@ -598,9 +688,21 @@ def _record_epoch(run: _Run, metrics: dict) -> None:
     with open(run.dir / "metrics.jsonl", "a") as fh:
         fh.write(json.dumps(metrics) + "\n")
     optimizer, scheduler, scaler = run.tools
-    save_checkpoint(run.dir / "last.pt", run.net, epoch=epoch, val_map=val_map, train={
-        "epoch": epoch, "best_map": run.best, "best_epoch": run.best_epoch, "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": _rng_state(run.rng)})
+    save_checkpoint(
+        run.dir / "last.pt",
+        run.net,
+        epoch=epoch,
+        val_map=val_map,
+        train={
+            "epoch": epoch,
+            "best_map": run.best,
+            "best_epoch": run.best_epoch,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
+            "rng": _rng_state(run.rng),
+        },
+    )
     if run.writer is not None:
         for key in ("loss", "val_map", "positive_distance", "negative_distance", "lr"):
             if metrics[key] is not None:
@@ -621,8 +723,18 @@ def _validate_before_training(run: _Run) -> None:
     run.best, run.best_epoch = val_map, BEFORE_TRAINING
     if run.ranks.main:
         with open(run.dir / "metrics.jsonl", "a") as fh:
-            fh.write(json.dumps({"epoch": BEFORE_TRAINING, "loss": None, "val_map": val_map, "lr": None,
-                                 "seconds": time.perf_counter() - t0}) + "\n")
+            fh.write(
+                json.dumps(
+                    {
+                        "epoch": BEFORE_TRAINING,
+                        "loss": None,
+                        "val_map": val_map,
+                        "lr": None,
+                        "seconds": time.perf_counter() - t0,
+                    }
+                )
+                + "\n"
+            )
         save_checkpoint(run.dir / "best.pt", run.net, epoch=BEFORE_TRAINING, val_map=val_map)
     logger.info("before training: val mAP %.2f", 100 * val_map)
 
@@ -633,24 +745,57 @@ def _log_start(conf: TrainConf, data: dict, val, start: int, device, run_dir: Pa
     if ranks.distributed:
         amp += f", {ranks.world_size} ranks ({'NCCL' if device.type == 'cuda' else 'gloo'})"
     train_q = len(data["train/query"])
-    logger.info("train %s + %s on %s%s: %d of %d train queries and a pool of %d images per epoch, %d hard "
-                "negatives, %d val queries, epochs %d-%d, at %d px (val at %d px) -> %s",
-                conf.arch, conf.pool, device, amp, min(conf.query_size, train_q), train_q,
-                min(conf.pool_size, len(data["train/images"])), conf.neg_num,
-                0 if val is None else len(val[1]), start, conf.epochs - 1, conf.image_size,
-                conf.test_image_size, run_dir)
+    logger.info(
+        "train %s + %s on %s%s: %d of %d train queries and a pool of %d images per epoch, %d hard "
+        "negatives, %d val queries, epochs %d-%d, at %d px (val at %d px) -> %s",
+        conf.arch,
+        conf.pool,
+        device,
+        amp,
+        min(conf.query_size, train_q),
+        train_q,
+        min(conf.pool_size, len(data["train/images"])),
+        conf.neg_num,
+        0 if val is None else len(val[1]),
+        start,
+        conf.epochs - 1,
+        conf.image_size,
+        conf.test_image_size,
+        run_dir,
+    )
     logger.debug("options: %s", json.dumps(conf_dict(conf), default=str))
 
 
 def _log_epoch(conf: TrainConf, m: dict) -> None:
-    logger.info("epoch %d/%d: loss %.4f, val mAP %s, %.1f s", m["epoch"], conf.epochs - 1, m["loss"],
-                "-" if m["val_map"] is None else f"{100 * m['val_map']:.2f}", m["seconds"])
-    logger.debug("epoch %d: lr %.3g, distances positive %.3f negative %.3f, %d queries, pool %d", m["epoch"],
-                 m["lr"], m["positive_distance"], m["negative_distance"], m["queries"], m["pool"])
+    logger.info(
+        "epoch %d/%d: loss %.4f, val mAP %s, %.1f s",
+        m["epoch"],
+        conf.epochs - 1,
+        m["loss"],
+        "-" if m["val_map"] is None else f"{100 * m['val_map']:.2f}",
+        m["seconds"],
+    )
+    logger.debug(
+        "epoch %d: lr %.3g, distances positive %.3f negative %.3f, %d queries, pool %d",
+        m["epoch"],
+        m["lr"],
+        m["positive_distance"],
+        m["negative_distance"],
+        m["queries"],
+        m["pool"],
+    )
 
 
-def train(pairs: str | Path | None, images_root: str | Path | None, run_dir: str | Path, *,
-          resume: bool = False, overwrite: bool = False, on_epoch_end=None, **options) -> dict:
+def train(
+    pairs: str | Path | None,
+    images_root: str | Path | None,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    on_epoch_end=None,
+    **options,
+) -> dict:
     """Fine-tune a retrieval network on a pair file; see the module docstring.
 
     ``options`` are :class:`~.options.TrainConf`'s settings (None: not given). With
@@ -662,8 +807,11 @@ def train(pairs: str | Path | None, images_root: str | Path | None, run_dir: str
     epoch's metrics. Under ``torchrun`` every rank runs this, and rank 0 alone writes.
     """
     run_dir, options = Path(run_dir), given(options)
-    conf, inputs = (_resumed_run(run_dir, pairs, images_root, options) if resume
-                    else _new_run(pairs, images_root, run_dir, overwrite, options))
+    conf, inputs = (
+        _resumed_run(run_dir, pairs, images_root, options)
+        if resume
+        else _new_run(pairs, images_root, run_dir, overwrite, options)
+    )
     conf.check()
     device = resolve_device(conf.device)
     ranks, joined = join(device.type)
@@ -689,18 +837,34 @@ def _open_run(run_dir: Path, conf: TrainConf, inputs: dict, resume: bool, device
     last = run_dir / "last.pt"
     state = read_checkpoint(last, "cpu") if resume and last.is_file() else None
     if state is not None and state["train"]["epoch"] + 1 >= conf.epochs:
-        raise SfmpairsError(f"{run_dir}: the run is finished ({state['train']['epoch'] + 1} of "
-                            f"{conf.epochs} epochs); pass --epochs N to train it longer")
+        raise SfmpairsError(
+            f"{run_dir}: the run is finished ({state['train']['epoch'] + 1} of "
+            f"{conf.epochs} epochs); pass --epochs N to train it longer"
+        )
     torch.manual_seed(conf.seed)  # on every rank: the network starts alike (DDP checks it) and
     rng = np.random.default_rng(conf.seed)  # the tuples are drawn alike
     net, conf, start, best, best_epoch = _start_network(conf, run_dir, state, device, ranks.main)
     if ranks.main:
         _write_json(run_dir / "config.json", {**conf_dict(conf), **inputs, "world_size": ranks.world_size})
     net = net.to(device).to(memory_format=torch.channels_last)
-    run = _Run(run_dir, conf, data, val, root, device, ranks, net, _forward_module(net, device, ranks),
-               _training_tools(net, conf, device, state, rng, start), rng,
-               ImageCache(root, conf.image_size, int(conf.cache_mb) << 20),
-               _tensorboard(run_dir) if ranks.main else None, start, best, best_epoch)
+    run = _Run(
+        run_dir,
+        conf,
+        data,
+        val,
+        root,
+        device,
+        ranks,
+        net,
+        _forward_module(net, device, ranks),
+        _training_tools(net, conf, device, state, rng, start),
+        rng,
+        ImageCache(root, conf.image_size, int(conf.cache_mb) << 20),
+        _tensorboard(run_dir) if ranks.main else None,
+        start,
+        best,
+        best_epoch,
+    )
     return run
 
 
@@ -720,10 +884,14 @@ def _epochs(run: _Run, on_epoch_end) -> dict:
     if run.best is None:
         logger.info("done: %d epochs, no validation -> %s", conf.epochs, last)
     else:
-        when = ("before training: no epoch did better" if run.best_epoch == BEFORE_TRAINING
-                else f"at epoch {run.best_epoch}")
-        logger.info("done: best val mAP %.2f %s -> %s (last epoch: %s)", 100 * run.best, when, run.dir / "best.pt",
-                    last)
+        when = (
+            "before training: no epoch did better"
+            if run.best_epoch == BEFORE_TRAINING
+            else f"at epoch {run.best_epoch}"
+        )
+        logger.info(
+            "done: best val mAP %.2f %s -> %s (last epoch: %s)", 100 * run.best, when, run.dir / "best.pt", last
+        )
     return metrics
 
 
