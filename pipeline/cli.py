@@ -95,6 +95,27 @@ def _verbosity(fn):
     return fn
 
 
+def _file(*names: str, **kwargs):
+    """An option naming a file."""
+    return click.option(*names, type=click.Path(dir_okay=False), **kwargs)
+
+
+def _folder(*names: str, **kwargs):
+    """An option naming a folder."""
+    return click.option(*names, type=click.Path(file_okay=False), **kwargs)
+
+
+def _finish(overwrite_help: str):
+    """What every command that writes ends with: --overwrite (its help naming what it
+    replaces), -v/-q, and bad input reported on one line."""
+
+    def decorate(fn):
+        fn = _verbosity(_fail_cleanly(fn))
+        return click.option("--overwrite", is_flag=True, help=overwrite_help)(fn)
+
+    return decorate
+
+
 class _PipelineOrder(click.Group):
     """List the commands in the order they are defined (the pipeline's), not A-Z."""
 
@@ -122,18 +143,13 @@ def main(ctx, verbose: int, quiet: bool):
 @main.command()
 @click.argument("paths", nargs=-1, type=click.Path(path_type=str))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The SfM store to write (HDF5).")
-@click.option(
-    "--manifest", type=click.Path(dir_okay=False), help="TOML file listing models, cluster names and image folders."
-)
-@click.option(
+@_file("--manifest", help="TOML file listing models, cluster names and image folders.")
+@_folder(
     "--images-root",
-    type=click.Path(file_okay=False),
     help="Folder the stored image names are relative to (default: the common folder of the models' photos).",
 )
 @click_options(IngestConf)
-@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
-@_verbosity
-@_fail_cleanly
+@_finish("Replace OUTPUT if it exists.")
 def ingest(paths, output, manifest, images_root, overwrite, **options):
     """COLMAP models (PATHS: model folders or trees of them) to one HDF5 SfM store.
 
@@ -151,14 +167,8 @@ def ingest(paths, output, manifest, images_root, overwrite, **options):
 @click.argument("store", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The pair file to write (HDF5).")
 @click_options(MineConf)
-@click.option(
-    "--descriptors",
-    type=click.Path(dir_okay=False),
-    help="HDF5 descriptors keyed by image name: for --strategy mac and hard negatives.",
-)
-@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
-@_verbosity
-@_fail_cleanly
+@_file("--descriptors", help="HDF5 descriptors keyed by image name: for --strategy mac and hard negatives.")
+@_finish("Replace OUTPUT if it exists.")
 def mine(store, output, descriptors, overwrite, **options):
     """Pools, positives and hard negatives from an SfM store, into a pair file.
 
@@ -211,44 +221,21 @@ def _network_options(fn):
 
 @main.command()
 @_network_options
-@click.option(
-    "--store",
-    type=click.Path(dir_okay=False),
-    help="Describe every image of this SfM store (photos under its images root).",
-)
-@click.option("--images-root", type=click.Path(file_okay=False), help="Folder of the photos.")
-@click.option(
-    "--list",
-    "image_list",
-    type=click.Path(dir_okay=False),
-    help="Text file of image names (relative to --images-root), one per line.",
-)
+@_file("--store", help="Describe every image of this SfM store (photos under its images root).")
+@_folder("--images-root", help="Folder of the photos.")
+@_file("--list", "image_list", help="Text file of image names (relative to --images-root), one per line.")
 @click.option(
     "-o", "--output", required=True, type=click.Path(dir_okay=False), help="The descriptor file to write (HDF5)."
 )
-@click.option("--whitening", type=click.Path(dir_okay=False), help="Apply a whitening file (sfmpairs whiten).")
+@_file("--whitening", help="Apply a whitening file (sfmpairs whiten).")
 @click_options(ExtractConf)
-@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
-@_verbosity
-@_fail_cleanly
-def extract(model, arch, pool, pretrained, store, images_root, image_list, output, whitening, overwrite, **options):
+@_finish("Replace OUTPUT if it exists.")
+def extract(model, output, **options):
     """Global descriptors of images, keyed by image name: with a checkpoint (--model)
     or an off-the-shelf network (--arch)."""
     from sfmpairs.retrieval.extract import extract as run
 
-    run(
-        model,
-        output,
-        arch=arch,
-        pool=pool,
-        pretrained=pretrained,
-        store=store,
-        images_root=images_root,
-        image_list=image_list,
-        whitening=whitening,
-        overwrite=overwrite,
-        **given(options),
-    )
+    run(model, output, **given(options))
 
 
 @main.command()
@@ -256,9 +243,7 @@ def extract(model, arch, pool, pretrained, store, images_root, image_list, outpu
 @click.option("--pairs", required=True, type=click.Path(dir_okay=False), help="Pair file (train split).")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Whitening file.")
 @click_options(WhitenConf)
-@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
-@_verbosity
-@_fail_cleanly
+@_finish("Replace OUTPUT if it exists.")
 def whiten(descriptors, pairs, output, overwrite, **options):
     """Learn a whitening (Lw or PCA) to apply in extract (--whitening)."""
     from sfmpairs.retrieval.whiten import whiten as run
@@ -268,105 +253,39 @@ def whiten(descriptors, pairs, output, overwrite, **options):
 
 
 @main.command()
-@click.option("--pairs", type=click.Path(dir_okay=False), help="Evaluate on this pair file's val split.")
-@click.option(
-    "--gnd",
-    type=click.Path(dir_okay=False),
-    help="Or on revisited Oxford/Paris ground truth (gnd_*.pkl); queries are cropped to their box.",
-)
-@click.option(
-    "--descriptors",
-    type=click.Path(dir_okay=False),
-    help="Precomputed descriptor file (not with --gnd: its queries need cropping).",
-)
+@_file("--pairs", help="Evaluate on this pair file's val split.")
+@_file("--gnd", help="Or on revisited Oxford/Paris ground truth (gnd_*.pkl); queries are cropped to their box.")
+@_file("--descriptors", help="Precomputed descriptor file (not with --gnd: its queries need cropping).")
 @_network_options
-@click.option(
-    "--whitening", type=click.Path(dir_okay=False), help="Apply a whitening file (sfmpairs whiten) to the descriptors."
-)
-@click.option(
+@_file("--whitening", help="Apply a whitening file (sfmpairs whiten) to the descriptors.")
+@_file(
     "--store",
-    type=click.Path(dir_okay=False),
     help="Only for pair files of schema version 1 (sfmpairs info shows it): the SfM store they were mined from.",
 )
-@click.option(
-    "--images-root",
-    type=click.Path(file_okay=False),
-    help="Folder of the photos, when extracting (default: the pair file's).",
-)
+@_folder("--images-root", help="Folder of the photos, when extracting (default: the pair file's).")
 @click_options(EvaluateConf)
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="JSON report.")
-@click.option(
-    "--picture",
-    type=click.Path(dir_okay=False),
-    help="Also a PNG of a few val queries and their top results, framed by ground truth.",
-)
-@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
-@_verbosity
-@_fail_cleanly
-def evaluate(
-    pairs,
-    gnd,
-    descriptors,
-    model,
-    arch,
-    pool,
-    pretrained,
-    whitening,
-    store,
-    images_root,
-    output,
-    picture,
-    overwrite,
-    **options,
-):
+@_file("--picture", help="Also a PNG of a few val queries and their top results, framed by ground truth.")
+@_finish("Replace OUTPUT if it exists.")
+def evaluate(output, **options):
     """mAP and mean precision at 1, 5, 10 (with the number of queries): on a pair
     file's val split, or on the revisited Oxford and Paris protocol (Easy, Medium,
     Hard). Descriptors from a file, a checkpoint (--model) or an off-the-shelf network
     (--arch)."""
     from sfmpairs.retrieval.evaluate import evaluate as run
 
-    run(
-        output,
-        pairs=pairs,
-        gnd=gnd,
-        descriptors=descriptors,
-        model=model,
-        arch=arch,
-        pool=pool,
-        pretrained=pretrained,
-        whitening=whitening,
-        store=store,
-        images_root=images_root,
-        picture=picture,
-        overwrite=overwrite,
-        **given(options),
-    )
+    run(output, **given(options))
 
 
 @main.command()
-@click.option("--pairs", type=click.Path(dir_okay=False), help="Pair file (sfmpairs mine).")
-@click.option(
-    "--images-root",
-    type=click.Path(file_okay=False),
-    help="Folder of the photos (default: the one the pair file records).",
-)
-@click.option(
-    "-o",
-    "--output",
-    "run_dir",
-    type=click.Path(file_okay=False),
-    help="Run folder: config.json, metrics.jsonl, last.pt, best.pt.",
-)
-@click.option(
-    "--resume",
-    "resume_dir",
-    type=click.Path(file_okay=False),
-    help="Continue the run in this folder (--epochs, --lr, --device, --workers may change).",
+@_file("--pairs", help="Pair file (sfmpairs mine).")
+@_folder("--images-root", help="Folder of the photos (default: the one the pair file records).")
+@_folder("-o", "--output", "run_dir", help="Run folder: config.json, metrics.jsonl, last.pt, best.pt.")
+@_folder(
+    "--resume", "resume_dir", help="Continue the run in this folder (--epochs, --lr, --device, --workers may change)."
 )
 @click_options(TrainConf)
-@click.option("--overwrite", is_flag=True, help="Start afresh in an existing run folder.")
-@_verbosity
-@_fail_cleanly
+@_finish("Start afresh in an existing run folder.")
 def train(pairs, images_root, run_dir, resume_dir, overwrite, **options):
     """Fine-tune a retrieval network with hard examples re-mined every epoch.
 
@@ -387,16 +306,10 @@ def train(pairs, images_root, run_dir, resume_dir, overwrite, **options):
 @click.argument("inputs", nargs=-1, required=True, type=click.Path())
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The picture to write (.png).")
 @click.option("--label", "labels", multiple=True, help="Legend label of each input, in order (default: its name).")
-@click.option(
-    "--images-root",
-    type=click.Path(file_okay=False),
-    help="Reports: folder of the photos (default: the one the first report records).",
-)
+@_folder("--images-root", help="Reports: folder of the photos (default: the one the first report records).")
 @click.option("--queries", type=int, default=6, show_default=True, help="Reports: val queries shown.")
 @click.option("--top", type=int, default=5, show_default=True, help="Reports: results shown per query.")
-@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
-@_verbosity
-@_fail_cleanly
+@_finish("Replace OUTPUT if it exists.")
 def plot(inputs, output, labels, images_root, queries, top, overwrite):
     """Pictures to compare: run folders (sfmpairs train -o RUN) give their training loss,
     val mAP and learning rate per epoch, overlaid; evaluation reports (sfmpairs evaluate
@@ -442,9 +355,7 @@ def info(file):
 @click.option("--image-size", default="320x240", show_default=True, help="WIDTHxHEIGHT of the photos.")
 @click.option("--points", type=int, default=3000, show_default=True, help="3D points sampled per cluster.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
-@click.option("--overwrite", is_flag=True, help="Write into a folder that is not empty.")
-@_verbosity
-@_fail_cleanly
+@_finish("Write into a folder that is not empty.")
 def synth(output, clusters, images_per_cluster, image_size, points, seed, overwrite):
     """A synthetic world: textured building corners, rendered photos, exact COLMAP models.
 
@@ -479,10 +390,8 @@ def synth(output, clusters, images_per_cluster, image_size, points, seed, overwr
     help="Folder for database.db, sparse/0..N and a link to the photos.",
 )
 @click_options(ReconstructConf)
-@click.option("--vocab-tree", type=click.Path(dir_okay=False), help="Vocabulary tree file for vocab-tree.")
-@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it is not empty.")
-@_verbosity
-@_fail_cleanly
+@_file("--vocab-tree", help="Vocabulary tree file for vocab-tree.")
+@_finish("Replace OUTPUT if it is not empty.")
 def reconstruct(images_dir, output, vocab_tree, overwrite, **options):
     """COLMAP models from a folder of photos (pycolmap: SIFT, matching, incremental mapping).
 
@@ -500,11 +409,7 @@ def reconstruct(images_dir, output, vocab_tree, overwrite, **options):
 @main.command()
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="tuples.png or tuples.html.")
 @click.argument("pairs", type=click.Path(dir_okay=False))
-@click.option(
-    "--images-root",
-    type=click.Path(file_okay=False),
-    help="Folder of the photos (default: the one the pair file records).",
-)
+@_folder("--images-root", help="Folder of the photos (default: the one the pair file records).")
 @click.option(
     "--split",
     type=click.Choice(["train", "val"]),
@@ -516,9 +421,7 @@ def reconstruct(images_dir, output, vocab_tree, overwrite, **options):
 @click.option("--count", type=int, default=6, show_default=True, help="Tuples sampled.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
 @click.option("--embed", is_flag=True, help="HTML: embed thumbnails instead of linking the photos.")
-@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
-@_verbosity
-@_fail_cleanly
+@_finish("Replace OUTPUT if it exists.")
 def show(output, pairs, images_root, split, query, count, seed, embed, overwrite):
     """A picture (.png) or page (.html) of mined tuples: query, positive and negatives
     side by side with cluster names, inlier ratio, scale change and camera distance."""
@@ -546,23 +449,11 @@ def show(output, pairs, images_root, split, query, count, seed, embed, overwrite
     type=click.Path(),
     help="cirtorch: a data folder; hloc: a file (a folder with --per-model); csv: a file.",
 )
-@click.option(
-    "--images-root",
-    type=click.Path(file_okay=False),
-    help="cirtorch: where the photos are (default: the one the pair file records).",
-)
-@click.option(
-    "--image-dir", type=click.Path(file_okay=False), help="hloc: names relative to this folder (hloc's image_dir)."
-)
-@click.option(
-    "--store",
-    type=click.Path(dir_okay=False),
-    help="hloc --per-model: the SfM store the pair file was mined from (default: the one it records).",
-)
+@_folder("--images-root", help="cirtorch: where the photos are (default: the one the pair file records).")
+@_folder("--image-dir", help="hloc: names relative to this folder (hloc's image_dir).")
+@_file("--store", help="hloc --per-model: the SfM store the pair file was mined from (default: the one it records).")
 @click_options(ExportConf)
-@click.option("--overwrite", is_flag=True, help="Replace an existing export.")
-@_verbosity
-@_fail_cleanly
+@_finish("Replace an existing export.")
 def export(pairs, fmt, output, images_root, image_dir, store, overwrite, **options):
     """Pair files for other frameworks: cnnimageretrieval-pytorch (with its whitening
     pairs), hloc (store-wide names, or per model as the COLMAP models name the images),
@@ -593,9 +484,7 @@ def export(pairs, fmt, output, images_root, image_dir, store, overwrite, **optio
 @click.option("--epochs", type=int, default=6, show_default=True, help="Training epochs.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or auto.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
-@click.option("--overwrite", is_flag=True, help="Reuse a WORKDIR that is not empty.")
-@_verbosity
-@_fail_cleanly
+@_finish("Reuse a WORKDIR that is not empty.")
 def demo(workdir, epochs, device, seed, overwrite):
     """The whole pipeline on a synthetic world it makes itself, in a few minutes on CPU.
 

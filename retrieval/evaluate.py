@@ -272,6 +272,19 @@ def top_results(
     return out
 
 
+def check_val_queries(pairs, counted: int, min_covisible: int) -> int:
+    """The number of val queries with a positive: none is an error (mAP would be
+    undefined), fewer than :data:`FEW_QUERIES` a warning (it would be noisy)."""
+    if counted == 0:
+        raise SfmpairsError(
+            f"{pairs}: no val query has a positive (an image sharing at least "
+            f"{min_covisible} 3D points with it); lower --min-covisible"
+        )
+    if counted < FEW_QUERIES:
+        logger.warning("the val split has %d queries with positives: its mAP is noisy", counted)
+    return counted
+
+
 def evaluate_val(pairs, store, images_root, describe, conf: EvaluateConf, extracting: bool):
     """The pair file's val split: the table's row and the report's entries (with each
     query's AP and top :data:`TOP_K` results)."""
@@ -296,14 +309,7 @@ def evaluate_val(pairs, store, images_root, describe, conf: EvaluateConf, extrac
     qd = alpha_query_expansion(qd, dd, conf.qe, conf.qe_alpha)
     ranks = rank(qd, dd)
     m, aps, mpr, _ = mean_average_precision(ranks, pos, junk)
-    counted = int(np.isfinite(aps).sum())
-    if counted == 0:
-        raise SfmpairsError(
-            f"{pairs}: no val query has a positive (an image sharing at least "
-            f"{conf.min_covisible} 3D points with it); lower --min-covisible"
-        )
-    if counted < FEW_QUERIES:
-        logger.warning("the val split has %d queries with positives: its mAP is noisy", counted)
+    counted = check_val_queries(pairs, int(np.isfinite(aps).sum()), conf.min_covisible)
     own = np.searchsorted(database, queries)  # the database is sorted and holds the val queries
     top = top_results(ranks, pos, junk, np.where(database[np.minimum(own, len(database) - 1)] == queries, own, -1))
     report = {

@@ -22,14 +22,7 @@ import numpy as np
 from sfmpairs.common import SfmpairsError
 
 from .checks import check_finite, check_pose_quaternions, check_unique
-from .model import (
-    INVALID_POINT3D_ID,
-    Model,
-    build_observations,
-    camera_models,
-    frame_table,
-    poses_from_frames,
-)
+from .model import INVALID_POINT3D_ID, Model, build_observations, camera_models, frame_table, poses_from_frames
 
 _U64 = struct.Struct("<Q")
 _CAMERA = struct.Struct("<IiQQ")  # camera_id, model_id, width, height

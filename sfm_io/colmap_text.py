@@ -16,14 +16,7 @@ import numpy as np
 from sfmpairs.common import SfmpairsError
 
 from .checks import check_finite, check_pose_quaternions, check_unique
-from .model import (
-    Model,
-    build_observations,
-    camera_model_ids,
-    camera_models,
-    frame_table,
-    poses_from_frames,
-)
+from .model import Model, build_observations, camera_model_ids, camera_models, frame_table, poses_from_frames
 
 
 def _lines(path: Path):

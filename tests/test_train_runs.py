@@ -323,7 +323,7 @@ def test_a_small_val_split_is_reported_with_its_count(small_world, tmp_path):
     args = [a if a != 2 else 1 for a in TRAIN_ARGS]  # one epoch
     r = cli("train", "--pairs", tmp_path / "p.h5", "--images-root", small_world / "photos", "-o", tmp_path / "r", *args)
     assert r.exit_code == 0, r.stderr
-    assert "the val split has 2 queries with positives: val mAP will be noisy" in r.stderr
+    assert "the val split has 2 queries with positives: its mAP is noisy" in r.stderr
     assert "2 val queries" in r.stderr
     names, _ = store_names(small_world / "sfm.h5")
     random_descriptors(tmp_path / "d.h5", names)

@@ -370,7 +370,7 @@ def _set_rng_state(rng, state: dict) -> None:
 def check_trainable(pairs: Path, data: dict, conf: TrainConf, contents: dict | None = None):
     """Refuse, up front and with the fix, a pair file this run cannot train on; return
     the val ground truth (None without a val split)."""
-    from sfmpairs.retrieval.evaluate import FEW_QUERIES, val_ground_truth
+    from sfmpairs.retrieval.evaluate import check_val_queries, val_ground_truth
 
     clusters = np.unique(data["cluster"][data["train/images"]])
     if len(clusters) < 2:
@@ -401,14 +401,7 @@ def check_trainable(pairs: Path, data: dict, conf: TrainConf, contents: dict | N
                 f"its SfM store {store} is gone; mine it again"
             )
     val = val_ground_truth(pairs, conf.min_covisible, store=store, contents=contents)
-    counted = sum(len(p) > 0 for p in val[3])
-    if counted == 0:
-        raise SfmpairsError(
-            f"{pairs}: no val query has a positive (an image sharing at least "
-            f"{conf.min_covisible} 3D points with it); lower min_covisible"
-        )
-    if counted < FEW_QUERIES:
-        logger.warning("the val split has %d queries with positives: val mAP will be noisy", counted)
+    check_val_queries(pairs, sum(len(p) > 0 for p in val[3]), conf.min_covisible)
     return val
 
 
