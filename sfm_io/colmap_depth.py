@@ -1,0 +1,57 @@
+"""COLMAP's depth maps (``stereo/depth_maps/NAME.photometric.bin`` and
+``NAME.geometric.bin`` in a dense workspace): a text header ``width&height&channels&``
+followed by float32 values in column-major order (COLMAP's ``mvs::Mat``). A depth is the
+distance along the camera's optical axis (z in camera coordinates); 0 means no depth.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from sfmpairs.common import SfmpairsError
+
+_MAX_HEADER = 64  # three numbers and three '&' fit well within this
+_MAX_SIDE = 1 << 16
+
+
+def read_depth_map(path: str | os.PathLike) -> np.ndarray:
+    """A COLMAP depth map as a float32 array of shape (height, width); one line naming
+    the file where it is not one."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise SfmpairsError(f"{path}: cannot read depth map ({e.strerror or e})") from None
+    fields = data[:_MAX_HEADER].split(b"&", 3)
+    try:
+        if len(fields) < 4:
+            raise ValueError
+        width, height, channels = (int(f) for f in fields[:3])
+    except ValueError:
+        raise SfmpairsError(f"{path}: not a COLMAP depth map (no 'width&height&channels&' header)") from None
+    if not (0 < width <= _MAX_SIDE and 0 < height <= _MAX_SIDE and channels == 1):
+        raise SfmpairsError(f"{path}: depth map header {width}x{height}x{channels} is not one channel of a sane size")
+    start = len(b"&".join(fields[:3])) + 1
+    expected = width * height * 4
+    if len(data) - start != expected:
+        raise SfmpairsError(
+            f"{path}: depth map of {width}x{height} needs {expected} bytes of values, has {len(data) - start}"
+        )
+    values = np.frombuffer(data, np.float32, width * height, start)
+    return values.reshape(height, width).copy()  # column-major (width, height) = row-major (height, width)
+
+
+def write_depth_map(path: str | os.PathLike, depth: np.ndarray) -> None:
+    """Write ``depth`` (height, width) as COLMAP writes a depth map (non-finite and
+    negative values become 0, COLMAP's 'no depth')."""
+    depth = np.asarray(depth, np.float64)
+    if depth.ndim != 2:
+        raise ValueError(f"a depth map has two dimensions, got shape {depth.shape}")
+    depth = np.where(np.isfinite(depth) & (depth > 0), depth, 0).astype(np.float32)
+    height, width = depth.shape
+    with open(path, "wb") as fh:
+        fh.write(f"{width}&{height}&1&".encode())
+        fh.write(np.ascontiguousarray(depth).tobytes())
