@@ -84,25 +84,16 @@ class Model:
         :func:`build_observations` returns.
         """
         cams = [cameras[c] for c in camera_ids.tolist()]
-        indptr, point, xy, track_length = observations
+        # format, image_ids, names, camera_ids, qvec, tvec, point_ids and xyz go in as given
+        given = {k: v for k, v in locals().items() if k not in ("cls", "path", "cameras", "cams", "observations")}
         return cls(
+            **given,
             path=str(path),
-            format=format,
-            image_ids=image_ids,
-            names=names,
-            camera_ids=camera_ids,
-            qvec=qvec,
-            tvec=tvec,
             camera_model=[c[0] for c in cams],
             params=[c[3] for c in cams],
             width=np.array([c[1] for c in cams], np.int64),
             height=np.array([c[2] for c in cams], np.int64),
-            point_ids=point_ids,
-            xyz=xyz,
-            indptr=indptr,
-            point=point,
-            xy=xy,
-            track_length=track_length,
+            **dict(zip(("indptr", "point", "xy", "track_length"), observations)),
         )
 
 
