@@ -35,44 +35,56 @@ def hard_negatives(
     similarity = np.full((Q, num), -np.inf, np.float32)
     if Q == 0 or P == 0 or num == 0:
         return index, similarity
-    # the pool grouped by cluster: columns [starts[c], ends[c]) hold cluster labels[c]
-    pool_cluster = np.asarray(pool_cluster)
-    grouped = bool(np.all(pool_cluster[1:] >= pool_cluster[:-1]))  # e.g. a store's split
-    by_cluster = np.arange(P) if grouped else np.argsort(pool_cluster, kind="stable")
-    sorted_cluster = pool_cluster[by_cluster]
-    starts = np.flatnonzero(np.r_[True, sorted_cluster[1:] != sorted_cluster[:-1]])
-    ends = np.r_[starts[1:], P]
-    labels = sorted_cluster[starts]
-    widest = int((ends - starts).max())
-    k = min(num, len(labels))
+    groups = _cluster_groups(np.asarray(pool_cluster))
+    k = min(num, len(groups["labels"]))
     for q0 in range(0, Q, batch_size):
         q1 = min(Q, q0 + batch_size)
-        rows = np.arange(q1 - q0)
         sim = query_desc[q0:q1] @ pool_desc.T  # (B, P): the one big product
-        if not grouped:
-            sim = sim[:, by_cluster]
-        best = np.maximum.reduceat(sim, starts, axis=1)  # (B, C) best of each cluster
-        own = np.searchsorted(labels, query_cluster[q0:q1])
-        own_ok = (own < len(labels)) & (labels[np.minimum(own, len(labels) - 1)] == query_cluster[q0:q1])
-        best[rows[own_ok], own[own_ok]] = -np.inf
-        top = (
-            np.argpartition(-best, k - 1, axis=1)[:, :k]
-            if k < best.shape[1]
-            else np.broadcast_to(np.arange(best.shape[1]), best.shape)
-        )
-        top_sim = np.take_along_axis(best, top, axis=1)
-        order = np.lexsort((top, -top_sim), axis=1)  # most similar first, ties by cluster
-        top = np.take_along_axis(top, order, axis=1)
-        top_sim = np.take_along_axis(top_sim, order, axis=1)
-        # within each chosen cluster, the first column that reaches its best
-        cols = starts[top][..., None] + np.arange(widest)  # (B, k, widest)
-        inside = cols < ends[top][..., None]
-        seg = np.where(inside, sim[rows[:, None, None], np.minimum(cols, P - 1)], -np.inf)
-        col = np.take_along_axis(cols, seg.argmax(axis=2)[..., None], axis=2)[..., 0]
-        ok = np.isfinite(top_sim)
-        index[q0:q1, :k] = np.where(ok, by_cluster[col], -1)
-        similarity[q0:q1, :k] = np.where(ok, top_sim, -np.inf)
+        index[q0:q1, :k], similarity[q0:q1, :k] = _best_of_other_clusters(sim, query_cluster[q0:q1], groups, k)
     return index, similarity
+
+
+def _cluster_groups(pool_cluster: np.ndarray) -> dict:
+    """The pool grouped by cluster: in the order ``by_cluster``, columns
+    ``[starts[c], ends[c])`` hold cluster ``labels[c]`` (sorted); ``grouped``: the pool
+    is already in that order (e.g. a store's split)."""
+    grouped = bool(np.all(pool_cluster[1:] >= pool_cluster[:-1]))
+    by_cluster = np.arange(len(pool_cluster)) if grouped else np.argsort(pool_cluster, kind="stable")
+    sorted_cluster = pool_cluster[by_cluster]
+    starts = np.flatnonzero(np.r_[True, sorted_cluster[1:] != sorted_cluster[:-1]])
+    ends = np.r_[starts[1:], len(pool_cluster)]
+    return dict(grouped=grouped, by_cluster=by_cluster, starts=starts, ends=ends, labels=sorted_cluster[starts])
+
+
+def _best_of_other_clusters(sim: np.ndarray, query_cluster: np.ndarray, groups: dict, k: int):
+    """For a batch of queries' similarities ``sim`` (B, P) to the pool: the pool index
+    and similarity of the best image of each of the ``k`` most similar other clusters,
+    most similar first (-1 and -inf where there is none)."""
+    by_cluster, starts, ends, labels = (groups[key] for key in ("by_cluster", "starts", "ends", "labels"))
+    P = sim.shape[1]
+    rows = np.arange(len(sim))
+    if not groups["grouped"]:
+        sim = sim[:, by_cluster]
+    best = np.maximum.reduceat(sim, starts, axis=1)  # (B, C) best of each cluster
+    own = np.searchsorted(labels, query_cluster)
+    own_ok = (own < len(labels)) & (labels[np.minimum(own, len(labels) - 1)] == query_cluster)
+    best[rows[own_ok], own[own_ok]] = -np.inf
+    top = (
+        np.argpartition(-best, k - 1, axis=1)[:, :k]
+        if k < best.shape[1]
+        else np.broadcast_to(np.arange(best.shape[1]), best.shape)
+    )
+    top_sim = np.take_along_axis(best, top, axis=1)
+    order = np.lexsort((top, -top_sim), axis=1)  # most similar first, ties by cluster
+    top = np.take_along_axis(top, order, axis=1)
+    top_sim = np.take_along_axis(top_sim, order, axis=1)
+    # within each chosen cluster, the first column that reaches its best
+    cols = starts[top][..., None] + np.arange(int((ends - starts).max()))  # (B, k, widest)
+    inside = cols < ends[top][..., None]
+    seg = np.where(inside, sim[rows[:, None, None], np.minimum(cols, P - 1)], -np.inf)
+    col = np.take_along_axis(cols, seg.argmax(axis=2)[..., None], axis=2)[..., 0]
+    ok = np.isfinite(top_sim)
+    return np.where(ok, by_cluster[col], -1), np.where(ok, top_sim, -np.inf)
 
 
 def random_negatives(query_cluster: np.ndarray, pool_cluster: np.ndarray, num: int, rng) -> np.ndarray:
