@@ -160,20 +160,80 @@ def _covisible_from_store(pairs, store, names, queries, min_covisible: int) -> l
     return [gt["gt_image"][i:j][gt["gt_co_observed"][i:j] >= min_covisible] for i, j in zip(a, b)]
 
 
+# What the revisited Oxford and Paris ground-truth pickles hold (dicts, lists, strings,
+# numbers and numpy arrays, from numpy 1 or 2, pickled by Python 2 or 3): the only
+# globals their unpickling may name. Anything else (os.system, eval, a class whose
+# __reduce__ runs code) is refused before it is called.
+_GND_GLOBALS = {
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"),  # arrays pickled with protocol 5
+    ("numpy._core.numeric", "_frombuffer"),
+    ("_codecs", "encode"),  # bytes pickled with protocol 2 by Python 3
+}
+_GND_GLOBALS |= {(m, n) for m in ("builtins", "__builtin__") for n in ("set", "frozenset", "bytes", "bytearray")}
+
+
+class _GroundTruthUnpickler(pickle.Unpickler):
+    """An unpickler that builds only containers, scalars and numpy arrays."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _GND_GLOBALS:
+            raise pickle.UnpicklingError(f"refuses to load {(module + '.' + name)[:80]!r}")
+        return super().find_class(module, name)
+
+
+def _check_gnd(path: Path, cfg) -> None:
+    """The ground truth's shape: imlist and qimlist lists of names, one gnd entry (a dict
+    with easy, hard and junk indices into imlist, and bbx if given) per query."""
+    if not isinstance(cfg, dict) or not {"imlist", "qimlist", "gnd"} <= set(cfg):
+        raise SfmpairsError(f"{path}: ground truth needs imlist, qimlist and gnd")
+    for key in ("imlist", "qimlist"):
+        if not isinstance(cfg[key], (list, tuple)) or not all(isinstance(n, str) for n in cfg[key]):
+            raise SfmpairsError(f"{path}: {key} must be a list of image names")
+    gnd = cfg["gnd"]
+    if not isinstance(gnd, (list, tuple)) or len(gnd) != len(cfg["qimlist"]):
+        raise SfmpairsError(f"{path}: gnd must be a list with one entry per query of qimlist")
+    for k, g in enumerate(gnd):
+        if not isinstance(g, dict) or not {"easy", "hard", "junk"} <= set(g):
+            raise SfmpairsError(f"{path}: gnd entry {k} needs easy, hard and junk")
+        for key in ("easy", "hard", "junk"):
+            try:
+                idx = np.asarray(g[key], np.float64).reshape(-1)
+            except (TypeError, ValueError):
+                idx = np.array([np.nan])
+            if not np.all((idx == np.round(idx)) & (idx >= 0) & (idx < len(cfg["imlist"]))):
+                raise SfmpairsError(f"{path}: gnd entry {k}: {key} must be indices into imlist")
+        if "bbx" in g and g["bbx"] is not None:
+            try:
+                box = np.asarray(g["bbx"], np.float64)
+            except (TypeError, ValueError):
+                box = np.zeros(0)
+            if box.shape != (4,) or not np.all(np.isfinite(box)):
+                raise SfmpairsError(f"{path}: gnd entry {k}: bbx must be 4 numbers (x1, y1, x2, y2)")
+
+
 def load_gnd(path: str | Path) -> dict:
+    """Revisited Oxford/Paris ground truth (``gnd_roxford5k.pkl``...), unpickled with
+    :class:`_GroundTruthUnpickler`: a file that names anything but containers, numbers,
+    strings and numpy arrays is refused, and nothing in it runs."""
     path = Path(path)
     try:
         with open(path, "rb") as fh:
-            cfg = pickle.load(fh)
+            cfg = _GroundTruthUnpickler(fh, encoding="latin1").load()
     except FileNotFoundError:
         raise SfmpairsError(f"{path}: no such file") from None
-    except Exception as e:
+    except IsADirectoryError:
+        raise SfmpairsError(f"{path}: is a directory, not a ground-truth pickle") from None
+    except pickle.UnpicklingError as e:
+        raise SfmpairsError(f"{path}: not a ground-truth pickle ({e})") from None
+    except Exception as e:  # noqa: BLE001 - any malformed pickle: one line
         raise SfmpairsError(f"{path}: not a ground-truth pickle ({type(e).__name__})") from None
-    if not isinstance(cfg, dict) or not {"imlist", "qimlist", "gnd"} <= set(cfg):
-        raise SfmpairsError(f"{path}: ground truth needs imlist, qimlist and gnd")
-    for k, g in enumerate(cfg["gnd"]):
-        if not {"easy", "hard", "junk"} <= set(g):
-            raise SfmpairsError(f"{path}: gnd entry {k} needs easy, hard and junk")
+    _check_gnd(path, cfg)
     return cfg
 
 

@@ -274,3 +274,98 @@ def test_val_split_evaluation(tmp_path):
     assert np.mean(no_junk) < np.mean([a for a in expected(covisible(1)).values()]) - 0.02
     with pytest.raises(SfmpairsError, match="one of --pairs or --gnd"):
         evaluate(tmp_path / "x.json", descriptors=tmp_path / "d.h5")
+
+
+class _RunsCode:
+    """Unpickling this runs ``os.system`` (what a crafted gnd_*.pkl would do)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def _real_format_gnd(rng) -> dict:
+    """Shaped like roxford5k's gnd_roxford5k.pkl: numpy arrays of indices and boxes."""
+    imlist = [f"oxford_{k:06d}" for k in range(20)]
+    gnd = [
+        {
+            "bbx": np.array([10.5, 20.0, 300.25, 400.0]),
+            "easy": rng.choice(20, 3, replace=False),
+            "hard": np.array([4, 5], np.int64),
+            "junk": np.array([], np.int64),
+        }
+        for _ in range(3)
+    ]
+    return {"imlist": imlist, "qimlist": ["q0", "q1", "q2"], "gnd": gnd}
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_real_format_ground_truth_loads(tmp_path, protocol):
+    cfg = _real_format_gnd(np.random.default_rng(protocol))
+    with open(tmp_path / "gnd.pkl", "wb") as fh:
+        pickle.dump(cfg, fh, protocol=protocol)
+    out = load_gnd(tmp_path / "gnd.pkl")
+    assert out["imlist"] == cfg["imlist"] and out["qimlist"] == cfg["qimlist"]
+    for a, b in zip(out["gnd"], cfg["gnd"]):
+        for key in ("bbx", "easy", "hard", "junk"):
+            np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_numpy1_ground_truth_loads(tmp_path):
+    """A pickle written by numpy 1 names numpy.core.multiarray (numpy 2: numpy._core)."""
+    data = pickle.dumps(_real_format_gnd(np.random.default_rng(0)), protocol=2)
+    if b"numpy._core.multiarray" in data:
+        data = data.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+    (tmp_path / "gnd.pkl").write_bytes(data)
+    with __import__("warnings").catch_warnings():
+        __import__("warnings").simplefilter("ignore", DeprecationWarning)
+        out = load_gnd(tmp_path / "gnd.pkl")
+    np.testing.assert_array_equal(out["gnd"][0]["hard"], [4, 5])
+
+
+@pytest.mark.parametrize("protocol", [0, 2, 5])
+def test_crafted_ground_truth_runs_nothing(tmp_path, protocol):
+    from click.testing import CliRunner
+
+    from sfmpairs.cli import main
+
+    marker = tmp_path / "marker"
+    cfg = _real_format_gnd(np.random.default_rng(0))
+    cfg["gnd"][0]["junk"] = _RunsCode(marker)
+    with open(tmp_path / "gnd.pkl", "wb") as fh:
+        pickle.dump(cfg, fh, protocol=protocol)
+    with pytest.raises(
+        SfmpairsError, match=r"gnd.pkl: not a ground-truth pickle \(refuses to load '(posix|os)\.system'"
+    ):
+        load_gnd(tmp_path / "gnd.pkl")
+    assert not marker.exists()
+    r = CliRunner().invoke(
+        main, ["evaluate", "--gnd", str(tmp_path / "gnd.pkl"), "--arch", "resnet18", "-o", str(tmp_path / "r.json")]
+    )
+    assert r.exit_code == 2 and not marker.exists() and not (tmp_path / "r.json").exists()
+    errors = [line for line in r.stderr.splitlines() if line.startswith("sfmpairs: error:")]
+    assert len(errors) == 1 and "gnd.pkl" in errors[0] and "Traceback" not in r.stderr
+    pickle.loads(pickle.dumps(_RunsCode(marker)))  # the same object, unpickled freely, does run
+    assert marker.exists()
+
+
+@pytest.mark.parametrize(
+    "cfg,expect",
+    [
+        ({"imlist": ["a"], "qimlist": ["q"], "gnd": 5}, "gnd must be a list"),
+        ({"imlist": ["a"], "qimlist": ["q"], "gnd": [[1]]}, "entry 0 needs easy"),
+        ({"imlist": ["a"], "qimlist": ["q"], "gnd": [{"easy": [3], "hard": [], "junk": []}]}, "indices into imlist"),
+        ({"imlist": ["a"], "qimlist": ["q"], "gnd": [{"easy": "x", "hard": [], "junk": []}]}, "indices into imlist"),
+        ({"imlist": [1], "qimlist": ["q"], "gnd": []}, "imlist must be a list of image names"),
+        ({"imlist": ["a"], "qimlist": ["q"], "gnd": [{"easy": [0], "hard": [], "junk": [], "bbx": [1]}]}, "bbx"),
+    ],
+)
+def test_malformed_ground_truth_is_one_line(tmp_path, cfg, expect):
+    with open(tmp_path / "g.pkl", "wb") as fh:
+        pickle.dump(cfg, fh)
+    with pytest.raises(SfmpairsError, match=expect):
+        load_gnd(tmp_path / "g.pkl")
