@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import h5py
+import numpy as np
 
 from sfmpairs.common import SfmpairsError, atomic_output, progress, provenance_attrs
 from sfmpairs.config import conf_dict, make_conf
@@ -21,6 +22,7 @@ from . import colmap_binary, colmap_pycolmap, colmap_text
 from .discover import MODEL_FILES, ModelSource, from_manifest, from_paths
 from .model import Model
 from .options import READERS, IngestConf
+from .shared_names import drop_images, keepers
 from .store import SCHEMA, SCHEMA_VERSION, append_model, create_store, write_table
 
 logger = logging.getLogger("sfmpairs.ingest")
@@ -126,12 +128,53 @@ def gather_sources(paths, manifest, cluster_by: str) -> tuple[list[ModelSource],
     return sources, manifest_root
 
 
+def leave_shared_names(sources: list[ModelSource], prefixes: list[str], reader: str):
+    """``--shared-names largest``: each image name (with its folder prefix) stays in the
+    model with the most images only (the first given on a tie). Reads every model once
+    for its names; returns the sources and prefixes of the models left with images, and
+    for each the names it leaves."""
+    names = []
+    for src, prefix in zip(progress(sources, desc="names", unit="model"), prefixes):
+        names.append([prefix + n for n in read_model(src.path, src.format, reader).names])
+    keeper = keepers(names)
+    leave = [{n for n in ns if keeper[n] != k} for k, ns in enumerate(names)]
+    kept = []
+    for k, src in enumerate(sources):
+        if not leave[k]:
+            kept.append(k)
+            continue
+        larger = sorted({sources[keeper[n]].name for n in leave[k]})
+        if len(leave[k]) == len(names[k]) and names[k]:
+            logger.warning(
+                "%s: left out, all its %d images are in larger models (%s)", src.name, len(names[k]), ", ".join(larger)
+            )
+            continue
+        kept.append(k)
+        logger.warning(
+            "%s: %d of its %d images left out, kept in larger models (%s)",
+            src.name,
+            len(leave[k]),
+            len(names[k]),
+            ", ".join(larger),
+        )
+    return [sources[k] for k in kept], [prefixes[k] for k in kept], [leave[k] for k in kept]
+
+
+def _without(model: Model, names: list[str], leave: set[str]) -> tuple[Model, list[str]]:
+    """The model without the images named in ``leave`` (and points left with fewer than 2)."""
+    if not leave:
+        return model, names
+    keep = np.array([n not in leave for n in names], bool)
+    return drop_images(model, keep), [n for n, k in zip(names, keep) if k]
+
+
 def append_models(
-    h5, sources: list[ModelSource], prefixes: list[str], cluster_names: list[str], reader: str
+    h5, sources: list[ModelSource], prefixes: list[str], cluster_names: list[str], reader: str, leave=None
 ) -> tuple[dict, list]:
     """Read each model and append it to the store being written; the totals and each
     model's (first image, first point, end image, end point). Image names (with their
-    folder prefix) must be unique across models."""
+    folder prefix) must be unique across models; ``leave``: for each model, the names
+    it leaves out (see :func:`leave_shared_names`)."""
     cluster_index = {c: i for i, c in enumerate(cluster_names)}
     totals = {"images": 0, "points": 0, "observations": 0}
     names_seen: dict[str, str] = {}
@@ -140,12 +183,13 @@ def append_models(
         model = read_model(src.path, src.format, reader)
         if model.num_images == 0:
             raise SfmpairsError(f"{src.path}: empty model (no registered images)")
-        names = [prefix + n for n in model.names]
+        model, names = _without(model, [prefix + n for n in model.names], leave[k] if leave else set())
         for n in names:
             if n in names_seen:
                 raise SfmpairsError(
-                    f"{src.path}: image name {n!r} is also in model {names_seen[n]}; give "
-                    f"each model its photo folder (--images-root or a manifest)"
+                    f"{src.path}: image name {n!r} is also in model {names_seen[n]}; give each model its "
+                    f"photo folder (--images-root or a manifest), or keep each photo in its largest model "
+                    f"(--shared-names largest)"
                 )
             names_seen[n] = src.name
         start = (totals["images"], totals["points"])
@@ -213,6 +257,9 @@ def ingest(
     conf.check()
     sources, manifest_root = gather_sources(paths, manifest, conf.cluster_by)
     root, prefixes = _image_prefixes(sources, images_root or manifest_root, images_root is not None)
+    leave = None
+    if conf.shared_names == "largest":
+        sources, prefixes, leave = leave_shared_names(sources, prefixes, conf.reader)
     cluster_names = list(dict.fromkeys(s.cluster for s in sources))
     parameters = {
         **conf_dict(conf),
@@ -221,7 +268,7 @@ def ingest(
     }
     with atomic_output(output, overwrite) as tmp, _small_pages(), h5py.File(tmp, "w") as h5:
         create_store(h5)
-        totals, ranges = append_models(h5, sources, prefixes, cluster_names, conf.reader)
+        totals, ranges = append_models(h5, sources, prefixes, cluster_names, conf.reader, leave)
         write_source_tables(h5, sources, cluster_names, ranges)
         h5.attrs.update(provenance_attrs(SCHEMA, SCHEMA_VERSION, parameters, _inputs(sources)))
         h5.attrs["images_root"] = str(root) if root else ""

@@ -11,7 +11,8 @@ from sfmpairs.config import setting
 
 CLUSTER_BY = ("model", "scene")
 READERS = ("auto", "pycolmap")
-MATCHERS = ("exhaustive", "sequential", "vocab-tree")
+MATCHERS = ("exhaustive", "sequential", "vocab-tree", "retrieval")
+SHARED_NAMES = ("refuse", "largest")
 
 
 @dataclass(frozen=True)
@@ -20,23 +21,60 @@ class IngestConf:
         "model", "One cluster per model, or one per scene (scene/sparse/N share one).", choices=CLUSTER_BY
     )
     reader: str = setting("auto", "auto: the fast readers; pycolmap: the slower reference reader.", choices=READERS)
+    shared_names: str = setting(
+        "refuse",
+        "A photo in several models: refuse (an error naming it), or largest: keep it in the model with the most "
+        "photos only (the first given on a tie), dropping it and the 3D points left with fewer than 2 photos from "
+        "the others.",
+        choices=SHARED_NAMES,
+    )
 
     def check(self) -> None:
         if self.cluster_by not in CLUSTER_BY:
             raise SfmpairsError(f"unknown --cluster-by {self.cluster_by!r} (choose {' or '.join(CLUSTER_BY)})")
         if self.reader not in READERS:
             raise SfmpairsError(f"unknown reader {self.reader!r} (choose from {', '.join(READERS)})")
+        if self.shared_names not in SHARED_NAMES:
+            raise SfmpairsError(f"unknown --shared-names {self.shared_names!r} (choose {' or '.join(SHARED_NAMES)})")
 
 
 @dataclass(frozen=True)
 class ReconstructConf:
     matcher: str = setting(
         "exhaustive",
-        "exhaustive: every pair (small sets); sequential: video frames; vocab-tree: large sets.",
+        "exhaustive: every pair (up to a few hundred photos); sequential: video frames; vocab-tree: with COLMAP's "
+        "vocabulary tree file; retrieval: each photo with its most similar photos by global descriptors.",
         choices=MATCHERS,
     )
     camera_model: str = setting("SIMPLE_RADIAL", "COLMAP camera model.")
     single_camera: bool = setting(False, "All photos share one camera.")
     max_image_size: int = setting(1600, "Longer side for feature extraction.")
     overlap: int = setting(10, "sequential: neighbours matched.")
+    num_neighbours: int = setting(20, "retrieval: most similar photos matched with each photo.")
+    sequential: int = setting(
+        0, "retrieval: also match each photo with the next N in name order (photos taken in order, e.g. video)."
+    )
+    checkpoint: str | None = setting(
+        None,
+        "retrieval: sfmpairs checkpoint for the global descriptors.",
+        default_text="resnet18 + GeM off the shelf, random weights",
+        metavar="FILE",
+    )
+    retrieval_image_size: int = setting(384, "retrieval: longer side of the photos the global descriptors see.")
+    min_model_size: int = setting(
+        10, "Models with fewer registered photos are dropped, and said so (COLMAP's min_model_size)."
+    )
     device: str = setting("auto", "auto, cpu or cuda (where pycolmap has it).")
+
+    def check(self) -> None:
+        for ok, message in (
+            (self.matcher in MATCHERS, f"unknown matcher {self.matcher!r} (choose {', '.join(MATCHERS)})"),
+            (self.overlap >= 1, "--overlap must be at least 1"),
+            (self.num_neighbours >= 1, "--num-neighbours must be at least 1"),
+            (self.sequential >= 0, "--sequential must be 0 or more"),
+            (self.retrieval_image_size >= 32, "--retrieval-image-size must be at least 32"),
+            (self.min_model_size >= 1, "--min-model-size must be at least 1"),
+            (self.max_image_size >= 32, "--max-image-size must be at least 32"),
+        ):
+            if not ok:
+                raise SfmpairsError(message)

@@ -249,3 +249,115 @@ def test_python_floor_has_tomllib():
         ), meta["dependencies"]
         for p in users:
             assert "import tomli as tomllib" in p.read_text(), p
+
+
+# ------------------------------------------------------------------ photos in several models
+def _overlapping_models(root: Path, duplicate_fraction: float = 0.0):
+    """One scene whose photo folder two models share: ``sparse/0`` the random model
+    without its images 25..39, ``sparse/1`` without its images 0..9 (images 10..24 in
+    both)."""
+    from sfmpairs.synthetic.models import random_reconstruction, write_model
+
+    def without(index_range):
+        rec = random_reconstruction(40, 1500, track_length=5, duplicate_fraction=duplicate_fraction, seed=3)
+        ids = sorted(rec.reg_image_ids())
+        for i in index_range:
+            rec.deregister_frame(rec.image(ids[i]).frame_id)  # COLMAP drops points left with < 2 observations
+        return rec
+
+    (root / "scene" / "images").mkdir(parents=True)
+    write_model(without(range(25, 40)), root / "scene" / "sparse" / "0")  # 25 images: 0..24
+    write_model(without(range(0, 10)), root / "scene" / "sparse" / "1")  # 30 images: 10..39
+    return root / "scene"
+
+
+def test_shared_names_refused_by_default(tmp_path):
+    from sfmpairs import SfmpairsError
+
+    scene = _overlapping_models(tmp_path)
+    with pytest.raises(SfmpairsError, match=r"is also in model scene/sparse/.*--shared-names largest"):
+        ingest([scene], tmp_path / "sfm.h5")
+    assert not (tmp_path / "sfm.h5").exists()
+
+
+def test_shared_names_largest_keeps_each_photo_in_its_largest_model(tmp_path):
+    """sparse/1 (30 images) keeps images 10..24; sparse/0 (25) keeps 0..9, as pycolmap's
+    deregistration of 10..24 leaves it (its observations, points seen by < 2 images)."""
+    import shutil
+
+    import pycolmap
+
+    scene = _overlapping_models(tmp_path)
+    ingest([scene], tmp_path / "sfm.h5", shared_names="largest")
+    got = read_store(tmp_path / "sfm.h5")
+    names = got["images/name"]
+    assert len(names) == len(set(names)) == 40
+    # the reference: sparse/1 whole, and sparse/0 as pycolmap leaves it without 10..24
+    ref_rec = pycolmap.Reconstruction(str(scene / "sparse" / "0"))
+    for img in list(ref_rec.images.values()):
+        if img.name in set(colmap_binary.read_model(scene / "sparse" / "1").names):
+            ref_rec.deregister_frame(img.frame_id)
+    ref = tmp_path / "ref" / "scene"
+    (ref / "images").mkdir(parents=True)
+    (ref / "sparse" / "0").mkdir(parents=True)
+    ref_rec.write_binary(str(ref / "sparse" / "0"))
+    shutil.copytree(scene / "sparse" / "1", ref / "sparse" / "1")
+    ingest([ref], tmp_path / "ref.h5")
+    want = read_store(tmp_path / "ref.h5")
+    for key in (
+        "images/name",
+        "images/colmap_id",
+        "images/model",
+        "images/qvec",
+        "points/colmap_id",
+        "points/xyz",
+        "points/track_length",
+        "points/model",
+        "observations/indptr",
+        "observations/point",
+        "observations/xy",
+    ):
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    assert json.loads(h5py.File(tmp_path / "sfm.h5").attrs["parameters"])["shared_names"] == "largest"
+
+
+def test_shared_names_largest_leaves_out_a_model_inside_another(tmp_path):
+    """A model whose every photo is in a larger one is left out: the store is the
+    larger model's alone."""
+    from sfmpairs.synthetic.models import random_reconstruction, write_model
+
+    rec = random_reconstruction(20, 600, track_length=4, seed=4)
+    (tmp_path / "scene" / "images").mkdir(parents=True)
+    write_model(rec, tmp_path / "scene" / "sparse" / "1")
+    for image_id in sorted(rec.reg_image_ids())[:12]:
+        rec.deregister_frame(rec.image(image_id).frame_id)
+    write_model(rec, tmp_path / "scene" / "sparse" / "0")  # 8 images, all in sparse/1
+    out = ingest([tmp_path / "scene"], tmp_path / "sfm.h5", shared_names="largest")
+    assert out["models"] == 1 and out["images"] == 20
+    s = read_store(tmp_path / "sfm.h5")
+    assert list(s["models/name"]) == ["scene/sparse/1"]
+
+
+def test_dropping_images_drops_points_seen_by_fewer_than_two(tmp_path):
+    """drop_images against a brute force over the observations, with tracks that list
+    an image twice (kept once per image by the readers)."""
+    from sfmpairs.sfm_io.shared_names import drop_images
+    from sfmpairs.synthetic.models import random_reconstruction, write_model
+
+    write_model(random_reconstruction(15, 400, track_length=3, duplicate_fraction=0.2, seed=5), tmp_path / "m")
+    model = colmap_binary.read_model(tmp_path / "m")
+    keep = np.random.default_rng(0).random(model.num_images) < 0.6
+    got = drop_images(model, keep)
+    obs = {}  # point id -> {image id: xy}
+    for i in np.flatnonzero(keep):
+        for o in range(model.indptr[i], model.indptr[i + 1]):
+            obs.setdefault(int(model.point_ids[model.point[o]]), {})[int(model.image_ids[i])] = tuple(model.xy[o])
+    points = sorted(p for p, seen in obs.items() if len(seen) >= 2)
+    assert got.point_ids.tolist() == points
+    assert got.image_ids.tolist() == model.image_ids[keep].tolist()
+    assert got.track_length.tolist() == [len(obs[p]) for p in points]
+    for r, image_id in enumerate(got.image_ids.tolist()):
+        rows = range(got.indptr[r], got.indptr[r + 1])
+        assert {int(got.point_ids[got.point[o]]): tuple(got.xy[o]) for o in rows} == {
+            p: seen[image_id] for p, seen in obs.items() if image_id in seen and len(seen) >= 2
+        }
