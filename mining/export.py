@@ -13,6 +13,9 @@
 - ``hloc``: pairs files, one ``name0 name1`` line per query-positive pair (all passing
   pool pairs with ``all_passing``), see :mod:`.export_hloc` for the names.
 - ``csv``: one row per (query, candidate) pair with every statistic.
+- ``megadepth``: per model of the SfM store, a scene file for local-feature matchers
+  (LoFTR, D2-Net), LoFTR's index files and scene lists, the photos and, from a COLMAP
+  dense workspace, depth files: see :mod:`.export_megadepth`.
 
 Every export gets its provenance beside it (``export.json`` in a folder,
 ``<file>.provenance.json`` beside a file): the formats themselves have no room for it.
@@ -35,14 +38,15 @@ import numpy as np
 
 from sfmpairs.common import SfmpairsError, atomic_output, provenance_attrs
 from sfmpairs.config import make_conf
+from sfmpairs.paths import check_relative_names
 
 from .export_hloc import names_under, pair_indices, write_pairs, write_per_model
-from .options import ExportConf
+from .options import EXPORT_FORMATS, ExportConf
 from .pairfile import read_pair_file
 
 logger = logging.getLogger("sfmpairs.export")
 
-FORMATS = ("cirtorch", "hloc", "csv")
+FORMATS = EXPORT_FORMATS
 CIRTORCH_NAME = "retrieval-SfM-120k"  # the one training set name cirtorch's train.py accepts
 EXPORT_SCHEMA = "sfmpairs/export"
 EXPORT_SCHEMA_VERSION = 1
@@ -225,6 +229,8 @@ def _model_names(p: dict, pairs, store) -> dict:
         raise SfmpairsError(f"{path}: the store lacks images/colmap_name; ingest the models again")
     if len(s["images/name"]) != len(p["names"]) or np.any(s["images/name"] != p["names"]):
         raise SfmpairsError(f"{path}: its images are not those of {pairs}; give the store it was mined from")
+    check_relative_names(s["images/colmap_name"], path, "COLMAP image name")
+    s["path"] = path
     return s
 
 
@@ -239,6 +245,14 @@ def _export_folder(p: dict, pairs, output: Path, fmt: str, options: dict, proven
         result["database"] = str(target / f"{CIRTORCH_NAME}.pkl")
         return result
     store = _model_names(p, pairs, options["store"])
+    if fmt == "megadepth":
+        from .export_megadepth import export_megadepth
+
+        root = Path(options["images_root"] or p["images_root"] or ".")
+        with _atomic_folder(output, overwrite, output.parent) as tmp:
+            result = export_megadepth(p, Path(store["path"]), root, tmp, options["conf"], provenance)
+            _write_json(tmp / "export.json", {**provenance, "scenes": result.pop("manifest")})
+        return result
     with _atomic_folder(output, overwrite, output.parent) as tmp:
         tmp.mkdir()
         result = write_per_model(p, tmp, store, options["all_passing"])
@@ -260,10 +274,12 @@ def export(
     """Export a pair file as ``fmt``: cirtorch into a data folder; hloc into a file
     (``per_model``: a folder of one pairs file per model, names as the COLMAP models
     have them, read from ``store``; ``image_dir``: names relative to that folder); csv
-    into a file. ``settings``: those of :class:`~.options.ExportConf` (``neg_num``,
+    into a file; megadepth into a folder, one scene per model of ``store`` (default:
+    the store the pair file was mined from). ``settings``: those of :class:`~.options.ExportConf` (``neg_num``,
     ``strict``: cirtorch's ``--neg-num`` to check the splits' clusters against, and
     whether too few is an error rather than a warning)."""
     conf = make_conf(ExportConf, **settings)
+    conf.check()
     copy, all_passing, per_model, neg_num, strict = (
         conf.copy,
         conf.all_passing,
@@ -288,14 +304,17 @@ def export(
         neg_num=neg_num,
         strict=strict,
     )
+    if fmt == "megadepth":
+        options.update(loftr_overlaps=list(conf.loftr_overlaps), d2net_points=conf.d2net_points)
     p = read_pair_file(pairs)
+    check_relative_names(p["names"], pairs)  # they become paths: photos, links, hloc's image names
     output = Path(output)
     provenance = provenance_attrs(
         EXPORT_SCHEMA, EXPORT_SCHEMA_VERSION, {"format": fmt, **options}, {"pairs": str(Path(pairs).resolve())}
     )
     provenance.update({k: json.loads(provenance[k]) for k in ("parameters", "inputs")})
-    if fmt == "cirtorch" or per_model:
-        return _export_folder(p, pairs, output, fmt, options, provenance)
+    if fmt in ("cirtorch", "megadepth") or per_model:
+        return _export_folder(p, pairs, output, fmt, {**options, "conf": conf}, provenance)
     with atomic_output(output, overwrite) as tmp:
         if fmt == "hloc":
             names = p["names"] if image_dir is None else names_under(p, images_root or p["images_root"], image_dir)

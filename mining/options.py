@@ -13,6 +13,7 @@ from sfmpairs.config import setting
 
 STRATEGIES = ("relaxed", "max-inliers", "mac")  # how the positive is picked from the pool M(q)
 SCALE_MEASURES = ("depth", "bbox")  # how the scale change between two images is measured
+EXPORT_FORMATS = ("cirtorch", "hloc", "csv", "megadepth")  # sfmpairs export --format
 
 
 @dataclass(frozen=True)
@@ -63,9 +64,17 @@ class MineConf:
                 raise SfmpairsError(message)
 
 
+def parse_overlaps(text: str) -> tuple[float, ...]:
+    """ "0.1,0.3,0.5,0.7" -> (0.1, 0.3, 0.5, 0.7)."""
+    try:
+        return tuple(float(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise SfmpairsError("give comma-separated numbers") from None
+
+
 @dataclass(frozen=True)
 class ExportConf:
-    copy: bool = setting(False, "cirtorch: copy the photos instead of linking them.")
+    copy: bool = setting(False, "cirtorch, megadepth: copy the photos instead of linking them.")
     all_passing: bool = setting(
         False, "hloc: every passing pool pair, not only query-positive; cirtorch: so too for its whitening pairs."
     )
@@ -79,3 +88,20 @@ class ExportConf:
         "fewer clusters than it + 1 is warned of.",
     )
     strict: bool = setting(False, "cirtorch: refuse a split with fewer clusters than --neg-num + 1 instead of warning.")
+    loftr_overlaps: tuple[float, ...] = setting(
+        (0.1, 0.3, 0.5, 0.7),
+        "megadepth: overlap bin edges of LoFTR's index files (one file per bin and scene); the scene "
+        "files' pair_infos hold the pairs from the first edge to the last.",
+        parse=parse_overlaps,
+    )
+    d2net_points: bool = setting(
+        True,
+        "megadepth: write D2-Net's per-image point tables (points3D_id_to_2D, points3D_id_to_ndepth; "
+        "its training reads them, LoFTR does not; about 0.5 KB per observation in memory).",
+    )
+
+    def check(self) -> None:
+        """Refuse settings outside their range, naming the option."""
+        edges = self.loftr_overlaps
+        if len(edges) < 2 or any(not 0 <= e <= 1 for e in edges) or list(edges) != sorted(set(edges)):
+            raise SfmpairsError("--loftr-overlaps must be two or more increasing values in [0, 1]")

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .common import SfmpairsError, atomic_output
+from .paths import check_relative_names
 
 TILE = 200
 
@@ -29,6 +30,7 @@ def tuple_rows(
     from sfmpairs.mining.pairfile import read_pair_file
 
     p = read_pair_file(pairs)
+    check_relative_names(p["names"], pairs)  # photos are read and linked as images_root / name
     if split not in p["splits"] or len(p["splits"][split]["query"]) == 0:
         raise SfmpairsError(f"{pairs}: the {split} split has no queries")
     names, cluster_names, cluster, g = p["names"], p["cluster_names"], p["cluster"], p["splits"][split]

@@ -55,3 +55,45 @@ def write_depth_map(path: str | os.PathLike, depth: np.ndarray) -> None:
     with open(path, "wb") as fh:
         fh.write(f"{width}&{height}&1&".encode())
         fh.write(np.ascontiguousarray(depth).tobytes())
+
+
+def dense_workspace(model_path: str | os.PathLike) -> Path | None:
+    """The COLMAP dense workspace a model folder sits in: the folder holding
+    ``stereo/depth_maps`` that is the model folder itself, or the one above its
+    ``sparse`` (a model at ``W/sparse`` or ``W/sparse/N``); None where there is none."""
+    folder = Path(model_path)
+    candidates = [folder]
+    if folder.name == "sparse":
+        candidates.append(folder.parent)
+    if folder.parent.name == "sparse":
+        candidates.append(folder.parent.parent)
+    return next((w for w in candidates if (w / "stereo" / "depth_maps").is_dir()), None)
+
+
+def geometric_depth_path(workspace: Path, image_name: str) -> Path:
+    """Where COLMAP's stereo puts an image's geometric depth map."""
+    return workspace / "stereo" / "depth_maps" / f"{image_name}.geometric.bin"
+
+
+def fit_depth(depth: np.ndarray, width: int, height: int) -> np.ndarray:
+    """``depth`` at the image's size (height, width): as it is where it has that size,
+    else resampled to the nearest pixel (COLMAP's stereo may run on smaller images);
+    negative and non-finite values become 0 (no depth)."""
+    depth = np.where(np.isfinite(depth) & (depth > 0), depth, 0).astype(np.float32)
+    h, w = depth.shape
+    if (h, w) == (height, width):
+        return depth
+    rows = np.minimum(((np.arange(height) + 0.5) * h / height).astype(np.int64), h - 1)
+    cols = np.minimum(((np.arange(width) + 0.5) * w / width).astype(np.int64), w - 1)
+    return depth[rows[:, None], cols[None, :]]
+
+
+def write_depth_h5(path: str | os.PathLike, depth: np.ndarray, attrs: dict | None = None) -> None:
+    """The HDF5 depth file MegaDepth's readers (D2-Net, LoFTR) open: a float32 (H, W)
+    dataset named ``depth``, 0 where there is no depth."""
+    import h5py
+
+    with h5py.File(path, "w") as h5:
+        h5.create_dataset("depth", data=np.asarray(depth, np.float32), compression="gzip", compression_opts=1)
+        for k, v in (attrs or {}).items():
+            h5.attrs[k] = v

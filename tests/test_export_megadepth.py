@@ -1,0 +1,243 @@
+"""The MegaDepth export (LoFTR, D2-Net): checked against pycolmap's models, a brute-force
+overlap and scale ratio written here from D2-Net's definitions, the depth maps written,
+and the loading steps of LoFTR's and D2-Net's own dataset code."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from sfmpairs import SfmpairsError
+from sfmpairs.mining.export import export
+from sfmpairs.sfm_io.colmap_depth import write_depth_map
+
+
+def _plane_depth(width: int, height: int, k: int) -> np.ndarray:
+    """A depth map with a slope, a hole (0: no depth) and a negative value."""
+    y, x = np.mgrid[0:height, 0:width]
+    d = 2.0 + 0.01 * x + 0.02 * y + 0.1 * k
+    d[:3, :3] = 0
+    d[-1, -1] = -5
+    return d
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Three rendered clusters (pinhole, 64 x 48) as COLMAP dense workspaces: cluster_00
+    with depth maps for all but img_005, cluster_01 with half-size maps, cluster_02
+    without; ingested and mined."""
+    from sfmpairs.mining.mine import mine
+    from sfmpairs.sfm_io.ingest import ingest
+    from sfmpairs.synthetic.world import synth
+
+    root = tmp_path_factory.mktemp("megadepth")
+    synth(root / "w", clusters=3, images_per_cluster=6, image_size=(64, 48), seed=3, points=400)
+    for cluster, size, skip in (("cluster_00", (64, 48), {"img_005.jpg"}), ("cluster_01", (32, 24), set())):
+        maps = root / "w" / cluster / "stereo" / "depth_maps"
+        maps.mkdir(parents=True)
+        for k, photo in enumerate(sorted(os.listdir(root / "w" / cluster / "images"))):
+            if photo not in skip:
+                write_depth_map(maps / f"{photo}.geometric.bin", _plane_depth(*size, k))
+    ingest([root / "w"], root / "sfm.h5")
+    mine(root / "sfm.h5", root / "pairs.h5", queries_per_cluster=0, val_clusters=["cluster_02/sparse/0"])
+    export(root / "pairs.h5", root / "md", "megadepth")
+    return root
+
+
+def _scene(root: Path, name: str) -> dict:
+    return np.load(root / "md" / "scene_info" / f"{name}.npz", allow_pickle=True)
+
+
+def _brute_force(rec, names: list[str], valid: np.ndarray):
+    """D2-Net's overlap and scale ratio, pair by pair from the pycolmap model: distinct
+    point ids, the first 2D point of each (the store keeps an image's first)."""
+    by_name = {im.name: im for im in rec.images.values()}
+    seen = []
+    for name in names:
+        first = {}
+        for p in by_name[name].points2D:
+            if p.has_point3D() and p.point3D_id not in first:
+                first[p.point3D_id] = (p.xy[0], p.xy[1])
+        seen.append(first)
+    n = len(names)
+    overlap, scale = np.full((n, n), -1.0), np.full((n, n), -1.0)
+    for i in range(n):
+        for j in range(i + 1, n):
+            if not (valid[i] and valid[j]):
+                continue
+            shared = seen[i].keys() & seen[j].keys()
+            overlap[i, j] = overlap[j, i] = len(shared) / min(len(seen[i]), len(seen[j]))
+            if not shared:
+                continue
+            areas = []
+            for s in (seen[i], seen[j]):
+                xs, ys = [s[p][0] for p in shared], [s[p][1] for p in shared]
+                areas.append((max(xs) - min(xs)) * (max(ys) - min(ys)))
+            if areas[0] > 0 and areas[1] > 0:
+                scale[i, j], scale[j, i] = (areas[0] / areas[1]) ** 0.5, (areas[1] / areas[0]) ** 0.5
+    return overlap, scale
+
+
+@pytest.mark.parametrize("cluster", ["cluster_00", "cluster_01", "cluster_02"])
+def test_scene_matches_pycolmap_and_brute_force(world, cluster):
+    import pycolmap
+
+    info = _scene(world, f"{cluster}_sparse_0")
+    rec = pycolmap.Reconstruction(str(world / "w" / cluster / "sparse" / "0"))
+    names = list(info["image_names"])
+    assert sorted(names) == sorted(im.name for im in rec.images.values())
+    valid = np.array([d is not None for d in info["depth_paths"]])
+    if not valid.any():
+        valid[:] = True  # no depth at all: every image counts (pose-estimation test mode)
+    if cluster == "cluster_00":
+        assert list(valid) == [n != "img_005.jpg" for n in names]
+    overlap, scale = _brute_force(rec, names, valid)
+    assert info["overlap_matrix"].dtype == np.float32 and info["overlap_matrix"].shape == (len(names),) * 2
+    np.testing.assert_allclose(info["overlap_matrix"], overlap, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(info["scale_ratio_matrix"], scale, rtol=1e-5)
+    assert (overlap > 0).sum() > 4 and (scale > 0).sum() > 4  # not a vacuous comparison
+    by_name = {im.name: im for im in rec.images.values()}
+    for k, name in enumerate(names):
+        im = by_name[name]
+        np.testing.assert_allclose(info["intrinsics"][k], rec.cameras[im.camera_id].calibration_matrix())
+        np.testing.assert_allclose(info["poses"][k], np.vstack([im.cam_from_world().matrix(), [0, 0, 0, 1]]))
+        assert info["n_points3D"][k] == len({p.point3D_id for p in im.points2D if p.has_point3D()})
+    axes = [by_name[n].cam_from_world().rotation.matrix()[2] for n in names]
+    angles = [[np.degrees(np.arccos(np.clip(np.dot(a, b), -1, 1))) for b in axes] for a in axes]
+    np.testing.assert_allclose(info["angles"], angles, atol=1e-3)
+    # LoFTR's pair_infos: every pair i < j with overlap in [0.1, 0.7], as LoFTR's files hold them
+    want = {(i, j) for i in range(len(names)) for j in range(i + 1, len(names)) if 0.1 <= overlap[i, j] <= 0.7}
+    got = {(int(a), int(b)) for (a, b), _, _ in info["pair_infos"]}
+    assert got == want
+    for (a, b), ov, central in info["pair_infos"]:
+        assert ov == pytest.approx(overlap[a, b]) and central.shape == (1, 4)
+
+
+def test_depth_files_hold_the_maps_written(world):
+    from sfmpairs.sfm_io.colmap_depth import read_depth_map
+
+    for cluster, half in (("cluster_00", False), ("cluster_01", True)):
+        info = _scene(world, f"{cluster}_sparse_0")
+        maps = world / "w" / cluster / "stereo" / "depth_maps"
+        for name, path in zip(info["image_names"], info["depth_paths"]):
+            src = maps / f"{name}.geometric.bin"
+            if not src.exists():
+                assert path is None
+                continue
+            with h5py.File(world / "md" / path) as f:
+                depth = f["depth"][()]
+            assert depth.dtype == np.float32 and depth.shape == (48, 64)
+            want = np.maximum(read_depth_map(src), 0)
+            if half:  # a 32 x 24 map: each pixel of the 64 x 48 image takes the map's pixel it lies in
+                want = np.array([[want[r // 2, c // 2] for c in range(64)] for r in range(48)])
+            np.testing.assert_array_equal(depth, want)
+    info = _scene(world, "cluster_02_sparse_0")
+    assert all(p is None for p in info["depth_paths"])
+
+
+def test_loftr_and_d2net_loading_steps(world):
+    """What LoFTR's MegaDepthDataset and D2-Net's MegaDepthDataset do with a scene file,
+    step by step (their code is not a dependency)."""
+    from PIL import Image
+
+    root = world / "md"
+    lists = root / "index" / "trainvaltest_list"
+    train = (lists / "train_list.txt").read_text().split()
+    assert train == [
+        f"cluster_0{c}_sparse_0_{a}_{b}" for c in (0, 1) for a, b in (("0.1", "0.3"), ("0.3", "0.5"), ("0.5", "0.7"))
+    ]
+    assert (lists / "val_list.txt").read_text().split()[0] == "cluster_02_sparse_0_0.1_0.3"
+    assert (root / "train_scenes.txt").read_text().split() == ["cluster_00_sparse_0", "cluster_01_sparse_0"]
+    assert (root / "valid_scenes.txt").read_text().split() == ["cluster_02_sparse_0"]
+    npz_root = root / "index" / "scene_info_0.1_0.7"
+    total = 0
+    for name in train:  # LoFTR: npz_names -> f"{n}.npz" under the npz root; root_dir joined to the paths
+        scene_info = np.load(os.path.join(npz_root, f"{name}.npz"), allow_pickle=True)
+        pair_infos = scene_info["pair_infos"].copy()
+        del scene_info["pair_infos"]
+        pair_infos = [p for p in pair_infos if p[1] > 0.0]
+        total += len(pair_infos)
+        for (idx0, idx1), overlap_score, _central in pair_infos:
+            img = Image.open(os.path.join(root, scene_info["image_paths"][idx0]))
+            with h5py.File(os.path.join(root, scene_info["depth_paths"][idx1]), "r") as f:
+                depth = np.array(f["depth"])
+            assert depth.shape == (img.height, img.width)
+            K0 = np.asarray(scene_info["intrinsics"][idx0].copy(), np.float32).reshape(3, 3)
+            T0, T1 = scene_info["poses"][idx0], scene_info["poses"][idx1]
+            T_0to1 = np.matmul(T1, np.linalg.inv(T0))[:4, :4]
+            assert K0[2, 2] == 1 and np.allclose(T_0to1[3], [0, 0, 0, 1])
+    full = np.load(root / "scene_info" / "cluster_00_sparse_0.npz", allow_pickle=True)
+    assert total == len(full["pair_infos"]) + len(_scene(world, "cluster_01_sparse_0")["pair_infos"])
+    # D2-Net: pairs by overlap and scale ratio, a common point's 2D positions, '/depth'
+    valid = (full["overlap_matrix"] >= 0.5) & (full["overlap_matrix"] <= 1) & (full["scale_ratio_matrix"] <= np.inf)
+    pairs = np.vstack(np.where(valid))
+    assert pairs.shape[1] > 0
+    for idx1, idx2 in pairs.T:
+        common = full["points3D_id_to_2D"][idx1].keys() & full["points3D_id_to_2D"][idx2].keys()
+        assert common and full["points3D_id_to_ndepth"][idx1].keys() >= common
+        assert full["depth_paths"][idx1] is not None and full["depth_paths"][idx2] is not None
+        with h5py.File(os.path.join(root, full["depth_paths"][idx1]), "r") as f:
+            assert not np.min(np.array(f["/depth"])) < 0
+    provenance = json.loads(full["sfmpairs"])
+    assert provenance["schema"] == "sfmpairs/export" and provenance["scene"] == "cluster_00_sparse_0"
+    manifest = json.loads((root / "export.json").read_text())
+    assert [s["scene"] for s in manifest["scenes"]] == [
+        "cluster_00_sparse_0",
+        "cluster_01_sparse_0",
+        "cluster_02_sparse_0",
+    ]
+    assert [s["depth_maps"] for s in manifest["scenes"]] == [5, 6, 0]
+
+
+def _crafted(world, tmp_path, store_name=None, colmap_name=None) -> Path:
+    shutil.copy(world / "sfm.h5", tmp_path / "sfm.h5")
+    shutil.copy(world / "pairs.h5", tmp_path / "pairs.h5")
+    with h5py.File(tmp_path / "pairs.h5", "r+") as p, h5py.File(tmp_path / "sfm.h5", "r+") as s:
+        p.attrs["source_store"] = str(tmp_path / "sfm.h5")
+        if store_name is not None:
+            p["images/name"][2] = store_name
+            s["images/name"][2] = store_name
+        if colmap_name is not None:
+            s["images/colmap_name"][2] = colmap_name
+    return tmp_path / "pairs.h5"
+
+
+@pytest.mark.parametrize(
+    "fmt,store_name,colmap_name,bad",
+    [
+        ("megadepth", None, "../../escape.jpg", "../../escape.jpg"),
+        ("megadepth", "/etc/escape.jpg", None, "/etc/escape.jpg"),
+        ("cirtorch", "a/../../escape.jpg", None, "a/../../escape.jpg"),
+        ("hloc", "..\\escape.jpg", None, "..\\escape.jpg"),
+    ],
+)
+def test_names_that_leave_the_folder_are_refused(world, tmp_path, fmt, store_name, colmap_name, bad):
+    pairs = _crafted(world, tmp_path, store_name, colmap_name)
+    out = tmp_path / "out"
+    options = {"per_model": True} if fmt == "hloc" else {}
+    with pytest.raises(SfmpairsError) as e:
+        export(pairs, out, fmt, images_root=world / "w", **options)
+    message = str(e.value)
+    assert "\n" not in message and repr(bad) in message
+    assert str(tmp_path / ("sfm.h5" if colmap_name else "pairs.h5")) in message
+    assert not out.exists() and not (tmp_path.parent / "escape.jpg").exists()
+
+
+def test_megadepth_options_and_no_overwrite(world, tmp_path):
+    with pytest.raises(SfmpairsError, match="--loftr-overlaps"):
+        export(world / "pairs.h5", tmp_path / "o", "megadepth", loftr_overlaps="0.5,0.2")
+    with pytest.raises(SfmpairsError, match="exists"):
+        export(world / "pairs.h5", world / "md", "megadepth")
+    r = export(world / "pairs.h5", tmp_path / "o", "megadepth", loftr_overlaps="0.2,1", d2net_points=False, copy=True)
+    info = np.load(tmp_path / "o" / "scene_info" / "cluster_00_sparse_0.npz", allow_pickle=True)
+    assert "points3D_id_to_2D" not in info and r["scenes"] == 3
+    assert all(0.2 <= ov <= 1 for _, ov, _ in info["pair_infos"])
+    assert (tmp_path / "o" / "index" / "scene_info_0.2_1" / "cluster_00_sparse_0_0.2_1.npz").is_file()
+    photo = tmp_path / "o" / info["image_paths"][0]
+    assert photo.is_file() and not photo.is_symlink()
