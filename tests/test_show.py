@@ -120,3 +120,18 @@ def test_bad_show_input(mined, tmp_path):
         show(mined / "pairs.h5", mined / "w", tmp_path / "x.png", query="nope.jpg")
     with pytest.raises(SfmpairsError, match="not a pair file"):
         show(mined / "sfm.h5", mined / "w", tmp_path / "x.png")
+
+
+@pytest.mark.parametrize("bad", ["../../outside.jpg", "/etc/outside.jpg", "C:\\outside.jpg"])
+def test_names_that_leave_the_images_root_are_refused(mined, tmp_path, bad):
+    import shutil
+
+    pairs = tmp_path / "pairs.h5"
+    shutil.copy(mined / "pairs.h5", pairs)
+    with h5py.File(pairs, "r+") as f:
+        f["images/name"][0] = bad
+    out = tmp_path / "page.html"
+    with pytest.raises(SfmpairsError) as e:
+        show(pairs, mined / "w", out)
+    assert str(pairs) in str(e.value) and repr(bad) in str(e.value) and "\n" not in str(e.value)
+    assert not out.exists()
