@@ -250,7 +250,7 @@ def _export_folder(p: dict, pairs, output: Path, fmt: str, options: dict, proven
 
         root = Path(options["images_root"] or p["images_root"] or ".")
         with _atomic_folder(output, overwrite, output.parent) as tmp:
-            result = export_megadepth(p, Path(store["path"]), root, tmp, options["conf"], provenance)
+            result = export_megadepth(p, Path(store["path"]), root, tmp, options["conf"], provenance, output)
             _write_json(tmp / "export.json", {**provenance, "scenes": result.pop("manifest")})
         return result
     with _atomic_folder(output, overwrite, output.parent) as tmp:

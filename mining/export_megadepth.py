@@ -370,24 +370,57 @@ def _export_scene(p, s, m, k, images_root: Path, folder: Path, scene: str, conf,
     }
 
 
-def _write_lists(folder: Path, scenes: list[dict]) -> None:
-    """D2-Net's scene lists (``train_scenes.txt``, ``valid_scenes.txt``) and LoFTR's
-    (``index/trainvaltest_list/{train,val}_list.txt``, the index files' stems)."""
+LOFTR_CONFIG = """# LoFTR's data config for an sfmpairs MegaDepth export (written by sfmpairs export).
+# Run LoFTR's train.py from its checkout with this file as data_cfg_path.
+from configs.data.base import cfg
+
+cfg.DATASET.TRAINVAL_DATA_SOURCE = cfg.DATASET.TEST_DATA_SOURCE = "MegaDepth"
+cfg.DATASET.TRAIN_DATA_ROOT = cfg.DATASET.VAL_DATA_ROOT = cfg.DATASET.TEST_DATA_ROOT = {root!r}
+cfg.DATASET.TRAIN_NPZ_ROOT = cfg.DATASET.VAL_NPZ_ROOT = cfg.DATASET.TEST_NPZ_ROOT = {npz_root!r}
+cfg.DATASET.TRAIN_LIST_PATH = {lists!r} + "/train_list.txt"
+cfg.DATASET.VAL_LIST_PATH = {lists!r} + "/val_list.txt"
+cfg.DATASET.TEST_LIST_PATH = {lists!r} + "/test_list.txt"
+cfg.DATASET.MIN_OVERLAP_SCORE_TRAIN = 0.0  # the index files hold only pairs in [{lo:g}, {hi:g}]
+cfg.DATASET.MIN_OVERLAP_SCORE_TEST = 0.0
+cfg.TRAINER.N_SAMPLES_PER_SUBSET = 100
+cfg.DATASET.MGDPT_IMG_RESIZE = 640
+"""
+
+
+def _write_lists(folder: Path, final: Path, scenes: list[dict], edges) -> None:
+    """D2-Net's scene lists (``train_scenes.txt``, ``valid_scenes.txt``: scenes with
+    depth), LoFTR's (``index/trainvaltest_list/{train,val,test}_list.txt``: the index
+    files' stems; train and val the scenes with depth, test every scene) and LoFTR's
+    data config ``loftr_data_config.py`` with this export's paths (``final``: where the
+    export will be)."""
     lists = folder / "index" / "trainvaltest_list"
     lists.mkdir(parents=True, exist_ok=True)
     for split, d2net, loftr in (
         ("train", "train_scenes.txt", "train_list.txt"),
         ("val", "valid_scenes.txt", "val_list.txt"),
     ):
-        chosen = [x for x in scenes if x["split"] == split]
+        chosen = [x for x in scenes if x["split"] == split and x["depth_maps"]]
         (folder / d2net).write_text("".join(f"{x['scene']}\n" for x in chosen), encoding="utf-8")
         (lists / loftr).write_text("".join(f"{stem}\n" for x in chosen for stem in x["bins"]), encoding="utf-8")
+    (lists / "test_list.txt").write_text("".join(f"{stem}\n" for x in scenes for stem in x["bins"]), encoding="utf-8")
+    npz_root = final / "index" / f"scene_info_{_edge(edges[0])}_{_edge(edges[-1])}"
+    text = LOFTR_CONFIG.format(
+        root=str(final),
+        npz_root=str(npz_root),
+        lists=str(final / "index" / "trainvaltest_list"),
+        lo=edges[0],
+        hi=edges[-1],
+    )
+    (folder / "loftr_data_config.py").write_text(text, encoding="utf-8")
 
 
-def export_megadepth(p: dict, store_path: Path, images_root: Path, folder: Path, conf, provenance: dict) -> dict:
+def export_megadepth(
+    p: dict, store_path: Path, images_root: Path, folder: Path, conf, provenance: dict, final: Path | None = None
+) -> dict:
     """Every model of the store ``store_path`` (whose images are the pair file ``p``'s)
-    as a scene into ``folder``, a new folder (layout in docs/formats.md). Returns the
-    summary and, under ``manifest``, one entry per scene."""
+    as a scene into ``folder``, a new folder (layout in docs/formats.md) that will be
+    renamed to ``final`` (default: ``folder``). Returns the summary and, under
+    ``manifest``, one entry per scene."""
     from sfmpairs.sfm_io.store import open_store, read_store
 
     s = read_store(store_path, observations=False, keys=STORE_KEYS)
@@ -406,7 +439,7 @@ def export_megadepth(p: dict, store_path: Path, images_root: Path, folder: Path,
                 raise SfmpairsError(f"{store_path}: model {model!r}: {e}") from None
             scene = scene_name(model, taken)
             scenes.append(_export_scene(p, s, m, k, images_root, folder, scene, conf, edges, provenance))
-    _write_lists(folder, scenes)
+    _write_lists(folder, Path(final or folder).resolve(), scenes, edges)
     return {
         "scenes": len(scenes),
         "pairs": sum(x["pairs"] for x in scenes),

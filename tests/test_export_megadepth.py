@@ -108,6 +108,14 @@ def test_scene_matches_pycolmap_and_brute_force(world, cluster):
         np.testing.assert_allclose(info["intrinsics"][k], rec.cameras[im.camera_id].calibration_matrix())
         np.testing.assert_allclose(info["poses"][k], np.vstack([im.cam_from_world().matrix(), [0, 0, 0, 1]]))
         assert info["n_points3D"][k] == len({p.point3D_id for p in im.points2D if p.has_point3D()})
+        # the conventions LoFTR's warping assumes: x ~ K (T X)[:3], T world-to-camera
+        ids = list(info["points3D_id_to_2D"][k])
+        X = np.array([[*rec.points3D[i].xyz, 1] for i in ids])
+        cam = (info["poses"][k] @ X.T)[:3]
+        uv = (info["intrinsics"][k] @ cam)[:2] / cam[2]
+        np.testing.assert_allclose(uv.T, [info["points3D_id_to_2D"][k][i] for i in ids], atol=1e-6)
+        f = (info["intrinsics"][k][0, 0] + info["intrinsics"][k][1, 1]) / 2
+        np.testing.assert_allclose([info["points3D_id_to_ndepth"][k][i] for i in ids], cam[2] / f, rtol=1e-9)
     axes = [by_name[n].cam_from_world().rotation.matrix()[2] for n in names]
     angles = [[np.degrees(np.arccos(np.clip(np.dot(a, b), -1, 1))) for b in axes] for a in axes]
     np.testing.assert_allclose(info["angles"], angles, atol=1e-3)
@@ -152,9 +160,16 @@ def test_loftr_and_d2net_loading_steps(world):
     assert train == [
         f"cluster_0{c}_sparse_0_{a}_{b}" for c in (0, 1) for a, b in (("0.1", "0.3"), ("0.3", "0.5"), ("0.5", "0.7"))
     ]
-    assert (lists / "val_list.txt").read_text().split()[0] == "cluster_02_sparse_0_0.1_0.3"
+    # the val cluster has no depth maps: out of the training lists, in LoFTR's test list (pose estimation)
+    assert (lists / "val_list.txt").read_text() == "" and (root / "valid_scenes.txt").read_text() == ""
+    assert (lists / "test_list.txt").read_text().split() == train + [
+        f"cluster_02_sparse_0_{a}_{b}" for a, b in (("0.1", "0.3"), ("0.3", "0.5"), ("0.5", "0.7"))
+    ]
     assert (root / "train_scenes.txt").read_text().split() == ["cluster_00_sparse_0", "cluster_01_sparse_0"]
-    assert (root / "valid_scenes.txt").read_text().split() == ["cluster_02_sparse_0"]
+    config = (root / "loftr_data_config.py").read_text()
+    assert (
+        f"TRAIN_DATA_ROOT = cfg.DATASET.VAL_DATA_ROOT = cfg.DATASET.TEST_DATA_ROOT = {str(root.resolve())!r}" in config
+    )
     npz_root = root / "index" / "scene_info_0.1_0.7"
     total = 0
     for name in train:  # LoFTR: npz_names -> f"{n}.npz" under the npz root; root_dir joined to the paths
