@@ -7,7 +7,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from sfmpairs.common import SfmpairsError, atomic_output, check_schema, provenance_attrs
+from sfmpairs.common import SfmpairsError, atomic_output, check_schema, h5_output, provenance_attrs
 
 SCHEMA = "sfmpairs/pairs"
 SCHEMA_VERSION = 2  # 2: val ground truth (val/gt_*)
@@ -68,7 +68,7 @@ def write_pair_file(
     ``inlier_ratio``, ``scale_change``, ``distance``, ``passes``), of which each split
     stores its queries' rows; ``settings``: the mining settings, each also an attribute;
     ``parameters``, ``inputs``: the provenance."""
-    with atomic_output(path, overwrite) as tmp, h5py.File(tmp, "w") as f:
+    with atomic_output(path, overwrite) as tmp, h5_output(tmp) as f:
         f.create_dataset("images/name", data=list(s["images/name"]), dtype=STR)
         f.create_dataset("images/cluster", data=s["images/cluster"].astype(np.int32))
         f.create_dataset("images/model", data=s["images/model"].astype(np.int32))

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
+import glob
 import hashlib
 import json
 import logging
 import os
+import re
+import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -40,15 +44,95 @@ def check_output_path(path: str | os.PathLike, overwrite: bool) -> Path:
     return path
 
 
+# Errors of writing that mean the disk (or the user's quota, or a file-size limit) is
+# full or the folder cannot be written: one line, not a traceback.
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EIO}
+# The same errors as h5py and torch.save report them (RuntimeError or OSError with
+# HDF5's or PyTorch's own text).
+_WRITE_MESSAGES = (
+    "file write failed",
+    "No space left on device",
+    "File too large",
+    "Disk quota exceeded",
+    "unable to extend file",
+    "unexpected pos",  # torch.save: a write that came up short
+)
+
+
+def write_failure(e: BaseException) -> str | None:
+    """What went wrong, if ``e`` is a failure to write a file (a full disk, a
+    file-size limit, a read-only or failing disk); None for anything else."""
+    if isinstance(e, OSError) and e.errno in _WRITE_ERRNOS:
+        return e.strerror or os.strerror(e.errno)
+    if isinstance(e, (OSError, RuntimeError)):
+        text = str(e)
+        for m in _WRITE_MESSAGES:
+            if m in text:
+                code = re.search(r"errno = (\d+)", text)
+                return os.strerror(int(code.group(1))) if code else m
+    return None
+
+
+def _temp_prefix(path: Path) -> str:
+    """The temporary files of ``path`` are ``.NAME.HOST-PID.XXXXXXXX.tmp``: unique per
+    process, and those of a run that died (same host, no such process) are known."""
+    return f".{path.name}.{socket.gethostname()}-"
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Remove the temporary files that killed runs left for ``path`` on this host."""
+    prefix = _temp_prefix(path)
+    for tmp in path.parent.glob(glob.escape(prefix) + "*.tmp"):
+        pid = tmp.name[len(prefix) :].split(".", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        except OSError:  # alive, another user's
+            pass
+
+
+def _publish(tmp: Path, path: Path, overwrite: bool) -> None:
+    """Move the finished ``tmp`` to ``path`` in one step. Without ``overwrite``, a file
+    that appeared at ``path`` meanwhile (another run writing the same output) is never
+    replaced: the hard link fails instead (no-replace, atomic)."""
+    if overwrite:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise SfmpairsError(
+            f"{path}: output exists (written meanwhile by another run); pass --overwrite to replace it"
+        ) from None
+    except OSError as e:
+        if write_failure(e) or not path.parent.is_dir():
+            raise
+        # a file system without hard links: the check and the rename are two steps
+        if path.exists():
+            raise SfmpairsError(f"{path}: output exists; pass --overwrite to replace it") from None
+        os.replace(tmp, path)
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; rename it over ``path`` on success.
+    """Yield a temporary path next to ``path``; move it to ``path`` on success.
 
     On any exception the temporary file is removed, so a failed run leaves no partial
-    output behind.
+    output behind; a failure to write (a full disk, a file-size limit) becomes one line
+    naming ``path``. Two runs writing ``path`` at once: each writes its own temporary
+    file and, without ``overwrite``, the second to finish fails (the file is one run's
+    whole output, never a mix). Temporary files of killed runs are removed.
     """
     path = check_output_path(path, overwrite)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _remove_stale_temps(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f"{_temp_prefix(path)}{os.getpid()}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise SfmpairsError(f"{path}: cannot write ({e.strerror})") from None
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
@@ -56,12 +140,82 @@ def atomic_output(path: str | os.PathLike, overwrite: bool = False) -> Iterator[
     tmp = Path(tmp)
     try:
         yield tmp
-        if path.exists() and not overwrite:  # appeared while we worked
-            raise SfmpairsError(f"{path}: output exists; pass --overwrite to replace it")
-        os.replace(tmp, path)
+        _publish(tmp, path, overwrite)
+    except (OSError, RuntimeError) as e:
+        reason = write_failure(e)
+        if reason is None:
+            raise
+        raise SfmpairsError(f"{path}: cannot write ({reason}); nothing written") from None
     finally:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):
             tmp.unlink()
+
+
+class _WriteGuard:
+    """A binary file for h5py's file-object driver that never reports a failed write to
+    HDF5: HDF5 2.0 crashes (segmentation fault) closing a file one of whose writes
+    failed, a full disk included. The first error is kept and later writes are dropped;
+    :func:`h5_output` raises it once HDF5 has let go of the file."""
+
+    def __init__(self, path: Path):
+        self.file = open(path, "w+b")  # noqa: SIM115 - closed by h5_output
+        self.error: OSError | None = None
+
+    def _guard(self, fn, *args, default=None):
+        if self.error is None:
+            try:
+                return fn(*args)
+            except OSError as e:
+                self.error = e
+        return default
+
+    def write(self, data) -> int:
+        n = memoryview(data).nbytes
+        self._guard(self.file.write, data)
+        return n
+
+    def readinto(self, buffer) -> int:
+        return self.file.readinto(buffer)
+
+    def read(self, size: int = -1) -> bytes:
+        return self.file.read(size)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self.file.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.file.tell()
+
+    def truncate(self, size: int | None = None) -> int:
+        return self._guard(self.file.truncate, size, default=size)
+
+    def flush(self) -> None:
+        self._guard(self.file.flush)
+
+    def close(self) -> None:
+        self._guard(self.file.close)
+        self.file.close()
+
+
+@contextlib.contextmanager
+def h5_output(tmp: str | os.PathLike):
+    """An HDF5 file open for writing at ``tmp`` (the path :func:`atomic_output` gives),
+    whose failed writes (a full disk) raise OSError after HDF5 has closed it, instead
+    of crashing HDF5: ``with atomic_output(out) as tmp, h5_output(tmp) as h5: ...``."""
+    import h5py
+
+    guard = _WriteGuard(Path(tmp))
+    try:
+        with h5py.File(guard, "w") as h5:
+            yield h5
+    except Exception:
+        guard.close()
+        if guard.error is not None:  # the cause of whatever HDF5 made of it
+            raise guard.error from None
+        raise
+    guard.close()
+    if guard.error is not None:
+        raise guard.error
 
 
 def now_iso() -> str:

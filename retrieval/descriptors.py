@@ -13,7 +13,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from sfmpairs.common import SfmpairsError, check_schema
+from sfmpairs.common import SfmpairsError, check_schema, h5_output
 
 SCHEMA = "sfmpairs/descriptors"
 SCHEMA_VERSION = 1
@@ -55,7 +55,7 @@ def write_descriptors(path: str | Path, names, descriptors: np.ndarray, attrs: d
     """Write a descriptor file: ``names`` (N,), ``descriptors`` (N, D) float32,
     ``skipped`` (the images left out), and ``attrs`` (:func:`~sfmpairs.common.provenance_attrs`
     with :data:`SCHEMA` for sfmpairs' own)."""
-    with h5py.File(path, "w") as f:
+    with h5_output(path) as f:
         f.create_dataset("names", data=list(names), dtype=STR)
         f.create_dataset("descriptors", data=np.asarray(descriptors, np.float32))
         f.create_dataset("skipped", data=list(skipped), dtype=STR)

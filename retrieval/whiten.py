@@ -21,7 +21,15 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from sfmpairs.common import SfmpairsError, atomic_output, check_output_path, check_schema, file_sha256, provenance_attrs
+from sfmpairs.common import (
+    SfmpairsError,
+    atomic_output,
+    check_output_path,
+    check_schema,
+    file_sha256,
+    h5_output,
+    provenance_attrs,
+)
 from sfmpairs.config import conf_dict, make_conf
 
 from .options import WHITENINGS as METHODS
@@ -140,7 +148,7 @@ def whiten(
         raise SfmpairsError(f"{pairs}: {e}") from None
     dim = len(projection)  # what is written: at most the rank the pairs span
     with atomic_output(output, overwrite) as tmp:
-        with h5py.File(tmp, "w") as f:
+        with h5_output(tmp) as f:
             f.create_dataset("mean", data=mean)
             f.create_dataset("projection", data=projection)
             parameters = {**conf_dict(conf), "dim": dim}

@@ -1,0 +1,253 @@
+"""Faults a run must survive with nothing lost (issue 17 items 7-9): a disk that fills up,
+corrupt photos, two runs writing the same output at once, temporary files of killed runs.
+
+The disk is filled with a small file-size limit (RLIMIT_FSIZE, SIGXFSZ ignored so that a
+write fails with EFBIG as on a full disk) in a child process that runs every writing
+command in turn (tests/test_faults.py --limited, below)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from sfmpairs import SfmpairsError
+from sfmpairs.cli import main
+from sfmpairs.common import atomic_output, h5_output
+
+TINY = ["--image-size", "32", "--workers", "0"]
+TRAIN = ["--arch", "resnet18", "--epochs", "1", "--query-size", "8", "--pool-size", "16", "--neg-num", "2"]
+TRAIN += ["--image-size", "32", "--test-image-size", "32", "--workers", "0", "--device", "cpu"]
+
+
+def cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def one_error_line(r, *expect) -> str:
+    """The run failed cleanly: exit 2, one error line containing ``expect``, no traceback."""
+    errors = [line for line in r.stderr.splitlines() if line.startswith("sfmpairs: error:")]
+    assert r.exit_code == 2, (r.exit_code, r.stderr, r.exception)
+    assert len(errors) == 1 and all(e in errors[0] for e in expect), r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny rendered world, its store, pairs (2 val clusters), descriptors, a
+    whitening, a trained run and an evaluation report."""
+    from sfmpairs.mining.mine import mine
+    from sfmpairs.retrieval.evaluate import evaluate
+    from sfmpairs.retrieval.extract import extract
+    from sfmpairs.retrieval.whiten import whiten
+    from sfmpairs.sfm_io.ingest import ingest
+    from sfmpairs.synthetic.world import synth
+
+    root = tmp_path_factory.mktemp("faults")
+    synth(root / "w", clusters=6, images_per_cluster=6, image_size=(64, 48), seed=0, points=300)
+    ingest([root / "w"], root / "sfm.h5")
+    mine(root / "sfm.h5", root / "pairs.h5", val_clusters=[f"cluster_0{k}/sparse/0" for k in (4, 5)])
+    extract(None, root / "d.h5", arch="resnet18", store=root / "sfm.h5", image_size=32, workers=0)
+    whiten(root / "d.h5", root / "pairs.h5", root / "wh.h5", method="pca", dim=4)
+    evaluate(root / "report.json", pairs=root / "pairs.h5", descriptors=root / "d.h5")
+    r = cli("train", "--pairs", root / "pairs.h5", "-o", root / "run", *TRAIN, "-q")
+    assert r.exit_code == 0, r.stderr
+    return root
+
+
+def writing_commands(root: Path, out: Path) -> dict:
+    """Every command that writes, each writing ``out/<name>...``: name -> (args, output)."""
+    w = str(root)
+    return {
+        "ingest": (["ingest", f"{w}/w", "-o", f"{out}/sfm.h5"], "sfm.h5"),
+        "mine": (["mine", f"{w}/sfm.h5", "-o", f"{out}/pairs.h5"], "pairs.h5"),
+        "extract": (["extract", "--arch", "resnet18", "--store", f"{w}/sfm.h5", "-o", f"{out}/d.h5", *TINY], "d.h5"),
+        "whiten": (
+            ["whiten", "--descriptors", f"{w}/d.h5", "--pairs", f"{w}/pairs.h5", "-o", f"{out}/wh.h5"]
+            + ["--method", "pca", "--dim", "4"],
+            "wh.h5",
+        ),
+        "evaluate": (
+            ["evaluate", "--pairs", f"{w}/pairs.h5", "--descriptors", f"{w}/d.h5", "-o", f"{out}/report.json"],
+            "report.json",
+        ),
+        "export-hloc": (["export", f"{w}/pairs.h5", "--format", "hloc", "-o", f"{out}/pairs.txt"], "pairs.txt"),
+        "export-csv": (["export", f"{w}/pairs.h5", "--format", "csv", "-o", f"{out}/pairs.csv"], "pairs.csv"),
+        "export-cirtorch": (["export", f"{w}/pairs.h5", "--format", "cirtorch", "-o", f"{out}/cirtorch"], "cirtorch"),
+        "train": (["train", "--pairs", f"{w}/pairs.h5", "-o", f"{out}/run", *TRAIN], "run"),
+        "plot-runs": (["plot", f"{w}/run", "-o", f"{out}/runs.png"], "runs.png"),
+        "plot-report": (["plot", f"{w}/report.json", "-o", f"{out}/top.png"], "top.png"),
+        "show": (["show", f"{w}/pairs.h5", "-o", f"{out}/tuples.png"], "tuples.png"),
+        "synth": (["synth", "-o", f"{out}/world", "--clusters", "2", "--image-size", "64x48"], "world"),
+    }
+
+
+def _run_limited(limit: int, root: str, out: str) -> None:
+    """The child: every writing command under a file-size limit of ``limit`` bytes,
+    each in a process forked from this one (imports done once; a crash is that
+    command's alone); prints {name: exit code or signal} as JSON, each command's stderr
+    after a marker line."""
+    import resource
+    import signal
+
+    import torch  # noqa: F401 - imported once, before forking
+
+    import sfmpairs.mining.export  # noqa: F401
+    import sfmpairs.train.train  # noqa: F401
+
+    codes = {}
+    for name, (args, _) in writing_commands(Path(root), Path(out)).items():
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(r)
+            os.dup2(w, 1)
+            os.dup2(w, 2)
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+            code = 0
+            try:
+                main(args, prog_name="sfmpairs", standalone_mode=False)
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else 1
+            except BaseException:  # noqa: BLE001 - reported as a failure of the test
+                import traceback
+
+                traceback.print_exc()
+                code = 3
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        os.close(w)
+        with os.fdopen(r, "r", errors="replace") as fh:
+            text = fh.read()
+        _, status = os.waitpid(pid, 0)
+        codes[name] = os.waitstatus_to_exitcode(status)
+        print(f"=== {name}\n{text}", file=sys.stderr, flush=True)
+    print(json.dumps(codes))
+
+
+# Commands whose writing is not yet safe on a full disk, in files owned elsewhere (each
+# reason says what is needed); they pass once fixed (xfail is not strict).
+KNOWN_FULL_DISK = {
+    "ingest": "sfm_io/ingest.py writes with h5py.File(tmp): HDF5 2.0 segfaults closing a file whose "
+    "writes failed; needs common.h5_output(tmp)",
+    "export-cirtorch": "mining/export.py writes its folder with open(): OSError not turned into one line",
+    "train": "train/train.py writes its run folder with write_text/torch.save outside atomic_output",
+    "synth": "synthetic/world.py writes its folder with write_text/PIL: OSError not turned into one line",
+}
+
+
+@pytest.fixture(scope="module")
+def full_disk(world, tmp_path_factory):
+    """Every writing command run under a 100-byte file-size limit: (codes, logs, out)."""
+    out = tmp_path_factory.mktemp("full")
+    p = subprocess.run(
+        [sys.executable, __file__, "--limited", "100", str(world), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=out,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    codes = json.loads(p.stdout.strip().splitlines()[-1])
+    logs = dict(part.split("\n", 1) for part in p.stderr.split("=== ")[1:])
+    return codes, logs, out
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(n, marks=pytest.mark.xfail(reason=KNOWN_FULL_DISK[n])) if n in KNOWN_FULL_DISK else n
+        for n in writing_commands(Path("."), Path(".")).keys()
+    ],
+)
+def test_a_full_disk_fails_cleanly(world, full_disk, name):
+    """One line naming the output, exit 2, no traceback, no output and no temporary file."""
+    codes, logs, out = full_disk
+    output = writing_commands(world, out)[name][1]
+    lines = [line for line in logs[name].splitlines() if line.startswith("sfmpairs: error:")]
+    left = sorted(q.name for q in out.iterdir() if q.name == output or q.name.startswith(f".{output}."))
+    assert codes[name] == 2, logs[name][-2000:]
+    assert len(lines) == 1 and output in lines[0] and "Traceback" not in logs[name], logs[name][-2000:]
+    assert not left
+
+
+def test_a_file_that_appears_meanwhile_is_not_replaced(tmp_path):
+    """Two writers of one output, interleaved: the first to finish wins, the second
+    fails with one line and leaves the winner's file whole; no temporary file stays."""
+    out = tmp_path / "x.h5"
+    with pytest.raises(SfmpairsError, match="x.h5: output exists .written meanwhile"):
+        with atomic_output(out) as first, atomic_output(out) as second:
+            assert first != second  # temporary names are unique
+            first.write_bytes(b"first")
+            second.write_bytes(b"second")
+            inner = second  # the inner one publishes first, then the outer one fails
+    assert out.read_bytes() == b"second" and inner.name.startswith(".x.h5.")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.h5"]
+    with atomic_output(out, overwrite=True) as tmp:  # --overwrite replaces, in one step
+        tmp.write_bytes(b"third")
+    assert out.read_bytes() == b"third" and sorted(p.name for p in tmp_path.iterdir()) == ["x.h5"]
+
+
+def _mine(world, out, seed, *extra):
+    cmd = [sys.executable, "-m", "sfmpairs", "mine", str(world / "sfm.h5"), "-o", str(out), "-q"]
+    return subprocess.Popen([*cmd, "--seed", str(seed), *extra], stderr=subprocess.PIPE, text=True)
+
+
+def _pairs(path) -> dict:
+    with h5py.File(path) as f:
+        return {k: f[f"train/{k}"][()] for k in ("query", "positive", "pool")}
+
+
+def test_two_runs_writing_one_output(world, tmp_path):
+    """Two ``mine`` processes at once, different seeds, one output: without --overwrite
+    one wins and the other fails cleanly; with it both succeed and the file is one run's
+    whole output (equal to a run alone), never a mix."""
+    for seed in (1, 2):
+        assert _mine(world, tmp_path / f"alone{seed}.h5", seed).wait(timeout=120) == 0
+    alone = [_pairs(tmp_path / f"alone{seed}.h5") for seed in (1, 2)]
+    assert any(not np.array_equal(alone[0][k], alone[1][k]) for k in alone[0])
+    for extra in ((), ("--overwrite",)):
+        out = tmp_path / f"both{len(extra)}.h5"
+        runs = [_mine(world, out, seed, *extra) for seed in (1, 2)]
+        codes = [r.wait(timeout=120) for r in runs]
+        errors = [r.stderr.read() for r in runs]
+        if extra:
+            assert codes == [0, 0], errors
+        else:
+            assert sorted(codes) == [0, 2], errors
+            loser = errors[codes.index(2)]
+            assert loser.count("sfmpairs: error:") == 1 and "output exists" in loser and "Traceback" not in loser
+        got = _pairs(out)
+        assert any(all(np.array_equal(got[k], a[k]) for k in got) for a in alone)
+        assert not [p for p in tmp_path.iterdir() if p.suffix == ".tmp"]
+
+
+def test_temporary_files_of_killed_runs_are_removed(tmp_path):
+    host = socket.gethostname()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".x.h5.{host}-{dead.pid}.abcd1234.tmp"  # a run that was killed
+    alive = tmp_path / f".x.h5.{host}-{os.getppid()}.abcd1234.tmp"  # one still running
+    other = tmp_path / f".x.h5.otherhost-{dead.pid}.abcd1234.tmp"  # another machine's
+    for p in (stale, alive, other):
+        p.write_bytes(b"partial")
+    with atomic_output(tmp_path / "x.h5") as tmp, h5_output(tmp) as f:
+        f["a"] = np.arange(3)
+    assert not stale.exists() and alive.exists() and other.exists()
+    with h5py.File(tmp_path / "x.h5") as f:
+        assert f["a"][()].tolist() == [0, 1, 2]
+
+
+if __name__ == "__main__" and sys.argv[1] == "--limited":
+    _run_limited(int(sys.argv[2]), sys.argv[3], sys.argv[4])
