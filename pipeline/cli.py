@@ -355,12 +355,23 @@ def info(file):
 @click.option("--image-size", default="320x240", show_default=True, help="WIDTHxHEIGHT of the photos.")
 @click.option("--points", type=int, default=3000, show_default=True, help="3D points sampled per cluster.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
+@click.option(
+    "--hard",
+    is_flag=True,
+    help="Places that look alike (shared texture families), occluders, strong viewpoint, scale and lighting change.",
+)
+@click.option(
+    "--distractors", type=int, default=0, show_default=True, help="Photos of no place (a model of their own)."
+)
+@click.option("--depth-maps", is_flag=True, help="Exact depth maps: MODEL/stereo/depth_maps/PHOTO.geometric.bin.")
 @_finish("Write into a folder that is not empty.")
-def synth(output, clusters, images_per_cluster, image_size, points, seed, overwrite):
+def synth(output, clusters, images_per_cluster, image_size, points, seed, overwrite, **options):
     """A synthetic world: textured building corners, rendered photos, exact COLMAP models.
 
-    Writes OUTPUT/cluster_XX/images/*.jpg and OUTPUT/cluster_XX/sparse/0 per cluster,
-    and OUTPUT/world.json with the exact geometry; `sfmpairs ingest OUTPUT` reads it.
+    Writes OUTPUT/cluster_XX/images/*.jpg and OUTPUT/cluster_XX/sparse/0 per cluster
+    (and OUTPUT/distractors/...), with --depth-maps each photo's depth map as a COLMAP
+    dense workspace holds it, and OUTPUT/world.json with the exact geometry;
+    `sfmpairs ingest OUTPUT` reads it.
     """
     from sfmpairs.synthetic.world import synth as run
 
@@ -376,6 +387,7 @@ def synth(output, clusters, images_per_cluster, image_size, points, seed, overwr
         seed=seed,
         overwrite=overwrite,
         points=points,
+        **options,
     )
     click.echo(f"wrote {clusters} clusters of {images_per_cluster} photos to {output}")
 
@@ -488,10 +500,12 @@ def export(pairs, fmt, output, images_root, image_dir, store, overwrite, **optio
 def demo(workdir, epochs, device, seed, overwrite):
     """The whole pipeline on a synthetic world it makes itself, in a few minutes on CPU.
 
-    Renders a world of textured places with exact COLMAP models, ingests it, mines
-    relaxed pairs, evaluates a randomly initialised resnet18, trains it, evaluates it
-    again, mines hard negatives with it and draws a picture of mined tuples; prints the
-    val mAP before and after training.
+    Renders a hard world (look-alike places, occluders, viewpoint and lighting change,
+    distractor photos) with exact COLMAP models, ingests it, mines relaxed pairs (val:
+    10 places never trained on, and the distractors), evaluates a randomly initialised
+    network, trains it, evaluates it again, mines hard negatives with it and draws
+    pictures; ends with the val mAP before and after training, per epoch, and where
+    the pictures are.
     """
     from sfmpairs.retrieval.extract import resolve_device
 

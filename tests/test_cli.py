@@ -1,4 +1,4 @@
-"""The command line as a user meets it: --version, --help, -v/-q, info, demo."""
+"""The command line as a user meets it: --version, --help, -v/-q, info, demo, synth."""
 
 from __future__ import annotations
 
@@ -75,52 +75,98 @@ def test_info_on_foreign_hdf5(tmp_path):
     assert r.exit_code == 2 and "not a file written by sfmpairs" in r.stderr
 
 
-def test_small_demo_runs_every_stage(tmp_path):
-    """The demo's pipeline on a tiny world (the README test runs the full one); its
-    mAPs are those of its reports, over the val split of the pair file."""
+def test_synth_with_depth_maps(tmp_path):
+    """``sfmpairs synth --hard --distractors N --depth-maps``: a depth map per photo (of
+    each cluster and of the distractors) where a COLMAP dense workspace keeps it."""
+    from PIL import Image
+
+    from sfmpairs.sfm_io.colmap_depth import read_depth_map
+
+    out = tmp_path / "w"
+    args = ["--clusters", 2, "--images-per-cluster", 2, "--image-size", "40x30", "--points", 100]
+    r = invoke("synth", "-q", "-o", out, *args, "--hard", "--distractors", 1, "--depth-maps")
+    assert r.exit_code == 0, r.output
+    photos = sorted(out.glob("*/images/*.jpg"))
+    assert len(photos) == 5 and sorted(p.parent.parent.name for p in photos)[-1] == "distractors"
+    for photo in photos:
+        depth = read_depth_map(photo.parent.parent / "stereo" / "depth_maps" / f"{photo.name}.geometric.bin")
+        with Image.open(photo) as im:
+            assert depth.shape == (im.height, im.width) and (depth > 0).any()
+    assert invoke("synth", "-q", "-o", tmp_path / "e", *args).exit_code == 0
+    assert not list((tmp_path / "e").glob("*/stereo"))  # only when asked
+
+
+SMALL_DEMO = {
+    "epochs": 2,
+    "clusters": 9,
+    "val_clusters": 3,
+    "distractors": 4,
+    "images_per_cluster": 6,
+    "image_size": (96, 72),
+    "points": 600,
+    "train_size": 64,
+    "test_size": 64,
+    "query_size": 20,
+    "pool_size": 30,
+}
+
+
+@pytest.fixture(scope="module")
+def small_demo(tmp_path_factory):
+    """The demo's pipeline on a tiny world (the README test runs the full one): its
+    folder, what run_demo returned and what it printed."""
+    import contextlib
+    import io
+
+    from sfmpairs.demo import run_demo
+
+    work = tmp_path_factory.mktemp("demo") / "demo"
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        r = run_demo(work, **SMALL_DEMO)
+    return work, r, out.getvalue()
+
+
+def test_small_demo_runs_every_stage(small_demo):
+    """Every stage's output is there; its mAPs are those of its reports, over the val
+    split of the pair file (3 places and the distractors' model)."""
     import json
 
     import h5py
     import numpy as np
 
-    from sfmpairs.demo import run_demo
     from sfmpairs.retrieval.network import read_checkpoint
 
-    work = tmp_path / "demo"
-    r = run_demo(
-        work,
-        epochs=1,
-        clusters=9,
-        images_per_cluster=6,
-        image_size=(96, 72),
-        points=600,
-        train_size=64,
-        test_size=64,
-        query_size=20,
-        pool_size=30,
-    )
+    work, r, _ = small_demo
     for name in (
         "sfm.h5",
         "pairs.h5",
         "pairs_negatives.h5",
         "descriptors.h5",
         "tuples.png",
+        "retrieval.png",
         "eval_before.json",
         "eval_after.json",
         "run/best.pt",
+        "run/last.pt",
         "run/metrics.jsonl",
+        "run/metrics.png",
         "world/world.json",
     ):
         assert (work / name).exists(), name
     with h5py.File(work / "pairs.h5") as f:
         cluster, split = f["images/cluster"][()], f["clusters/split"].asstr()[()]
+        names = f["clusters/name"].asstr()[()]
         queries, database = f["val/query"][()], f["val/images"][()]
     with h5py.File(work / "sfm.h5") as f:
         indptr, point = f["observations/indptr"][()], f["observations/point"][()]
     points = [set(point[a:b].tolist()) for a, b in zip(indptr[:-1], indptr[1:])]
     with_positives = sum(any(j != q and points[q] & points[j] for j in database) for q in queries)
-    # two val clusters: other clusters' images are negatives, so the mAP is not 1 by construction
-    assert len(set(cluster[database].tolist())) == list(split).count("val") >= 2
+    # three places and the distractors in val: other clusters' images are negatives, so the mAP is not 1 by construction
+    val_names = sorted(n.split("/")[0] for n, sp in zip(names, split) if sp == "val")
+    assert len(val_names) == 4 and val_names[-1] == "distractors", val_names
+    assert len(set(cluster[database].tolist())) == 4 and r["val"]["places"] == 3
+    assert r["val"]["queries"] == len(queries)
     for key, report in (("before", "eval_before.json"), ("after", "eval_after.json")):
         rep = json.loads((work / report).read_text())
         assert r[key] == rep["mAP"], key
@@ -129,11 +175,48 @@ def test_small_demo_runs_every_stage(tmp_path):
         aps = [a for a in rep["per_query_ap"].values() if a is not None]
         assert len(aps) == with_positives and rep["mAP"] == pytest.approx(np.mean(aps), abs=1e-12), key
         assert rep["image_size"] == 64, key  # the test size
-    assert 0.1 < r["before"] < 0.95  # 9 clusters: neither chance nor perfect
+    assert 0.1 < r["before"] < 0.95  # 3 places and distractors: neither chance nor perfect
     epochs = [json.loads(line) for line in (work / "run/metrics.jsonl").read_text().splitlines()]
-    assert [e["epoch"] for e in epochs] == [-1, 0]  # -1: the val mAP before training
+    assert [e["epoch"] for e in epochs] == [-1, 0, 1]  # -1: the val mAP before training
+    assert r["per_epoch"] == [e["val_map"] for e in epochs[1:]]
+    assert r["after"] == pytest.approx(epochs[-1]["val_map"], abs=1e-9)  # after: last.pt, the last epoch's
     best = read_checkpoint(work / "run/best.pt")
     top = max(epochs, key=lambda e: e["val_map"])  # the first of equals: the starting weights stay unless beaten
     assert (best["val_map"], best["epoch"]) == (top["val_map"], top["epoch"])
     res = invoke("demo", "--workdir", work)
     assert res.exit_code == 2 and "--overwrite" in res.stderr
+
+
+def test_small_demo_ends_with_a_summary(small_demo):
+    """The demo's last lines: val mAP before and after (the reports' numbers), per epoch
+    (the run's), and the pictures (PNG files that exist); not a dump of every file."""
+    import json
+
+    from PIL import Image
+
+    work, r, printed = small_demo
+    summary = printed.rstrip().split("\n\n")[-1]
+    lines = summary.splitlines()
+    assert len(lines) <= 12, summary
+    before = json.loads((work / "eval_before.json").read_text())["mAP"]
+    after = json.loads((work / "eval_after.json").read_text())["mAP"]
+    assert f"val mAP before training {100 * before:.2f}, after {100 * after:.2f} " in summary
+    assert f"{100 * (after - before):+.2f} points" in summary
+    assert "3 places never trained on and 4 distractor photos" in summary
+    epochs = [json.loads(line) for line in (work / "run/metrics.jsonl").read_text().splitlines()]
+    per_epoch = " ".join(f"{100 * e['val_map']:.1f}" for e in epochs if e["epoch"] >= 0)
+    assert f"val mAP per epoch: {per_epoch}\n" in summary
+    for picture in ("run/metrics.png", "retrieval.png", "tuples.png"):
+        assert str(work / picture) in summary, picture
+        with Image.open(work / picture) as im:
+            assert im.format == "PNG" and min(im.size) > 100, picture
+    assert "schema" not in printed and "sfmpairs info" in summary  # the detail is info's
+
+
+def test_demo_refuses_too_few_places(tmp_path):
+    from sfmpairs.common import SfmpairsError
+    from sfmpairs.demo import run_demo
+
+    with pytest.raises(SfmpairsError, match="val places"):
+        run_demo(tmp_path / "d", clusters=9, val_clusters=8)
+    assert not (tmp_path / "d").exists()
