@@ -9,8 +9,10 @@ the ``train`` or ``val`` split.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -19,12 +21,12 @@ import numpy as np
 from sfmpairs.common import SfmpairsError, check_output_path, file_sha256, progress
 from sfmpairs.config import conf_dict, make_conf
 from sfmpairs.retrieval.descriptors import read_descriptors
-from sfmpairs.sfm_io.store import read_store
+from sfmpairs.sfm_io.store import open_store, read_store
 
 from .negatives import hard_negatives
 from .options import MineConf
 from .pairfile import SPLITS, write_pair_file
-from .pools import pair_statistics, pool_members, unordered_pairs
+from .pools import pair_statistics, pool_members, unordered_pairs, worker_threads
 
 logger = logging.getLogger("sfmpairs.mine")
 
@@ -34,49 +36,53 @@ def paper_queries_per_cluster(cluster_size: int) -> int:
     return 30 if cluster_size > 300 else max(1, int(round(0.1 * cluster_size)))
 
 
-def compute_pools(s: dict, pool_size: int, measure: str) -> dict:
-    """M(q) of every image of the store and each candidate's statistics, (N, K) arrays
-    (K the largest pool; shorter pools padded with -1 / 0 / NaN)."""
-    N = len(s["images/model"])
-    ranges, point_ranges = s["models/image_range"], s["models/point_range"]
-    K = int(max((min(pool_size, b - a - 1) for a, b in ranges), default=0))
+def pool_width(image_range: np.ndarray, pool_size: int) -> int:
+    """K, the width of the pool tables: the largest pool of any model (a model of n
+    images has pools of min(pool_size, n - 1))."""
+    return int(max((min(pool_size, int(b - a) - 1) for a, b in image_range), default=0))
+
+
+def model_arrays(h5, a: int, b: int, pa: int, pb: int, measure: str) -> dict:
+    """What pooling needs of one model (images a..b-1, points pa..pb-1), read from the
+    open store ``h5``; observations and points local to the model."""
+    indptr = h5["observations/indptr"][a : b + 1]
+    ia, ib = int(indptr[0]), int(indptr[-1])
+    out = {key: h5[f"images/{key}"][a:b] for key in ("centre", "rotation", "tvec", "focal", "width", "height")}
+    out["indptr"] = indptr - ia
+    out["point"] = h5["observations/point"][ia:ib] - pa
+    out["xyz"] = h5["points/xyz"][pa:pb]
+    out["xy"] = h5["observations/xy"][ia:ib].astype(np.float64) if measure == "bbox" else None
+    return out
+
+
+def model_pools(m: dict, first: int, pool_size: int, measure: str, K: int, threads: int | None = None) -> dict:
+    """M(q) of every image of one model and each candidate's statistics, (n, K) arrays
+    (K from :func:`pool_width`; shorter pools padded with -1 / 0 / NaN): ``pool``
+    (global image indices: ``first`` is the model's first image), ``distance``,
+    ``co_observed``, ``scale_change``, ``inlier_ratio``. ``m``: :func:`model_arrays`."""
+    indptr = m["indptr"]
+    n = len(indptr) - 1
     out = {
-        "pool": np.full((N, K), -1, np.int64),
-        "distance": np.full((N, K), np.nan),
-        "co_observed": np.zeros((N, K), np.int64),
-        "scale_change": np.full((N, K), np.nan),
+        "pool": np.full((n, K), -1, np.int64),
+        "distance": np.full((n, K), np.nan),
+        "co_observed": np.zeros((n, K), np.int64),
+        "scale_change": np.full((n, K), np.nan),
     }
-    indptr = s["observations/indptr"]
-    longer = np.maximum(s["images/width"], s["images/height"]).astype(np.float64)
-    for (a, b), (pa, pb) in progress(list(zip(ranges, point_ranges)), desc="pools", unit="model"):
-        n = int(b - a)
-        if n < 2:
-            continue
-        pool, dist = pool_members(s["images/centre"][a:b], pool_size)
+    if n >= 2:
+        pool, dist = pool_members(m["centre"], pool_size, workers=threads)
         k = pool.shape[1]
-        ia, ib = indptr[a], indptr[b]
-        local_indptr = indptr[a : b + 1] - ia
-        local_point = s["observations/point"][ia:ib] - pa
         pairs = unordered_pairs(pool, n)
+        longer = np.maximum(m["width"], m["height"]).astype(np.float64)
         count, scale = pair_statistics(
-            local_indptr,
-            local_point,
-            s["points/xyz"][pa:pb],
-            s["images/rotation"][a:b],
-            s["images/tvec"][a:b],
-            s["images/focal"][a:b],
-            longer[a:b],
-            pairs,
-            n,
-            measure,
-            xy=s["observations/xy"][ia:ib].astype(np.float64) if measure == "bbox" else None,
-        )
+            indptr, m["point"], m["xyz"], m["rotation"], m["tvec"], m["focal"], longer, pairs, n, measure,
+            xy=m["xy"], threads=threads,
+        )  # fmt: skip
         q = np.repeat(np.arange(n), k).reshape(n, k)
         which = np.searchsorted(pairs, np.minimum(q, pool) * n + np.maximum(q, pool))
-        out["pool"][a:b, :k] = pool + a
-        out["distance"][a:b, :k] = dist
-        out["co_observed"][a:b, :k] = count[which]
-        out["scale_change"][a:b, :k] = scale[which]
+        out["pool"][:, :k] = pool + first
+        out["distance"][:, :k] = dist
+        out["co_observed"][:, :k] = count[which]
+        out["scale_change"][:, :k] = scale[which]
     size = np.diff(indptr)  # |P(q)|: distinct 3D points of each image
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = out["co_observed"] / size[:, None]
@@ -146,36 +152,36 @@ def pool_similarity(desc: np.ndarray, queries: np.ndarray, pool: np.ndarray, chu
     return out
 
 
-def co_observing_images(queries: np.ndarray, indptr: np.ndarray, point: np.ndarray, cluster: np.ndarray) -> dict:
-    """For each val query q, every other image of q's cluster that shares 3D points
-    with it and how many (``gt_indptr``, ``gt_image``, ``gt_co_observed``: CSR rows by
-    query, images ascending), so that evaluation needs the pair file alone. One
-    cluster at a time: memory is bounded by the largest cluster."""
+def co_observing_images(queries: np.ndarray, members: np.ndarray, indptr: np.ndarray, point: np.ndarray) -> dict:
+    """For val queries q of one cluster, every other image of the cluster that shares
+    3D points with q and how many (``gt_indptr``, ``gt_image``, ``gt_co_observed``:
+    CSR rows by query, images ascending), so that evaluation needs the pair file alone.
+
+    ``members``: the cluster's images, ascending; ``indptr``, ``point``: their
+    co-observation table (CSR by member, point indices of the store)."""
     from scipy import sparse
 
-    n_points = int(point.max()) + 1 if len(point) else 0
-    A = sparse.csr_matrix((np.ones(len(point), np.int32), point, indptr), shape=(len(indptr) - 1, n_points))
-    images, counts = [None] * len(queries), [None] * len(queries)
-    for c in np.unique(cluster[queries]):
-        members = np.flatnonzero(cluster == c)
-        qk = np.flatnonzero(cluster[queries] == c)
-        shared = (A[queries[qk]] @ A[members].T).tocsr()  # co-observed points
-        shared.sort_indices()
-        for row, k in enumerate(qk):
-            cols = shared.indices[shared.indptr[row] : shared.indptr[row + 1]]
-            vals = shared.data[shared.indptr[row] : shared.indptr[row + 1]]
-            other = members[cols] != queries[k]
-            images[k], counts[k] = members[cols[other]], vals[other]
-    sizes = [len(x) for x in images]
-
-    def cat(xs):
-        return np.concatenate(xs) if xs else np.zeros(0, np.int64)
-
+    base = int(point.min()) if len(point) else 0
+    n_points = int(point.max()) + 1 - base if len(point) else 0
+    A = sparse.csr_matrix((np.ones(len(point), np.int32), point - base, indptr), shape=(len(members), n_points))
+    shared = (A[np.searchsorted(members, queries)] @ A.T).tocsr()  # co-observed points
+    shared.sort_indices()
+    images, counts = [], []
+    for row, q in enumerate(queries):
+        cols = shared.indices[shared.indptr[row] : shared.indptr[row + 1]]
+        vals = shared.data[shared.indptr[row] : shared.indptr[row + 1]]
+        other = members[cols] != q
+        images.append(members[cols[other]])
+        counts.append(vals[other])
     return {
-        "gt_indptr": np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64),
-        "gt_image": cat(images).astype(np.int32),
-        "gt_co_observed": cat(counts).astype(np.int32),
+        "gt_indptr": np.concatenate([[0], np.cumsum([len(x) for x in images])]).astype(np.int64),
+        "gt_image": _cat(images, np.int32),
+        "gt_co_observed": _cat(counts, np.int32),
     }
+
+
+def _cat(parts: list, dtype) -> np.ndarray:
+    return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
 
 
 def passing_candidates(pools: dict, conf: MineConf) -> tuple[np.ndarray, np.ndarray]:
@@ -192,18 +198,12 @@ def passing_candidates(pools: dict, conf: MineConf) -> tuple[np.ndarray, np.ndar
     return candidate, passes
 
 
-def draw_queries(clusters: np.ndarray, eligible: np.ndarray, cluster: np.ndarray, want: int | None, rng) -> np.ndarray:
-    """The queries of the given clusters: ``want`` eligible images drawn per cluster
-    (None: the paper's number; 0: every eligible image), ascending within a cluster."""
-    cluster_size = np.bincount(cluster)
-    queries = []
-    for c in clusters:
-        elig = np.flatnonzero(eligible & (cluster == c))
-        n_q = paper_queries_per_cluster(int(cluster_size[c])) if want is None else (want or len(elig))
-        n_q = min(n_q, len(elig))
-        if n_q:
-            queries.append(np.sort(rng.choice(elig, n_q, replace=False)))
-    return np.concatenate(queries) if queries else np.zeros(0, np.int64)
+def draw_cluster_queries(eligible: np.ndarray, cluster_size: int, want: int | None, rng) -> np.ndarray:
+    """The queries of one cluster: ``want`` of its ``eligible`` images (ascending)
+    drawn (None: the paper's number; 0: every eligible image), ascending."""
+    n_q = paper_queries_per_cluster(cluster_size) if want is None else (want or len(eligible))
+    n_q = min(n_q, len(eligible))
+    return np.sort(rng.choice(eligible, n_q, replace=False)) if n_q else np.zeros(0, np.int64)
 
 
 def mine_negatives(
@@ -226,76 +226,176 @@ def mine_negatives(
     return {"negatives": np.where(idx >= 0, images[np.maximum(idx, 0)], -1), "negative_similarity": sim}
 
 
-def mine_split(
-    split: str,
-    in_split: np.ndarray,
-    s: dict,
-    pools: dict,
-    candidate: np.ndarray,
-    passes: np.ndarray,
-    conf: MineConf,
-    desc: np.ndarray | None,
-    want_negatives: bool,
-    rng,
-) -> dict:
-    """One split's queries, positives, images, hard negatives (with descriptors) and,
-    for val, the ground truth: the paper's steps for the clusters ``in_split``."""
+ROW_KEYS = ("pool", "distance", "co_observed", "scale_change", "inlier_ratio", "candidate", "passes")
+
+
+def pool_model(h5, s: dict, model: int, conf: MineConf, K: int, with_observations: bool) -> dict:
+    """One model's pool rows (:func:`model_pools`) with ``candidate`` and ``passes``,
+    ``image`` (its global image indices) and ``eligible`` (images with a candidate
+    that the strategy may take); with its observations where asked (``indptr``,
+    ``point``: store point indices), for the val ground truth."""
+    (a, b), (pa, pb) = s["models/image_range"][model], s["models/point_range"][model]
+    m = model_arrays(h5, int(a), int(b), int(pa), int(pb), conf.scale_measure)
+    rows = model_pools(m, int(a), conf.pool_size, conf.scale_measure, K)
+    rows["candidate"], rows["passes"] = passing_candidates(rows, conf)
+    rows["image"] = np.arange(a, b)
+    rows["eligible"] = (rows["passes"] if conf.strategy == "relaxed" else rows["candidate"]).any(axis=1)
+    if with_observations:
+        rows["indptr"], rows["point"] = m["indptr"], m["point"] + pa
+    return rows
+
+
+def in_order(fn, items: list, workers: int):
+    """``fn(item)`` of each item, yielded in order, computed on ``workers`` threads
+    at most ``2 * workers`` items ahead (so that memory holds a few items only)."""
+    with ThreadPoolExecutor(workers) as ex:
+        pending = deque(ex.submit(fn, x) for x in items[: 2 * workers])
+        rest = iter(items[2 * workers :])
+        try:
+            while pending:
+                done = pending.popleft().result()
+                for x in itertools.islice(rest, 1):
+                    pending.append(ex.submit(fn, x))
+                yield done
+        finally:
+            for f in pending:
+                f.cancel()
+
+
+def _join(parts: list[dict]) -> dict:
+    """The rows of a cluster's models, one table (images ascending)."""
+    if len(parts) == 1:
+        return parts[0]
+    out = {key: np.concatenate([p[key] for p in parts]) for key in (*ROW_KEYS, "image", "eligible")}
+    if "indptr" in parts[0]:
+        ends = np.cumsum([p["indptr"][-1] for p in parts])
+        out["indptr"] = np.concatenate([[0]] + [p["indptr"][1:] + e - p["indptr"][-1] for p, e in zip(parts, ends)])
+        out["point"] = np.concatenate([p["point"] for p in parts])
+    return out
+
+
+def split_queries(split: str, clusters, models_of: list, results, conf: MineConf, K: int, cluster_size, rng):
+    """One split's queries, cluster by cluster in order, each cluster's drawn as soon
+    as its models' pools (``results``, in the order of ``clusters``) are in; only the
+    queries' rows are kept. Returns ``(queries, rows, gt)`` (``gt``: val only)."""
+    queries, rows, gt = [], [], []
+    for c in clusters:
+        t = _join([next(results) for _ in models_of[c]])
+        q = draw_cluster_queries(t["image"][t["eligible"]], int(cluster_size[c]), conf.queries_per_cluster, rng)
+        if split == "val" and len(q):
+            gt.append(co_observing_images(q, t["image"], t["indptr"], t["point"]))
+        if len(q):
+            queries.append(q)
+            at = np.searchsorted(t["image"], q)
+            rows.append({key: t[key][at] for key in ROW_KEYS})
+    return _cat(queries, np.int64), _stack_rows(rows, K), _join_gt(gt) if split == "val" else {}
+
+
+_ROW_EMPTY = {"pool": np.int64, "co_observed": np.int64, "candidate": bool, "passes": bool}
+
+
+def _stack_rows(rows: list[dict], K: int) -> dict:
+    if not rows:
+        return {key: np.zeros((0, K), _ROW_EMPTY.get(key, np.float64)) for key in ROW_KEYS}
+    return {key: np.concatenate([r[key] for r in rows]) for key in ROW_KEYS}
+
+
+def _join_gt(parts: list[dict]) -> dict:
+    sizes = np.concatenate([np.diff(p["gt_indptr"]) for p in parts]) if parts else np.zeros(0, np.int64)
+    return {
+        "gt_indptr": np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64),
+        "gt_image": _cat([p["gt_image"] for p in parts], np.int32),
+        "gt_co_observed": _cat([p["gt_co_observed"] for p in parts], np.int32),
+    }
+
+
+def finish_split(split, in_split, queries, rows, gt, s, conf, desc, want_negatives, rng) -> dict:
+    """One split's positives (by the strategy, drawing from ``rng`` for relaxed),
+    images, hard negatives (with descriptors) and, for val, the ground truth."""
     cluster = s["images/cluster"]
-    eligible = (passes if conf.strategy == "relaxed" else candidate).any(axis=1)
-    queries = draw_queries(np.flatnonzero(in_split), eligible, cluster, conf.queries_per_cluster, rng)
-    rows = pools["pool"][queries]
-    similarity = pool_similarity(desc, queries, rows) if conf.strategy == "mac" else None
-    slots = positive_slots(
-        conf.strategy, passes[queries], candidate[queries], pools["co_observed"][queries], rng, similarity
-    )
+    similarity = pool_similarity(desc, queries, rows["pool"]) if conf.strategy == "mac" else None
+    slots = positive_slots(conf.strategy, rows["passes"], rows["candidate"], rows["co_observed"], rng, similarity)
     images = np.flatnonzero(in_split[cluster])
-    entry = {"query": queries, "positive": rows[np.arange(len(queries)), slots], "images": images}
+    entry = {"query": queries, "positive": rows["pool"][np.arange(len(queries)), slots], "images": images, **gt}
     if want_negatives:
         entry.update(mine_negatives(split, queries, images, cluster, desc, conf.negatives))
-    if split == "val":
-        entry.update(co_observing_images(queries, s["observations/indptr"], s["observations/point"], cluster))
     logger.info("%s: %d clusters, %d images, %d queries", split, int(in_split.sum()), len(images), len(queries))
     if len(queries):
         logger.debug(
             "%s: per query %.1f pool images, %.1f candidates sharing points, %.1f passing",
             split,
-            (rows >= 0).sum(1).mean(),
-            candidate[queries].sum(1).mean(),
-            passes[queries].sum(1).mean(),
+            (rows["pool"] >= 0).sum(1).mean(),
+            rows["candidate"].sum(1).mean(),
+            rows["passes"].sum(1).mean(),
         )
     return entry
 
 
-def store_keys(conf: MineConf) -> list[str]:
-    """The SfM store's datasets that mining reads."""
-    keys = [
+class QueryRows:
+    """The pool rows of the queries alone, looked up by global image index as the
+    (N, K) table over every image would be (``rows[q]``): what the pair file takes."""
+
+    def __init__(self, queries: np.ndarray, rows: np.ndarray):
+        order = np.argsort(queries, kind="stable")
+        self.queries, self.rows = queries[order], rows[order]
+
+    def __getitem__(self, q):
+        return self.rows[np.searchsorted(self.queries, q)]
+
+
+def mine_all(h5, s: dict, split_of_cluster, conf: MineConf, desc, want_negatives: bool, rng, workers: int):
+    """Each split's entry, the models pooled on ``workers`` threads in the order the
+    queries are drawn (train clusters, then val clusters), only the queries' rows kept;
+    and those rows (:class:`QueryRows`) for the pair file."""
+    image_range = s["models/image_range"]
+    model_cluster = s["images/cluster"][image_range[:, 0]] if len(image_range) else np.zeros(0, np.int64)
+    models_of = [[] for _ in range(len(split_of_cluster))]
+    for model, c in enumerate(model_cluster):
+        models_of[c].append(model)
+    clusters = [np.flatnonzero(split_of_cluster == sp) for sp in range(len(SPLITS))]
+    todo = [(m, sp == 1) for sp in range(len(SPLITS)) for c in clusters[sp] for m in models_of[c]]
+    K = pool_width(image_range, conf.pool_size)
+    results = in_order(lambda x: pool_model(h5, s, x[0], conf, K, x[1]), todo, workers)
+    results = iter(progress(results, total=len(todo), desc="pools", unit="model"))
+    cluster_size = np.bincount(s["images/cluster"], minlength=len(split_of_cluster))
+    per_split, kept = {}, []
+    for sp, split in enumerate(SPLITS):
+        queries, rows, gt = split_queries(split, clusters[sp], models_of, results, conf, K, cluster_size, rng)
+        in_split = split_of_cluster == sp
+        per_split[split] = finish_split(split, in_split, queries, rows, gt, s, conf, desc, want_negatives, rng)
+        kept.append((queries, rows))
+    queries = np.concatenate([q for q, _ in kept])
+    table = {key: QueryRows(queries, np.concatenate([r[key] for _, r in kept])) for key in ROW_KEYS}
+    return per_split, table
+
+
+def store_keys() -> list[str]:
+    """The SfM store's datasets that mining reads whole (the rest model by model)."""
+    return [
         "images/name",
         "images/cluster",
         "images/model",
-        "images/centre",
-        "images/rotation",
-        "images/tvec",
-        "images/focal",
-        "images/width",
-        "images/height",
         "models/image_range",
         "models/point_range",
-        "points/xyz",
-        "observations/indptr",
-        "observations/point",
         "clusters/name",
     ]
-    return keys + (["observations/xy"] if conf.scale_measure == "bbox" else [])
 
 
 def mine(
-    store: str | Path, output: str | Path, *, descriptors: str | Path | None = None, overwrite: bool = False, **options
+    store: str | Path,
+    output: str | Path,
+    *,
+    descriptors: str | Path | None = None,
+    overwrite: bool = False,
+    workers: int | None = None,
+    **options,
 ) -> dict:
     """Mine training pairs from the SfM store ``store`` into the pair file ``output``.
 
     ``options``: the settings of :class:`~.options.MineConf` (its defaults for the
-    rest). Returns a summary. Raises :class:`SfmpairsError` on bad input, leaving no
-    output.
+    rest); ``workers``: threads pooling models at once (None: one per core). Memory
+    holds a few models and the queries' rows, not the pools of every image. Returns a
+    summary. Raises :class:`SfmpairsError` on bad input, leaving no output.
     """
     t0 = time.perf_counter()
     check_output_path(output, overwrite)  # before the work, not after it
@@ -307,7 +407,7 @@ def mine(
     # the store's checksum, for the provenance: hashlib releases the GIL, so it runs
     # beside the mining on another core
     checksum = ThreadPoolExecutor(1).submit(file_sha256, store) if store.is_file() else None
-    s = read_store(store, keys=store_keys(conf))
+    s = read_store(store, keys=store_keys())
     names, cluster_names = s["images/name"], s["clusters/name"]
     want_negatives = descriptors is not None and conf.negatives > 0
     if want_negatives and len(cluster_names) < 2:
@@ -315,30 +415,16 @@ def mine(
     desc = read_descriptors(descriptors, names) if descriptors is not None else None
 
     logger.info("pools of %d images (k = %d, scale measure %s)", len(names), conf.pool_size, conf.scale_measure)
-    pools = compute_pools(s, conf.pool_size, conf.scale_measure)
-    candidate, passes = passing_candidates(pools, conf)
     rng = np.random.default_rng(conf.seed)
     split_of_cluster = split_clusters(cluster_names, conf, rng)
-    per_split = {
-        split: mine_split(split, split_of_cluster == sp, s, pools, candidate, passes, conf, desc, want_negatives, rng)
-        for sp, split in enumerate(SPLITS)
-    }
+    with open_store(store) as h5:
+        per_split, rows = mine_all(h5, s, split_of_cluster, conf, desc, want_negatives, rng, worker_threads(workers))
 
     inputs = {"store": str(store.resolve()), "store_sha256": checksum.result()}
     if descriptors:
         inputs["descriptors_sha256"] = file_sha256(descriptors)
     parameters = {**conf_dict(conf), "descriptors": str(Path(descriptors).resolve()) if descriptors else None}
-    write_pair_file(
-        output,
-        overwrite,
-        s,
-        split_of_cluster,
-        per_split,
-        {**pools, "passes": passes},
-        conf_dict(conf),
-        parameters,
-        inputs,
-    )
+    write_pair_file(output, overwrite, s, split_of_cluster, per_split, rows, conf_dict(conf), parameters, inputs)
     result = {
         "output": str(output),
         "strategy": conf.strategy,

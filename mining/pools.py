@@ -33,8 +33,9 @@ SCALE_MEASURES = ("depth", "bbox")
 _KEY_SPAN = 256.0  # sort key = group * span + log ratio (|log ratio| < 127 after clipping)
 
 
-def pool_members(centres: np.ndarray, k: int, extra: int = 8):
-    """The k images with the nearest camera centres to each image, itself excluded.
+def pool_members(centres: np.ndarray, k: int, extra: int = 8, workers: int | None = None):
+    """The k images with the nearest camera centres to each image, itself excluded
+    (the nearest-neighbour query on ``workers`` threads: None, every core).
 
     Returns ``(pool, distance)``, both (n, min(k, n - 1)): local image indices sorted
     by (distance, index), and the Euclidean distances between the centres.
@@ -44,7 +45,7 @@ def pool_members(centres: np.ndarray, k: int, extra: int = 8):
     if k <= 0:
         return np.zeros((n, 0), np.int64), np.zeros((n, 0))
     m = min(n, k + 1 + extra)  # a few more, so that ties at the k-th are resolved by index
-    _, idx = cKDTree(centres).query(centres, m)
+    _, idx = cKDTree(centres).query(centres, m, workers=worker_threads(workers))
     idx = np.asarray(idx).reshape(n, m)
     dist = np.linalg.norm(centres[idx] - centres[:, None, :], axis=2)
     is_self = idx == np.arange(n)[:, None]
@@ -52,6 +53,14 @@ def pool_members(centres: np.ndarray, k: int, extra: int = 8):
     order = np.lexsort((idx, dist), axis=1)[:, :k]
     rows = np.arange(n)[:, None]
     return idx[rows, order], dist[rows, order]
+
+
+def worker_threads(threads: int | None) -> int:
+    """The threads to use: ``threads``, or (None) the cores this process may run on, at most 8."""
+    if threads:
+        return threads
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(cores or 1, 8))
 
 
 def unordered_pairs(pool: np.ndarray, n: int):
@@ -315,7 +324,7 @@ def _run_batches(run_batch, n: int, batch_images: int, threads: int | None) -> N
     Batches are independent (each writes its own run of the outputs) and numpy
     releases the GIL in its loops. Each worker owns a slot table, int64
     (batch_images * n,), all -1, that its batches borrow in turn."""
-    workers = max(1, min(threads or os.cpu_count() or 1, 8))
+    workers = worker_threads(threads)
     slots = queue.SimpleQueue()
     for _ in range(workers):
         slots.put(np.full(batch_images * n, -1, np.int64))
