@@ -104,8 +104,11 @@ def scene_matrices(indptr, point, xy, num_points, valid: np.ndarray, threads: in
     keys, lo, hi = keys[keep], lo[keep], hi[keep]
     count, boxes = pair_boxes(indptr, point, xy, num_points, keys, threads=threads)
     points = np.diff(indptr)
-    overlap = np.full((n, n), -1, np.float32)
-    overlap[np.ix_(valid, valid)] = 0
+    if valid.all():
+        overlap = np.zeros((n, n), np.float32)
+    else:
+        overlap = np.full((n, n), -1, np.float32)
+        overlap[np.ix_(valid, valid)] = 0
     np.fill_diagonal(overlap, -1)
     pair_overlap = count / np.maximum(np.minimum(points[lo], points[hi]), 1)
     overlap[lo, hi] = overlap[hi, lo] = pair_overlap

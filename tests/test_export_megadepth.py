@@ -256,3 +256,16 @@ def test_megadepth_options_and_no_overwrite(world, tmp_path):
     assert (tmp_path / "o" / "index" / "scene_info_0.2_1" / "cluster_00_sparse_0_0.2_1.npz").is_file()
     photo = tmp_path / "o" / info["image_paths"][0]
     assert photo.is_file() and not photo.is_symlink()
+
+
+def test_dense_workspace_layouts(tmp_path):
+    from sfmpairs.sfm_io.colmap_depth import dense_workspace
+
+    (tmp_path / "W" / "sparse" / "0").mkdir(parents=True)
+    (tmp_path / "V" / "sparse").mkdir(parents=True)
+    assert dense_workspace(tmp_path / "W" / "sparse" / "0") is None
+    for w in ("W", "V"):
+        (tmp_path / w / "stereo" / "depth_maps").mkdir(parents=True)
+    assert dense_workspace(tmp_path / "W" / "sparse" / "0") == tmp_path / "W"  # a model at W/sparse/N
+    assert dense_workspace(tmp_path / "V" / "sparse") == tmp_path / "V"  # image_undistorter's W/sparse
+    assert dense_workspace(tmp_path / "W") == tmp_path / "W"
