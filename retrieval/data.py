@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from sfmpairs.common import SfmpairsError
 
-from .images import open_rgb
+from .images import decode_problem, open_rgb
 from .options import ExtractConf
 
 
@@ -58,8 +58,10 @@ def load_image(path: Path, image_size: int, box=None) -> torch.Tensor:
         if box is not None:
             img = img.crop(tuple(int(round(c)) for c in box))
         img.thumbnail((image_size, image_size), Image.LANCZOS)
-    except (OSError, ValueError) as e:  # a truncated file can fail only now
-        raise SfmpairsError(f"{path}: cannot decode image ({e})") from None
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a truncated file can fail only now
+        raise SfmpairsError(f"{path}: cannot decode image ({decode_problem(e, path)})") from None
     return torch.from_numpy(np.array(img)).permute(2, 0, 1)  # np.array: a writable copy
 
 

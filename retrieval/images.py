@@ -20,5 +20,17 @@ def open_rgb(path: str | Path):
             return img if img.mode == "RGB" else img.convert("RGB")  # convert() of RGB only copies
     except FileNotFoundError:
         raise SfmpairsError(f"{path}: image not found") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise SfmpairsError(f"{path}: cannot decode image ({e})") from None
+    except IsADirectoryError:
+        raise SfmpairsError(f"{path}: is a folder, not an image") from None
+    except UnidentifiedImageError:
+        raise SfmpairsError(f"{path}: not an image (unknown format or corrupt header)") from None
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - PIL raises many kinds on corrupt data: one line
+        raise SfmpairsError(f"{path}: cannot decode image ({decode_problem(e, path)})") from None
+
+
+def decode_problem(e: BaseException, path) -> str:
+    """PIL's message of ``e`` on one line, short, without the file's name again."""
+    text = " ".join(str(e).replace(str(path), "").split()) or type(e).__name__
+    return text if len(text) <= 120 else text[:117] + "..."

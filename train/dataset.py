@@ -20,12 +20,19 @@ of targets:
             out = torch.cat([net(x) for x in images])   # each x is (1, 3, H, W)
             loss = criterion(out, target)                # target: [-1, 1, 0, ..., 0]
 
+An image that is missing or cannot be decoded raises :class:`~sfmpairs.common.SfmpairsError`
+naming it (in DataLoader workers torch wraps it with the worker's traceback); with
+``skip_bad=True`` its tuple is skipped instead: the item is None, logged once, counted
+in ``skipped`` (of this process: each worker counts its own), and ``collate_tuples``
+leaves it out, so a batch may hold fewer tuples.
+
 Everything here is picklable (classes and module-level functions), so DataLoader
 workers run under every start method, ``spawn`` and ``forkserver`` included.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +41,8 @@ from torch.utils.data import Dataset
 
 from sfmpairs.common import SfmpairsError
 from sfmpairs.retrieval.images import open_rgb
+
+logger = logging.getLogger("sfmpairs.dataset")
 
 
 class ToTensor:
@@ -60,7 +69,7 @@ def collate_tuples(batch: list) -> tuple[list[list[torch.Tensor]], list[torch.Te
     ``targets[k]`` is ``[-1, 1, 0, ..., 0]`` (query, positive, one 0 per negative),
     what its contrastive and triplet losses take."""
     inputs, targets = [], []
-    for query, positive, negatives in batch:
+    for query, positive, negatives in (item for item in batch if item is not None):
         inputs.append([x.unsqueeze(0) for x in (query, positive, *negatives)])
         targets.append(torch.tensor([-1.0, 1.0] + [0.0] * len(negatives)))
     return inputs, targets
@@ -76,6 +85,7 @@ class PairTuples(Dataset):
         split: str = "train",
         transform=None,
         image_size: int | None = None,
+        skip_bad: bool = False,
     ):
         from sfmpairs.mining.pairfile import read_pair_file
 
@@ -88,6 +98,8 @@ class PairTuples(Dataset):
         self.query, self.positive = s["query"], s["positive"]
         self.negatives = s.get("negatives", np.zeros((len(self.query), 0), np.int64))
         self.transform = transform or ToTensor(image_size)
+        self.skip_bad = skip_bad
+        self.skipped: dict[int, str] = {}  # tuple -> the problem, with skip_bad
 
     def __len__(self) -> int:
         return len(self.query)
@@ -105,4 +117,12 @@ class PairTuples(Dataset):
 
     def __getitem__(self, i: int):
         q, p, negs = self.tuple_names(i)
-        return self._load(q), self._load(p), [self._load(n) for n in negs]
+        try:
+            return self._load(q), self._load(p), [self._load(n) for n in negs]
+        except SfmpairsError as e:
+            if not self.skip_bad:
+                raise
+            if i not in self.skipped:
+                logger.warning("skipped tuple %d: %s", i, e)
+            self.skipped[i] = str(e)
+            return None
