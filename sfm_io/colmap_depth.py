@@ -94,6 +94,6 @@ def write_depth_h5(path: str | os.PathLike, depth: np.ndarray, attrs: dict | Non
     import h5py
 
     with h5py.File(path, "w") as h5:
-        h5.create_dataset("depth", data=np.asarray(depth, np.float32), compression="gzip", compression_opts=1)
+        h5.create_dataset("depth", data=np.asarray(depth, np.float32))
         for k, v in (attrs or {}).items():
             h5.attrs[k] = v
