@@ -1,32 +1,48 @@
 """``sfmpairs reconstruct``: COLMAP models from a folder of photos, with pycolmap.
 
-SIFT features (GPU where pycolmap has CUDA), exhaustive, sequential or vocabulary-tree
-matching, incremental mapping. Writes ``OUTPUT/database.db``, the models at
-``OUTPUT/sparse/0 .. N`` and a link ``OUTPUT/images`` to the photos, so that
-``sfmpairs ingest OUTPUT`` reads them (every separate model becomes a cluster, or one
-per scene with ``--cluster-by scene``).
+SIFT features (GPU where pycolmap has CUDA); exhaustive, sequential, vocabulary-tree or
+retrieval matching (each photo with its most similar photos by global descriptors from
+sfmpairs' own extraction, see :mod:`.pairs_from_retrieval`); incremental mapping. The
+folder may hold photos of many places, in any tree of subfolders: each place becomes a
+model of its own.
 
-Realistic sizes on 2 CPU cores, photos at most 1600 px: 10 to 50 photos take seconds to
-a few minutes with exhaustive matching (which grows with the square of the number of
-photos); use ``sequential`` for video frames and ``vocab-tree`` beyond a few hundred.
+The mapper can leave small models that share photos with a larger one. Each photo is
+kept in its largest model only (:mod:`.shared_names`), and models with fewer than
+``min_model_size`` registered photos are dropped, each drop logged and recorded, so
+that ``sfmpairs ingest OUTPUT`` always accepts the output. Writes ``OUTPUT/database.db``,
+the models at ``OUTPUT/sparse/0 .. N``, a link ``OUTPUT/images`` to the photos and
+``OUTPUT/reconstruct.json`` (how it was made, what was dropped, the time of each
+stage); with ``retrieval``, also the pairs matched (``OUTPUT/pairs-retrieval.txt``).
+The folder appears only when everything has worked.
+
+Sizes on 2 CPU cores (benchmarks/bench_reconstruct.py): exhaustive matching grows with
+the square of the number of photos and suits up to a few hundred; ``retrieval`` (or
+``vocab-tree`` with COLMAP's tree file) beyond; ``sequential`` for video frames.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import shutil
+import sqlite3
+import tempfile
 import time
 from pathlib import Path
 
-from sfmpairs.common import SfmpairsError
-from sfmpairs.config import make_conf
+from sfmpairs.common import SfmpairsError, provenance_attrs
+from sfmpairs.config import conf_dict, make_conf
 
-from .options import MATCHERS, ReconstructConf
+from .options import ReconstructConf
+from .shared_names import deregister, keepers
 
 logger = logging.getLogger("sfmpairs.reconstruct")
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".ppm", ".pgm"}
+SCHEMA, SCHEMA_VERSION = "sfmpairs/reconstruct", 1
+PAIRS_FILE = "pairs-retrieval.txt"
 
 
 def list_photos(images_dir: Path) -> list[Path]:
@@ -42,8 +58,7 @@ def list_photos(images_dir: Path) -> list[Path]:
 def check_settings(conf: ReconstructConf, vocab_tree) -> None:
     from .model import camera_model_ids
 
-    if conf.matcher not in MATCHERS:
-        raise SfmpairsError(f"unknown matcher {conf.matcher!r} (choose {', '.join(MATCHERS)})")
+    conf.check()
     if conf.camera_model not in camera_model_ids():
         raise SfmpairsError(f"unknown camera model {conf.camera_model!r}")
     if conf.matcher == "vocab-tree" and (vocab_tree is None or not Path(vocab_tree).is_file()):
@@ -51,6 +66,27 @@ def check_settings(conf: ReconstructConf, vocab_tree) -> None:
             f"{vocab_tree or '--vocab-tree'}: the vocab-tree matcher needs a vocabulary "
             f"tree file (COLMAP's, e.g. vocab_tree_flickr100K_words32K.bin)"
         )
+    if conf.checkpoint is not None and not Path(conf.checkpoint).is_file():
+        raise SfmpairsError(f"{conf.checkpoint}: no such checkpoint file")
+
+
+@contextlib.contextmanager
+def building_folder(output: Path, overwrite: bool):
+    """A fresh folder beside ``output`` to build in; it becomes ``output`` at the end,
+    or vanishes on error (``output`` is left as it was)."""
+    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
+        raise SfmpairsError(f"{output}: folder exists and is not empty; pass --overwrite")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
+    try:
+        yield tmp
+        if output.is_dir() and not output.is_symlink():
+            shutil.rmtree(output)
+        elif output.exists() or output.is_symlink():
+            output.unlink()
+        os.replace(tmp, output)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def extract_features(db: Path, images_dir: Path, conf: ReconstructConf, device) -> None:
@@ -67,7 +103,40 @@ def extract_features(db: Path, images_dir: Path, conf: ReconstructConf, device) 
     )
 
 
-def match_features(db: Path, conf: ReconstructConf, vocab_tree, device) -> None:
+def database_names(db: Path) -> list[str]:
+    """The names of the photos in COLMAP's database, sorted."""
+    with contextlib.closing(sqlite3.connect(db)) as con:
+        return sorted(name for (name,) in con.execute("SELECT name FROM images"))
+
+
+def pair_counts(db: Path) -> dict[str, int]:
+    """Pairs matched and pairs with a verified two-view geometry, from the database."""
+    with contextlib.closing(sqlite3.connect(db)) as con:
+        matched = con.execute("SELECT COUNT(*) FROM matches").fetchone()[0]
+        verified = con.execute("SELECT COUNT(*) FROM two_view_geometries WHERE rows > 0").fetchone()[0]
+    return {"pairs_matched": int(matched), "pairs_verified": int(verified)}
+
+
+def select_pairs(db: Path, images_dir: Path, work: Path, conf: ReconstructConf) -> int:
+    """retrieval: the pairs to match into ``work/pairs-retrieval.txt``; their number."""
+    from .pairs_from_retrieval import global_descriptors, retrieval_pairs, write_pair_list
+
+    names = database_names(db)
+    desc = global_descriptors(images_dir, names, conf.checkpoint, conf.retrieval_image_size, conf.device)
+    pairs = retrieval_pairs(desc, conf.num_neighbours, conf.sequential)
+    write_pair_list(work / PAIRS_FILE, names, pairs)
+    logger.info(
+        "%d pairs of %d photos (%d most similar%s each; exhaustive: %d)",
+        len(pairs),
+        len(names),
+        conf.num_neighbours,
+        f" + {conf.sequential} next" if conf.sequential else "",
+        len(names) * (len(names) - 1) // 2,
+    )
+    return len(pairs)
+
+
+def match_features(db: Path, conf: ReconstructConf, vocab_tree, device, pairs_file: Path | None = None) -> None:
     """Matches and two-view geometries of the pairs the matcher proposes."""
     import pycolmap
 
@@ -77,27 +146,141 @@ def match_features(db: Path, conf: ReconstructConf, vocab_tree, device) -> None:
         pairing = pycolmap.SequentialPairingOptions()
         pairing.overlap = conf.overlap
         pycolmap.match_sequential(db, pairing_options=pairing, device=device)
+    elif conf.matcher == "retrieval":
+        pairing = pycolmap.ImportedPairingOptions()
+        pairing.match_list_path = str(pairs_file)
+        pycolmap.match_image_pairs(db, pairing_options=pairing, device=device)
     else:
         pairing = pycolmap.VocabTreePairingOptions()
         pairing.vocab_tree_path = str(vocab_tree)
         pycolmap.match_vocabtree(db, pairing_options=pairing, device=device)
 
 
-def map_models(db: Path, images_dir: Path, output: Path) -> dict[str, int]:
-    """Incremental mapping into ``output/sparse/N`` (binary); registered images per model."""
+def map_models(db: Path, images_dir: Path, work: Path) -> list:
+    """Incremental mapping: the mapper's models, in its order."""
     import pycolmap
 
-    (output / "sparse").mkdir(exist_ok=True)
-    models = pycolmap.incremental_mapping(db, images_dir, output / "sparse")
+    models = pycolmap.incremental_mapping(db, images_dir, work / "mapper")
+    shutil.rmtree(work / "mapper", ignore_errors=True)
     if not models:
         raise SfmpairsError(f"{images_dir}: no model could be reconstructed (too few matching photos)")
+    return [models[k] for k in sorted(models)]
+
+
+def clean_models(models: list, min_model_size: int) -> tuple[list, list[dict]]:
+    """Each photo in its largest model only, then models under ``min_model_size``
+    registered photos dropped: the models kept and a record of each drop."""
+    names = [sorted(img.name for img in rec.images.values() if img.has_pose) for rec in models]
+    keeper = keepers(names)
+    kept, dropped = [], []
+    for k, rec in enumerate(models):
+        elsewhere = {n for n in names[k] if keeper[n] != k}
+        deregister(rec, elsewhere)
+        left = rec.num_reg_images()
+        if left >= min_model_size:
+            kept.append(rec)
+            if elsewhere:
+                logger.info("mapper model %d: %d of its photos are in a larger model, kept there", k, len(elsewhere))
+            continue
+        why = f"fewer than --min-model-size {min_model_size} photos"
+        if elsewhere:
+            why = f"{len(elsewhere)} of its photos in a larger model, {left} left: " + why
+        dropped.append({"mapper_model": k, "photos": len(names[k]), "in_larger_model": len(elsewhere), "why": why})
+        logger.warning("dropped mapper model %d of %d photos (%s)", k, len(names[k]), why)
+    return kept, dropped
+
+
+def write_models(models: list, work: Path, images_dir: Path, min_model_size: int) -> dict[str, int]:
+    """The models at ``work/sparse/0 .. N`` (binary); registered photos per model."""
+    if not models:
+        raise SfmpairsError(
+            f"{images_dir}: no model of at least {min_model_size} registered photos; "
+            f"lower --min-model-size to keep smaller ones"
+        )
     registered = {}
-    for idx, rec in sorted(models.items()):
-        folder = output / "sparse" / str(idx)
-        folder.mkdir(parents=True, exist_ok=True)
+    for k, rec in enumerate(models):
+        folder = work / "sparse" / str(k)
+        folder.mkdir(parents=True)
         rec.write_binary(str(folder))
-        registered[str(idx)] = rec.num_reg_images()
+        registered[str(k)] = rec.num_reg_images()
     return registered
+
+
+class Stages:
+    """Times each stage and logs its start: ``with stages("matching", "..."):``."""
+
+    def __init__(self, total: int):
+        self.total, self.seconds = total, {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str, message: str):
+        logger.info("%d/%d %s", len(self.seconds) + 1, self.total, message)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(time.perf_counter() - t0, 3)
+
+
+def run_stages(images_dir: Path, photos: list[Path], work: Path, conf: ReconstructConf, vocab_tree) -> dict:
+    """Features, pairs (retrieval), matching, mapping and cleaning into ``work``."""
+    import pycolmap
+
+    db = work / "database.db"
+    # COLMAP's own log (glog) only with -vv
+    pycolmap.logging.minloglevel = 0 if logger.isEnabledFor(logging.DEBUG) else 2
+    device = {"auto": pycolmap.Device.auto, "cpu": pycolmap.Device.cpu, "cuda": pycolmap.Device.cuda}.get(
+        conf.device, pycolmap.Device.auto
+    )
+    retrieval = conf.matcher == "retrieval"
+    stages = Stages(5 if retrieval else 4)
+    with stages("features", f"SIFT features of {len(photos)} photos in {images_dir}"):
+        extract_features(db, images_dir, conf, device)
+    if retrieval:
+        with stages("pairs", "pairs from global descriptors"):
+            select_pairs(db, images_dir, work, conf)
+    with stages("matching", f"{conf.matcher} matching"):
+        match_features(db, conf, vocab_tree, device, work / PAIRS_FILE)
+    with stages("mapping", "incremental mapping"):
+        models = map_models(db, images_dir, work)
+    with stages("cleaning", f"each photo in one model, models of at least {conf.min_model_size} photos"):
+        kept, dropped = clean_models(models, conf.min_model_size)
+        registered = write_models(kept, work, images_dir, conf.min_model_size)
+    in_models = {img.name for rec in kept for img in rec.images.values() if img.has_pose}
+    unregistered = sorted(set(database_names(db)) - in_models)
+    return {
+        "photos": len(photos),
+        "models": registered,
+        "registered": sum(registered.values()),
+        "unregistered": unregistered,
+        "mapper_models": len(models),
+        "dropped": dropped,
+        **pair_counts(db),
+        "stages": stages.seconds,
+    }
+
+
+def log_summary(result: dict, output: Path) -> None:
+    """The end of the log: models, photos registered and not, time per stage."""
+    dropped = result["dropped"]
+    logger.info(
+        "%s: %d models (%s photos), %d of %d photos registered, %d not (listed in reconstruct.json); "
+        "%d mapper models dropped; %d pairs matched, %d verified",
+        output,
+        len(result["models"]),
+        "+".join(str(v) for v in result["models"].values()),
+        result["registered"],
+        result["photos"],
+        result["photos"] - result["registered"],
+        len(dropped),
+        result["pairs_matched"],
+        result["pairs_verified"],
+    )
+    logger.info(
+        "time: %s; total %.1f s",
+        ", ".join(f"{k} {v:.1f} s" for k, v in result["stages"].items()),
+        result["seconds"],
+    )
 
 
 def reconstruct(
@@ -108,41 +291,23 @@ def reconstruct(
     overwrite: bool = False,
     **options,
 ) -> dict:
-    """Reconstruct ``images_dir`` into ``output``; returns the registered images per
-    model. ``options``: the settings of :class:`~.options.ReconstructConf`."""
-    import pycolmap
-
+    """Reconstruct ``images_dir`` into ``output``; returns a summary: ``photos``,
+    ``models`` (registered photos per model folder), ``registered``, ``unregistered``
+    (names), ``dropped`` (the mapper's models dropped, and why), pairs matched and
+    verified, ``stages`` (seconds each) and ``seconds``. ``options``: the settings of
+    :class:`~.options.ReconstructConf`."""
+    t0 = time.perf_counter()
     conf = make_conf(ReconstructConf, **options)
     images_dir, output = Path(images_dir).resolve(), Path(output)
     photos = list_photos(images_dir)
     check_settings(conf, vocab_tree)
-    if output.exists() and any(output.iterdir()):
-        if not overwrite:
-            raise SfmpairsError(f"{output}: folder exists and is not empty; pass --overwrite")
-        shutil.rmtree(output)
-    output.mkdir(parents=True, exist_ok=True)
-    db = output / "database.db"
-    # COLMAP's own log (glog) only with -vv
-    pycolmap.logging.minloglevel = 0 if logger.isEnabledFor(logging.DEBUG) else 2
-    device = {"auto": pycolmap.Device.auto, "cpu": pycolmap.Device.cpu, "cuda": pycolmap.Device.cuda}.get(
-        conf.device, pycolmap.Device.auto
-    )
-    t0 = time.perf_counter()
-    logger.info("1/3 features of %d photos in %s", len(photos), images_dir)
-    extract_features(db, images_dir, conf, device)
-    logger.info("2/3 %s matching", conf.matcher)
-    match_features(db, conf, vocab_tree, device)
-    logger.info("3/3 incremental mapping")
-    registered = map_models(db, images_dir, output)
-    link = output / "images"
-    if not link.exists():
-        os.symlink(images_dir, link, target_is_directory=True)
-    seconds = time.perf_counter() - t0
-    logger.info(
-        "%d models, %s registered of %d photos, in %.0f s",
-        len(registered),
-        "+".join(str(v) for v in registered.values()),
-        len(photos),
-        seconds,
-    )
-    return {"photos": len(photos), "models": registered, "seconds": seconds}
+    with building_folder(output, overwrite) as work:
+        result = run_stages(images_dir, photos, work, conf, vocab_tree)
+        os.symlink(images_dir, work / "images", target_is_directory=True)
+        result["seconds"] = round(time.perf_counter() - t0, 3)
+        parameters = {**conf_dict(conf), "vocab_tree": str(Path(vocab_tree).resolve()) if vocab_tree else None}
+        record = provenance_attrs(SCHEMA, SCHEMA_VERSION, parameters, {"images_dir": str(images_dir)})
+        record.update(parameters=parameters, inputs={"images_dir": str(images_dir)}, summary=result)
+        (work / "reconstruct.json").write_text(json.dumps(record, indent=1) + "\n")
+    log_summary(result, output)
+    return result

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from conftest import COLMAP, needs_real_data
@@ -48,3 +49,79 @@ def test_bad_reconstruct_input(tmp_path):
     (tmp_path / "busy" / "x").write_text("mine")
     with pytest.raises(SfmpairsError, match="not empty"):
         reconstruct(tmp_path / "w" / "cluster_00" / "images", tmp_path / "busy")
+
+
+# ----------------------------------------------------------- each photo in one model
+def _mapper_models(tmp_path, sizes_and_drops):
+    """pycolmap models as the mapper might leave them: copies of one random model
+    (40 images), each without the images whose indices are given."""
+    import pycolmap
+
+    from sfmpairs.synthetic.models import random_reconstruction, write_model
+
+    write_model(random_reconstruction(40, 1500, track_length=5, duplicate_fraction=0.0, seed=7), tmp_path / "full")
+    models = []
+    for drop in sizes_and_drops:
+        rec = pycolmap.Reconstruction(str(tmp_path / "full"))
+        ids = sorted(rec.reg_image_ids())
+        for i in drop:
+            rec.deregister_frame(rec.image(ids[i]).frame_id)
+        models.append(rec)
+    return models
+
+
+def _names(rec):
+    return {img.name for img in rec.images.values() if img.has_pose}
+
+
+def test_each_photo_stays_in_its_largest_model_and_small_models_go(tmp_path):
+    """Mapper models: a 2-photo start inside the large one (as issue 16 saw), the large
+    one (images 0..29), and one of images 24..39 (6 shared). The 2-photo model goes
+    (all in the larger), the last keeps 10 photos (30..39) and stays at the default
+    minimum of 10; the points of the large model are untouched."""
+    from sfmpairs.sfm_io import colmap_binary
+    from sfmpairs.sfm_io.reconstruct import clean_models
+    from sfmpairs.sfm_io.shared_names import drop_images
+
+    small, large, late = _mapper_models(tmp_path, [range(2, 40), range(30, 40), range(0, 24)])
+    large_points = large.num_points3D()
+    kept, dropped = clean_models([small, large, late], min_model_size=10)
+    assert kept == [large, late] and [d["mapper_model"] for d in dropped] == [0]
+    assert dropped[0]["in_larger_model"] == 2 and "larger model" in dropped[0]["why"]
+    assert _names(large).isdisjoint(_names(late)) and len(_names(late)) == 10
+    assert large.num_points3D() == large_points
+    # the late model as sfmpairs' own removal (numpy, on the model as read) leaves it
+    for name, rec in (("late", late), ("before", _mapper_models(tmp_path, [range(0, 24)])[0])):
+        (tmp_path / name).mkdir()
+        rec.write_binary(str(tmp_path / name))
+    got, m = colmap_binary.read_model(tmp_path / "late"), colmap_binary.read_model(tmp_path / "before")
+    want = drop_images(m, np.array([n in _names(late) for n in m.names]))
+    assert got.names == want.names and got.point_ids.tolist() == want.point_ids.tolist()
+    np.testing.assert_array_equal(got.indptr, want.indptr)
+    np.testing.assert_array_equal(got.point, want.point)
+
+
+def test_models_under_the_minimum_are_dropped_and_said(tmp_path, caplog):
+    from sfmpairs.sfm_io.reconstruct import clean_models
+
+    large, late = _mapper_models(tmp_path, [range(30, 40), range(0, 24)])
+    kept, dropped = clean_models([large, late], min_model_size=11)
+    assert kept == [large] and dropped[0]["photos"] == 16 and dropped[0]["in_larger_model"] == 6
+    assert "fewer than --min-model-size 11" in dropped[0]["why"] and "dropped mapper model 1" in caplog.text
+    large, late = _mapper_models(tmp_path, [range(30, 40), range(0, 24)])
+    kept, dropped = clean_models([large, late], min_model_size=1)
+    assert kept == [large, late] and not dropped
+
+
+def test_a_failed_reconstruct_leaves_nothing(tmp_path, monkeypatch):
+    from sfmpairs.sfm_io import reconstruct as module
+
+    synth(tmp_path / "w", clusters=1, images_per_cluster=2, image_size=(64, 48))
+
+    def fail(*args, **kwargs):
+        raise SfmpairsError("mapping failed")
+
+    monkeypatch.setattr(module, "map_models", fail)
+    with pytest.raises(SfmpairsError, match="mapping failed"):
+        reconstruct(tmp_path / "w" / "cluster_00" / "images", tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w"]  # no output, no temporary folder
