@@ -4,7 +4,8 @@ The model is bench_corpus's (cameras on a ring looking at a ball of points, SIMP
 projections, about 590 observations per image at the corpus' density; ``--density``
 multiplies the points), with an empty file as each photo. It is ingested and mined once
 (kept under ``--root``); the export then runs ``--repeats`` times, each in a fresh
-process, printing wall time and the child's own peak memory (VmHWM).
+process, printing wall time, CPU time (user + sys, the whole child), the child's own
+peak memory (VmHWM) and the machine's load average.
 
     python benchmarks/bench_export_megadepth.py --root /tmp/bench_md --images 8000 [--no-d2net-points]
 """
@@ -24,7 +25,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 CHILD = """
-import json, sys, time, shutil
+import json, os, sys, time, shutil
 from pathlib import Path
 from sfmpairs.mining.export import export
 root, d2net = Path(sys.argv[1]), sys.argv[2] == "1"
@@ -33,7 +34,8 @@ t = time.perf_counter()
 r = export(root / "pairs.h5", root / "md", "megadepth", d2net_points=d2net)
 wall = time.perf_counter() - t
 hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))
-print(json.dumps({"seconds": wall, "peak_mib": hwm / 1024, **r}))
+cpu = sum(os.times()[:2])
+print(json.dumps({"seconds": wall, "cpu_seconds": cpu, "peak_mib": hwm / 1024, "load": os.getloadavg()[0], **r}))
 """
 
 

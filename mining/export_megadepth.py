@@ -229,7 +229,10 @@ def read_model_table(h5, s: dict, k: int) -> dict:
     if b - a != len(rows):
         raise ValueError(f"the images of model {k} are not contiguous")
     indptr = s["observations/indptr"][a : b + 1]
-    p0, p1 = np.searchsorted(s["points/model"], [k, k + 1])
+    pts = np.flatnonzero(s["points/model"] == k)
+    p0, p1 = (int(pts[0]), int(pts[-1]) + 1) if len(pts) else (0, 0)
+    if p1 - p0 != len(pts):
+        raise ValueError(f"the points of model {k} are not contiguous")
     point = h5["observations/point"][indptr[0] : indptr[-1]].astype(np.int64) - p0
     if len(point) and (point.min() < 0 or point.max() >= p1 - p0):
         raise ValueError("an observation of another model's point")

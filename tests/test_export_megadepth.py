@@ -285,3 +285,26 @@ def test_cli_export_megadepth(world, tmp_path):
     bad = _crafted(world, tmp_path, None, "../../escape.jpg")
     r = CliRunner().invoke(main, ["export", str(bad), "--format", "megadepth", "-o", str(tmp_path / "bad")])
     assert r.exit_code == 2 and "'../../escape.jpg'" in r.output and not (tmp_path / "bad").exists()
+
+
+def test_scene_matrices_small_cases_by_hand():
+    from sfmpairs.mining.export_megadepth import scene_matrices
+
+    def run(indptr, point, xy, valid=None):
+        n = len(indptr) - 1
+        valid = np.ones(n, bool) if valid is None else np.array(valid)
+        xy = np.array(xy, float).reshape(-1, 2)
+        return scene_matrices(
+            np.array(indptr, np.int64), np.array(point, np.int64), xy, max(point, default=-1) + 1, valid
+        )
+
+    o, s, *_ = run([0, 0], [], [])  # one image without points
+    assert o.tolist() == [[-1]] and s.tolist() == [[-1]]
+    o, s, *_ = run([0, 1, 2], [0, 0], [[1, 1], [5, 5]])  # one shared point: overlap 1, a box of no area
+    assert o.tolist() == [[-1, 1], [1, -1]] and s.tolist() == [[-1, -1], [-1, -1]]
+    # image 0 sees points 0, 1, 2 (box 4 x 2), image 1 sees 1, 2 (box 1 x 2), image 2 nothing of theirs
+    o, s, *_ = run([0, 3, 5, 6], [0, 1, 2, 2, 1, 3], [[0, 0], [0, 0], [4, 2], [1, 2], [0, 0], [7, 7]])
+    np.testing.assert_allclose(o, [[-1, 1, 0], [1, -1, 0], [0, 0, -1]])
+    np.testing.assert_allclose(s, [[-1, 2, -1], [0.5, -1, -1], [-1, -1, -1]])
+    o, s, *_ = run([0, 3, 5, 6], [0, 1, 2, 2, 1, 3], [[0, 0]] * 6, valid=[True, False, True])
+    assert (o[1] == -1).all() and (o[:, 1] == -1).all() and o[0, 2] == 0
