@@ -242,6 +242,7 @@ def test_names_that_leave_the_folder_are_refused(world, tmp_path, fmt, store_nam
     assert "\n" not in message and repr(bad) in message
     assert str(tmp_path / ("sfm.h5" if colmap_name else "pairs.h5")) in message
     assert not out.exists() and not (tmp_path.parent / "escape.jpg").exists()
+    assert not [x for x in os.listdir(tmp_path) if x.startswith(".sfmpairs")]  # no scratch left behind
 
 
 def test_megadepth_options_and_no_overwrite(world, tmp_path):
@@ -308,3 +309,11 @@ def test_scene_matrices_small_cases_by_hand():
     np.testing.assert_allclose(s, [[-1, 2, -1], [0.5, -1, -1], [-1, -1, -1]])
     o, s, *_ = run([0, 3, 5, 6], [0, 1, 2, 2, 1, 3], [[0, 0]] * 6, valid=[True, False, True])
     assert (o[1] == -1).all() and (o[:, 1] == -1).all() and o[0, 2] == 0
+
+
+def test_missing_photo_leaves_no_output(world, tmp_path):
+    (tmp_path / "photos").mkdir()
+    with pytest.raises(SfmpairsError, match="image not found") as e:
+        export(world / "pairs.h5", tmp_path / "md", "megadepth", images_root=tmp_path / "photos")
+    assert "\n" not in str(e.value)
+    assert sorted(os.listdir(tmp_path)) == ["photos"]
