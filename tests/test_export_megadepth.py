@@ -317,3 +317,31 @@ def test_missing_photo_leaves_no_output(world, tmp_path):
         export(world / "pairs.h5", tmp_path / "md", "megadepth", images_root=tmp_path / "photos")
     assert "\n" not in str(e.value)
     assert sorted(os.listdir(tmp_path)) == ["photos"]
+
+
+def test_depth_files_agree_with_poses_on_exact_geometry(tmp_path):
+    """synth's exact depth maps, through the export: at each observed point's pixel, the
+    depth file holds the point's depth under the scene file's pose (what LoFTR's
+    warping of pixels between images relies on)."""
+    import pycolmap
+
+    from sfmpairs.mining.mine import mine
+    from sfmpairs.sfm_io.ingest import ingest
+    from sfmpairs.synthetic.world import synth
+
+    synth(tmp_path / "w", clusters=2, images_per_cluster=5, image_size=(80, 60), seed=5, points=300, depth_maps=True)
+    ingest([tmp_path / "w"], tmp_path / "sfm.h5")
+    mine(tmp_path / "sfm.h5", tmp_path / "pairs.h5", queries_per_cluster=0, val_fraction=0)
+    export(tmp_path / "pairs.h5", tmp_path / "md", "megadepth")
+    info = np.load(tmp_path / "md" / "scene_info" / "cluster_00_sparse_0.npz", allow_pickle=True)
+    rec = pycolmap.Reconstruction(str(tmp_path / "w" / "cluster_00" / "sparse" / "0"))
+    assert all(d is not None for d in info["depth_paths"]) and len(info["pair_infos"]) > 0
+    errors = []
+    for k, path in enumerate(info["depth_paths"]):
+        with h5py.File(tmp_path / "md" / path) as f:
+            depth = f["depth"][()]
+        assert depth.shape == (60, 80)
+        for pid, (x, y) in info["points3D_id_to_2D"][k].items():
+            z = (info["poses"][k] @ np.r_[rec.points3D[pid].xyz, 1])[2]
+            errors.append(abs(depth[int(y), int(x)] - z) / z)
+    assert len(errors) > 100 and np.median(errors) < 0.01
