@@ -60,7 +60,7 @@ class ReconstructConf:
         default_text="resnet18 + GeM off the shelf, random weights",
         metavar="FILE",
     )
-    retrieval_image_size: int = setting(384, "retrieval: longer side of the photos the global descriptors see.")
+    retrieval_image_size: int = setting(256, "retrieval: longer side of the photos the global descriptors see.")
     min_model_size: int = setting(
         10, "Models with fewer registered photos are dropped, and said so (COLMAP's min_model_size)."
     )

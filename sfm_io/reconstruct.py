@@ -89,8 +89,9 @@ def building_folder(output: Path, overwrite: bool):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def extract_features(db: Path, images_dir: Path, conf: ReconstructConf, device) -> None:
-    """SIFT features of every photo into the database."""
+def extract_features(db: Path, images_dir: Path, photos: list[Path], conf: ReconstructConf, device) -> None:
+    """SIFT features of the photos (only those: other files in the folder are left
+    alone) into the database."""
     import pycolmap
 
     reader = pycolmap.ImageReaderOptions()
@@ -98,8 +99,15 @@ def extract_features(db: Path, images_dir: Path, conf: ReconstructConf, device) 
     extraction = pycolmap.FeatureExtractionOptions()
     extraction.max_image_size = conf.max_image_size
     mode = pycolmap.CameraMode.SINGLE if conf.single_camera else pycolmap.CameraMode.AUTO
+    names = sorted(p.relative_to(images_dir).as_posix() for p in photos)
     pycolmap.extract_features(
-        db, images_dir, camera_mode=mode, reader_options=reader, extraction_options=extraction, device=device
+        db,
+        images_dir,
+        image_names=names,
+        camera_mode=mode,
+        reader_options=reader,
+        extraction_options=extraction,
+        device=device,
     )
 
 
@@ -235,7 +243,7 @@ def run_stages(images_dir: Path, photos: list[Path], work: Path, conf: Reconstru
     retrieval = conf.matcher == "retrieval"
     stages = Stages(5 if retrieval else 4)
     with stages("features", f"SIFT features of {len(photos)} photos in {images_dir}"):
-        extract_features(db, images_dir, conf, device)
+        extract_features(db, images_dir, photos, conf, device)
     if retrieval:
         with stages("pairs", "pairs from global descriptors"):
             select_pairs(db, images_dir, work, conf)
