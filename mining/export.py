@@ -195,12 +195,14 @@ def _write_json(path: Path, data: dict) -> None:
 
 @contextlib.contextmanager
 def _atomic_folder(target: Path, overwrite: bool, scratch_in: Path):
-    """Yield a fresh folder to build in; it replaces ``target`` at the end, or vanishes on error."""
+    """Yield a fresh folder to build in; it replaces ``target`` at the end, or vanishes on
+    error (a failed write, e.g. a full disk, is one line naming ``target``)."""
     if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
         raise SfmpairsError(f"{target}: exists; pass --overwrite")
-    scratch_in.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=".sfmpairs-export-", dir=scratch_in))
+    scratch, made = None, not scratch_in.exists()
     try:
+        scratch_in.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=".sfmpairs-export-", dir=scratch_in))
         yield scratch / "out"
         target.parent.mkdir(parents=True, exist_ok=True)
         if target.is_dir() and not target.is_symlink():
@@ -208,8 +210,14 @@ def _atomic_folder(target: Path, overwrite: bool, scratch_in: Path):
         elif target.exists() or target.is_symlink():
             target.unlink()
         os.replace(scratch / "out", target)
+    except OSError as e:
+        raise SfmpairsError(f"{target}: cannot write the export ({e.strerror or e})") from None
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+        if made and not target.exists():  # the folder made for the scratch, left empty by a failure
+            with contextlib.suppress(OSError):
+                scratch_in.rmdir()
 
 
 def _model_names(p: dict, pairs, store) -> dict:

@@ -91,9 +91,9 @@ def fit_depth(depth: np.ndarray, width: int, height: int) -> np.ndarray:
 def write_depth_h5(path: str | os.PathLike, depth: np.ndarray, attrs: dict | None = None) -> None:
     """The HDF5 depth file MegaDepth's readers (D2-Net, LoFTR) open: a float32 (H, W)
     dataset named ``depth``, 0 where there is no depth."""
-    import h5py
+    from sfmpairs.common import h5_output
 
-    with h5py.File(path, "w") as h5:
+    with h5_output(path) as h5:  # a full disk: OSError, not a crash in HDF5
         h5.create_dataset("depth", data=np.asarray(depth, np.float32))
         for k, v in (attrs or {}).items():
             h5.attrs[k] = v
