@@ -17,7 +17,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import click  # noqa: E402
 
-from sfmpairs.mining.options import ExportConf, MineConf  # noqa: E402
+from sfmpairs.mining.options import EXPORT_FORMATS, ExportConf, MineConf  # noqa: E402
 from sfmpairs.retrieval.options import EvaluateConf, ExtractConf, WhitenConf  # noqa: E402
 from sfmpairs.sfm_io.options import IngestConf, ReconstructConf  # noqa: E402
 from sfmpairs.train.options import TrainConf, parse_pretrained  # noqa: E402
@@ -450,16 +450,17 @@ def show(output, pairs, images_root, split, query, count, seed, embed, overwrite
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(["cirtorch", "hloc", "csv"]),
+    type=click.Choice(EXPORT_FORMATS),
     required=True,
-    help="cirtorch: the authors' training database; hloc: a pairs text file; csv: every statistic.",
+    help="cirtorch: the authors' training database; hloc: a pairs text file; csv: every statistic; "
+    "megadepth: LoFTR's and D2-Net's scene files.",
 )
 @click.option(
     "-o",
     "--output",
     required=True,
     type=click.Path(),
-    help="cirtorch: a data folder; hloc: a file (a folder with --per-model); csv: a file.",
+    help="cirtorch, megadepth: a data folder; hloc: a file (a folder with --per-model); csv: a file.",
 )
 @_folder("--images-root", help="cirtorch: where the photos are (default: the one the pair file records).")
 @_folder("--image-dir", help="hloc: names relative to this folder (hloc's image_dir).")
