@@ -43,6 +43,7 @@ from sfmpairs.sfm_io.colmap_depth import (
 from .pools import _co_observations, _run_batches, tracks
 
 logger = logging.getLogger("sfmpairs.export")
+LOFTR_DEPTH_PAD = 2000  # LoFTR's MegaDepthDataset pads depth maps to this square in training
 
 
 def co_observing_pairs(indptr: np.ndarray, point: np.ndarray, num_points: int, block: int = 1024) -> np.ndarray:
@@ -136,7 +137,8 @@ def principal_angles(rotation: np.ndarray, block: int = 2048) -> np.ndarray:
 def intrinsics(camera_model, params: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(K, pinhole)``: float64 (n, 3, 3) calibration matrices from each image's camera
     (focal lengths and principal point; distortion left out; NaN for a model without a
-    focal length) and bool (n,), whether the camera is a pinhole one (no distortion)."""
+    focal length) and bool (n,), whether the camera is a pinhole one (no distortion
+    coefficient other than 0, no fisheye model)."""
     import pycolmap
 
     n = len(params)
@@ -155,7 +157,8 @@ def intrinsics(camera_model, params: np.ndarray) -> tuple[np.ndarray, np.ndarray
         K[rows, 0, 0], K[rows, 1, 1] = params[rows, fx], params[rows, fy]
         K[rows, 0, 2], K[rows, 1, 2] = params[rows, c[0]], params[rows, c[1]]
         extra = [k for k in range(len(cam.params)) if k not in f and k not in c]
-        pinhole[rows] = ~np.any(params[rows][:, extra] != 0, axis=1) if extra else True
+        if "FISHEYE" not in name:  # a fisheye projection is no pinhole, whatever its coefficients
+            pinhole[rows] = ~np.any(params[rows][:, extra] != 0, axis=1) if extra else True
     return K, pinhole
 
 
@@ -363,6 +366,15 @@ def _export_scene(p, s, m, k, images_root: Path, folder: Path, scene: str, conf,
             "export a model undistorted by COLMAP's image_undistorter",
             model,
             distorted,
+        )
+    large = int(np.sum(np.maximum(s["images/width"][r], s["images/height"][r]) > LOFTR_DEPTH_PAD))
+    if large and with_depth:
+        logger.warning(
+            "%s: %d images are larger than %d pixels, to which LoFTR's training pads depth maps: "
+            "undistort with --max_image_size 1600",
+            model,
+            large,
+            LOFTR_DEPTH_PAD,
         )
     written = write_scene(info, pairs, edges, folder, scene)
     return {

@@ -345,3 +345,49 @@ def test_depth_files_agree_with_poses_on_exact_geometry(tmp_path):
             z = (info["poses"][k] @ np.r_[rec.points3D[pid].xyz, 1])[2]
             errors.append(abs(depth[int(y), int(x)] - z) / z)
     assert len(errors) > 100 and np.median(errors) < 0.01
+
+
+def test_intrinsics_of_every_camera_model_match_pycolmap():
+    import pycolmap
+
+    from sfmpairs.mining.export_megadepth import intrinsics
+    from sfmpairs.sfm_io.store import max_params
+
+    rng = np.random.default_rng(0)
+    names, params, want, pinhole = [], [], [], []
+    for name, member in pycolmap.CameraModelId.__members__.items():
+        if member.value < 0:
+            continue
+        cam = pycolmap.Camera.create_from_model_name(1, name, 1.0, 640, 480)
+        if not len(cam.focal_length_idxs()):
+            continue
+        for distorted in (False, True):
+            p = rng.uniform(100, 900, len(cam.params))
+            extra = [
+                k for k in range(len(p)) if k not in cam.focal_length_idxs() and k not in cam.principal_point_idxs()
+            ]
+            p[extra] = rng.uniform(-0.1, 0.1, len(extra)) if distorted else 0
+            cam.params = p
+            names.append(name)
+            params.append(np.r_[p, np.full(max_params() - len(p), np.nan)])
+            want.append(cam.calibration_matrix())
+            pinhole.append(not (distorted and extra) and "FISHEYE" not in name)
+    K, got_pinhole = intrinsics(names, np.array(params))
+    assert len(set(names)) >= 8
+    np.testing.assert_allclose(K, want)
+    assert got_pinhole.tolist() == pinhole
+
+
+def test_distortion_is_warned_of(world, tmp_path, caplog):
+    pairs = _crafted(world, tmp_path)
+    with h5py.File(tmp_path / "sfm.h5", "r+") as s:  # image 2 (cluster_00): SIMPLE_RADIAL, k = 0.05
+        s["images/camera_model"][2] = "SIMPLE_RADIAL"
+        f, cx, cy = s["images/params"][2, [0, 2, 3]]
+        s["images/params"][2, :4] = [f, cx, cy, 0.05]
+    with caplog.at_level("WARNING", logger="sfmpairs.export"):
+        export(pairs, tmp_path / "md", "megadepth", images_root=world / "w")
+    assert [r.getMessage().split(":")[0] for r in caplog.records if "distortion" in r.getMessage()] == [
+        "cluster_00/sparse/0"
+    ]
+    manifest = json.loads((tmp_path / "md" / "export.json").read_text())
+    assert [x["distorted_images"] for x in manifest["scenes"]] == [1, 0, 0]
