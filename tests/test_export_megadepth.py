@@ -279,8 +279,6 @@ def test_cli_export_megadepth(world, tmp_path):
 
     args = ["export", str(world / "pairs.h5"), "--format", "megadepth", "-o", str(tmp_path / "md")]
     r = CliRunner().invoke(main, [*args, "--no-d2net-points", "--loftr-overlaps", "0.2,0.6"])
-    if "'megadepth' is not one of" in r.output:
-        pytest.skip("pipeline/cli.py's --format choice lacks megadepth (it should take mining.options.EXPORT_FORMATS)")
     assert r.exit_code == 0, r.output
     assert (tmp_path / "md" / "index" / "scene_info_0.2_0.6" / "cluster_00_sparse_0_0.2_0.6.npz").is_file()
     bad = _crafted(world, tmp_path, None, "../../escape.jpg")
