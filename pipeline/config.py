@@ -188,8 +188,9 @@ def _click_option(f, hint):
 
 def _comma_separated(hint):
     """Command-line text to a tuple: "1,0.7071,0.5" -> (1.0, 0.7071, 0.5)."""
-    args = [t for t in typing.get_args(hint) if t is not type(None)]
-    inner = typing.get_args(args[0] if args else hint)
+    if typing.get_origin(hint) is not tuple:  # tuple[...] | None
+        hint = next((t for t in typing.get_args(hint) if typing.get_origin(t) is tuple), hint)
+    inner = typing.get_args(hint)
     item = inner[0] if inner else str
 
     def parse(text: str):

@@ -164,3 +164,22 @@ def test_the_evaluation_report_and_the_run_record_their_settings(small_world, tm
         workers=0,
     )
     assert report["settings"] == {**conf_dict(EvaluateConf()), "qe": 2, "device": "cpu", "workers": 0}
+
+
+@pytest.mark.parametrize(
+    "hint, text, expected",
+    [
+        (tuple[float, ...], "1,0.5", (1.0, 0.5)),
+        (tuple[float, ...] | None, "0.25", (0.25,)),
+        (tuple[int, ...], "3, 4", (3, 4)),
+        (tuple[str, ...] | None, "a,b", ("a", "b")),
+    ],
+)
+def test_comma_separated_settings_parse_to_their_item_type(hint, text, expected):
+    from dataclasses import make_dataclass
+
+    from sfmpairs.config import make_conf, setting
+
+    Conf = make_dataclass("Conf", [("values", hint, setting(None, "Values."))], frozen=True)
+    got = make_conf(Conf, values=text).values
+    assert got == expected and [type(v) for v in got] == [type(v) for v in expected]
