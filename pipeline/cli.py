@@ -462,9 +462,12 @@ def show(output, pairs, images_root, split, query, count, seed, embed, overwrite
     type=click.Path(),
     help="cirtorch, megadepth: a data folder; hloc: a file (a folder with --per-model); csv: a file.",
 )
-@_folder("--images-root", help="cirtorch: where the photos are (default: the one the pair file records).")
+@_folder("--images-root", help="cirtorch, megadepth: where the photos are (default: the one the pair file records).")
 @_folder("--image-dir", help="hloc: names relative to this folder (hloc's image_dir).")
-@_file("--store", help="hloc --per-model: the SfM store the pair file was mined from (default: the one it records).")
+@_file(
+    "--store",
+    help="hloc --per-model, megadepth: the SfM store the pair file was mined from (default: the one it records).",
+)
 @click_options(ExportConf)
 @_finish("Replace an existing export.")
 def export(pairs, fmt, output, images_root, image_dir, store, overwrite, **options):
