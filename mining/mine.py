@@ -9,7 +9,7 @@ the ``train`` or ``val`` split.
 
 from __future__ import annotations
 
-import itertools
+import ctypes
 import logging
 import time
 from collections import deque
@@ -242,24 +242,52 @@ def pool_model(h5, s: dict, model: int, conf: MineConf, K: int, with_observation
     rows["eligible"] = (rows["passes"] if conf.strategy == "relaxed" else rows["candidate"]).any(axis=1)
     if with_observations:
         rows["indptr"], rows["point"] = m["indptr"], m["point"] + pa
+    del m
+    release_freed_memory()
     return rows
 
 
-def in_order(fn, items: list, workers: int):
-    """``fn(item)`` of each item, yielded in order, computed on ``workers`` threads
-    at most ``2 * workers`` items ahead (so that memory holds a few items only)."""
+def in_order(fn, items: list, weights, workers: int):
+    """``fn(item)`` of each item, yielded in order, computed on ``workers`` threads a
+    few items ahead: as many as fit in the weight of the heaviest item (at least one),
+    so that memory holds about one heaviest item, however many items there are."""
+    budget = max(weights, default=0)
     with ThreadPoolExecutor(workers) as ex:
-        pending = deque(ex.submit(fn, x) for x in items[: 2 * workers])
-        rest = iter(items[2 * workers :])
+        pending, held, nxt = deque(), 0, 0
         try:
-            while pending:
-                done = pending.popleft().result()
-                for x in itertools.islice(rest, 1):
-                    pending.append(ex.submit(fn, x))
+            while nxt < len(items) or pending:
+                while (
+                    nxt < len(items) and len(pending) < 2 * workers and (not pending or held + weights[nxt] <= budget)
+                ):
+                    pending.append((ex.submit(fn, items[nxt]), weights[nxt]))
+                    held += weights[nxt]
+                    nxt += 1
+                future, weight = pending.popleft()
+                done = future.result()
+                held -= weight
                 yield done
         finally:
-            for f in pending:
-                f.cancel()
+            for future, _ in pending:
+                future.cancel()
+
+
+def release_freed_memory() -> None:
+    """Give freed memory back to the system (glibc's malloc_trim; elsewhere nothing).
+
+    numpy's arrays of up to 32 MB come from malloc's heaps, one per thread, which keep
+    what was freed: after many models of different sizes the process would hold far
+    more than the one model it works on."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
 
 
 def _join(parts: list[dict]) -> dict:
@@ -288,6 +316,8 @@ def split_queries(split: str, clusters, models_of: list, results, conf: MineConf
             queries.append(q)
             at = np.searchsorted(t["image"], q)
             rows.append({key: t[key][at] for key in ROW_KEYS})
+        del t
+        release_freed_memory()
     return _cat(queries, np.int64), _stack_rows(rows, K), _join_gt(gt) if split == "val" else {}
 
 
@@ -355,7 +385,8 @@ def mine_all(h5, s: dict, split_of_cluster, conf: MineConf, desc, want_negatives
     clusters = [np.flatnonzero(split_of_cluster == sp) for sp in range(len(SPLITS))]
     todo = [(m, sp == 1) for sp in range(len(SPLITS)) for c in clusters[sp] for m in models_of[c]]
     K = pool_width(image_range, conf.pool_size)
-    results = in_order(lambda x: pool_model(h5, s, x[0], conf, K, x[1]), todo, workers)
+    size = np.diff(s["observations/indptr"][image_range], axis=1)[:, 0]  # observations of each model
+    results = in_order(lambda x: pool_model(h5, s, x[0], conf, K, x[1]), todo, [size[m] for m, _ in todo], workers)
     results = iter(progress(results, total=len(todo), desc="pools", unit="model"))
     cluster_size = np.bincount(s["images/cluster"], minlength=len(split_of_cluster))
     per_split, kept = {}, []
@@ -377,6 +408,7 @@ def store_keys() -> list[str]:
         "images/model",
         "models/image_range",
         "models/point_range",
+        "observations/indptr",
         "clusters/name",
     ]
 

@@ -36,10 +36,12 @@ def hard_negatives(
     if Q == 0 or P == 0 or num == 0:
         return index, similarity
     groups = _cluster_groups(np.asarray(pool_cluster))
+    if not groups["grouped"]:  # once, not a gather of every batch's product
+        pool_desc = pool_desc[groups["by_cluster"]]
     k = min(num, len(groups["labels"]))
     for q0 in range(0, Q, batch_size):
         q1 = min(Q, q0 + batch_size)
-        sim = query_desc[q0:q1] @ pool_desc.T  # (B, P): the one big product
+        sim = query_desc[q0:q1] @ pool_desc.T  # (B, P): the one big product, columns by cluster
         index[q0:q1, :k], similarity[q0:q1, :k] = _best_of_other_clusters(sim, query_cluster[q0:q1], groups, k)
     return index, similarity
 
@@ -57,14 +59,13 @@ def _cluster_groups(pool_cluster: np.ndarray) -> dict:
 
 
 def _best_of_other_clusters(sim: np.ndarray, query_cluster: np.ndarray, groups: dict, k: int):
-    """For a batch of queries' similarities ``sim`` (B, P) to the pool: the pool index
+    """For a batch of queries' similarities ``sim`` (B, P) to the pool, its columns in
+    the order ``groups["by_cluster"]`` (the pool grouped by cluster): the pool index
     and similarity of the best image of each of the ``k`` most similar other clusters,
     most similar first (-1 and -inf where there is none)."""
     by_cluster, starts, ends, labels = (groups[key] for key in ("by_cluster", "starts", "ends", "labels"))
     P = sim.shape[1]
     rows = np.arange(len(sim))
-    if not groups["grouped"]:
-        sim = sim[:, by_cluster]
     best = np.maximum.reduceat(sim, starts, axis=1)  # (B, C) best of each cluster
     own = np.searchsorted(labels, query_cluster)
     own_ok = (own < len(labels)) & (labels[np.minimum(own, len(labels) - 1)] == query_cluster)

@@ -67,7 +67,9 @@ def unordered_pairs(pool: np.ndarray, n: int):
     """Sorted unique keys lo * n + hi (lo < hi) of every (query, candidate) pair."""
     q = np.repeat(np.arange(n), pool.shape[1])
     c = pool.ravel()
-    return np.unique(np.minimum(q, c).astype(np.int64) * n + np.maximum(q, c))
+    keys = np.minimum(q, c).astype(np.int64) * n + np.maximum(q, c)
+    keys.sort()  # then drop repeats: np.unique's hash table is several times slower here
+    return keys[np.r_[True, keys[1:] != keys[:-1]]] if len(keys) else keys
 
 
 def tracks(indptr: np.ndarray, point: np.ndarray, num_points: int):
