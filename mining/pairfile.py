@@ -7,7 +7,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from sfmpairs.common import SfmpairsError, atomic_output, check_schema, h5_output, provenance_attrs
+from sfmpairs.common import SfmpairsError, atomic_output, check_schema, h5_errors, h5_output, provenance_attrs
 
 SCHEMA = "sfmpairs/pairs"
 SCHEMA_VERSION = 2  # 2: val ground truth (val/gt_*)
@@ -23,7 +23,7 @@ def read_pair_file(path: str | Path) -> dict:
         f = h5py.File(path, "r")
     except (FileNotFoundError, OSError):
         raise SfmpairsError(f"{path}: not a readable pair file") from None
-    with f:
+    with f, h5_errors(path, "pair file"):
         check_schema(f.attrs, path, SCHEMA, SCHEMA_VERSION, "a pair file", " (sfmpairs mine writes them)")
         out = {
             "names": f["images/name"].asstr()[()],
@@ -38,7 +38,45 @@ def read_pair_file(path: str | Path) -> dict:
         for split in ("train", "val"):
             if split in f:
                 out["splits"][split] = {k: f[f"{split}/{k}"][()] for k in f[split]}
+    with h5_errors(path, "pair file"):  # e.g. a name that is not UTF-8
+        check_pairs(path, out)
     return out
+
+
+def check_pairs(path, p: dict) -> None:
+    """The pair file's tables agree: image indices (queries, positives, pools, negatives,
+    ground truth) within the images table, clusters within the clusters table, one row
+    per query in every per-query table, a valid CSR index of the val ground truth."""
+    n, clusters = len(p["names"]), len(p["cluster_names"])
+
+    def fail(what):
+        raise SfmpairsError(f"{path}: corrupt pair file ({what})")
+
+    if len(p["cluster"]) != n:
+        fail("images/cluster and images/name of different lengths")
+    if n and (p["cluster"].min() < 0 or p["cluster"].max() >= clusters):
+        fail("images/cluster out of range")
+    for split, d in p["splits"].items():
+        q = d.get("query")
+        if q is None or q.ndim != 1:
+            fail(f"{split}/query missing")
+        for key, v in d.items():
+            if not isinstance(v, np.ndarray) or v.dtype.kind not in "biuf" or not v.ndim:
+                fail(f"{split}/{key} not a numeric table")
+            if key.startswith("pool") or key in ("positive", "negatives", "negative_similarity"):
+                if len(v) != len(q):
+                    fail(f"{split}/{key} has {len(v)} rows for {len(q)} queries")
+            if key in ("query", "positive", "images", "pool", "negatives", "gt_image"):
+                if v.dtype.kind not in "iu" or (v.size and (v.min() < -1 or v.max() >= n)):
+                    fail(f"{split}/{key}: image indices out of range")
+                if key in ("query", "positive", "images", "gt_image") and v.size and v.min() < 0:
+                    fail(f"{split}/{key}: image indices out of range")
+        if "gt_indptr" in d:
+            ip, gi = d["gt_indptr"], d.get("gt_image", np.zeros(0))
+            if len(ip) != len(q) + 1 or ip[0] != 0 or ip[-1] != len(gi) or np.any(np.diff(ip) < 0):
+                fail(f"{split}/gt_indptr is no index of {split}/gt_image")
+            if len(d.get("gt_co_observed", gi)) != len(gi):
+                fail(f"{split}/gt_co_observed and gt_image of different lengths")
 
 
 POOL_DATASETS = {

@@ -218,6 +218,31 @@ def h5_output(tmp: str | os.PathLike):
         raise guard.error
 
 
+# What h5py raises reading a corrupt HDF5 file (a bad signature, an address past the end,
+# a string that is not UTF-8, a message HDF5 does not know...).
+H5_READ_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError, IndexError)
+
+
+def one_line(e: BaseException, limit: int = 200) -> str:
+    """An exception's message on one short line."""
+    text = " ".join(str(e).split()).strip("'\"") or type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@contextlib.contextmanager
+def h5_errors(path, kind: str):
+    """Reading an HDF5 file: whatever h5py raises on a corrupt or incomplete file becomes
+    one line naming it, ``PATH: corrupt or incomplete KIND (h5py's message)``."""
+    try:
+        yield
+    except SfmpairsError:
+        raise
+    except FileNotFoundError:
+        raise SfmpairsError(f"{path}: no such file") from None
+    except H5_READ_ERRORS as e:
+        raise SfmpairsError(f"{path}: corrupt or incomplete {kind} ({one_line(e)})") from None
+
+
 def now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 

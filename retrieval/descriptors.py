@@ -13,7 +13,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from sfmpairs.common import SfmpairsError, check_schema, h5_output
+from sfmpairs.common import SfmpairsError, check_schema, h5_errors, h5_output
 
 SCHEMA = "sfmpairs/descriptors"
 SCHEMA_VERSION = 1
@@ -28,16 +28,18 @@ def read_descriptors(path: str | Path, names: np.ndarray) -> np.ndarray:
         f = h5py.File(path, "r")
     except FileNotFoundError:
         raise SfmpairsError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise SfmpairsError(f"{path}: is a folder, not a descriptor file") from None
     except OSError:
         raise SfmpairsError(f"{path}: not an HDF5 file") from None
-    with f:
+    with f, h5_errors(path, "descriptor file"):
         if "schema" in f.attrs:  # sfmpairs' own (or another kind of sfmpairs file)
             check_schema(f.attrs, path, SCHEMA, SCHEMA_VERSION, "a descriptor file", " (sfmpairs extract writes them)")
         if "names" not in f or "descriptors" not in f:
             raise SfmpairsError(f"{path}: not a descriptor file (needs datasets names and descriptors)")
         file_names = f["names"].asstr()[()]
         desc = f["descriptors"]
-        if desc.ndim != 2 or len(desc) != len(file_names):
+        if desc.ndim != 2 or len(desc) != len(file_names) or desc.dtype.kind not in "fiu":
             raise SfmpairsError(f"{path}: descriptors must be (N, D) with one row per name")
         row = {n: i for i, n in enumerate(file_names)}
         missing = [n for n in names if n not in row]

@@ -232,8 +232,17 @@ def read_image_list(path: str | Path) -> list[str]:
 def apply_whitening(desc: np.ndarray, whitening: dict) -> np.ndarray:
     """Project L2-normalised descriptors with a whitening (mean m, projection P) and
     re-normalise."""
-    v = (desc - whitening["mean"]) @ whitening["projection"].T
-    return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+    mean, projection = whitening["mean"], whitening["projection"]
+    if desc.shape[1] != len(mean):
+        raise SfmpairsError(
+            f"the whitening is for descriptors of dimension {len(mean)}, these have dimension {desc.shape[1]}"
+        )
+    with np.errstate(all="ignore"):
+        v = (desc - mean) @ projection.T
+        v = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+    if not np.all(np.isfinite(v)):
+        raise SfmpairsError("the whitening gives descriptors that are not finite (a corrupt whitening file?)")
+    return v
 
 
 def network_inputs(model, pretrained) -> dict:

@@ -27,6 +27,7 @@ from sfmpairs.common import (
     check_output_path,
     check_schema,
     file_sha256,
+    h5_errors,
     h5_output,
     provenance_attrs,
 )
@@ -101,13 +102,27 @@ def learn_pca(desc: np.ndarray, dim: int | None = None):
 def read_whitening(path: str | Path) -> dict:
     path = Path(path)
     try:
-        with h5py.File(path, "r") as f:
-            check_schema(f.attrs, path, SCHEMA, SCHEMA_VERSION, "a whitening file", " (sfmpairs whiten writes them)")
-            return {"mean": f["mean"][()], "projection": f["projection"][()], "method": f.attrs.get("method")}
+        f = h5py.File(path, "r")
     except FileNotFoundError:
         raise SfmpairsError(f"{path}: no such file") from None
     except OSError:
         raise SfmpairsError(f"{path}: not an HDF5 file") from None
+    with f, h5_errors(path, "whitening file"):
+        check_schema(f.attrs, path, SCHEMA, SCHEMA_VERSION, "a whitening file", " (sfmpairs whiten writes them)")
+        w = {"mean": f["mean"][()], "projection": f["projection"][()], "method": f.attrs.get("method")}
+    mean, projection = w["mean"], w["projection"]
+    if (
+        not isinstance(mean, np.ndarray)
+        or not isinstance(projection, np.ndarray)
+        or mean.ndim != 1
+        or projection.ndim != 2
+        or projection.shape[1] != len(mean)
+        or mean.dtype.kind not in "fiu"
+        or projection.dtype.kind not in "fiu"
+        or not (np.all(np.isfinite(mean)) and np.all(np.isfinite(projection)))
+    ):
+        raise SfmpairsError(f"{path}: corrupt whitening file (mean (D,) and projection (d, D), finite)")
+    return w
 
 
 def whiten(

@@ -12,7 +12,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ..common import SfmpairsError, check_schema
+from ..common import SfmpairsError, check_schema, h5_errors, one_line
 from .model import Model, camera_centres, camera_models, focal_lengths, quat_to_rotmat
 
 SCHEMA = "sfmpairs/sfm-store"
@@ -119,17 +119,50 @@ def write_table(h5: h5py.File, group: str, columns: dict) -> None:
             h5.create_dataset(f"{group}/{key}", data=np.asarray(values))
 
 
+_FINITE = ("images/centre", "images/qvec", "images/tvec", "images/rotation", "points/xyz")
+
+
+class _CheckedDataset(h5py.Dataset):
+    """A dataset of a store whose reads turn h5py's errors on a corrupt file into one
+    line naming the file (the store is read model by model, after :func:`open_store`)."""
+
+    def __getitem__(self, args, new_dtype=None):
+        with h5_errors(self.file.filename, "SfM store"):
+            v = super().__getitem__(args, new_dtype)
+            name = self.name.lstrip("/")
+            if name == "observations/point" and np.size(v):
+                limit = self.file["points/xyz"].shape[0]
+                if v.min() < 0 or v.max() >= limit:
+                    raise SfmpairsError(f"{self.file.filename}: corrupt SfM store ({name} out of range)")
+            if name in _FINITE and isinstance(v, np.ndarray) and v.dtype.kind == "f" and not np.isfinite(v).all():
+                raise SfmpairsError(f"{self.file.filename}: corrupt SfM store ({name} not finite)")
+            return v
+
+
+class _StoreFile(h5py.File):
+    """An SfM store open for reading: its datasets are :class:`_CheckedDataset`."""
+
+    def __getitem__(self, name):
+        with h5_errors(self.filename, "SfM store"):
+            obj = super().__getitem__(name)
+            return _CheckedDataset(obj.id) if isinstance(obj, h5py.Dataset) else obj
+
+
 def open_store(path: str | Path) -> h5py.File:
-    """Open an SfM store for reading; a clear error for anything else."""
+    """Open an SfM store for reading; a clear error for anything else, and for a
+    corrupt file when its datasets are read."""
     path = Path(path)
     try:
-        h5 = h5py.File(path, "r")
+        h5 = _StoreFile(path, "r")
     except FileNotFoundError:
         raise SfmpairsError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise SfmpairsError(f"{path}: is a folder, not an SfM store") from None
     except OSError as e:
-        raise SfmpairsError(f"{path}: not an HDF5 file ({e})") from None
+        raise SfmpairsError(f"{path}: not an HDF5 file ({one_line(e)})") from None
     try:
-        check_schema(h5.attrs, path, SCHEMA, SCHEMA_VERSION, "an SfM store", " (sfmpairs ingest writes them)")
+        with h5_errors(path, "SfM store"):
+            check_schema(h5.attrs, path, SCHEMA, SCHEMA_VERSION, "an SfM store", " (sfmpairs ingest writes them)")
     except SfmpairsError:
         h5.close()
         raise
@@ -139,9 +172,10 @@ def open_store(path: str | Path) -> h5py.File:
 def read_store(path: str | Path, observations: bool = True, keys: list[str] | None = None) -> dict:
     """The store's datasets as numpy arrays (strings decoded), plus ``attrs``: all of
     them, or those named in ``keys``; ``observations=False`` leaves out the
-    co-observation table but for ``observations/indptr``."""
+    co-observation table but for ``observations/indptr``. The tables are checked
+    against each other (:func:`check_store`): a corrupt store is one line."""
     out = {}
-    with open_store(path) as h5:
+    with open_store(path) as h5, h5_errors(path, "SfM store"):
 
         def visit(name, obj):
             if isinstance(obj, h5py.Dataset):
@@ -152,8 +186,53 @@ def read_store(path: str | Path, observations: bool = True, keys: list[str] | No
                 out[name] = obj.asstr()[()] if h5py.check_string_dtype(obj.dtype) else obj[()]
 
         h5.visititems(visit)
+        shapes = {}
+        h5.visititems(lambda name, obj: shapes.update({name: obj.shape}) if isinstance(obj, h5py.Dataset) else None)
         out["attrs"] = {k: (v.item() if hasattr(v, "item") else v) for k, v in h5.attrs.items()}
-    for key in ("parameters", "inputs"):
-        if key in out["attrs"]:
-            out["attrs"][key] = json.loads(out["attrs"][key])
+        for key in ("parameters", "inputs"):
+            if key in out["attrs"]:
+                out["attrs"][key] = json.loads(out["attrs"][key])
+    check_store(path, out, shapes)
     return out
+
+
+def _rows(shapes: dict, key: str, default=None):
+    return shapes[key][0] if key in shapes and len(shapes[key]) else default
+
+
+def check_store(path, s: dict, shapes: dict) -> None:
+    """The store's tables agree with each other (one row per image in every images/
+    table, observations/indptr a valid CSR index over observations/point, indices of
+    models, clusters and points in range, poses finite); what is read is checked, what
+    is not is checked by shape."""
+    n = _rows(shapes, "images/name")
+    bad = [k for k in shapes if k.startswith("images/") and _rows(shapes, k) != n]
+    if n is None or bad:
+        raise SfmpairsError(f"{path}: corrupt SfM store (images tables of different lengths: {bad[:3]})")
+    num_points = _rows(shapes, "points/xyz", 0)
+    num_obs = _rows(shapes, "observations/point", 0)
+    ranges = {
+        "images/model": _rows(shapes, "models/name"),
+        "images/cluster": _rows(shapes, "clusters/name"),
+        "points/model": _rows(shapes, "models/name"),
+        "observations/point": num_points,
+    }
+    for key, limit in ranges.items():
+        v = s.get(key)
+        if v is not None and len(v) and limit is not None and (v.min() < 0 or v.max() >= limit):
+            raise SfmpairsError(f"{path}: corrupt SfM store ({key} out of range)")
+    for key, total in (("models/image_range", n), ("models/point_range", num_points)):
+        r = s.get(key)
+        if r is not None and (r.ndim != 2 or r.shape[1] != 2 or np.any(r[:, 0] > r[:, 1]) or r.min(initial=0) < 0):
+            raise SfmpairsError(f"{path}: corrupt SfM store ({key} is no range)")
+        if r is not None and r.max(initial=0) > total:
+            raise SfmpairsError(f"{path}: corrupt SfM store ({key} out of range)")
+    indptr = s.get("observations/indptr")
+    if indptr is not None and (
+        len(indptr) != n + 1 or indptr[0] != 0 or indptr[-1] != num_obs or np.any(np.diff(indptr) < 0)
+    ):
+        raise SfmpairsError(f"{path}: corrupt SfM store (observations/indptr is no index of observations/point)")
+    for key in _FINITE:
+        v = s.get(key)
+        if v is not None and v.dtype.kind == "f" and not np.all(np.isfinite(v)):
+            raise SfmpairsError(f"{path}: corrupt SfM store ({key} not finite)")

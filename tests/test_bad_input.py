@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -206,3 +207,68 @@ def test_cli_subprocess_exit_code_and_one_line(model, tmp_path):
     assert proc.stderr.count("\n") == 1 and "images.bin" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "o.h5").exists()
+
+
+@pytest.fixture
+def mined(tmp_path):
+    from conftest import synth_and_mine
+
+    val = [f"cluster_0{k}/sparse/0" for k in (2, 3)]
+    return synth_and_mine(
+        tmp_path / "m", clusters=4, image_size=(48, 36), seed=0, points=200, descriptor_seed=0, val_clusters=val
+    )
+
+
+def _edit(path: Path, key: str, fn) -> None:
+    import h5py
+
+    with h5py.File(path, "r+") as f:
+        v = f[key][()]
+        f[key][...] = fn(v)
+
+
+@pytest.mark.parametrize(
+    "key,fn,expect",
+    [
+        ("observations/point", lambda v: v + 10**6, "observations/point out of range"),
+        ("observations/indptr", lambda v: v[::-1], "observations/indptr is no index"),
+        ("images/cluster", lambda v: v + 99, "images/cluster out of range"),
+        ("images/centre", lambda v: v * float("nan"), "images/centre not finite"),
+    ],
+)
+def test_corrupt_store_tables(mined, tmp_path, key, fn, expect):
+    """Tables that disagree (values a byte flip could make): one line, not an IndexError."""
+    _edit(mined / "sfm.h5", key, fn)
+    code, err, _ = run_cli("mine", mined / "sfm.h5", "-o", tmp_path / "p.h5")
+    assert code == 2 and err.count("sfmpairs: error:") == 1 and expect in err and "Traceback" not in err, err
+    assert not (tmp_path / "p.h5").exists()
+
+
+@pytest.mark.parametrize(
+    "key,fn,expect",
+    [
+        ("train/positive", lambda v: v + 10**6, "train/positive: image indices out of range"),
+        ("images/cluster", lambda v: v - 99, "images/cluster out of range"),
+        ("val/gt_indptr", lambda v: v[::-1], "val/gt_indptr is no index"),
+    ],
+)
+def test_corrupt_pair_file_tables(mined, tmp_path, key, fn, expect):
+    _edit(mined / "pairs.h5", key, fn)
+    code, err, _ = run_cli("export", mined / "pairs.h5", "--format", "csv", "-o", tmp_path / "p.csv")
+    assert code == 2 and err.count("sfmpairs: error:") == 1 and expect in err and "Traceback" not in err, err
+
+
+def test_whitening_of_another_dimension(mined, tmp_path):
+    import h5py
+
+    code, err, _ = run_cli(
+        "whiten", "--descriptors", mined / "d.h5", "--pairs", mined / "pairs.h5", "-o", tmp_path / "w.h5"
+    )
+    assert code == 0, err
+    with h5py.File(tmp_path / "w.h5", "r+") as f:  # a whitening for 9-d descriptors
+        p = f["projection"][()]
+        del f["mean"], f["projection"]
+        f["mean"], f["projection"] = np.zeros(9), np.zeros((len(p), 9))
+    args = ["evaluate", "--pairs", mined / "pairs.h5", "--descriptors", mined / "d.h5", "--whitening"]
+    code, err, _ = run_cli(*args, tmp_path / "w.h5", "-o", tmp_path / "r.json")
+    assert code == 2 and "w.h5: whitening of 9-d descriptors, these are 8-d" in err and "Traceback" not in err, err

@@ -102,3 +102,28 @@ def test_fuzz_synthetic_rig_model(tmp_path):
     pycolmap.synthesize_dataset(opts).write_binary(str(src))
     outcomes = fuzz_model(src, tmp_path, count=100, seed=2)
     assert outcomes["error"] > 0 and outcomes["ok"] > 0
+
+
+def test_fault_benchmark_slice(tmp_path):
+    """A slice of benchmarks/bench_faults.py: corrupted COLMAP files (binary and text),
+    stores, pair files, descriptor, whitening and ground-truth files, checkpoints and
+    photos given to the commands that read them; none may end otherwise than with a
+    result or one line (no traceback, crash or hang). ``info`` is left out until
+    pipeline/info.py turns h5py's errors on a corrupt file into one line (see
+    sfmpairs.common.h5_errors)."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    p = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_faults.py"), "--cases", "250", "--scenes", "1"]
+        + ["--quiet", "--json", str(tmp_path / "counts.json"), "--timeout", "120", "--exclude", "info"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-2000:]
+    total = json.loads((tmp_path / "counts.json").read_text())["total"]
+    assert total.get("ok", 0) > 0 and total.get("error", 0) > 0 and sum(total.values()) >= 200, total
