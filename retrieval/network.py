@@ -1,5 +1,6 @@
 """The retrieval network of Radenovic et al.: a torchvision backbone cut after its last
-convolutional block, a global pooling, optional whitening, L2 normalisation.
+convolutional block (or a timm model's features, :mod:`.timm_backbone`), a global
+pooling, optional whitening, L2 normalisation.
 
 Config is a small dict of defaults (:data:`DEFAULT_CONFIG`); a checkpoint holds the
 config and the weights, so that extraction and evaluation need only the file.
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sfmpairs.common import SfmpairsError, atomic_output, file_sha256, now_iso
-from sfmpairs.retrieval.backbones import BACKBONES, POOLS
+from sfmpairs.retrieval.backbones import BACKBONES, POOLS, TIMM_BACKBONES, check_arch, timm_name
 
 logger = logging.getLogger("sfmpairs.network")
 
@@ -47,7 +48,7 @@ CUTS = {
     "mobilenet_v3_small": lambda m: m.features,
     "efficientnet_b0": lambda m: m.features,
 }
-assert set(CUTS) == set(BACKBONES)
+assert set(CUTS) == set(BACKBONES) - set(TIMM_BACKBONES)
 
 CHECKPOINT_SCHEMA = "sfmpairs/checkpoint"
 
@@ -107,6 +108,7 @@ class RetrievalNet(nn.Module):
         super().__init__()
         self.config = {**DEFAULT_CONFIG, **config}
         self.features = features
+        self.channels = int(channels)
         self.p = nn.Parameter(torch.tensor(float(self.config["p"])))  # used by GeM
         dim = self.config["whitening"]
         self.whiten = nn.Linear(channels, int(dim), bias=True) if dim else None
@@ -115,7 +117,7 @@ class RetrievalNet(nn.Module):
 
     @property
     def dim(self) -> int:
-        return self.whiten.out_features if self.whiten is not None else BACKBONES[self.config["arch"]]
+        return self.whiten.out_features if self.whiten is not None else self.channels
 
     def normalise_input(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 or [0, 1] float images (B, 3, H, W) -> normalised float input."""
@@ -162,13 +164,22 @@ def _listed(items: list[str], noun: str, plural: str) -> str:
 
 
 def read_weights_file(path: str | Path) -> dict:
-    """The state dict of a local weights file: a torchvision state dict as torch.save
-    writes it (e.g. resnet18-f37072fd.pth), or one under "state_dict" or "model"."""
+    """The state dict of a local weights file: a state dict as torch.save writes it
+    (torchvision's resnet18-f37072fd.pth, timm's pytorch_model.bin), or one under
+    "state_dict" or "model", read as tensors and plain data only (nothing of the file
+    runs); or a ``.safetensors`` file (timm's model.safetensors; needs the safetensors
+    package, which timm brings)."""
+    import pickle
+
     path = Path(path)
     if not path.is_file():
         raise SfmpairsError(f"{path}: no such file")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = _read_safetensors(path) if path.suffix == ".safetensors" else torch.load(path, "cpu", weights_only=True)
+    except SfmpairsError:
+        raise
+    except pickle.UnpicklingError as e:
+        raise (_refused(path, e) if "GLOBAL" in str(e) else SfmpairsError(f"{path}: not a weights file")) from None
     except Exception as e:
         raise SfmpairsError(f"{path}: not a weights file ({type(e).__name__})") from None
     if isinstance(state, dict) and state.get("schema") == CHECKPOINT_SCHEMA:
@@ -180,6 +191,14 @@ def read_weights_file(path: str | Path) -> dict:
     if all(k.startswith("module.") for k in state):  # saved from DataParallel
         state = {k.removeprefix("module."): v for k, v in state.items()}
     return state
+
+
+def _read_safetensors(path: Path) -> dict:
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise SfmpairsError(f"{path}: reading .safetensors needs safetensors: pip install 'sfmpairs[timm]'") from None
+    return load_file(path, device="cpu")
 
 
 def fit_weights(state: dict, backbone: nn.Module, head: set, arch: str, path) -> dict:
@@ -216,34 +235,56 @@ def head_keys(backbone: nn.Module, features: nn.Module) -> set:
 def build_network(config: dict | None = None, pretrained: bool | str | Path | None = False) -> RetrievalNet:
     """A :class:`RetrievalNet` for ``config`` (see :data:`DEFAULT_CONFIG`).
 
-    ``pretrained``: False or None for random initialisation; True or "imagenet" for
-    torchvision's ImageNet weights (downloaded through its weights API; offline, a clear
-    error); or the path of a local weights file for the backbone (see
-    :func:`read_weights_file`; its classifier head is ignored; weights that do not fit
-    raise :class:`SfmpairsError` naming the keys). ``config["pretrained"]`` records
-    the weights used ("imagenet (file name)" or "file name (sha256 first 12 digits)").
+    ``config["arch"]``: a torchvision backbone of :data:`~.backbones.BACKBONES`,
+    ``efficientnet_lite0`` or ``timm:NAME`` (:mod:`.timm_backbone`; these take their
+    input normalisation from the model unless ``config`` gives one, as a checkpoint's
+    does). ``pretrained``: False or None for random initialisation; True or "imagenet"
+    for ImageNet weights (torchvision's or timm's, downloaded; offline, a clear error;
+    EfficientNet-Lite0's from its package, offline); or the path of a local weights file
+    for the backbone (see :func:`read_weights_file`; its classifier head is ignored;
+    weights that do not fit raise :class:`SfmpairsError` naming the keys).
+    ``config["pretrained"]`` records the weights used ("imagenet (file name)" or "file
+    name (sha256 first 12 digits)").
     """
-    import torchvision
-
-    config = {**DEFAULT_CONFIG, **(config or {})}
+    given = dict(config or {})
+    config = {**DEFAULT_CONFIG, **given}
     arch = config["arch"]
-    if arch not in BACKBONES:
-        raise SfmpairsError(f"unknown architecture {arch!r} (choose from {', '.join(BACKBONES)})")
+    check_arch(arch)
     if config["pool"] not in POOLS:
         raise SfmpairsError(f"unknown pooling {config['pool']!r} (choose from {', '.join(POOLS)})")
+    if timm_name(arch) is not None:
+        from sfmpairs.retrieval.timm_backbone import timm_backbone
+
+        features, channels, own = timm_backbone(arch, pretrained)
+        config = {**DEFAULT_CONFIG, **own, **given, **{k: v for k, v in own.items() if k == "pretrained"}}
+        return RetrievalNet(config, features, channels)
+    features, channels, weights = torchvision_backbone(arch, pretrained)
+    if weights:
+        config["pretrained"] = weights
+    return RetrievalNet(config, features, channels)
+
+
+def torchvision_backbone(arch: str, pretrained) -> tuple[nn.Module, int, str | None]:
+    """torchvision's ``arch`` cut after its last convolutional block, its channels, and
+    the weights loaded (see :func:`build_network`; None: random)."""
+    import torchvision
+
     backbone = torchvision.models.get_model(arch, weights=None)
-    channels, cut = BACKBONES[arch], CUTS[arch]
-    features = cut(backbone)
+    features = CUTS[arch](backbone)
     if pretrained is True or pretrained == "imagenet":
         backbone.load_state_dict(pretrained_state_dict(arch))
-        config["pretrained"] = f"imagenet ({Path(torchvision.models.get_model_weights(arch).DEFAULT.url).name})"
-    elif pretrained:
+        return (
+            features,
+            BACKBONES[arch],
+            f"imagenet ({Path(torchvision.models.get_model_weights(arch).DEFAULT.url).name})",
+        )
+    if pretrained:
         state = read_weights_file(pretrained)
         backbone.load_state_dict(
             fit_weights(state, backbone, head_keys(backbone, features), arch, pretrained), strict=False
         )
-        config["pretrained"] = f"{Path(pretrained).name} (sha256 {file_sha256(pretrained)[:12]})"
-    return RetrievalNet(config, features, channels)
+        return features, BACKBONES[arch], f"{Path(pretrained).name} (sha256 {file_sha256(pretrained)[:12]})"
+    return features, BACKBONES[arch], None
 
 
 def open_network(
@@ -277,9 +318,26 @@ def open_network(
     return build_network(config, pretrained=pretrained).to(device).eval()
 
 
+def plain(value):
+    """``value`` with numpy scalars as Python numbers and numpy arrays as tensors, inside
+    dicts, lists and tuples: what ``torch.load(weights_only=True)`` reads back."""
+    import numpy as np
+
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(plain(v) for v in value)
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(value.copy())
+    return value
+
+
 def save_checkpoint(path: str | Path, net: RetrievalNet, overwrite: bool = True, **extra) -> None:
     """Write the network's config and weights (and ``extra``, e.g. training state)
-    atomically."""
+    atomically, as tensors and plain Python values only (:func:`plain`), so that
+    :func:`read_checkpoint` reads it without running any code of the file."""
     from sfmpairs import __version__
 
     state = {
@@ -287,26 +345,65 @@ def save_checkpoint(path: str | Path, net: RetrievalNet, overwrite: bool = True,
         "schema_version": 1,
         "tool_version": __version__,
         "created": now_iso(),
-        "config": dict(net.config),
+        "config": plain(dict(net.config)),
         "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
-        **extra,
+        **plain(extra),
     }
     with atomic_output(path, overwrite=overwrite) as tmp:
         torch.save(state, tmp)
 
 
+def _refused(path: Path, error: Exception) -> SfmpairsError:
+    """The one line for a file whose unpickling would call something other than torch's
+    tensors and plain data (``torch.load(weights_only=True)`` refused it)."""
+    import re
+
+    found = re.search(r"GLOBAL ([\w.]+)", str(error))
+    what = found.group(1) if found else "a function"
+    fix = (
+        f"; if you made it with sfmpairs 0.3 or older and trust it, convert it: python -c "
+        f"\"from sfmpairs.retrieval.network import convert_checkpoint; convert_checkpoint('{path}', 'new.pt')\""
+        if what.startswith("numpy")
+        else ""
+    )
+    return SfmpairsError(
+        f"{path}: refused: loading it would call {what}, and checkpoints are read as tensors and plain data only{fix}"
+    )
+
+
 def read_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> dict:
-    """The checkpoint dict of a checkpoint file; a clear error for anything else."""
+    """The checkpoint dict of a checkpoint file; a clear error for anything else.
+
+    Read with ``torch.load(weights_only=True)``: tensors and plain Python data only, so
+    that a file from elsewhere runs no code when read; one whose unpickling would call
+    anything else is refused, naming what it would call. Checkpoints of every sfmpairs
+    version hold only such data and load as they are (those holding numpy values, if
+    any, are refused with the command that converts them: :func:`convert_checkpoint`)."""
+    import pickle
+
     path = Path(path)
     if not path.is_file():
         raise SfmpairsError(f"{path}: no such file")
     try:
-        state = torch.load(path, map_location=device, weights_only=False)
+        state = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise (_refused(path, e) if "GLOBAL" in str(e) else SfmpairsError(f"{path}: not a checkpoint")) from None
     except Exception as e:
         raise SfmpairsError(f"{path}: not a checkpoint ({type(e).__name__})") from None
     if not isinstance(state, dict) or state.get("schema") != CHECKPOINT_SCHEMA:
         raise SfmpairsError(f"{path}: not an sfmpairs checkpoint")
     return state
+
+
+def convert_checkpoint(source: str | Path, target: str | Path) -> None:
+    """Rewrite a checkpoint that holds numpy values as plain data (:func:`plain`), which
+    :func:`read_checkpoint` reads. This loads ``source`` with ``weights_only=False``,
+    which runs whatever the file asks: only for a file you made or trust."""
+    state = torch.load(Path(source), map_location="cpu", weights_only=False)
+    if not isinstance(state, dict) or state.get("schema") != CHECKPOINT_SCHEMA:
+        raise SfmpairsError(f"{source}: not an sfmpairs checkpoint")
+    with atomic_output(target, overwrite=False) as tmp:
+        torch.save(plain(state), tmp)
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import h5py
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from sfmpairs import SfmpairsError
-from sfmpairs.retrieval.backbones import BACKBONES
+from sfmpairs.retrieval.backbones import BACKBONES, TIMM_BACKBONES
 from sfmpairs.retrieval.network import (
     build_network,
     gem,
@@ -23,7 +24,17 @@ from sfmpairs.retrieval.network import (
 )
 
 
-@pytest.mark.parametrize("arch", list(BACKBONES))
+def _needs_extra(arch):
+    """efficientnet_lite0 is built by timm (the lite0 extra): skipped without it."""
+    if arch not in TIMM_BACKBONES:
+        return arch
+    missing = importlib.util.find_spec("timm") is None
+    return pytest.param(
+        arch, marks=pytest.mark.skipif(missing, reason=f"{arch} needs timm: pip install 'sfmpairs[lite0]'")
+    )
+
+
+@pytest.mark.parametrize("arch", [_needs_extra(a) for a in BACKBONES])
 def test_every_backbone_gives_unit_descriptors(arch):
     torch.manual_seed(0)
     net = build_network({"arch": arch, "pool": "gem"}).eval()

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from sfmpairs.common import SfmpairsError
 from sfmpairs.config import setting
-from sfmpairs.retrieval.backbones import BACKBONES, POOLS
+from sfmpairs.retrieval.backbones import BACKBONES, EXTRAS, POOLS, check_arch
 from sfmpairs.retrieval.options import DeviceConf
 
 MARGINS = {"alexnet": 0.7, "vgg16": 0.75}  # the contrastive margin by architecture
@@ -29,14 +29,20 @@ def parse_pretrained(text: str) -> bool | str:
 
 @dataclass(frozen=True)
 class TrainConf(DeviceConf):
-    arch: str = setting("resnet50", "Backbone.", choices=list(BACKBONES))
+    arch: str = setting(
+        "resnet50",
+        "Backbone: "
+        + ", ".join(f"{a} (extra {EXTRAS[a]})" if a in EXTRAS else a for a in BACKBONES)
+        + "; or timm:NAME, any timm model (extra timm), e.g. timm:convnext_tiny, timm:vit_small_patch14_dinov2.",
+        metavar="NAME",
+    )
     pool: str = setting("gem", "Global pooling.", choices=POOLS)
     p: float = setting(3.0, "GeM's initial exponent.", cli=False)
     whitening: int | None = setting(None, "Add a learnable whitening layer to this many dimensions.")
     pretrained: bool | str = setting(
         False,
-        "Start from torchvision's ImageNet weights (downloaded), or from a local weights file "
-        "(e.g. resnet50-11ad3fa6.pth).",
+        "Start from ImageNet weights (torchvision's or timm's, downloaded; efficientnet_lite0's installed "
+        "with its extra), or from a local weights file (.pth, .safetensors; e.g. resnet50-11ad3fa6.pth).",
         default_text="random",
         flag_value="imagenet",
         metavar="[FILE]",
@@ -84,6 +90,7 @@ class TrainConf(DeviceConf):
 
     def check(self) -> None:
         """Refuse settings outside their range, naming the option."""
+        check_arch(self.arch)
         if self.loss not in LOSSES:
             raise SfmpairsError(f"unknown loss {self.loss!r} ({' or '.join(LOSSES)})")
         if self.negative_mining not in NEGATIVE_MINING:

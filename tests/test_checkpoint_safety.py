@@ -1,0 +1,111 @@
+"""Checkpoints and weights files from elsewhere run no code when read (issue 17, item 10):
+``torch.load(weights_only=True)``; what sfmpairs writes is tensors and plain data."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from sfmpairs import SfmpairsError
+from sfmpairs.cli import main
+from sfmpairs.retrieval.network import (
+    CHECKPOINT_SCHEMA,
+    build_network,
+    convert_checkpoint,
+    load_checkpoint,
+    read_checkpoint,
+    read_weights_file,
+    save_checkpoint,
+)
+
+
+class WritesAMarker:
+    """Unpickling calls ``open(marker, "w")``: a file appears if the load runs it."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+class RunsAShellCommand:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def crafted_checkpoint(path, payload) -> None:
+    net = build_network({"arch": "resnet18"})
+    torch.save(
+        {"schema": CHECKPOINT_SCHEMA, "config": dict(net.config), "state_dict": net.state_dict(), "x": payload}, path
+    )
+
+
+@pytest.mark.parametrize("kind", [WritesAMarker, RunsAShellCommand], ids=["open", "os.system"])
+def test_a_crafted_checkpoint_is_refused_in_one_line_and_runs_nothing(tmp_path, kind):
+    marker = tmp_path / "marker"
+    crafted_checkpoint(tmp_path / "evil.pt", kind(marker))
+    with pytest.raises(SfmpairsError) as e:
+        load_checkpoint(tmp_path / "evil.pt")
+    text = str(e.value)
+    assert "evil.pt: refused" in text and "\n" not in text
+    assert ("open" if kind is WritesAMarker else "system") in text
+    assert not marker.exists()
+    # the commands that read checkpoints: one line, exit 2, nothing run, no output
+    (tmp_path / "list.txt").write_text("a.jpg\n")
+    extract = ["extract", "--model", tmp_path / "evil.pt", "--images-root", tmp_path, "--list", tmp_path / "list.txt"]
+    for args in (["info", tmp_path / "evil.pt"], [*extract, "-o", tmp_path / "d.h5"]):
+        r = CliRunner().invoke(main, [str(a) for a in args])
+        assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1 and "refused" in r.stderr, r.stderr
+        assert not marker.exists() and not (tmp_path / "d.h5").exists()
+    # the file is live: an unsafe load would have run it (the check above can fail)
+    if kind is WritesAMarker:
+        torch.load(tmp_path / "evil.pt", weights_only=False)
+        assert marker.exists()
+
+
+def test_a_crafted_weights_file_is_refused_too(tmp_path):
+    marker = tmp_path / "marker"
+    state = build_network({"arch": "resnet18"}).features.state_dict()
+    torch.save({**state, "evil": WritesAMarker(marker)}, tmp_path / "w.pth")
+    with pytest.raises(SfmpairsError, match=r"w\.pth: refused: loading it would call .*open"):
+        read_weights_file(tmp_path / "w.pth")
+    assert not marker.exists()
+
+
+def test_what_save_checkpoint_writes_loads_with_weights_only(tmp_path):
+    """numpy values (as an evaluation may give) are written as plain numbers and tensors."""
+    net = build_network({"arch": "resnet18"})
+    extra = {"val_map": np.float64(0.5), "train": {"epoch": np.int64(3), "a": np.arange(3), "t": (np.float32(1),)}}
+    save_checkpoint(tmp_path / "c.pt", net, **extra)
+    state = torch.load(tmp_path / "c.pt", weights_only=True)  # no safe globals added
+    assert type(state["val_map"]) is float and type(state["train"]["epoch"]) is int
+    assert torch.equal(state["train"]["a"], torch.arange(3)) and state["train"]["t"] == (1.0,)
+    assert read_checkpoint(tmp_path / "c.pt")["val_map"] == 0.5
+
+
+def test_a_checkpoint_with_numpy_values_is_refused_with_the_conversion_and_converts(tmp_path):
+    """What an unsafe writer could have left (numpy scalars pickled as numpy objects):
+    refused, with the command that converts it; converted, it loads."""
+    net = build_network({"arch": "resnet18"})
+    state = {
+        "schema": CHECKPOINT_SCHEMA,
+        "config": dict(net.config),
+        "state_dict": net.state_dict(),
+        "val_map": np.float64(0.25),
+    }
+    torch.save(state, tmp_path / "old.pt")
+    with pytest.raises(SfmpairsError, match=r"old\.pt: refused: loading it would call numpy.*convert_checkpoint"):
+        read_checkpoint(tmp_path / "old.pt")
+    convert_checkpoint(tmp_path / "old.pt", tmp_path / "new.pt")
+    assert read_checkpoint(tmp_path / "new.pt")["val_map"] == 0.25
+    with pytest.raises(SfmpairsError, match="not an sfmpairs checkpoint"):
+        torch.save({"a": 1}, tmp_path / "other.pt")
+        convert_checkpoint(tmp_path / "other.pt", tmp_path / "x.pt")
