@@ -326,7 +326,13 @@ def _run_batches(run_batch, n: int, batch_images: int, threads: int | None) -> N
     Batches are independent (each writes its own run of the outputs) and numpy
     releases the GIL in its loops. Each worker owns a slot table, int64
     (batch_images * n,), all -1, that its batches borrow in turn."""
-    workers = worker_threads(threads)
+    starts = range(0, n, batch_images)
+    workers = min(worker_threads(threads), len(starts))
+    if workers <= 1:  # no threads to start for a small model
+        slot = np.full(batch_images * n, -1, np.int64)
+        for i0 in starts:
+            run_batch(i0, slot)
+        return
     slots = queue.SimpleQueue()
     for _ in range(workers):
         slots.put(np.full(batch_images * n, -1, np.int64))
@@ -339,4 +345,4 @@ def _run_batches(run_batch, n: int, batch_images: int, threads: int | None) -> N
             slots.put(slot)
 
     with ThreadPoolExecutor(workers) as pool:
-        list(pool.map(task, range(0, n, batch_images)))
+        list(pool.map(task, starts))
