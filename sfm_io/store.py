@@ -178,6 +178,7 @@ def read_store(path: str | Path, observations: bool = True, keys: list[str] | No
     with open_store(path) as h5, h5_errors(path, "SfM store"):
 
         def visit(name, obj):
+            name = name if isinstance(name, str) else name.decode("utf-8", "replace")  # a corrupt name
             if isinstance(obj, h5py.Dataset):
                 if keys is not None and name not in keys:
                     return
@@ -187,7 +188,9 @@ def read_store(path: str | Path, observations: bool = True, keys: list[str] | No
 
         h5.visititems(visit)
         shapes = {}
-        h5.visititems(lambda name, obj: shapes.update({name: obj.shape}) if isinstance(obj, h5py.Dataset) else None)
+        h5.visititems(
+            lambda name, obj: shapes.update({str(name): obj.shape}) if isinstance(obj, h5py.Dataset) else None
+        )
         out["attrs"] = {k: (v.item() if hasattr(v, "item") else v) for k, v in h5.attrs.items()}
         for key in ("parameters", "inputs"):
             if key in out["attrs"]:
