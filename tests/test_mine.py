@@ -473,3 +473,42 @@ def test_random_negatives_are_one_per_other_cluster_and_cover_every_choice():
     assert set(idx[:400, :3].ravel()) == {0, 1, 5, 6, 7}  # every image of the other clusters
     firsts = np.bincount(chosen[:, 0], minlength=4)
     assert min(firsts[[0, 2, 3]]) > 80  # the first negative's cluster is random, not always the lowest
+
+
+def test_clusters_of_several_models_against_brute_force(tmp_path):
+    """Models pooled one by one on threads, only the queries' rows kept: pools,
+    statistics and the val ground truth of clusters of several models (scenes with
+    sparse/0, sparse/1, ...) equal pycolmap's, whatever the threads."""
+    from sfmpairs.synthetic.models import random_reconstruction, write_model
+
+    dirs = []
+    for scene, models in enumerate((1, 3, 2, 1)):
+        for m in range(models):
+            n = (12, 3, 25, 2, 17, 9, 30)[len(dirs)]  # a two-image model too
+            dirs.append(tmp_path / "colmap" / f"s{scene}" / "sparse" / str(m))
+            write_model(random_reconstruction(n, 300, 4, seed=len(dirs)), dirs[-1])
+    ingest([tmp_path / "colmap"], tmp_path / "sfm.h5", cluster_by="scene")
+    s = read_store(tmp_path / "sfm.h5", observations=False)
+    assert len(s["clusters/name"]) == 4 and len(s["models/name"]) == 7
+    order = [tmp_path / "colmap" / name for name in s["models/name"]]  # the store's model order
+    options = dict(queries_per_cluster=0, val_fraction=0.5, pool_size=6, seed=2)
+    mine(tmp_path / "sfm.h5", tmp_path / "p1.h5", workers=1, **options)
+    mine(tmp_path / "sfm.h5", tmp_path / "p3.h5", workers=3, **options)
+    a, b = read_pairs(tmp_path / "p1.h5"), read_pairs(tmp_path / "p3.h5")
+    for key in a:
+        if key != "attrs":
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    check_against_brute_force(tmp_path / "sfm.h5", tmp_path / "p1.h5", order, 6, "depth")
+    # the val ground truth: every other image of the cluster sharing points with q, and how many
+    seen = []  # per store image: its set of 3D points (model, point id)
+    for m, d in enumerate(order):
+        rec = pycolmap.Reconstruction(str(d))
+        for i in sorted(i for i, im in rec.images.items() if im.has_pose):
+            seen.append({(m, p.point3D_id) for p in rec.images[i].points2D if p.has_point3D()})
+    cluster, ptr = s["images/cluster"], a["val/gt_indptr"]
+    assert len(a["val/query"]) > 10
+    for row, q in enumerate(a["val/query"]):
+        expect = [(i, len(seen[q] & seen[i])) for i in np.flatnonzero(cluster == cluster[q]) if i != q]
+        expect = [(i, c) for i, c in expect if c]
+        got = list(zip(a["val/gt_image"][ptr[row] : ptr[row + 1]], a["val/gt_co_observed"][ptr[row] : ptr[row + 1]]))
+        assert got == expect, q
