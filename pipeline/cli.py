@@ -25,6 +25,7 @@ from sfmpairs.train.options import TrainConf, parse_pretrained  # noqa: E402
 from . import __version__  # noqa: E402
 from .common import SfmpairsError  # noqa: E402
 from .config import click_options, given  # noqa: E402
+from .demo import DEMO  # noqa: E402
 
 
 def _fail_cleanly(fn):
@@ -497,7 +498,7 @@ def export(pairs, fmt, output, images_root, image_dir, store, overwrite, **optio
     show_default=True,
     help="Folder for the demo's inputs and outputs.",
 )
-@click.option("--epochs", type=int, default=6, show_default=True, help="Training epochs.")
+@click.option("--epochs", type=int, default=DEMO["epochs"], show_default=True, help="Training epochs.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or auto.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
 @_finish("Reuse a WORKDIR that is not empty.")

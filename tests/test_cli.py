@@ -179,7 +179,10 @@ def test_small_demo_runs_every_stage(small_demo):
     epochs = [json.loads(line) for line in (work / "run/metrics.jsonl").read_text().splitlines()]
     assert [e["epoch"] for e in epochs] == [-1, 0, 1]  # -1: the val mAP before training
     assert r["per_epoch"] == [e["val_map"] for e in epochs[1:]]
-    assert r["after"] == pytest.approx(epochs[-1]["val_map"], abs=1e-9)  # after: last.pt, the last epoch's
+    # after: the network as trained (last.pt); training's own val mAP of its last epoch
+    # differs from evaluate's by up to a few tenths of a point (0.1 seen)
+    assert json.loads((work / "eval_after.json").read_text())["model"] == str(work / "run" / "last.pt")
+    assert r["after"] == pytest.approx(epochs[-1]["val_map"], abs=0.01)
     best = read_checkpoint(work / "run/best.pt")
     top = max(epochs, key=lambda e: e["val_map"])  # the first of equals: the starting weights stay unless beaten
     assert (best["val_map"], best["epoch"]) == (top["val_map"], top["epoch"])
