@@ -491,6 +491,14 @@ def describe_starts(args) -> str:
     return " and from ".join(pretrained if s == "pretrained" else "random initialisation" for s in args.init.split(","))
 
 
+def print_starts(world: str, worlds: dict) -> list[str]:
+    """Print and return the comparison of a world's two starts (:func:`compare_starts`)."""
+    lines = compare_starts(worlds[f"{world}/pretrained"]["runs"], worlds[f"{world}/random"]["runs"])
+    print(f"{world}: pretrained against random start, run by run (test mAP, %)")
+    print("\n".join("  " + line for line in lines), flush=True)
+    return lines
+
+
 def compare_starts(pretrained: list[dict], random: list[dict]) -> list[str]:
     """Pretrained against random start, paired by fold, seed and configuration: the
     untrained networks, then best.pt and last.pt of each configuration."""
@@ -507,8 +515,8 @@ def compare_starts(pretrained: list[dict], random: list[dict]) -> list[str]:
                 label_ = r["strategy"] if r["strategy"] == UNTRAINED else f"{r['strategy']} + {r['negatives']}"
                 groups.setdefault(label_, []).append(r[score] - other[key(r)][score])
         for label_, d in groups.items():
-            se = statistics.stdev(d) / len(d) ** 0.5 if len(d) > 1 else float("nan")
-            lines.append(f"{label_} ({name}): {100 * statistics.fmean(d):+.1f} ± {100 * se:.1f} over {len(d)} run(s)")
+            se = f" ± {100 * statistics.stdev(d) / len(d) ** 0.5:.1f} (s.e.)" if len(d) > 1 else ""
+            lines.append(f"{label_} ({name}): {100 * statistics.fmean(d):+.1f}{se} over {len(d)} run(s)")
     return lines
 
 
@@ -609,6 +617,8 @@ def main(argv=None) -> dict:
             )
             found["summary"] = summarise(found["runs"], configs)  # as this version tabulates
             print_world(world, found, out["settings"]["seeds"])
+        for world in sorted({w.split("/")[0] for w in out["worlds"] if w.endswith("/pretrained")}):
+            print_starts(world, out["worlds"])
         return out
     import torch
 
@@ -641,12 +651,7 @@ def main(argv=None) -> dict:
             }
             print_world(name, out["worlds"][name], args.seeds)
         if len(starts) == 2:
-            lines = compare_starts(
-                out["worlds"][f"{world}/pretrained"]["runs"], out["worlds"][f"{world}/random"]["runs"]
-            )
-            out.setdefault("starts", {})[world] = lines
-            print(f"{world}: pretrained against random start, run by run (test mAP, %)")
-            print("\n".join("  " + line for line in lines), flush=True)
+            out.setdefault("starts", {})[world] = print_starts(world, out["worlds"])
     out["seconds"] = time.perf_counter() - t0
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(out, indent=1))

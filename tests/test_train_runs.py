@@ -200,7 +200,7 @@ def test_resume_applies_new_epochs_and_lr_records_them_and_refuses_other_changes
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in lines] == [-1, 0, 1, 2]
     assert [m["lr"] for m in lines[1:]] == pytest.approx([1e-4, 5e-5 * math.exp(-0.1), 5e-5 * math.exp(-0.2)])
-    groups = torch.load(run / "last.pt", weights_only=False)["train"]["optimizer"]["param_groups"]
+    groups = torch.load(run / "last.pt", weights_only=True)["train"]["optimizer"]["param_groups"]
     assert groups[1]["lr"] == pytest.approx(10 * groups[0]["lr"])  # GeM p: ten times the rate
     assert groups[0]["lr"] == pytest.approx(5e-5 * math.exp(-0.3))  # after epoch 2's decay
 
