@@ -356,6 +356,12 @@ def time_fraction(root: Path, work: Path, fraction: float, repeats: int, steps: 
     return runs
 
 
+def _cpu_seconds(runs: list) -> float:
+    """Median CPU seconds (user + sys) of a step's runs: on a shared machine the wall
+    time measures the other users too, the CPU time much less so."""
+    return statistics.median(r["seconds"] * r["cpu"] for r in runs)
+
+
 def summary(results: dict, counts: dict) -> None:
     print("\n| step | " + " | ".join(f"{f:g} ({counts[f] / 1e6:.1f}M obs)" for f in results) + " |")
     print("|---|" + "---|" * len(results))
@@ -366,10 +372,18 @@ def summary(results: dict, counts: dict) -> None:
             x = runs[step]
             cells.append(
                 f"{statistics.median(r['seconds'] for r in x):.2f} s, {max(r['peak_mib'] for r in x):.0f} MiB, "
-                f"cpu {statistics.median(r['cpu'] for r in x):.2f}, load {statistics.median(r['load'] for r in x):.1f}"
+                f"cpu {statistics.median(r['cpu'] for r in x):.2f} ({_cpu_seconds(x):.1f} CPU s), "
+                f"load {statistics.median(r['load'] for r in x):.1f}"
             )
         print(f"| {step} | " + " | ".join(cells) + " |")
     for f, runs in results.items():
+        cpu = {s: _cpu_seconds(x) for s, x in runs.items()}
+        for tag in ("", "@base"):
+            if {"pycolmap", "ingest" + tag, "mine" + tag} <= cpu.keys():
+                i, m, p = cpu["ingest" + tag], cpu["mine" + tag], cpu["pycolmap"]
+                print(
+                    f"{f:g}{tag} CPU seconds: (ingest + mine) / pycolmap {(i + m) / p:.2f}, mine / pycolmap {m / p:.2f}"
+                )
         med = {s: statistics.median(r["seconds"] for r in x) for s, x in runs.items()}
         for tag in ("", "@base"):
             if {"pycolmap", "ingest" + tag, "mine" + tag} <= med.keys():
