@@ -75,14 +75,41 @@ def geometric_depth_path(workspace: Path, image_name: str) -> Path:
     return workspace / "stereo" / "depth_maps" / f"{image_name}.geometric.bin"
 
 
-def fit_depth(depth: np.ndarray, width: int, height: int) -> np.ndarray:
+def depth_maps_in(workspace: Path, image_names) -> tuple[list, int]:
+    """``(geometric, photometric)``: each image's geometric depth map in ``workspace``
+    (None where it has none) and how many images have only a photometric one."""
+    geometric, photometric = [], 0
+    for name in image_names:
+        path = geometric_depth_path(workspace, name)
+        found = path.is_file()
+        geometric.append(path if found else None)
+        photometric += not found and (path.parent / f"{name}.photometric.bin").is_file()
+    return geometric, photometric
+
+
+def same_aspect(map_size: tuple[int, int], image_size: tuple[int, int]) -> bool:
+    """Whether a map of ``map_size`` (width, height) is the image of ``image_size``
+    scaled by one factor, each side rounded to within one pixel (as COLMAP's
+    ``max_image_size`` scales both sides)."""
+    (w, h), (W, H) = map_size, image_size
+    return max((w - 1) / W, (h - 1) / H) <= min((w + 1) / W, (h + 1) / H)
+
+
+def fit_depth(depth: np.ndarray, width: int, height: int, source: str | os.PathLike = "depth map") -> np.ndarray:
     """``depth`` at the image's size (height, width): as it is where it has that size,
-    else resampled to the nearest pixel (COLMAP's stereo may run on smaller images);
-    negative and non-finite values become 0 (no depth)."""
+    else resampled to the nearest pixel (COLMAP's stereo may run on smaller images,
+    ``--PatchMatchStereo.max_image_size``); negative and non-finite values become 0 (no
+    depth). A map of another aspect ratio belongs to another image: one line naming
+    ``source`` and both sizes."""
     depth = np.where(np.isfinite(depth) & (depth > 0), depth, 0).astype(np.float32)
     h, w = depth.shape
     if (h, w) == (height, width):
         return depth
+    if not same_aspect((w, h), (width, height)):
+        raise SfmpairsError(
+            f"{source}: depth map of {w}x{h} is not its image's {width}x{height} scaled (another aspect ratio): "
+            "not a map of this model's image (export the model of the dense workspace the maps come from)"
+        )
     rows = np.minimum(((np.arange(height) + 0.5) * h / height).astype(np.int64), h - 1)
     cols = np.minimum(((np.arange(width) + 0.5) * w / width).astype(np.int64), w - 1)
     return depth[rows[:, None], cols[None, :]]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from sfmpairs.common import SfmpairsError
-from sfmpairs.sfm_io.colmap_depth import read_depth_map, write_depth_map
+from sfmpairs.sfm_io.colmap_depth import fit_depth, read_depth_map, write_depth_map
 
 
 def colmap_script_read(path):
@@ -59,3 +59,35 @@ def test_bad_depth_maps_are_one_line_naming_the_file(tmp_path, content, problem)
     with pytest.raises(SfmpairsError, match=problem) as info:
         read_depth_map(path)
     assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "image, map_size",
+    [
+        ((64, 48), (64, 48)),
+        ((64, 48), (32, 24)),  # stereo at half size
+        ((1600, 1199), (800, 600)),  # 599.5 rounded up
+        ((1600, 1199), (800, 599)),  # ... or down
+        ((1199, 1600), (599, 800)),
+        ((3, 1000), (2, 500)),  # a thin image: 1.5 px within one pixel
+    ],
+)
+def test_fit_depth_takes_maps_of_the_same_aspect_ratio(image, map_size):
+    width, height = image
+    depth = np.arange(map_size[0] * map_size[1], dtype=np.float32).reshape(map_size[1], map_size[0]) + 1
+    got = fit_depth(depth, width, height, "x.geometric.bin")
+    assert got.shape == (height, width)
+    # nearest pixel, worked out here: pixel (r, c) takes the map's pixel its centre lies in
+    r, c = height - 1, width - 1
+    assert got[r, c] == depth[int((r + 0.5) * map_size[1] / height), int((c + 0.5) * map_size[0] / width)]
+    assert got[0, 0] == depth[0, 0]
+
+
+@pytest.mark.parametrize("map_size", [(64, 64), (48, 64), (68, 48), (32, 26)])
+def test_fit_depth_refuses_another_aspect_ratio(tmp_path, map_size):
+    path = tmp_path / "a.jpg.geometric.bin"
+    with pytest.raises(SfmpairsError) as info:
+        fit_depth(np.ones(map_size[::-1], np.float32), 64, 48, path)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"{path}: depth map of {map_size[0]}x{map_size[1]} ")
+    assert "64x48" in message
