@@ -3,14 +3,24 @@
 One scene per model of the SfM store, as D2-Net's ``megadepth_utils/preprocess_scene.py``
 defines a scene's information and LoFTR's ``MegaDepthDataset`` reads it (schema in
 docs/formats.md, "MegaDepth export"). Between images i and j of a model, with P(i) the
-3D points image i observes (one 2D point per point):
+3D points image i observes (one 2D point per point), the definitions of D2-Net's
+preprocessing as published with its paper (commit 931db50, 2019), which LoFTR's scene
+files follow:
 
 - overlap: |P(i) ∩ P(j)| / min(|P(i)|, |P(j)|), symmetric; -1 on the diagonal and for
   images left out (those without a depth map, where the model has depth maps);
 - scale ratio: sqrt(area_i / area_j), area_i the area of the bounding box, in pixels, of
-  the co-observed points' 2D positions in image i; -1 where they share no point or a box
-  has no area;
+  the co-observed points' 2D positions in image i ([j, i] is its inverse, so half the
+  values are below 1); -1 where they share no point or a box has no area;
 - angle: between the principal axes, in degrees.
+
+D2-Net's later preprocessing (its current master) writes an asymmetric overlap
+|P(i) ∩ P(j)| / |P(i)| and a scale ratio >= 1 (the smallest over shared points of
+max(nd_i / nd_j, nd_j / nd_i), nd a point's depth over the mean focal length). Its
+loader keeps pairs with scale ratio <= ``max_scale_ratio``: by default infinite, which
+filters nothing, so it reads these files as they are; with a finite value it would keep
+every [i, j] below 1 (and -1), and its per-point filter, on ``points3D_id_to_ndepth``,
+is what then applies.
 
 Everything comes from the store's co-observation table, by the same batched walk over
 tracks as mining (:mod:`.pools`): the cost grows with the co-observations, not with n².
@@ -25,6 +35,7 @@ import os
 import pickle
 import re
 import shutil
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -34,8 +45,8 @@ from sfmpairs.common import SfmpairsError, progress
 from sfmpairs.paths import check_relative_names
 from sfmpairs.sfm_io.colmap_depth import (
     dense_workspace,
+    depth_maps_in,
     fit_depth,
-    geometric_depth_path,
     read_depth_map,
     write_depth_h5,
 )
@@ -97,7 +108,8 @@ def pair_boxes(indptr, point, xy, num_points, keys, batch_images: int = 64, thre
 def scene_matrices(indptr, point, xy, num_points, valid: np.ndarray, threads: int | None = None):
     """``(overlap, scale_ratio, keys, pair_overlap, centres)``: the dense float32 (n, n)
     overlap and scale-ratio matrices (module docstring), and for every co-observing pair
-    of valid images its key, overlap and the centres of its two bounding boxes (P, 4)."""
+    of valid images its key, overlap (float32, the matrix's value) and the centres of
+    its two bounding boxes (float64 (P, 4))."""
     n = len(indptr) - 1
     keys = co_observing_pairs(indptr, point, num_points)
     lo, hi = keys // n, keys % n
@@ -111,7 +123,7 @@ def scene_matrices(indptr, point, xy, num_points, valid: np.ndarray, threads: in
         overlap = np.full((n, n), -1, np.float32)
         overlap[np.ix_(valid, valid)] = 0
     np.fill_diagonal(overlap, -1)
-    pair_overlap = count / np.maximum(np.minimum(points[lo], points[hi]), 1)
+    pair_overlap = (count / np.maximum(np.minimum(points[lo], points[hi]), 1)).astype(np.float32)
     overlap[lo, hi] = overlap[hi, lo] = pair_overlap
     area = (boxes[:, :, 2] - boxes[:, :, 0]) * (boxes[:, :, 3] - boxes[:, :, 1])
     has = (area[:, 0] > 0) & (area[:, 1] > 0)
@@ -119,7 +131,7 @@ def scene_matrices(indptr, point, xy, num_points, valid: np.ndarray, threads: in
     scale = np.full((n, n), -1, np.float32)
     scale[lo[has], hi[has]] = ratio
     scale[hi[has], lo[has]] = 1 / ratio
-    centres = ((boxes[:, :, :2] + boxes[:, :, 2:]) / 2).reshape(-1, 4).astype(np.float32)
+    centres = ((boxes[:, :, :2] + boxes[:, :, 2:]) / 2).reshape(-1, 4)
     return overlap, scale, keys, pair_overlap, centres
 
 
@@ -169,19 +181,37 @@ def poses(rotation: np.ndarray, tvec: np.ndarray) -> np.ndarray:
     return T
 
 
-def pair_infos(keys, n: int, pair_overlap, centres, lo: float, hi: float, closed: bool = True) -> list:
+def pair_infos(keys, n: int, pair_overlap, centres, lo: float, hi: float, closed: bool = True, flip=None) -> list:
     """LoFTR's ``pair_infos``: ``(array([i, j]), overlap, central_matches)`` for each pair
-    i < j with lo <= overlap <= hi (< hi unless ``closed``); central_matches float32
-    (1, 4): the centres (x_i, y_i, x_j, y_j) of the co-observed points' boxes."""
-    keep = (pair_overlap >= lo) & ((pair_overlap <= hi) if closed else (pair_overlap < hi))
+    with lo <= overlap <= hi (< hi unless ``closed``), compared in float32 as the overlap
+    matrix holds them; i < j, or i > j where ``flip`` (bool per key) says so, as LoFTR's
+    own files hold both orders; central_matches float64 (4,): the centres (x_i, y_i,
+    x_j, y_j) of the co-observed points' boxes."""
+    pair_overlap = np.asarray(pair_overlap, np.float32)
+    keep = (pair_overlap >= np.float32(lo)) & (
+        (pair_overlap <= np.float32(hi)) if closed else (pair_overlap < np.float32(hi))
+    )
     chosen = np.flatnonzero(keep)
-    ij = np.stack([keys[chosen] // n, keys[chosen] % n], 1)
-    return [(pair, ov, c[None]) for pair, ov, c in zip(ij, pair_overlap[chosen].tolist(), centres[chosen])]
+    first, second = keys[chosen] // n, keys[chosen] % n
+    central = np.asarray(centres, np.float64)[chosen]
+    if flip is not None:
+        f = np.asarray(flip, bool)[chosen]
+        first, second = np.where(f, second, first), np.where(f, first, second)
+        central = np.where(f[:, None], central[:, [2, 3, 0, 1]], central)
+    ij = np.stack([first, second], 1)
+    return [(pair.copy(), ov, c.copy()) for pair, ov, c in zip(ij, pair_overlap[chosen].tolist(), central)]
+
+
+def orientations(scene: str, count: int) -> np.ndarray:
+    """bool (count,): which pairs a scene file lists as (j, i), j > i: random, from a
+    generator seeded by the scene's name (the same in every export of the scene)."""
+    return np.random.default_rng(zlib.crc32(scene.encode())).random(count) < 0.5
 
 
 def scene_name(model_name: str, taken: set) -> str:
-    """A file name for a model: its name with anything but letters, digits, '-' and '_'
-    replaced by '_' (LoFTR splits a scene file's path at its first '.'), made unique."""
+    """A file name for a model: its name (which holds '/') with anything but letters,
+    digits, '-' and '_' replaced by '_', so that it is one plain word in the scene lists
+    (LoFTR reads a list line's first whitespace-separated word), made unique."""
     base = re.sub(r"[^A-Za-z0-9_-]+", "_", model_name).strip("_") or "model"
     name, k = base, 1
     while name in taken:
@@ -223,19 +253,29 @@ STORE_KEYS = [
 ]
 
 
-def read_model_table(h5, s: dict, k: int) -> dict:
-    """Model ``k`` of an open store ``h5`` (``s``: its image and model tables): its image
+def model_ranges(model: np.ndarray, count: int, what: str) -> np.ndarray:
+    """int64 (count, 2): each model's rows [start, end) in a store column ``model`` of
+    model indices ((0, 0) for a model without rows), in one pass; ValueError where a
+    model's ``what`` are not contiguous."""
+    model = np.asarray(model, np.int64)
+    out = np.zeros((count, 2), np.int64)
+    if not len(model):
+        return out
+    start = np.flatnonzero(np.r_[True, model[1:] != model[:-1]])
+    runs = np.bincount(model[start], minlength=count)
+    if (runs > 1).any():
+        raise ValueError(f"the {what} of model {int(np.argmax(runs > 1))} are not contiguous")
+    out[model[start]] = np.stack([start, np.r_[start[1:], len(model)]], 1)
+    return out
+
+
+def read_model_table(h5, s: dict, images: tuple[int, int], points: tuple[int, int]) -> dict:
+    """The model whose image rows are ``images`` and point rows ``points`` ([start,
+    end), :func:`model_ranges`) of an open store ``h5`` (``s``: its tables): its image
     rows, CSR co-observation table with local point indices, 2D points, and its points'
     COLMAP ids and positions."""
-    rows = np.flatnonzero(s["images/model"] == k)
-    a, b = int(rows[0]), int(rows[-1]) + 1
-    if b - a != len(rows):
-        raise ValueError(f"the images of model {k} are not contiguous")
+    (a, b), (p0, p1) = images, points
     indptr = s["observations/indptr"][a : b + 1]
-    pts = np.flatnonzero(s["points/model"] == k)
-    p0, p1 = (int(pts[0]), int(pts[-1]) + 1) if len(pts) else (0, 0)
-    if p1 - p0 != len(pts):
-        raise ValueError(f"the points of model {k} are not contiguous")
     point = h5["observations/point"][indptr[0] : indptr[-1]].astype(np.int64) - p0
     if len(point) and (point.min() < 0 or point.max() >= p1 - p0):
         raise ValueError("an observation of another model's point")
@@ -249,41 +289,96 @@ def read_model_table(h5, s: dict, k: int) -> dict:
     }
 
 
-def convert_depths(workspace, colmap_names, width, height, folder: Path, rel: str) -> list:
-    """Each image's geometric depth map in ``workspace`` as ``folder/rel/<name>.h5``;
+def convert_depths(sources, colmap_names, width, height, folder: Path, rel: str) -> list:
+    """Each image's depth map ``sources[k]`` (None: none) as ``folder/rel/<name>.h5``;
     the relative paths written (None for an image without a map)."""
     paths = []
-    for name, w, h in progress(list(zip(colmap_names, width, height)), desc="depth maps", unit="map"):
-        src = geometric_depth_path(workspace, name) if workspace is not None else None
-        if src is None or not src.is_file():
+    for src, name, w, h in progress(list(zip(sources, colmap_names, width, height)), desc="depth maps", unit="map"):
+        if src is None:
             paths.append(None)
             continue
         dst = f"{rel}/{name}.h5"
         (folder / dst).parent.mkdir(parents=True, exist_ok=True)
-        write_depth_h5(folder / dst, fit_depth(read_depth_map(src), int(w), int(h)), {"source": str(src)})
+        write_depth_h5(folder / dst, fit_depth(read_depth_map(src), int(w), int(h), src), {"source": str(src)})
         paths.append(dst)
     return paths
 
 
+def depth_sources(model: str, workspace: Path | None, colmap_names, distorted: int) -> tuple[list, int]:
+    """``(sources, ignored)``: each image's geometric depth map in ``workspace`` (None:
+    none), or none at all where the model has cameras with distortion (the maps belong
+    to the undistorted model; ``ignored`` counts them); a warning, with counts, for
+    every case short of a map for each image."""
+    n = len(colmap_names)
+    if workspace is None:
+        logger.warning(
+            "%s: no COLMAP dense workspace (stereo/depth_maps in the model folder or above its sparse folder): "
+            "depth_paths left empty for its %d images; the scene serves LoFTR's test mode only "
+            "(for training run COLMAP's image_undistorter and patch_match_stereo, and ingest the workspace)",
+            model,
+            n,
+        )
+        return [None] * n, 0
+    found, photometric = depth_maps_in(workspace, colmap_names)
+    have = sum(f is not None for f in found)
+    maps = workspace / "stereo" / "depth_maps"
+    if have and distorted:
+        logger.warning(
+            "%s: %d of its %d images have cameras with distortion, so the %d depth maps in %s are not of this model "
+            "(a dense workspace holds the undistorted one): depth maps ignored, the scene is in the test list only; "
+            "ingest the workspace's undistorted model (COLMAP's image_undistorter writes it to its sparse folder)",
+            model,
+            distorted,
+            n,
+            have,
+            maps,
+        )
+        return [None] * n, have
+    if not have:
+        logger.warning(
+            "%s: %s holds no geometric depth map of its %d images (%d have only a photometric one): "
+            "depth_paths left empty, the scene is in the test list only "
+            "(run patch_match_stereo with --PatchMatchStereo.geom_consistency true)",
+            model,
+            maps,
+            n,
+            photometric,
+        )
+    elif have < n:
+        missing = [name for name, f in zip(colmap_names, found) if f is None]
+        logger.warning(
+            "%s: %d of its %d images have a geometric depth map in %s; the %d without (%d with only a photometric "
+            "one; first: %s) are left out of the overlap and scale-ratio matrices and of the pairs",
+            model,
+            have,
+            n,
+            maps,
+            n - have,
+            photometric,
+            missing[0],
+        )
+    return found, 0
+
+
 def place_photos(names, sources, folder: Path, copy: bool) -> None:
-    """Link (or copy) each photo ``sources[k]`` to ``folder/names[k]``."""
+    """Link (or copy) each photo ``sources[k]`` to ``folder/names[k]`` (a link to its
+    resolved path: a relative ``--images-root`` would leave it dangling)."""
     for name, src in zip(names, sources):
         if not src.is_file():
             raise SfmpairsError(f"{src}: image not found (give --images-root)")
         dst = folder / name
         dst.parent.mkdir(parents=True, exist_ok=True)
-        (shutil.copyfile if copy else os.symlink)(src, dst)
+        (shutil.copyfile if copy else os.symlink)(src.resolve(), dst)
 
 
-def scene_info(m: dict, s: dict, image_paths, depth_paths, provenance: dict, with_points: bool):
-    """``(info, pairs, distorted)``: the scene file's content (docs/formats.md) for model
-    table ``m`` of store ``s``; its co-observing pairs (keys, overlap, box centres) for
-    ``pair_infos``; how many images have a camera with distortion."""
+def scene_info(m: dict, s: dict, K, image_paths, depth_paths, provenance: dict, with_points: bool):
+    """``(info, pairs)``: the scene file's content (docs/formats.md) for model table
+    ``m`` of store ``s`` (``K``: its intrinsics); its co-observing pairs (keys, overlap,
+    box centres) for ``pair_infos``."""
     r = m["rows"]
     has_depth = np.array([d is not None for d in depth_paths], bool)
     valid = has_depth if has_depth.any() else np.ones(len(r), bool)
     overlap, scale, keys, pair_overlap, centres = scene_matrices(m["indptr"], m["point"], m["xy"], len(m["xyz"]), valid)
-    K, pinhole = intrinsics(s["images/camera_model"][r], s["images/params"][r])
     info = {
         "image_paths": np.array(image_paths, dtype=object),
         "depth_paths": np.array(depth_paths, dtype=object),
@@ -305,7 +400,7 @@ def scene_info(m: dict, s: dict, image_paths, depth_paths, provenance: dict, wit
             m["point_ids"], m["point"], m["xy"], m["indptr"], z, K
         )
     info["sfmpairs"] = json.dumps(provenance, sort_keys=True, default=str)
-    return info, (keys, pair_overlap, centres), int((~pinhole).sum())
+    return info, (keys, pair_overlap, centres)
 
 
 def _write_pickle(path: Path, data: dict) -> None:
@@ -322,19 +417,22 @@ def _edge(v: float) -> str:
 def write_scene(info: dict, pairs: tuple, edges, folder: Path, scene: str) -> dict:
     """``scene_info/<scene>.npz`` (every key, the pairs with overlap in [edges[0],
     edges[-1]]) and LoFTR's index files, one per overlap bin, in
-    ``index/scene_info_<lo>_<hi>/<scene>_<a>_<b>.npz``; the bins' file stems."""
+    ``index/scene_info_<lo>_<hi>/<scene>_<a>_<b>.npz``; the pairs, and each bin's file
+    stem and pairs. A pair's orientation (:func:`orientations`) is the same in both."""
     keys, pair_overlap, centres = pairs
     n = len(info["image_paths"])
-    full = dict(info, pair_infos=pair_infos(keys, n, pair_overlap, centres, edges[0], edges[-1]))
+    flip = orientations(scene, len(keys))
+    full = dict(info, pair_infos=pair_infos(keys, n, pair_overlap, centres, edges[0], edges[-1], flip=flip))
     (folder / "scene_info").mkdir(exist_ok=True)
     _write_pickle(folder / "scene_info" / f"{scene}.npz", full)
     index = folder / "index" / f"scene_info_{_edge(edges[0])}_{_edge(edges[-1])}"
     index.mkdir(parents=True, exist_ok=True)
+    light = {k: info[k] for k in ("image_paths", "depth_paths", "intrinsics", "poses", "sfmpairs")}
     stems = {}
     for a, b in zip(edges[:-1], edges[1:]):
         stem = f"{scene}_{_edge(a)}_{_edge(b)}"
-        chosen = pair_infos(keys, n, pair_overlap, centres, a, b, closed=b == edges[-1])  # [a, b), the last [a, b]
-        light = {k: info[k] for k in ("image_paths", "depth_paths", "intrinsics", "poses", "sfmpairs")}
+        # [a, b), the last [a, b]
+        chosen = pair_infos(keys, n, pair_overlap, centres, a, b, closed=b == edges[-1], flip=flip)
         _write_pickle(index / f"{stem}.npz", {**light, "pair_infos": chosen})
         stems[stem] = len(chosen)
     return {"pairs": len(full["pair_infos"]), "bins": stems}
@@ -351,22 +449,23 @@ def _export_scene(p, s, m, k, images_root: Path, folder: Path, scene: str, conf,
     colmap = list(s["images/colmap_name"][r])
     image_paths = [f"images/{scene}/{name}" for name in colmap]
     place_photos(image_paths, [images_root / s["images/name"][i] for i in r], folder, conf.copy)
+    K, pinhole = intrinsics(s["images/camera_model"][r], s["images/params"][r])
+    distorted = int((~pinhole).sum())
     workspace = dense_workspace(s["models/path"][k])
+    sources, ignored = depth_sources(model, workspace, colmap, distorted)
     depth_paths = convert_depths(
-        workspace, colmap, s["images/width"][r], s["images/height"][r], folder, f"depths/{scene}"
+        sources, colmap, s["images/width"][r], s["images/height"][r], folder, f"depths/{scene}"
     )
     with_depth = sum(d is not None for d in depth_paths)
-    if not with_depth:
-        logger.info("%s: no COLMAP depth maps (stereo/depth_maps) beside the model: depth_paths left empty", model)
-    own = dict(provenance, scene=scene, model=model, model_path=s["models/path"][k], dense_workspace=str(workspace))
-    info, pairs, distorted = scene_info(m, s, image_paths, depth_paths, own, conf.d2net_points)
-    if distorted:
+    if distorted and not ignored:  # else depth_sources said so
         logger.warning(
             "%s: %d images have cameras with distortion, which the scene file's pinhole intrinsics leave out: "
             "export a model undistorted by COLMAP's image_undistorter",
             model,
             distorted,
         )
+    own = dict(provenance, scene=scene, model=model, model_path=s["models/path"][k], dense_workspace=str(workspace))
+    info, pairs = scene_info(m, s, K, image_paths, depth_paths, own, conf.d2net_points)
     large = int(np.sum(np.maximum(s["images/width"][r], s["images/height"][r]) > LOFTR_DEPTH_PAD))
     if large and with_depth:
         logger.warning(
@@ -377,12 +476,23 @@ def _export_scene(p, s, m, k, images_root: Path, folder: Path, scene: str, conf,
             LOFTR_DEPTH_PAD,
         )
     written = write_scene(info, pairs, edges, folder, scene)
+    if not written["pairs"]:
+        logger.warning(
+            "%s: none of the pairs of its %d images (%d of them with depth) has an overlap in [%g, %g] "
+            "(--loftr-overlaps): the scene is in no LoFTR list",
+            model,
+            len(r),
+            with_depth,
+            edges[0],
+            edges[-1],
+        )
     return {
         "scene": scene,
         "model": model,
         "split": _split_of(p, r),
         "images": len(r),
         "depth_maps": with_depth,
+        "depth_maps_ignored": ignored,
         "distorted_images": distorted,
         **written,
     }
@@ -395,39 +505,67 @@ from configs.data.base import cfg
 cfg.DATASET.TRAINVAL_DATA_SOURCE = cfg.DATASET.TEST_DATA_SOURCE = "MegaDepth"
 cfg.DATASET.TRAIN_DATA_ROOT = cfg.DATASET.VAL_DATA_ROOT = cfg.DATASET.TEST_DATA_ROOT = {root!r}
 cfg.DATASET.TRAIN_NPZ_ROOT = cfg.DATASET.VAL_NPZ_ROOT = cfg.DATASET.TEST_NPZ_ROOT = {npz_root!r}
-cfg.DATASET.TRAIN_LIST_PATH = {lists!r} + "/train_list.txt"
-cfg.DATASET.VAL_LIST_PATH = {lists!r} + "/val_list.txt"
-cfg.DATASET.TEST_LIST_PATH = {lists!r} + "/test_list.txt"
+{list_paths}
 cfg.DATASET.MIN_OVERLAP_SCORE_TRAIN = 0.0  # the index files hold only pairs in [{lo:g}, {hi:g}]
 cfg.DATASET.MIN_OVERLAP_SCORE_TEST = 0.0
 cfg.TRAINER.N_SAMPLES_PER_SUBSET = 100
 cfg.DATASET.MGDPT_IMG_RESIZE = 640
 """
+LOFTR_LISTS = {"train": "TRAIN_LIST_PATH", "val": "VAL_LIST_PATH", "test": "TEST_LIST_PATH"}
+
+
+def loftr_lists(scenes: list[dict]) -> dict:
+    """LoFTR's lists: index file stems of the bins with at least one pair (its
+    RandomConcatSampler draws from every listed file, and an empty one stops it); train
+    and val: of the scenes of that split with depth maps; test: of every scene."""
+    lists = {}
+    for split in LOFTR_LISTS:
+        chosen = [x for x in scenes if split == "test" or (x["split"] == split and x["depth_maps"])]
+        lists[split] = [stem for x in chosen for stem, count in x["bins"].items() if count]
+    return lists
+
+
+def _warn_empty(split: str, scenes: list[dict], edges) -> None:
+    of = [x for x in scenes if split == "test" or x["split"] == split]
+    logger.warning(
+        "LoFTR's %s list is empty (%d scenes of that split, %d with depth maps, %d with depth maps and pairs "
+        "in [%g, %g]): %s left out of loftr_data_config.py%s",
+        split,
+        len(of),
+        sum(x["depth_maps"] > 0 for x in of),
+        sum(x["depth_maps"] > 0 and x["pairs"] > 0 for x in of),
+        edges[0],
+        edges[-1],
+        LOFTR_LISTS[split],
+        "; LoFTR's train.py needs train and val lists (mine with --val-fraction > 0, scenes with depth maps)"
+        if split != "test"
+        else "",
+    )
 
 
 def _write_lists(folder: Path, final: Path, scenes: list[dict], edges) -> None:
-    """D2-Net's scene lists (``train_scenes.txt``, ``valid_scenes.txt``: scenes with
-    depth), LoFTR's (``index/trainvaltest_list/{train,val,test}_list.txt``: the index
-    files' stems; train and val the scenes with depth, test every scene) and LoFTR's
-    data config ``loftr_data_config.py`` with this export's paths (``final``: where the
-    export will be)."""
+    """D2-Net's scene lists (``train_scenes.txt``, ``valid_scenes.txt``: the split's
+    scenes with depth), LoFTR's (``index/trainvaltest_list/{train,val,test}_list.txt``,
+    :func:`loftr_lists`) and LoFTR's data config ``loftr_data_config.py`` with this
+    export's paths (``final``: where the export will be), leaving out the list of a
+    split that has none (a warning with counts)."""
     lists = folder / "index" / "trainvaltest_list"
     lists.mkdir(parents=True, exist_ok=True)
-    for split, d2net, loftr in (
-        ("train", "train_scenes.txt", "train_list.txt"),
-        ("val", "valid_scenes.txt", "val_list.txt"),
-    ):
-        chosen = [x for x in scenes if x["split"] == split and x["depth_maps"]]
-        (folder / d2net).write_text("".join(f"{x['scene']}\n" for x in chosen), encoding="utf-8")
-        (lists / loftr).write_text("".join(f"{stem}\n" for x in chosen for stem in x["bins"]), encoding="utf-8")
-    (lists / "test_list.txt").write_text("".join(f"{stem}\n" for x in scenes for stem in x["bins"]), encoding="utf-8")
+    for split, name in (("train", "train_scenes.txt"), ("val", "valid_scenes.txt")):
+        chosen = [x["scene"] for x in scenes if x["split"] == split and x["depth_maps"]]
+        (folder / name).write_text("".join(f"{x}\n" for x in chosen), encoding="utf-8")
+    list_root = final / "index" / "trainvaltest_list"
+    lines = []
+    for split, stems in loftr_lists(scenes).items():
+        (lists / f"{split}_list.txt").write_text("".join(f"{x}\n" for x in stems), encoding="utf-8")
+        if stems:
+            lines.append(f"cfg.DATASET.{LOFTR_LISTS[split]} = {str(list_root / f'{split}_list.txt')!r}")
+        else:
+            _warn_empty(split, scenes, edges)
+            lines.append(f"# cfg.DATASET.{LOFTR_LISTS[split]}: left out, no {split} scene with depth maps and pairs")
     npz_root = final / "index" / f"scene_info_{_edge(edges[0])}_{_edge(edges[-1])}"
     text = LOFTR_CONFIG.format(
-        root=str(final),
-        npz_root=str(npz_root),
-        lists=str(final / "index" / "trainvaltest_list"),
-        lo=edges[0],
-        hi=edges[-1],
+        root=str(final), npz_root=str(npz_root), list_paths="\n".join(lines), lo=edges[0], hi=edges[-1]
     )
     (folder / "loftr_data_config.py").write_text(text, encoding="utf-8")
 
@@ -447,12 +585,18 @@ def export_megadepth(
     edges = sorted(conf.loftr_overlaps)
     folder.mkdir()
     scenes, taken = [], set()
+    count = len(s["models/name"])
+    try:
+        image_rows = model_ranges(s["images/model"], count, "images")
+        point_rows = model_ranges(s["points/model"], count, "points")
+    except ValueError as e:
+        raise SfmpairsError(f"{store_path}: {e}") from None
     with open_store(store_path) as h5:
         for k, model in enumerate(progress(list(s["models/name"]), desc="scenes", unit="model")):
-            if not np.any(s["images/model"] == k):
+            if image_rows[k, 1] == image_rows[k, 0]:
                 continue
             try:
-                m = read_model_table(h5, s, k)
+                m = read_model_table(h5, s, image_rows[k], point_rows[k])
             except ValueError as e:
                 raise SfmpairsError(f"{store_path}: model {model!r}: {e}") from None
             scene = scene_name(model, taken)

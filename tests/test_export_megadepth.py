@@ -5,6 +5,7 @@ and the loading steps of LoFTR's and D2-Net's own dataset code."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -27,11 +28,14 @@ def _plane_depth(width: int, height: int, k: int) -> np.ndarray:
     return d
 
 
+EXPORT_WARNINGS: list[str] = []  # what the world fixture's export warned of
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """Three rendered clusters (pinhole, 64 x 48) as COLMAP dense workspaces: cluster_00
-    with depth maps for all but img_005, cluster_01 with half-size maps, cluster_02
-    without; ingested and mined."""
+    with depth maps for all but img_005 (a photometric one only), cluster_01 with
+    half-size maps, cluster_02 without a workspace; ingested and mined."""
     from sfmpairs.mining.mine import mine
     from sfmpairs.sfm_io.ingest import ingest
     from sfmpairs.synthetic.world import synth
@@ -42,11 +46,17 @@ def world(tmp_path_factory):
         maps = root / "w" / cluster / "stereo" / "depth_maps"
         maps.mkdir(parents=True)
         for k, photo in enumerate(sorted(os.listdir(root / "w" / cluster / "images"))):
-            if photo not in skip:
-                write_depth_map(maps / f"{photo}.geometric.bin", _plane_depth(*size, k))
+            kind = "photometric" if photo in skip else "geometric"
+            write_depth_map(maps / f"{photo}.{kind}.bin", _plane_depth(*size, k))
     ingest([root / "w"], root / "sfm.h5")
     mine(root / "sfm.h5", root / "pairs.h5", queries_per_cluster=0, val_clusters=["cluster_02/sparse/0"])
-    export(root / "pairs.h5", root / "md", "megadepth")
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: EXPORT_WARNINGS.append(record.getMessage())
+    logging.getLogger("sfmpairs.export").addHandler(handler)
+    try:
+        export(root / "pairs.h5", root / "md", "megadepth")
+    finally:
+        logging.getLogger("sfmpairs.export").removeHandler(handler)
     return root
 
 
@@ -56,7 +66,8 @@ def _scene(root: Path, name: str) -> dict:
 
 def _brute_force(rec, names: list[str], valid: np.ndarray):
     """D2-Net's overlap and scale ratio, pair by pair from the pycolmap model: distinct
-    point ids, the first 2D point of each (the store keeps an image's first)."""
+    point ids, the first 2D point of each (the store keeps an image's first); and for
+    each pair (i, j), i < j, the centres of the two boxes (x_i, y_i, x_j, y_j)."""
     by_name = {im.name: im for im in rec.images.values()}
     seen = []
     for name in names:
@@ -66,7 +77,7 @@ def _brute_force(rec, names: list[str], valid: np.ndarray):
                 first[p.point3D_id] = (p.xy[0], p.xy[1])
         seen.append(first)
     n = len(names)
-    overlap, scale = np.full((n, n), -1.0), np.full((n, n), -1.0)
+    overlap, scale, centres = np.full((n, n), -1.0), np.full((n, n), -1.0), {}
     for i in range(n):
         for j in range(i + 1, n):
             if not (valid[i] and valid[j]):
@@ -75,13 +86,21 @@ def _brute_force(rec, names: list[str], valid: np.ndarray):
             overlap[i, j] = overlap[j, i] = len(shared) / min(len(seen[i]), len(seen[j]))
             if not shared:
                 continue
-            areas = []
+            areas, centres[i, j] = [], []
             for s in (seen[i], seen[j]):
                 xs, ys = [s[p][0] for p in shared], [s[p][1] for p in shared]
                 areas.append((max(xs) - min(xs)) * (max(ys) - min(ys)))
+                centres[i, j] += [(max(xs) + min(xs)) / 2, (max(ys) + min(ys)) / 2]
             if areas[0] > 0 and areas[1] > 0:
                 scale[i, j], scale[j, i] = (areas[0] / areas[1]) ** 0.5, (areas[1] / areas[0]) ** 0.5
-    return overlap, scale
+    return overlap, scale, centres
+
+
+def _has_map(root: Path, cluster: str, names) -> np.ndarray:
+    """Which images have a geometric depth map in the cluster's workspace (what the
+    export should use), read from the workspace, not from the export."""
+    maps = root / "w" / cluster / "stereo" / "depth_maps"
+    return np.array([(maps / f"{name}.geometric.bin").is_file() for name in names])
 
 
 @pytest.mark.parametrize("cluster", ["cluster_00", "cluster_01", "cluster_02"])
@@ -92,12 +111,12 @@ def test_scene_matches_pycolmap_and_brute_force(world, cluster):
     rec = pycolmap.Reconstruction(str(world / "w" / cluster / "sparse" / "0"))
     names = list(info["image_names"])
     assert sorted(names) == sorted(im.name for im in rec.images.values())
-    valid = np.array([d is not None for d in info["depth_paths"]])
+    valid = _has_map(world, cluster, names)
+    assert [d is not None for d in info["depth_paths"]] == valid.tolist()
+    assert valid.sum() == {"cluster_00": 5, "cluster_01": 6, "cluster_02": 0}[cluster]
     if not valid.any():
         valid[:] = True  # no depth at all: every image counts (pose-estimation test mode)
-    if cluster == "cluster_00":
-        assert list(valid) == [n != "img_005.jpg" for n in names]
-    overlap, scale = _brute_force(rec, names, valid)
+    overlap, scale, centres = _brute_force(rec, names, valid)
     assert info["overlap_matrix"].dtype == np.float32 and info["overlap_matrix"].shape == (len(names),) * 2
     np.testing.assert_allclose(info["overlap_matrix"], overlap, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(info["scale_ratio_matrix"], scale, rtol=1e-5)
@@ -119,12 +138,15 @@ def test_scene_matches_pycolmap_and_brute_force(world, cluster):
     axes = [by_name[n].cam_from_world().rotation.matrix()[2] for n in names]
     angles = [[np.degrees(np.arccos(np.clip(np.dot(a, b), -1, 1))) for b in axes] for a in axes]
     np.testing.assert_allclose(info["angles"], angles, atol=1e-3)
-    # LoFTR's pair_infos: every pair i < j with overlap in [0.1, 0.7], as LoFTR's files hold them
+    # LoFTR's pair_infos: every pair with overlap in [0.1, 0.7], once, in either order
     want = {(i, j) for i in range(len(names)) for j in range(i + 1, len(names)) if 0.1 <= overlap[i, j] <= 0.7}
-    got = {(int(a), int(b)) for (a, b), _, _ in info["pair_infos"]}
-    assert got == want
+    got = [(int(a), int(b)) for (a, b), _, _ in info["pair_infos"]]
+    assert len(got) == len(set(got)) and {(min(p), max(p)) for p in got} == want
     for (a, b), ov, central in info["pair_infos"]:
-        assert ov == pytest.approx(overlap[a, b]) and central.shape == (1, 4)
+        assert ov == np.float32(overlap[a, b]) == info["overlap_matrix"][a, b]
+        assert central.dtype == np.float64 and central.shape == (4,)
+        c = centres[min(a, b), max(a, b)]
+        np.testing.assert_allclose(central, c if a < b else c[2:] + c[:2], atol=1e-4)  # xy: float32
 
 
 def test_depth_files_hold_the_maps_written(world):
@@ -157,14 +179,7 @@ def test_loftr_and_d2net_loading_steps(world):
     root = world / "md"
     lists = root / "index" / "trainvaltest_list"
     train = (lists / "train_list.txt").read_text().split()
-    assert train == [
-        f"cluster_0{c}_sparse_0_{a}_{b}" for c in (0, 1) for a, b in (("0.1", "0.3"), ("0.3", "0.5"), ("0.5", "0.7"))
-    ]
-    # the val cluster has no depth maps: out of the training lists, in LoFTR's test list (pose estimation)
-    assert (lists / "val_list.txt").read_text() == "" and (root / "valid_scenes.txt").read_text() == ""
-    assert (lists / "test_list.txt").read_text().split() == train + [
-        f"cluster_02_sparse_0_{a}_{b}" for a, b in (("0.1", "0.3"), ("0.3", "0.5"), ("0.5", "0.7"))
-    ]
+    assert train  # the lists themselves: test_bins_and_lists_from_brute_force
     assert (root / "train_scenes.txt").read_text().split() == ["cluster_00_sparse_0", "cluster_01_sparse_0"]
     config = (root / "loftr_data_config.py").read_text()
     assert (
@@ -208,6 +223,69 @@ def test_loftr_and_d2net_loading_steps(world):
         "cluster_02_sparse_0",
     ]
     assert [s["depth_maps"] for s in manifest["scenes"]] == [5, 6, 0]
+
+
+def _expected_bins(world: Path, edges=(0.1, 0.3, 0.5, 0.7)) -> dict:
+    """Per scene (cluster_0c_sparse_0): each LoFTR bin's stem and its pairs (i < j),
+    from the brute-force overlap (float32, as the matrix holds it), [a, b) and the
+    last [a, b]; images without a map in the workspace left out where it has maps."""
+    import pycolmap
+
+    out = {}
+    for c in range(3):
+        cluster = f"cluster_0{c}"
+        info = _scene(world, f"{cluster}_sparse_0")
+        names = list(info["image_names"])
+        valid = _has_map(world, cluster, names)
+        overlap = _brute_force(
+            pycolmap.Reconstruction(str(world / "w" / cluster / "sparse" / "0")),
+            names,
+            valid if valid.any() else ~valid,
+        )[0].astype(np.float32)
+        bins = {}
+        for a, b in zip(edges[:-1], edges[1:]):
+            top = (lambda v: v <= np.float32(b)) if b == edges[-1] else (lambda v: v < np.float32(b))
+            bins[f"{cluster}_sparse_0_{a:g}_{b:g}"] = {
+                (i, j)
+                for i in range(len(names))
+                for j in range(i + 1, len(names))
+                if overlap[i, j] >= np.float32(a) and top(overlap[i, j])
+            }
+        out[f"{cluster}_sparse_0"] = bins
+    return out
+
+
+def test_bins_and_lists_from_brute_force(world):
+    """Each index file holds the pairs of its overlap bin; LoFTR's lists name exactly the
+    non-empty bins (its RandomConcatSampler draws from each listed file: an empty one
+    stops training) of the scenes with depth maps of each split (test: every scene)."""
+    root, want = world / "md", _expected_bins(world)
+    manifest = {x["scene"]: x for x in json.loads((root / "export.json").read_text())["scenes"]}
+    for scene, bins in want.items():
+        assert manifest[scene]["bins"] == {stem: len(pairs) for stem, pairs in bins.items()}
+        for stem, pairs in bins.items():
+            got = np.load(root / "index" / "scene_info_0.1_0.7" / f"{stem}.npz", allow_pickle=True)["pair_infos"]
+            assert sorted((min(int(i), int(j)), max(int(i), int(j))) for (i, j), _, _ in got) == sorted(pairs)
+    assert sum(map(len, want["cluster_01_sparse_0"].values())) > 2  # not a vacuous comparison
+    assert any(not pairs for bins in want.values() for pairs in bins.values())  # an empty bin is left out
+    lists = root / "index" / "trainvaltest_list"
+    non_empty = {scene: [s for s, pairs in bins.items() if pairs] for scene, bins in want.items()}
+    # cluster_00 and _01 (train) have depth maps; cluster_02 (val) none: test list only
+    assert (lists / "train_list.txt").read_text().split() == non_empty["cluster_00_sparse_0"] + non_empty[
+        "cluster_01_sparse_0"
+    ]
+    assert (lists / "val_list.txt").read_text() == "" and (root / "valid_scenes.txt").read_text() == ""
+    assert (lists / "test_list.txt").read_text().split() == sum(non_empty.values(), [])
+    for split in ("train", "val", "test"):  # LoFTR's sampler: torch.randint(low, high) per listed file
+        for stem in (lists / f"{split}_list.txt").read_text().split():
+            assert len(np.load(root / "index" / "scene_info_0.1_0.7" / f"{stem}.npz", allow_pickle=True)["pair_infos"])
+    config = (root / "loftr_data_config.py").read_text()
+    assert "cfg.DATASET.TRAIN_LIST_PATH = " in config and "cfg.DATASET.VAL_LIST_PATH = " not in config
+    assert [w for w in EXPORT_WARNINGS if "val list is empty" in w] == [
+        "LoFTR's val list is empty (1 scenes of that split, 0 with depth maps, 0 with depth maps and pairs in "
+        "[0.1, 0.7]): VAL_LIST_PATH left out of loftr_data_config.py; LoFTR's train.py needs train and val lists "
+        "(mine with --val-fraction > 0, scenes with depth maps)"
+    ]
 
 
 def _crafted(world, tmp_path, store_name=None, colmap_name=None) -> Path:
@@ -317,10 +395,11 @@ def test_missing_photo_leaves_no_output(world, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["photos"]
 
 
-def test_depth_files_agree_with_poses_on_exact_geometry(tmp_path):
+def test_depth_files_agree_with_poses_on_exact_geometry(tmp_path, caplog):
     """synth's exact depth maps, through the export: at each observed point's pixel, the
     depth file holds the point's depth under the scene file's pose (what LoFTR's
-    warping of pixels between images relies on)."""
+    warping of pixels between images relies on). Mined with --val-fraction 0: no val
+    list, said so, and no VAL_LIST_PATH in LoFTR's config."""
     import pycolmap
 
     from sfmpairs.mining.mine import mine
@@ -330,7 +409,17 @@ def test_depth_files_agree_with_poses_on_exact_geometry(tmp_path):
     synth(tmp_path / "w", clusters=2, images_per_cluster=5, image_size=(80, 60), seed=5, points=300, depth_maps=True)
     ingest([tmp_path / "w"], tmp_path / "sfm.h5")
     mine(tmp_path / "sfm.h5", tmp_path / "pairs.h5", queries_per_cluster=0, val_fraction=0)
-    export(tmp_path / "pairs.h5", tmp_path / "md", "megadepth")
+    with caplog.at_level("WARNING", logger="sfmpairs.export"):
+        export(tmp_path / "pairs.h5", tmp_path / "md", "megadepth")
+    assert [r.getMessage() for r in caplog.records if r.name == "sfmpairs.export"] == [
+        "LoFTR's val list is empty (0 scenes of that split, 0 with depth maps, 0 with depth maps and pairs in "
+        "[0.1, 0.7]): VAL_LIST_PATH left out of loftr_data_config.py; LoFTR's train.py needs train and val lists "
+        "(mine with --val-fraction > 0, scenes with depth maps)"
+    ]
+    lists = tmp_path / "md" / "index" / "trainvaltest_list"
+    assert (lists / "val_list.txt").read_text() == "" and len((lists / "train_list.txt").read_text().split()) >= 2
+    config = (tmp_path / "md" / "loftr_data_config.py").read_text()
+    assert "VAL_LIST_PATH = " not in config and "\ncfg.DATASET.TRAIN_LIST_PATH = " in config
     info = np.load(tmp_path / "md" / "scene_info" / "cluster_00_sparse_0.npz", allow_pickle=True)
     rec = pycolmap.Reconstruction(str(tmp_path / "w" / "cluster_00" / "sparse" / "0"))
     assert all(d is not None for d in info["depth_paths"]) and len(info["pair_infos"]) > 0
@@ -377,15 +466,117 @@ def test_intrinsics_of_every_camera_model_match_pycolmap():
 
 
 def test_distortion_is_warned_of(world, tmp_path, caplog):
+    """A model with a distorted camera: a warning; its depth maps (in a dense workspace,
+    of the undistorted model) ignored, and the scene in LoFTR's test list only."""
     pairs = _crafted(world, tmp_path)
-    with h5py.File(tmp_path / "sfm.h5", "r+") as s:  # image 2 (cluster_00): SIMPLE_RADIAL, k = 0.05
-        s["images/camera_model"][2] = "SIMPLE_RADIAL"
-        f, cx, cy = s["images/params"][2, [0, 2, 3]]
-        s["images/params"][2, :4] = [f, cx, cy, 0.05]
+    with h5py.File(tmp_path / "sfm.h5", "r+") as s:  # image 8 (cluster_01): SIMPLE_RADIAL, k = 0.05
+        assert s["images/model"][8] == 1
+        s["images/camera_model"][8] = "SIMPLE_RADIAL"
+        f, cx, cy = s["images/params"][8, [0, 2, 3]]
+        s["images/params"][8, :4] = [f, cx, cy, 0.05]
     with caplog.at_level("WARNING", logger="sfmpairs.export"):
         export(pairs, tmp_path / "md", "megadepth", images_root=world / "w")
-    assert [r.getMessage().split(":")[0] for r in caplog.records if "distortion" in r.getMessage()] == [
-        "cluster_00/sparse/0"
-    ]
+    warned = [r.getMessage() for r in caplog.records if "distortion" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("cluster_01/sparse/0: 1 of its 6 images have cameras with")
+    assert "the 6 depth maps in" in warned[0] and "image_undistorter" in warned[0]
     manifest = json.loads((tmp_path / "md" / "export.json").read_text())
-    assert [x["distorted_images"] for x in manifest["scenes"]] == [1, 0, 0]
+    assert [x["distorted_images"] for x in manifest["scenes"]] == [0, 1, 0]
+    assert [(x["depth_maps"], x["depth_maps_ignored"]) for x in manifest["scenes"]] == [(5, 0), (0, 6), (0, 0)]
+    info = np.load(tmp_path / "md" / "scene_info" / "cluster_01_sparse_0.npz", allow_pickle=True)
+    assert all(d is None for d in info["depth_paths"]) and len(info["pair_infos"])
+    assert not (tmp_path / "md" / "depths" / "cluster_01_sparse_0").exists()
+    lists, md = tmp_path / "md" / "index" / "trainvaltest_list", tmp_path / "md"
+    assert "cluster_01" not in (lists / "train_list.txt").read_text() + (md / "train_scenes.txt").read_text()
+    assert "cluster_01_sparse_0_" in (lists / "test_list.txt").read_text()
+
+
+def test_missing_depth_is_warned_of_with_counts(world, tmp_path, caplog):
+    """A partial workspace (5 of 6 maps, the sixth photometric only) and no workspace,
+    from the world fixture's export; a workspace with photometric maps only."""
+    from sfmpairs.mining.export_megadepth import depth_sources
+
+    maps = world / "w" / "cluster_00" / "stereo" / "depth_maps"
+    assert [w[:40] for w in EXPORT_WARNINGS] == [
+        "cluster_00/sparse/0: 5 of its 6 images h",
+        "cluster_00/sparse/0: none of the pairs o",  # its overlaps all above 0.7: in no LoFTR list
+        "cluster_02/sparse/0: no COLMAP dense wor",
+        "LoFTR's val list is empty (1 scenes of t",
+    ]
+    assert (
+        f"cluster_00/sparse/0: 5 of its 6 images have a geometric depth map in {maps}; the 1 without (1 with only a "
+        "photometric one; first: img_005.jpg) are left out of the overlap and scale-ratio matrices and of the pairs"
+    ) in EXPORT_WARNINGS
+    assert any(
+        w.startswith("cluster_02/sparse/0: no COLMAP dense workspace") and "its 6 images" in w for w in EXPORT_WARNINGS
+    )
+    (tmp_path / "stereo" / "depth_maps").mkdir(parents=True)
+    for name in ("a.jpg", "b.jpg"):
+        write_depth_map(tmp_path / "stereo" / "depth_maps" / f"{name}.photometric.bin", np.ones((2, 2)))
+    with caplog.at_level("WARNING", logger="sfmpairs.export"):
+        assert depth_sources("m", tmp_path, ["a.jpg", "b.jpg", "c.jpg"], 0) == ([None] * 3, 0)
+    [message] = [r.getMessage() for r in caplog.records if r.name == "sfmpairs.export"]
+    assert message.startswith(
+        f"m: {tmp_path / 'stereo' / 'depth_maps'} holds no geometric depth map of its 3 images (2 have only a "
+        "photometric one)"
+    )
+    assert "geom_consistency" in message
+
+
+def test_relative_images_root_links_resolve(world, tmp_path, monkeypatch):
+    monkeypatch.chdir(world)
+    export(world / "pairs.h5", tmp_path / "md", "megadepth", images_root="w", d2net_points=False)
+    monkeypatch.chdir(tmp_path)  # elsewhere: a link to "w/..." would now dangle
+    photos = sorted((tmp_path / "md" / "images").rglob("*.jpg"))
+    assert len(photos) == 18
+    for link in photos:
+        assert link.is_symlink()
+        scene, name = link.parent.name, link.name
+        want = world / "w" / scene.replace("_sparse_0", "") / "images" / name
+        assert link.read_bytes() == want.read_bytes() and os.path.samefile(link, want)
+
+
+def test_depth_map_of_another_aspect_ratio_is_refused(tmp_path):
+    from sfmpairs.mining.export_megadepth import convert_depths
+
+    src = tmp_path / "a.jpg.geometric.bin"
+    write_depth_map(src, np.ones((64, 64)))
+    with pytest.raises(SfmpairsError) as e:
+        convert_depths([src], ["a.jpg"], [64], [48], tmp_path, "depths/s")
+    message = str(e.value)
+    assert message.startswith(f"{src}: depth map of 64x64 ") and "64x48" in message and "\n" not in message
+
+
+def test_model_ranges_by_hand():
+    from sfmpairs.mining.export_megadepth import model_ranges
+
+    assert model_ranges(np.array([0, 0, 2, 2, 2]), 4, "images").tolist() == [[0, 2], [0, 0], [2, 5], [0, 0]]
+    assert model_ranges(np.zeros(0, np.int64), 2, "points").tolist() == [[0, 0], [0, 0]]
+    with pytest.raises(ValueError, match="the points of model 1 are not contiguous"):
+        model_ranges(np.array([1, 0, 1]), 2, "points")
+
+
+def test_pair_infos_by_hand():
+    """Bins compared in float32, as the overlap matrix holds the values (7/10 lies in
+    [0.7, 1], though float32(0.7) < 0.7); a flipped pair lists (j, i) and swaps its
+    centres."""
+    from sfmpairs.mining.export_megadepth import orientations, pair_infos
+
+    keys = np.array([0 * 3 + 1, 0 * 3 + 2, 1 * 3 + 2])  # (0, 1), (0, 2), (1, 2) of 3 images
+    overlap = np.float32([7 / 10, 1 / 10, 3 / 10])
+    centres = np.arange(12.0).reshape(3, 4)
+    flip = np.array([False, True, False])
+
+    def run(lo, hi, closed):
+        return [
+            (p.tolist(), ov, c.tolist()) for p, ov, c in pair_infos(keys, 3, overlap, centres, lo, hi, closed, flip)
+        ]
+
+    assert run(0.7, 1, True) == [([0, 1], float(np.float32(0.7)), [0, 1, 2, 3])]
+    assert run(0.1, 0.7, False) == [
+        ([2, 0], float(np.float32(0.1)), [6, 7, 4, 5]),
+        ([1, 2], float(np.float32(0.3)), [8, 9, 10, 11]),
+    ]
+    assert run(0.1, 0.3, False) == [([2, 0], float(np.float32(0.1)), [6, 7, 4, 5])]
+    a = orientations("cluster_00_sparse_0", 1000)
+    assert (a == orientations("cluster_00_sparse_0", 1000)).all() and 400 < a.sum() < 600
+    assert (a != orientations("cluster_01_sparse_0", 1000)).any()
