@@ -4,8 +4,7 @@ One scene per model of the SfM store, as D2-Net's ``megadepth_utils/preprocess_s
 defines a scene's information and LoFTR's ``MegaDepthDataset`` reads it (schema in
 docs/formats.md, "MegaDepth export"). Between images i and j of a model, with P(i) the
 3D points image i observes (one 2D point per point), the definitions of D2-Net's
-preprocessing as published with its paper (commit 931db50, 2019), which LoFTR's scene
-files follow:
+``preprocess_scene.py`` at its commit 931db50 (June 2019):
 
 - overlap: |P(i) ∩ P(j)| / min(|P(i)|, |P(j)|), symmetric; -1 on the diagonal and for
   images left out (those without a depth map, where the model has depth maps);
@@ -14,13 +13,14 @@ files follow:
   values are below 1); -1 where they share no point or a box has no area;
 - angle: between the principal axes, in degrees.
 
-D2-Net's later preprocessing (its current master) writes an asymmetric overlap
-|P(i) ∩ P(j)| / |P(i)| and a scale ratio >= 1 (the smallest over shared points of
-max(nd_i / nd_j, nd_j / nd_i), nd a point's depth over the mean focal length). Its
-loader keeps pairs with scale ratio <= ``max_scale_ratio``: by default infinite, which
-filters nothing, so it reads these files as they are; with a finite value it would keep
-every [i, j] below 1 (and -1), and its per-point filter, on ``points3D_id_to_ndepth``,
-is what then applies.
+Its commit a1e86ef (August 2019, still its master) changed them to an asymmetric
+overlap |P(i) ∩ P(j)| / |P(i)| and a symmetric scale ratio >= 1: the smallest over the
+shared points of max(nd_i / nd_j, nd_j / nd_i), nd a point's depth over the mean focal
+length. Its loader keeps the pairs with scale ratio <= ``max_scale_ratio``, by default
+infinite, which filters nothing: it reads these files as they are. With a finite value
+every pair still passes in the orientation whose ratio here is <= 1 (or -1), so only
+its per-point filter on ``points3D_id_to_ndepth`` applies (and its ``np.random.choice``
+fails on a pair none of whose points passes): keep the default.
 
 Everything comes from the store's co-observation table, by the same batched walk over
 tracks as mining (:mod:`.pools`): the cost grows with the co-observations, not with n².
@@ -199,7 +199,7 @@ def pair_infos(keys, n: int, pair_overlap, centres, lo: float, hi: float, closed
         first, second = np.where(f, second, first), np.where(f, first, second)
         central = np.where(f[:, None], central[:, [2, 3, 0, 1]], central)
     ij = np.stack([first, second], 1)
-    return [(pair.copy(), ov, c.copy()) for pair, ov, c in zip(ij, pair_overlap[chosen].tolist(), central)]
+    return list(zip(ij, pair_overlap[chosen].tolist(), central))
 
 
 def orientations(scene: str, count: int) -> np.ndarray:
