@@ -152,7 +152,29 @@ def pool_similarity(desc: np.ndarray, queries: np.ndarray, pool: np.ndarray, chu
     return out
 
 
-def co_observing_images(queries: np.ndarray, members: np.ndarray, indptr: np.ndarray, point: np.ndarray) -> dict:
+def co_observing_images(queries: np.ndarray, indptr: np.ndarray, point: np.ndarray, cluster: np.ndarray) -> dict:
+    """For each query q, every other image of q's cluster that shares 3D points with it
+    and how many (``gt_indptr``, ``gt_image``, ``gt_co_observed``: CSR rows by query,
+    images ascending), from a whole store's co-observation table (``indptr``, ``point``)
+    and image clusters; one cluster at a time (:func:`cluster_co_observations`)."""
+    images, counts = [None] * len(queries), [None] * len(queries)
+    for c in np.unique(cluster[queries]):
+        members = np.flatnonzero(cluster == c)
+        qk = np.flatnonzero(cluster[queries] == c)
+        rows = [np.arange(indptr[i], indptr[i + 1]) for i in members]
+        local_ptr = np.concatenate([[0], np.cumsum([len(r) for r in rows])])
+        gt = cluster_co_observations(queries[qk], members, local_ptr, point[_cat(rows, np.int64)])
+        for row, k in enumerate(qk):
+            images[k] = gt["gt_image"][gt["gt_indptr"][row] : gt["gt_indptr"][row + 1]]
+            counts[k] = gt["gt_co_observed"][gt["gt_indptr"][row] : gt["gt_indptr"][row + 1]]
+    return {
+        "gt_indptr": np.concatenate([[0], np.cumsum([len(x) for x in images])]).astype(np.int64),
+        "gt_image": _cat(images, np.int32),
+        "gt_co_observed": _cat(counts, np.int32),
+    }
+
+
+def cluster_co_observations(queries: np.ndarray, members: np.ndarray, indptr: np.ndarray, point: np.ndarray) -> dict:
     """For val queries q of one cluster, every other image of the cluster that shares
     3D points with q and how many (``gt_indptr``, ``gt_image``, ``gt_co_observed``:
     CSR rows by query, images ascending), so that evaluation needs the pair file alone.
@@ -326,7 +348,7 @@ def split_queries(split: str, clusters, models_of: list, results, conf: MineConf
         t = _join([next(results) for _ in models_of[c]])
         q = draw_cluster_queries(t["image"][t["eligible"]], int(cluster_size[c]), conf.queries_per_cluster, rng)
         if split == "val" and len(q):
-            gt.append(co_observing_images(q, t["image"], t["indptr"], t["point"]))
+            gt.append(cluster_co_observations(q, t["image"], t["indptr"], t["point"]))
         if len(q):
             queries.append(q)
             at = np.searchsorted(t["image"], q)

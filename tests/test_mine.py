@@ -512,3 +512,15 @@ def test_clusters_of_several_models_against_brute_force(tmp_path):
         expect = [(i, c) for i, c in expect if c]
         got = list(zip(a["val/gt_image"][ptr[row] : ptr[row + 1]], a["val/gt_co_observed"][ptr[row] : ptr[row + 1]]))
         assert got == expect, q
+    # the same from the whole store's table (evaluate's route for pair files without val/gt_*)
+    from sfmpairs.mining.mine import co_observing_images
+
+    full = read_store(tmp_path / "sfm.h5", keys=["observations/indptr", "observations/point", "images/cluster"])
+    shuffled = np.random.default_rng(0).permutation(a["val/query"])  # queries in any order
+    gt = co_observing_images(shuffled, full["observations/indptr"], full["observations/point"], cluster)
+    for row, q in enumerate(shuffled):
+        k = int(np.flatnonzero(a["val/query"] == q)[0])
+        for key in ("gt_image", "gt_co_observed"):
+            np.testing.assert_array_equal(
+                gt[key][gt["gt_indptr"][row] : gt["gt_indptr"][row + 1]], a[f"val/{key}"][ptr[k] : ptr[k + 1]]
+            )
