@@ -80,14 +80,17 @@ def test_timm_input_normalisation_is_the_models_and_checkpoints_keep_it(tmp_path
 
 
 @needs_timm
-def test_timm_missing_unknown_or_fixed_size_models_are_one_line_errors(monkeypatch):
+def test_unknown_or_fixed_size_timm_models_are_one_line_errors():
     with pytest.raises(SfmpairsError, match="has no model 'no_such_net'"):
         build_network({"arch": "timm:no_such_net"})
     with pytest.raises(SfmpairsError, match=r"takes only \(224, 224\) images"):
         build_network({"arch": "timm:swin_tiny_patch4_window7_224"})
     with pytest.raises(SfmpairsError, match="unknown architecture 'timm:'"):
         build_network({"arch": "timm:"})
-    monkeypatch.setitem(sys.modules, "timm", None)  # import timm fails
+
+
+def test_without_timm_the_error_names_the_extra_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "timm", None)  # import timm fails, as where it is not installed
     for arch, extra in (("timm:resnet10t", "timm"), ("efficientnet_lite0", "lite0")):
         with pytest.raises(SfmpairsError, match=rf"--arch {arch} needs timm.*pip install 'sfmpairs\[{extra}\]'") as e:
             build_network({"arch": arch})
