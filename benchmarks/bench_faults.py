@@ -652,7 +652,11 @@ def kill_trials(args) -> int:
                 out = tmp / f"{name}-{trial}"
                 out.mkdir()
                 cmd, output = kill_commands(w, out)[name]
-                p = subprocess.Popen([sys.executable, "-m", "sfmpairs", *map(str, cmd)], stderr=subprocess.DEVNULL)
+                p = subprocess.Popen(
+                    [sys.executable, "-m", "sfmpairs", *map(str, cmd)],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
                 delay = float(duration * rng.uniform(0.3, 1.0))  # most of the start is imports
                 try:
                     p.wait(timeout=delay)

@@ -141,7 +141,6 @@ def _run_limited(limit: int, root: str, out: str) -> None:
 KNOWN_FULL_DISK = {
     "ingest": "sfm_io/ingest.py writes with h5py.File(tmp): HDF5 2.0 segfaults closing a file whose "
     "writes failed; needs common.h5_output(tmp)",
-    "export-cirtorch": "mining/export.py writes its folder with open(): OSError not turned into one line",
     "train": "train/train.py writes its run folder with write_text/torch.save outside atomic_output",
     "synth": "synthetic/world.py writes its folder with write_text/PIL: OSError not turned into one line",
 }
@@ -266,8 +265,8 @@ def bad_photos(world, tmp_path_factory):
     return root, [truncated, junk]
 
 
-@pytest.mark.parametrize("workers", ["0", "2"])
-def test_corrupt_photos_in_extraction(world, bad_photos, tmp_path, workers):
+def test_corrupt_photos_in_extraction(world, bad_photos, tmp_path, workers="2"):
+    """In DataLoader worker processes: their errors come back as one line."""
     root, bad = bad_photos
     args = [
         "extract",
