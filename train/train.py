@@ -44,6 +44,7 @@ from sfmpairs.mining.mine import pool_similarity, positive_slots
 from sfmpairs.mining.negatives import hard_negatives, random_negatives
 from sfmpairs.plot import BASELINE_EPOCH as BEFORE_TRAINING
 from sfmpairs.plot import plot_run
+from sfmpairs.retrieval.backbones import timm_name
 from sfmpairs.retrieval.data import load_image
 from sfmpairs.retrieval.extract import NonFiniteDescriptors, cpu_has_bf16, extract_across_ranks, resolve_device
 from sfmpairs.retrieval.network import build_network, load_checkpoint, read_checkpoint, save_checkpoint
@@ -620,7 +621,11 @@ def _forward_module(net, device, ranks: Ranks):
     # copy per step, not an error
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     return DistributedDataParallel(
-        model, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False
+        model,
+        device_ids=[device] if device.type == "cuda" else None,
+        broadcast_buffers=False,
+        # timm models may hold weights their forward_features leaves out (ConvNeXt's head norm)
+        find_unused_parameters=timm_name(net.config["arch"]) is not None,
     )
 
 
