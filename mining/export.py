@@ -38,7 +38,7 @@ import numpy as np
 
 from sfmpairs.common import SfmpairsError, atomic_output, provenance_attrs
 from sfmpairs.config import make_conf
-from sfmpairs.paths import check_relative_names
+from sfmpairs.paths import check_relative_names, place_photo
 
 from .export_hloc import names_under, pair_indices, write_pairs, write_per_model
 from .options import EXPORT_FORMATS, ExportConf
@@ -113,11 +113,7 @@ def cirtorch_whitening(p: dict, all_passing: bool = False) -> dict:
 def _place_photos(p: dict, images_root: Path, ims: Path, copy: bool) -> int:
     used = np.unique(np.concatenate([s["images"] for s in p["splits"].values()] or [np.zeros(0, np.int64)]))
     for i in used:
-        src, dst = (images_root / p["names"][i]).resolve(), cid2filename(cid_of(p["names"][i]), ims)
-        if not src.is_file():
-            raise SfmpairsError(f"{src}: image not found (give --images-root)")
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        (shutil.copyfile if copy else os.symlink)(src, dst)
+        place_photo(images_root / p["names"][i], cid2filename(cid_of(p["names"][i]), ims), copy)
     return len(used)
 
 

@@ -31,10 +31,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import pickle
 import re
-import shutil
 import zlib
 from pathlib import Path
 
@@ -42,7 +40,7 @@ import numpy as np
 from scipy import sparse
 
 from sfmpairs.common import SfmpairsError, progress
-from sfmpairs.paths import check_relative_names
+from sfmpairs.paths import check_relative_names, place_photo
 from sfmpairs.sfm_io.colmap_depth import (
     dense_workspace,
     depth_maps_in,
@@ -360,17 +358,6 @@ def depth_sources(model: str, workspace: Path | None, colmap_names, distorted: i
     return found, 0
 
 
-def place_photos(names, sources, folder: Path, copy: bool) -> None:
-    """Link (or copy) each photo ``sources[k]`` to ``folder/names[k]`` (a link to its
-    resolved path: a relative ``--images-root`` would leave it dangling)."""
-    for name, src in zip(names, sources):
-        if not src.is_file():
-            raise SfmpairsError(f"{src}: image not found (give --images-root)")
-        dst = folder / name
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        (shutil.copyfile if copy else os.symlink)(src.resolve(), dst)
-
-
 def scene_info(m: dict, s: dict, K, image_paths, depth_paths, provenance: dict, with_points: bool):
     """``(info, pairs)``: the scene file's content (docs/formats.md) for model table
     ``m`` of store ``s`` (``K``: its intrinsics); its co-observing pairs (keys, overlap,
@@ -448,7 +435,8 @@ def _export_scene(p, s, m, k, images_root: Path, folder: Path, scene: str, conf,
     r, model = m["rows"], s["models/name"][k]
     colmap = list(s["images/colmap_name"][r])
     image_paths = [f"images/{scene}/{name}" for name in colmap]
-    place_photos(image_paths, [images_root / s["images/name"][i] for i in r], folder, conf.copy)
+    for name, i in zip(image_paths, r):
+        place_photo(images_root / s["images/name"][i], folder / name, conf.copy)
     K, pinhole = intrinsics(s["images/camera_model"][r], s["images/params"][r])
     distorted = int((~pinhole).sum())
     workspace = dense_workspace(s["models/path"][k])

@@ -8,7 +8,9 @@ before it builds a path from them.
 
 from __future__ import annotations
 
-from pathlib import PurePosixPath, PureWindowsPath
+import os
+import shutil
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from .common import SfmpairsError
 
@@ -34,3 +36,12 @@ def check_relative_names(names, source, what: str = "image name") -> None:
             raise SfmpairsError(
                 f"{source}: {what} {str(name)!r} is not a relative path below its folder (absolute or with '..')"
             )
+
+
+def place_photo(src: Path, dst: Path, copy: bool = False) -> None:
+    """Link (or copy) the photo ``src`` to ``dst``, making ``dst``'s folder: a link to
+    ``src``'s resolved path (a relative one would dangle); one line if ``src`` is missing."""
+    if not src.is_file():
+        raise SfmpairsError(f"{src}: image not found (give --images-root)")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    (shutil.copyfile if copy else os.symlink)(src.resolve(), dst)
