@@ -257,7 +257,7 @@ def ingest(
     conf.check()
     sources, manifest_root = gather_sources(paths, manifest, conf.cluster_by)
     root, prefixes = _image_prefixes(sources, images_root or manifest_root, images_root is not None)
-    leave = None
+    leave, given_sources = None, sources
     if conf.shared_names == "largest":
         sources, prefixes, leave = leave_shared_names(sources, prefixes, conf.reader)
     cluster_names = list(dict.fromkeys(s.cluster for s in sources))
@@ -265,6 +265,8 @@ def ingest(
         **conf_dict(conf),
         "images_root": str(root) if root else None,
         "manifest": str(Path(manifest).resolve()) if manifest else None,
+        # --shared-names largest: the models left out, all their images being in larger ones
+        "left_out_models": [str(s.path.resolve()) for s in given_sources if s not in sources],
     }
     with atomic_output(output, overwrite) as tmp, _small_pages(), h5py.File(tmp, "w") as h5:
         create_store(h5)

@@ -336,6 +336,8 @@ def test_shared_names_largest_leaves_out_a_model_inside_another(tmp_path):
     assert out["models"] == 1 and out["images"] == 20
     s = read_store(tmp_path / "sfm.h5")
     assert list(s["models/name"]) == ["scene/sparse/1"]
+    left_out = json.loads(h5py.File(tmp_path / "sfm.h5").attrs["parameters"])["left_out_models"]
+    assert left_out == [str((tmp_path / "scene" / "sparse" / "0").resolve())]
 
 
 def test_dropping_images_drops_points_seen_by_fewer_than_two(tmp_path):
