@@ -679,7 +679,9 @@ def kill_trials(args) -> int:
                     again = _cli(["train", "--resume", target, "--epochs", "3", "-q"])
                 else:
                     again = _cli([*cmd, "--overwrite"] if target.exists() else cmd)
-                if again.returncode:
+                if again.returncode and name == "train" and "the run is finished" in again.stderr:
+                    counts["had finished"] += 1  # killed after its last epoch: nothing to resume
+                elif again.returncode:
                     problems.append(f"{name} trial {trial}: the run after the kill failed: {again.stderr[-400:]}")
                     counts["rerun FAILED"] += 1
                     continue
