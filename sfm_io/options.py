@@ -54,6 +54,11 @@ class ReconstructConf:
     sequential: int = setting(
         0, "retrieval: also match each photo with the next N in name order (photos taken in order, e.g. video)."
     )
+    expand: int = setting(
+        1,
+        "retrieval: rounds of also matching photos that share a verified neighbour (at most --num-neighbours new "
+        "pairs per photo a round; 0: the retrieved pairs only).",
+    )
     checkpoint: str | None = setting(
         None,
         "retrieval: sfmpairs checkpoint for the global descriptors.",
@@ -72,6 +77,7 @@ class ReconstructConf:
             (self.overlap >= 1, "--overlap must be at least 1"),
             (self.num_neighbours >= 1, "--num-neighbours must be at least 1"),
             (self.sequential >= 0, "--sequential must be 0 or more"),
+            (self.expand >= 0, "--expand must be 0 or more"),
             (self.retrieval_image_size >= 32, "--retrieval-image-size must be at least 32"),
             (self.min_model_size >= 1, "--min-model-size must be at least 1"),
             (self.max_image_size >= 32, "--max-image-size must be at least 32"),

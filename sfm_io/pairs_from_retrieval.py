@@ -91,3 +91,34 @@ def write_pair_list(path: Path, names: list[str], pairs: np.ndarray) -> None:
             raise SfmpairsError(f"{name}: a photo name with a space cannot go in COLMAP's pair list; rename it")
     with open(path, "w", encoding="utf-8") as f:
         f.writelines(f"{names[i]} {names[j]}\n" for i, j in pairs.tolist())
+
+
+def two_hop_pairs(verified: np.ndarray, matched: np.ndarray, n: int, k: int) -> np.ndarray:
+    """(M, 2) unordered pairs not yet matched of photos that share a verified
+    neighbour, at most ``k`` per photo, those with the most shared neighbours first.
+
+    A verified pair is one whose matches passed the two-view geometry check, so its
+    photos see the same place; two photos verified with a third most likely see it too,
+    even where their global descriptors are far apart (COLMAP's transitive matcher
+    follows the same idea)."""
+    from scipy import sparse
+
+    def adjacency(pairs: np.ndarray) -> sparse.csr_matrix:
+        pairs = pairs.reshape(-1, 2)
+        a = sparse.coo_matrix((np.ones(len(pairs), np.int32), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
+        return ((a + a.T) > 0).astype(np.int32).tocsr()
+
+    adj = adjacency(verified)
+    common = (adj @ adj).tocsr()
+    done = adjacency(matched) + sparse.identity(n, np.int32, format="csr")
+    common = (common - common.multiply(done > 0)).tocsr()
+    common.eliminate_zeros()
+    out = []
+    for i in range(n):
+        cols, counts = (
+            common.indices[common.indptr[i] : common.indptr[i + 1]],
+            common.data[common.indptr[i] : common.indptr[i + 1]],
+        )
+        best = np.lexsort((cols, -counts))[:k]  # most shared neighbours first, then by index
+        out.append(np.stack([np.full(len(best), i), cols[best]], axis=1))
+    return unique_pairs(*out) if out else np.empty((0, 2), np.int64)

@@ -12,7 +12,9 @@ kept in its largest model only (:mod:`.shared_names`), and models with fewer tha
 that ``sfmpairs ingest OUTPUT`` always accepts the output. Writes ``OUTPUT/database.db``,
 the models at ``OUTPUT/sparse/0 .. N``, a link ``OUTPUT/images`` to the photos and
 ``OUTPUT/reconstruct.json`` (how it was made, what was dropped, the time of each
-stage); with ``retrieval``, also the pairs matched (``OUTPUT/pairs-retrieval.txt``).
+stage); with ``retrieval``, also the pairs matched: those retrieved
+(``OUTPUT/pairs-retrieval.txt``) and, with ``expand``, those of photos that share a
+verified neighbour (``OUTPUT/pairs-expanded.txt``).
 The folder appears only when everything has worked.
 
 Sizes on 2 CPU cores (benchmarks/bench_reconstruct.py): exhaustive matching grows with
@@ -32,6 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 from sfmpairs.common import SfmpairsError, provenance_attrs
 from sfmpairs.config import conf_dict, make_conf
 
@@ -43,6 +47,7 @@ logger = logging.getLogger("sfmpairs.reconstruct")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".ppm", ".pgm"}
 SCHEMA, SCHEMA_VERSION = "sfmpairs/reconstruct", 1
 PAIRS_FILE = "pairs-retrieval.txt"
+EXPANDED_FILE = "pairs-expanded.txt"
 
 
 def list_photos(images_dir: Path) -> list[Path]:
@@ -144,6 +149,44 @@ def select_pairs(db: Path, images_dir: Path, work: Path, conf: ReconstructConf) 
     return len(pairs)
 
 
+def database_pairs(db: Path, names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The pairs matched and the pairs verified (two-view geometry with inliers) in
+    COLMAP's database, as (M, 2) indices into ``names``."""
+    index = {name: i for i, name in enumerate(names)}
+    with contextlib.closing(sqlite3.connect(db)) as con:
+        of_id = {image_id: index[name] for image_id, name in con.execute("SELECT image_id, name FROM images")}
+        out = []
+        for query in ("SELECT pair_id FROM matches", "SELECT pair_id FROM two_view_geometries WHERE rows > 0"):
+            ids = np.array([p for (p,) in con.execute(query)], np.int64).reshape(-1)
+            a, b = np.divmod(ids, 2147483647)  # COLMAP's pair id: image_id1 * (2^31 - 1) + image_id2
+            out.append(np.array([[of_id[x], of_id[y]] for x, y in zip(a.tolist(), b.tolist())], np.int64))
+    return out[0].reshape(-1, 2), out[1].reshape(-1, 2)
+
+
+def expand_matches(db: Path, work: Path, conf: ReconstructConf, device) -> int:
+    """retrieval: ``conf.expand`` rounds of matching the photos that share a verified
+    neighbour (:func:`.pairs_from_retrieval.two_hop_pairs`); the pairs are added to
+    ``work/pairs-expanded.txt``. Returns their number."""
+    from .pairs_from_retrieval import two_hop_pairs, write_pair_list
+
+    names = database_names(db)
+    (work / EXPANDED_FILE).touch()
+    total = 0
+    for r in range(conf.expand):
+        matched, verified = database_pairs(db, names)
+        new = two_hop_pairs(verified, matched, len(names), conf.num_neighbours)
+        logger.info("round %d: %d pairs of photos that share a verified neighbour", r + 1, len(new))
+        if not len(new):
+            break
+        write_pair_list(work / ".round.txt", names, new)
+        match_features(db, conf, None, device, work / ".round.txt")
+        with open(work / EXPANDED_FILE, "a", encoding="utf-8") as f:
+            f.write((work / ".round.txt").read_text())
+        (work / ".round.txt").unlink()
+        total += len(new)
+    return total
+
+
 def match_features(db: Path, conf: ReconstructConf, vocab_tree, device, pairs_file: Path | None = None) -> None:
     """Matches and two-view geometries of the pairs the matcher proposes."""
     import pycolmap
@@ -241,7 +284,8 @@ def run_stages(images_dir: Path, photos: list[Path], work: Path, conf: Reconstru
         conf.device, pycolmap.Device.auto
     )
     retrieval = conf.matcher == "retrieval"
-    stages = Stages(5 if retrieval else 4)
+    expand = retrieval and conf.expand > 0
+    stages = Stages(4 + retrieval + expand)
     with stages("features", f"SIFT features of {len(photos)} photos in {images_dir}"):
         extract_features(db, images_dir, photos, conf, device)
     if retrieval:
@@ -249,6 +293,9 @@ def run_stages(images_dir: Path, photos: list[Path], work: Path, conf: Reconstru
             select_pairs(db, images_dir, work, conf)
     with stages("matching", f"{conf.matcher} matching"):
         match_features(db, conf, vocab_tree, device, work / PAIRS_FILE)
+    if expand:
+        with stages("expansion", f"matching photos that share a verified neighbour ({conf.expand} rounds at most)"):
+            expand_matches(db, work, conf, device)
     with stages("mapping", "incremental mapping"):
         models = map_models(db, images_dir, work)
     with stages("cleaning", f"each photo in one model, models of at least {conf.min_model_size} photos"):

@@ -13,6 +13,7 @@ from sfmpairs.sfm_io.pairs_from_retrieval import (
     most_similar,
     retrieval_pairs,
     sequential_pairs,
+    two_hop_pairs,
     unique_pairs,
     write_pair_list,
 )
@@ -52,6 +53,29 @@ def test_retrieval_pairs_are_the_union_of_neighbours_and_sequence():
     assert len(pairs) <= 30 * 4 + 30 * 3
 
 
+@pytest.mark.parametrize("k", [1, 3, 100])
+def test_two_hop_pairs_against_brute_force(k):
+    """Pairs not matched yet of photos with a verified neighbour in common, the k with
+    the most common neighbours per photo (ties by index), counted by brute force."""
+    n, rng = 25, np.random.default_rng(k)
+    everything = np.array(list(itertools.combinations(range(n), 2)))
+    matched = everything[rng.random(len(everything)) < 0.25]
+    verified = matched[rng.random(len(matched)) < 0.6]
+    nb = {i: set() for i in range(n)}
+    for a, b in verified.tolist():
+        nb[a].add(b)
+        nb[b].add(a)
+    done = {tuple(p) for p in matched.tolist()}
+    want = set()
+    for i in range(n):
+        common = {j: len(nb[i] & nb[j]) for j in range(n) if j != i and (min(i, j), max(i, j)) not in done}
+        best = sorted((j for j, c in common.items() if c > 0), key=lambda j: (-common[j], j))[:k]
+        want |= {(min(i, j), max(i, j)) for j in best}
+    got = two_hop_pairs(verified, matched, n, k)
+    assert {tuple(p) for p in got.tolist()} == want and len(got) == len(want)
+    assert two_hop_pairs(np.empty((0, 2), np.int64), matched, n, k).shape == (0, 2)
+
+
 def test_unique_pairs_orders_and_drops_repeats():
     got = unique_pairs(np.array([[3, 1], [1, 3], [2, 2], [0, 4]]), np.array([[4, 0]]))
     assert got.tolist() == [[0, 4], [1, 3]]
@@ -69,6 +93,7 @@ def test_pair_list_is_colmaps_format(tmp_path):
     [
         ({"num_neighbours": 0}, "--num-neighbours"),
         ({"sequential": -1}, "--sequential"),
+        ({"expand": -1}, "--expand"),
         ({"min_model_size": 0}, "--min-model-size"),
         ({"matcher": "nope"}, "unknown matcher"),
         ({"matcher": "retrieval", "checkpoint": "missing.pt"}, "missing.pt: no such checkpoint"),
@@ -91,7 +116,7 @@ def test_command_line_offers_the_settings():
     from sfmpairs.cli import main
 
     text = CliRunner().invoke(main, ["reconstruct", "--help"]).output
-    for option in ("retrieval", "--num-neighbours", "--sequential", "--checkpoint", "--min-model-size"):
+    for option in ("retrieval", "--num-neighbours", "--sequential", "--expand", "--checkpoint", "--min-model-size"):
         assert option in text, option
     text = CliRunner().invoke(main, ["ingest", "--help"]).output
     assert "--shared-names" in text and "largest" in text

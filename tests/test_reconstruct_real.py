@@ -124,6 +124,7 @@ def test_models_are_pure_with_most_photos_registered(readme_run):
 
 
 def test_retrieval_matches_only_the_selected_pairs(photos, tmp_path):
+    """The pairs matched are the retrieved ones and those of the expansion round."""
     from sfmpairs.sfm_io.reconstruct import reconstruct
 
     two = list(PLACES)[:2]  # two places, to keep it quick
@@ -135,17 +136,23 @@ def test_retrieval_matches_only_the_selected_pairs(photos, tmp_path):
         tmp_path / "photos", tmp_path / "models", matcher="retrieval", num_neighbours=5, retrieval_image_size=256
     )
     check_pure(model_names(tmp_path / "models"), 0.8, len(two))
-    listed = (tmp_path / "models" / "pairs-retrieval.txt").read_text().splitlines()
-    listed = {tuple(sorted(line.split(" "))) for line in listed}
+
+    def listed(name):
+        return {tuple(sorted(line.split(" "))) for line in (tmp_path / "models" / name).read_text().splitlines()}
+
+    retrieved, expanded = listed("pairs-retrieval.txt"), listed("pairs-expanded.txt")
     n = PER_PLACE * len(two)
-    assert len(listed) <= n * 5 and out["pairs_matched"] == len(listed) < n * (n - 1) // 2
+    assert len(retrieved) <= n * 5 and retrieved.isdisjoint(expanded)
+    assert out["pairs_matched"] == len(retrieved | expanded) < n * (n - 1) // 2
     with contextlib.closing(sqlite3.connect(tmp_path / "models" / "database.db")) as con:
         names = dict(con.execute("SELECT image_id, name FROM images"))
         matched = set()
         for (pair_id,) in con.execute("SELECT pair_id FROM matches"):  # COLMAP's pair id: id1 * 2^31 - 1 + id2
             a, b = divmod(pair_id, 2147483647)
             matched.add(tuple(sorted((names[a], names[b]))))
-    assert matched == listed
+    assert matched == retrieved | expanded
     # the retrieved neighbours are mostly of the same place, even with random weights
-    same = sum(place_of(a) == place_of(b) for a, b in listed)
-    assert same >= 0.8 * len(listed)
+    same = sum(place_of(a) == place_of(b) for a, b in retrieved)
+    assert same >= 0.8 * len(retrieved)
+    # photos verified with a third see the same place
+    assert all(place_of(a) == place_of(b) for a, b in expanded)
