@@ -45,13 +45,13 @@ def run_matcher(world: Path, out: Path, matcher: str, k: int, args) -> dict:
 
     options = {"matcher": matcher}
     if matcher == "retrieval":
-        options.update(num_neighbours=k, checkpoint=args.checkpoint)
+        options.update(num_neighbours=k, checkpoint=args.checkpoint, expand=args.expand)
     before = load()
     t0 = time.perf_counter()
     r = reconstruct(world, out, overwrite=True, **options)
     wall = time.perf_counter() - t0
     return {
-        "matcher": matcher if matcher != "retrieval" else f"retr. k={k}",
+        "matcher": matcher if matcher != "retrieval" else f"retr. k={k} x{args.expand}",
         "photos": r["photos"],
         "pairs_matched": r["pairs_matched"],
         "pairs_verified": r["pairs_verified"],
@@ -86,6 +86,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--matchers", default="retrieval,exhaustive", help="comma-separated, run in this order")
     parser.add_argument("--num-neighbours", default="10", help="retrieval: comma-separated, one run each")
+    parser.add_argument("--expand", type=int, default=1, help="retrieval: rounds of expansion (reconstruct --expand)")
     parser.add_argument("--checkpoint", default=None, help="sfmpairs checkpoint for retrieval (default: off the shelf)")
     parser.add_argument("--workdir", default=None, help="keep the world and models here (default: a temporary folder)")
     parser.add_argument("--json", default=None, help="write the rows here too")
