@@ -57,9 +57,12 @@ def check_pairs(path, p: dict) -> None:
     if n and (p["cluster"].min() < 0 or p["cluster"].max() >= clusters):
         fail("images/cluster out of range")
     for split, d in p["splits"].items():
-        q = d.get("query")
-        if q is None or q.ndim != 1:
-            fail(f"{split}/query missing")
+        missing = [k for k in ("query", "positive", "images", "pool") if k not in d]
+        if missing:
+            fail(f"{split}/{missing[0]} missing")
+        q = d["query"]
+        if not isinstance(q, np.ndarray) or q.ndim != 1:
+            fail(f"{split}/query not a list of images")
         for key, v in d.items():
             if not isinstance(v, np.ndarray) or v.dtype.kind not in "biuf" or not v.ndim:
                 fail(f"{split}/{key} not a numeric table")

@@ -23,7 +23,7 @@ def open_rgb(path: str | Path):
     except IsADirectoryError:
         raise SfmpairsError(f"{path}: is a folder, not an image") from None
     except UnidentifiedImageError:
-        raise SfmpairsError(f"{path}: not an image (unknown format or corrupt header)") from None
+        raise SfmpairsError(f"{path}: cannot decode image (not an image: unknown format or corrupt header)") from None
     except MemoryError:
         raise
     except Exception as e:  # noqa: BLE001 - PIL raises many kinds on corrupt data: one line

@@ -19,7 +19,7 @@ def test_open_rgb_converts_and_names_the_file_on_errors(tmp_path):
     assert img.mode == "RGB" and img.size == (12, 10)
     np.testing.assert_array_equal(np.asarray(img), np.repeat(grey[..., None], 3, axis=2))  # PIL's L -> RGB
     (tmp_path / "junk.jpg").write_bytes(b"not a photo")
-    with pytest.raises(SfmpairsError, match="junk.jpg: not an image"):
+    with pytest.raises(SfmpairsError, match="junk.jpg: cannot decode image .not an image"):
         open_rgb(tmp_path / "junk.jpg")
     with pytest.raises(SfmpairsError, match="missing.jpg: image not found"):
         open_rgb(tmp_path / "missing.jpg")
