@@ -8,7 +8,19 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .common import SfmpairsError
+from .common import SfmpairsError, h5_errors
+
+
+def _json_attr(attrs, key: str) -> dict:
+    """A JSON object stored in an attribute (``parameters``); ValueError if it is not one
+    (a corrupt file), which :func:`summary` turns into one line naming the file."""
+    try:
+        value = json.loads(attrs.get(key, "{}"))
+    except (json.JSONDecodeError, TypeError, UnicodeDecodeError):
+        raise ValueError(f"attribute {key!r} is not JSON") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"attribute {key!r} is not a JSON object")
+    return value
 
 
 def _provenance(attrs) -> list[str]:
@@ -17,7 +29,7 @@ def _provenance(attrs) -> list[str]:
         f"written by  {attrs.get('tool', '?')} {attrs.get('tool_version', '?')} at {attrs.get('created', '?')}",
         f"command     {attrs.get('command', '?')}",
     ]
-    params = json.loads(attrs.get("parameters", "{}"))
+    params = _json_attr(attrs, "parameters")
     if params:
         lines.append("parameters  " + ", ".join(f"{k}={v}" for k, v in sorted(params.items())))
     return lines
@@ -31,6 +43,9 @@ def _store_summary(h5: h5py.File) -> list[str]:
     n_img, n_pts = len(image_cluster), len(h5["points/xyz"])
     n_obs = len(h5["observations/point"])
     track = h5["points/track_length"][()]
+    for name, index, n in (("images", image_cluster, len(clusters)), ("models", model_cluster, len(clusters))):
+        if len(index) and (index.min() < 0 or index.max() >= n):
+            raise ValueError(f"{name}/cluster: index out of range")
     lines = [
         f"SfM store   {len(clusters)} clusters, {len(models)} models, {n_img} images, "
         f"{n_pts} points, {n_obs} observations",
@@ -133,7 +148,9 @@ def _pairs_histograms(h5: h5py.File) -> list[str]:
 
 def _descriptors_summary(h5: h5py.File) -> list[str]:
     n, dim = h5["descriptors"].shape
-    config = json.loads(h5.attrs.get("parameters", "{}")).get("config", {})
+    config = _json_attr(h5.attrs, "parameters").get("config") or {}
+    if not isinstance(config, dict):
+        raise ValueError("attribute 'parameters' has no config object")
     net = f"{config.get('arch', '?')} + {config.get('pool', '?')}" if config else "?"
     skipped = len(h5["skipped"]) if "skipped" in h5 else 0
     return [f"descriptors {n} images, dimension {dim}, {skipped} skipped, network {net}", *_provenance(h5.attrs)]
@@ -187,8 +204,11 @@ def summary(path: str | Path) -> str:
         h5 = h5py.File(path, "r")
     except OSError:
         raise SfmpairsError(f"{path}: not an HDF5 file") from None
-    with h5:
+    with h5_errors(path, "file"), h5:
         schema = h5.attrs.get("schema")
-        if schema not in SUMMARIES:
+        if not isinstance(schema, str) or schema not in SUMMARIES:
             raise SfmpairsError(f"{path}: not a file written by sfmpairs (schema {schema!r})")
-        return "\n".join([str(path), *SUMMARIES[schema](h5)])
+        try:
+            return "\n".join([str(path), *SUMMARIES[schema](h5)])
+        except (AttributeError, MemoryError) as e:  # a dataset turned group, a huge index
+            raise ValueError(f"{type(e).__name__}: {e}") from None

@@ -248,6 +248,29 @@ def test_temporary_files_of_killed_runs_are_removed(tmp_path):
         assert f["a"][()].tolist() == [0, 1, 2]
 
 
+@pytest.mark.parametrize("name", ["sfm.h5", "pairs.h5", "d.h5", "wh.h5"])
+def test_info_on_corrupt_files(world, tmp_path, name):
+    """``info`` on a file whose ``parameters`` attribute is not JSON, or whose datasets
+    are cut off or missing: one line naming the file, exit 2."""
+    import shutil
+
+    path = tmp_path / name
+    shutil.copy(world / name, path)
+    assert cli("info", path).exit_code == 0
+    with h5py.File(path, "r+") as f:
+        f.attrs["parameters"] = "{not json"
+    one_error_line(cli("info", path), str(path), "parameters")
+    with h5py.File(path, "r+") as f:
+        f.attrs["parameters"] = "[1, 2]"  # JSON, not an object
+        for key in [k for k in f.keys() if k not in ("clusters",)]:
+            del f[key]
+    one_error_line(cli("info", path), str(path))
+    shutil.copy(world / name, path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    one_error_line(cli("info", path), str(path))
+
+
 @pytest.fixture(scope="module")
 def bad_photos(world, tmp_path_factory):
     """A copy of the world's photos with one truncated JPEG and one file of junk bytes
