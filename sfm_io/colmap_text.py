@@ -33,6 +33,10 @@ def _lines(path: Path):
         raise SfmpairsError(f"{path}: not a UTF-8 text file") from None
 
 
+def _short(token: str, limit: int = 24) -> str:
+    return token if len(token) <= limit else token[: limit - 3] + "..."
+
+
 class _Line:
     """Token access with errors that name the file and line."""
 
@@ -46,13 +50,17 @@ class _Line:
         if len(self.tok) < n:
             self.fail(f"expected {what}")
 
-    def int(self, i: int, what: str) -> int:
+    def int(self, i: int, what: str, bits: int = 32) -> int:
+        """An unsigned integer that fits its column (COLMAP's ids are 32-bit, but
+        3D point ids 64-bit)."""
         try:
             v = int(self.tok[i])
         except (ValueError, IndexError):
             self.fail(f"bad {what} {self.tok[i] if i < len(self.tok) else '(missing)'!r}")
         if v < 0:
             self.fail(f"negative {what}")
+        if v >= 1 << bits:
+            self.fail(f"{what} {_short(self.tok[i])} too large (at most {(1 << bits) - 1})")
         return v
 
     def floats(self, i: int, n: int, what: str) -> np.ndarray:
@@ -138,10 +146,14 @@ def _parse_points2d(ln: _Line):
         ln.fail("2D points must come as X Y POINT3D_ID triples")
     try:
         arr = np.array(ln.tok, dtype=object).reshape(-1, 3)
-        ids = np.array([int(t) for t in arr[:, 2]], np.int64)
+        ints = [int(t) for t in arr[:, 2]]
         xy = np.array([[float(a), float(b)] for a, b in arr[:, :2]], np.float64).reshape(-1, 2)
     except ValueError:
         ln.fail("bad number in the 2D points")
+    try:
+        ids = np.array(ints, np.int64)
+    except OverflowError:  # signed 64 bits, as COLMAP reads them
+        ln.fail(f"3D point id {_short(str(max(ints, key=abs)))} too large (at most {(1 << 63) - 1})")
     if np.any(ids < -1):
         ln.fail("bad 3D point id")
     valid = ids != -1
@@ -211,7 +223,7 @@ def read_points(path: Path):
     for no, text in _lines(path):
         ln = _Line(path, no, text)
         ln.need(8, "POINT3D_ID X Y Z R G B ERROR TRACK[]")
-        ids.append(ln.int(0, "3D point id"))
+        ids.append(ln.int(0, "3D point id", bits=64))
         xyz.append(ln.floats(1, 3, "3D point position"))
         if (len(ln.tok) - 8) % 2:
             ln.fail("track must come as IMAGE_ID POINT2D_IDX pairs")

@@ -108,9 +108,7 @@ def test_fault_benchmark_slice(tmp_path):
     """A slice of benchmarks/bench_faults.py: corrupted COLMAP files (binary and text),
     stores, pair files, descriptor, whitening and ground-truth files, checkpoints and
     photos given to the commands that read them; none may end otherwise than with a
-    result or one line (no traceback, crash or hang). ``info`` is left out until
-    pipeline/info.py turns h5py's errors on a corrupt file into one line (see
-    sfmpairs.common.h5_errors)."""
+    result or one line (no traceback, crash or hang), ``info`` included."""
     import json
     import subprocess
     import sys
@@ -119,7 +117,7 @@ def test_fault_benchmark_slice(tmp_path):
 
     p = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "bench_faults.py"), "--cases", "250", "--scenes", "1"]
-        + ["--quiet", "--json", str(tmp_path / "counts.json"), "--timeout", "120", "--exclude", "info"],
+        + ["--quiet", "--json", str(tmp_path / "counts.json"), "--timeout", "120"],
         capture_output=True,
         text=True,
         timeout=900,

@@ -307,3 +307,40 @@ def test_rotations_from_quaternions_match_pycolmap_and_normalise():
     for qi, Ri in zip(q, R):
         np.testing.assert_allclose(Ri, pycolmap.Rotation3d([qi[1], qi[2], qi[3], qi[0]]).matrix(), atol=1e-12)
     np.testing.assert_allclose(quat_to_rotmat(3.0 * q), R, atol=1e-12)  # scale does not matter
+
+
+def _edit_first_data_line(path: Path, edit, skip: int = 0) -> int:
+    """Apply ``edit`` to the tokens of the first data line (after ``skip`` more data
+    lines) of a COLMAP text file; returns its 1-based line number."""
+    lines = path.read_text().splitlines()
+    data = [k for k, s in enumerate(lines) if s.strip() and not s.startswith("#")]
+    k = data[skip]
+    lines[k] = " ".join(edit(lines[k].split()))
+    path.write_text("\n".join(lines) + "\n")
+    return k + 1
+
+
+@pytest.mark.parametrize(
+    "file, skip, column, value",
+    [
+        ("cameras.txt", 0, 0, str(2**40)),  # camera id: 32 bits
+        ("images.txt", 0, 0, str(2**32)),  # image id: 32 bits
+        ("images.txt", 0, 8, "9" * 30),  # camera id of an image
+        ("images.txt", 1, -1, str(2**63)),  # a 3D point id in the 2D points: signed 64 bits, as pycolmap
+        ("images.txt", 1, -1, "9" * 400),
+        ("points3D.txt", 0, 0, str(2**64)),  # 3D point id: 64 bits
+    ],
+)
+def test_text_ids_too_large_for_their_column(synthetic_models, tmp_path, file, skip, column, value):
+    """An id too large for its column (two numbers run together, appended digits) is one
+    line naming the file and line, not an OverflowError."""
+    import shutil
+
+    from sfmpairs import SfmpairsError
+
+    folder = tmp_path / "text"
+    shutil.copytree(synthetic_models["shared-cameras"] / "text", folder)
+    no = _edit_first_data_line(folder / file, lambda tok: tok[:column] + [value] + tok[column:][1:], skip)
+    with pytest.raises(SfmpairsError, match=rf"^{folder / file} line {no}: .*too large") as e:
+        colmap_text.read_model(folder)
+    assert "\n" not in str(e.value)
