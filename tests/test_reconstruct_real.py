@@ -25,8 +25,6 @@ from conftest import COLMAP, REPO
 PLACES = {"drinks-can": 1, "dorm-desk": 2, "eyedrop-box": 1}  # place: take every Nth photo
 PER_PLACE, SIDE = 12, 400
 MARKER = "photos-to-pairs-own"
-# the README text waiting to be merged into README.md
-NOTE = REPO.parent / "notes" / "readme_reconstruct.md"
 
 pytestmark = pytest.mark.skipif(
     not all((COLMAP / p / "images").is_dir() for p in PLACES),
@@ -34,15 +32,11 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def readme_block(marker: str) -> list[str] | None:
-    """The command lines of the README's block ``marker`` (README.md, or the note
-    holding the README text until it is merged); None where neither has it."""
-    for path in (REPO / "README.md", NOTE):
-        text = path.read_text() if path.is_file() else ""
-        m = re.search(rf"<!-- {marker} -->\s*```sh\n(.*?)```", text, re.S)
-        if m:
-            return [line for line in m.group(1).splitlines() if line.strip()]
-    return None
+def readme_block(marker: str) -> list[str]:
+    """The command lines of the README's block ``marker``."""
+    m = re.search(rf"<!-- {marker} -->\s*```sh\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+    assert m, f"no <!-- {marker} --> block in README.md"
+    return [line for line in m.group(1).splitlines() if line.strip()]
 
 
 def place_of(name: str) -> str:
@@ -74,8 +68,6 @@ def run(line: str, cwd: Path) -> None:
 @pytest.fixture(scope="module")
 def readme_run(photos) -> Path:
     lines = readme_block(MARKER)
-    if lines is None:
-        pytest.skip(f"no <!-- {MARKER} --> block in README.md nor in {NOTE}")
     assert any(line.startswith("sfmpairs reconstruct photos") for line in lines)
     for line in lines:
         run(line, photos)
