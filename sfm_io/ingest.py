@@ -12,10 +12,9 @@ import os
 import time
 from pathlib import Path
 
-import h5py
 import numpy as np
 
-from sfmpairs.common import SfmpairsError, atomic_output, progress, provenance_attrs
+from sfmpairs.common import SfmpairsError, atomic_output, h5_output, progress, provenance_attrs
 from sfmpairs.config import conf_dict, make_conf
 
 from . import colmap_binary, colmap_pycolmap, colmap_text
@@ -168,6 +167,21 @@ def _without(model: Model, names: list[str], leave: set[str]) -> tuple[Model, li
     return drop_images(model, keep), [n for n, k in zip(names, keep) if k]
 
 
+def _read_ahead(sources: list[ModelSource], reader: str):
+    """Each source's model in order; model k+1 is read on a second thread while the
+    caller writes model k (two models in memory at most)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as ex:
+        ahead = ex.submit(read_model, sources[0].path, sources[0].format, reader) if sources else None
+        for k in range(len(sources)):
+            model = ahead.result()
+            if k + 1 < len(sources):
+                ahead = ex.submit(read_model, sources[k + 1].path, sources[k + 1].format, reader)
+            yield model
+            del model
+
+
 def append_models(
     h5, sources: list[ModelSource], prefixes: list[str], cluster_names: list[str], reader: str, leave=None
 ) -> tuple[dict, list]:
@@ -179,8 +193,9 @@ def append_models(
     totals = {"images": 0, "points": 0, "observations": 0}
     names_seen: dict[str, str] = {}
     ranges = []
+    models = _read_ahead(sources, reader)
     for k, (src, prefix) in enumerate(progress(list(zip(sources, prefixes)), desc="ingest", unit="model")):
-        model = read_model(src.path, src.format, reader)
+        model = next(models)
         if model.num_images == 0:
             raise SfmpairsError(f"{src.path}: empty model (no registered images)")
         model, names = _without(model, [prefix + n for n in model.names], leave[k] if leave else set())
@@ -268,7 +283,7 @@ def ingest(
         # --shared-names largest: the models left out, all their images being in larger ones
         "left_out_models": [str(s.path.resolve()) for s in given_sources if s not in sources],
     }
-    with atomic_output(output, overwrite) as tmp, _small_pages(), h5py.File(tmp, "w") as h5:
+    with atomic_output(output, overwrite) as tmp, _small_pages(), h5_output(tmp) as h5:
         create_store(h5)
         totals, ranges = append_models(h5, sources, prefixes, cluster_names, conf.reader, leave)
         write_source_tables(h5, sources, cluster_names, ranges)
