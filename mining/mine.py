@@ -50,6 +50,8 @@ def model_arrays(h5, a: int, b: int, pa: int, pb: int, measure: str) -> dict:
     out = {key: h5[f"images/{key}"][a:b] for key in ("centre", "rotation", "tvec", "focal", "width", "height")}
     out["indptr"] = indptr - ia
     out["point"] = h5["observations/point"][ia:ib] - pa
+    if len(out["point"]) and (out["point"].min() < 0 or out["point"].max() >= pb - pa):
+        raise SfmpairsError(f"{h5.filename}: corrupt store: images {a}..{b - 1} observe points of another model")
     out["xyz"] = h5["points/xyz"][pa:pb]
     out["xy"] = h5["observations/xy"][ia:ib].astype(np.float64) if measure == "bbox" else None
     return out

@@ -524,3 +524,18 @@ def test_clusters_of_several_models_against_brute_force(tmp_path):
             np.testing.assert_array_equal(
                 gt[key][gt["gt_indptr"][row] : gt["gt_indptr"][row + 1]], a[f"val/{key}"][ptr[k] : ptr[k + 1]]
             )
+
+
+def test_store_whose_model_observes_another_models_points(world, tmp_path):
+    """A corrupt store: an observation of the second model names a point of the first
+    (in range for the store, so only the per-model check can see it)."""
+    root, _ = world
+    shutil.copy(root / "sfm.h5", tmp_path / "bad.h5")
+    with h5py.File(tmp_path / "bad.h5", "a") as f:
+        (a, _), (pa, _) = f["models/image_range"][1], f["models/point_range"][1]
+        assert pa > 0
+        first = int(f["observations/indptr"][a])
+        f["observations/point"][first] = 0  # the first model's first point
+    with pytest.raises(SfmpairsError, match="observe points of another model"):
+        mine(tmp_path / "bad.h5", tmp_path / "p.h5")
+    assert not (tmp_path / "p.h5").exists()
