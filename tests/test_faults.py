@@ -141,7 +141,6 @@ def _run_limited(limit: int, root: str, out: str) -> None:
 KNOWN_FULL_DISK = {
     "ingest": "sfm_io/ingest.py writes with h5py.File(tmp): HDF5 2.0 segfaults closing a file whose "
     "writes failed; needs common.h5_output(tmp)",
-    "train": "train/train.py writes its run folder with write_text/torch.save outside atomic_output",
     "synth": "synthetic/world.py writes its folder with write_text/PIL: OSError not turned into one line",
 }
 
@@ -321,13 +320,41 @@ def test_corrupt_photos_in_training(world, bad_photos, tmp_path):
     args += ["--workers", "2", "--query-size", "30", "--pool-size", "30"]
     line = one_error_line(cli(*args, "-o", tmp_path / "run"))
     assert any(str(root / name) in line for name in bad), line
+    assert not (tmp_path / "run").exists()  # a new run that failed before its first epoch leaves nothing
     r = cli(*args, "-o", tmp_path / "run2", "--skip-bad")
     assert r.exit_code == 0, r.stderr
     epochs = [json.loads(x) for x in (tmp_path / "run2" / "metrics.jsonl").read_text().splitlines()]
     assert [e["epoch"] for e in epochs] == [-1, 0]
+    # both bad photos are train queries: left out of mining (none is a val photo)
+    assert [e["skipped_images"] for e in epochs] == [0, 2], epochs
 
 
-@pytest.mark.xfail(reason="train/train.py does not report the images --skip-bad skipped (see the report)")
+def test_a_failed_run_keeps_a_folder_that_existed(world, bad_photos, tmp_path):
+    """Only a folder the run made itself is removed when it fails before its first epoch."""
+    root, bad = bad_photos
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    args = ["train", "--pairs", world / "pairs.h5", "--images-root", root, *TRAIN, "--query-size", "30"]
+    one_error_line(cli(*args, "--pool-size", "30", "-o", tmp_path / "mine"), *[str(root)])
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_training_refuses_when_every_tuple_is_dropped(world, tmp_path):
+    """--skip-bad with every train photo unreadable: one line, not an epoch of loss 0."""
+    import shutil
+
+    root = tmp_path / "w"
+    shutil.copytree(world / "w", root)
+    with h5py.File(world / "pairs.h5") as f:
+        names, images = f["images/name"].asstr()[()], f["train/images"][()]
+    for i in images:
+        (root / names[i]).write_bytes(b"not a photo")
+    args = ["train", "--pairs", world / "pairs.h5", "--images-root", root, *TRAIN, "--skip-bad"]
+    line = one_error_line(cli(*args, "-o", tmp_path / "run"), "no tuple left", "skipped")
+    assert "epoch 0" in line, line
+    assert not (tmp_path / "run").exists()
+
+
 def test_training_counts_skipped_photos(world, bad_photos, tmp_path):
     root, bad = bad_photos
     args = ["train", "--pairs", world / "pairs.h5", "--images-root", root, *TRAIN, "--skip-bad"]

@@ -29,6 +29,7 @@ import hashlib
 import json
 import logging
 import math
+import shutil
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -37,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sfmpairs.common import SfmpairsError, file_sha256, progress
+from sfmpairs.common import SfmpairsError, atomic_output, file_sha256, progress
 from sfmpairs.config import conf_dict, given, make_conf
 from sfmpairs.distributed import ONE, Ranks, join, leave, rank_device
 from sfmpairs.mining.mine import pool_similarity, positive_slots
@@ -160,9 +161,19 @@ def _distances(query: np.ndarray, positive: np.ndarray, negatives: np.ndarray) -
     }
 
 
+def _report_skipped(what: str, names, bad: dict) -> int:
+    """Log the photos --skip-bad left out of ``what`` (their count, the first few names
+    and the first message); returns the count."""
+    if bad:
+        first = sorted(bad)
+        shown = ", ".join(str(names[i]) for i in first[:5]) + (", ..." if len(bad) > 5 else "")
+        logger.warning("%s: skipped %d unreadable photos (--skip-bad): %s; %s", what, len(bad), shown, bad[first[0]])
+    return len(bad)
+
+
 def mine_epoch(net, pairs: dict, conf: TrainConf, rng, device, root: Path, ranks: Ranks = ONE):
     """The tuples of one epoch: (query, positive, negatives...) image indices, and the
-    mining statistics."""
+    mining statistics (``skipped_images``: the photos --skip-bad left out)."""
     train_q = pairs["train/query"]
     pick = np.sort(rng.choice(len(train_q), min(conf.query_size, len(train_q)), replace=False))
     queries = train_q[pick]
@@ -179,15 +190,11 @@ def mine_epoch(net, pairs: dict, conf: TrainConf, rng, device, root: Path, ranks
     else:  # the candidates are described too: the positive is the nearest with this network
         wanted = np.unique(np.concatenate([queries, pool, rows[candidate]]))
     kwargs = dict(image_size=conf.image_size, device=device, workers=conf.workers, skip_bad=conf.skip_bad)
+    names = list(pairs["names"][wanted])
     desc, bad = extract_across_ranks(
-        net,
-        root,
-        list(pairs["names"][wanted]),
-        ranks,
-        precision=extract_precision(device, conf),
-        desc="mining",
-        **kwargs,
+        net, root, names, ranks, precision=extract_precision(device, conf), desc="mining", **kwargs
     )
+    skipped = _report_skipped("mining", names, bad)
 
     def row(images):  # rows of desc: wanted is sorted
         return np.minimum(np.searchsorted(wanted, images), len(wanted) - 1)
@@ -210,6 +217,7 @@ def mine_epoch(net, pairs: dict, conf: TrainConf, rng, device, root: Path, ranks
     negatives = np.where(idx >= 0, pool[np.maximum(idx, 0)], -1)
     nd = np.where(idx[..., None] >= 0, desc[row(np.maximum(negatives, 0))], np.nan)
     stats = {"queries": int(len(queries)), "pool": int(len(pool)), **_distances(qd, desc[row(positives)], nd)}
+    stats["skipped_images"] = skipped
     tuples = [[int(q), int(p), *[int(n) for n in negs if n >= 0]] for q, p, negs in zip(queries, positives, negatives)]
     # the queries were drawn sorted, so clusters come in blocks: shuffle, so that a batch
     # mixes clusters and every epoch has its own order
@@ -325,16 +333,17 @@ def train_epoch(
     return total / max(count, 1)
 
 
-def validate(net, val, conf: TrainConf, device, root: Path, ranks: Ranks = ONE):
+def validate(net, val, conf: TrainConf, device, root: Path, ranks: Ranks = ONE, skipped: list | None = None):
     """mAP on the val split (the evaluation protocol, at the test image size), or None
-    without val queries; ``val`` is :func:`~.evaluate.val_ground_truth`'s result."""
+    without val queries; ``val`` is :func:`~.evaluate.val_ground_truth`'s result. The
+    number of photos --skip-bad left out is appended to ``skipped``."""
     from sfmpairs.retrieval.evaluate import mean_average_precision, rank
 
     if val is None:
         return None
     names, queries, database, pos, junk = val
     used = np.unique(np.concatenate([queries, database]))
-    desc, _ = extract_across_ranks(
+    desc, bad = extract_across_ranks(
         net,
         root,
         list(names[used]),
@@ -346,6 +355,9 @@ def validate(net, val, conf: TrainConf, device, root: Path, ranks: Ranks = ONE):
         precision=extract_precision(device, conf),
         desc="validation",
     )
+    count = _report_skipped("validation", list(names[used]), bad)
+    if skipped is not None:
+        skipped.append(count)
     desc = np.nan_to_num(desc)
     m, *_ = mean_average_precision(
         rank(desc[np.searchsorted(used, queries)], desc[np.searchsorted(used, database)]), pos, junk
@@ -407,10 +419,23 @@ def check_trainable(pairs: Path, data: dict, conf: TrainConf, contents: dict | N
 
 
 def _write_json(path: Path, value: dict) -> None:
-    """Write a JSON file atomically (a crash leaves the old one or none)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=2, default=str))
-    tmp.replace(path)
+    """Write a JSON file atomically (a crash leaves the old one or none; a full disk is
+    one line naming it)."""
+    with atomic_output(path, overwrite=True) as tmp:
+        tmp.write_text(json.dumps(value, indent=2, default=str))
+
+
+def _write_lines(path: Path, lines: list[str]) -> None:
+    """Write ``metrics.jsonl`` whole and atomically: a full disk or a kill never leaves
+    half a line."""
+    with atomic_output(path, overwrite=True) as tmp:
+        tmp.write_text("".join(x + "\n" for x in lines))
+
+
+def _append_metrics(path: Path, metrics: dict) -> None:
+    """Add an epoch's line to ``metrics.jsonl``."""
+    lines = path.read_text().splitlines() if path.exists() else []
+    _write_lines(path, [x for x in lines if x.strip()] + [json.dumps(metrics)])
 
 
 # ----------------------------------------------------------------------------- the run's configuration
@@ -651,6 +676,11 @@ def _run_epoch(run: _Run, epoch: int, kept: str) -> dict:
     lr = optimizer.param_groups[0]["lr"]
     with _stopped_with_the_cause(f"epoch {epoch}", kept):
         tuples, stats = mine_epoch(run.net, run.data, run.conf, run.rng, run.device, run.root, run.ranks)
+        if not tuples:  # every query or positive unreadable (--skip-bad): nothing to learn from
+            raise SfmpairsError(
+                f"epoch {epoch}: no tuple left to train on ({stats['skipped_images']} photos skipped as "
+                f"unreadable with --skip-bad); check the photos under {run.root}"
+            )
         _check_same_tuples(tuples, run.ranks, epoch)
         logger.debug("epoch %d: %d tuples mined in %.1f s", epoch, len(tuples), time.perf_counter() - t0)
         loss = train_epoch(
@@ -666,8 +696,10 @@ def _run_epoch(run: _Run, epoch: int, kept: str) -> dict:
             run.model,
             run.ranks,
         )
-        val_map = validate(run.net, run.val, run.conf, run.device, run.root, run.ranks)
+        val_skipped = []
+        val_map = validate(run.net, run.val, run.conf, run.device, run.root, run.ranks, val_skipped)
     scheduler.step()
+    stats["skipped_images"] += sum(val_skipped)  # photos left out of mining and validation
     return {"epoch": epoch, "loss": loss, **stats, "val_map": val_map, "lr": lr, "seconds": time.perf_counter() - t0}
 
 
@@ -683,8 +715,7 @@ def _record_epoch(run: _Run, metrics: dict) -> None:
         return
     if improved:
         save_checkpoint(run.dir / "best.pt", run.net, epoch=epoch, val_map=val_map)
-    with open(run.dir / "metrics.jsonl", "a") as fh:
-        fh.write(json.dumps(metrics) + "\n")
+    _append_metrics(run.dir / "metrics.jsonl", metrics)
     optimizer, scheduler, scaler = run.tools
     save_checkpoint(
         run.dir / "last.pt",
@@ -716,23 +747,14 @@ def _validate_before_training(run: _Run) -> None:
     ``best.pt`` holds these weights until an epoch does better (so that a run that does
     not help on the val split never leaves a worse ``best.pt`` than it started from)."""
     t0 = time.perf_counter()
+    skipped = []
     with _stopped_with_the_cause("before training", "none written yet"):
-        val_map = validate(run.net, run.val, run.conf, run.device, run.root, run.ranks)
+        val_map = validate(run.net, run.val, run.conf, run.device, run.root, run.ranks, skipped)
     run.best, run.best_epoch = val_map, BEFORE_TRAINING
     if run.ranks.main:
-        with open(run.dir / "metrics.jsonl", "a") as fh:
-            fh.write(
-                json.dumps(
-                    {
-                        "epoch": BEFORE_TRAINING,
-                        "loss": None,
-                        "val_map": val_map,
-                        "lr": None,
-                        "seconds": time.perf_counter() - t0,
-                    }
-                )
-                + "\n"
-            )
+        seconds = time.perf_counter() - t0
+        line = {"epoch": BEFORE_TRAINING, "loss": None, "val_map": val_map, "lr": None, "seconds": seconds}
+        _append_metrics(run.dir / "metrics.jsonl", {**line, "skipped_images": sum(skipped)})
         save_checkpoint(run.dir / "best.pt", run.net, epoch=BEFORE_TRAINING, val_map=val_map)
     logger.info("before training: val mAP %.2f", 100 * val_map)
 
@@ -812,10 +834,15 @@ def train(
     )
     conf.check()
     device = resolve_device(conf.device)
+    created = not resume and not run_dir.exists()  # this run's own folder: removed if it fails early
     ranks, joined = join(device.type)
     try:
         run = _open_run(run_dir, conf, inputs, resume, rank_device(device, ranks), ranks)
         return _epochs(run, on_epoch_end)
+    except BaseException:
+        if created and ranks.main and not (run_dir / "last.pt").exists():  # no epoch finished
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     finally:
         leave(joined)
 
@@ -898,6 +925,4 @@ def _keep_metrics_before(path: Path, epoch: int) -> None:
     metrics but before its checkpoint redoes that epoch)."""
     if path.exists():
         lines = [x for x in path.read_text().splitlines() if x.strip() and json.loads(x)["epoch"] < epoch]
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(x + "\n" for x in lines))
-        tmp.replace(path)
+        _write_lines(path, lines)
