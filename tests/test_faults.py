@@ -337,6 +337,9 @@ def test_a_failed_run_keeps_a_folder_that_existed(world, bad_photos, tmp_path):
     args = ["train", "--pairs", world / "pairs.h5", "--images-root", root, *TRAIN, "--query-size", "30"]
     one_error_line(cli(*args, "--pool-size", "30", "-o", tmp_path / "mine"), *[str(root)])
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    assert (tmp_path / "mine" / "config.json").exists()  # resumable, as after a kill
+    one_error_line(cli("train", "--resume", tmp_path / "mine"), str(root))  # a resume never removes its run
+    assert (tmp_path / "mine" / "notes.txt").exists() and (tmp_path / "mine" / "config.json").exists()
 
 
 def test_training_refuses_when_every_tuple_is_dropped(world, tmp_path):

@@ -144,6 +144,9 @@ def test_run_folder_and_resume_reproduces_an_uninterrupted_run(small_world, tmp_
     assert [m["epoch"] for m in lines] == [-1, 0, 1, 2]  # -1: the val mAP before training
     assert lines[0]["loss"] is None and 0 <= lines[0]["val_map"] <= 1
     assert {"loss", "positive_distance", "negative_distance", "val_map", "lr", "seconds"} <= set(lines[1])
+    assert [m["skipped_images"] for m in lines] == [0, 0, 0, 0]  # no bad photo, none skipped
+    cut = [json.loads(x) for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in cut] == [-1, 0, 1, 2]  # each epoch once: the line of the kill redone
     assert lines[2]["lr"] == pytest.approx(lines[1]["lr"] * np.exp(-0.1))
     config = json.loads((tmp_path / "full" / "config.json").read_text())
     assert config["margin"] == 0.85 and config["arch"] == "resnet18"
