@@ -23,20 +23,16 @@ Every export gets its provenance beside it (``export.json`` in a folder,
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import hashlib
 import json
 import logging
-import os
 import pickle
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from sfmpairs.common import SfmpairsError, atomic_output, provenance_attrs
+from sfmpairs.common import SfmpairsError, atomic_folder, atomic_output, provenance_attrs
 from sfmpairs.config import make_conf
 from sfmpairs.paths import check_relative_names, place_photo
 
@@ -189,33 +185,6 @@ def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n", encoding="utf-8")
 
 
-@contextlib.contextmanager
-def _atomic_folder(target: Path, overwrite: bool, scratch_in: Path):
-    """Yield a fresh folder to build in; it replaces ``target`` at the end, or vanishes on
-    error (a failed write, e.g. a full disk, is one line naming ``target``)."""
-    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
-        raise SfmpairsError(f"{target}: exists; pass --overwrite")
-    scratch, made = None, not scratch_in.exists()
-    try:
-        scratch_in.mkdir(parents=True, exist_ok=True)
-        scratch = Path(tempfile.mkdtemp(prefix=".sfmpairs-export-", dir=scratch_in))
-        yield scratch / "out"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if target.is_dir() and not target.is_symlink():
-            shutil.rmtree(target)
-        elif target.exists() or target.is_symlink():
-            target.unlink()
-        os.replace(scratch / "out", target)
-    except OSError as e:
-        raise SfmpairsError(f"{target}: cannot write the export ({e.strerror or e})") from None
-    finally:
-        if scratch is not None:
-            shutil.rmtree(scratch, ignore_errors=True)
-        if made and not target.exists():  # the folder made for the scratch, left empty by a failure
-            with contextlib.suppress(OSError):
-                scratch_in.rmdir()
-
-
 def _model_names(p: dict, pairs, store) -> dict:
     """The SfM store's model and COLMAP names of the pair file's images (``store``, or
     the store the pair file was mined from), checked to be the same images."""
@@ -244,7 +213,7 @@ def _export_folder(p: dict, pairs, output: Path, fmt: str, options: dict, proven
         check_cirtorch_clusters(p, pairs, options["neg_num"], options["strict"])
         root = Path(options["images_root"] or p["images_root"] or ".")
         target = output / "train" / CIRTORCH_NAME
-        with _atomic_folder(target, overwrite, output) as tmp:  # built beside the target: no partial export
+        with atomic_folder(target, overwrite, output) as tmp:  # built beside the target: no partial export
             result = export_cirtorch(p, root, tmp, provenance, options["copy"], options["all_passing"])
         result["database"] = str(target / f"{CIRTORCH_NAME}.pkl")
         return result
@@ -253,11 +222,11 @@ def _export_folder(p: dict, pairs, output: Path, fmt: str, options: dict, proven
         from .export_megadepth import export_megadepth
 
         root = Path(options["images_root"] or p["images_root"] or ".")
-        with _atomic_folder(output, overwrite, output.parent) as tmp:
+        with atomic_folder(output, overwrite, output.parent) as tmp:
             result = export_megadepth(p, Path(store["path"]), root, tmp, options["conf"], provenance, output)
             _write_json(tmp / "export.json", {**provenance, "scenes": result.pop("manifest")})
         return result
-    with _atomic_folder(output, overwrite, output.parent) as tmp:
+    with atomic_folder(output, overwrite, output.parent) as tmp:
         tmp.mkdir()
         result = write_per_model(p, tmp, store, options["all_passing"])
         _write_json(tmp / "export.json", provenance)

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import socket
 import sys
 import tempfile
@@ -149,6 +150,39 @@ def atomic_output(path: str | os.PathLike, overwrite: bool = False) -> Iterator[
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_folder(target: str | os.PathLike, overwrite: bool = False, scratch_in: Path | None = None):
+    """Yield a fresh path (not yet made) to build a folder output in; it replaces
+    ``target`` at the end, or vanishes on error, so a failed run leaves ``target`` as it
+    was; a failure to write (a full disk) is one line naming ``target``. The scratch
+    folder is made in ``scratch_in`` (default: ``target``'s folder)."""
+    target = Path(target)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
+        raise SfmpairsError(f"{target}: folder exists and is not empty; pass --overwrite")
+    scratch_in = Path(scratch_in) if scratch_in is not None else target.parent
+    scratch, made = None, not scratch_in.exists()
+    try:
+        scratch_in.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.sfmpairs-", suffix=".tmp", dir=scratch_in))
+        yield scratch / "out"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        elif target.exists() or target.is_symlink():
+            target.unlink()
+        os.replace(scratch / "out", target)
+    except OSError as e:
+        raise SfmpairsError(
+            f"{target}: cannot write ({write_failure(e) or e.strerror or e}); nothing written"
+        ) from None
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+        if made and not target.exists():  # the folder made for the scratch, left empty by a failure
+            with contextlib.suppress(OSError):
+                scratch_in.rmdir()
 
 
 class _WriteGuard:

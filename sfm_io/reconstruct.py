@@ -30,13 +30,12 @@ import logging
 import os
 import shutil
 import sqlite3
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from sfmpairs.common import SfmpairsError, provenance_attrs
+from sfmpairs.common import SfmpairsError, atomic_folder, provenance_attrs
 from sfmpairs.config import conf_dict, make_conf
 
 from .options import ReconstructConf
@@ -73,25 +72,6 @@ def check_settings(conf: ReconstructConf, vocab_tree) -> None:
         )
     if conf.checkpoint is not None and not Path(conf.checkpoint).is_file():
         raise SfmpairsError(f"{conf.checkpoint}: no such checkpoint file")
-
-
-@contextlib.contextmanager
-def building_folder(output: Path, overwrite: bool):
-    """A fresh folder beside ``output`` to build in; it becomes ``output`` at the end,
-    or vanishes on error (``output`` is left as it was)."""
-    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
-        raise SfmpairsError(f"{output}: folder exists and is not empty; pass --overwrite")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
-    try:
-        yield tmp
-        if output.is_dir() and not output.is_symlink():
-            shutil.rmtree(output)
-        elif output.exists() or output.is_symlink():
-            output.unlink()
-        os.replace(tmp, output)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def extract_features(db: Path, images_dir: Path, photos: list[Path], conf: ReconstructConf, device) -> None:
@@ -356,7 +336,8 @@ def reconstruct(
     images_dir, output = Path(images_dir).resolve(), Path(output)
     photos = list_photos(images_dir)
     check_settings(conf, vocab_tree)
-    with building_folder(output, overwrite) as work:
+    with atomic_folder(output, overwrite) as work:
+        work.mkdir()
         result = run_stages(images_dir, photos, work, conf, vocab_tree)
         os.symlink(images_dir, work / "images", target_is_directory=True)
         result["seconds"] = round(time.perf_counter() - t0, 3)

@@ -588,10 +588,18 @@ def synth(
     ``depth_maps``: each photo's exact depth map in COLMAP's format beside its model,
     ``<model folder>/stereo/depth_maps/<photo name>.geometric.bin`` (as a COLMAP dense
     workspace holds them)."""
-    from sfmpairs.common import progress
+    from sfmpairs.common import atomic_folder
 
     output = Path(output)
     _check_synth_options(output, clusters, images_per_cluster, image_size, distractors, overwrite)
+    with atomic_folder(output, overwrite) as work:  # built beside output: no partial world
+        work.mkdir()
+        return _synth_into(work, clusters, images_per_cluster, image_size, seed, points, hard, distractors, depth_maps)
+
+
+def _synth_into(output: Path, clusters, images_per_cluster, image_size, seed, points, hard, distractors, depth_maps):
+    from sfmpairs.common import progress
+
     look = HARD if hard else EASY
     families = [make_family(np.random.default_rng([seed, f, 1])) for f in range(look["families"])]
     world = {"seed": seed, "image_size": list(image_size), "clusters": {}}

@@ -138,11 +138,7 @@ def _run_limited(limit: int, root: str, out: str) -> None:
 
 # Commands whose writing is not yet safe on a full disk, in files owned elsewhere (each
 # reason says what is needed); they pass once fixed (xfail is not strict).
-KNOWN_FULL_DISK = {
-    "ingest": "sfm_io/ingest.py writes with h5py.File(tmp): HDF5 2.0 segfaults closing a file whose "
-    "writes failed; needs common.h5_output(tmp)",
-    "synth": "synthetic/world.py writes its folder with write_text/PIL: OSError not turned into one line",
-}
+KNOWN_FULL_DISK: dict[str, str] = {}
 
 
 @pytest.fixture(scope="module")
