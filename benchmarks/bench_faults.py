@@ -157,6 +157,7 @@ def commands(w: Path, out: Path) -> dict:
             ("mine", 3, [*mine, "--descriptors", f"{w}/d.h5"]),
             ("whiten", 3, whi),
             ("evaluate", 3, eva),
+            ("info", 1, ["info", f"{w}/d.h5"]),
         ],
         "whitening": [("evaluate", 4, [*eva, "--whitening", f"{w}/wh.h5"]), ("info", 1, ["info", f"{w}/wh.h5"])],
         "checkpoint": [("read_checkpoint", 1.5, _api("read_checkpoint")), ("info", 0.5, ["info", f"{w}/model.pt"])],

@@ -172,10 +172,12 @@ def test_a_run_that_failed_before_its_first_epoch_can_be_rerun_and_resumed(small
         raise OSError("disk full")
 
     monkeypatch.setattr(T, "mine_epoch", broken)
+    (tmp_path / "b").mkdir()  # a folder that existed is kept, with the run's config.json (as after a kill)
     for run in ("a", "b"):
         with pytest.raises(OSError):
             train(pairs, photos, tmp_path / run, **ONE_EPOCH)
-        assert (tmp_path / run / "config.json").exists() and not (tmp_path / run / "last.pt").exists()
+    assert not (tmp_path / "a").exists()  # a new run that failed before its first epoch leaves nothing
+    assert (tmp_path / "b" / "config.json").exists() and not (tmp_path / "b" / "last.pt").exists()
     monkeypatch.undo()
     train(pairs, photos, tmp_path / "a", **ONE_EPOCH)  # the same command again: no --overwrite needed
     train(None, None, tmp_path / "b", resume=True)  # or --resume: from the start
