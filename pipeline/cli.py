@@ -182,6 +182,16 @@ def mine(store, output, descriptors, overwrite, **options):
     run(store, output, descriptors=descriptors, overwrite=overwrite, **given(options))
 
 
+def _checked_arch(arch: str) -> str:
+    from sfmpairs.retrieval.backbones import check_arch
+
+    try:
+        check_arch(arch)
+    except SfmpairsError as e:
+        raise click.BadParameter(str(e)) from None
+    return arch
+
+
 def _network_options(fn):
     """--model, or --arch/--pool/--pretrained for an off-the-shelf network (the paper's
     baseline), for extract and evaluate."""
@@ -194,9 +204,12 @@ def _network_options(fn):
             ),
             click.option(
                 "--arch",
-                type=click.Choice(list(BACKBONES)),
                 default=None,
-                help="An off-the-shelf network instead of --model: this torchvision backbone.",
+                metavar="NAME",
+                callback=lambda ctx, param, value: value if value is None else _checked_arch(value),
+                help="An off-the-shelf network instead of --model: "
+                + ", ".join(BACKBONES)
+                + "; or timm:NAME, any timm model (extra timm).",
             ),
             click.option(
                 "--pool",
@@ -211,8 +224,8 @@ def _network_options(fn):
                 flag_value="imagenet",
                 metavar="[FILE]",
                 callback=lambda ctx, param, value: None if value is None else parse_pretrained(value),
-                help="With --arch: torchvision's ImageNet weights (downloaded), or a local "
-                "weights file (e.g. resnet50-11ad3fa6.pth) on an offline machine.",
+                help="With --arch: ImageNet weights (torchvision's or timm's, downloaded; efficientnet_lite0's "
+                "installed with its extra), or a local weights file (.pth, .safetensors) on an offline machine.",
             ),
         ]
     ):

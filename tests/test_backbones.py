@@ -272,3 +272,38 @@ def test_a_timm_run_resumes_bit_identically_and_its_checkpoint_extracts(small_wo
         name, got = f["names"].asstr()[0], f["descriptors"][0]
     net, _ = load_checkpoint(tmp_path / "full" / "best.pt")
     np.testing.assert_allclose(got, descriptors(net, load_image(photos / name, 48)[None])[0].numpy(), atol=1e-5)
+
+
+@needs_timm
+def test_extract_and_evaluate_take_a_timm_arch_off_the_shelf(small_world, tmp_path):
+    """--arch timm:NAME on the command line of extract and evaluate (not only train); an
+    unknown name is a usage error naming the choices."""
+    import h5py
+    from click.testing import CliRunner
+
+    from sfmpairs.cli import main
+
+    photos = str(small_world / "photos")
+    common = ("--arch", "timm:resnet10t", "--image-size", "48", "--device", "cpu", "--precision", "fp32")
+    r = CliRunner().invoke(
+        main,
+        [
+            "extract",
+            *common,
+            "--store",
+            str(small_world / "sfm.h5"),
+            "--images-root",
+            photos,
+            "-o",
+            str(tmp_path / "d.h5"),
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    with h5py.File(tmp_path / "d.h5", "r") as f:
+        assert f["descriptors"].shape[1] == 512 and '"timm:resnet10t"' in f.attrs["parameters"]
+    pairs, report = str(small_world / "pairs.h5"), str(tmp_path / "report.json")
+    r = CliRunner().invoke(main, ["evaluate", *common, "--pairs", pairs, "--images-root", photos, "-o", report])
+    assert r.exit_code == 0, r.output
+    assert "timm:resnet10t" in (tmp_path / "report.json").read_text()
+    r = CliRunner().invoke(main, ["extract", "--arch", "nope", "--store", "x.h5", "-o", str(tmp_path / "e.h5")])
+    assert r.exit_code == 2 and "unknown architecture 'nope'" in r.output and "timm:NAME" in r.output
