@@ -49,7 +49,7 @@ from sfmpairs.sfm_io.colmap_depth import (
     write_depth_h5,
 )
 
-from .pools import _co_observations, _run_batches, tracks
+from .pools import tracks, walk_pair_batches
 
 logger = logging.getLogger("sfmpairs.export")
 LOFTR_DEPTH_PAD = 2000  # LoFTR's MegaDepthDataset pads depth maps to this square in training
@@ -78,28 +78,22 @@ def pair_boxes(indptr, point, xy, num_points, keys, batch_images: int = 64, thre
     lo, hi = keys // n, keys % n
     trk = tracks(indptr, point, num_points)
     track_obs = trk[4]
-    lo_ptr = np.searchsorted(lo, np.arange(n + 1))
     count = np.zeros(len(keys), np.int64)
     boxes = np.zeros((len(keys), 2, 4))
 
-    def run_batch(i0: int, slot: np.ndarray) -> None:
-        i1 = min(n, i0 + batch_images)
-        p0, p1 = lo_ptr[i0], lo_ptr[i1]
-        if p0 == p1:
-            return
-        pair, source, later = _co_observations(i0, i1, n, indptr, point, trk, slot, (lo[p0:p1] - i0) * n + hi[p0:p1])
+    def visit(p0: int, p1: int, o0: int, pair, source, later) -> None:
         by_pair = np.argsort(pair, kind="stable")
         pair = pair[by_pair]
         start = np.flatnonzero(np.r_[True, pair[1:] != pair[:-1]])
         count[p0:p1] = np.bincount(pair, minlength=p1 - p0)
-        for side, obs in enumerate((indptr[i0] + source[by_pair], track_obs[later][by_pair])):
+        for side, obs in enumerate((o0 + source[by_pair], track_obs[later][by_pair])):
             x, y = xy[obs, 0], xy[obs, 1]
             found = np.stack(
                 [np.minimum.reduceat(v, start) for v in (x, y)] + [np.maximum.reduceat(v, start) for v in (x, y)], 1
             )
             boxes[p0:p1][pair[start], side] = found
 
-    _run_batches(run_batch, n, batch_images, threads)
+    walk_pair_batches(lo, hi, n, indptr, point, trk, batch_images, threads, visit)
     return count, boxes
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from sfmpairs.common import SfmpairsError, atomic_output, check_schema, h5_errors, h5_output, provenance_attrs
+from sfmpairs.common import SfmpairsError, atomic_output, check_schema, h5_errors, h5_output, open_h5, provenance_attrs
 
 SCHEMA = "sfmpairs/pairs"
 SCHEMA_VERSION = 2  # 2: val ground truth (val/gt_*)
@@ -19,10 +19,7 @@ def read_pair_file(path: str | Path) -> dict:
     """Every dataset of a pair file: image names and clusters, cluster names, the
     images root, the strategy, and per split (``splits[name]``) its datasets."""
     path = Path(path)
-    try:
-        f = h5py.File(path, "r")
-    except (FileNotFoundError, OSError):
-        raise SfmpairsError(f"{path}: not a readable pair file") from None
+    f = open_h5(path, "pair file")
     with f, h5_errors(path, "pair file"):
         check_schema(f.attrs, path, SCHEMA, SCHEMA_VERSION, "a pair file", " (sfmpairs mine writes them)")
         out = {

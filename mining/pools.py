@@ -199,29 +199,40 @@ def _statistics_by_batch(lo, hi, n, indptr, point, trk, scale_change, batch_imag
     ``scale_change(pair, o0, source, later, shared)`` gives ``(which, value)``, the
     scale changes of a batch's pairs ``which`` from its co-observations
     (:func:`_co_observations`; lo's observation, CSR, is ``o0 + source``)."""
-    # ``lo`` is sorted (``pairs`` are keys lo * n + hi, sorted), so the pairs whose lower
-    # image is i are the run lo_ptr[i]:lo_ptr[i+1] (lo_ptr (n + 1,)), those of a batch one run
-    lo_ptr = np.searchsorted(lo, np.arange(n + 1))
     count = np.zeros(len(lo), np.int64)
     scale = np.full(len(lo), np.nan)
 
+    def visit(p0: int, p1: int, o0: int, pair, source, later) -> None:
+        shared = np.bincount(pair, minlength=p1 - p0)  # (p1 - p0,): |P(lo) ∩ P(hi)|
+        count[p0:p1] = shared
+        which, value = scale_change(pair, o0, source, later, shared)
+        scale[p0:p1][which] = value
+
+    walk_pair_batches(lo, hi, n, indptr, point, trk, batch_images, threads, visit)
+    return count, scale
+
+
+def walk_pair_batches(lo, hi, n, indptr, point, trk, batch_images: int, threads, visit) -> None:
+    """Call ``visit(p0, p1, o0, pair, source, later)`` for each batch of
+    ``batch_images`` consecutive lower images (on ``threads``, :func:`_run_batches`):
+    the batch's pairs are the run ``p0:p1`` of the pairs (lo, hi) (``lo`` sorted);
+    ``pair, source, later`` their co-observations (:func:`_co_observations`: ``pair``
+    local, 0..p1-p0-1; ``source`` lo's observation minus ``o0``, the batch's first
+    observation; ``later`` hi's track position)."""
+    # ``lo`` is sorted (``pairs`` are keys lo * n + hi, sorted), so the pairs whose lower
+    # image is i are the run lo_ptr[i]:lo_ptr[i+1] (lo_ptr (n + 1,)), those of a batch one run
+    lo_ptr = np.searchsorted(lo, np.arange(n + 1))
+
     def run_batch(i0: int, slot: np.ndarray) -> None:
-        """The pairs whose lower image is one of i0..i1-1: the run p0:p1 of ``pairs``."""
         i1 = min(n, i0 + batch_images)
         p0, p1 = lo_ptr[i0], lo_ptr[i1]
         if p0 == p1:
             return
-        # the batch's pairs as keys (lo - i0) * n + hi, each < batch_images * n: indices
-        # into ``slot``; pair: local pair index (0..p1-p0-1) of each co-observation;
-        # source: its observation in lo, relative to indptr[i0]; later: hi's, as a track position
+        # the batch's pairs as keys (lo - i0) * n + hi, each < batch_images * n: indices into ``slot``
         pair, source, later = _co_observations(i0, i1, n, indptr, point, trk, slot, (lo[p0:p1] - i0) * n + hi[p0:p1])
-        shared = np.bincount(pair, minlength=p1 - p0)  # (p1 - p0,): |P(lo) ∩ P(hi)|
-        count[p0:p1] = shared
-        which, value = scale_change(pair, indptr[i0], source, later, shared)
-        scale[p0:p1][which] = value
+        visit(p0, p1, indptr[i0], pair, source, later)
 
     _run_batches(run_batch, n, batch_images, threads)
-    return count, scale
 
 
 def _co_observations(i0, i1, n, indptr, point, trk, slot, keys):

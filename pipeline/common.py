@@ -252,6 +252,23 @@ def h5_output(tmp: str | os.PathLike):
         raise guard.error
 
 
+def open_h5(path: str | os.PathLike, what: str, opener=None):
+    """An HDF5 file open for reading (``opener``: h5py.File or a subclass); one line
+    naming ``path`` where it is missing, a folder or not HDF5 (``what``: the file kind,
+    e.g. "pair file")."""
+    import h5py
+
+    path = Path(path)
+    try:
+        return (opener or h5py.File)(path, "r")
+    except FileNotFoundError:
+        raise SfmpairsError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise SfmpairsError(f"{path}: is a folder, not a {what}") from None
+    except OSError as e:
+        raise SfmpairsError(f"{path}: not an HDF5 file ({one_line(e)})") from None
+
+
 # What h5py raises reading a corrupt HDF5 file (a bad signature, an address past the end,
 # a string that is not UTF-8, a message HDF5 does not know...).
 H5_READ_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError, IndexError)

@@ -8,7 +8,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .common import SfmpairsError, h5_errors
+from .common import SfmpairsError, h5_errors, open_h5
 
 
 def _json_attr(attrs, key: str) -> dict:
@@ -200,10 +200,7 @@ def summary(path: str | Path) -> str:
     with open(path, "rb") as f:
         if f.read(4) == b"PK\x03\x04":  # a zip: torch.save's format
             return "\n".join([str(path), *_checkpoint_summary(path)])
-    try:
-        h5 = h5py.File(path, "r")
-    except OSError:
-        raise SfmpairsError(f"{path}: not an HDF5 file") from None
+    h5 = open_h5(path, "file written by sfmpairs")
     with h5_errors(path, "file"), h5:
         schema = h5.attrs.get("schema")
         if not isinstance(schema, str) or schema not in SUMMARIES:

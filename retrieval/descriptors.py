@@ -13,7 +13,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from sfmpairs.common import SfmpairsError, check_schema, h5_errors, h5_output
+from sfmpairs.common import SfmpairsError, check_schema, h5_errors, h5_output, open_h5
 
 SCHEMA = "sfmpairs/descriptors"
 SCHEMA_VERSION = 1
@@ -24,14 +24,7 @@ def read_descriptors(path: str | Path, names: np.ndarray) -> np.ndarray:
     """The descriptors of ``names`` (rows in that order) from a descriptor file; a
     clear error for a missing image or descriptors that are not L2-normalised."""
     path = Path(path)
-    try:
-        f = h5py.File(path, "r")
-    except FileNotFoundError:
-        raise SfmpairsError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise SfmpairsError(f"{path}: is a folder, not a descriptor file") from None
-    except OSError:
-        raise SfmpairsError(f"{path}: not an HDF5 file") from None
+    f = open_h5(path, "descriptor file")
     with f, h5_errors(path, "descriptor file"):
         if "schema" in f.attrs:  # sfmpairs' own (or another kind of sfmpairs file)
             check_schema(f.attrs, path, SCHEMA, SCHEMA_VERSION, "a descriptor file", " (sfmpairs extract writes them)")

@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import h5py
 import numpy as np
 
 from sfmpairs.common import (
@@ -29,6 +28,7 @@ from sfmpairs.common import (
     file_sha256,
     h5_errors,
     h5_output,
+    open_h5,
     provenance_attrs,
 )
 from sfmpairs.config import conf_dict, make_conf
@@ -101,12 +101,7 @@ def learn_pca(desc: np.ndarray, dim: int | None = None):
 
 def read_whitening(path: str | Path) -> dict:
     path = Path(path)
-    try:
-        f = h5py.File(path, "r")
-    except FileNotFoundError:
-        raise SfmpairsError(f"{path}: no such file") from None
-    except OSError:
-        raise SfmpairsError(f"{path}: not an HDF5 file") from None
+    f = open_h5(path, "whitening file")
     with f, h5_errors(path, "whitening file"):
         check_schema(f.attrs, path, SCHEMA, SCHEMA_VERSION, "a whitening file", " (sfmpairs whiten writes them)")
         w = {"mean": f["mean"][()], "projection": f["projection"][()], "method": f.attrs.get("method")}

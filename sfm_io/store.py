@@ -12,7 +12,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ..common import SfmpairsError, check_schema, h5_errors, one_line
+from ..common import SfmpairsError, check_schema, h5_errors, open_h5
 from .model import Model, camera_centres, camera_models, focal_lengths, quat_to_rotmat
 
 SCHEMA = "sfmpairs/sfm-store"
@@ -152,14 +152,7 @@ def open_store(path: str | Path) -> h5py.File:
     """Open an SfM store for reading; a clear error for anything else, and for a
     corrupt file when its datasets are read."""
     path = Path(path)
-    try:
-        h5 = _StoreFile(path, "r")
-    except FileNotFoundError:
-        raise SfmpairsError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise SfmpairsError(f"{path}: is a folder, not an SfM store") from None
-    except OSError as e:
-        raise SfmpairsError(f"{path}: not an HDF5 file ({one_line(e)})") from None
+    h5 = open_h5(path, "SfM store", _StoreFile)
     try:
         with h5_errors(path, "SfM store"):
             check_schema(h5.attrs, path, SCHEMA, SCHEMA_VERSION, "an SfM store", " (sfmpairs ingest writes them)")

@@ -58,24 +58,10 @@ EASY = {
 # places that look alike (4 families: palette within 0.3, one window grid), seen from
 # 0.45 to 2.4 wall heights with focal lengths 0.75 to 1.7 (scale changes up to 12x),
 # under warm or cold light and shadows, half of the photos with something in front
-HARD = {
-    "families": 4,
-    "palette_jitter": 0.3,
-    "marks": "palette",
-    "distance": (0.45, 2.4),
-    "angle": (8, 82),
-    "height": (-0.2, 0.4),
-    "focal": (0.75, 1.7),
-    "roll": 0.05,
-    "wall_light": (0.55, 1.0),
-    "gain": (0.7, 1.25),
-    "gamma": (0.8, 1.25),
-    "warmth": 0.08,
-    "shadow": 0.25,
-    "occluders": 0.5,
-    "ground": True,
-    "precision": "float32",
-}
+_LOOK_ALIKE = {"families": 4, "palette_jitter": 0.3, "marks": "palette"}
+_VIEWPOINT = {"distance": (0.45, 2.4), "angle": (8, 82), "height": (-0.2, 0.4), "focal": (0.75, 1.7), "roll": 0.05}
+_LIGHT_AND_CLUTTER = {"warmth": 0.08, "shadow": 0.25, "occluders": 0.5, "ground": True}
+HARD = {**EASY, **_LOOK_ALIKE, **_VIEWPOINT, **_LIGHT_AND_CLUTTER, "precision": "float32"}
 
 
 def _smooth_noise(rng, h: int, w: int, octaves=(4, 9, 23)) -> np.ndarray:

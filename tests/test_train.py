@@ -181,7 +181,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(small_world, tmp_path
 
 
 def test_bad_train_input(small_world, tmp_path):
-    with pytest.raises(SfmpairsError, match="not a readable pair file|not a pair file"):
+    with pytest.raises(SfmpairsError, match="not a pair file"):
         train(small_world / "sfm.h5", small_world / "photos", tmp_path / "r", **SMALL)
     with pytest.raises(SfmpairsError, match="images root"):
         train(small_world / "pairs.h5", tmp_path / "nowhere", tmp_path / "r2", **SMALL)

@@ -449,7 +449,7 @@ def _new_run(pairs, images_root, run_dir: Path, overwrite: bool, options: dict) 
     if pairs is None:
         raise SfmpairsError("give --pairs (or --resume RUN_DIR)")
     if not Path(pairs).is_file():
-        raise SfmpairsError(f"{pairs}: not a readable pair file")
+        raise SfmpairsError(f"{pairs}: no such file")
     conf = make_conf(TrainConf, **options)
     if (run_dir / "last.pt").exists() and not overwrite:  # an epoch finished: a run to keep
         raise SfmpairsError(
