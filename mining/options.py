@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sfmpairs.common import SfmpairsError
-from sfmpairs.config import setting
+from sfmpairs.config import check_choices, setting
 
 STRATEGIES = ("relaxed", "max-inliers", "mac")  # how the positive is picked from the pool M(q)
 SCALE_MEASURES = ("depth", "bbox")  # how the scale change between two images is measured
@@ -42,12 +42,8 @@ class MineConf:
 
     def check(self) -> None:
         """Refuse settings outside their range, naming the option."""
+        check_choices(self)
         checks = [
-            (self.strategy in STRATEGIES, f"unknown strategy {self.strategy!r} (choose {', '.join(STRATEGIES)})"),
-            (
-                self.scale_measure in SCALE_MEASURES,
-                f"unknown scale measure {self.scale_measure!r} (choose {', '.join(SCALE_MEASURES)})",
-            ),
             (self.pool_size >= 1, "--pool-size must be at least 1"),
             (0 <= self.min_inlier_ratio <= 1, "--min-inlier-ratio must be in [0, 1]"),
             (self.max_scale_change >= 1, "--max-scale-change must be at least 1"),

@@ -84,7 +84,18 @@ def make_conf(cls: type, conf=None, **overrides):
             values[name] = parse(value)
         elif isinstance(value, list) and _is_tuple(hints[name]):
             values[name] = tuple(value)
-    return cls(**values)
+    conf = cls(**values)
+    check_choices(conf)
+    return conf
+
+
+def check_choices(conf) -> None:
+    """Refuse a setting outside its ``choices``, in one line naming the option."""
+    for f in dataclasses.fields(conf):
+        choices, value = f.metadata.get("choices"), getattr(conf, f.name)
+        if choices is not None and value is not None and value not in choices:
+            option = "--" + (f.metadata.get("name") or f.name).replace("_", "-")
+            raise SfmpairsError(f"unknown {option} {value!r} (choose from {', '.join(choices)})")
 
 
 def _parser(f, hint):

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sfmpairs.common import SfmpairsError
-from sfmpairs.config import setting
+from sfmpairs.config import check_choices, setting
 
 CLUSTER_BY = ("model", "scene")
 READERS = ("auto", "pycolmap")
@@ -30,12 +30,7 @@ class IngestConf:
     )
 
     def check(self) -> None:
-        if self.cluster_by not in CLUSTER_BY:
-            raise SfmpairsError(f"unknown --cluster-by {self.cluster_by!r} (choose {' or '.join(CLUSTER_BY)})")
-        if self.reader not in READERS:
-            raise SfmpairsError(f"unknown reader {self.reader!r} (choose from {', '.join(READERS)})")
-        if self.shared_names not in SHARED_NAMES:
-            raise SfmpairsError(f"unknown --shared-names {self.shared_names!r} (choose {' or '.join(SHARED_NAMES)})")
+        check_choices(self)
 
 
 @dataclass(frozen=True)
@@ -73,7 +68,6 @@ class ReconstructConf:
 
     def check(self) -> None:
         for ok, message in (
-            (self.matcher in MATCHERS, f"unknown matcher {self.matcher!r} (choose {', '.join(MATCHERS)})"),
             (self.overlap >= 1, "--overlap must be at least 1"),
             (self.num_neighbours >= 1, "--num-neighbours must be at least 1"),
             (self.sequential >= 0, "--sequential must be 0 or more"),

@@ -183,3 +183,18 @@ def test_comma_separated_settings_parse_to_their_item_type(hint, text, expected)
     Conf = make_dataclass("Conf", [("values", hint, setting(None, "Values."))], frozen=True)
     got = make_conf(Conf, values=text).values
     assert got == expected and [type(v) for v in got] == [type(v) for v in expected]
+
+
+@pytest.mark.parametrize("command", STAGES)
+def test_a_value_outside_the_choices_is_one_line_naming_the_option(command):
+    import dataclasses
+
+    from sfmpairs.config import make_conf
+
+    cls = STAGES[command]
+    fields = [f for f in dataclasses.fields(cls) if f.metadata.get("choices")]
+    for f in fields:
+        option = "--" + (f.metadata.get("name") or f.name).replace("_", "-")
+        with pytest.raises(SfmpairsError, match=f"unknown {option} 'nope' \\(choose from {f.metadata['choices'][0]}"):
+            make_conf(cls, **{f.name: "nope"})
+        make_conf(cls, **{f.name: f.metadata["choices"][-1]})  # every choice is taken

@@ -95,7 +95,7 @@ def test_pair_list_is_colmaps_format(tmp_path):
         ({"sequential": -1}, "--sequential"),
         ({"expand": -1}, "--expand"),
         ({"min_model_size": 0}, "--min-model-size"),
-        ({"matcher": "nope"}, "unknown matcher"),
+        ({"matcher": "nope"}, "unknown --matcher"),
         ({"matcher": "retrieval", "checkpoint": "missing.pt"}, "missing.pt: no such checkpoint"),
     ],
 )

@@ -187,7 +187,7 @@ def test_bad_train_input(small_world, tmp_path):
         train(small_world / "pairs.h5", tmp_path / "nowhere", tmp_path / "r2", **SMALL)
     with pytest.raises(SfmpairsError, match="nothing to resume"):
         train(None, None, tmp_path / "r3", resume=True)
-    with pytest.raises(SfmpairsError, match="unknown loss"):
+    with pytest.raises(SfmpairsError, match="unknown --loss"):
         train(small_world / "pairs.h5", small_world / "photos", tmp_path / "r4", **{**SMALL, "loss": "hinge"})
 
 

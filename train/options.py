@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sfmpairs.common import SfmpairsError
-from sfmpairs.config import setting
+from sfmpairs.config import check_choices, setting
 from sfmpairs.retrieval.backbones import BACKBONES, EXTRAS, POOLS, check_arch
 from sfmpairs.retrieval.options import DeviceConf
 
@@ -91,12 +91,7 @@ class TrainConf(DeviceConf):
     def check(self) -> None:
         """Refuse settings outside their range, naming the option."""
         check_arch(self.arch)
-        if self.loss not in LOSSES:
-            raise SfmpairsError(f"unknown loss {self.loss!r} ({' or '.join(LOSSES)})")
-        if self.negative_mining not in NEGATIVE_MINING:
-            raise SfmpairsError(f"unknown negative mining {self.negative_mining!r} ({' or '.join(NEGATIVE_MINING)})")
-        if self.optimizer not in OPTIMIZERS:
-            raise SfmpairsError(f"unknown optimizer {self.optimizer!r} ({' or '.join(OPTIMIZERS)})")
+        check_choices(self)
         for key in ("epochs", "query_size", "pool_size", "batch_size", "image_size", "test_image_size", "neg_num"):
             if getattr(self, key) < 1:
                 raise SfmpairsError(f"--{key.replace('_', '-')} must be at least 1")
