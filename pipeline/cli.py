@@ -145,10 +145,7 @@ def main(ctx, verbose: int, quiet: bool):
 @click.argument("paths", nargs=-1, type=click.Path(path_type=str))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The SfM store to write (HDF5).")
 @_file("--manifest", help="TOML file listing models, cluster names and image folders.")
-@_folder(
-    "--images-root",
-    help="Folder the stored image names are relative to (default: the common folder of the models' photos).",
-)
+@_folder("--images-root", help="Stored image names are relative to it (default: the models' photos' common folder).")
 @click_options(IngestConf)
 @_finish("Replace OUTPUT if it exists.")
 def ingest(paths, output, manifest, images_root, overwrite, **options):
@@ -478,10 +475,7 @@ def show(output, pairs, images_root, split, query, count, seed, embed, overwrite
 )
 @_folder("--images-root", help="cirtorch, megadepth: where the photos are (default: the one the pair file records).")
 @_folder("--image-dir", help="hloc: names relative to this folder (hloc's image_dir).")
-@_file(
-    "--store",
-    help="hloc --per-model, megadepth: the SfM store the pair file was mined from (default: the one it records).",
-)
+@_file("--store", help="hloc --per-model, megadepth: the SfM store mined (default: the one the pair file records).")
 @click_options(ExportConf)
 @_finish("Replace an existing export.")
 def export(pairs, fmt, output, images_root, image_dir, store, overwrite, **options):
