@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from sfmpairs.common import SfmpairsError, atomic_folder, atomic_output, provenance_attrs
-from sfmpairs.config import make_conf
+from sfmpairs.config import conf_dict, make_conf
 from sfmpairs.paths import check_relative_names, place_photo
 
 from .export_hloc import names_under, pair_indices, write_pairs, write_per_model
@@ -233,6 +233,16 @@ def _export_folder(p: dict, pairs, output: Path, fmt: str, options: dict, proven
     return result
 
 
+def _check_export_options(fmt: str, conf: ExportConf, image_dir) -> None:
+    conf.check()
+    if fmt not in FORMATS:
+        raise SfmpairsError(f"unknown format {fmt!r} (choose {', '.join(FORMATS)})")
+    if (conf.per_model or image_dir is not None) and fmt != "hloc":
+        raise SfmpairsError("--per-model and --image-dir are options of the hloc export")
+    if conf.per_model and image_dir is not None:
+        raise SfmpairsError("--per-model writes names as each model has them; it takes no --image-dir")
+
+
 def export(
     pairs: str | Path,
     output: str | Path,
@@ -252,33 +262,9 @@ def export(
     ``strict``: cirtorch's ``--neg-num`` to check the splits' clusters against, and
     whether too few is an error rather than a warning)."""
     conf = make_conf(ExportConf, **settings)
-    conf.check()
-    copy, all_passing, per_model, neg_num, strict = (
-        conf.copy,
-        conf.all_passing,
-        conf.per_model,
-        conf.neg_num,
-        conf.strict,
-    )
-    if fmt not in FORMATS:
-        raise SfmpairsError(f"unknown format {fmt!r} (choose {', '.join(FORMATS)})")
-    if (per_model or image_dir is not None) and fmt != "hloc":
-        raise SfmpairsError("--per-model and --image-dir are options of the hloc export")
-    if per_model and image_dir is not None:
-        raise SfmpairsError("--per-model writes names as each model has them; it takes no --image-dir")
-    options = dict(
-        images_root=images_root,
-        copy=copy,
-        all_passing=all_passing,
-        overwrite=overwrite,
-        per_model=per_model,
-        image_dir=image_dir,
-        store=store,
-        neg_num=neg_num,
-        strict=strict,
-    )
-    if fmt == "megadepth":
-        options.update(loftr_overlaps=list(conf.loftr_overlaps), d2net_points=conf.d2net_points)
+    _check_export_options(fmt, conf, image_dir)
+    paths = {"images_root": images_root, "image_dir": image_dir, "store": store}
+    options = {**paths, "overwrite": overwrite, **conf_dict(conf)}
     p = read_pair_file(pairs)
     check_relative_names(p["names"], pairs)  # they become paths: photos, links, hloc's image names
     output = Path(output)
@@ -286,12 +272,12 @@ def export(
         EXPORT_SCHEMA, EXPORT_SCHEMA_VERSION, {"format": fmt, **options}, {"pairs": str(Path(pairs).resolve())}
     )
     provenance.update({k: json.loads(provenance[k]) for k in ("parameters", "inputs")})
-    if fmt in ("cirtorch", "megadepth") or per_model:
+    if fmt in ("cirtorch", "megadepth") or conf.per_model:
         return _export_folder(p, pairs, output, fmt, {**options, "conf": conf}, provenance)
     with atomic_output(output, overwrite) as tmp:
         if fmt == "hloc":
             names = p["names"] if image_dir is None else names_under(p, images_root or p["images_root"], image_dir)
-            result = write_pairs(p, tmp, names, all_passing)
+            result = write_pairs(p, tmp, names, conf.all_passing)
         else:
             result = export_csv(p, tmp)
         with atomic_output(output.with_name(output.name + ".provenance.json"), True) as side:
