@@ -14,21 +14,15 @@ from sfmpairs.sfm_io.ingest import ingest
 from sfmpairs.sfm_io.store import read_store
 from sfmpairs.synthetic.world import synth
 
+SMALL_PLACES = {"images_per_cluster": 8, "image_size": (120, 90)}
+
 
 @pytest.fixture(scope="module", params=["easy", "hard"])
 def world(tmp_path_factory, request):
     """Two places, 8 photos each; the hard world (look-alike places, occluders, strong
     viewpoint and lighting change) must be as exact as the easy one."""
     root = tmp_path_factory.mktemp(f"world_{request.param}")
-    synth(
-        root / "w",
-        clusters=2,
-        images_per_cluster=8,
-        image_size=(120, 90),
-        seed=3,
-        points=800,
-        hard=request.param == "hard",
-    )
+    synth(root / "w", clusters=2, seed=3, points=800, hard=request.param == "hard", **SMALL_PLACES)
     ingest([root / "w"], root / "sfm.h5")
     mine(root / "sfm.h5", root / "pairs.h5", queries_per_cluster=0, val_fraction=0.5, strategy="max-inliers")
     return root
@@ -40,17 +34,7 @@ def hard_world(tmp_path_factory):
     family 0) and five distractor photos, mined with the distractors in val; with depth
     maps."""
     root = tmp_path_factory.mktemp("hard_world")
-    synth(
-        root / "w",
-        clusters=4,
-        images_per_cluster=8,
-        image_size=(120, 90),
-        seed=5,
-        points=1500,
-        hard=True,
-        distractors=5,
-        depth_maps=True,
-    )
+    synth(root / "w", clusters=4, seed=5, points=1500, hard=True, distractors=5, depth_maps=True, **SMALL_PLACES)
     ingest([root / "w"], root / "sfm.h5")
     val = ["cluster_00/sparse/0", "cluster_01/sparse/0", "distractors/sparse/0"]
     mine(root / "sfm.h5", root / "pairs.h5", queries_per_cluster=0, val_clusters=val)
