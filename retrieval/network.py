@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import pickle
 from pathlib import Path
 
 import torch
@@ -139,17 +140,25 @@ class RetrievalNet(nn.Module):
         return F.normalize(v, dim=-1)
 
 
+def hub_file(arch: str) -> Path:
+    """Where torch's hub cache keeps torchvision's ImageNet weights of ``arch``."""
+    import torchvision
+
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(torchvision.models.get_model_weights(arch).DEFAULT.url).name
+
+
 def pretrained_state_dict(arch: str) -> dict:
     """torchvision's ImageNet weights for ``arch``, through its weights API (downloaded
     into the torch hub cache where there is internet); a clear error where not."""
     import torchvision
 
     weights = torchvision.models.get_model_weights(arch).DEFAULT
-    filename = Path(weights.url).name
-    try:
-        return weights.get_state_dict(progress=False)
+    cache = hub_file(arch)
+    try:  # weights_only: a file put in the cache by hand runs no code
+        return weights.get_state_dict(progress=False, weights_only=True)
+    except pickle.UnpicklingError:
+        raise SfmpairsError(f"{cache}: refused: not plain weights (loading it would run code)") from None
     except Exception as e:  # offline: URLError; broken file: RuntimeError
-        cache = Path(torch.hub.get_dir()) / "checkpoints" / filename
         raise SfmpairsError(
             f"{cache}: pretrained ImageNet weights of {arch} are missing and could not be "
             f"downloaded from {weights.url} ({type(e).__name__}); put the file there, or "
@@ -272,7 +281,13 @@ def torchvision_backbone(arch: str, pretrained) -> tuple[nn.Module, int, str | N
     backbone = torchvision.models.get_model(arch, weights=None)
     features = CUTS[arch](backbone)
     if pretrained is True or pretrained == "imagenet":
-        backbone.load_state_dict(pretrained_state_dict(arch))
+        cache = (
+            Path(torch.hub.get_dir())
+            / "checkpoints"
+            / Path(torchvision.models.get_model_weights(arch).DEFAULT.url).name
+        )
+        state = fit_weights(pretrained_state_dict(arch), backbone, head_keys(backbone, features), arch, cache)
+        backbone.load_state_dict(state, strict=False)
         return (
             features,
             BACKBONES[arch],

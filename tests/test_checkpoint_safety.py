@@ -109,3 +109,29 @@ def test_a_checkpoint_with_numpy_values_is_refused_with_the_conversion_and_conve
     with pytest.raises(SfmpairsError, match="not an sfmpairs checkpoint"):
         torch.save({"a": 1}, tmp_path / "other.pt")
         convert_checkpoint(tmp_path / "other.pt", tmp_path / "x.pt")
+
+
+class _RunsCode:
+    def __reduce__(self):
+        import builtins
+
+        return (builtins.exec, ("import pathlib; pathlib.Path(__import__('os').environ['SFMPAIRS_MARK']).touch()",))
+
+
+def test_imagenet_weights_in_the_hub_cache_are_read_as_data_only(tmp_path, monkeypatch):
+    """torchvision's --pretrained reads the hub cache: a file put there that would run
+    code on unpickling is refused in one line and runs nothing; wrong shapes are one line."""
+    from sfmpairs.retrieval.network import build_network, hub_file
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
+    monkeypatch.setenv("SFMPAIRS_MARK", str(tmp_path / "ran"))
+    cache = hub_file("resnet18")
+    cache.parent.mkdir(parents=True)
+    torch.save({"conv1.weight": _RunsCode()}, cache)
+    with pytest.raises(SfmpairsError, match="refused") as info:
+        build_network({"arch": "resnet18"}, pretrained=True)
+    assert str(cache) in str(info.value) and "\n" not in str(info.value)
+    assert not (tmp_path / "ran").exists()
+    torch.save({"conv1.weight": torch.zeros(3, 3)}, cache)
+    with pytest.raises(SfmpairsError, match="conv1.weight"):
+        build_network({"arch": "resnet18"}, pretrained=True)
