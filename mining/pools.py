@@ -289,17 +289,38 @@ def _median_scale(pair, log_ratio, shared):
     ``pair`` and ``log_ratio`` (|log_ratio| <= 127) go together, one entry a
     co-observation; ``shared[g]`` counts the entries of pair g. Returns ``(has, value)``:
     the pairs with ``shared > 0`` and their scale changes, in pair order.
+
+    The entries are grouped by pair (a radix sort of the pair indices), each group laid
+    in a row of a table padded with +inf, and the rows sorted: numpy sorts many short
+    rows several times faster than one long array. Groups go in tables by width (the
+    next power of two), so that padding at most doubles the work.
     """
-    # one sort for all groups: group g's keys lie within g * 256 ± 127, apart from the
-    # others', so the sorted keys are the groups in order, each sorted by log ratio
-    keys = np.sort(pair * _KEY_SPAN + log_ratio)
+    # the log ratios on the grid of the keys group * 256 + ratio that sfmpairs <= 0.4
+    # sorted, so that scale changes stay bit-identical to theirs (a change < 1e-9)
+    base = pair.astype(np.float64)
+    base *= _KEY_SPAN
+    value = base + log_ratio
+    value -= base
+    value = value[np.argsort(pair.astype(np.uint16) if len(shared) <= 2**16 else pair, kind="stable")]
     group_start = np.cumsum(shared) - shared
     has = shared > 0
-    # the two middle entries of a group of c (the same one where c is odd)
-    mid_lo = keys[(group_start + (shared - 1) // 2)[has]]
-    mid_hi = keys[(group_start + shared // 2)[has]]
-    base = np.flatnonzero(has) * _KEY_SPAN  # take the group's offset off again
-    return has, np.exp(np.abs(((mid_lo - base) + (mid_hi - base)) / 2))
+    median = np.zeros(len(shared))
+    width = np.zeros(len(shared), np.int64)
+    width[has] = 1 << np.ceil(np.log2(shared[has])).astype(np.int64)
+    for w in np.unique(width[has]):
+        rows = np.flatnonzero(width == w)
+        count = shared[rows]
+        first = np.cumsum(count) - count  # each row's first entry, counted within the table
+        entry = np.arange(first[-1] + count[-1])
+        # the table's entries, flat: row r's go to r * w onwards, from group_start[r] on
+        to = entry + np.repeat(np.arange(len(rows)) * w - first, count)
+        from_ = entry + np.repeat(group_start[rows] - first, count)
+        table = np.full((len(rows), w), np.inf)
+        table.ravel()[to] = value[from_]
+        table.sort(axis=1)
+        r = np.arange(len(rows))
+        median[rows] = (table[r, (count - 1) // 2] + table[r, count // 2]) / 2
+    return has, np.exp(np.abs(median[has]))
 
 
 def _bbox_scale(xy_norm, track_obs, pair, o0, source, later, shared):

@@ -539,3 +539,29 @@ def test_store_whose_model_observes_another_models_points(world, tmp_path):
     with pytest.raises(SfmpairsError, match="observe points of another model"):
         mine(tmp_path / "bad.h5", tmp_path / "p.h5")
     assert not (tmp_path / "p.h5").exists()
+
+
+@pytest.mark.parametrize("groups", [3_000, 70_000])  # 70,000 > 2**16: the pair indices no longer fit 16 bits
+def test_median_scale_against_numpy_median_per_group(groups):
+    """The scale change of each pair, exp(|median of its log ratios|), against
+    ``np.median`` group by group: groups of 0 to 3,000 entries (odd, even, one),
+    shuffled, with ties, so that every table width and both middles are used."""
+    from sfmpairs.mining.pools import _median_scale
+
+    rng = np.random.default_rng(groups)
+    shared = rng.choice(
+        [0, 1, 2, 3, 7, 64, 65, 300, 3_000], groups, p=[0.2, 0.2, 0.2, 0.2, 0.15, 0.02, 0.02, 0.009, 0.001]
+    )
+    pair = np.repeat(np.arange(groups), shared)
+    log_ratio = np.round(rng.normal(scale=2.0, size=len(pair)), 2)  # rounded: ties within groups
+    order = rng.permutation(len(pair))
+    has, value = _median_scale(pair[order], log_ratio[order], shared)
+    # the log ratios are rounded to the grid of the keys pair * 256 + ratio (kept so that
+    # pair files stay bit-identical to older versions'): at most half an ulp of 256 * groups
+    rtol = 256 * groups * 2.0**-52
+    assert np.array_equal(has, shared > 0)
+    expect = [np.exp(abs(np.median(log_ratio[pair == g]))) for g in np.flatnonzero(shared > 0)[:2_000]]
+    np.testing.assert_allclose(value[:2_000], expect, rtol=rtol)
+    big = np.flatnonzero(shared[has] >= 64)  # the wide tables too
+    expect_big = [np.exp(abs(np.median(log_ratio[pair == g]))) for g in np.flatnonzero(has)[big]]
+    np.testing.assert_allclose(value[big], expect_big, rtol=rtol)
