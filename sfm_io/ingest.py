@@ -22,7 +22,7 @@ from .discover import MODEL_FILES, ModelSource, from_manifest, from_paths
 from .model import Model
 from .options import READERS, IngestConf
 from .shared_names import drop_images, keepers
-from .store import SCHEMA, SCHEMA_VERSION, append_model, create_store, write_table
+from .store import SCHEMA, SCHEMA_VERSION, append_columns, create_store, model_columns, write_table
 
 logger = logging.getLogger("sfmpairs.ingest")
 
@@ -182,6 +182,9 @@ def _read_ahead(sources: list[ModelSource], reader: str):
             del model
 
 
+APPEND_OBSERVATIONS = 1 << 22  # models are written in groups of about this many observations
+
+
 def append_models(
     h5, sources: list[ModelSource], prefixes: list[str], cluster_names: list[str], reader: str, leave=None
 ) -> tuple[dict, list]:
@@ -194,6 +197,8 @@ def append_models(
     names_seen: dict[str, str] = {}
     ranges = []
     models = _read_ahead(sources, reader)
+    width = h5["images/params"].shape[1]
+    pending, pending_observations = [], 0  # models read, not yet written: small ones go together
     for k, (src, prefix) in enumerate(progress(list(zip(sources, prefixes)), desc="ingest", unit="model")):
         model = next(models)
         if model.num_images == 0:
@@ -208,7 +213,9 @@ def append_models(
                 )
             names_seen[n] = src.name
         start = (totals["images"], totals["points"])
-        append_model(h5, model, k, cluster_index[src.cluster], names)
+        c = cluster_index[src.cluster]
+        pending.append(model_columns(model, k, c, names, totals["points"], totals["observations"], width))
+        pending_observations += len(model.point)
         totals["images"] += model.num_images
         totals["points"] += model.num_points
         totals["observations"] += len(model.point)
@@ -222,6 +229,10 @@ def append_models(
             src.format,
         )
         del model
+        if pending_observations >= APPEND_OBSERVATIONS:
+            append_columns(h5, pending)
+            pending, pending_observations = [], 0
+    append_columns(h5, pending)
     return totals, ranges
 
 

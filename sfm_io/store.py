@@ -1,7 +1,8 @@
 """The SfM store: every model of a dataset in one HDF5 file (schema in docs/formats.md).
 
-Written model by model into resizable datasets, so that ingesting many models needs
-memory for the largest one only.
+Written into resizable datasets a few models at a time (small models together, since
+HDF5's cost per write dominates for them), so that ingesting many models needs memory
+for the largest one and a few million observations only.
 """
 
 from __future__ import annotations
@@ -63,22 +64,20 @@ def create_store(h5: h5py.File) -> None:
     h5.create_dataset("observations/indptr", data=np.zeros(1, np.int64), maxshape=(None,), chunks=(_IMAGE_CHUNK,))
 
 
-def _append(ds: h5py.Dataset, values) -> None:
-    n = len(ds)
-    ds.resize(n + len(values), axis=0)
-    if len(values):
-        ds[n:] = values
-
-
-def append_model(h5: h5py.File, model: Model, model_index: int, cluster_index: int, names: list[str]) -> None:
-    """Append one model's images, points and observations."""
+def model_columns(
+    model: Model, model_index: int, cluster_index: int, names: list[str], point_offset: int, obs_offset: int, width: int
+) -> dict:
+    """One model's rows of every dataset of the store (``width``: of ``images/params``),
+    its points numbered from ``point_offset`` and its observations from ``obs_offset``
+    (the points and observations of the models before it)."""
     n, m = model.num_images, model.num_points
-    point_offset = len(h5["points/xyz"])
-    obs_offset = int(h5["observations/indptr"][-1])
-    params = np.full((n, h5["images/params"].shape[1]), np.nan)
+    params = np.full((n, width), np.nan)
     for i, p in enumerate(model.params):
         params[i, : len(p)] = p
-    columns = {
+    point = model.point
+    if point_offset:
+        point = point + np.int32(point_offset)
+    return {
         "images/name": names,
         "images/colmap_name": model.names,
         "images/model": np.full(n, model_index, np.int32),
@@ -100,14 +99,25 @@ def append_model(h5: h5py.File, model: Model, model_index: int, cluster_index: i
         "points/colmap_id": model.point_ids,
         "points/model": np.full(m, model_index, np.int32),
         "observations/xy": model.xy,
+        "observations/point": point,
+        "observations/indptr": model.indptr[1:] + obs_offset,
     }
-    for name, values in columns.items():
-        _append(h5[name], values)
-    point = model.point
-    if point_offset:
-        point = point + np.int32(point_offset)
-    _append(h5["observations/point"], point)
-    _append(h5["observations/indptr"], model.indptr[1:] + obs_offset)
+
+
+def append_columns(h5: h5py.File, parts: list[dict]) -> None:
+    """Append the rows ``parts`` (:func:`model_columns` of consecutive models) to the
+    store's datasets: one resize and one write per dataset, however many models, as
+    HDF5's cost per call dominates for small models."""
+    if not parts:
+        return
+    for name in parts[0]:
+        values = [p[name] for p in parts]
+        values = [v for vs in values for v in vs] if isinstance(values[0], list) else np.concatenate(values)
+        ds = h5[name]
+        n = len(ds)
+        ds.resize(n + len(values), axis=0)
+        if len(values):
+            ds[n:] = values
 
 
 def write_table(h5: h5py.File, group: str, columns: dict) -> None:

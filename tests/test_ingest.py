@@ -24,8 +24,11 @@ def _datasets(path):
     return out
 
 
-def test_store_holds_each_model_exactly(synthetic_models, tmp_path):
+@pytest.mark.parametrize("group", ["models written together", "each model written alone"])
+def test_store_holds_each_model_exactly(synthetic_models, tmp_path, monkeypatch, group):
     folders = [synthetic_models[k] / "binary" for k in ("per-image-cameras", "shared-cameras")]
+    if group == "each model written alone":
+        monkeypatch.setattr("sfmpairs.sfm_io.ingest.APPEND_OBSERVATIONS", 1)
     ingest(folders, tmp_path / "sfm.h5")
     s = read_store(tmp_path / "sfm.h5")
     models = [colmap_binary.read_model(f) for f in folders]
