@@ -9,6 +9,7 @@ machine's load (other work on it slows every stage alike, so compare runs made t
 
     python benchmarks/bench_reconstruct.py --clusters 10 --images-per-cluster 20
     python benchmarks/bench_reconstruct.py --clusters 40 --matchers retrieval --num-neighbours 10,20
+    python benchmarks/bench_reconstruct.py --clusters 100 --matchers retrieval --descriptor network --workdir w
 """
 
 from __future__ import annotations
@@ -45,13 +46,13 @@ def run_matcher(world: Path, out: Path, matcher: str, k: int, args) -> dict:
 
     options = {"matcher": matcher}
     if matcher == "retrieval":
-        options.update(num_neighbours=k, checkpoint=args.checkpoint, expand=args.expand)
+        options.update(num_neighbours=k, checkpoint=args.checkpoint, expand=args.expand, descriptor=args.descriptor)
     before = load()
     t0 = time.perf_counter()
     r = reconstruct(world, out, overwrite=True, **options)
     wall = time.perf_counter() - t0
     return {
-        "matcher": matcher if matcher != "retrieval" else f"retr. k={k} x{args.expand}",
+        "matcher": matcher if matcher != "retrieval" else f"{args.descriptor} k={k} x{args.expand}",
         "photos": r["photos"],
         "pairs_matched": r["pairs_matched"],
         "pairs_verified": r["pairs_verified"],
@@ -87,7 +88,10 @@ def main() -> None:
     parser.add_argument("--matchers", default="retrieval,exhaustive", help="comma-separated, run in this order")
     parser.add_argument("--num-neighbours", default="10", help="retrieval: comma-separated, one run each")
     parser.add_argument("--expand", type=int, default=1, help="retrieval: rounds of expansion (reconstruct --expand)")
-    parser.add_argument("--checkpoint", default=None, help="sfmpairs checkpoint for retrieval (default: off the shelf)")
+    parser.add_argument(
+        "--descriptor", default="auto", help="retrieval: bow, network or auto (reconstruct --descriptor)"
+    )
+    parser.add_argument("--checkpoint", default=None, help="sfmpairs checkpoint for retrieval (--descriptor network)")
     parser.add_argument("--workdir", default=None, help="keep the world and models here (default: a temporary folder)")
     parser.add_argument("--json", default=None, help="write the rows here too")
     parser.add_argument("-v", "--verbose", action="store_true", help="the stages' log")

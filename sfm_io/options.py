@@ -12,6 +12,7 @@ from sfmpairs.config import check_choices, setting
 CLUSTER_BY = ("model", "scene")
 READERS = ("auto", "pycolmap")
 MATCHERS = ("exhaustive", "sequential", "vocab-tree", "retrieval")
+DESCRIPTORS = ("auto", "bow", "network")
 SHARED_NAMES = ("refuse", "largest")
 
 
@@ -54,10 +55,19 @@ class ReconstructConf:
         "retrieval: rounds of also matching photos that share a verified neighbour (at most --num-neighbours new "
         "pairs per photo a round; 0: the retrieved pairs only).",
     )
+    descriptor: str = setting(
+        "auto",
+        "retrieval: the global descriptors: bow, a bag of visual words over the photos' SIFT features (as the "
+        "paper; needs no weights); network, an sfmpairs --checkpoint or else resnet18 + GeM off the shelf with "
+        "random weights; auto: network where --checkpoint is given, else bow.",
+        choices=DESCRIPTORS,
+    )
+    vocabulary: int = setting(256, "retrieval, bow: branching of the two-level vocabulary tree (words: its square).")
+    seed: int = setting(0, "retrieval, bow: seed of the vocabulary's k-means.")
     checkpoint: str | None = setting(
         None,
         "retrieval: sfmpairs checkpoint for the global descriptors.",
-        default_text="resnet18 + GeM off the shelf, random weights",
+        default_text="none: --descriptor auto takes the bag of words",
         metavar="FILE",
     )
     retrieval_image_size: int = setting(256, "retrieval: longer side of the photos the global descriptors see.")
@@ -73,6 +83,8 @@ class ReconstructConf:
             (self.sequential >= 0, "--sequential must be 0 or more"),
             (self.expand >= 0, "--expand must be 0 or more"),
             (self.retrieval_image_size >= 32, "--retrieval-image-size must be at least 32"),
+            (self.vocabulary >= 2, "--vocabulary must be at least 2"),
+            (not (self.descriptor == "bow" and self.checkpoint), "--checkpoint is for --descriptor network"),
             (self.min_model_size >= 1, "--min-model-size must be at least 1"),
             (self.max_image_size >= 32, "--max-image-size must be at least 32"),
         ):

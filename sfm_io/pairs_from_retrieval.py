@@ -2,6 +2,8 @@
 and as the paper's bag of words chose the pairs to match): each photo with its ``k``
 most similar photos, and, for photos taken in order (video frames), with the next few
 in name order. Matching these instead of every pair grows linearly with the collection.
+The descriptors: a bag of visual words (:mod:`.bag_of_words`, needs no weights) or a
+network of sfmpairs' extraction (:func:`global_descriptors`).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
+from scipy import sparse
 
 from sfmpairs.common import SfmpairsError
 
@@ -39,14 +42,15 @@ def global_descriptors(images_dir: Path, names: list[str], checkpoint, image_siz
     return desc
 
 
-def most_similar(desc: np.ndarray, k: int, chunk: int = 1024) -> np.ndarray:
-    """(N, min(k, N - 1)) indices of each row's most similar other rows by dot
-    product, most similar first; in chunks of rows, so memory stays chunk x N."""
-    n = len(desc)
+def most_similar(desc, k: int, chunk: int = 1024) -> np.ndarray:
+    """(N, min(k, N - 1)) indices of each row's most similar other rows of ``desc``
+    (dense or scipy.sparse) by dot product, most similar first; in chunks of rows, so memory stays chunk x N."""
+    n = desc.shape[0]
     k = min(k, n - 1)
     out = np.empty((n, k), np.int64)
     for a in range(0, n, chunk):
         sim = desc[a : a + chunk] @ desc.T
+        sim = sim.toarray() if sparse.issparse(sim) else sim
         rows = np.arange(len(sim))
         sim[rows, a + rows] = -np.inf  # never itself
         top = np.argpartition(-sim, k - 1, axis=1)[:, :k] if k < n - 1 else np.argsort(-sim, axis=1)[:, :k]
@@ -76,7 +80,7 @@ def unique_pairs(*pair_sets: np.ndarray) -> np.ndarray:
 def retrieval_pairs(desc: np.ndarray, k: int, sequential: int = 0) -> np.ndarray:
     """(M, 2) unordered pairs: each photo with its ``k`` most similar, and with the next
     ``sequential`` photos in order (rows of ``desc`` are in name order)."""
-    n = len(desc)
+    n = desc.shape[0]
     if n < 2:
         raise SfmpairsError("retrieval pairs need at least two photos")
     top = most_similar(desc, k)
@@ -101,7 +105,6 @@ def two_hop_pairs(verified: np.ndarray, matched: np.ndarray, n: int, k: int) -> 
     photos see the same place; two photos verified with a third most likely see it too,
     even where their global descriptors are far apart (COLMAP's transitive matcher
     follows the same idea)."""
-    from scipy import sparse
 
     def adjacency(pairs: np.ndarray) -> sparse.csr_matrix:
         pairs = pairs.reshape(-1, 2)

@@ -1,8 +1,9 @@
 """``sfmpairs reconstruct``: COLMAP models from a folder of photos, with pycolmap.
 
 SIFT features (GPU where pycolmap has CUDA); exhaustive, sequential, vocabulary-tree or
-retrieval matching (each photo with its most similar photos by global descriptors from
-sfmpairs' own extraction, see :mod:`.pairs_from_retrieval`); incremental mapping. The
+retrieval matching (each photo with its most similar photos by global descriptors: a
+bag of visual words over its SIFT features, :mod:`.bag_of_words`, or a network of
+sfmpairs' own extraction; see :mod:`.pairs_from_retrieval`); incremental mapping. The
 folder may hold photos of many places, in any tree of subfolders: each place becomes a
 model of its own.
 
@@ -112,10 +113,14 @@ def pair_counts(db: Path) -> dict[str, int]:
 
 def select_pairs(db: Path, images_dir: Path, work: Path, conf: ReconstructConf) -> int:
     """retrieval: the pairs to match into ``work/pairs-retrieval.txt``; their number."""
+    from .bag_of_words import bow_descriptors
     from .pairs_from_retrieval import global_descriptors, retrieval_pairs, write_pair_list
 
     names = database_names(db)
-    desc = global_descriptors(images_dir, names, conf.checkpoint, conf.retrieval_image_size, conf.device)
+    if conf.descriptor == "bow" or (conf.descriptor == "auto" and conf.checkpoint is None):
+        desc = bow_descriptors(db, names, {"branching": conf.vocabulary, "seed": conf.seed})
+    else:
+        desc = global_descriptors(images_dir, names, conf.checkpoint, conf.retrieval_image_size, conf.device)
     pairs = retrieval_pairs(desc, conf.num_neighbours, conf.sequential)
     write_pair_list(work / PAIRS_FILE, names, pairs)
     logger.info(

@@ -97,6 +97,9 @@ def test_pair_list_is_colmaps_format(tmp_path):
         ({"min_model_size": 0}, "--min-model-size"),
         ({"matcher": "nope"}, "unknown --matcher"),
         ({"matcher": "retrieval", "checkpoint": "missing.pt"}, "missing.pt: no such checkpoint"),
+        ({"matcher": "retrieval", "descriptor": "bow", "checkpoint": "any.pt"}, "--checkpoint is for --descriptor"),
+        ({"descriptor": "vlad"}, "unknown --descriptor"),
+        ({"vocabulary": 1}, "--vocabulary must be at least 2"),
     ],
 )
 def test_bad_reconstruct_settings_are_one_line_errors(tmp_path, options, message):
@@ -116,7 +119,16 @@ def test_command_line_offers_the_settings():
     from sfmpairs.cli import main
 
     text = CliRunner().invoke(main, ["reconstruct", "--help"]).output
-    for option in ("retrieval", "--num-neighbours", "--sequential", "--expand", "--checkpoint", "--min-model-size"):
+    for option in (
+        "retrieval",
+        "--num-neighbours",
+        "--sequential",
+        "--expand",
+        "--descriptor",
+        "--vocabulary",
+        "--checkpoint",
+        "--min-model-size",
+    ):
         assert option in text, option
     text = CliRunner().invoke(main, ["ingest", "--help"]).output
     assert "--shared-names" in text and "largest" in text

@@ -115,8 +115,10 @@ def test_models_are_pure_with_most_photos_registered(readme_run):
     check_pure(model_names(readme_run / "models"), 0.8)
 
 
-def test_retrieval_matches_only_the_selected_pairs(photos, tmp_path):
-    """The pairs matched are the retrieved ones and those of the expansion round."""
+@pytest.mark.parametrize("descriptor", ["bow", "network"])
+def test_retrieval_matches_only_the_selected_pairs(photos, tmp_path, descriptor):
+    """The pairs matched are the retrieved ones and those of the expansion round, with
+    either kind of global descriptor."""
     from sfmpairs.sfm_io.reconstruct import reconstruct
 
     two = list(PLACES)[:2]  # two places, to keep it quick
@@ -125,7 +127,12 @@ def test_retrieval_matches_only_the_selected_pairs(photos, tmp_path):
         if place_of(p.name) in two:
             (tmp_path / "photos" / p.name).symlink_to(p)
     out = reconstruct(
-        tmp_path / "photos", tmp_path / "models", matcher="retrieval", num_neighbours=5, retrieval_image_size=256
+        tmp_path / "photos",
+        tmp_path / "models",
+        matcher="retrieval",
+        descriptor=descriptor,
+        num_neighbours=5,
+        retrieval_image_size=256,
     )
     check_pure(model_names(tmp_path / "models"), 0.8, len(two))
 
@@ -143,7 +150,7 @@ def test_retrieval_matches_only_the_selected_pairs(photos, tmp_path):
             a, b = divmod(pair_id, 2147483647)
             matched.add(tuple(sorted((names[a], names[b]))))
     assert matched == retrieved | expanded
-    # the retrieved neighbours are mostly of the same place, even with random weights
+    # the retrieved neighbours are mostly of the same place (the network: even with random weights)
     same = sum(place_of(a) == place_of(b) for a, b in retrieved)
     assert same >= 0.8 * len(retrieved)
     # photos verified with a third see the same place

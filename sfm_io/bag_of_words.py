@@ -1,0 +1,153 @@
+"""Bag-of-visual-words global descriptors from the SIFT features that COLMAP has
+already extracted: how the paper chose the photo pairs to match, and a descriptor that
+needs no network weights.
+
+- RootSIFT (Arandjelovic and Zisserman, 2012): each descriptor L1-normalised and
+  square-rooted, so that dot products compare them as the Hellinger kernel does;
+- a vocabulary tree of two levels (Nister and Stewenius, 2006): k-means of a sample of
+  the descriptors into ``branching`` cells, then each cell's samples into ``branching``
+  words, ``branching ** 2`` words in all (65,536 by default). A descriptor's word is
+  its nearest centre in the first level, then its nearest word in that cell;
+- each photo a histogram of its words weighted by tf-idf (a word seen in fewer photos
+  counts more), L2-normalised: a sparse row whose dot products with the others rank
+  the photos most alike.
+
+On 2,000 rendered photos of 100 places (20 each), the five most similar photos were
+of the same place for 94 % of photos with 65,536 words, 80 % with 16,384 and 53 % with
+4,096 (benchmarks/bench_reconstruct.py's world).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+from scipy import sparse
+
+from sfmpairs.common import SfmpairsError
+
+logger = logging.getLogger("sfmpairs.reconstruct")
+
+DESCRIPTORS_PER_WORD = 20
+
+default_conf = {
+    "branching": 256,  # at most; words: its square (fewer for few photos, see bow_descriptors)
+    "sample": 1_000_000,  # descriptors the vocabulary is learnt from (at most)
+    "iterations": 8,  # of k-means, at each level
+    "seed": 0,
+}
+
+
+def _read_only(db: Path) -> str:
+    return f"file:{Path(db).resolve().as_posix()}?mode=ro"
+
+
+def read_sift(db: Path, names: list[str]):
+    """Yield ``(i, descriptors)``, uint8 (n_i, 128), of each photo ``names[i]`` in
+    COLMAP's database ``db``, one photo at a time (all of them may not fit in memory)."""
+    with contextlib.closing(sqlite3.connect(_read_only(db), uri=True)) as con:
+        image_id = dict(con.execute("SELECT name, image_id FROM images"))
+        for i, name in enumerate(names):
+            row = con.execute("SELECT rows, cols, data FROM descriptors WHERE image_id = ?", (image_id[name],))
+            rows, cols, data = row.fetchone() or (0, 128, b"")
+            if rows and (cols != 128 or len(data) != rows * cols):
+                raise SfmpairsError(f"{db}: the SIFT descriptors of {name} are not {rows} x 128 bytes")
+            yield i, np.frombuffer(data, np.uint8).reshape(rows, 128)
+
+
+def root_sift(x: np.ndarray) -> np.ndarray:
+    """RootSIFT, float32: each row L1-normalised, then square-rooted (unit L2 norm)."""
+    x = x.astype(np.float32)
+    x /= np.maximum(x.sum(axis=1, keepdims=True), 1e-12)
+    return np.sqrt(x, out=x)
+
+
+def nearest(x: np.ndarray, centres: np.ndarray, chunk: int = 1 << 16) -> np.ndarray:
+    """Index of each row's nearest centre (Euclidean), int64: the largest
+    x . c - |c|^2 / 2, one matrix product per chunk of rows."""
+    half_norm = (centres * centres).sum(axis=1) / 2
+    out = np.empty(len(x), np.int64)
+    for a in range(0, len(x), chunk):
+        out[a : a + chunk] = np.argmax(x[a : a + chunk] @ centres.T - half_norm, axis=1)
+    return out
+
+
+def kmeans(x: np.ndarray, k: int, iterations: int, rng) -> np.ndarray:
+    """Centres (min(k, len(x)), D) of Lloyd's k-means from ``k`` rows drawn at random;
+    a centre left without rows takes a random row again."""
+    k = min(k, len(x))
+    centres = x[rng.choice(len(x), k, replace=False)]
+    for _ in range(iterations):
+        label = nearest(x, centres)
+        count = np.bincount(label, minlength=k)
+        sums = np.stack([np.bincount(label, weights=col, minlength=k) for col in x.T], axis=1)
+        empty = count == 0
+        centres = (sums / np.maximum(count, 1)[:, None]).astype(np.float32)
+        centres[empty] = x[rng.choice(len(x), int(empty.sum()))]
+    return centres
+
+
+def vocabulary(sample: np.ndarray, branching: int, iterations: int, rng) -> list[np.ndarray]:
+    """The two-level tree: ``[top, cell_0, cell_1, ...]``, the first-level centres
+    (b, 128) and each cell's words (at most b, 128 each)."""
+    top = kmeans(sample, branching, iterations, rng)
+    cell = nearest(sample, top)
+    return [top] + [kmeans(sample[cell == c], branching, iterations, rng) for c in range(len(top))]
+
+
+def words(x: np.ndarray, vocab: list[np.ndarray], branching: int) -> np.ndarray:
+    """The word of each RootSIFT row of ``x``: cell * branching + word in the cell."""
+    cell = nearest(x, vocab[0])
+    out = np.empty(len(x), np.int64)
+    for c in np.unique(cell):
+        at = np.flatnonzero(cell == c)
+        out[at] = c * branching + nearest(x[at], vocab[1 + c])
+    return out
+
+
+def _sample(db: Path, names: list[str], size: int, rng) -> tuple[np.ndarray, int]:
+    """About ``size`` RootSIFT descriptors drawn evenly from every photo, and how many
+    the photos have in all."""
+    with contextlib.closing(sqlite3.connect(_read_only(db), uri=True)) as con:
+        total = con.execute("SELECT SUM(rows) FROM descriptors").fetchone()[0] or 0
+    share = min(1.0, size / max(total, 1))
+    parts = []
+    for i, d in read_sift(db, names):
+        take = int(np.ceil(share * len(d)))
+        parts.append(root_sift(d[np.sort(rng.choice(len(d), take, replace=False))]))
+    sample = np.concatenate(parts) if parts else np.zeros((0, 128), np.float32)
+    if len(sample) < 2:
+        raise SfmpairsError(f"{db}: too few SIFT features for a vocabulary ({len(sample)})")
+    return sample, total
+
+
+def bow_descriptors(db: Path, names: list[str], conf: dict | None = None) -> sparse.csr_matrix:
+    """(N, b ** 2) sparse, rows L2-normalised: each photo ``names[i]``'s tf-idf
+    weighted histogram of visual words, from its SIFT features in COLMAP's database
+    ``db``; the vocabulary is learnt from these photos (``conf``: :data:`default_conf`),
+    with branching b = sqrt(descriptors / DESCRIPTORS_PER_WORD), 2 to ``branching``."""
+    conf = {**default_conf, **(conf or {})}
+    rng = np.random.default_rng(conf["seed"])
+    sample, total = _sample(db, names, conf["sample"], rng)
+    # about DESCRIPTORS_PER_WORD descriptors a word: a vocabulary much larger than the
+    # collection's features leaves most words to one photo, and similar photos share none
+    b = int(np.clip(np.sqrt(total / DESCRIPTORS_PER_WORD), 2, conf["branching"]))
+    logger.info("vocabulary of %d words from %d SIFT descriptors", b * b, len(sample))
+    vocab = vocabulary(sample, b, conf["iterations"], rng)
+    del sample
+    photo, word, count = [], [], []
+    for i, d in read_sift(db, names):
+        w, c = np.unique(words(root_sift(d), vocab, b), return_counts=True)
+        photo.append(np.full(len(w), i))
+        word.append(w)
+        count.append(c)
+    shape = (len(names), b * b)
+    tf = sparse.csr_matrix((np.concatenate(count), (np.concatenate(photo), np.concatenate(word))), shape, np.float32)
+    photos_with_word = np.bincount(tf.indices, minlength=b * b)
+    idf = np.log(len(names) / np.maximum(photos_with_word, 1)).astype(np.float32)
+    desc = tf.multiply(idf[None, :]).tocsr()
+    norm = np.sqrt(np.asarray(desc.multiply(desc).sum(axis=1)).ravel())
+    return (sparse.diags(1 / np.maximum(norm, 1e-12)).astype(np.float32) @ desc).tocsr()
