@@ -41,6 +41,15 @@ def purity(models: Path) -> dict:
     return {"mixed_models": mixed, "places_recovered": len(places)}
 
 
+def retrieved_same_place(models: Path) -> float | None:
+    """The fraction of retrieved pairs (pairs-retrieval.txt) whose photos are of one place."""
+    path = models / "pairs-retrieval.txt"
+    if not path.is_file():
+        return None
+    pairs = [line.split(" ") for line in path.read_text().splitlines()]
+    return sum(a.split("/")[0] == b.split("/")[0] for a, b in pairs) / max(len(pairs), 1)
+
+
 def run_matcher(world: Path, out: Path, matcher: str, k: int, args) -> dict:
     from sfmpairs.sfm_io.reconstruct import reconstruct
 
@@ -59,6 +68,7 @@ def run_matcher(world: Path, out: Path, matcher: str, k: int, args) -> dict:
         "models": len(r["models"]),
         "registered": r["registered"],
         **purity(out),
+        "retrieved_same_place": retrieved_same_place(out),
         "stages": r["stages"],
         "seconds": round(wall, 1),
         "load_before": before,
@@ -69,14 +79,15 @@ def run_matcher(world: Path, out: Path, matcher: str, k: int, args) -> dict:
 def report(rows: list[dict], clusters: int) -> None:
     print(
         f"{'matcher':<11}{'photos':>7}{'pairs':>8}{'verified':>9}{'models':>7}{'registered':>11}"
-        f"{'mixed':>6}{'places':>7}{'seconds':>9}  stages (s); load 1/5/15 min before -> after"
+        f"{'mixed':>6}{'places':>7}{'seconds':>9}  retrieved of one place; stages (s); load 1/5/15 min before -> after"
     )
     for r in rows:
         stages = ", ".join(f"{k} {v:.0f}" for k, v in r["stages"].items())
         print(
             f"{r['matcher']:<11}{r['photos']:>7}{r['pairs_matched']:>8}{r['pairs_verified']:>9}{r['models']:>7}"
             f"{r['registered']:>11}{r['mixed_models']:>6}{r['places_recovered']:>5}/{clusters:<2}{r['seconds']:>8.0f}"
-            f"  {stages}; load {r['load_before']} -> {r['load_after']}"
+            f"  {'-' if r['retrieved_same_place'] is None else format(r['retrieved_same_place'], '.0%')}; {stages};"
+            f" load {r['load_before']} -> {r['load_after']}"
         )
 
 
