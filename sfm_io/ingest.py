@@ -10,6 +10,8 @@ import contextlib
 import logging
 import os
 import time
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -167,19 +169,54 @@ def _without(model: Model, names: list[str], leave: set[str]) -> tuple[Model, li
     return drop_images(model, keep), [n for n, k in zip(names, keep) if k]
 
 
-def _read_ahead(sources: list[ModelSource], reader: str):
-    """Each source's model in order; model k+1 is read on a second thread while the
-    caller writes model k (two models in memory at most)."""
-    from concurrent.futures import ThreadPoolExecutor
+READ_PROCESSES = 2  # models read ahead on other processes, where there are many large ones
+PROCESS_BYTES = 256 << 20  # the size of the model files from which that pays for starting them
 
-    with ThreadPoolExecutor(1) as ex:
-        ahead = ex.submit(read_model, sources[0].path, sources[0].format, reader) if sources else None
-        for k in range(len(sources)):
-            model = ahead.result()
-            if k + 1 < len(sources):
-                ahead = ex.submit(read_model, sources[k + 1].path, sources[k + 1].format, reader)
-            yield model
-            del model
+
+def _model_bytes(sources: list[ModelSource]) -> int:
+    return sum(f.stat().st_size for s in sources for f in Path(s.path).iterdir() if f.stem in MODEL_FILES)
+
+
+def _reader_pool(sources: list[ModelSource]):
+    """The executor that reads models ahead, and how many it holds at once: other
+    processes where the models are many and large (reading is partly Python, which
+    holds the GIL), else one thread."""
+    if len(sources) < 3 or READ_PROCESSES < 1 or _model_bytes(sources) < PROCESS_BYTES:
+        return ThreadPoolExecutor(1), 1
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter: no threads or open files inherited
+    pool = ProcessPoolExecutor(READ_PROCESSES, mp_context=context, initializer=_exit_with, initargs=(os.getpid(),))
+    return pool, READ_PROCESSES
+
+
+def _exit_with(parent: int) -> None:
+    """In a reader process: exit as soon as ingest's process is gone, even killed with
+    SIGKILL (a pool's workers would otherwise wait for work forever)."""
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _read_ahead(sources: list[ModelSource], reader: str):
+    """Each source's model in order, read ahead while the caller writes the last
+    (:func:`_reader_pool`: on a thread, or on other processes; a few models in memory
+    at most)."""
+    pool, depth = _reader_pool(sources)
+    ahead, nxt = deque(), 0
+    try:
+        for _ in range(len(sources)):
+            while nxt < len(sources) and len(ahead) < depth:
+                ahead.append(pool.submit(read_model, sources[nxt].path, sources[nxt].format, reader))
+                nxt += 1
+            yield ahead.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 APPEND_OBSERVATIONS = 1 << 22  # models are written in groups of about this many observations

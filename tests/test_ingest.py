@@ -10,7 +10,9 @@ import h5py
 import numpy as np
 import pytest
 
+import sfmpairs.sfm_io.ingest as ingest_module
 from conftest import REPO, doc_example, needs_real_data
+from sfmpairs import SfmpairsError
 from sfmpairs.sfm_io import colmap_binary
 from sfmpairs.sfm_io.ingest import ingest
 from sfmpairs.sfm_io.model import camera_centres
@@ -366,3 +368,74 @@ def test_dropping_images_drops_points_seen_by_fewer_than_two(tmp_path):
         assert {int(got.point_ids[got.point[o]]): tuple(got.xy[o]) for o in rows} == {
             p: seen[image_id] for p, seen in obs.items() if image_id in seen and len(seen) >= 2
         }
+
+
+def test_models_read_on_other_processes_give_the_same_store(synthetic_models, tmp_path, monkeypatch):
+    """Many large models are read ahead on other processes (here forced on small ones):
+    the store is identical to the one read on a thread, and a bad model still stops
+    ingest with one line naming its file."""
+    import shutil
+
+    folders = []
+    for i in range(4):
+        for kind in ("per-image-cameras", "shared-cameras"):
+            folders.append(tmp_path / f"m{i}_{kind}")
+            shutil.copytree(synthetic_models[kind] / "binary", folders[-1])
+    ingest(folders, tmp_path / "thread.h5")
+    monkeypatch.setattr("sfmpairs.sfm_io.ingest.PROCESS_BYTES", 0)
+    spawned = []
+    real_pool = ingest_module._reader_pool
+    monkeypatch.setattr(ingest_module, "_reader_pool", lambda s: spawned.append(real_pool(s)) or spawned[-1])
+    ingest(folders, tmp_path / "process.h5")
+    assert type(spawned[0][0]).__name__ == "ProcessPoolExecutor"
+    a, b = _datasets(tmp_path / "thread.h5"), _datasets(tmp_path / "process.h5")
+    differ = [k for k in a if not np.array_equal(a[k], b[k], equal_nan=a[k].dtype.kind == "f")]
+    assert a.keys() == b.keys() and differ == []
+    (folders[5] / "images.bin").write_bytes((folders[5] / "images.bin").read_bytes()[:100])
+    with pytest.raises(SfmpairsError, match=r"images\.bin: truncated"):
+        ingest(folders, tmp_path / "bad.h5")
+    assert not (tmp_path / "bad.h5").exists()
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
+def test_reader_processes_exit_when_ingest_is_killed(synthetic_models, tmp_path):
+    """kill -9 of ingest leaves no reader process behind."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    folders = [
+        str(shutil.copytree(synthetic_models["shared-cameras"] / "binary", tmp_path / f"m{i}")) for i in range(3)
+    ]
+    code = f"""
+import sys, time
+import sfmpairs.sfm_io.ingest as m
+m.PROCESS_BYTES = 0
+sources, _ = m.gather_sources({folders!r}, None, "model")
+pool, _ = m._reader_pool(sources)
+pool.submit(m.read_model, sources[0].path, sources[0].format).result()
+pool.submit(m.read_model, sources[1].path, sources[1].format).result()
+print(*pool._processes, flush=True)
+time.sleep(60)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    workers = [int(p) for p in proc.stdout.readline().split()]
+    assert workers and all(_alive(p) for p in workers)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while any(_alive(p) for p in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(p) for p in workers)
+
+
+def _alive(pid: int) -> bool:
+    """A process that runs (not a zombie waiting to be reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
