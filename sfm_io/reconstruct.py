@@ -40,7 +40,7 @@ from sfmpairs.common import SfmpairsError, atomic_folder, provenance_attrs
 from sfmpairs.config import conf_dict, make_conf
 
 from .options import ReconstructConf
-from .shared_names import deregister, keepers
+from .shared_names import by_size, deregister, keepers
 
 logger = logging.getLogger("sfmpairs.reconstruct")
 
@@ -204,24 +204,29 @@ def map_models(db: Path, images_dir: Path, work: Path) -> list:
 
 
 def clean_models(models: list, min_model_size: int) -> tuple[list, list[dict]]:
-    """Each photo in its largest model only, then models under ``min_model_size``
-    registered photos dropped: the models kept and a record of each drop."""
+    """Each photo in its largest model only, and models left with fewer than
+    ``min_model_size`` registered photos dropped (:func:`.shared_names.keepers`): the
+    models kept and a record of each drop."""
     names = [sorted(img.name for img in rec.images.values() if img.has_pose) for rec in models]
-    keeper = keepers(names)
+    keeper = keepers(names, min_model_size)
+    rank = {k: r for r, k in enumerate(by_size(names))}
     kept, dropped = [], []
     for k, rec in enumerate(models):
-        elsewhere = {n for n in names[k] if keeper[n] != k}
-        deregister(rec, elsewhere)
-        left = rec.num_reg_images()
-        if left >= min_model_size:
+        if any(keeper.get(n) == k for n in names[k]):
+            elsewhere = {n for n in names[k] if keeper[n] != k}
+            deregister(rec, elsewhere)
             kept.append(rec)
             if elsewhere:
                 logger.info("mapper model %d: %d of its photos are in a larger model, kept there", k, len(elsewhere))
             continue
+        larger = sum(rank[keeper[n]] < rank[k] for n in names[k] if n in keeper)
+        smaller = sum(rank[keeper[n]] > rank[k] for n in names[k] if n in keeper)
         why = f"fewer than --min-model-size {min_model_size} photos"
-        if elsewhere:
-            why = f"{len(elsewhere)} of its photos in a larger model, {left} left: " + why
-        dropped.append({"mapper_model": k, "photos": len(names[k]), "in_larger_model": len(elsewhere), "why": why})
+        if larger:
+            why = f"{larger} of its photos in a larger model, {len(names[k]) - larger} left: " + why
+        if smaller:
+            why += f"; {smaller} of its photos kept by a smaller model"
+        dropped.append({"mapper_model": k, "photos": len(names[k]), "in_larger_model": larger, "why": why})
         logger.warning("dropped mapper model %d of %d photos (%s)", k, len(names[k]), why)
     return kept, dropped
 

@@ -6,7 +6,9 @@ positive of one place and a negative of the same place, so ``reconstruct`` keeps
 photo in one model only, and ``ingest --shared-names largest`` does the same with models
 it is given. The rule, one for both: a photo stays in the model with the most registered
 photos (the first in input order on a tie) and leaves every other; a 3D point of a model
-it leaves that is then seen by fewer than two photos is dropped.
+it leaves that is then seen by fewer than two photos is dropped. ``reconstruct`` also
+drops the models left with fewer than its minimum of photos, and a photo of a dropped
+model then stays in the next largest model that has it (:func:`keepers`).
 
 Two implementations of the one rule, each where its data is: :func:`deregister` on a
 pycolmap reconstruction (``reconstruct`` writes COLMAP models that other tools read, so
@@ -23,14 +25,25 @@ import numpy as np
 from .model import Model
 
 
-def keepers(names_per_model: list[list[str]]) -> dict[str, int]:
-    """Each photo name -> the index of the model that keeps it: the one with the most
-    photos, the first in the list on a tie."""
-    order = sorted(range(len(names_per_model)), key=lambda k: (-len(names_per_model[k]), k))
+def by_size(names_per_model: list[list[str]]) -> list[int]:
+    """The models' indices from the most photos to the fewest, the first in the list on a tie."""
+    return sorted(range(len(names_per_model)), key=lambda k: (-len(names_per_model[k]), k))
+
+
+def keepers(names_per_model: list[list[str]], min_size: int = 1) -> dict[str, int]:
+    """Each photo name -> the index of the model that keeps it.
+
+    The models go from the most photos to the fewest (the first in the list on a tie);
+    each keeps the photos that no model before it kept, if they are at least
+    ``min_size``; otherwise it keeps none, and its photos stay free for the smaller
+    models after it (a photo seen by a dropped model and a smaller one is then kept by
+    the smaller one, not lost). Names of dropped models that no other keeps are absent.
+    """
     keeper: dict[str, int] = {}
-    for k in order:
-        for name in names_per_model[k]:
-            keeper.setdefault(name, k)
+    for k in by_size(names_per_model):
+        free = [name for name in dict.fromkeys(names_per_model[k]) if name not in keeper]
+        if len(free) >= min_size:
+            keeper.update(dict.fromkeys(free, k))
     return keeper
 
 

@@ -101,6 +101,42 @@ def test_each_photo_stays_in_its_largest_model_and_small_models_go(tmp_path):
     np.testing.assert_array_equal(got.point, want.point)
 
 
+def test_a_photo_of_a_dropped_model_stays_in_a_smaller_one(tmp_path):
+    """A chain of three mapper models: the large one (images 0..29), a middle one
+    (20..34) and a late one (30..39). The middle one keeps 5 photos after the large one
+    has taken its share, under the minimum of 10, and goes; the late one then keeps all
+    of 30..39 rather than losing 30..34 to the dropped model: no photo is lost."""
+    from sfmpairs.sfm_io.reconstruct import clean_models
+
+    large, middle, late = _mapper_models(tmp_path, [range(30, 40), [*range(0, 20), *range(35, 40)], range(0, 30)])
+    kept, dropped = clean_models([large, middle, late], min_model_size=10)
+    assert kept == [large, late] and [d["mapper_model"] for d in dropped] == [1]
+    assert dropped[0]["in_larger_model"] == 10 and "5 of its photos kept by a smaller model" in dropped[0]["why"]
+    assert len(_names(large)) == 30 and len(_names(late)) == 10 and _names(large).isdisjoint(_names(late))
+
+
+def test_keepers_follow_the_rule_on_random_models():
+    """The rule, checked on random overlapping name sets: models from the most photos to
+    the fewest each keep the photos no model before it kept, when at least min_size."""
+    from sfmpairs.sfm_io.shared_names import keepers
+
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        names = [sorted({f"p{i}" for i in rng.integers(0, 30, rng.integers(0, 20))}) for _ in range(rng.integers(1, 6))]
+        min_size = int(rng.integers(1, 6))
+        keeper = keepers(names, min_size)
+        counts = np.bincount(list(keeper.values()), minlength=len(names))
+        taken: set = set()
+        for k in sorted(range(len(names)), key=lambda k: (-len(names[k]), k)):  # brute force, model by model
+            free = set(names[k]) - taken
+            if len(free) >= min_size:
+                assert {n for n, m in keeper.items() if m == k} == free
+                taken |= free
+            else:
+                assert counts[k] == 0
+        assert set(keeper) == taken
+
+
 def test_models_under_the_minimum_are_dropped_and_said(tmp_path, caplog):
     from sfmpairs.sfm_io.reconstruct import clean_models
 
