@@ -22,12 +22,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import sqlite3
+import urllib.parse
 from pathlib import Path
 
 import numpy as np
 from scipy import sparse
 
-from sfmpairs.common import SfmpairsError
+from sfmpairs.common import SfmpairsError, progress
 
 logger = logging.getLogger("sfmpairs.reconstruct")
 
@@ -42,7 +43,9 @@ default_conf = {
 
 
 def _read_only(db: Path) -> str:
-    return f"file:{Path(db).resolve().as_posix()}?mode=ro"
+    """SQLite's URI of ``db`` opened read-only (never creating it), any character of the
+    path quoted (``#``, ``?`` and ``%`` mean something in a URI)."""
+    return f"file:{urllib.parse.quote(Path(db).resolve().as_posix())}?mode=ro"
 
 
 def read_sift(db: Path, names: list[str]):
@@ -53,9 +56,10 @@ def read_sift(db: Path, names: list[str]):
         for i, name in enumerate(names):
             row = con.execute("SELECT rows, cols, data FROM descriptors WHERE image_id = ?", (image_id[name],))
             rows, cols, data = row.fetchone() or (0, 128, b"")
+            data = data or b""  # COLMAP writes NULL for a photo without features
             if rows and (cols != 128 or len(data) != rows * cols):
                 raise SfmpairsError(f"{db}: the SIFT descriptors of {name} are not {rows} x 128 bytes")
-            yield i, np.frombuffer(data, np.uint8).reshape(rows, 128)
+            yield i, np.frombuffer(data, np.uint8).reshape(-1, 128)
 
 
 def root_sift(x: np.ndarray) -> np.ndarray:
@@ -114,11 +118,13 @@ def _sample(db: Path, names: list[str], size: int, rng) -> tuple[np.ndarray, int
     with contextlib.closing(sqlite3.connect(_read_only(db), uri=True)) as con:
         total = con.execute("SELECT SUM(rows) FROM descriptors").fetchone()[0] or 0
     share = min(1.0, size / max(total, 1))
-    parts = []
-    for i, d in read_sift(db, names):
+    sample = np.empty((int(share * total) + len(names), 128), np.float32)
+    filled = 0
+    for _, d in read_sift(db, names):
         take = int(np.ceil(share * len(d)))
-        parts.append(root_sift(d[np.sort(rng.choice(len(d), take, replace=False))]))
-    sample = np.concatenate(parts) if parts else np.zeros((0, 128), np.float32)
+        sample[filled : filled + take] = root_sift(d[np.sort(rng.choice(len(d), take, replace=False))])
+        filled += take
+    sample = sample[:filled]
     if len(sample) < 2:
         raise SfmpairsError(f"{db}: too few SIFT features for a vocabulary ({len(sample)})")
     return sample, total
@@ -135,19 +141,21 @@ def bow_descriptors(db: Path, names: list[str], conf: dict | None = None) -> spa
     # about DESCRIPTORS_PER_WORD descriptors a word: a vocabulary much larger than the
     # collection's features leaves most words to one photo, and similar photos share none
     b = int(np.clip(np.sqrt(total / DESCRIPTORS_PER_WORD), 2, conf["branching"]))
-    logger.info("vocabulary of %d words from %d SIFT descriptors", b * b, len(sample))
+    logger.info("vocabulary of up to %d words from %d SIFT descriptors", b * b, len(sample))
     vocab = vocabulary(sample, b, conf["iterations"], rng)
     del sample
-    photo, word, count = [], [], []
-    for i, d in read_sift(db, names):
+    # the tf rows, CSR: each photo's distinct words and how often it has each
+    indptr, word, count = [0], [], []
+    for _, d in progress(read_sift(db, names), total=len(names), desc="bag of words", unit="photo"):
         w, c = np.unique(words(root_sift(d), vocab, b), return_counts=True)
-        photo.append(np.full(len(w), i))
-        word.append(w)
-        count.append(c)
-    shape = (len(names), b * b)
-    tf = sparse.csr_matrix((np.concatenate(count), (np.concatenate(photo), np.concatenate(word))), shape, np.float32)
+        word.append(w.astype(np.int32))
+        count.append(c.astype(np.float32))
+        indptr.append(indptr[-1] + len(w))
+    tf = sparse.csr_matrix((np.concatenate(count), np.concatenate(word), np.array(indptr)), (len(names), b * b))
     photos_with_word = np.bincount(tf.indices, minlength=b * b)
     idf = np.log(len(names) / np.maximum(photos_with_word, 1)).astype(np.float32)
-    desc = tf.multiply(idf[None, :]).tocsr()
-    norm = np.sqrt(np.asarray(desc.multiply(desc).sum(axis=1)).ravel())
-    return (sparse.diags(1 / np.maximum(norm, 1e-12)).astype(np.float32) @ desc).tocsr()
+    tf.data *= idf[tf.indices]
+    row = np.repeat(np.arange(len(names)), np.diff(tf.indptr))
+    norm = np.sqrt(np.bincount(row, weights=tf.data.astype(np.float64) ** 2, minlength=len(names)))
+    tf.data /= np.maximum(norm, 1e-12)[row].astype(np.float32)  # a photo without features: a row of zeros
+    return tf

@@ -19,7 +19,7 @@ import numpy as np
 from sfmpairs.common import SfmpairsError, atomic_output, h5_output, progress, provenance_attrs
 from sfmpairs.config import conf_dict, make_conf
 
-from . import colmap_binary, colmap_pycolmap, colmap_text
+from . import colmap_binary, colmap_pycolmap, colmap_text, store
 from .discover import MODEL_FILES, ModelSource, from_manifest, from_paths
 from .model import Model
 from .options import READERS, IngestConf
@@ -222,6 +222,25 @@ def _read_ahead(sources: list[ModelSource], reader: str):
 APPEND_OBSERVATIONS = 1 << 22  # models are written in groups of about this many observations
 
 
+def check_addition(src: ModelSource, names: list[str], names_seen: dict[str, str], points: int) -> None:
+    """That the model of ``src`` may join the store: its image ``names`` are in no model
+    before it (``names_seen``: name -> model, updated), and the store's ``points`` with
+    it fit the store's point index."""
+    for n in names:
+        if n in names_seen:
+            raise SfmpairsError(
+                f"{src.path}: image name {n!r} is also in model {names_seen[n]}; give each model its "
+                f"photo folder (--images-root or a manifest), or keep each photo in its largest model "
+                f"(--shared-names largest)"
+            )
+        names_seen[n] = src.name
+    if points > store.MAX_POINTS:
+        raise SfmpairsError(
+            f"{src.path}: the store numbers points with int32, at most {store.MAX_POINTS:,} in all, "
+            f"and this model brings the total to {points:,}; ingest the models into several stores"
+        )
+
+
 def append_models(
     h5, sources: list[ModelSource], prefixes: list[str], cluster_names: list[str], reader: str, leave=None
 ) -> tuple[dict, list]:
@@ -241,14 +260,7 @@ def append_models(
         if model.num_images == 0:
             raise SfmpairsError(f"{src.path}: empty model (no registered images)")
         model, names = _without(model, [prefix + n for n in model.names], leave[k] if leave else set())
-        for n in names:
-            if n in names_seen:
-                raise SfmpairsError(
-                    f"{src.path}: image name {n!r} is also in model {names_seen[n]}; give each model its "
-                    f"photo folder (--images-root or a manifest), or keep each photo in its largest model "
-                    f"(--shared-names largest)"
-                )
-            names_seen[n] = src.name
+        check_addition(src, names, names_seen, totals["points"] + model.num_points)
         start = (totals["images"], totals["points"])
         c = cluster_index[src.cluster]
         pending.append(model_columns(model, k, c, names, totals["points"], totals["observations"], width))

@@ -62,7 +62,11 @@ class ReconstructConf:
         "random weights; auto: network where --checkpoint is given, else bow.",
         choices=DESCRIPTORS,
     )
-    vocabulary: int = setting(256, "retrieval, bow: branching of the two-level vocabulary tree (words: its square).")
+    vocabulary: int = setting(
+        256,
+        "retrieval, bow: branching of the two-level vocabulary tree, at most (words: up to its square; fewer for "
+        "a small collection, about 20 SIFT descriptors a word).",
+    )
     seed: int = setting(0, "retrieval, bow: seed of the vocabulary's k-means.")
     checkpoint: str | None = setting(
         None,
@@ -74,7 +78,7 @@ class ReconstructConf:
     min_model_size: int = setting(
         10, "Models with fewer registered photos are dropped, and said so (COLMAP's min_model_size)."
     )
-    device: str = setting("auto", "auto, cpu or cuda (where pycolmap has it).")
+    device: str = setting("auto", "auto, cpu or cuda (where pycolmap has it).", choices=("auto", "cpu", "cuda"))
 
     def check(self) -> None:
         for ok, message in (
@@ -84,6 +88,7 @@ class ReconstructConf:
             (self.expand >= 0, "--expand must be 0 or more"),
             (self.retrieval_image_size >= 32, "--retrieval-image-size must be at least 32"),
             (self.vocabulary >= 2, "--vocabulary must be at least 2"),
+            (self.seed >= 0, "--seed must be 0 or more"),
             (not (self.descriptor == "bow" and self.checkpoint), "--checkpoint is for --descriptor network"),
             (self.min_model_size >= 1, "--min-model-size must be at least 1"),
             (self.max_image_size >= 32, "--max-image-size must be at least 32"),

@@ -75,6 +75,19 @@ def check_settings(conf: ReconstructConf, vocab_tree) -> None:
         raise SfmpairsError(f"{conf.checkpoint}: no such checkpoint file")
 
 
+def check_names(images_dir: Path, photos: list[Path], conf: ReconstructConf) -> None:
+    """Photo names the matcher can take: COLMAP's pair list (retrieval) splits its
+    lines at spaces; said before the hours of extraction, not after."""
+    if conf.matcher != "retrieval":
+        return
+    spaced = [p.relative_to(images_dir).as_posix() for p in photos if " " in p.relative_to(images_dir).as_posix()]
+    if spaced:
+        raise SfmpairsError(
+            f"{images_dir / spaced[0]}: a photo name with a space cannot go in COLMAP's pair list "
+            f"(--matcher retrieval; {len(spaced)} such photos); rename them, or use another matcher"
+        )
+
+
 def extract_features(db: Path, images_dir: Path, photos: list[Path], conf: ReconstructConf, device) -> None:
     """SIFT features of the photos (only those: other files in the folder are left
     alone) into the database."""
@@ -292,7 +305,8 @@ def run_stages(images_dir: Path, photos: list[Path], work: Path, conf: Reconstru
         kept, dropped = clean_models(models, conf.min_model_size)
         registered = write_models(kept, work, images_dir, conf.min_model_size)
     in_models = {img.name for rec in kept for img in rec.images.values() if img.has_pose}
-    unregistered = sorted(set(database_names(db)) - in_models)
+    # the photos COLMAP could not read are in no model and not in its database either
+    unregistered = sorted({p.relative_to(images_dir).as_posix() for p in photos} - in_models)
     return {
         "photos": len(photos),
         "models": registered,
@@ -346,6 +360,7 @@ def reconstruct(
     images_dir, output = Path(images_dir).resolve(), Path(output)
     photos = list_photos(images_dir)
     check_settings(conf, vocab_tree)
+    check_names(images_dir, photos, conf)
     with atomic_folder(output, overwrite) as work:
         work.mkdir()
         result = run_stages(images_dir, photos, work, conf, vocab_tree)

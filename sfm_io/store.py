@@ -22,6 +22,7 @@ SCHEMA_VERSION = 1
 _STR = h5py.string_dtype("utf-8")
 _IMAGE_CHUNK = 4096
 _OBS_CHUNK = 1 << 19
+MAX_POINTS = 2**31 - 1  # observations/point is int32
 
 
 def max_params() -> int:

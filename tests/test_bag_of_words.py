@@ -122,3 +122,23 @@ def test_corrupt_descriptors_are_one_line_naming_the_database(tmp_path):
         con.commit()
     with pytest.raises(SfmpairsError, match=r"database\.db: the SIFT descriptors of photo_\d+\.jpg are not"):
         bow_descriptors(tmp_path / "database.db", names)
+
+
+def test_photos_without_features_and_a_path_sqlite_would_misread(tmp_path):
+    """A photo without SIFT features (COLMAP stores NULL) gets a row of zeros, wherever
+    it is in the list; a database under a folder named with URI characters is read
+    as it is, and nothing is created beside it."""
+    rng = np.random.default_rng(7)
+    photos, place = _places(rng)
+    folder = tmp_path / "models #2 %41?"
+    folder.mkdir()
+    names = _database(folder / "database.db", photos + [photos[0][:0]])  # the last photo: no features
+    with contextlib.closing(sqlite3.connect(folder / "database.db")) as con:
+        con.execute("UPDATE descriptors SET data = NULL, rows = 0 WHERE image_id = 1")  # the first id: the last name
+        con.commit()
+    desc = bow_descriptors(folder / "database.db", names)
+    assert desc.shape[0] == len(photos) + 1 and desc[len(photos)].nnz == 0
+    sim = (desc @ desc.T).toarray()[: len(photos), : len(photos)]
+    np.fill_diagonal(sim, -np.inf)
+    assert np.all(place[np.argsort(-sim, axis=1)[:, :5]] == place[:, None])
+    assert sorted(p.name for p in tmp_path.iterdir()) == [folder.name]

@@ -439,3 +439,12 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_more_points_than_the_store_can_number_is_one_line(synthetic_models, tmp_path, monkeypatch):
+    folders = [synthetic_models[k] / "binary" for k in ("per-image-cameras", "shared-cameras")]
+    first = colmap_binary.read_model(folders[0]).num_points
+    monkeypatch.setattr("sfmpairs.sfm_io.store.MAX_POINTS", first + 1)  # the second model passes it
+    with pytest.raises(SfmpairsError, match=r"shared-cameras/binary: the store numbers points with int32"):
+        ingest(folders, tmp_path / "sfm.h5")
+    assert not (tmp_path / "sfm.h5").exists()

@@ -25,9 +25,12 @@ def _check(out, photos, tmp_path, min_fraction):
 
 
 def test_reconstruct_a_rendered_cluster(tmp_path):
+    """20 rendered photos and a file COLMAP cannot read, which is listed as not registered."""
     synth(tmp_path / "w", clusters=1, images_per_cluster=20, seed=0)
+    (tmp_path / "w" / "cluster_00" / "images" / "broken.jpg").write_bytes(b"not a photo")
     out = reconstruct(tmp_path / "w" / "cluster_00" / "images", tmp_path / "models")
-    _check(out, 20, tmp_path, 0.7)
+    _check(out, 21, tmp_path, 0.7)
+    assert "broken.jpg" in out["unregistered"] and len(out["unregistered"]) == 21 - out["registered"]
 
 
 @needs_real_data()

@@ -100,6 +100,8 @@ def test_pair_list_is_colmaps_format(tmp_path):
         ({"matcher": "retrieval", "descriptor": "bow", "checkpoint": "any.pt"}, "--checkpoint is for --descriptor"),
         ({"descriptor": "vlad"}, "unknown --descriptor"),
         ({"vocabulary": 1}, "--vocabulary must be at least 2"),
+        ({"seed": -1}, "--seed must be 0 or more"),
+        ({"device": "gpu"}, "unknown --device"),
     ],
 )
 def test_bad_reconstruct_settings_are_one_line_errors(tmp_path, options, message):
@@ -132,3 +134,19 @@ def test_command_line_offers_the_settings():
         assert option in text, option
     text = CliRunner().invoke(main, ["ingest", "--help"]).output
     assert "--shared-names" in text and "largest" in text
+
+
+def test_a_photo_name_with_a_space_is_refused_before_any_work(tmp_path):
+    """COLMAP's pair list splits at spaces: --matcher retrieval refuses such names at
+    once (not after hours of feature extraction); other matchers take them."""
+    from sfmpairs.sfm_io.reconstruct import reconstruct
+    from sfmpairs.synthetic.world import synth
+
+    synth(tmp_path / "w", clusters=1, images_per_cluster=3, image_size=(64, 48))
+    images = tmp_path / "w" / "cluster_00" / "images"
+    first = sorted(images.iterdir())[0]
+    (images / "Camera Roll").mkdir()
+    first.rename(images / "Camera Roll" / first.name)
+    with pytest.raises(SfmpairsError, match=r"Camera Roll/.*a photo name with a space.*1 such photos"):
+        reconstruct(images, tmp_path / "out", matcher="retrieval")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
