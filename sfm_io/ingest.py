@@ -10,8 +10,7 @@ import contextlib
 import logging
 import os
 import time
-from collections import deque
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,7 @@ from . import colmap_binary, colmap_pycolmap, colmap_text, store
 from .discover import MODEL_FILES, ModelSource, from_manifest, from_paths
 from .model import Model
 from .options import READERS, IngestConf
+from .read_workers import read_models
 from .shared_names import drop_images, keepers
 from .store import SCHEMA, SCHEMA_VERSION, append_columns, create_store, model_columns, write_table
 
@@ -177,46 +177,24 @@ def _model_bytes(sources: list[ModelSource]) -> int:
     return sum(f.stat().st_size for s in sources for f in Path(s.path).iterdir() if f.stem in MODEL_FILES)
 
 
-def _reader_pool(sources: list[ModelSource]):
-    """The executor that reads models ahead, and how many it holds at once: other
-    processes where the models are many and large (reading is partly Python, which
-    holds the GIL), else one thread."""
-    if len(sources) < 3 or READ_PROCESSES < 1 or _model_bytes(sources) < PROCESS_BYTES:
-        return ThreadPoolExecutor(1), 1
-    import multiprocessing
-
-    context = multiprocessing.get_context("spawn")  # a fresh interpreter: no threads or open files inherited
-    pool = ProcessPoolExecutor(READ_PROCESSES, mp_context=context, initializer=_exit_with, initargs=(os.getpid(),))
-    return pool, READ_PROCESSES
-
-
-def _exit_with(parent: int) -> None:
-    """In a reader process: exit as soon as ingest's process is gone, even killed with
-    SIGKILL (a pool's workers would otherwise wait for work forever)."""
-    import threading
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(0.5)
-        os._exit(1)
-
-    threading.Thread(target=watch, daemon=True).start()
-
-
 def _read_ahead(sources: list[ModelSource], reader: str):
-    """Each source's model in order, read ahead while the caller writes the last
-    (:func:`_reader_pool`: on a thread, or on other processes; a few models in memory
-    at most)."""
-    pool, depth = _reader_pool(sources)
-    ahead, nxt = deque(), 0
-    try:
-        for _ in range(len(sources)):
-            while nxt < len(sources) and len(ahead) < depth:
-                ahead.append(pool.submit(read_model, sources[nxt].path, sources[nxt].format, reader))
-                nxt += 1
-            yield ahead.popleft().result()
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+    """Each source's model in order, read ahead while the caller writes the last: on
+    READ_PROCESSES other processes where the models are many and large
+    (:mod:`.read_workers`), else on one thread (two models in memory at most)."""
+    if len(sources) >= 3 and READ_PROCESSES >= 1 and _model_bytes(sources) >= PROCESS_BYTES:
+        yield from read_models(sources, reader, READ_PROCESSES)
+        return
+    with ThreadPoolExecutor(1) as ex:
+        ahead = ex.submit(read_model, sources[0].path, sources[0].format, reader) if sources else None
+        try:
+            for k in range(len(sources)):
+                model = ahead.result()
+                if k + 1 < len(sources):
+                    ahead = ex.submit(read_model, sources[k + 1].path, sources[k + 1].format, reader)
+                yield model
+                del model
+        finally:
+            ex.shutdown(wait=False, cancel_futures=True)  # an error: the read under way is not waited for
 
 
 APPEND_OBSERVATIONS = 1 << 22  # models are written in groups of about this many observations
@@ -252,35 +230,36 @@ def append_models(
     totals = {"images": 0, "points": 0, "observations": 0}
     names_seen: dict[str, str] = {}
     ranges = []
-    models = _read_ahead(sources, reader)
     width = h5["images/params"].shape[1]
     pending, pending_observations = [], 0  # models read, not yet written: small ones go together
-    for k, (src, prefix) in enumerate(progress(list(zip(sources, prefixes)), desc="ingest", unit="model")):
-        model = next(models)
-        if model.num_images == 0:
-            raise SfmpairsError(f"{src.path}: empty model (no registered images)")
-        model, names = _without(model, [prefix + n for n in model.names], leave[k] if leave else set())
-        check_addition(src, names, names_seen, totals["points"] + model.num_points)
-        start = (totals["images"], totals["points"])
-        c = cluster_index[src.cluster]
-        pending.append(model_columns(model, k, c, names, totals["points"], totals["observations"], width))
-        pending_observations += len(model.point)
-        totals["images"] += model.num_images
-        totals["points"] += model.num_points
-        totals["observations"] += len(model.point)
-        ranges.append((*start, totals["images"], totals["points"]))
-        logger.info(
-            "%s: %d images, %d points, %d observations (%s)",
-            src.name,
-            model.num_images,
-            model.num_points,
-            len(model.point),
-            src.format,
-        )
-        del model
-        if pending_observations >= APPEND_OBSERVATIONS:
-            append_columns(h5, pending)
-            pending, pending_observations = [], 0
+    # closed on the way out: where an error stops the loop, the reading stops too
+    with contextlib.closing(_read_ahead(sources, reader)) as models:
+        for k, (src, prefix) in enumerate(progress(list(zip(sources, prefixes)), desc="ingest", unit="model")):
+            model = next(models)
+            if model.num_images == 0:
+                raise SfmpairsError(f"{src.path}: empty model (no registered images)")
+            model, names = _without(model, [prefix + n for n in model.names], leave[k] if leave else set())
+            check_addition(src, names, names_seen, totals["points"] + model.num_points)
+            start = (totals["images"], totals["points"])
+            c = cluster_index[src.cluster]
+            pending.append(model_columns(model, k, c, names, totals["points"], totals["observations"], width))
+            pending_observations += len(model.point)
+            totals["images"] += model.num_images
+            totals["points"] += model.num_points
+            totals["observations"] += len(model.point)
+            ranges.append((*start, totals["images"], totals["points"]))
+            logger.info(
+                "%s: %d images, %d points, %d observations (%s)",
+                src.name,
+                model.num_images,
+                model.num_points,
+                len(model.point),
+                src.format,
+            )
+            del model
+            if pending_observations >= APPEND_OBSERVATIONS:
+                append_columns(h5, pending)
+                pending, pending_observations = [], 0
     append_columns(h5, pending)
     return totals, ranges
 
