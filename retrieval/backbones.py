@@ -34,6 +34,15 @@ EXTRAS = {"efficientnet_lite0": "lite0"}
 TIMM_EXTRA = "timm"
 
 
+def wants_imagenet(pretrained) -> bool:
+    """Whether ``pretrained`` (of ``build_network``; ``--pretrained``) asks for ImageNet
+    weights: True, or the word "imagenet" (what ``--pretrained`` alone gives). The word
+    means ImageNet even where a file of that name exists, so that ``--pretrained`` alone
+    never depends on the current folder: give such a file as a path (``./imagenet``, or
+    a :class:`~pathlib.Path`, which is always a file)."""
+    return pretrained is True or pretrained == "imagenet"
+
+
 def timm_name(arch: str) -> str | None:
     """The timm model of ``arch`` (``timm:NAME`` or a backbone of
     :data:`TIMM_BACKBONES`), None for torchvision's."""

@@ -24,6 +24,7 @@ from sfmpairs.common import SfmpairsError, atomic_output, check_output_path, fil
 from sfmpairs.config import conf_dict, make_conf
 from sfmpairs.distributed import ONE, Ranks, join, leave, rank_device
 
+from .backbones import wants_imagenet
 from .data import image_loader
 from .descriptors import SCHEMA as DESCRIPTORS_SCHEMA
 from .descriptors import SCHEMA_VERSION as DESCRIPTORS_VERSION
@@ -251,7 +252,7 @@ def network_inputs(model, pretrained) -> dict:
     None for random weights)."""
     if model is not None:
         return {"model": str(Path(model).resolve()), "model_sha256": file_sha256(model)}
-    if pretrained is True or pretrained == "imagenet":
+    if wants_imagenet(pretrained):
         return {"model": None, "pretrained": "imagenet"}
     if pretrained:
         return {

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sfmpairs.common import SfmpairsError, atomic_output, file_sha256, now_iso
-from sfmpairs.retrieval.backbones import BACKBONES, POOLS, TIMM_BACKBONES, check_arch, timm_name
+from sfmpairs.retrieval.backbones import BACKBONES, POOLS, TIMM_BACKBONES, check_arch, timm_name, wants_imagenet
 
 logger = logging.getLogger("sfmpairs.network")
 
@@ -248,10 +248,12 @@ def build_network(config: dict | None = None, pretrained: bool | str | Path | No
     ``efficientnet_lite0`` or ``timm:NAME`` (:mod:`.timm_backbone`; these take their
     input normalisation from the model unless ``config`` gives one, as a checkpoint's
     does). ``pretrained``: False or None for random initialisation; True or "imagenet"
-    for ImageNet weights (torchvision's or timm's, downloaded; offline, a clear error;
-    EfficientNet-Lite0's from its package, offline); or the path of a local weights file
-    for the backbone (see :func:`read_weights_file`; its classifier head is ignored;
-    weights that do not fit raise :class:`SfmpairsError` naming the keys).
+    for ImageNet weights (:func:`~.backbones.wants_imagenet`: a file of that name is
+    ``./imagenet``): torchvision's or timm's, from their cache, else downloaded (neither:
+    a one-line error); EfficientNet-Lite0's from its package, offline; or the path of a
+    local weights file for the backbone (see :func:`read_weights_file`; its classifier
+    head is ignored; weights that do not fit raise :class:`SfmpairsError` naming the
+    keys).
     ``config["pretrained"]`` records the weights used ("imagenet (file name)" or "file
     name (sha256 first 12 digits)").
     """
@@ -280,7 +282,7 @@ def torchvision_backbone(arch: str, pretrained) -> tuple[nn.Module, int, str | N
 
     backbone = torchvision.models.get_model(arch, weights=None)
     features = CUTS[arch](backbone)
-    if pretrained is True or pretrained == "imagenet":
+    if wants_imagenet(pretrained):
         cache = (
             Path(torch.hub.get_dir())
             / "checkpoints"

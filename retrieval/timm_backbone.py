@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from sfmpairs.common import SfmpairsError, file_sha256
-from sfmpairs.retrieval.backbones import EXTRAS, TIMM_EXTRA, timm_name
+from sfmpairs.retrieval.backbones import EXTRAS, TIMM_EXTRA, timm_name, wants_imagenet
 
 LITE0 = "tf_efficientnet_lite0"
 # TensorFlow's EfficientNet-Lite preprocessing: (x - 127) / 128 on 0-255 pixels ("edge
@@ -138,7 +138,7 @@ def load_weights(model: nn.Module, head: set, arch: str, name: str, pretrained) 
     what the checkpoint records of it."""
     from sfmpairs.retrieval.network import fit_weights, read_weights_file
 
-    if pretrained is True or pretrained == "imagenet":  # only Lite0 comes here: the others' are timm's
+    if wants_imagenet(pretrained):  # only Lite0 comes here: the others' are timm's
         path = lite0_weights_file()
         model.load_state_dict(from_lite0_keys(read_weights_file(path), model, path))
         return f"imagenet ({path.name} of {LITE0_PACKAGE})"
@@ -153,8 +153,7 @@ def timm_backbone(arch: str, pretrained) -> tuple[nn.Module, int, dict]:
     """The features module of a timm backbone, its channels and the config entries it
     sets (input normalisation, the weights used, timm's version)."""
     name = timm_name(arch)
-    imagenet = pretrained is True or pretrained == "imagenet"
-    hub = imagenet and name != LITE0  # Lite0's ImageNet weights are the package's
+    hub = wants_imagenet(pretrained) and name != LITE0  # Lite0's ImageNet weights are the package's
     model, head = create_model(arch, name, pretrained=hub)
     if name == LITE0:
         mean, std = LITE_MEAN, LITE_STD

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -113,6 +114,37 @@ def test_pretrained_offline_names_the_missing_file(tmp_path, monkeypatch):
         build_network({"arch": "resnet18"}, pretrained=True)
     filename = torchvision.models.get_model_weights("resnet18").DEFAULT.url.rsplit("/", 1)[1]
     assert filename in str(e.value) and str(tmp_path) in str(e.value)
+
+
+def test_the_word_imagenet_is_imagenet_weights_and_a_file_of_that_name_is_a_path(tmp_path, monkeypatch):
+    """``--pretrained`` alone gives the word "imagenet": it means ImageNet weights even
+    beside a file of that name (the flag alone never depends on the current folder);
+    that file is given as a path: ./imagenet (or a Path)."""
+    import torchvision
+
+    from sfmpairs.retrieval import network
+    from sfmpairs.retrieval.backbones import wants_imagenet
+    from sfmpairs.retrieval.extract import network_inputs
+    from sfmpairs.train.options import parse_pretrained
+
+    torch.manual_seed(0)
+    mine, theirs = torchvision.models.resnet18(), torchvision.models.resnet18()
+    monkeypatch.chdir(tmp_path)
+    torch.save(mine.state_dict(), "imagenet")
+    monkeypatch.setattr(network, "pretrained_state_dict", lambda arch: theirs.state_dict())
+    for given in ("./imagenet", tmp_path / "imagenet", Path("imagenet")):
+        pretrained = parse_pretrained(given) if isinstance(given, str) else given
+        assert not wants_imagenet(pretrained)
+        net = build_network({"arch": "resnet18"}, pretrained=pretrained)
+        assert torch.equal(net.features[0].weight, mine.conv1.weight)
+        assert net.config["pretrained"].startswith("imagenet (sha256 ")
+        assert network_inputs(None, pretrained)["pretrained"] == str(tmp_path / "imagenet")
+    for pretrained in (parse_pretrained("imagenet"), "imagenet", True):
+        assert wants_imagenet(pretrained)
+        net = build_network({"arch": "resnet18"}, pretrained=pretrained)
+        assert torch.equal(net.features[0].weight, theirs.conv1.weight)
+        assert net.config["pretrained"] == "imagenet (resnet18-f37072fd.pth)"
+        assert network_inputs(None, pretrained)["pretrained"] == "imagenet"
 
 
 # ----------------------------------------------------------------------------- extraction
