@@ -26,6 +26,7 @@ kind by name kind and shape by shape).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -74,7 +75,7 @@ class TimmFeatures(nn.Module):
 def create_model(arch: str, name: str, pretrained: bool = False) -> tuple[nn.Module, set]:
     """timm's model ``name`` without classifier and pooling, and the state-dict keys of
     its classifier (what a weights file may hold beside the backbone). ``pretrained``:
-    timm's own weights (downloaded from the Hugging Face hub)."""
+    timm's own weights (:func:`create_pretrained`)."""
     timm = import_timm(arch)
     if not timm.is_model(name):
         raise SfmpairsError(f"--arch {arch}: timm {timm.__version__} has no model {name!r} (see timm.list_models())")
@@ -91,14 +92,79 @@ def create_model(arch: str, name: str, pretrained: bool = False) -> tuple[nn.Mod
             f"--arch {arch}: this model takes only {full.pretrained_cfg['input_size'][1:]} images, and "
             f"retrieval feeds images of any size; choose a CNN or a ViT-style model"
         )
-    try:
-        model = timm.create_model(name, pretrained=pretrained, num_classes=0, global_pool="", **dynamic)
-    except Exception as e:  # offline: no hub
-        raise SfmpairsError(
-            f"--arch {arch}: timm's pretrained weights could not be downloaded ({type(e).__name__}); "
-            f"give a local weights file (--pretrained FILE), or start from random initialisation"
-        ) from None
+    kwargs = {"num_classes": 0, "global_pool": "", **dynamic}
+    if pretrained:
+        model = create_pretrained(arch, name, full.pretrained_cfg, kwargs)
+    else:
+        model = timm.create_model(name, **kwargs)
     return model, set(full.state_dict()) - set(model.state_dict())
+
+
+def create_pretrained(arch: str, name: str, cfg: dict, kwargs: dict) -> nn.Module:
+    """timm's model ``name`` with its pretrained weights (``cfg``: its pretrained config):
+    from the local Hugging Face cache, without a request; else downloaded, where one
+    request (without retries) finds the hub. Weights neither cached nor downloaded: one
+    line at once saying what to do, not a minute of the hub's retries. Only such errors
+    (OSError: the hub's, a URL's, the cache's) are caught; any other failure to build the
+    model is a bug, and propagates."""
+    timm = import_timm(arch)
+    repo, url = cfg.get("hf_hub_id"), cfg.get("url") or cfg.get("file")
+    if not (repo or url):
+        raise SfmpairsError(
+            f"--arch {arch}: timm has no pretrained weights for {name}; give a local weights file "
+            f"(--pretrained FILE), or start from random initialisation"
+        )
+    try:
+        with hub_offline():  # the hub's cache only: no request, so no retries
+            return timm.create_model(name, pretrained=True, **kwargs)
+    except OSError as e:  # not in the cache (LocalEntryNotFoundError); a URL's: not downloaded
+        why = hub_unreachable(repo) if repo else type(e).__name__
+    if why is None:  # the hub answers: download
+        try:
+            return timm.create_model(name, pretrained=True, **kwargs)
+        except OSError as e:
+            why = type(e).__name__
+    if repo:
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        where = f"{repo} of the Hugging Face hub: not in its cache {HF_HUB_CACHE}"
+    else:
+        where = f"{url}: not in torch's cache {Path(torch.hub.get_dir()) / 'checkpoints'}"
+    raise SfmpairsError(
+        f"--arch {arch}: timm's pretrained weights of {name} ({where}) could not be downloaded ({why}); "
+        f"run this once where there is internet (the cache keeps them), or give a local weights file "
+        f"(--pretrained FILE), or start from random initialisation"
+    )
+
+
+@contextmanager
+def hub_offline():
+    """Hugging Face hub's offline mode (``HF_HUB_OFFLINE=1``) for the calls inside: files
+    from the local cache only. huggingface_hub reads that variable when imported, so its
+    constant is set."""
+    from huggingface_hub import constants
+
+    offline = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = offline
+
+
+def hub_unreachable(repo: str) -> str | None:
+    """Why the Hugging Face hub does not answer one request (no retries) for ``repo``'s
+    config: the error's name; None where it answers, even with an HTTP error."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.utils import HfHubHTTPError
+
+    try:
+        get_hf_file_metadata(hf_hub_url(repo, "config.json"), timeout=10)
+    except HfHubHTTPError:  # an answer: the download gives its own error, if any
+        return None
+    except Exception as e:  # no answer: no network or name resolution, a proxy, a timeout, offline mode
+        return type(e).__name__
+    return None
 
 
 def lite0_weights_file() -> Path:

@@ -5,6 +5,7 @@ random weights, except Lite0. Skipped, with the reason, without the extras."""
 from __future__ import annotations
 
 import importlib.util
+import subprocess
 import sys
 
 import numpy as np
@@ -209,20 +210,101 @@ def test_lite0_classifies_real_photos_sensibly():
             assert int(logits.argmax()) == cls, (path, logits.topk(5).indices)
 
 
+def run_offline(tmp_path, monkeypatch, code: str, *args) -> subprocess.CompletedProcess:
+    """``python -c code args`` with the Hugging Face cache in ``tmp_path/hf`` (HF_HOME) and
+    a hub that refuses connections (HF_ENDPOINT): read by huggingface_hub when imported,
+    hence a process of its own."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens: refused at once
+    for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, timeout=300)
+
+
 @needs_timm
-def test_offline_timm_imagenet_weights_are_one_line_with_the_fix(monkeypatch):
+def test_uncached_timm_weights_without_network_fail_at_once_with_the_fix(tmp_path, monkeypatch):
+    """extract --arch timm:NAME --pretrained, the weights not in the Hugging Face cache and
+    no hub: one line at once (not after the hub's ~50 s of retries) naming the cache and
+    what to do; exit 2, no output. Timed from after the imports to the exit."""
+    (tmp_path / "list.txt").write_text("a.jpg\n")
+    out = tmp_path / "d.h5"
+    timed = (
+        "import sys, time, timm, torch\n"
+        "from sfmpairs.cli import main\n"
+        "t = time.perf_counter()\n"
+        "try:\n"
+        "    main(sys.argv[1:])\n"
+        "finally:\n"
+        "    print(time.perf_counter() - t)"
+    )
+    args = ["extract", "--arch", "timm:resnet10t", "--pretrained", "--images-root", tmp_path]
+    proc = run_offline(tmp_path, monkeypatch, timed, *args, "--list", tmp_path / "list.txt", "-o", out)
+    seconds = float(proc.stdout.split()[-1])
+    assert seconds < 10, (seconds, proc.stderr)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"timm/resnet10t.c3_in1k of the Hugging Face hub: not in its cache {tmp_path / 'hf' / 'hub'}" in proc.stderr
+    assert "run this once where there is internet" in proc.stderr and "--pretrained FILE" in proc.stderr
+    assert not out.exists()
+
+
+@needs_timm
+def test_cached_timm_weights_load_without_the_hub(tmp_path, monkeypatch):
+    """Weights in the Hugging Face cache load with no request (the hub refuses any here)."""
     import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(5)
+    snapshot = tmp_path / "hf/hub/models--timm--resnet10t.c3_in1k/snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs/main").write_text("0" * 40)
+    save_file(timm.create_model("resnet10t").state_dict(), snapshot / "model.safetensors")
+    check = (
+        "import sys\n"
+        "from safetensors.torch import load_file\n"
+        "from sfmpairs.retrieval.network import build_network\n"
+        "net = build_network({'arch': 'timm:resnet10t'}, pretrained=True)\n"
+        "cached = load_file(sys.argv[1])\n"
+        "assert all(v.equal(cached[k]) for k, v in net.features.model.state_dict().items())\n"
+        "print(net.config['pretrained'])"
+    )
+    proc = run_offline(tmp_path, monkeypatch, check, snapshot / "model.safetensors")
+    assert proc.returncode == 0, proc.stderr
+    assert "imagenet (timm timm/resnet10t.c3_in1k)" in proc.stdout
+
+
+@needs_timm
+def test_only_download_errors_read_as_download_failures(monkeypatch):
+    """A download that fails: one line with the fix; a model timm has no weights for: a
+    line of its own; anything else timm raises while building (a bug): propagates."""
+    import timm
+
+    from sfmpairs.retrieval import timm_backbone
 
     create = timm.create_model
 
-    def offline(name, pretrained=False, **kwargs):
-        if pretrained:
-            raise OSError("no network")
-        return create(name, **kwargs)
+    def raising(error):
+        def create_model(name, pretrained=False, **kwargs):
+            if pretrained:
+                raise error
+            return create(name, **kwargs)
 
-    monkeypatch.setattr(timm, "create_model", offline)
-    with pytest.raises(SfmpairsError, match=r"could not be downloaded \(OSError\); give a local weights file"):
+        return create_model
+
+    monkeypatch.setattr(timm_backbone, "hub_unreachable", lambda repo: None)  # the hub answers
+    monkeypatch.setattr(timm, "create_model", raising(OSError("connection reset")))
+    with pytest.raises(SfmpairsError, match=r"resnet10t .*could not be downloaded \(OSError\); run this once") as e:
         build_network({"arch": "timm:resnet10t"}, pretrained=True)
+    assert "--pretrained FILE" in str(e.value) and "\n" not in str(e.value)
+    monkeypatch.setattr(timm, "create_model", raising(ValueError("bad argument")))
+    with pytest.raises(ValueError, match="bad argument"):
+        build_network({"arch": "timm:resnet10t"}, pretrained=True)
+    monkeypatch.setattr(timm, "create_model", create)
+    assert not timm.list_pretrained("seresnet18.*")  # a model of timm without weights
+    with pytest.raises(
+        SfmpairsError, match=r"^--arch timm:seresnet18: timm has no pretrained weights for seresnet18; give"
+    ):
+        build_network({"arch": "timm:seresnet18"}, pretrained=True)
 
 
 # ----------------------------------------------------------------------------- runs
