@@ -178,19 +178,8 @@ def read_weights_file(path: str | Path) -> dict:
     "state_dict" or "model", read as tensors and plain data only (nothing of the file
     runs); or a ``.safetensors`` file (timm's model.safetensors; needs the safetensors
     package, which timm brings)."""
-    import pickle
-
     path = Path(path)
-    if not path.is_file():
-        raise SfmpairsError(f"{path}: no such file")
-    try:
-        state = _read_safetensors(path) if path.suffix == ".safetensors" else torch.load(path, "cpu", weights_only=True)
-    except SfmpairsError:
-        raise
-    except pickle.UnpicklingError as e:
-        raise (_refused(path, e) if "GLOBAL" in str(e) else SfmpairsError(f"{path}: not a weights file")) from None
-    except Exception as e:
-        raise SfmpairsError(f"{path}: not a weights file ({type(e).__name__})") from None
+    state = _read_safetensors(path) if path.suffix == ".safetensors" else load_plain(path, "a weights file")
     if isinstance(state, dict) and state.get("schema") == CHECKPOINT_SCHEMA:
         raise SfmpairsError(f"{path}: an sfmpairs checkpoint, not backbone weights; give it as --model")
     if isinstance(state, dict):
@@ -203,11 +192,16 @@ def read_weights_file(path: str | Path) -> dict:
 
 
 def _read_safetensors(path: Path) -> dict:
+    if not path.is_file():
+        raise SfmpairsError(f"{path}: no such file")
     try:
         from safetensors.torch import load_file
     except ImportError:
         raise SfmpairsError(f"{path}: reading .safetensors needs safetensors: pip install 'sfmpairs[timm]'") from None
-    return load_file(path, device="cpu")
+    try:
+        return load_file(path, device="cpu")
+    except Exception as e:  # safetensors' SafetensorError, or what it raises of a broken header
+        raise SfmpairsError(f"{path}: not a weights file ({type(e).__name__})") from None
 
 
 def fit_weights(state: dict, backbone: nn.Module, head: set, arch: str, path) -> dict:
@@ -388,6 +382,21 @@ def _refused(path: Path, error: Exception) -> SfmpairsError:
     )
 
 
+def load_plain(path: Path, what: str, device: str | torch.device = "cpu"):
+    """What ``torch.load`` reads of ``path`` as tensors and plain Python data only
+    (``weights_only=True``: nothing of the file runs). A missing file, one that is no
+    torch file, or one whose unpickling would call anything else: one line naming the
+    file (``what``: what it should have been, "a checkpoint")."""
+    if not path.is_file():
+        raise SfmpairsError(f"{path}: no such file")
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise (_refused(path, e) if "GLOBAL" in str(e) else SfmpairsError(f"{path}: not {what}")) from None
+    except Exception as e:  # a truncated or foreign file: zipfile's, torch's own errors
+        raise SfmpairsError(f"{path}: not {what} ({type(e).__name__})") from None
+
+
 def read_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> dict:
     """The checkpoint dict of a checkpoint file; a clear error for anything else.
 
@@ -396,17 +405,8 @@ def read_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> dic
     anything else is refused, naming what it would call. Checkpoints of every sfmpairs
     version hold only such data and load as they are (those holding numpy values, if
     any, are refused with the command that converts them: :func:`convert_checkpoint`)."""
-    import pickle
-
     path = Path(path)
-    if not path.is_file():
-        raise SfmpairsError(f"{path}: no such file")
-    try:
-        state = torch.load(path, map_location=device, weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise (_refused(path, e) if "GLOBAL" in str(e) else SfmpairsError(f"{path}: not a checkpoint")) from None
-    except Exception as e:
-        raise SfmpairsError(f"{path}: not a checkpoint ({type(e).__name__})") from None
+    state = load_plain(path, "a checkpoint", device)
     if not isinstance(state, dict) or state.get("schema") != CHECKPOINT_SCHEMA:
         raise SfmpairsError(f"{path}: not an sfmpairs checkpoint")
     return state

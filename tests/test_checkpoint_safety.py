@@ -80,6 +80,35 @@ def test_a_crafted_weights_file_is_refused_too(tmp_path):
     assert not marker.exists()
 
 
+def test_weights_files_and_checkpoints_are_read_by_one_safe_load(tmp_path):
+    """read_weights_file and read_checkpoint share one load (network.load_plain): a file
+    missing, junk, cut short or crafted gives each the same one line, but for what the file
+    should have been; a broken .safetensors file is one line too."""
+    marker = tmp_path / "marker"
+    save_checkpoint(tmp_path / "good.pt", build_network({"arch": "resnet18"}))
+    data = (tmp_path / "good.pt").read_bytes()
+    (tmp_path / "junk.pt").write_bytes(b"not a torch file")
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    torch.save({"conv1.weight": WritesAMarker(marker)}, tmp_path / "evil.pt")
+    (tmp_path / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    lines = {}
+    for read, what in ((read_weights_file, "a weights file"), (read_checkpoint, "a checkpoint")):
+        for name in ("missing.pt", "junk.pt", "cut.pt", "evil.pt"):
+            with pytest.raises(SfmpairsError) as e:
+                read(tmp_path / name)
+            assert "\n" not in str(e.value)
+            lines.setdefault(name, set()).add(str(e.value).replace(what, "WHAT"))
+    assert all(len(v) == 1 for v in lines.values()), lines
+    assert lines["missing.pt"] == {f"{tmp_path / 'missing.pt'}: no such file"}
+    assert lines["junk.pt"].pop().startswith(f"{tmp_path / 'junk.pt'}: not WHAT")
+    assert lines["cut.pt"].pop().startswith(f"{tmp_path / 'cut.pt'}: not WHAT (")
+    assert "evil.pt: refused: loading it would call" in lines["evil.pt"].pop() and not marker.exists()
+    with pytest.raises(SfmpairsError, match=r"broken\.safetensors: not a weights file \(\w+\)$"):
+        read_weights_file(tmp_path / "broken.safetensors")
+    with pytest.raises(SfmpairsError, match=r"missing\.safetensors: no such file$"):
+        read_weights_file(tmp_path / "missing.safetensors")
+
+
 def test_what_save_checkpoint_writes_loads_with_weights_only(tmp_path):
     """numpy values (as an evaluation may give) are written as plain numbers and tensors."""
     net = build_network({"arch": "resnet18"})
