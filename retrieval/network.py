@@ -307,9 +307,10 @@ def open_network(
     device: str | torch.device = "cpu",
 ) -> RetrievalNet:
     """The network to extract with, in eval mode on ``device``: a checkpoint's
-    (``model``), or an off-the-shelf one (the paper's baseline): ``arch`` (default
-    resnet50) + ``pool`` (default gem), no whitening layer, image size 1024, with
-    ``pretrained`` weights as :func:`build_network` takes them (None: random)."""
+    (``model``), or an off-the-shelf one (the paper's baseline): ``arch`` (required:
+    there is no default backbone) + ``pool`` (default gem), no whitening layer, image
+    size 1024, with ``pretrained`` weights as :func:`build_network` takes them (None:
+    random). Neither given, or both: a one-line error."""
     if model is not None:
         if arch is not None:
             raise SfmpairsError("give --model or --arch, not both")
@@ -321,7 +322,7 @@ def open_network(
             "give --model CHECKPOINT, or --arch for an off-the-shelf network"
             + ("" if pool is None and pretrained in (None, False) else " (--pool and --pretrained go with --arch)")
         )
-    config = {"arch": arch or DEFAULT_CONFIG["arch"], "pool": pool or DEFAULT_CONFIG["pool"]}
+    config = {"arch": arch, "pool": DEFAULT_CONFIG["pool"] if pool is None else pool}
     if not pretrained:
         logger.warning(
             "%s with random weights: an untrained network (--pretrained for ImageNet weights)", config["arch"]

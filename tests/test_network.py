@@ -18,6 +18,7 @@ from sfmpairs.retrieval.network import (
     gem,
     load_checkpoint,
     mac,
+    open_network,
     rmac,
     rmac_regions,
     save_checkpoint,
@@ -145,6 +146,15 @@ def test_the_word_imagenet_is_imagenet_weights_and_a_file_of_that_name_is_a_path
         assert torch.equal(net.features[0].weight, theirs.conv1.weight)
         assert net.config["pretrained"] == "imagenet (resnet18-f37072fd.pth)"
         assert network_inputs(None, pretrained)["pretrained"] == "imagenet"
+
+
+def test_an_off_the_shelf_network_needs_an_arch_and_has_no_default_one():
+    """open_network builds what it is given: no backbone stands in for an empty --arch."""
+    with pytest.raises(SfmpairsError, match="^unknown architecture ''"):
+        open_network(arch="")
+    with pytest.raises(SfmpairsError, match="^unknown pooling ''"):
+        open_network(arch="resnet18", pool="")
+    assert open_network(arch="resnet18").config["pool"] == "gem"
 
 
 # ----------------------------------------------------------------------------- extraction
