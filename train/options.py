@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from sfmpairs.common import SfmpairsError
 from sfmpairs.config import check_choices, setting
-from sfmpairs.retrieval.backbones import BACKBONES, EXTRAS, POOLS, check_arch
+from sfmpairs.retrieval.backbones import BACKBONES, EXTRAS, POOLS, check_arch, wants_imagenet
 from sfmpairs.retrieval.options import DeviceConf
 
 MARGINS = {"alexnet": 0.7, "vgg16": 0.75}  # the contrastive margin by architecture
@@ -23,8 +23,9 @@ NETWORK_KEYS = ("arch", "pool", "p", "whitening")
 
 
 def parse_pretrained(text: str) -> bool | str:
-    """``--pretrained`` alone: torchvision's ImageNet weights (True); with a value: a file."""
-    return True if text == "imagenet" else text
+    """``--pretrained`` alone (or the word ``imagenet``): ImageNet weights (True); with
+    another value: a weights file (one named imagenet: ``./imagenet``)."""
+    return True if wants_imagenet(text) else text
 
 
 @dataclass(frozen=True)
