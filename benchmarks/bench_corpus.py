@@ -19,7 +19,8 @@ Timing: for each fraction, each step in a fresh process, alternating, ``--repeat
 times: pycolmap loading and freeing each model in turn, ``sfmpairs ingest`` of the
 part's models into one store, and ``sfmpairs mine --strategy relaxed`` of that store.
 Each step prints its wall time, peak memory (the child's own VmHWM: never the
-parent's), CPU use ((user + sys) / wall, 2.0 = both cores busy) and the load average
+parent's; for ingest, also the peak of its largest reading process), CPU use ((user +
+sys, its reading processes included) / wall, 2.0 = both cores busy) and the load average
 of the machine when it started; the summary gives medians and the ratio (ingest +
 mine) / pycolmap.
 
@@ -280,8 +281,10 @@ def _hwm():
 def _report(t0, r0, **extra):
     wall = time.perf_counter() - t0
     r = resource.getrusage(resource.RUSAGE_SELF)
-    cpu = (r.ru_utime - r0.ru_utime) + (r.ru_stime - r0.ru_stime)
-    print(json.dumps({"seconds": wall, "peak_mib": _hwm(), "cpu": cpu / wall, **extra}))
+    c = resource.getrusage(resource.RUSAGE_CHILDREN)  # ingest's reading processes, once ended
+    cpu = (r.ru_utime - r0.ru_utime) + (r.ru_stime - r0.ru_stime) + c.ru_utime + c.ru_stime
+    print(json.dumps({"seconds": wall, "peak_mib": _hwm(), "children_peak_mib": c.ru_maxrss / 1024,
+                      "cpu": cpu / wall, **extra}))
 """
 
 CHILD_PYCOLMAP = (
@@ -349,11 +352,17 @@ def time_fraction(root: Path, work: Path, fraction: float, repeats: int, steps: 
                 runs[step].append(run_child(CHILD_MINE, store, pairs, pythonpath=path))
             x = runs[step][-1]
             print(
-                f"  {fraction:g} run {r + 1} {step}: {x['seconds']:.2f} s, {x['peak_mib']:.0f} MiB, "
-                f"cpu {x['cpu']:.2f}, load {x['load']:.2f}",
+                f"  {fraction:g} run {r + 1} {step}: {x['seconds']:.2f} s, {x['peak_mib']:.0f} MiB"
+                f"{children(x)}, cpu {x['cpu']:.2f}, load {x['load']:.2f}",
                 flush=True,
             )
     return runs
+
+
+def children(run: dict) -> str:
+    """The peak of the step's largest child process (ingest's readers), where it had any."""
+    peak = run.get("children_peak_mib", 0)
+    return f" (+ {peak:.0f} MiB a reading process)" if peak else ""
 
 
 def _cpu_seconds(runs: list) -> float:
@@ -371,7 +380,8 @@ def summary(results: dict, counts: dict) -> None:
         for runs in results.values():
             x = runs[step]
             cells.append(
-                f"{statistics.median(r['seconds'] for r in x):.2f} s, {max(r['peak_mib'] for r in x):.0f} MiB, "
+                f"{statistics.median(r['seconds'] for r in x):.2f} s, {max(r['peak_mib'] for r in x):.0f} MiB"
+                f"{children(max(x, key=lambda r: r.get('children_peak_mib', 0)))}, "
                 f"cpu {statistics.median(r['cpu'] for r in x):.2f} ({_cpu_seconds(x):.1f} CPU s), "
                 f"load {statistics.median(r['load'] for r in x):.1f}"
             )
