@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sfmpairs.common import SfmpairsError, atomic_folder, provenance_attrs
+from sfmpairs.common import SfmpairsError, atomic_folder, one_line, provenance_attrs
 from sfmpairs.config import conf_dict, make_conf
 
 from .options import ReconstructConf
@@ -261,10 +261,12 @@ def write_models(models: list, work: Path, images_dir: Path, min_model_size: int
 
 
 class Stages:
-    """Times each stage and logs its start: ``with stages("matching", "..."):``."""
+    """Times each stage and logs its start: ``with stages("matching", "..."):``; an
+    error of pycolmap's (a RuntimeError from C++: e.g. a full disk, "No registered
+    database factory succeeded") becomes one line naming ``output`` and the stage."""
 
-    def __init__(self, total: int):
-        self.total, self.seconds = total, {}
+    def __init__(self, total: int, output: Path):
+        self.total, self.output, self.seconds = total, output, {}
 
     @contextlib.contextmanager
     def __call__(self, name: str, message: str):
@@ -272,11 +274,18 @@ class Stages:
         t0 = time.perf_counter()
         try:
             yield
+        except RuntimeError as e:
+            raise SfmpairsError(
+                f"{self.output}: pycolmap stopped in the {name} stage: {one_line(e)} (a full disk, or a folder "
+                f"that cannot be written?)"
+            ) from None
         finally:
             self.seconds[name] = round(time.perf_counter() - t0, 3)
 
 
-def run_stages(images_dir: Path, photos: list[Path], work: Path, conf: ReconstructConf, vocab_tree) -> dict:
+def run_stages(
+    images_dir: Path, photos: list[Path], work: Path, output: Path, conf: ReconstructConf, vocab_tree
+) -> dict:
     """Features, pairs (retrieval), matching, mapping and cleaning into ``work``."""
     import pycolmap
 
@@ -288,7 +297,7 @@ def run_stages(images_dir: Path, photos: list[Path], work: Path, conf: Reconstru
     )
     retrieval = conf.matcher == "retrieval"
     expand = retrieval and conf.expand > 0
-    stages = Stages(4 + retrieval + expand)
+    stages = Stages(4 + retrieval + expand, output)
     with stages("features", f"SIFT features of {len(photos)} photos in {images_dir}"):
         extract_features(db, images_dir, photos, conf, device)
     if retrieval:
@@ -363,7 +372,7 @@ def reconstruct(
     check_names(images_dir, photos, conf)
     with atomic_folder(output, overwrite) as work:
         work.mkdir()
-        result = run_stages(images_dir, photos, work, conf, vocab_tree)
+        result = run_stages(images_dir, photos, work, output, conf, vocab_tree)
         os.symlink(images_dir, work / "images", target_is_directory=True)
         result["seconds"] = round(time.perf_counter() - t0, 3)
         parameters = {**conf_dict(conf), "vocab_tree": str(Path(vocab_tree).resolve()) if vocab_tree else None}

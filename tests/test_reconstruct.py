@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -164,3 +166,27 @@ def test_a_failed_reconstruct_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(SfmpairsError, match="mapping failed"):
         reconstruct(tmp_path / "w" / "cluster_00" / "images", tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w"]  # no output, no temporary folder
+
+
+def test_a_full_disk_is_one_line(tmp_path):
+    """pycolmap's C++ errors (here: its database cannot be written under a 100 kB file
+    size limit) become one line naming the output and the stage, exit 2, nothing left."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    synth(tmp_path / "w", clusters=1, images_per_cluster=3, image_size=(64, 48))
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+
+    out = subprocess.run(
+        [sys.executable, "-m", "sfmpairs", "reconstruct", str(tmp_path / "w" / "cluster_00" / "images"), "-o",
+         str(tmp_path / "models"), "-q"],
+        capture_output=True, text=True, preexec_fn=limit, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert re.search(r"models: pycolmap stopped in the \w+ stage: ", out.stderr)
+    assert not (tmp_path / "models").exists()
