@@ -40,45 +40,6 @@ def read_pair_file(path: str | Path) -> dict:
     return out
 
 
-def check_pairs(path, p: dict) -> None:
-    """The pair file's tables agree: image indices (queries, positives, pools, negatives,
-    ground truth) within the images table, clusters within the clusters table, one row
-    per query in every per-query table, a valid CSR index of the val ground truth."""
-    n, clusters = len(p["names"]), len(p["cluster_names"])
-
-    def fail(what):
-        raise SfmpairsError(f"{path}: corrupt pair file ({what})")
-
-    if len(p["cluster"]) != n:
-        fail("images/cluster and images/name of different lengths")
-    if n and (p["cluster"].min() < 0 or p["cluster"].max() >= clusters):
-        fail("images/cluster out of range")
-    for split, d in p["splits"].items():
-        missing = [k for k in ("query", "positive", "images", "pool") if k not in d]
-        if missing:
-            fail(f"{split}/{missing[0]} missing")
-        q = d["query"]
-        if not isinstance(q, np.ndarray) or q.ndim != 1:
-            fail(f"{split}/query not a list of images")
-        for key, v in d.items():
-            if not isinstance(v, np.ndarray) or v.dtype.kind not in "biuf" or not v.ndim:
-                fail(f"{split}/{key} not a numeric table")
-            if key.startswith("pool") or key in ("positive", "negatives", "negative_similarity"):
-                if len(v) != len(q):
-                    fail(f"{split}/{key} has {len(v)} rows for {len(q)} queries")
-            if key in ("query", "positive", "images", "pool", "negatives", "gt_image"):
-                if v.dtype.kind not in "iu" or (v.size and (v.min() < -1 or v.max() >= n)):
-                    fail(f"{split}/{key}: image indices out of range")
-                if key in ("query", "positive", "images", "gt_image") and v.size and v.min() < 0:
-                    fail(f"{split}/{key}: image indices out of range")
-        if "gt_indptr" in d:
-            ip, gi = d["gt_indptr"], d.get("gt_image", np.zeros(0))
-            if len(ip) != len(q) + 1 or ip[0] != 0 or ip[-1] != len(gi) or np.any(np.diff(ip) < 0):
-                fail(f"{split}/gt_indptr is no index of {split}/gt_image")
-            if len(d.get("gt_co_observed", gi)) != len(gi):
-                fail(f"{split}/gt_co_observed and gt_image of different lengths")
-
-
 POOL_DATASETS = {
     "pool_co_observed": "co_observed",
     "pool_inlier_ratio": "inlier_ratio",
@@ -86,6 +47,68 @@ POOL_DATASETS = {
     "pool_distance": "distance",
     "pool_passes": "passes",
 }
+# Each split's tables and their number of dimensions (docs/formats.md)
+NDIM = {
+    **dict.fromkeys(("query", "positive", "images", "gt_indptr", "gt_image", "gt_co_observed"), 1),
+    **dict.fromkeys(("pool", *POOL_DATASETS, "negatives", "negative_similarity"), 2),
+}
+INDEX_TABLES = ("query", "positive", "images", "pool", "negatives", "gt_image")  # image indices, -1 padded in pools
+
+
+def check_pairs(path, p: dict) -> None:
+    """The pair file's tables agree: image names unique, every table of its documented
+    number of dimensions, image indices (queries, positives, pools, negatives, ground
+    truth) within the images table, clusters within the clusters table, one (Q, K) shape
+    for the pool tables (Q the queries) and one (Q, Nn) for the negatives', no padding
+    marked as passing, a valid CSR index of the val ground truth."""
+
+    def fail(what):
+        raise SfmpairsError(f"{path}: corrupt pair file ({what})")
+
+    for key, name in (("names", "images/name"), ("cluster", "images/cluster"), ("cluster_names", "clusters/name")):
+        if not isinstance(p[key], np.ndarray) or p[key].ndim != 1:
+            fail(f"{name} not a list")
+    n, clusters = len(p["names"]), len(p["cluster_names"])
+    if len(set(p["names"].tolist())) != n:
+        names, counts = np.unique(p["names"], return_counts=True)
+        fail(f"images/name holds {names[counts > 1][0]!r} more than once")
+    if len(p["cluster"]) != n:
+        fail("images/cluster and images/name of different lengths")
+    if p["cluster"].dtype.kind not in "iu" or (n and (p["cluster"].min() < 0 or p["cluster"].max() >= clusters)):
+        fail("images/cluster out of range")
+    for split, d in p["splits"].items():
+        required = ["query", "positive", "images", "pool", *POOL_DATASETS]
+        if "negatives" in d or "negative_similarity" in d:
+            required += ["negatives", "negative_similarity"]
+        missing = [k for k in required if k not in d]
+        if missing:
+            fail(f"{split}/{missing[0]} missing")
+        for key, v in d.items():
+            if not isinstance(v, np.ndarray) or v.dtype.kind not in "biuf" or not v.ndim:
+                fail(f"{split}/{key} not a numeric table")
+            if v.ndim != NDIM.get(key, v.ndim):
+                fail(f"{split}/{key} is {v.ndim}-D, not {NDIM[key]}-D")
+        q, pool = d["query"], d["pool"]
+        for key, v in d.items():
+            if key in ("positive", "pool", "negatives") and len(v) != len(q):
+                fail(f"{split}/{key} has {len(v)} rows for {len(q)} queries")
+            like = "pool" if key.startswith("pool") else "negatives" if key == "negative_similarity" else None
+            if like and v.shape != d[like].shape:
+                fail(f"{split}/{key} of shape {v.shape}, {split}/{like} of {d[like].shape}")
+            if key in INDEX_TABLES:
+                if v.dtype.kind not in "iu" or (v.size and (v.min() < -1 or v.max() >= n)):
+                    fail(f"{split}/{key}: image indices out of range")
+                if key in ("query", "positive", "images", "gt_image") and v.size and v.min() < 0:
+                    fail(f"{split}/{key}: image indices out of range")
+        if d["pool_passes"].dtype.kind != "b" or np.any(d["pool_passes"] & (pool < 0)):
+            fail(f"{split}/pool_passes not true or false for each pool slot (false for padding)")
+        if "gt_indptr" in d:
+            ip, gi = d["gt_indptr"], d.get("gt_image", np.zeros(0))
+            bad = ip.dtype.kind not in "iu" or len(ip) != len(q) + 1 or ip[0] != 0 or ip[-1] != len(gi)
+            if bad or np.any(np.diff(ip) < 0):
+                fail(f"{split}/gt_indptr is no index of {split}/gt_image")
+            if len(d.get("gt_co_observed", gi)) != len(gi):
+                fail(f"{split}/gt_co_observed and gt_image of different lengths")
 
 
 def write_pair_file(
