@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sfmpairs.common import SfmpairsError, atomic_folder, atomic_output, provenance_attrs
+from sfmpairs.common import SfmpairsError, atomic_folder, atomic_output, check_output_path, provenance_attrs
 from sfmpairs.config import conf_dict, make_conf
 from sfmpairs.paths import check_relative_names, place_photo
 
@@ -274,12 +274,15 @@ def export(
     provenance.update({k: json.loads(provenance[k]) for k in ("parameters", "inputs")})
     if fmt in ("cirtorch", "megadepth") or conf.per_model:
         return _export_folder(p, pairs, output, fmt, {**options, "conf": conf}, provenance)
+    side = output.with_name(output.name + ".provenance.json")
+    check_output_path(output, overwrite)  # both before the work
+    check_output_path(side, overwrite)
     with atomic_output(output, overwrite) as tmp:
         if fmt == "hloc":
             names = p["names"] if image_dir is None else names_under(p, images_root or p["images_root"], image_dir)
-            result = write_pairs(p, tmp, names, conf.all_passing)
+            result = write_pairs(p, tmp, names, conf.all_passing, pairs)
         else:
             result = export_csv(p, tmp)
-        with atomic_output(output.with_name(output.name + ".provenance.json"), True) as side:
-            _write_json(side, provenance)
+    with atomic_output(side, overwrite) as tmp:  # once the output is this run's, not a run that won a race
+        _write_json(tmp, provenance)
     return result

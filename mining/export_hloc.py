@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path, PurePosixPath
+import re
+from pathlib import Path
 
 import numpy as np
 
@@ -42,9 +43,18 @@ def pair_indices(p: dict, all_passing: bool = False, splits=("train", "val")) ->
     return np.concatenate(qs).astype(np.int64), np.concatenate(js).astype(np.int64)
 
 
-def _lines(names, q: np.ndarray, j: np.ndarray, where: str) -> str:
-    if any(" " in names[i] for i in np.unique(np.concatenate([q, j]))):
-        raise SfmpairsError(f"{where}: an image name holds a space: hloc's pairs format cannot carry it")
+# hloc reads a pairs file line by line and splits each line at whitespace (str.split:
+# any Unicode whitespace); a control character has no place in such a line either
+NOT_IN_LINES = re.compile(r"[\s\x00-\x1f\x7f-\x9f]")
+
+
+def _lines(names, q: np.ndarray, j: np.ndarray, where) -> str:
+    for i in np.unique(np.concatenate([q, j])):
+        if NOT_IN_LINES.search(names[i]):
+            raise SfmpairsError(
+                f"{where}: image name {names[i]!r} holds whitespace or a control character, which hloc's"
+                " pairs format (space-separated names, one pair a line) cannot carry"
+            )
     lines = [f"{names[a]} {names[b]}" for a, b in zip(q, j)]
     return "\n".join(lines) + ("\n" if lines else "")
 
@@ -59,38 +69,48 @@ def names_under(p: dict, images_root: Path, image_dir: Path) -> np.ndarray:
     return np.array(rel, dtype=object)
 
 
-def write_pairs(p: dict, output: Path, names, all_passing: bool) -> dict:
-    """One pairs file, ``name0 name1`` per line, with the given names."""
+def write_pairs(p: dict, output: Path, names, all_passing: bool, source=None) -> dict:
+    """One pairs file, ``name0 name1`` per line, with the given names (those of the pair
+    file ``source``, which an error names)."""
     q, j = pair_indices(p, all_passing)
-    output.write_text(_lines(names, q, j, str(output)), encoding="utf-8")
+    output.write_text(_lines(names, q, j, source or output), encoding="utf-8")
     return {"pairs": len(q)}
 
 
-def model_folder(name: str, k: int) -> str:
-    """The folder of model ``k`` in a per-model export: its name, when that is a plain relative path."""
-    parts = PurePosixPath(name).parts
-    if not parts or any(x in (".", "..") for x in parts) or PurePosixPath(name).is_absolute():
-        return f"model_{k}"
-    return str(PurePosixPath(*parts))
+def folder_name(name: str, taken: set) -> str:
+    """A file or folder name for ``name`` (a model's, which may hold '/', '..', a NUL):
+    anything but letters, digits, '-' and '_' replaced by '_' (``scene/sparse/0`` ->
+    ``scene_sparse_0``), so it is one plain word that leaves no folder, made unique with
+    ``_2``, ``_3``, ... among ``taken``, compared case-insensitively (as macOS and Windows
+    disks compare names); it is added to ``taken``."""
+    base = re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_") or "model"
+    folder, k = base, 1
+    while folder.lower() in taken:
+        k += 1
+        folder = f"{base}_{k}"
+    taken.add(folder.lower())
+    return folder
 
 
 def write_per_model(p: dict, folder: Path, store: dict, all_passing: bool) -> dict:
-    """``folder/<model name>/pairs.txt`` per model with pairs (names as the COLMAP model
-    has them) and ``folder/models.json``: each model's pairs file, model folder and
-    photo folder (hloc's ``reference_model`` and ``image_dir``)."""
+    """``folder/<model folder>/pairs.txt`` per model with pairs (names as the COLMAP
+    model has them; the model folder: :func:`folder_name` of the model's name) and
+    ``folder/models.json``: each model's name, pairs file, model folder and photo folder
+    (hloc's ``reference_model`` and ``image_dir``)."""
     q, j = pair_indices(p, all_passing)
     model_of = store["images/model"]
     if np.any(model_of[q] != model_of[j]):  # pools are per model: cannot happen with sfmpairs files
         raise SfmpairsError("a pair spans two models; a per-model export cannot hold it")
     colmap = store["images/colmap_name"]
-    entries = []
+    entries, taken = [], set()
     for k, name in enumerate(store["models/name"]):
         mine = model_of[q] == k
         if not mine.any():
             continue
-        rel = model_folder(name, k)
-        (folder / rel).mkdir(parents=True, exist_ok=True)
-        (folder / rel / "pairs.txt").write_text(_lines(colmap, q[mine], j[mine], name), encoding="utf-8")
+        rel = folder_name(name, taken)
+        (folder / rel).mkdir()
+        where = f"{store.get('path', 'the SfM store')}: model {name!r}"
+        (folder / rel / "pairs.txt").write_text(_lines(colmap, q[mine], j[mine], where), encoding="utf-8")
         entries.append(
             {
                 "model": name,

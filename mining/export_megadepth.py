@@ -32,7 +32,6 @@ from __future__ import annotations
 import json
 import logging
 import pickle
-import re
 import zlib
 from pathlib import Path
 
@@ -49,6 +48,7 @@ from sfmpairs.sfm_io.colmap_depth import (
     write_depth_h5,
 )
 
+from .export_hloc import folder_name
 from .pools import tracks, walk_pair_batches
 
 logger = logging.getLogger("sfmpairs.export")
@@ -203,14 +203,9 @@ def orientations(scene: str, count: int) -> np.ndarray:
 def scene_name(model_name: str, taken: set) -> str:
     """A file name for a model: its name (which holds '/') with anything but letters,
     digits, '-' and '_' replaced by '_', so that it is one plain word in the scene lists
-    (LoFTR reads a list line's first whitespace-separated word), made unique."""
-    base = re.sub(r"[^A-Za-z0-9_-]+", "_", model_name).strip("_") or "model"
-    name, k = base, 1
-    while name in taken:
-        k += 1
-        name = f"{base}_{k}"
-    taken.add(name)
-    return name
+    (LoFTR reads a list line's first whitespace-separated word), made unique among
+    ``taken`` case-insensitively (macOS disks: ``A`` and ``a`` are one file)."""
+    return folder_name(model_name, taken)
 
 
 def d2net_points(point_ids, point, xy, indptr, xyz_cam_z, K):

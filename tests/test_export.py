@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import os
 import pickle
+import re
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -16,6 +19,7 @@ from conftest import doc_example, synth_and_mine
 from sfmpairs import SfmpairsError
 from sfmpairs.cli import main
 from sfmpairs.mining.export import CIRTORCH_NAME, cid_of, export
+from sfmpairs.mining.export_megadepth import scene_name
 from sfmpairs.train.dataset import PairTuples
 
 
@@ -168,3 +172,84 @@ def test_export_cli_errors(mined, tmp_path):
     root, _ = mined
     r = CliRunner().invoke(main, ["export", str(root / "sfm.h5"), "--format", "csv", "-o", str(tmp_path / "x.csv")])
     assert r.exit_code == 2 and "not a pair file" in r.stderr and not (tmp_path / "x.csv").exists()
+
+
+@pytest.mark.parametrize("char", ["\n", "\r", "\t", " ", "\u00a0", "\u2028", "\x0b", "\x1f", "\x7f"])
+def test_hloc_refuses_names_that_break_its_lines(mined, tmp_path, char):
+    """hloc splits its pairs files into lines, and lines at whitespace: a name holding
+    whitespace or a control character is refused in one line naming the pair file."""
+    root, p = mined
+    pairs = tmp_path / "pairs.h5"
+    pairs.write_bytes((root / "pairs.h5").read_bytes())
+    names = list(p["names"])
+    names[p["train/query"][0]] += f"{char}foo.jpg"
+    with h5py.File(pairs, "r+") as f:
+        del f["images/name"]
+        f["images/name"] = np.array(names, dtype=h5py.string_dtype())
+    out = tmp_path / "p.txt"
+    r = CliRunner().invoke(main, ["export", str(pairs), "--format", "hloc", "-o", str(out)])
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+    assert f"{pairs}: image name {names[p['train/query'][0]]!r} holds whitespace" in r.stderr
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["pairs.h5"]  # no pairs file, no provenance
+
+
+def test_hloc_per_model_folders_are_unique_and_stay_inside(mined, tmp_path):
+    """Model names from a crafted store: one escaping its folder ('../../escape'), one
+    equal to another's made-up folder name, two that differ in case only (one file on
+    macOS disks) and one with a NUL: a folder each, inside the export, none replaced."""
+    root, _ = mined
+    store = tmp_path / "sfm.h5"
+    store.write_bytes((root / "sfm.h5").read_bytes())
+    names = ["../../escape", "model_0", "Model_0", "a\0b"]
+    with h5py.File(store, "r+") as f:
+        del f["models/name"]
+        f["models/name"] = np.array([n.encode() for n in names], dtype="S20")
+    out = tmp_path / "deep" / "out"
+    r = export(root / "pairs.h5", out, "hloc", per_model=True, store=store)
+    entries = json.loads((out / "models.json").read_text())
+    assert [e["model"] for e in entries] == names and r["models"] == 4
+    folders = [e["pairs_file"].removesuffix("/pairs.txt") for e in entries]
+    assert len({x.lower() for x in folders}) == 4  # distinct, also where case is ignored
+    assert all(re.fullmatch(r"[A-Za-z0-9_-]+", x) for x in folders)  # one plain word each
+    assert sorted(x.name for x in out.iterdir()) == sorted([*folders, "export.json", "models.json"])
+    for e in entries:  # every model's own pairs, none replaced by another's
+        assert len((out / e["pairs_file"]).read_text().splitlines()) == e["pairs"] > 0
+    assert sum(e["pairs"] for e in entries) == r["pairs"]
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["deep", "sfm.h5"]  # nothing escaped
+
+
+def test_megadepth_scene_names_differ_in_more_than_case():
+    taken = set()
+    assert [scene_name(n, taken) for n in ("Scene/0", "scene_0", "SCENE-0", "scene-0")] == [
+        "Scene_0",
+        "scene_0_2",
+        "SCENE-0",
+        "scene-0_2",
+    ]
+
+
+def test_hloc_provenance_is_published_after_the_pairs_file_and_never_replaced(mined, tmp_path, monkeypatch):
+    root, _ = mined
+    out, side = tmp_path / "pairs.txt", tmp_path / "pairs.txt.provenance.json"
+    side.write_text("the user's file")  # refused before the work, without --overwrite
+    with pytest.raises(SfmpairsError, match=r"pairs.txt.provenance.json: output exists; pass --overwrite"):
+        export(root / "pairs.h5", out, "hloc")
+    assert side.read_text() == "the user's file" and not out.exists()
+    export(root / "pairs.h5", out, "hloc", overwrite=True)
+    assert json.loads(side.read_text())["schema"] == "sfmpairs/export" and out.read_text()
+    # another run publishes its pairs file and provenance while this one works: it keeps both
+    import sfmpairs.mining.export as E
+
+    real = E.write_pairs
+
+    def other_run_finishes_first(*args, **kwargs):
+        other.write_text("OTHER RUN\n")
+        Path(f"{other}.provenance.json").write_text("OTHER RUN'S PROVENANCE")
+        return real(*args, **kwargs)
+
+    other = tmp_path / "race.txt"
+    monkeypatch.setattr(E, "write_pairs", other_run_finishes_first)
+    with pytest.raises(SfmpairsError, match="written meanwhile by another run"):
+        export(root / "pairs.h5", other, "hloc")
+    assert other.read_text() == "OTHER RUN\n"
+    assert Path(f"{other}.provenance.json").read_text() == "OTHER RUN'S PROVENANCE"
