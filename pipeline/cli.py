@@ -23,9 +23,22 @@ from sfmpairs.sfm_io.options import IngestConf, ReconstructConf  # noqa: E402
 from sfmpairs.train.options import TrainConf, parse_pretrained  # noqa: E402
 
 from . import __version__  # noqa: E402
-from .common import SfmpairsError  # noqa: E402
+from .common import SfmpairsError, check_folder_output, check_not_input  # noqa: E402
 from .config import click_options, given  # noqa: E402
 from .demo import DEMO  # noqa: E402
+
+# The arguments that name what a command writes; any other may name what it reads.
+_OUTPUTS = ("output", "run_dir", "workdir", "picture")
+
+
+def _refuse_output_as_input(kwargs: dict) -> None:
+    """An output that is one of the command's inputs (``mine sfm.h5 -o sfm.h5
+    --overwrite``) would destroy it: refused before any work, for every command."""
+    values = [v for k, v in kwargs.items() if k not in _OUTPUTS]
+    inputs = [x for v in values for x in (v if isinstance(v, tuple) else [v]) if isinstance(x, str)]
+    for key in _OUTPUTS:
+        if kwargs.get(key):
+            check_not_input(kwargs[key], inputs)
 
 
 def _fail_cleanly(fn):
@@ -36,6 +49,7 @@ def _fail_cleanly(fn):
         log, start = logging.getLogger("sfmpairs"), time.perf_counter()
         log.debug("sfmpairs %s: %s", fn.__name__, ", ".join(f"{k}={v}" for k, v in kwargs.items()))
         try:
+            _refuse_output_as_input(kwargs)
             result = fn(*args, **kwargs)
             log.debug("sfmpairs %s: done in %.1f s", fn.__name__, time.perf_counter() - start)
             return result
@@ -375,7 +389,10 @@ def info(file):
     "--distractors", type=int, default=0, show_default=True, help="Photos of no place (a model of their own)."
 )
 @click.option("--depth-maps", is_flag=True, help="Exact depth maps: MODEL/stereo/depth_maps/PHOTO.geometric.bin.")
-@_finish("Write into a folder that is not empty.")
+@_finish(
+    "Replace OUTPUT if it is not empty: only a folder an earlier sfmpairs run wrote (world.json, reconstruct.json "
+    "or export.json in it), never another folder or one that holds the current folder."
+)
 def synth(output, clusters, images_per_cluster, image_size, points, seed, overwrite, **options):
     """A synthetic world: textured building corners, rendered photos, exact COLMAP models.
 
@@ -414,7 +431,10 @@ def synth(output, clusters, images_per_cluster, image_size, points, seed, overwr
 )
 @click_options(ReconstructConf)
 @_file("--vocab-tree", help="Vocabulary tree file for vocab-tree.")
-@_finish("Replace OUTPUT if it is not empty.")
+@_finish(
+    "Replace OUTPUT if it is not empty: only a folder an earlier sfmpairs run wrote (reconstruct.json or another "
+    "sfmpairs output), never another folder or one that holds the photos or the current folder."
+)
 def reconstruct(images_dir, output, vocab_tree, overwrite, **options):
     """COLMAP models from a folder of photos (pycolmap: SIFT, matching, incremental mapping).
 
@@ -422,6 +442,7 @@ def reconstruct(images_dir, output, vocab_tree, overwrite, **options):
     """
     from sfmpairs.sfm_io.reconstruct import reconstruct as run
 
+    check_folder_output(output, overwrite, inputs=[images_dir])  # before the work, never over the photos
     r = run(images_dir, output, vocab_tree=vocab_tree, overwrite=overwrite, **given(options))
     click.echo(
         f"{len(r['models'])} models from {r['photos']} photos; registered: "

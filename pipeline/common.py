@@ -32,17 +32,32 @@ class SfmpairsError(Exception):
     exit_code = 2
 
 
-def check_output_path(path: str | os.PathLike, overwrite: bool) -> Path:
-    """Refuse to overwrite a user's file unless asked; make sure the folder exists."""
+def check_output_path(path: str | os.PathLike, overwrite: bool, inputs=()) -> Path:
+    """Refuse to overwrite a user's file unless asked, or to write over one of the
+    command's ``inputs``; make sure the folder exists."""
     path = Path(path)
-    if path.exists() and not overwrite:
+    check_not_input(path, inputs)
+    if (path.exists() or path.is_symlink()) and not overwrite:  # a dangling link too
         raise SfmpairsError(f"{path}: output exists; pass --overwrite to replace it")
     if path.is_dir():
         raise SfmpairsError(f"{path}: output is a directory")
     parent = path.parent if str(path.parent) else Path(".")
+    if parent.exists() and not parent.is_dir():
+        raise SfmpairsError(f"{parent}: is a file, not a folder (the output's folder)")
     if not parent.is_dir():
         raise SfmpairsError(f"{parent}: output folder does not exist")
     return path
+
+
+def check_not_input(output: str | os.PathLike, inputs) -> None:
+    """Refuse an ``output`` that is one of ``inputs`` (the same file under any name, e.g.
+    ``mine sfm.h5 -o sfm.h5 --overwrite``): writing it would destroy what is read."""
+    if not os.path.exists(output):
+        return
+    for given in inputs:
+        with contextlib.suppress(OSError, ValueError, TypeError):
+            if given is not None and os.path.samefile(output, given):
+                raise SfmpairsError(f"{output}: output is the input {given}; write it elsewhere")
 
 
 # Errors of writing that mean the disk (or the user's quota, or a file-size limit) is
@@ -80,18 +95,22 @@ def _temp_prefix(path: Path) -> str:
     return f".{path.name}.{socket.gethostname()}-"
 
 
-def _remove_stale_temps(path: Path) -> None:
-    """Remove the temporary files that killed runs left for ``path`` on this host."""
+def _remove_stale_temps(path: Path, where: Path | None = None) -> None:
+    """Remove the temporary files (or scratch folders, :func:`atomic_folder`) that
+    killed runs left for ``path`` on this host, in ``where`` (default: its folder)."""
     prefix = _temp_prefix(path)
-    for tmp in path.parent.glob(glob.escape(prefix) + "*.tmp"):
+    for tmp in (where or path.parent).glob(glob.escape(prefix) + "*.tmp"):
         pid = tmp.name[len(prefix) :].split(".", 1)[0]
         if not pid.isdigit() or int(pid) == os.getpid():
             continue
         try:
             os.kill(int(pid), 0)
         except ProcessLookupError:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
+            if tmp.is_dir() and not tmp.is_symlink():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
         except OSError:  # alive, another user's
             pass
 
@@ -119,16 +138,17 @@ def _publish(tmp: Path, path: Path, overwrite: bool) -> None:
 
 
 @contextlib.contextmanager
-def atomic_output(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+def atomic_output(path: str | os.PathLike, overwrite: bool = False, inputs=()) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; move it to ``path`` on success.
 
     On any exception the temporary file is removed, so a failed run leaves no partial
     output behind; a failure to write (a full disk, a file-size limit) becomes one line
     naming ``path``. Two runs writing ``path`` at once: each writes its own temporary
     file and, without ``overwrite``, the second to finish fails (the file is one run's
-    whole output, never a mix). Temporary files of killed runs are removed.
+    whole output, never a mix). Temporary files of killed runs are removed. ``path`` is
+    never one of ``inputs`` (:func:`check_not_input`).
     """
-    path = check_output_path(path, overwrite)
+    path = check_output_path(path, overwrite, inputs)
     _remove_stale_temps(path)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f"{_temp_prefix(path)}{os.getpid()}.", suffix=".tmp", dir=path.parent)
@@ -152,35 +172,112 @@ def atomic_output(path: str | os.PathLike, overwrite: bool = False) -> Iterator[
             tmp.unlink()
 
 
+# What the folder outputs of sfmpairs hold (synth, reconstruct, export): with
+# --overwrite, a folder is replaced only if it is empty or holds one of these, never a
+# folder of the user's (their photos, their project).
+FOLDER_MARKERS = ("world.json", "reconstruct.json", "export.json")
+
+
+def _real_path(target: Path) -> Path:
+    """``target`` absolute with the links of its folders resolved, but not a link at
+    ``target`` itself (replacing a link replaces the link, not what it points to)."""
+    if target.name in ("", ".."):
+        return target.resolve()
+    return target.parent.resolve() / target.name
+
+
+def _refuse_holding(target: Path, real: Path, inputs) -> None:
+    """Replacing the folder ``target`` (at ``real``) must not delete the current folder
+    or one of ``inputs``: refused if it is, or holds, one of them."""
+    held = [(Path.cwd(), "the current folder")] + [(Path(i).resolve(), f"the input {i}") for i in inputs if i]
+    for path, what in held:
+        if path == real or real in path.parents:
+            raise SfmpairsError(f"{target}: output folder holds {what}; write the output elsewhere")
+
+
+def check_folder_output(target: str | os.PathLike, overwrite: bool, inputs=()) -> Path:
+    """The folder output ``target`` may be replaced: it is not, nor holds, the current
+    folder or one of ``inputs``; without ``overwrite`` it is absent or an empty folder;
+    with it, also a folder an earlier run wrote (:data:`FOLDER_MARKERS`), a file or a
+    link. Otherwise one line naming ``target`` and why. Returns its real path."""
+    target = Path(target)
+    real = _real_path(target)
+    if real.is_dir() and not real.is_symlink():
+        _refuse_holding(target, real, inputs)
+        if next(real.iterdir(), None) is None:
+            return real  # empty
+        if not overwrite:
+            raise SfmpairsError(f"{target}: folder exists and is not empty; pass --overwrite")
+        if not any((real / m).is_file() for m in FOLDER_MARKERS):
+            raise SfmpairsError(
+                f"{target}: folder is not an sfmpairs output (no {', '.join(FOLDER_MARKERS)}); "
+                "--overwrite replaces only those: remove it yourself or choose another folder"
+            )
+    elif (real.exists() or real.is_symlink()) and not overwrite:
+        raise SfmpairsError(f"{target}: output exists; pass --overwrite to replace it")
+    return real
+
+
+def _publish_folder(new: Path, real: Path, target: Path, overwrite: bool, aside: Path) -> None:
+    """Move the finished folder ``new`` to ``real``. With ``overwrite``, what is there
+    (the old output, checked replaceable) is first moved ``aside`` (into the scratch
+    folder, deleted with it) and put back if ``new`` cannot be moved in: an interrupted
+    --overwrite keeps the old output or the new, never neither. Without it the rename
+    replaces at most an empty folder: it fails on what another run published meanwhile."""
+    if overwrite and (real.exists() or real.is_symlink()):
+        os.rename(real, aside)
+        try:
+            os.rename(new, real)
+        except BaseException:
+            os.rename(aside, real)
+            raise
+        return
+    try:
+        os.rename(new, real)
+    except OSError as e:
+        if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+            raise
+        raise SfmpairsError(
+            f"{target}: output exists (written meanwhile by another run); pass --overwrite to replace it"
+        ) from None
+
+
 @contextlib.contextmanager
-def atomic_folder(target: str | os.PathLike, overwrite: bool = False, scratch_in: Path | None = None):
+def atomic_folder(
+    target: str | os.PathLike, overwrite: bool = False, scratch_in: Path | None = None, inputs=()
+) -> Iterator[Path]:
     """Yield a fresh path (not yet made) to build a folder output in; it replaces
     ``target`` at the end, or vanishes on error, so a failed run leaves ``target`` as it
-    was; a failure to write (a full disk) is one line naming ``target``. The scratch
-    folder is made in ``scratch_in`` (default: ``target``'s folder)."""
+    was; a failure to write (a full disk) is one line naming ``target``.
+
+    ``target`` is never the current folder or a folder holding it or one of ``inputs``
+    (the paths the command reads); with ``overwrite`` it may be a folder an earlier run
+    wrote (it holds one of :data:`FOLDER_MARKERS`), without it only an empty one
+    (:func:`check_folder_output`). The scratch folder, ``.NAME.HOST-PID.XXXXXXXX.tmp``
+    as :func:`atomic_output` names its files, is made in ``scratch_in`` (default:
+    ``target``'s folder); those of killed runs are removed. Without ``overwrite``, an
+    output that another run publishes meanwhile is not replaced (one line)."""
     target = Path(target)
-    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
-        raise SfmpairsError(f"{target}: folder exists and is not empty; pass --overwrite")
-    scratch_in = Path(scratch_in) if scratch_in is not None else target.parent
+    real = check_folder_output(target, overwrite, inputs)
+    scratch_in = Path(scratch_in) if scratch_in is not None else real.parent
     scratch, made = None, not scratch_in.exists()
     try:
         scratch_in.mkdir(parents=True, exist_ok=True)
-        scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.sfmpairs-", suffix=".tmp", dir=scratch_in))
+        _remove_stale_temps(real, scratch_in)
+        scratch = Path(tempfile.mkdtemp(prefix=f"{_temp_prefix(real)}{os.getpid()}.", suffix=".tmp", dir=scratch_in))
         yield scratch / "out"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if target.is_dir() and not target.is_symlink():
-            shutil.rmtree(target)
-        elif target.exists() or target.is_symlink():
-            target.unlink()
-        os.replace(scratch / "out", target)
+        real.parent.mkdir(parents=True, exist_ok=True)
+        if overwrite:  # what is there now, perhaps not what was there at the start
+            check_folder_output(target, overwrite, inputs)
+        _publish_folder(scratch / "out", real, target, overwrite, scratch / "old")
     except OSError as e:
         raise SfmpairsError(
             f"{target}: cannot write ({write_failure(e) or e.strerror or e}); nothing written"
         ) from None
     finally:
-        if scratch is not None:
+        if scratch is not None:  # with the old output, once replaced
             shutil.rmtree(scratch, ignore_errors=True)
-        if made and not target.exists():  # the folder made for the scratch, left empty by a failure
+        if made and not real.exists():  # the folder made for the scratch, left empty by a failure
             with contextlib.suppress(OSError):
                 scratch_in.rmdir()
 
@@ -260,13 +357,44 @@ def open_h5(path: str | os.PathLike, what: str, opener=None):
 
     path = Path(path)
     try:
-        return (opener or h5py.File)(path, "r")
+        h5 = (opener or h5py.File)(path, "r")
     except FileNotFoundError:
         raise SfmpairsError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise SfmpairsError(f"{path}: is a folder, not a {what}") from None
     except OSError as e:
         raise SfmpairsError(f"{path}: not an HDF5 file ({one_line(e)})") from None
+    try:
+        with h5_errors(path, what):
+            check_self_contained(h5, path)
+    except SfmpairsError:
+        h5.close()
+        raise
+    return h5
+
+
+def check_self_contained(h5, path) -> None:
+    """Refuse an HDF5 file that reads other files: an external link, a dataset whose
+    data is kept in another file (external storage) or a virtual dataset. Crafted, they
+    read any file of the machine into the output, or block for ever on a FIFO. Only the
+    links and the datasets' headers are read, not their data."""
+    import h5py
+
+    def other_file(name, link):  # returning a value stops the visit
+        if isinstance(link, h5py.ExternalLink):
+            return name, link.filename
+        if isinstance(link, h5py.HardLink) and isinstance(obj := h5[name], h5py.Dataset):
+            if obj.external:
+                return name, obj.external[0][0]
+            if obj.is_virtual:
+                return name, obj.virtual_sources()[0].file_name
+        return None
+
+    found = h5.visititems_links(other_file)
+    if found is not None:
+        raise SfmpairsError(
+            f"{path}: {found[0]} reads another file ({found[1]}); sfmpairs reads self-contained files only"
+        )
 
 
 # What h5py raises reading a corrupt HDF5 file (a bad signature, an address past the end,
@@ -290,6 +418,8 @@ def h5_errors(path, kind: str):
         raise
     except FileNotFoundError:
         raise SfmpairsError(f"{path}: no such file") from None
+    except MemoryError:  # a dataset declared huge: a few bytes of a crafted file
+        raise SfmpairsError(f"{path}: corrupt or crafted {kind} (declares a dataset too large to read)") from None
     except H5_READ_ERRORS as e:
         raise SfmpairsError(f"{path}: corrupt or incomplete {kind} ({one_line(e)})") from None
 
