@@ -213,7 +213,7 @@ def _export_folder(p: dict, pairs, output: Path, fmt: str, options: dict, proven
         check_cirtorch_clusters(p, pairs, options["neg_num"], options["strict"])
         root = Path(options["images_root"] or p["images_root"] or ".")
         target = output / "train" / CIRTORCH_NAME
-        with atomic_folder(target, overwrite, output) as tmp:  # built beside the target: no partial export
+        with atomic_folder(target, overwrite, output, inputs=[pairs, root]) as tmp:  # built beside the target
             result = export_cirtorch(p, root, tmp, provenance, options["copy"], options["all_passing"])
         result["database"] = str(target / f"{CIRTORCH_NAME}.pkl")
         return result
@@ -222,11 +222,11 @@ def _export_folder(p: dict, pairs, output: Path, fmt: str, options: dict, proven
         from .export_megadepth import export_megadepth
 
         root = Path(options["images_root"] or p["images_root"] or ".")
-        with atomic_folder(output, overwrite, output.parent) as tmp:
+        with atomic_folder(output, overwrite, output.parent, inputs=[pairs, root, store["path"]]) as tmp:
             result = export_megadepth(p, Path(store["path"]), root, tmp, options["conf"], provenance, output)
             _write_json(tmp / "export.json", {**provenance, "scenes": result.pop("manifest")})
         return result
-    with atomic_folder(output, overwrite, output.parent) as tmp:
+    with atomic_folder(output, overwrite, output.parent, inputs=[pairs, store["path"]]) as tmp:
         tmp.mkdir()
         result = write_per_model(p, tmp, store, options["all_passing"])
         _write_json(tmp / "export.json", provenance)

@@ -370,7 +370,7 @@ def reconstruct(
     photos = list_photos(images_dir)
     check_settings(conf, vocab_tree)
     check_names(images_dir, photos, conf)
-    with atomic_folder(output, overwrite) as work:
+    with atomic_folder(output, overwrite, inputs=[images_dir]) as work:
         work.mkdir()
         result = run_stages(images_dir, photos, work, output, conf, vocab_tree)
         os.symlink(images_dir, work / "images", target_is_directory=True)

@@ -100,7 +100,7 @@ def test_cirtorch_export_follows_its_reader_conventions(mined, tmp_path):
         for cid, i in zip(db[split]["cids"], p[f"{split}/images"]):
             with open(os.path.join(p["images_root"], p["names"][i]), "rb") as fh:
                 assert (db_root / "ims" / cid[-2:] / cid[-4:-2] / cid[-6:-4] / cid).read_bytes() == fh.read()
-    assert not [x for x in (tmp_path / "data").iterdir() if x.name.startswith(".sfmpairs-export")]
+    assert not [x for x in (tmp_path / "data").rglob("*") if x.name.endswith(".tmp")]  # no scratch left
 
 
 def test_hloc_and_csv_exports(mined, tmp_path):

@@ -320,7 +320,7 @@ def test_names_that_leave_the_folder_are_refused(world, tmp_path, fmt, store_nam
     assert "\n" not in message and repr(bad) in message
     assert str(tmp_path / ("sfm.h5" if colmap_name else "pairs.h5")) in message
     assert not out.exists() and not (tmp_path.parent / "escape.jpg").exists()
-    assert not [x for x in os.listdir(tmp_path) if x.startswith(".sfmpairs")]  # no scratch left behind
+    assert not [x for x in os.listdir(tmp_path) if x.endswith(".tmp")]  # no scratch left behind
 
 
 def test_megadepth_options_and_no_overwrite(world, tmp_path):
