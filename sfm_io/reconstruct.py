@@ -205,11 +205,24 @@ def match_features(db: Path, conf: ReconstructConf, vocab_tree, device, pairs_fi
         pycolmap.match_vocabtree(db, pairing_options=pairing, device=device)
 
 
-def map_models(db: Path, images_dir: Path, work: Path) -> list:
-    """Incremental mapping: the mapper's models, in its order."""
+def mapper_options(num_photos: int, min_model_size: int):
+    """The incremental mapper's options: COLMAP's, except that it may make as many
+    models as the photos allow (COLMAP stops at 50: a folder of more places lost the
+    rest) and keeps models from ``min_model_size`` photos (sfmpairs' minimum, applied
+    again once shared photos are taken out)."""
     import pycolmap
 
-    models = pycolmap.incremental_mapping(db, images_dir, work / "mapper")
+    options = pycolmap.IncrementalPipelineOptions()
+    options.max_num_models = max(options.max_num_models, num_photos // max(min_model_size, 2))
+    options.min_model_size = min_model_size
+    return options
+
+
+def map_models(db: Path, images_dir: Path, work: Path, options) -> list:
+    """Incremental mapping (:func:`mapper_options`): the mapper's models, in its order."""
+    import pycolmap
+
+    models = pycolmap.incremental_mapping(db, images_dir, work / "mapper", options)
     shutil.rmtree(work / "mapper", ignore_errors=True)
     if not models:
         raise SfmpairsError(f"{images_dir}: no model could be reconstructed (too few matching photos)")
@@ -309,7 +322,7 @@ def run_stages(
         with stages("expansion", f"matching photos that share a verified neighbour ({conf.expand} rounds at most)"):
             expand_matches(db, work, conf, device)
     with stages("mapping", "incremental mapping"):
-        models = map_models(db, images_dir, work)
+        models = map_models(db, images_dir, work, mapper_options(len(photos), conf.min_model_size))
     with stages("cleaning", f"each photo in one model, models of at least {conf.min_model_size} photos"):
         kept, dropped = clean_models(models, conf.min_model_size)
         registered = write_models(kept, work, images_dir, conf.min_model_size)

@@ -190,3 +190,15 @@ def test_a_full_disk_is_one_line(tmp_path):
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
     assert re.search(r"models: pycolmap stopped in the \w+ stage: ", out.stderr)
     assert not (tmp_path / "models").exists()
+
+
+def test_the_mapper_may_make_a_model_per_place_and_keeps_small_ones_when_asked():
+    """COLMAP's mapper stops at 50 models: 2,000 photos of 100 places gave exactly 50
+    (benchmarks/bench_reconstruct.py). sfmpairs lets it make as many as the photos allow,
+    and passes --min-model-size on (COLMAP's mapper drops models under its own 10)."""
+    from sfmpairs.sfm_io.reconstruct import mapper_options
+
+    many = mapper_options(2_000, 10)
+    assert many.max_num_models >= 200 and many.min_model_size == 10
+    assert mapper_options(30, 10).max_num_models == 50  # never fewer than COLMAP's
+    assert mapper_options(2_000, 2).min_model_size == 2 and mapper_options(2_000, 2).max_num_models >= 1_000
