@@ -360,9 +360,10 @@ def time_fraction(root: Path, work: Path, fraction: float, repeats: int, steps: 
 
 
 def children(run: dict) -> str:
-    """The peak of the step's largest child process (ingest's readers), where it had any."""
+    """The peak of the step's largest child process (ingest's reading processes; for other steps any
+    helper process an import starts), where it had any."""
     peak = run.get("children_peak_mib", 0)
-    return f" (+ {peak:.0f} MiB a reading process)" if peak else ""
+    return f" (+ {peak:.0f} MiB its largest child process)" if peak else ""
 
 
 def _cpu_seconds(runs: list) -> float:
