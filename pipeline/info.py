@@ -172,9 +172,9 @@ SUMMARIES = {
 def _checkpoint_summary(path: Path) -> list[str]:
     from sfmpairs.retrieval.network import read_checkpoint
 
-    state = read_checkpoint(path)
-    config = state.get("config", {})
-    weights = sum(v.numel() for v in state.get("state_dict", {}).values())
+    state = read_checkpoint(path)  # its config, state dict, epoch and val_map checked
+    config = state["config"]
+    weights = sum(v.numel() for v in state["state_dict"].values())
     lines = [
         f"checkpoint  {config.get('arch')} + {config.get('pool')}, whitening "
         f"{config.get('whitening') or 'none'}, image size {config.get('image_size')}"

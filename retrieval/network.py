@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -368,13 +369,17 @@ def save_checkpoint(path: str | Path, net: RetrievalNet, overwrite: bool = True,
 def _refused(path: Path, error: Exception) -> SfmpairsError:
     """The one line for a file whose unpickling would call something other than torch's
     tensors and plain data (``torch.load(weights_only=True)`` refused it)."""
-    import re
+    import json
+    import shlex
 
     found = re.search(r"GLOBAL ([\w.]+)", str(error))
     what = found.group(1) if found else "a function"
+    # the path as a Python literal (JSON's double-quoted string is one) in a shell-quoted command
+    code = "from sfmpairs.retrieval.network import convert_checkpoint; "
+    code += f'convert_checkpoint({json.dumps(str(path))}, "new.pt")'
     fix = (
-        f"; if you made it with sfmpairs 0.3 or older and trust it, convert it: python -c "
-        f"\"from sfmpairs.retrieval.network import convert_checkpoint; convert_checkpoint('{path}', 'new.pt')\""
+        f"; if you made it with sfmpairs 0.3 or older, convert it (this reads its numbers and arrays and runs "
+        f"nothing of it): python -c {shlex.quote(code)}"
         if what.startswith("numpy")
         else ""
     )
@@ -398,26 +403,133 @@ def load_plain(path: Path, what: str, device: str | torch.device = "cpu"):
         raise SfmpairsError(f"{path}: not {what} ({type(e).__name__})") from None
 
 
-def read_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> dict:
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _is_count(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x > 0
+
+
+# what each consumer reads of a checkpoint: (key, test, what it must be); a key may be absent
+# where a default stands in (DEFAULT_CONFIG; epoch and val_map of a checkpoint not from train)
+_CONFIG_CHECKS = (
+    ("arch", lambda v: isinstance(v, str), "text"),
+    ("pool", lambda v: isinstance(v, str), "text"),
+    ("p", _is_number, "a number"),
+    ("whitening", lambda v: v is None or _is_count(v), "null or a positive integer"),
+    ("image_size", _is_count, "a positive integer"),
+    ("train_image_size", _is_count, "a positive integer"),
+    ("mean", lambda v: isinstance(v, (list, tuple)) and len(v) == 3 and all(map(_is_number, v)), "3 numbers"),
+    ("std", lambda v: isinstance(v, (list, tuple)) and len(v) == 3 and all(map(_is_number, v)), "3 numbers"),
+)
+_STATE_CHECKS = (
+    ("epoch", lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    ("val_map", lambda v: v is None or _is_number(v), "null or a number"),
+)
+# the training state of last.pt, which train --resume reads
+_TRAIN_CHECKS = (
+    ("epoch", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0"),
+    ("best_map", lambda v: v is None or _is_number(v), "null or a number"),
+    ("optimizer", lambda v: isinstance(v, dict), "a dict"),
+    ("scheduler", lambda v: isinstance(v, dict), "a dict"),
+    ("scaler", lambda v: isinstance(v, dict), "a dict"),
+    ("rng", lambda v: isinstance(v, dict) and isinstance(v.get("torch"), torch.Tensor), "a dict with a torch state"),
+    ("best_epoch", lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool)), "null or an integer"),
+)
+_TRAIN_OPTIONAL = ("best_epoch",)  # runs of sfmpairs 0.1: read from best.pt
+
+
+def _structure_problem(state: dict, training: bool) -> str | None:
+    """The first thing wrong with a checkpoint dict for the commands that read it; None if
+    nothing is."""
+    config, weights = state.get("config"), state.get("state_dict")
+    if not isinstance(config, dict):
+        return "no config" if config is None else f"config is {type(config).__name__}, not a dict"
+    if not isinstance(weights, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in weights.items()
+    ):
+        return "no state_dict" if weights is None else "state_dict is not a dict of named tensors"
+    checks = [("config " + k, config, k, test, what) for k, test, what in _CONFIG_CHECKS]
+    checks += [(k, state, k, test, what) for k, test, what in _STATE_CHECKS]
+    if training:
+        train = state.get("train")
+        if not isinstance(train, dict):
+            return "no training state (train)" if train is None else f"train is {type(train).__name__}, not a dict"
+        missing = [k for k, *_ in _TRAIN_CHECKS if k not in train and k not in _TRAIN_OPTIONAL]
+        if missing:
+            return f"the training state (train) lacks {missing[0]}"
+        checks += [("train " + k, train, k, test, what) for k, test, what in _TRAIN_CHECKS]
+    for name, where, key, test, what in checks:
+        if key in where and not test(where[key]):
+            return f"{name} must be {what}, not {_short_repr(where[key])}"
+    return None
+
+
+def _short_repr(value) -> str:
+    text = repr(value) if not isinstance(value, torch.Tensor) else f"a tensor of shape {tuple(value.shape)}"
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def read_checkpoint(path: str | Path, device: str | torch.device = "cpu", training: bool = False) -> dict:
     """The checkpoint dict of a checkpoint file; a clear error for anything else.
 
     Read with ``torch.load(weights_only=True)``: tensors and plain Python data only, so
     that a file from elsewhere runs no code when read; one whose unpickling would call
     anything else is refused, naming what it would call. Checkpoints of every sfmpairs
     version hold only such data and load as they are (those holding numpy values, if
-    any, are refused with the command that converts them: :func:`convert_checkpoint`)."""
+    any, are refused with the command that converts them: :func:`convert_checkpoint`).
+
+    Its content is checked for what extract, evaluate, info and (``training``: the
+    training state of ``last.pt``) train --resume read: a config dict of the right types,
+    a state dict of tensors, ``epoch`` and ``val_map``; the first problem is one line
+    naming the file."""
     path = Path(path)
     state = load_plain(path, "a checkpoint", device)
     if not isinstance(state, dict) or state.get("schema") != CHECKPOINT_SCHEMA:
         raise SfmpairsError(f"{path}: not an sfmpairs checkpoint")
+    problem = _structure_problem(state, training)
+    if problem is not None:
+        raise SfmpairsError(f"{path}: a damaged sfmpairs checkpoint: {problem}")
     return state
 
 
+def _numpy_globals() -> list:
+    """The numpy objects a checkpoint of sfmpairs 0.3 or older may hold: numeric scalars
+    and arrays (and their dtypes), for ``torch.serialization.safe_globals``; the functions
+    under both module names numpy has pickled them with (``numpy.core``, ``numpy._core``)."""
+    import numpy as np
+
+    multiarray = getattr(np, "_core", None) or np.core
+    functions = [
+        (getattr(multiarray.multiarray, name), f"{module}.multiarray.{name}")
+        for name in ("scalar", "_reconstruct")
+        for module in ("numpy.core", "numpy._core")
+    ]
+    dtypes = {type(np.dtype(code)) for code in "?bhilqBHILQefd"}
+    return [np.dtype, np.ndarray, *functions, *sorted(dtypes, key=str)]
+
+
 def convert_checkpoint(source: str | Path, target: str | Path) -> None:
-    """Rewrite a checkpoint that holds numpy values as plain data (:func:`plain`), which
-    :func:`read_checkpoint` reads. This loads ``source`` with ``weights_only=False``,
-    which runs whatever the file asks: only for a file you made or trust."""
-    state = torch.load(Path(source), map_location="cpu", weights_only=False)
+    """Rewrite a checkpoint that holds numpy values (numeric scalars and arrays, as
+    sfmpairs 0.3 and older could write) as plain data (:func:`plain`), which
+    :func:`read_checkpoint` reads. ``source`` is read as :func:`load_plain` reads, with
+    only those numpy types admitted besides: nothing of the file runs, and a file that
+    asks for anything else is refused in one line."""
+    source = Path(source)
+    if not source.is_file():
+        raise SfmpairsError(f"{source}: no such file")
+    try:
+        with torch.serialization.safe_globals(_numpy_globals()):
+            state = torch.load(source, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)|but got <class '([\w.]+)'>", str(e))
+        what = next((g for g in found.groups() if g), "?") if found else "something else"
+        raise SfmpairsError(
+            f"{source}: refused: it holds {what}, not only the numbers and arrays of an older sfmpairs checkpoint"
+        ) from None
+    except Exception as e:  # a truncated or foreign file
+        raise SfmpairsError(f"{source}: not a checkpoint ({type(e).__name__})") from None
     if not isinstance(state, dict) or state.get("schema") != CHECKPOINT_SCHEMA:
         raise SfmpairsError(f"{source}: not an sfmpairs checkpoint")
     with atomic_output(target, overwrite=False) as tmp:
@@ -427,8 +539,12 @@ def convert_checkpoint(source: str | Path, target: str | Path) -> None:
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
     """(network, checkpoint dict) from a checkpoint file; a clear error for anything else."""
     state = read_checkpoint(path, device)
-    with torch.device("meta"):  # no random initialisation to overwrite: about 0.1 s saved
-        net = build_network(state["config"])
+    try:
+        with torch.device("meta"):  # no random initialisation to overwrite: about 0.1 s saved
+            net = build_network(state["config"])
+    except SfmpairsError as e:  # an architecture or pooling this version does not know
+        raise SfmpairsError(f"{path}: {e}") from None
+    fit_weights(state["state_dict"], net, set(), net.config["arch"], path)  # names the keys that do not fit
     try:
         net.load_state_dict(state["state_dict"], assign=True)
     except RuntimeError as e:

@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import os
+import shlex
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -164,3 +167,73 @@ def test_imagenet_weights_in_the_hub_cache_are_read_as_data_only(tmp_path, monke
     torch.save({"conv1.weight": torch.zeros(3, 3)}, cache)
     with pytest.raises(SfmpairsError, match="conv1.weight"):
         build_network({"arch": "resnet18"}, pretrained=True)
+
+
+def _hint(path) -> str:
+    """The conversion command the refusal of ``path`` suggests, as a shell runs it here."""
+    with pytest.raises(SfmpairsError) as e:
+        read_checkpoint(path)
+    text = str(e.value)
+    assert "\n" not in text and ": python -c " in text, text
+    return shlex.quote(sys.executable) + " -c " + text.split(": python -c ", 1)[1]
+
+
+def test_the_suggested_conversion_runs_nothing_of_a_crafted_checkpoint(tmp_path):
+    """The author of a file decides which global its refusal names first: numpy first,
+    sfmpairs suggested convert_checkpoint, which loaded with weights_only=False and ran
+    the payload. Conversion now reads numbers and arrays only."""
+    marker = tmp_path / "marker"
+    net = build_network({"arch": "resnet18"})
+    payloads = {
+        "scalar-first": [np.float64(1.0), RunsAShellCommand(marker)],
+        "dtype-first": [np.dtype("O"), RunsAShellCommand(marker)],
+        "array-first": [np.arange(3), WritesAMarker(marker)],
+    }
+    for name, payload in payloads.items():
+        path = tmp_path / f"{name}.pt"
+        torch.save({"schema": CHECKPOINT_SCHEMA, "config": dict(net.config), "x": payload}, path)
+        command = _hint(path)
+        r = subprocess.run(command, shell=True, cwd=tmp_path, capture_output=True, text=True)
+        assert r.returncode != 0 and "refused" in r.stderr, (name, r.stderr)
+        assert not marker.exists() and not (tmp_path / "new.pt").exists(), name
+        with pytest.raises(SfmpairsError, match=rf"{name}\.pt: refused: it holds .*, not only the numbers") as e:
+            convert_checkpoint(path, tmp_path / "x.pt")
+        assert "\n" not in str(e.value) and not marker.exists() and not (tmp_path / "x.pt").exists()
+    torch.load(tmp_path / "scalar-first.pt", weights_only=False)  # the payload is live
+    assert marker.exists()
+
+
+def test_an_old_checkpoint_with_numpy_values_converts_by_the_suggested_command(tmp_path):
+    """Numpy scalars and arrays (what an old writer could leave) convert to plain numbers
+    and tensors; the command quotes the path for the shell and for Python."""
+    net = build_network({"arch": "resnet18"})
+    folder = tmp_path / 'it\'s a "run" $(touch pwned)'
+    folder.mkdir()
+    extra = {"val_map": np.float64(0.25), "train": {"epoch": np.int64(3), "a": np.arange(3, dtype=np.float32)}}
+    state = {"schema": CHECKPOINT_SCHEMA, "config": dict(net.config), "state_dict": net.state_dict(), **extra}
+    torch.save(state, folder / "old.pt")
+    r = subprocess.run(_hint(folder / "old.pt"), shell=True, cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert not (tmp_path / "pwned").exists()
+    new = read_checkpoint(tmp_path / "new.pt")
+    assert type(new["val_map"]) is float and new["val_map"] == 0.25 and type(new["train"]["epoch"]) is int
+    assert torch.equal(new["train"]["a"], torch.arange(3, dtype=torch.float32))
+    load_checkpoint(tmp_path / "new.pt")
+
+
+def test_a_checkpoint_pickled_by_numpy_1_converts(tmp_path):
+    """numpy 1.x named its functions numpy.core.multiarray.*; numpy 2 numpy._core.*."""
+    import zipfile
+
+    torch.save({"schema": CHECKPOINT_SCHEMA, "v": np.float64(0.5), "a": np.arange(3)}, tmp_path / "np2.pt")
+    with zipfile.ZipFile(tmp_path / "np2.pt") as zin, zipfile.ZipFile(tmp_path / "np1.pt", "w") as zout:
+        for info in zin.infolist():
+            data = zin.read(info)
+            if info.filename.endswith("data.pkl"):
+                data = data.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+            zout.writestr(info, data)
+    with pytest.raises(SfmpairsError, match=r"would call numpy\.core\.multiarray\.scalar.*convert_checkpoint"):
+        read_checkpoint(tmp_path / "np1.pt")
+    convert_checkpoint(tmp_path / "np1.pt", tmp_path / "new.pt")
+    state = torch.load(tmp_path / "new.pt", weights_only=True)
+    assert state["v"] == 0.5 and torch.equal(state["a"], torch.arange(3))
