@@ -18,7 +18,10 @@ Each epoch:
 
 The run folder holds ``config.json``, ``metrics.jsonl``, ``metrics.png`` (its plot),
 ``last.pt`` (every epoch) and ``best.pt`` (by val mAP), checkpoints that ``sfmpairs
-extract`` reads.
+extract`` reads. While a train writes it, it holds ``.lock`` (``flock``: one train per
+folder; the system drops the lock when the process ends, however it ends). With
+``--overwrite`` the files of the run replaced wait in ``.replaced`` until the new run's
+first ``last.pt``, and go back if it stops before.
 """
 
 from __future__ import annotations
@@ -29,8 +32,10 @@ import hashlib
 import json
 import logging
 import math
+import os
 import shutil
 import time
+import typing
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -40,11 +45,11 @@ import torch
 
 from sfmpairs.common import SfmpairsError, atomic_output, file_sha256, progress
 from sfmpairs.config import conf_dict, given, make_conf
-from sfmpairs.distributed import ONE, Ranks, join, leave, rank_device
+from sfmpairs.distributed import ONE, Ranks, environment_ranks, join, leave, rank_device
 from sfmpairs.mining.mine import pool_similarity, positive_slots
 from sfmpairs.mining.negatives import hard_negatives, random_negatives
 from sfmpairs.plot import BASELINE_EPOCH as BEFORE_TRAINING
-from sfmpairs.plot import plot_run
+from sfmpairs.plot import plot_run, read_metrics
 from sfmpairs.retrieval.backbones import timm_name
 from sfmpairs.retrieval.data import load_image
 from sfmpairs.retrieval.extract import NonFiniteDescriptors, cpu_has_bf16, extract_across_ranks, resolve_device
@@ -451,13 +456,9 @@ def _new_run(pairs, images_root, run_dir: Path, overwrite: bool, options: dict) 
     if not Path(pairs).is_file():
         raise SfmpairsError(f"{pairs}: no such file")
     conf = make_conf(TrainConf, **options)
-    if (run_dir / "last.pt").exists() and not overwrite:  # an epoch finished: a run to keep
-        raise SfmpairsError(
-            f"{run_dir}: run folder exists (with last.pt); pass --overwrite "
-            f"to start afresh, or --resume {run_dir} to continue it"
-        )
     if run_dir.exists() and not run_dir.is_dir():
         raise SfmpairsError(f"{run_dir}: not a folder")
+    _check_run_folder(run_dir, overwrite)
     if conf.weights is not None:
         clash = [k for k in (*NETWORK_KEYS, "pretrained") if options.get(k) not in (None, False)]
         if clash:
@@ -479,13 +480,18 @@ def _new_run(pairs, images_root, run_dir: Path, overwrite: bool, options: dict) 
 def _resumed_run(run_dir: Path, pairs, images_root, options: dict) -> tuple[TrainConf, dict]:
     """The configuration and inputs of the run in ``run_dir``, with the settings that
     --resume may change (:data:`RESUME_OPTIONS`) changed."""
-    if not (run_dir / "config.json").is_file():
+    path = run_dir / "config.json"
+    if not path.is_file():
         raise SfmpairsError(f"{run_dir}: nothing to resume (no config.json); start a run with -o {run_dir}")
-    saved = json.loads((run_dir / "config.json").read_text())
+    saved = _read_run_config(path)
     inputs = {k: saved.pop(k, None) for k in INPUT_KEYS}
     # a run of an older sfmpairs: what its config lacks, as that version did it
     saved.setdefault("test_image_size", saved.get("image_size", TrainConf.image_size))
-    conf = make_conf(TrainConf, {k: v for k, v in saved.items() if k in TrainConf.__dataclass_fields__})
+    try:
+        conf = make_conf(TrainConf, {k: v for k, v in saved.items() if k in TrainConf.__dataclass_fields__})
+        conf.check()
+    except SfmpairsError as e:  # a setting out of range or choices
+        raise SfmpairsError(f"{path}: {e}") from None
     fixed = sorted(k for k, v in options.items() if k not in RESUME_OPTIONS and v != getattr(conf, k, None))
     if fixed:
         raise SfmpairsError(
@@ -506,6 +512,51 @@ def _resumed_run(run_dir: Path, pairs, images_root, options: dict) -> tuple[Trai
     if images_root is not None:
         inputs["images_root"] = str(Path(images_root).resolve())
     return dataclasses.replace(conf, **changed), inputs
+
+
+def _type_name(hint) -> str:
+    names = {str: "text", int: "an integer", float: "a number", bool: "true or false", type(None): "null"}
+    return " or ".join(names.get(a, a.__name__) for a in typing.get_args(hint) or (hint,))
+
+
+def _of_type(value, hint) -> bool:
+    """Whether a JSON value is of a setting's type (an integer is a float too; true is no
+    number)."""
+    for kind in typing.get_args(hint) or (hint,):
+        if kind is type(None):
+            if value is None:
+                return True
+        elif kind in (int, float) and isinstance(value, bool):
+            continue
+        elif isinstance(value, int if kind is int else (int, float) if kind is float else kind):
+            return True
+    return False
+
+
+def _read_run_config(path: Path) -> dict:
+    """A run's ``config.json``, checked: a JSON object whose inputs and settings are of
+    their types; one line naming the file (and line) otherwise."""
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise SfmpairsError(f"{path}: line {e.lineno}: not JSON ({e.msg})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise SfmpairsError(f"{path}: cannot read ({type(e).__name__})") from None
+    if not isinstance(saved, dict):
+        raise SfmpairsError(f"{path}: not a JSON object")
+    hints = {
+        **typing.get_type_hints(TrainConf),
+        "pairs": str,
+        "images_root": str | None,
+        "pairs_sha256": str | None,
+        "world_size": int | None,
+    }
+    for key, value in saved.items():
+        if key in hints and not _of_type(value, hints[key]):
+            raise SfmpairsError(f"{path}: {key} must be {_type_name(hints[key])}, not {json.dumps(value)[:40]}")
+    if "pairs" not in saved:
+        raise SfmpairsError(f"{path}: no pairs (the run's pair file)")
+    return saved
 
 
 def _images_root(inputs: dict, pairs: Path, contents: dict) -> Path:
@@ -539,9 +590,11 @@ def _start_network(conf: TrainConf, run_dir: Path, state: dict | None, device, m
         start, best = state["train"]["epoch"] + 1, state["train"]["best_map"]
         best_epoch = state["train"].get("best_epoch")  # runs of sfmpairs 0.1: read from best.pt
         if best is not None and best_epoch is None:
-            best_epoch = int(read_checkpoint(run_dir / "best.pt")["epoch"])
+            best_epoch = read_checkpoint(run_dir / "best.pt").get("epoch")
+            if best_epoch is None:
+                raise SfmpairsError(f"{run_dir / 'best.pt'}: no epoch recorded (the run's best)")
         if main:
-            _keep_metrics_before(run_dir / "metrics.jsonl", start)
+            _keep_metrics_before(run_dir, start)
         return net, conf, start, best, best_epoch
     if conf.weights:
         net, _ = load_checkpoint(conf.weights, device)
@@ -553,27 +606,30 @@ def _start_network(conf: TrainConf, run_dir: Path, state: dict | None, device, m
         conf, **{k: net.config[k] for k in NETWORK_KEYS}, pretrained=net.config.get("pretrained", False)
     )
     conf = dataclasses.replace(conf, margin=conf.margin_for(conf.arch))
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        for stale in ("metrics.jsonl", "last.pt", "best.pt", "metrics.png"):
-            (run_dir / stale).unlink(missing_ok=True)
     return net, conf, 0, None, None
 
 
-def _training_tools(net, conf: TrainConf, device, state: dict | None, rng, start: int):
+def _training_tools(net, conf: TrainConf, device, state: dict | None, rng, start: int, path=None):
     """The optimizer, learning-rate schedule and gradient scaler, restored from the
-    training state when resuming (and the random generators with them)."""
+    training state of ``path`` (``last.pt``) when resuming (and the random generators with
+    them); a training state that does not fit: one line naming the file."""
     optimizer = _optimizer(net, conf)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=math.exp(-conf.lr_decay))
     scaler = torch.amp.GradScaler(
         device.type, enabled=extract_precision(device, conf) != "fp32" and device.type == "cuda"
     )
     if state is not None:
-        optimizer.load_state_dict(state["train"]["optimizer"])
-        scheduler.load_state_dict(state["train"]["scheduler"])
-        if state["train"]["scaler"]:  # empty where it was off (a run on the CPU resumed on CUDA)
-            scaler.load_state_dict(state["train"]["scaler"])
-        _set_rng_state(rng, state["train"]["rng"])
+        try:
+            optimizer.load_state_dict(state["train"]["optimizer"])
+            scheduler.load_state_dict(state["train"]["scheduler"])
+            if state["train"]["scaler"]:  # empty where it was off (a run on the CPU resumed on CUDA)
+                scaler.load_state_dict(state["train"]["scaler"])
+            _set_rng_state(rng, state["train"]["rng"])
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
+            raise SfmpairsError(
+                f"{path}: a damaged sfmpairs checkpoint: its training state does not fit the network "
+                f"({type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''})"
+            ) from None
         if optimizer.param_groups[0]["initial_lr"] != conf.lr:  # --resume --lr
             _set_lr(optimizer, scheduler, conf, start)
     return optimizer, scheduler, scaler
@@ -748,7 +804,7 @@ def _validate_before_training(run: _Run) -> None:
     not help on the val split never leaves a worse ``best.pt`` than it started from)."""
     t0 = time.perf_counter()
     skipped = []
-    with _stopped_with_the_cause("before training", "none written yet"):
+    with _stopped_with_the_cause("before training", _kept(run.dir)):
         val_map = validate(run.net, run.val, run.conf, run.device, run.root, run.ranks, skipped)
     run.best, run.best_epoch = val_map, BEFORE_TRAINING
     if run.ranks.main:
@@ -827,24 +883,150 @@ def train(
     epoch's metrics. Under ``torchrun`` every rank runs this, and rank 0 alone writes.
     """
     run_dir, options = Path(run_dir), given(options)
-    conf, inputs = (
-        _resumed_run(run_dir, pairs, images_root, options)
-        if resume
-        else _new_run(pairs, images_root, run_dir, overwrite, options)
-    )
-    conf.check()
-    device = resolve_device(conf.device)
-    created = not resume and not run_dir.exists()  # this run's own folder: removed if it fails early
-    ranks, joined = join(device.type)
+    main = environment_ranks().main  # rank 0 (the one process without torchrun) writes the folder
+    lock, created = _lock_run_folder(run_dir, resume) if main else (None, False)
     try:
-        run = _open_run(run_dir, conf, inputs, resume, rank_device(device, ranks), ranks)
-        return _epochs(run, on_epoch_end)
+        if main:
+            _settle(run_dir)  # a --overwrite killed before its first checkpoint: the run it replaced, back
+        conf, inputs = (
+            _resumed_run(run_dir, pairs, images_root, options)
+            if resume
+            else _new_run(pairs, images_root, run_dir, overwrite, options)
+        )
+        conf.check()
+        device = resolve_device(conf.device)
+        if main and overwrite and not resume:
+            _set_aside(run_dir)
+        ranks, joined = join(device.type)
+        try:
+            run = _open_run(run_dir, conf, inputs, resume, rank_device(device, ranks), ranks)
+            return _epochs(run, on_epoch_end)
+        finally:
+            leave(joined)
     except BaseException:
-        if created and ranks.main and not (run_dir / "last.pt").exists():  # no epoch finished
-            shutil.rmtree(run_dir, ignore_errors=True)
+        if main:
+            _settle(run_dir)  # no epoch finished: the run --overwrite replaced, back
+            if created and not (run_dir / "last.pt").exists():  # this run's own folder, with no epoch
+                shutil.rmtree(run_dir, ignore_errors=True)
         raise
     finally:
-        leave(joined)
+        if lock is not None:
+            _unlock_run_folder(run_dir, lock)
+
+
+# ----------------------------------------------------------------------------- the run folder
+RUN_FILES = ("config.json", "metrics.jsonl", "metrics.png", "last.pt", "best.pt", "tensorboard")
+LOCK = ".lock"  # flock-ed by the train writing the folder
+SET_ASIDE = ".replaced"  # --overwrite: the files of the run replaced, until the new run's first last.pt
+
+
+def _lock_run_folder(run_dir: Path, resume: bool) -> tuple[int | None, bool]:
+    """Make the run folder (a new run) and lock it for this process's lifetime: an
+    exclusive ``flock`` on ``RUN/.lock``, which the system drops when the process ends,
+    however it ends. Another train writing it: one line. Returns the lock's descriptor
+    (None: no folder to resume, which :func:`_resumed_run` reports) and whether the folder
+    was made here."""
+    import fcntl
+
+    if run_dir.exists() and not run_dir.is_dir():
+        raise SfmpairsError(f"{run_dir}: not a folder")
+    created = False
+    if not resume:
+        try:
+            run_dir.mkdir(parents=True)
+            created = True
+        except FileExistsError:
+            pass
+        except OSError as e:
+            raise SfmpairsError(f"{run_dir}: cannot make the run folder ({e.strerror})") from None
+    elif not ((run_dir / "config.json").is_file() or (run_dir / SET_ASIDE).is_dir()):
+        return None, False  # nothing to resume
+    path = run_dir / LOCK
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+        except OSError as e:
+            raise SfmpairsError(f"{run_dir}: cannot lock the run folder ({e.strerror})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise SfmpairsError(f"{run_dir}: another train is writing this folder") from None
+        try:  # still the file at that path, not one the train that held it removed meanwhile
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                return fd, created
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    raise SfmpairsError(f"{run_dir}: another train is writing this folder")
+
+
+def _unlock_run_folder(run_dir: Path, fd: int) -> None:
+    """Remove the lock file, then let the lock go (one that opened the file meanwhile sees
+    it removed: :func:`_lock_run_folder`). A killed train leaves the file, without a lock."""
+    try:
+        (run_dir / LOCK).unlink()
+    except FileNotFoundError:  # its run folder removed (a new run that failed)
+        pass
+    os.close(fd)
+
+
+def _set_aside(run_dir: Path) -> None:
+    """--overwrite: move the files of the run in ``run_dir`` into ``RUN/.replaced``, where
+    they stay until the new run's first ``last.pt`` (:func:`_settle`)."""
+    held = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if held:
+        (run_dir / SET_ASIDE).mkdir()
+        for name in held:
+            (run_dir / name).rename(run_dir / SET_ASIDE / name)
+
+
+def _settle(run_dir: Path) -> None:
+    """After --overwrite: once the new run has written ``last.pt``, delete the files of
+    the run it replaced; if it has not (it failed, or was killed), remove what it wrote and
+    put them back."""
+    aside = run_dir / SET_ASIDE
+    if not aside.is_dir():
+        return
+    if (run_dir / "last.pt").exists():
+        shutil.rmtree(aside)
+        return
+    for name in RUN_FILES:
+        new, old = run_dir / name, aside / name
+        if new.is_dir() and not new.is_symlink():
+            shutil.rmtree(new)
+        elif new.exists() or new.is_symlink():
+            new.unlink()
+        if old.exists() or old.is_symlink():
+            old.rename(new)
+    aside.rmdir()
+
+
+def _kept(run_dir: Path) -> str:
+    """Which checkpoint a run that stops now leaves."""
+    if (run_dir / "last.pt").exists():
+        return str(run_dir / "last.pt")
+    if (run_dir / SET_ASIDE).is_dir():
+        return f"none written yet; the run --overwrite replaced is put back in {run_dir}"
+    return "none written yet"
+
+
+def _check_run_folder(run_dir: Path, overwrite: bool) -> None:
+    """A new run starts only in a folder without a run's files (they would be replaced),
+    unless --overwrite."""
+    if overwrite or not run_dir.is_dir():
+        return
+    if (run_dir / "last.pt").exists():  # an epoch finished: a run to keep
+        raise SfmpairsError(
+            f"{run_dir}: run folder exists (with last.pt); pass --overwrite "
+            f"to start afresh, or --resume {run_dir} to continue it"
+        )
+    held = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if held:
+        raise SfmpairsError(
+            f"{run_dir}: the folder holds {held[0]}, which a new run would replace; pass --overwrite to "
+            f"replace it, or --resume {run_dir} to continue a run that stopped before its first epoch"
+        )
 
 
 def _open_run(run_dir: Path, conf: TrainConf, inputs: dict, resume: bool, device, ranks: Ranks) -> _Run:
@@ -860,7 +1042,7 @@ def _open_run(run_dir: Path, conf: TrainConf, inputs: dict, resume: bool, device
     val = check_trainable(pairs, data, conf, contents)
     # the training state on the CPU: the random generators' states must stay there
     last = run_dir / "last.pt"
-    state = read_checkpoint(last, "cpu") if resume and last.is_file() else None
+    state = read_checkpoint(last, "cpu", training=True) if resume and last.is_file() else None
     if state is not None and state["train"]["epoch"] + 1 >= conf.epochs:
         raise SfmpairsError(
             f"{run_dir}: the run is finished ({state['train']['epoch'] + 1} of "
@@ -869,9 +1051,11 @@ def _open_run(run_dir: Path, conf: TrainConf, inputs: dict, resume: bool, device
     torch.manual_seed(conf.seed)  # on every rank: the network starts alike (DDP checks it) and
     rng = np.random.default_rng(conf.seed)  # the tuples are drawn alike
     net, conf, start, best, best_epoch = _start_network(conf, run_dir, state, device, ranks.main)
+    net = net.to(device).to(memory_format=torch.channels_last)
+    model = _forward_module(net, device, ranks)
+    tools = _training_tools(net, conf, device, state, rng, start, last)  # a state that does not fit: nothing written
     if ranks.main:
         _write_json(run_dir / "config.json", {**conf_dict(conf), **inputs, "world_size": ranks.world_size})
-    net = net.to(device).to(memory_format=torch.channels_last)
     run = _Run(
         run_dir,
         conf,
@@ -881,8 +1065,8 @@ def _open_run(run_dir: Path, conf: TrainConf, inputs: dict, resume: bool, device
         device,
         ranks,
         net,
-        _forward_module(net, device, ranks),
-        _training_tools(net, conf, device, state, rng, start),
+        model,
+        tools,
         rng,
         ImageCache(root, conf.image_size, int(conf.cache_mb) << 20),
         _tensorboard(run_dir) if ranks.main else None,
@@ -901,8 +1085,10 @@ def _epochs(run: _Run, on_epoch_end) -> dict:
         _validate_before_training(run)
     metrics = {}
     for epoch in range(run.start, conf.epochs):
-        metrics = _run_epoch(run, epoch, kept=str(last) if last.exists() else "none written yet")
+        metrics = _run_epoch(run, epoch, kept=_kept(run.dir))
         _record_epoch(run, metrics)
+        if run.ranks.main:
+            _settle(run.dir)  # after the first last.pt: the files of a run --overwrite replaced go
         _log_epoch(conf, metrics)
         if on_epoch_end is not None:
             on_epoch_end(epoch, metrics)
@@ -920,9 +1106,13 @@ def _epochs(run: _Run, on_epoch_end) -> dict:
     return metrics
 
 
-def _keep_metrics_before(path: Path, epoch: int) -> None:
+def _keep_metrics_before(run_dir: Path, epoch: int) -> None:
     """Drop the lines of epochs from ``epoch`` on (a run stopped after writing an epoch's
-    metrics but before its checkpoint redoes that epoch)."""
+    metrics but before its checkpoint redoes that epoch). ``metrics.jsonl`` is read as
+    ``plot`` reads it (:func:`~sfmpairs.plot.read_metrics`): a damaged line is one line
+    naming the file and line."""
+    path = run_dir / "metrics.jsonl"
     if path.exists():
-        lines = [x for x in path.read_text().splitlines() if x.strip() and json.loads(x)["epoch"] < epoch]
-        _write_lines(path, lines)
+        epochs = read_metrics(run_dir)  # one per line that is not blank
+        lines = [x for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+        _write_lines(path, [x for x, m in zip(lines, epochs) if m["epoch"] < epoch])
