@@ -136,7 +136,10 @@ def test_a_run_killed_during_an_epoch_resumes_under_torchrun(small_world, tmp_pa
             break
         time.sleep(0.05)
     assert proc.poll() is None, proc.stdout.read().decode()  # still running: killed during an epoch
+    ranks = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
     os.killpg(proc.pid, signal.SIGKILL)
+    for pid in ranks:  # torchrun starts each rank in a session of its own: kill -9 them too
+        os.killpg(int(pid), signal.SIGKILL)
     proc.wait()
     assert (run / "last.pt").exists() and json.loads((run / "config.json").read_text())["epochs"] == 3
     torchrun("train", "--resume", run)
