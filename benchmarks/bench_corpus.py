@@ -19,8 +19,8 @@ Timing: for each fraction, each step in a fresh process, alternating, ``--repeat
 times: pycolmap loading and freeing each model in turn, ``sfmpairs ingest`` of the
 part's models into one store, and ``sfmpairs mine --strategy relaxed`` of that store.
 Each step prints its wall time, peak memory (the child's own VmHWM: never the
-parent's; for ingest, also the peak of its largest reading process), CPU use ((user +
-sys, its reading processes included) / wall, 2.0 = both cores busy) and the load average
+parent's; and the peak of its largest child process, if any), CPU use ((user + sys,
+child processes included) / wall, 2.0 = both cores busy) and the load average
 of the machine when it started; the summary gives medians and the ratio (ingest +
 mine) / pycolmap.
 
@@ -281,7 +281,7 @@ def _hwm():
 def _report(t0, r0, **extra):
     wall = time.perf_counter() - t0
     r = resource.getrusage(resource.RUSAGE_SELF)
-    c = resource.getrusage(resource.RUSAGE_CHILDREN)  # ingest's reading processes, once ended
+    c = resource.getrusage(resource.RUSAGE_CHILDREN)  # child processes, once ended
     cpu = (r.ru_utime - r0.ru_utime) + (r.ru_stime - r0.ru_stime) + c.ru_utime + c.ru_stime
     print(json.dumps({"seconds": wall, "peak_mib": _hwm(), "children_peak_mib": c.ru_maxrss / 1024,
                       "cpu": cpu / wall, **extra}))
@@ -360,8 +360,8 @@ def time_fraction(root: Path, work: Path, fraction: float, repeats: int, steps: 
 
 
 def children(run: dict) -> str:
-    """The peak of the step's largest child process (ingest's reading processes; for other steps any
-    helper process an import starts), where it had any."""
+    """The peak of the step's largest child process (any helper process a library starts),
+    where it had any."""
     peak = run.get("children_peak_mib", 0)
     return f" (+ {peak:.0f} MiB its largest child process)" if peak else ""
 

@@ -10,7 +10,6 @@ import h5py
 import numpy as np
 import pytest
 
-import sfmpairs.sfm_io.ingest as ingest_module
 from conftest import REPO, doc_example, needs_real_data
 from sfmpairs import SfmpairsError
 from sfmpairs.sfm_io import colmap_binary
@@ -368,105 +367,6 @@ def test_dropping_images_drops_points_seen_by_fewer_than_two(tmp_path):
         assert {int(got.point_ids[got.point[o]]): tuple(got.xy[o]) for o in rows} == {
             p: seen[image_id] for p, seen in obs.items() if image_id in seen and len(seen) >= 2
         }
-
-
-def test_models_read_on_other_processes_give_the_same_store(synthetic_models, tmp_path, monkeypatch):
-    """Many large models are read ahead on other processes (here forced on small ones):
-    the store is identical to the one read on a thread, and a bad model still stops
-    ingest with one line naming its file."""
-    import shutil
-
-    folders = []
-    for i in range(4):
-        for kind in ("per-image-cameras", "shared-cameras"):
-            folders.append(tmp_path / f"m{i}_{kind}")
-            shutil.copytree(synthetic_models[kind] / "binary", folders[-1])
-    ingest(folders, tmp_path / "thread.h5")
-    monkeypatch.setattr("sfmpairs.sfm_io.ingest.PROCESS_BYTES", 0)
-    calls = []
-    real = ingest_module.read_models
-    monkeypatch.setattr(ingest_module, "read_models", lambda *a: calls.append(a) or real(*a))
-    ingest(folders, tmp_path / "process.h5")
-    assert len(calls) == 1
-    a, b = _datasets(tmp_path / "thread.h5"), _datasets(tmp_path / "process.h5")
-    differ = [k for k in a if not np.array_equal(a[k], b[k], equal_nan=a[k].dtype.kind == "f")]
-    assert a.keys() == b.keys() and differ == []
-    (folders[5] / "images.bin").write_bytes((folders[5] / "images.bin").read_bytes()[:100])
-    with pytest.raises(SfmpairsError, match=r"m2_shared-cameras/images\.bin: truncated"):
-        ingest(folders, tmp_path / "bad.h5")
-    assert not (tmp_path / "bad.h5").exists()
-
-
-def test_a_script_without_a_main_guard_ingests_on_other_processes(synthetic_models, tmp_path):
-    """The reading processes run nothing of the caller's script (multiprocessing's
-    spawn would re-run a script without ``if __name__ == "__main__"``)."""
-    import shutil
-    import subprocess
-    import sys
-
-    folders = [
-        str(shutil.copytree(synthetic_models["shared-cameras"] / "binary", tmp_path / f"m{i}")) for i in range(3)
-    ]
-    script = tmp_path / "script.py"
-    script.write_text(
-        "import sfmpairs.sfm_io.ingest as m\n"
-        "m.PROCESS_BYTES = 0\n"
-        "print('script ran')\n"
-        f"m.ingest({folders!r}, {str(tmp_path / 'sfm.h5')!r})\n"
-    )
-    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.count("script ran") == 1 and (tmp_path / "sfm.h5").is_file()
-
-
-@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
-def test_reading_processes_end_with_the_caller_or_say_they_died(synthetic_models, tmp_path):
-    """kill -9 of the caller leaves no reading process behind; a reading process that
-    dies is one line naming the model it was reading."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    from sfmpairs.sfm_io.read_workers import Worker
-
-    model = str(synthetic_models["shared-cameras"] / "binary")
-    code = f"""
-import time
-from sfmpairs.sfm_io.read_workers import Worker
-w = Worker()
-w.send({model!r}, "binary", "auto")
-w.receive()
-print(w.proc.pid, flush=True)
-time.sleep(60)
-"""
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-    worker = int(proc.stdout.readline())
-    assert _alive(worker)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    deadline = time.monotonic() + 10
-    while _alive(worker) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not _alive(worker)
-
-    w = Worker()
-    w.proc.kill()
-    w.proc.wait()
-    with pytest.raises(SfmpairsError, match=r"binary: the process reading it died"):
-        w.send(model, "binary", "auto")
-        w.receive()
-    w.close(wait=False)
-
-
-def _alive(pid: int) -> bool:
-    """A process that runs (not a zombie waiting to be reaped)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def test_more_points_than_the_store_can_number_is_one_line(synthetic_models, tmp_path, monkeypatch):
