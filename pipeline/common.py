@@ -380,17 +380,28 @@ def check_self_contained(h5, path) -> None:
     links and the datasets' headers are read, not their data."""
     import h5py
 
+    failed = []
+
     def other_file(name, link):  # returning a value stops the visit
-        if isinstance(link, h5py.ExternalLink):
-            return name, link.filename
-        if isinstance(link, h5py.HardLink) and isinstance(obj := h5[name], h5py.Dataset):
-            if obj.external:
-                return name, obj.external[0][0]
-            if obj.is_virtual:
-                return name, obj.virtual_sources()[0].file_name
+        try:
+            if isinstance(link, h5py.ExternalLink):
+                return name, link.filename
+            if isinstance(link, h5py.HardLink) and isinstance(obj := h5[name], h5py.Dataset):
+                if obj.external:
+                    return name, obj.external[0][0]
+                if obj.is_virtual:
+                    return name, obj.virtual_sources()[0].file_name
+        except H5_READ_ERRORS as e:  # raised here, inside HDF5's visit, it would become a SystemError
+            failed.append(e)
+            return "corrupt"
         return None
 
-    found = h5.visititems_links(other_file)
+    try:
+        found = h5.visititems_links(other_file)
+    except SystemError:  # corrupt metadata, met by HDF5's own walk of the links
+        raise OSError("its groups and links cannot be walked") from None
+    if failed:
+        raise failed[0]
     if found is not None:
         raise SfmpairsError(
             f"{path}: {found[0]} reads another file ({found[1]}); sfmpairs reads self-contained files only"
