@@ -23,6 +23,24 @@ def doc_example(heading: str) -> str:
     return code
 
 
+def cli(*args):
+    """The sfmpairs command run in this process (click's runner); arguments as strings."""
+    from click.testing import CliRunner
+
+    from sfmpairs.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def one_error_line(r, *expect) -> str:
+    """The run failed cleanly: exit 2, one error line containing ``expect``, no traceback."""
+    errors = [line for line in r.stderr.splitlines() if line.startswith("sfmpairs: error:")]
+    assert r.exit_code == 2, (r.exit_code, r.stderr, r.exception)
+    assert len(errors) == 1 and all(e in errors[0] for e in expect), r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
+    return errors[0]
+
+
 def synth_and_mine(
     root: Path,
     *,

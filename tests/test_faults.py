@@ -17,8 +17,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
+from conftest import cli, one_error_line
 from sfmpairs import SfmpairsError
 from sfmpairs.cli import main
 from sfmpairs.common import atomic_output, h5_output
@@ -26,19 +26,6 @@ from sfmpairs.common import atomic_output, h5_output
 TINY = ["--image-size", "32", "--workers", "0"]
 TRAIN = ["--arch", "resnet18", "--epochs", "1", "--query-size", "8", "--pool-size", "16", "--neg-num", "2"]
 TRAIN += ["--image-size", "32", "--test-image-size", "32", "--workers", "0", "--device", "cpu"]
-
-
-def cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def one_error_line(r, *expect) -> str:
-    """The run failed cleanly: exit 2, one error line containing ``expect``, no traceback."""
-    errors = [line for line in r.stderr.splitlines() if line.startswith("sfmpairs: error:")]
-    assert r.exit_code == 2, (r.exit_code, r.stderr, r.exception)
-    assert len(errors) == 1 and all(e in errors[0] for e in expect), r.stderr
-    assert "Traceback" not in r.stderr, r.stderr
-    return errors[0]
 
 
 @pytest.fixture(scope="module")

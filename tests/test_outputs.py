@@ -17,25 +17,12 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
+from conftest import cli, one_error_line
 from sfmpairs import SfmpairsError
-from sfmpairs.cli import main
 from sfmpairs.common import atomic_folder, check_output_path, open_h5
 
 SYNTH = ["--clusters", "1", "--images-per-cluster", "2", "--image-size", "32x24", "--points", "50"]
-
-
-def cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def one_error_line(r, *expect) -> str:
-    """The run failed cleanly: exit 2, one error line containing ``expect``, no traceback."""
-    errors = [line for line in r.stderr.splitlines() if line.startswith("sfmpairs: error:")]
-    assert r.exit_code == 2, (r.exit_code, r.stderr, r.exception)
-    assert len(errors) == 1 and all(e in errors[0] for e in expect), r.stderr
-    return errors[0]
 
 
 def tree(folder: Path) -> dict:
