@@ -130,6 +130,20 @@ def _sample(db: Path, names: list[str], size: int, rng) -> tuple[np.ndarray, int
     return sample, total
 
 
+def _batches(photos, descriptors: int = 1 << 16):
+    """The descriptors of consecutive photos (``(i, d)`` in order) in lists of about
+    ``descriptors`` rows, one entry a photo."""
+    batch, rows = [], 0
+    for _, d in photos:
+        batch.append(d)
+        rows += len(d)
+        if rows >= descriptors:
+            yield batch
+            batch, rows = [], 0
+    if batch:
+        yield batch
+
+
 def bow_descriptors(db: Path, names: list[str], conf: dict | None = None) -> sparse.csr_matrix:
     """(N, b ** 2) sparse, rows L2-normalised: each photo ``names[i]``'s tf-idf
     weighted histogram of visual words, from its SIFT features in COLMAP's database
@@ -146,11 +160,14 @@ def bow_descriptors(db: Path, names: list[str], conf: dict | None = None) -> spa
     del sample
     # the tf rows, CSR: each photo's distinct words and how often it has each
     indptr, word, count = [0], [], []
-    for _, d in progress(read_sift(db, names), total=len(names), desc="bag of words", unit="photo"):
-        w, c = np.unique(words(root_sift(d), vocab, b), return_counts=True)
-        word.append(w.astype(np.int32))
-        count.append(c.astype(np.float32))
-        indptr.append(indptr[-1] + len(w))
+    for batch in _batches(progress(read_sift(db, names), total=len(names), desc="bag of words", unit="photo")):
+        # one quantisation of many photos' descriptors: the tree's per-cell products stay large
+        w_all = words(root_sift(np.concatenate(batch)), vocab, b)
+        for w in np.split(w_all, np.cumsum([len(d) for d in batch])[:-1]):
+            w, c = np.unique(w, return_counts=True)
+            word.append(w.astype(np.int32))
+            count.append(c.astype(np.float32))
+            indptr.append(indptr[-1] + len(w))
     tf = sparse.csr_matrix((np.concatenate(count), np.concatenate(word), np.array(indptr)), (len(names), b * b))
     photos_with_word = np.bincount(tf.indices, minlength=b * b)
     idf = np.log(len(names) / np.maximum(photos_with_word, 1)).astype(np.float32)
