@@ -80,7 +80,7 @@ def check_names(images_dir: Path, photos: list[Path], conf: ReconstructConf) -> 
     lines at spaces; said before the hours of extraction, not after."""
     if conf.matcher != "retrieval":
         return
-    spaced = [p.relative_to(images_dir).as_posix() for p in photos if " " in p.relative_to(images_dir).as_posix()]
+    spaced = [name for p in photos if " " in (name := p.relative_to(images_dir).as_posix())]
     if spaced:
         raise SfmpairsError(
             f"{images_dir / spaced[0]}: a photo name with a space cannot go in COLMAP's pair list "
