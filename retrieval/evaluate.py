@@ -477,7 +477,7 @@ def evaluate(
     queries and their top results, framed by ground truth. ``options``: the settings of
     :class:`~.options.EvaluateConf`.
     """
-    from sfmpairs.plot import check_png, retrieval_figure, retrieval_rows
+    from sfmpairs.plot import check_png
 
     conf = make_conf(EvaluateConf, **options)
     conf.check()
@@ -502,10 +502,27 @@ def evaluate(
         rows, found = evaluate_revisited(gnd, images_root, describe, descriptors, net is not None, conf)
     report.update(found)
     print(_table(rows, KAPPAS))
-    with atomic_output(output, overwrite) as tmp:
-        Path(tmp).write_text(json.dumps(report, indent=2, default=float))
-    if picture is not None:
-        title = Path(model or descriptors or f"{arch} (off the shelf)").name
-        retrieval_figure(retrieval_rows({title: report}, images_root), picture, overwrite=overwrite)
-        logger.info("wrote %s: top results of a few val queries", picture)
+    _write_outputs(
+        report, output, picture, Path(model or descriptors or f"{arch} (off the shelf)").name, images_root, overwrite
+    )
     return report
+
+
+def _write_outputs(report: dict, output, picture, title: str, images_root, overwrite: bool) -> None:
+    """The report, and the picture if asked: both or neither. The picture is drawn and
+    published while the report is still a temporary file, which is published last; a
+    failure of either (a full disk, an output written meanwhile) leaves neither."""
+    from sfmpairs.plot import retrieval_figure, retrieval_rows
+
+    drawn = None
+    try:
+        with atomic_output(output, overwrite) as tmp:
+            Path(tmp).write_text(json.dumps(report, indent=2, default=float))
+            if picture is not None:
+                drawn = retrieval_figure(retrieval_rows({title: report}, images_root), picture, overwrite=overwrite)
+    except BaseException:
+        if drawn is not None:  # the report was not published: nor is the picture
+            drawn.unlink(missing_ok=True)
+        raise
+    if drawn is not None:
+        logger.info("wrote %s: top results of a few val queries", picture)

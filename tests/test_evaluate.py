@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -369,3 +370,65 @@ def test_malformed_ground_truth_is_one_line(tmp_path, cfg, expect):
         pickle.dump(cfg, fh)
     with pytest.raises(SfmpairsError, match=expect):
         load_gnd(tmp_path / "g.pkl")
+
+
+def _picture_run(small_world, tmp_path):
+    """evaluate --pairs --descriptors -o out/r.json --picture out/p.png, in this process."""
+    import h5py
+
+    from conftest import cli
+    from sfmpairs.retrieval.descriptors import write_descriptors
+
+    with h5py.File(small_world / "pairs.h5") as f:
+        names = f["images/name"].asstr()[()]
+    d = np.random.default_rng(0).normal(size=(len(names), 8)).astype(np.float32)
+    tmp_path.mkdir(exist_ok=True)
+    write_descriptors(tmp_path / "d.h5", names, d / np.linalg.norm(d, axis=1, keepdims=True), {})
+    out = tmp_path / "out"
+    out.mkdir(exist_ok=True)
+    args = ["evaluate", "--pairs", small_world / "pairs.h5", "--descriptors", tmp_path / "d.h5", "-o", out / "r.json"]
+    return cli(*args, "--picture", out / "p.png", "--images-root", small_world / "photos", "-q"), out
+
+
+def test_a_failed_picture_leaves_no_report(small_world, tmp_path, monkeypatch):
+    """The picture cannot be written (a full disk, half-way through its PNG): one line
+    naming the picture, exit 2, and neither the report nor the picture nor a temporary
+    file is left (the report used to be published before the picture was drawn)."""
+    import errno
+
+    from matplotlib.figure import Figure
+
+    from conftest import one_error_line
+
+    def full_disk(self, fname, *args, **kwargs):
+        with open(fname, "wb") as fh:
+            fh.write(b"\x89PNG half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", full_disk)
+    r, out = _picture_run(small_world, tmp_path)
+    one_error_line(r, "p.png", "No space left on device")
+    assert sorted(p.name for p in out.iterdir()) == []
+
+
+def test_a_report_that_cannot_be_published_takes_its_picture_back(small_world, tmp_path, monkeypatch):
+    """The other way round: the picture is published, then the report cannot be (another
+    run wrote it meanwhile): one line, and the picture is removed with it; the other
+    run's report is kept. Without the failure both are written."""
+    import sfmpairs.plot
+    from conftest import one_error_line
+
+    drawn = sfmpairs.plot.retrieval_figure
+
+    def and_another_run(rows, output, **kwargs):
+        path = drawn(rows, output, **kwargs)
+        (Path(output).parent / "r.json").write_text("another run's")
+        return path
+
+    r, out = _picture_run(small_world, tmp_path / "fine")
+    assert r.exit_code == 0, r.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["p.png", "r.json"]
+    monkeypatch.setattr(sfmpairs.plot, "retrieval_figure", and_another_run)
+    r, out = _picture_run(small_world, tmp_path)
+    one_error_line(r, "r.json", "written meanwhile")
+    assert sorted(p.name for p in out.iterdir()) == ["r.json"] and (out / "r.json").read_text() == "another run's"
