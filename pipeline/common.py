@@ -36,6 +36,13 @@ def check_output_path(path: str | os.PathLike, overwrite: bool, inputs=()) -> Pa
     """Refuse to overwrite a user's file unless asked, or to write over one of the
     command's ``inputs``; make sure the folder exists."""
     path = Path(path)
+    try:
+        return _check_output_path(path, overwrite, inputs)
+    except OSError as e:  # a name too long for the file system, a folder that cannot be searched
+        raise SfmpairsError(f"{path}: cannot write ({e.strerror or e})") from None
+
+
+def _check_output_path(path: Path, overwrite: bool, inputs) -> Path:
     check_not_input(path, inputs)
     if (path.exists() or path.is_symlink()) and not overwrite:  # a dangling link too
         raise SfmpairsError(f"{path}: output exists; pass --overwrite to replace it")
@@ -89,16 +96,41 @@ def write_failure(e: BaseException) -> str | None:
     return None
 
 
-def _temp_prefix(path: Path) -> str:
+# The longest PID (Linux's PID_MAX_LIMIT, 4194304) and what mkstemp adds after the prefix
+_PID_DIGITS = 7
+_TEMP_TAIL = ".XXXXXXXX.tmp"
+
+
+def _name_max(folder: Path) -> int:
+    """The longest file name, in bytes, that ``folder``'s file system takes (255 where
+    it cannot be asked)."""
+    try:
+        return int(os.pathconf(folder, "PC_NAME_MAX"))
+    except (OSError, ValueError, TypeError):
+        return 255
+
+
+def _temp_prefix(path: Path, where: Path | None = None) -> str:
     """The temporary files of ``path`` are ``.NAME.HOST-PID.XXXXXXXX.tmp``: unique per
-    process, and those of a run that died (same host, no such process) are known."""
-    return f".{path.name}.{socket.gethostname()}-"
+    process, and those of a run that died (same host, no such process) are known.
+    Where that would pass the longest file name of ``where`` (default: ``path``'s
+    folder), NAME is cut and ends with ``~`` and 8 hex digits of its hash (the same for
+    every run writing ``path``, so that leftovers are still found)."""
+    host = socket.gethostname()
+    name = path.name
+    room = _name_max(where or path.parent) - len(os.fsencode(f"..{host}-")) - _PID_DIGITS - len(_TEMP_TAIL)
+    if len(os.fsencode(name)) > room:
+        tag = "~" + hashlib.sha256(os.fsencode(name)).hexdigest()[:8]
+        while name and len(os.fsencode(name + tag)) > room:  # whole characters: UTF-8 stays UTF-8
+            name = name[:-1]
+        name += tag
+    return f".{name}.{host}-"
 
 
 def _remove_stale_temps(path: Path, where: Path | None = None) -> None:
     """Remove the temporary files (or scratch folders, :func:`atomic_folder`) that
     killed runs left for ``path`` on this host, in ``where`` (default: its folder)."""
-    prefix = _temp_prefix(path)
+    prefix = _temp_prefix(path, where)
     for tmp in (where or path.parent).glob(glob.escape(prefix) + "*.tmp"):
         pid = tmp.name[len(prefix) :].split(".", 1)[0]
         if not pid.isdigit() or int(pid) == os.getpid():
@@ -201,6 +233,13 @@ def check_folder_output(target: str | os.PathLike, overwrite: bool, inputs=()) -
     with it, also a folder an earlier run wrote (:data:`FOLDER_MARKERS`), a file or a
     link. Otherwise one line naming ``target`` and why. Returns its real path."""
     target = Path(target)
+    try:
+        return _check_folder_output(target, overwrite, inputs)
+    except OSError as e:  # a name too long for the file system, a folder that cannot be searched
+        raise SfmpairsError(f"{target}: cannot write ({e.strerror or e})") from None
+
+
+def _check_folder_output(target: Path, overwrite: bool, inputs) -> Path:
     real = _real_path(target)
     if real.is_dir() and not real.is_symlink():
         _refuse_holding(target, real, inputs)
@@ -264,7 +303,8 @@ def atomic_folder(
     try:
         scratch_in.mkdir(parents=True, exist_ok=True)
         _remove_stale_temps(real, scratch_in)
-        scratch = Path(tempfile.mkdtemp(prefix=f"{_temp_prefix(real)}{os.getpid()}.", suffix=".tmp", dir=scratch_in))
+        prefix = f"{_temp_prefix(real, scratch_in)}{os.getpid()}."
+        scratch = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=scratch_in))
         yield scratch / "out"
         real.parent.mkdir(parents=True, exist_ok=True)
         if overwrite:  # what is there now, perhaps not what was there at the start

@@ -168,6 +168,94 @@ def test_scratch_folders_of_killed_runs_are_removed(tmp_path):
     assert seen[0].startswith(f".out.{host}-{os.getpid()}.") and seen[0].endswith(".tmp")
 
 
+# ------------------------------------------------------------------ long names
+# Output names at and near the longest a file name may be (255 bytes): ASCII, and UTF-8
+# of two bytes a character (their temporary names are cut on a character's boundary)
+LONG_NAMES = {"236": "n" * 232 + ".png", "255": "n" * 251 + ".png", "utf8": "é" * 125 + "x.png"}
+
+
+@pytest.mark.parametrize("kind", LONG_NAMES)
+def test_long_output_names(tmp_path, kind):
+    """A file output (``plot``) and a folder output (``synth``) named with up to 255
+    bytes are written: their temporary file and scratch folder names, which add the
+    host, the PID and a random part, used to pass the limit (a 236-byte name failed)."""
+    import json
+
+    name = LONG_NAMES[kind]
+    assert len(name.encode()) == (236 if kind == "236" else 255)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text(json.dumps({"epoch": 0, "loss": 0.5, "lr": 1e-4}) + "\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    r = cli("plot", tmp_path / "run", "-o", out / name)
+    assert r.exit_code == 0, r.stderr
+    r = cli("synth", "-o", out / name.replace(".png", "_"), *SYNTH)
+    assert r.exit_code == 0, r.stderr
+    assert sorted(p.name for p in out.iterdir()) == sorted([name, name.replace(".png", "_")])
+    assert (out / name).stat().st_size > 1000 and (out / name.replace(".png", "_") / "world.json").is_file()
+
+
+def _killed_while_writing(path: Path, folder: bool) -> None:
+    """A run killed (os._exit) while it writes ``path``: it leaves its temporary file or
+    scratch folder."""
+    code = (
+        "import os, sys; from pathlib import Path; from sfmpairs.common import atomic_folder, atomic_output\n"
+        "path = Path(sys.argv[1])\n"
+        "if sys.argv[2] == 'folder':\n"
+        "    with atomic_folder(path) as work:\n"
+        "        work.mkdir(); (work / 'a').write_bytes(b'partial'); os._exit(9)\n"
+        "with atomic_output(path) as tmp:\n"
+        "    tmp.write_bytes(b'partial'); os._exit(9)\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code, str(path), "folder" if folder else "file"], capture_output=True)
+    assert p.returncode == 9, p.stderr.decode()[-2000:]
+
+
+@pytest.mark.parametrize("kind", LONG_NAMES)
+def test_long_names_temporaries_and_leftovers_of_killed_runs(tmp_path, kind):
+    """For long names too, the temporary file or scratch folder fits in a file name, and
+    what killed runs left is removed by the next run writing that output (the cut name
+    is the same for every run); an output with another long name sharing the same first
+    200 bytes has temporaries of its own name. A name past the limit is one line."""
+    from sfmpairs.common import atomic_output
+
+    name = LONG_NAMES[kind]
+    for folder in (False, True):
+        where = tmp_path / ("folder" if folder else "file")
+        where.mkdir()
+        target = where / name
+        other = where / (name[:-6] + "y" + name[-5:])  # another output, the same beginning
+        for path in (target, target, other):
+            _killed_while_writing(path, folder)
+        left = sorted(p.name for p in where.iterdir())
+        # the second killed run removed the first's leftover, not the other output's
+        assert len(left) == 2 and all(n.startswith(".") and n.endswith(".tmp") for n in left), left
+        assert all(len(n.encode()) <= 255 for n in left)
+        seen = []
+        if folder:
+            with atomic_folder(target) as work:
+                seen.append(work.parent.name)
+                work.mkdir()
+        else:
+            with atomic_output(target) as tmp:
+                seen.append(tmp.name)
+                tmp.write_bytes(b"whole")
+        assert len(seen[0].encode()) <= 255 and seen[0].endswith(".tmp")
+        after = sorted(p.name for p in where.iterdir())
+        assert len(after) == 2 and name in after, after  # the output and the other output's leftover
+        (other_left,) = [n for n in after if n != name]
+        assert other_left in left
+    for folder in (False, True):  # past the limit: one line, nothing written
+        with pytest.raises(SfmpairsError, match="cannot write .File name too long"):
+            if folder:
+                with atomic_folder(tmp_path / ("w" * 300)) as work:
+                    work.mkdir()
+            else:
+                with atomic_output(tmp_path / ("w" * 300)) as tmp:
+                    tmp.write_bytes(b"x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "folder"]
+
+
 # --------------------------------------------------------------- output == input
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Path:
