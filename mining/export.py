@@ -36,7 +36,7 @@ from sfmpairs.common import SfmpairsError, atomic_folder, atomic_output, check_o
 from sfmpairs.config import conf_dict, make_conf
 from sfmpairs.paths import check_relative_names, place_photo
 
-from .export_hloc import names_under, pair_indices, write_pairs, write_per_model
+from .export_hloc import TSV, check_line_names, names_under, pair_indices, write_pairs, write_per_model
 from .options import EXPORT_FORMATS, ExportConf
 from .pairfile import read_pair_file
 
@@ -106,8 +106,19 @@ def cirtorch_whitening(p: dict, all_passing: bool = False) -> dict:
     }
 
 
+def _cirtorch_images(p: dict) -> np.ndarray:
+    """The images of the splits (those ``cids.tsv`` lists and whose photos are placed)."""
+    return np.concatenate([s["images"] for s in p["splits"].values()] or [np.zeros(0, np.int64)]).astype(np.int64)
+
+
+def check_cirtorch_names(p: dict, pairs) -> None:
+    """``cids.tsv`` holds one ``cid<TAB>name`` line per image: a name holding a tab, a
+    line break or a control character is refused, in one line naming the pair file."""
+    check_line_names(p["names"], _cirtorch_images(p), pairs, TSV, "cids.tsv (cid<TAB>name, one image a line)")
+
+
 def _place_photos(p: dict, images_root: Path, ims: Path, copy: bool) -> int:
-    used = np.unique(np.concatenate([s["images"] for s in p["splits"].values()] or [np.zeros(0, np.int64)]))
+    used = np.unique(_cirtorch_images(p))
     for i in used:
         place_photo(images_root / p["names"][i], cid2filename(cid_of(p["names"][i]), ims), copy)
     return len(used)
@@ -210,6 +221,7 @@ def _model_names(p: dict, pairs, store) -> dict:
 def _export_folder(p: dict, pairs, output: Path, fmt: str, options: dict, provenance: dict) -> dict:
     overwrite = options["overwrite"]
     if fmt == "cirtorch":
+        check_cirtorch_names(p, pairs)  # before any output
         check_cirtorch_clusters(p, pairs, options["neg_num"], options["strict"])
         root = Path(options["images_root"] or p["images_root"] or ".")
         target = output / "train" / CIRTORCH_NAME

@@ -18,6 +18,7 @@ import json
 import os
 import re
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -43,18 +44,43 @@ def pair_indices(p: dict, all_passing: bool = False, splits=("train", "val")) ->
     return np.concatenate(qs).astype(np.int64), np.concatenate(js).astype(np.int64)
 
 
+# A text format of one record a line, as names in it are checked (:func:`check_line_names`):
+# the characters it cannot carry in a name, what they are, and the format.
+class LineFormat(NamedTuple):
+    forbidden: re.Pattern
+    characters: str
+    fmt: str
+
+
 # hloc reads a pairs file line by line and splits each line at whitespace (str.split:
 # any Unicode whitespace); a control character has no place in such a line either
-NOT_IN_LINES = re.compile(r"[\s\x00-\x1f\x7f-\x9f]")
+HLOC_PAIRS = LineFormat(
+    re.compile(r"[\s\x00-\x1f\x7f-\x9f]"),
+    "whitespace or a control character",
+    "hloc's pairs format (space-separated names, one pair a line)",
+)
+# A line of a tab-separated file: no tab, no line break (str.splitlines also breaks at
+# \u2028 and \u2029), no control character; a space is fine
+TSV = LineFormat(
+    re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]"),
+    "a tab, a line break or a control character",
+    "a tab-separated file (one record a line)",
+)
+
+
+def check_line_names(names, indices, where, line: LineFormat = HLOC_PAIRS, fmt: str | None = None) -> None:
+    """Refuse, in one line naming ``where`` (the file the names came from) and the name,
+    the first of ``names[indices]`` that the text format ``line`` cannot carry (``fmt``:
+    the file's own description, default the format's)."""
+    for i in np.unique(np.asarray(indices, dtype=np.int64)):
+        if line.forbidden.search(names[i]):
+            raise SfmpairsError(
+                f"{where}: image name {names[i]!r} holds {line.characters}, which {fmt or line.fmt} cannot carry"
+            )
 
 
 def _lines(names, q: np.ndarray, j: np.ndarray, where) -> str:
-    for i in np.unique(np.concatenate([q, j])):
-        if NOT_IN_LINES.search(names[i]):
-            raise SfmpairsError(
-                f"{where}: image name {names[i]!r} holds whitespace or a control character, which hloc's"
-                " pairs format (space-separated names, one pair a line) cannot carry"
-            )
+    check_line_names(names, np.concatenate([q, j]), where)
     lines = [f"{names[a]} {names[b]}" for a, b in zip(q, j)]
     return "\n".join(lines) + ("\n" if lines else "")
 

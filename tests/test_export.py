@@ -193,6 +193,53 @@ def test_hloc_refuses_names_that_break_its_lines(mined, tmp_path, char):
     assert sorted(x.name for x in tmp_path.iterdir()) == ["pairs.h5"]  # no pairs file, no provenance
 
 
+def _renamed(mined, tmp_path, suffix: str):
+    """A copy of the pair file whose first train query's name ends with ``suffix``, and
+    a photo folder where every name (that one too) is a photo: (pairs, photos, name)."""
+    root, p = mined
+    pairs = tmp_path / "pairs.h5"
+    pairs.write_bytes((root / "pairs.h5").read_bytes())
+    names = list(p["names"])
+    k = p["train/query"][0]
+    names[k] += suffix
+    with h5py.File(pairs, "r+") as f:
+        del f["images/name"]
+        f["images/name"] = np.array(names, dtype=h5py.string_dtype())
+    photos = tmp_path / "photos"
+    for old, new in zip(p["names"], names):
+        (photos / new).parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(Path(p["images_root"]) / old, photos / new)
+    return pairs, photos, names[k]
+
+
+@pytest.mark.parametrize("char", ["\t", "\n", "\r", "\u2028", "\x0b", "\x1f", "\x7f", "\x85"])
+def test_cirtorch_refuses_names_that_break_cids_tsv(mined, tmp_path, char):
+    """cids.tsv is one ``cid<TAB>name`` line per image: a name holding a tab, a line
+    break or a control character is refused in one line naming the pair file and the
+    name, before any output is written (its photo exists: only the name is at fault)."""
+    pairs, photos, name = _renamed(mined, tmp_path, f"{char}foo.jpg")
+    out = tmp_path / "db"
+    r = CliRunner().invoke(
+        main, ["export", str(pairs), "--format", "cirtorch", "-o", str(out), "--images-root", str(photos)]
+    )
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+    assert f"{pairs}: image name {name!r} holds a tab, a line break or a control character" in r.stderr
+    assert "cids.tsv" in r.stderr and not out.exists()
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["pairs.h5", "photos"]
+
+
+def test_cirtorch_keeps_names_with_spaces(mined, tmp_path):
+    """A space is no field separator of cids.tsv: such a name is exported, its line whole."""
+    pairs, photos, name = _renamed(mined, tmp_path, " foo\u00a0bar.jpg")
+    out = tmp_path / "db"
+    r = CliRunner().invoke(
+        main, ["export", str(pairs), "--format", "cirtorch", "-o", str(out), "--images-root", str(photos)]
+    )
+    assert r.exit_code == 0, r.stderr
+    rows = [line.split("\t") for line in (out / "train" / CIRTORCH_NAME / "cids.tsv").read_text().splitlines()]
+    assert [cid_of(name), name] in rows and all(len(row) == 2 for row in rows)
+
+
 def test_hloc_per_model_folders_are_unique_and_stay_inside(mined, tmp_path):
     """Model names from a crafted store: one escaping its folder ('../../escape'), one
     equal to another's made-up folder name, two that differ in case only (one file on
