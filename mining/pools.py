@@ -25,12 +25,13 @@ import os
 import queue
 from concurrent.futures import ThreadPoolExecutor
 
+import numba
 import numpy as np
 from scipy import sparse
 from scipy.spatial import cKDTree
 
 SCALE_MEASURES = ("depth", "bbox")
-_KEY_SPAN = 256.0  # sort key = group * span + log ratio (|log ratio| < 127 after clipping)
+_KEY_SPAN = 256.0  # the grid of sfmpairs <= 0.5's sort keys: pair * span + log ratio (|log ratio| <= 127)
 
 
 def pool_members(centres: np.ndarray, k: int, extra: int = 8, workers: int | None = None):
@@ -164,20 +165,39 @@ def pair_statistics(
     if measure not in SCALE_MEASURES:
         raise ValueError(f"unknown scale measure {measure!r}")
     trk = tracks(indptr, point, len(xyz))
-    _, order, track_ptr, track_image, track_obs, position = trk
-    log_f, no_scale = _log_focal(focal, longer_side)
+    lo, hi = pairs // n, pairs % n  # (P,) each pair's lower and higher image
     if measure == "depth":
-        # float64 (nnz,) by track position: log(f / z) of each observation
-        log_size = log_scale_by_track(track_ptr, track_image, xyz[order], rotation[:, 2, :], tvec[:, 2], log_f)
-        scale_change = functools.partial(_depth_scale, log_size, position)
+        args = (indptr, point, xyz, rotation, tvec, focal, longer_side, trk, batch_images, threads)
+        count, scale = _depth_statistics(lo, hi, n, *args)
     else:
         # float64 (nnz, 2) by observation (CSR): positions in units of the image's longer side
         xy_norm = xy / np.repeat(longer_side, np.diff(indptr))[:, None]
-        scale_change = functools.partial(_bbox_scale, xy_norm, track_obs)
-    lo, hi = pairs // n, pairs % n  # (P,) each pair's lower and higher image
-    count, scale = _statistics_by_batch(lo, hi, n, indptr, point, trk, scale_change, batch_images, threads)
-    if measure == "depth":
-        scale[no_scale[lo] | no_scale[hi]] = np.nan
+        scale_change = functools.partial(_bbox_scale, xy_norm, trk[4])
+        count, scale = _statistics_by_batch(lo, hi, n, indptr, point, trk, scale_change, batch_images, threads)
+    return count, scale
+
+
+def _depth_statistics(lo, hi, n, indptr, point, xyz, rotation, tvec, focal, longer_side, trk, batch_images, threads):
+    """``(count, scale)`` of each pair (lo[j], hi[j]), the ``depth`` measure: the
+    compiled walk (:func:`_depth_batch`) over batches of ``batch_images`` lower
+    images, on ``threads`` threads (:func:`_run_batches`)."""
+    label, order, track_ptr, track_image, _, position = trk
+    log_f, no_scale = _log_focal(focal, longer_side)
+    # float64 (nnz,) by track position: log(f / z) of each observation
+    log_size = log_scale_by_track(track_ptr, track_image, xyz[order], rotation[:, 2, :], tvec[:, 2], log_f)
+    lo_ptr = np.searchsorted(lo, np.arange(n + 1))  # the pairs of lower image i: lo_ptr[i]:lo_ptr[i+1]
+    count = np.zeros(len(lo), np.int64)
+    median = np.full(len(lo), np.nan)
+    hi = hi.astype(np.int64)
+
+    def run_batch(i0: int, slot: np.ndarray) -> None:
+        i1 = min(n, i0 + batch_images)
+        args = (indptr, point, label, track_ptr, track_image, position, log_size, lo_ptr, hi, slot, count, median)
+        _depth_batch(i0, i1, *args)
+
+    _run_batches(run_batch, n, batch_images, threads, slot_size=n)
+    scale = np.exp(np.abs(median))
+    scale[no_scale[lo] | no_scale[hi]] = np.nan
     return count, scale
 
 
@@ -269,58 +289,121 @@ def _co_observations(i0, i1, n, indptr, point, trk, slot, keys):
     return pair[keep], source[keep], later[keep]
 
 
-def _depth_scale(log_size, position, pair, o0, source, later, shared):
-    """The ``depth`` measure, exp(|median_p log r_p|), of each pair that shares points.
+@numba.njit(nogil=True, cache=True)
+def _depth_batch(
+    i0, i1, indptr, point, label, track_ptr, track_image, position, log_size, lo_ptr, hi, slot, count, median
+):
+    """The co-observed count and median log ratio of the pairs of lower images
+    i0..i1-1, into ``count`` and ``median`` (compiled; releases the GIL).
 
-    ``log_size`` float64 (nnz,) by track position: log(f / z) of each observation
-    (:func:`log_scale_by_track`); ``position`` int64 (nnz,): each observation's track
-    position. One entry a co-observation: ``pair`` its pair, ``o0 + source`` lo's
-    observation (CSR), ``later`` hi's track position; ``shared[g]`` counts pair g's.
-    Returns ``(has, value)`` as :func:`_median_scale` does."""
-    own = position[o0:][source]  # lo's observation, as a track position
-    # log(f/z) in hi minus in lo: log r_p of (hi, lo), the sign lost in exp(|median|)
-    log_ratio = np.clip(log_size[later] - log_size[own], -127, 127)
-    return _median_scale(pair, log_ratio, shared)
+    The pairs of lower image i are ``lo_ptr[i]:lo_ptr[i+1]`` (higher images ``hi``);
+    the batch's pairs p0:p1, p0 = lo_ptr[i0], are numbered g = p - p0 within it.
+    A pair (lo, hi) shares point p where p's track holds both images; the track lists
+    its images in increasing order, so walking, for each observation of lo, the rest
+    of its track finds each co-observation of the pair exactly once, from lo's side.
+    ``slot`` int64 (n,), all -1 on entry and on return, maps hi to g while lo's tracks
+    are walked. Each co-observation of a pair in the pools gives its log ratio,
+    ``log_size`` of hi's observation minus lo's; they are then grouped by pair, and
+    each group's median found by selection.
 
-
-def _median_scale(pair, log_ratio, shared):
-    """exp(|median|) of the log ratios of each pair that shares points.
-
-    ``pair`` and ``log_ratio`` (|log_ratio| <= 127) go together, one entry a
-    co-observation; ``shared[g]`` counts the entries of pair g. Returns ``(has, value)``:
-    the pairs with ``shared > 0`` and their scale changes, in pair order.
-
-    The entries are grouped by pair (a radix sort of the pair indices), each group laid
-    in a row of a table padded with +inf, and the rows sorted: numpy sorts many short
-    rows several times faster than one long array. Groups go in tables by width (the
-    next power of two), so that padding at most doubles the work.
+    The log ratios are clipped to +-127 and rounded to the grid of the keys
+    g * 256 + log ratio that sfmpairs <= 0.5 sorted, so that scale changes stay
+    bit-identical to theirs (a change below 1e-9).
     """
-    # the log ratios on the grid of the keys group * 256 + ratio that sfmpairs <= 0.4
-    # sorted, so that scale changes stay bit-identical to theirs (a change < 1e-9)
-    base = pair.astype(np.float64)
-    base *= _KEY_SPAN
-    value = base + log_ratio
-    value -= base
-    value = value[np.argsort(pair.astype(np.uint16) if len(shared) <= 2**16 else pair, kind="stable")]
-    group_start = np.cumsum(shared) - shared
-    has = shared > 0
-    median = np.zeros(len(shared))
-    width = np.zeros(len(shared), np.int64)
-    width[has] = 1 << np.ceil(np.log2(shared[has])).astype(np.int64)
-    for w in np.unique(width[has]):
-        rows = np.flatnonzero(width == w)
-        count = shared[rows]
-        first = np.cumsum(count) - count  # each row's first entry, counted within the table
-        entry = np.arange(first[-1] + count[-1])
-        # the table's entries, flat: row r's go to r * w onwards, from group_start[r] on
-        to = entry + np.repeat(np.arange(len(rows)) * w - first, count)
-        from_ = entry + np.repeat(group_start[rows] - first, count)
-        table = np.full((len(rows), w), np.inf)
-        table.ravel()[to] = value[from_]
-        table.sort(axis=1)
-        r = np.arange(len(rows))
-        median[rows] = (table[r, (count - 1) // 2] + table[r, count // 2]) / 2
-    return has, np.exp(np.abs(median[has]))
+    p0, p1 = lo_ptr[i0], lo_ptr[i1]
+    walk = 0  # the track entries after the batch's observations: at most that many co-observations
+    for o in range(indptr[i0], indptr[i1]):
+        walk += track_ptr[label[point[o]] + 1] - position[o] - 1
+    pair = np.empty(walk, np.int64)
+    ratio = np.empty(walk, np.float64)
+    found = 0
+    for i in range(i0, i1):
+        for p in range(lo_ptr[i], lo_ptr[i + 1]):
+            slot[hi[p]] = p - p0
+        for o in range(indptr[i], indptr[i + 1]):
+            own = log_size[position[o]]
+            for e in range(position[o] + 1, track_ptr[label[point[o]] + 1]):
+                g = slot[track_image[e]]
+                if g >= 0:  # (i, track_image[e]) is a pair of the pools
+                    pair[found] = g
+                    ratio[found] = log_size[e] - own
+                    found += 1
+        for p in range(lo_ptr[i], lo_ptr[i + 1]):
+            slot[hi[p]] = -1
+    for j in range(found):
+        count[p0 + pair[j]] += 1
+    fill = np.empty(p1 - p0, np.int64)  # where the next log ratio of pair g goes
+    total = 0
+    for g in range(p1 - p0):
+        fill[g] = total
+        total += count[p0 + g]
+    grouped = np.empty(total, np.float64)
+    for j in range(found):
+        g = pair[j]
+        key = float(g) * _KEY_SPAN
+        grouped[fill[g]] = (key + min(max(ratio[j], -127.0), 127.0)) - key
+        fill[g] += 1
+    start = 0
+    for g in range(p1 - p0):
+        c = count[p0 + g]
+        if c > 0:
+            median[p0 + g] = _median(grouped[start : start + c])
+        start += c
+
+
+@numba.njit(nogil=True, cache=True)
+def _median(a):
+    """The median of ``a`` (reordered in place): the mean of its two middle values
+    (one for an odd length), found by quickselect, as ``np.median`` gives it."""
+    c = len(a)
+    lower = _select(a, (c - 1) // 2)  # a[k] in place: all before <=, all after >=
+    upper = lower
+    if c % 2 == 0:  # the smallest after it
+        upper = a[c // 2]
+        for x in range(c // 2 + 1, c):
+            upper = min(upper, a[x])
+    return (lower + upper) / 2
+
+
+@numba.njit(nogil=True, cache=True)
+def _select(a, k):
+    """The k-th smallest of ``a``, moved to a[k] with nothing larger before it and
+    nothing smaller after it (Hoare's quickselect, median-of-three pivots; insertion
+    sort below 16 values)."""
+    lo, hi = 0, len(a) - 1
+    while hi - lo > 16:
+        mid = (lo + hi) // 2
+        if a[mid] < a[lo]:
+            a[mid], a[lo] = a[lo], a[mid]
+        if a[hi] < a[lo]:
+            a[hi], a[lo] = a[lo], a[hi]
+        if a[hi] < a[mid]:
+            a[hi], a[mid] = a[mid], a[hi]
+        pivot = a[mid]
+        i, j = lo, hi
+        while i <= j:
+            while a[i] < pivot:
+                i += 1
+            while a[j] > pivot:
+                j -= 1
+            if i <= j:
+                a[i], a[j] = a[j], a[i]
+                i += 1
+                j -= 1
+        if k <= j:
+            hi = j
+        elif k >= i:
+            lo = i
+        else:  # j < k < i: a[k] equals the pivot, and sits where it belongs
+            return a[k]
+    for x in range(lo + 1, hi + 1):
+        v = a[x]
+        y = x - 1
+        while y >= lo and a[y] > v:
+            a[y + 1] = a[y]
+            y -= 1
+        a[y + 1] = v
+    return a[k]
 
 
 def _bbox_scale(xy_norm, track_obs, pair, o0, source, later, shared):
@@ -331,7 +414,7 @@ def _bbox_scale(xy_norm, track_obs, pair, o0, source, later, shared):
     image's longer side; ``track_obs`` (nnz,): the observation at each track position.
     One entry a co-observation: ``pair`` its pair, ``o0 + source`` lo's observation
     (CSR), ``later`` hi's track position (``shared`` unused: the signature of
-    :func:`_depth_scale`). Returns ``(which, value)``: the pairs that share points,
+    the callbacks of :func:`_statistics_by_batch`). Returns ``(which, value)``: the pairs that share points,
     ascending, and their scale changes (NaN for a box of zero area).
     """
     if not len(pair):
@@ -352,22 +435,23 @@ def _bbox_scale(xy_norm, track_obs, pair, o0, source, later, shared):
     return pair[group_start], value
 
 
-def _run_batches(run_batch, n: int, batch_images: int, threads: int | None) -> None:
+def _run_batches(run_batch, n: int, batch_images: int, threads: int | None, slot_size: int | None = None) -> None:
     """``run_batch(i0, slot)`` for i0 = 0, batch_images, ... < n on a few threads.
 
     Batches are independent (each writes its own run of the outputs) and numpy
     releases the GIL in its loops. Each worker owns a slot table, int64
-    (batch_images * n,), all -1, that its batches borrow in turn."""
+    (``slot_size``, default batch_images * n), all -1, that its batches borrow in turn."""
+    slot_size = batch_images * n if slot_size is None else slot_size
     starts = range(0, n, batch_images)
     workers = min(worker_threads(threads), len(starts))
     if workers <= 1:  # no threads to start for a small model
-        slot = np.full(batch_images * n, -1, np.int64)
+        slot = np.full(slot_size, -1, np.int64)
         for i0 in starts:
             run_batch(i0, slot)
         return
     slots = queue.SimpleQueue()
     for _ in range(workers):
-        slots.put(np.full(batch_images * n, -1, np.int64))
+        slots.put(np.full(slot_size, -1, np.int64))
 
     def task(i0: int) -> None:
         slot = slots.get()

@@ -541,27 +541,48 @@ def test_store_whose_model_observes_another_models_points(world, tmp_path):
     assert not (tmp_path / "p.h5").exists()
 
 
-@pytest.mark.parametrize("groups", [3_000, 70_000])  # 70,000 > 2**16: the pair indices no longer fit 16 bits
-def test_median_scale_against_numpy_median_per_group(groups):
-    """The scale change of each pair, exp(|median of its log ratios|), against
-    ``np.median`` group by group: groups of 0 to 3,000 entries (odd, even, one),
-    shuffled, with ties, so that every table width and both middles are used."""
-    from sfmpairs.mining.pools import _median_scale
+@pytest.mark.parametrize("size", [1, 2, 3, 16, 17, 18, 64, 65, 300, 3_001, 3_000])
+def test_median_is_numpys_median(size):
+    """The compiled median (quickselect; insertion sort below 16 values) gives exactly
+    ``np.median``, on shuffled values with many ties, sorted and reversed runs, and
+    all-equal ones: every size class and both middles."""
+    from sfmpairs.mining.pools import _median
 
-    rng = np.random.default_rng(groups)
-    shared = rng.choice(
-        [0, 1, 2, 3, 7, 64, 65, 300, 3_000], groups, p=[0.2, 0.2, 0.2, 0.2, 0.15, 0.02, 0.02, 0.009, 0.001]
+    rng = np.random.default_rng(size)
+    cases = [
+        np.round(rng.normal(scale=2.0, size=size), 1),  # ties
+        rng.normal(size=size),
+        np.sort(rng.normal(size=size)),
+        np.sort(rng.normal(size=size))[::-1].copy(),
+        np.full(size, 0.25),
+        rng.integers(0, 3, size).astype(np.float64),  # mostly ties
+    ]
+    for values in cases:
+        assert _median(values.copy()) == np.median(values), values
+
+
+def test_pair_statistics_on_the_legacy_grid():
+    """The ``depth`` scale change of each pair is exp(|median|) of its log ratios as
+    sfmpairs <= 0.5 computed them: rounded to the grid of the keys g * 256 + ratio, g the
+    pair's index within its batch of lower images. A model worked by hand: 3 images,
+    all looking along +z (identity rotations), each seeing the 3 points; a point at
+    height Z is at depth Z + t_z in an image translated by t_z."""
+    from sfmpairs.mining.pools import pair_statistics
+
+    xyz = np.array([[0.0, 0.0, 1.0], [0.0, 0.0, 2.0], [0.0, 0.0, 5.0]])
+    rotation = np.repeat(np.eye(3)[None], 3, axis=0)
+    tvec = np.array([[0.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, 0.0, 3.0]])
+    focal, longer = np.array([100.0, 200.0, 100.0]), np.full(3, 100.0)
+    indptr, points = np.array([0, 3, 6, 9]), np.array([0, 1, 2] * 3, np.int32)
+    pairs = np.array([0 * 3 + 1, 0 * 3 + 2, 1 * 3 + 2])  # (0, 1), (0, 2), (1, 2)
+    count, scale = pair_statistics(indptr, points, xyz, rotation, tvec, focal, longer, pairs, 3)
+    assert count.tolist() == [3, 3, 3]
+    log_size = np.log(focal / longer)[None, :] - np.log(xyz[:, 2:] + tvec[:, 2][None, :])  # (point, image)
+    for g, (lo, hi) in enumerate([(0, 1), (0, 2), (1, 2)]):
+        ratio = log_size[:, hi] - log_size[:, lo]
+        on_grid = (g * 256.0 + ratio) - g * 256.0
+        assert scale[g] == np.exp(abs(np.median(on_grid)))
+        assert abs(scale[g] - np.exp(abs(np.median(ratio)))) < 1e-12
+    assert not np.array_equal(
+        scale[1:], [np.exp(abs(np.median(log_size[:, hi] - log_size[:, lo]))) for lo, hi in [(0, 2), (1, 2)]]
     )
-    pair = np.repeat(np.arange(groups), shared)
-    log_ratio = np.round(rng.normal(scale=2.0, size=len(pair)), 2)  # rounded: ties within groups
-    order = rng.permutation(len(pair))
-    has, value = _median_scale(pair[order], log_ratio[order], shared)
-    # the log ratios are rounded to the grid of the keys pair * 256 + ratio (kept so that
-    # pair files stay bit-identical to older versions'): at most half an ulp of 256 * groups
-    rtol = 256 * groups * 2.0**-52
-    assert np.array_equal(has, shared > 0)
-    expect = [np.exp(abs(np.median(log_ratio[pair == g]))) for g in np.flatnonzero(shared > 0)[:2_000]]
-    np.testing.assert_allclose(value[:2_000], expect, rtol=rtol)
-    big = np.flatnonzero(shared[has] >= 64)  # the wide tables too
-    expect_big = [np.exp(abs(np.median(log_ratio[pair == g]))) for g in np.flatnonzero(has)[big]]
-    np.testing.assert_allclose(value[big], expect_big, rtol=rtol)
