@@ -14,9 +14,9 @@ from __future__ import annotations
 import mmap
 import os
 import struct
-from array import array
 from pathlib import Path
 
+import numba
 import numpy as np
 
 from sfmpairs.common import SfmpairsError
@@ -90,30 +90,84 @@ def read_cameras(path: Path) -> dict[int, tuple[str, int, int, np.ndarray]]:
     """camera id -> (model name, width, height, params)."""
     f = _File(path)
     table = camera_models()
-    cameras = {}
+    num_params = np.full(max(table) + 1, -1, np.int64)  # by model id; -1: not a model
+    for mid, (_, nparams, _) in table.items():
+        num_params[mid] = nparams
     try:
         n = f.count(0, _CAMERA.size, "cameras")
-        off = 8
-        for _ in range(n):
-            cid, mid, w, h = f.unpack(_CAMERA, off, "camera record")
-            if mid not in table:
+        data = np.frombuffer(f.buf, np.uint8)
+        offsets, end, bad = _camera_offsets(data, n, num_params)
+        if bad >= 0:  # the record at ``end``: its head, its model or its parameters
+            cid, mid, _, _ = f.unpack(_CAMERA, int(end), "camera record")
+            if not (0 <= mid < len(num_params) and num_params[mid] >= 0):
                 f.fail(f"camera {cid} has unknown camera model id {mid}")
-            name, nparams, _ = table[mid]
-            off += _CAMERA.size
-            f.need(off, 8 * nparams, f"parameters of camera {cid}")
-            params = np.frombuffer(f.buf, "<f8", nparams, off).astype(np.float64)
-            off += 8 * nparams
-            if cid in cameras:
-                f.fail(f"camera id {cid} appears twice")
-            if not (0 < w < 2**31 and 0 < h < 2**31):
-                f.fail(f"camera {cid} has an invalid size {w}x{h}")
-            if not np.all(np.isfinite(params)):
-                f.fail(f"camera {cid} has non-finite parameters")
-            cameras[cid] = (name, w, h, params)
-        f.end(off)
+            f.fail(f"truncated: parameters of camera {cid} run past the end of the file")
+        f.end(int(end))
+        rec = _records(data, offsets, _CAMERA_RECORD)
+        sizes = num_params[rec["model"]]  # each camera's parameters follow its head
+        at = np.repeat(offsets + _CAMERA.size - 8 * (np.cumsum(sizes) - sizes), sizes)
+        values = _records(data, at + 8 * np.arange(len(at)), np.dtype("<f8")).astype(np.float64)
+        del data
     finally:
         f.close()
-    return cameras
+    ids = rec["id"]
+    check_unique(ids, "camera", str(path))
+    w, h = rec["width"], rec["height"]
+    bad_size = (w == 0) | (w >= 2**31) | (h == 0) | (h >= 2**31)
+    if bad_size.any():
+        k = int(np.argmax(bad_size))
+        raise SfmpairsError(f"{path}: camera {ids[k]} has an invalid size {w[k]}x{h[k]}")
+    if not np.isfinite(values).all():
+        k = np.repeat(np.arange(len(ids)), sizes)[~np.isfinite(values)][0]
+        raise SfmpairsError(f"{path}: camera {ids[k]} has non-finite parameters")
+    params = np.split(values, np.cumsum(sizes)[:-1])
+    names = [table[m][0] for m in rec["model"].tolist()]
+    return dict(zip(ids.tolist(), zip(names, w.tolist(), h.tolist(), params)))
+
+
+_CAMERA_RECORD = np.dtype([("id", "<u4"), ("model", "<i4"), ("width", "<u8"), ("height", "<u8")])
+
+
+@numba.njit(nogil=True, cache=True)
+def _u64(data, off):
+    """The little-endian uint64 at byte ``off`` of ``data`` (uint8), as int64; -1 if
+    it does not fit."""
+    value = 0
+    if data[off + 7] >= 128:
+        return -1
+    for k in range(7, -1, -1):
+        value = (value << 8) | np.int64(data[off + k])
+    return value
+
+
+@numba.njit(nogil=True, cache=True)
+def _camera_offsets(data, n, num_params):
+    """The byte offset of each of the ``n`` records of cameras.bin (24 bytes, then
+    ``num_params[model id]`` doubles), the offset after the last, and -1; or, where
+    a record runs past the end of ``data`` or names no model, that record's offset
+    in the second place and its index in the third."""
+    offsets = np.empty(n, np.int64)
+    off = 8
+    for i in range(n):
+        if off + 24 > len(data) or data[off + 7] >= 128:  # the head, and a model id >= 0
+            return offsets, off, i
+        model = 0
+        for k in range(7, 3, -1):
+            model = (model << 8) | np.int64(data[off + k])
+        if model >= len(num_params) or num_params[model] < 0 or off + 24 + 8 * num_params[model] > len(data):
+            return offsets, off, i
+        offsets[i] = off
+        off += 24 + 8 * num_params[model]
+    return offsets, off, -1
+
+
+def _records(data: np.ndarray, offsets: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """The fixed-size records of ``dtype`` at byte ``offsets`` of ``data`` (copies):
+    every byte offset seen as the start of a record, and the ones asked fancy-indexed."""
+    if not len(offsets):
+        return np.zeros(0, dtype)
+    starts = np.ndarray((len(data) - dtype.itemsize + 1,), np.dtype((np.void, dtype.itemsize)), data, 0, (1,))
+    return starts[offsets].view(dtype)
 
 
 def read_rigs(path: Path) -> dict[int, dict[int, tuple | None]]:
@@ -205,74 +259,121 @@ def read_frames(path: Path) -> dict:
     return frame_table(rows)
 
 
-def _image_headers(f: _File):
-    """Offsets, ids, poses, camera ids, names and 2D point counts of every image."""
+def _image_headers(f: _File) -> dict:
+    """Every image's record head, in file order: ``id``, ``qvec``, ``tvec``, ``camera``
+    (arrays), ``name`` (a list), and where its 2D points lie: ``points``, the byte
+    offset of the first, and ``counts``, how many (int64 arrays)."""
     n = f.count(0, _IMAGE.size + 9, "images")
-    off = 8
-    recs = []
-    buf = f.buf
-    for _ in range(n):
-        iid, qw, qx, qy, qz, tx, ty, tz, cid = f.unpack(_IMAGE, off, "image record")
-        start = off + _IMAGE.size
-        stop = buf.find(b"\0", start, min(start + _MAX_NAME, f.size))
-        if stop < 0:
-            f.fail(f"truncated or corrupt: name of image {iid} is not terminated")
-        try:
-            name = buf[start:stop].decode("utf-8")
-        except UnicodeDecodeError:
-            f.fail(f"corrupt: name of image {iid} is not UTF-8")
-        (npts,) = f.unpack(_U64, stop + 1, f"2D point count of image {iid}")
-        pts = stop + 9
-        f.need(pts, npts * _POINT2D.itemsize, f"2D points of image {iid}")
-        recs.append((iid, (qw, qx, qy, qz), (tx, ty, tz), cid, name, pts, npts))
-        off = pts + npts * _POINT2D.itemsize
-    f.end(off)
-    return recs
-
-
-def _point_offsets(f: _File, guess: bool = False) -> np.ndarray | None:
-    """Byte offset of every record of points3D.bin (records have variable length).
-
-    With ``guess``, read only the low byte of each track length (a third faster) and
-    return None where that cannot be right; the caller checks that every track length
-    read at the offsets is below 256, which makes the guess exact.
-    """
-    n = f.count(0, _POINT_HEAD + 8, "3D points")
-    offsets = array("q", bytes(8 * n))
-    buf, step = f.buf, _POINT_HEAD + 8
-    off = 8
-    if guess:
-        try:
-            for i in range(n):  # the one Python loop over points: 0.2 us a record
-                offsets[i] = off
-                off += step + 8 * buf[off + _POINT_HEAD]
-        except IndexError:
-            return None
-        return np.frombuffer(offsets, np.int64) if off == f.size else None
-    unpack = _U64.unpack_from
+    data = np.frombuffer(f.buf, np.uint8)
     try:
-        for i in range(n):
-            offsets[i] = off
-            off += step + 8 * unpack(buf, off + _POINT_HEAD)[0]
-    except (struct.error, OverflowError):  # a track length that leaves the file
-        f.fail(f"truncated or corrupt: 3D point record {i} runs past the end of the file")
-    f.end(off)
-    return np.frombuffer(offsets, np.int64)
+        heads, name_ends, points, counts, bad = _image_offsets(data, n, _MAX_NAME)
+        if bad >= 0:
+            _image_failure(f, int(heads[bad]), int(name_ends[bad]))
+        rec = _records(data, heads, _IMAGE_RECORD)
+    finally:
+        del data
+    f.end(int(points[-1] + 24 * counts[-1]) if n else 8)
+    names = [f.buf[a + _IMAGE.size : b - 1] for a, b in zip(heads.tolist(), name_ends.tolist())]
+    try:
+        decoded = [name.decode("utf-8") for name in names]
+    except UnicodeDecodeError:
+        k = next(k for k, name in enumerate(names) if not _utf8(name))
+        f.fail(f"corrupt: name of image {rec['id'][k]} is not UTF-8")
+    out = {key: rec[key] for key in ("id", "qvec", "tvec", "camera")}
+    return {**out, "name": decoded, "points": points, "counts": counts}
+
+
+_IMAGE_RECORD = np.dtype([("id", "<u4"), ("qvec", "<f8", 4), ("tvec", "<f8", 3), ("camera", "<u4")])
+
+
+def _utf8(name: bytes) -> bool:
+    try:
+        name.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _image_failure(f: _File, head: int, name_end: int):
+    """The one-line error of the image record at byte ``head`` whose walk stopped
+    (:func:`_image_offsets`), ``name_end`` past its name's NUL (-1: none found)."""
+    (iid, *_) = f.unpack(_IMAGE, head, "image record")
+    if name_end < 0:
+        f.fail(f"truncated or corrupt: name of image {iid} is not terminated")
+    (npts,) = f.unpack(_U64, name_end, f"2D point count of image {iid}")
+    f.need(name_end + 8, npts * _POINT2D.itemsize, f"2D points of image {iid}")
+    f.fail(f"corrupt: image record {iid}")  # not reached: the walk stops for one of the above
+
+
+@numba.njit(nogil=True, cache=True)
+def _image_offsets(data, n, max_name):
+    """Where each of the ``n`` records of images.bin lies: its head (64 bytes), the
+    byte after its name's NUL, its 2D points and their number; and -1, or the index
+    of the record where the walk stopped (its head, name or points past the end of
+    ``data``; its name end -1 where no NUL ends it within ``max_name`` bytes)."""
+    heads = np.full(n, -1, np.int64)
+    names = np.full(n, -1, np.int64)
+    points = np.zeros(n, np.int64)
+    counts = np.zeros(n, np.int64)
+    off = 8
+    for i in range(n):
+        heads[i] = off
+        if off + 64 > len(data):
+            return heads, names, points, counts, i
+        stop = off + 64
+        end = min(stop + max_name, len(data))
+        while stop < end and data[stop] != 0:
+            stop += 1
+        if stop >= end:
+            return heads, names, points, counts, i
+        names[i] = stop + 1
+        if stop + 9 > len(data):
+            return heads, names, points, counts, i
+        count = _u64(data, stop + 1)
+        if count < 0 or count > (len(data) - stop - 9) // 24:
+            return heads, names, points, counts, i
+        points[i], counts[i] = stop + 9, count
+        off = stop + 9 + 24 * count
+    return heads, names, points, counts, -1
+
+
+def _point_offsets(f: _File) -> np.ndarray:
+    """Byte offset of every record of points3D.bin (records have variable length)."""
+    n = f.count(0, _POINT_HEAD + 8, "3D points")
+    data = np.frombuffer(f.buf, np.uint8)
+    try:
+        offsets, end, bad = _point_walk(data, n, _POINT_HEAD)
+    finally:
+        del data
+    if bad >= 0:
+        f.fail(f"truncated or corrupt: 3D point record {bad} runs past the end of the file")
+    f.end(int(end))
+    return offsets
+
+
+@numba.njit(nogil=True, cache=True)
+def _point_walk(data, n, head):
+    """The byte offset of each of the ``n`` records of points3D.bin (``head`` bytes,
+    a uint64 track length, 8 bytes an element), the offset after the last, and -1;
+    or the index of the first record that runs past the end of ``data``."""
+    offsets = np.empty(n, np.int64)
+    off = 8
+    for i in range(n):
+        if off + head + 8 > len(data):
+            return offsets, off, i
+        length = _u64(data, off + head)
+        if length < 0 or length > (len(data) - off - head - 8) // 8:
+            return offsets, off, i
+        offsets[i] = off
+        off += head + 8 + 8 * length
+    return offsets, off, -1
 
 
 def read_points(path: Path):
     """Sorted point ids, xyz and the track length each record declares."""
     f = _File(path)
     try:
-        offsets = _point_offsets(f, guess=True)
-        if offsets is not None:
-            head = _gather_heads(f, offsets)
-            if not np.all(head[2] < 256):  # a long track: the guess went wrong there
-                offsets = None
-        if offsets is None:
-            offsets = _point_offsets(f)
-            head = _gather_heads(f, offsets)
-        ids, xyz, track = head
+        ids, xyz, track = _gather_heads(f, _point_offsets(f))
     finally:
         f.close()
     if not np.all(ids[1:] > ids[:-1]):  # COLMAP < 3.12 wrote points in hash order
@@ -290,41 +391,37 @@ _POINT_RECORD = np.dtype(
 
 def _gather_heads(f: _File, offsets: np.ndarray):
     """(ids, xyz, track lengths) from the fixed-size head of each point record."""
-    if not len(offsets):
-        return np.empty(0, np.uint64), np.empty((0, 3)), np.empty(0, np.uint64)
-    # every byte offset as the start of a 51-byte record: a 1-D fancy index copies the ones asked
-    heads = np.ndarray(
-        (f.size - _POINT_RECORD.itemsize + 1,), np.dtype((np.void, _POINT_RECORD.itemsize)), f.buf, 0, (1,)
-    )
-    rec = heads[offsets].view(_POINT_RECORD)
-    del heads
+    data = np.frombuffer(f.buf, np.uint8)
+    rec = _records(data, offsets, _POINT_RECORD)
+    del data
     return rec["id"].copy(), rec["xyz"].copy(), rec["track_length"].copy()
 
 
-def _point2d_batches(f: _File, heads: list, batch: int = 1 << 16) -> list:
+def _point2d_batches(f: _File, ids: list, points: list, counts: list, batch: int = 1 << 16) -> list:
     """The (read, size) batches of :func:`.model.build_observations`: runs of
-    consecutive images in ``heads`` order of about ``batch`` 2D points. Batching keeps
-    numpy's per-call overhead off the 10,000-image hot loop."""
+    consecutive images of about ``batch`` 2D points, image k (``ids[k]``) with
+    ``counts[k]`` 2D points from byte ``points[k]`` on. Batching keeps numpy's per-call
+    overhead off the 10,000-image hot loop."""
     tasks, start = [], 0
-    while start < len(heads):
+    while start < len(ids):
         stop, total = start, 0
-        while stop < len(heads) and (stop == start or total + heads[stop][6] <= batch):
-            total += heads[stop][6]
+        while stop < len(ids) and (stop == start or total + counts[stop] <= batch):
+            total += counts[stop]
             stop += 1
 
-        def read(group=heads[start:stop]):
-            block = np.concatenate([np.frombuffer(f.buf, "<f8", 3 * r[6], r[5]) for r in group])
+        def read(group=range(start, stop)):
+            block = np.concatenate([np.frombuffer(f.buf, "<f8", 3 * counts[k], points[k]) for k in group])
             block = block.reshape(-1, 3)
-            ids = block[:, 2].view("<u8")
-            valid = ids != INVALID_POINT3D_ID
-            sizes = [r[6] for r in group]
+            point3d = block[:, 2].view("<u8")
+            valid = point3d != INVALID_POINT3D_ID
+            sizes = [counts[k] for k in group]
             cum = np.concatenate([[0], np.cumsum(valid)])
             ends = np.cumsum(sizes)
             with np.errstate(over="ignore"):  # huge values become inf: check_finite reports them
                 xy = block[:, :2].astype(np.float32)
             # (x, y) pairs as one complex64 each: a 1-D boolean index, numpy's fast path
             xy = xy.view(np.complex64)[:, 0][valid].view(np.float32).reshape(-1, 2)
-            return [r[0] for r in group], cum[ends] - cum[ends - sizes], ids[valid], xy
+            return [ids[k] for k in group], cum[ends] - cum[ends - sizes], point3d[valid], xy
 
         tasks.append((read, total))
         start = stop
@@ -339,15 +436,14 @@ def read_model(folder: str | os.PathLike) -> Model:
     images_path = folder / "images.bin"
     f = _File(images_path)
     try:
-        heads = sorted(_image_headers(f), key=lambda r: r[0])
-        image_ids = np.array([r[0] for r in heads], np.uint32)
+        heads = _image_headers(f)
+        order = np.argsort(heads["id"], kind="stable")  # images by id
+        image_ids, camera_ids = heads["id"][order], heads["camera"][order]
         check_unique(image_ids, "image", str(images_path))
-        camera_ids = np.array([r[3] for r in heads], np.uint32)
-        missing = [c for c in camera_ids.tolist() if c not in cams]
+        missing = [c for c in np.unique(camera_ids).tolist() if c not in cams]
         if missing:
             raise SfmpairsError(f"{images_path}: an image uses camera {missing[0]}, which cameras.bin does not have")
-        qvec = np.array([r[1] for r in heads], np.float64).reshape(-1, 4)
-        tvec = np.array([r[2] for r in heads], np.float64).reshape(-1, 3)
+        qvec, tvec = heads["qvec"][order], heads["tvec"][order]
         rigs_path, frames_path = folder / "rigs.bin", folder / "frames.bin"
         if rigs_path.exists() or frames_path.exists():
             rigs = read_rigs(rigs_path)
@@ -356,13 +452,16 @@ def read_model(folder: str | os.PathLike) -> Model:
         check_pose_quaternions(qvec, str(images_path))
         check_finite(tvec, "image translation", str(images_path))
 
-        batches = _point2d_batches(f, heads)
+        at = order.tolist()
+        points, counts = heads["points"][order].tolist(), heads["counts"][order].tolist()
+        batches = _point2d_batches(f, image_ids.tolist(), points, counts)
         observations = build_observations(
             batches, point_ids, file_tracks, str(images_path), str(folder / "points3D.bin")
         )
     finally:
         f.close()
     check_finite(observations[2], "2D point position", str(images_path))
+    names = [heads["name"][k] for k in at]
     return Model.from_arrays(
-        folder, "binary", image_ids, [r[4] for r in heads], camera_ids, qvec, tvec, cams, point_ids, xyz, observations
+        folder, "binary", image_ids, names, camera_ids, qvec, tvec, cams, point_ids, xyz, observations
     )

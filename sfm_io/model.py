@@ -21,6 +21,7 @@ import queue
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 
 from sfmpairs.common import SfmpairsError
@@ -331,14 +332,25 @@ def _check_points_known(idx: np.ndarray, ids: np.ndarray, image_ids, counts, whe
 def _count_track_lengths(track: np.ndarray, idx: np.ndarray, counts) -> None:
     """Add to ``track`` (M,) one for each distinct (image, point) of a batch: ``idx``
     holds the points of its observations, image after image, ``counts`` of them per
-    image (a fancy ``+=`` counts a point repeated within one index once)."""
-    if len(counts) == 1:
-        track[idx] += 1
-        return
-    pos = 0
+    image (:func:`_count_distinct`)."""
+    _count_distinct(track, idx, np.asarray(counts, np.int64))
+
+
+@numba.njit(nogil=True, cache=True)
+def _count_distinct(track, idx, counts):
+    """One more in ``track`` (>= 0) for each point of each run of ``idx`` (``counts``
+    long, one an image), a point repeated within a run counted once: the first pass
+    over a run marks each of its points (-v - 1 for v), the second unmarks each
+    marked one and adds one."""
+    start = 0
     for k in counts:
-        track[idx[pos : pos + k]] += 1
-        pos += k
+        for e in range(start, start + k):
+            if track[idx[e]] >= 0:
+                track[idx[e]] = -track[idx[e]] - 1
+        for e in range(start, start + k):
+            if track[idx[e]] < 0:
+                track[idx[e]] = -track[idx[e]]
+        start += k
 
 
 def _run_batches(run, num_batches: int, workers: int) -> None:

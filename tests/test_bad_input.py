@@ -84,6 +84,85 @@ def test_corrupt_count(model, tmp_path, name, what):
     assert_clean_failure(tmp_path, [model], name, "corrupt", what)
 
 
+def _camera_heads(data: bytes) -> list[int]:
+    """The byte offset of each record of cameras.bin (parsed here, independently)."""
+    from sfmpairs.sfm_io.model import camera_models
+
+    (n,), off, heads = struct.unpack_from("<Q", data), 8, []
+    for _ in range(n):
+        heads.append(off)
+        off += 24 + 8 * camera_models()[struct.unpack_from("<i", data, off + 4)[0]][1]
+    return heads
+
+
+def _break_camera(data: bytearray, edit: str) -> None:
+    last = _camera_heads(bytes(data))[-1]
+    if edit == "unknown model":
+        struct.pack_into("<i", data, last + 4, 999)
+    elif edit == "params past the end":  # the last camera as FULL_OPENCV: 12 parameters
+        struct.pack_into("<i", data, last + 4, 6)
+    elif edit == "zero width":
+        struct.pack_into("<Q", data, last + 8, 0)
+    elif edit == "NaN parameter":
+        struct.pack_into("<d", data, last + 24, float("nan"))
+    elif edit == "repeated id":
+        struct.pack_into("<I", data, last, struct.unpack_from("<I", data, 8)[0])
+
+
+@pytest.mark.parametrize(
+    "edit,expect",
+    [
+        ("unknown model", "unknown camera model id 999"),
+        ("params past the end", "truncated: parameters of camera"),
+        ("zero width", "invalid size 0x"),
+        ("NaN parameter", "non-finite parameters"),
+        ("repeated id", "appears twice"),
+    ],
+)
+def test_corrupt_camera_record(synthetic_models, tmp_path, edit, expect):
+    """A broken record of a cameras.bin of many cameras (one per image): its own
+    problem, named in one line."""
+    model = tmp_path / "model"
+    shutil.copytree(synthetic_models["per-image-cameras"] / "binary", model)
+    data = bytearray((model / "cameras.bin").read_bytes())
+    assert len(_camera_heads(bytes(data))) > 2
+    _break_camera(data, edit)
+    (model / "cameras.bin").write_bytes(bytes(data))
+    assert_clean_failure(tmp_path, [model], "cameras.bin", expect)
+
+
+def _first_image(data: bytes) -> tuple[int, int, int]:
+    """(id, byte offset of its name, of its 2D point count) of images.bin's first image."""
+    name = 8 + 64
+    return struct.unpack_from("<I", data, 8)[0], name, data.index(b"\0", name) + 1
+
+
+@pytest.mark.parametrize("edit", ["unterminated name", "count past the end", "name not UTF-8"])
+def test_corrupt_image_record(model, tmp_path, edit):
+    data = bytearray((model / "images.bin").read_bytes())
+    image, name, count = _first_image(bytes(data))
+    if edit == "unterminated name":  # no NUL within 4,096 bytes of the name's start
+        data[name:] = b"a" * 5000
+        expect = f"name of image {image} is not terminated"
+    elif edit == "count past the end":
+        struct.pack_into("<Q", data, count, 2**40)
+        expect = f"2D points of image {image}"
+    else:
+        data[name] = 0xFF
+        expect = f"name of image {image} is not UTF-8"
+    (model / "images.bin").write_bytes(bytes(data))
+    assert_clean_failure(tmp_path, [model], "images.bin", expect)
+
+
+@pytest.mark.parametrize("track", [2**40, 2**63 + 5])
+def test_track_past_the_end(model, tmp_path, track):
+    """A 3D point whose track length leaves the file: the record named."""
+    data = bytearray((model / "points3D.bin").read_bytes())
+    struct.pack_into("<Q", data, 8 + 43, track)  # the first record's track length
+    (model / "points3D.bin").write_bytes(bytes(data))
+    assert_clean_failure(tmp_path, [model], "points3D.bin", "3D point record 0 runs past the end")
+
+
 def test_trailing_garbage(model, tmp_path):
     with open(model / "points3D.bin", "ab") as f:
         f.write(b"\0" * 5)
@@ -97,8 +176,9 @@ def test_non_finite_2d_point(model, tmp_path, value):
     from sfmpairs.sfm_io.colmap_binary import _File, _image_headers
 
     f = _File(model / "images.bin")
-    _, _, _, _, _, start, count = _image_headers(f)[0]
+    heads = _image_headers(f)
     f.close()
+    start, count = int(heads["points"][0]), int(heads["counts"][0])
     data = (model / "images.bin").read_bytes()
     ids = [struct.unpack_from("<Q", data, start + 24 * k + 16)[0] for k in range(count)]
     k = next(k for k, i in enumerate(ids) if i != 2**64 - 1)  # a 2D point of a 3D point

@@ -376,3 +376,21 @@ def test_more_points_than_the_store_can_number_is_one_line(synthetic_models, tmp
     with pytest.raises(SfmpairsError, match=r"shared-cameras/binary: the store numbers points with int32"):
         ingest(folders, tmp_path / "sfm.h5")
     assert not (tmp_path / "sfm.h5").exists()
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.int64])
+def test_track_lengths_count_each_image_once(dtype):
+    """Each image adds one to the track length of each point it observes, however many
+    times its row names the point (a repeat in a broken file): against np.unique per row."""
+    from sfmpairs.sfm_io.model import _count_track_lengths
+
+    rng = np.random.default_rng(7)
+    counts = rng.integers(0, 40, 300)
+    idx = rng.integers(0, 50, counts.sum()).astype(dtype)  # 50 points: many repeats within rows
+    track = rng.integers(0, 5, 50).astype(np.int32)  # earlier batches' counts
+    expect = track.copy()
+    for row in np.split(idx, np.cumsum(counts)[:-1]):
+        expect[np.unique(row)] += 1
+    _count_track_lengths(track, idx, counts)
+    np.testing.assert_array_equal(track, expect)
+    assert (expect > 0).all() and (np.bincount(idx, minlength=50) > expect).any()  # repeats were there
