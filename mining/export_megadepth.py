@@ -263,17 +263,28 @@ def read_model_table(h5, s: dict, images: tuple[int, int], points: tuple[int, in
     COLMAP ids and positions."""
     (a, b), (p0, p1) = images, points
     indptr = s["observations/indptr"][a : b + 1]
-    point = h5["observations/point"][indptr[0] : indptr[-1]].astype(np.int64) - p0
-    if len(point) and (point.min() < 0 or point.max() >= p1 - p0):
-        raise ValueError("an observation of another model's point")
-    return {
+    o0, o1 = int(indptr[0]), int(indptr[-1])
+    m = {
         "rows": np.arange(a, b),
         "indptr": (indptr - indptr[0]).astype(np.int64),
-        "point": point,
-        "xy": h5["observations/xy"][indptr[0] : indptr[-1]].astype(np.float64),
+        "point": h5["observations/point"][o0:o1].astype(np.int64) - p0,
+        "xy": h5["observations/xy"][o0:o1].astype(np.float64),
         "point_ids": h5["points/colmap_id"][p0:p1],
         "xyz": h5["points/xyz"][p0:p1],
     }
+    # read here by hand, past read_store's checks: each table's rows and columns
+    expected = {
+        "observations/point": ("point", (o1 - o0,)),
+        "observations/xy": ("xy", (o1 - o0, 2)),
+        "points/colmap_id": ("point_ids", (p1 - p0,)),
+        "points/xyz": ("xyz", (p1 - p0, 3)),
+    }
+    for table, (key, shape) in expected.items():
+        if m[key].shape != shape:
+            raise ValueError(f"{table} has the shape {m[key].shape} where its rows of the model are {shape}")
+    if len(m["point"]) and (m["point"].min() < 0 or m["point"].max() >= p1 - p0):
+        raise ValueError("an observation of another model's point")
+    return m
 
 
 def convert_depths(sources, colmap_names, width, height, folder: Path, rel: str) -> list:

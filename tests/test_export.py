@@ -240,6 +240,37 @@ def test_cirtorch_keeps_names_with_spaces(mined, tmp_path):
     assert [cid_of(name), name] in rows and all(len(row) == 2 for row in rows)
 
 
+@pytest.mark.parametrize(
+    "table, change",
+    [
+        ("observations/xy", lambda a: a[:-1]),  # a row fewer than observations/point
+        ("observations/xy", lambda a: a[None]),  # an axis more
+        ("observations/point", lambda a: np.stack([a, a], 1)),  # a column more
+        ("points/xyz", lambda a: a[:, :2]),  # a column fewer
+        ("points/colmap_id", lambda a: a[:-1]),
+    ],
+)
+def test_megadepth_refuses_mis_shaped_store_tables(mined, tmp_path, table, change):
+    """The megadepth export reads each model's observations and points from the store by
+    hand: a store that is valid HDF5 but one of whose tables has the wrong rows or
+    columns is one line naming the store and the table (found by bench_faults' mis-shaped
+    files: an IndexError or a broadcast error before), and nothing is written."""
+    root, _ = mined
+    store = tmp_path / "sfm.h5"
+    store.write_bytes((root / "sfm.h5").read_bytes())
+    with h5py.File(store, "r+") as f:
+        data = change(f[table][()])
+        del f[table]
+        f[table] = data
+    out = tmp_path / "md"
+    args = ["export", str(root / "pairs.h5"), "--format", "megadepth", "--store", str(store), "-o", str(out)]
+    r = CliRunner().invoke(main, args)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("sfmpairs: error:")]
+    assert r.exit_code == 2 and len(errors) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert f"{store}: model " in errors[0] and table in errors[0], errors[0]
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["sfm.h5"]
+
+
 def test_hloc_per_model_folders_are_unique_and_stay_inside(mined, tmp_path):
     """Model names from a crafted store: one escaping its folder ('../../escape'), one
     equal to another's made-up folder name, two that differ in case only (one file on
