@@ -304,12 +304,13 @@ def ingest(
     if conf.shared_names == "largest":
         sources, prefixes, leave = leave_shared_names(sources, prefixes, conf.reader)
     cluster_names = list(dict.fromkeys(s.cluster for s in sources))
+    kept = {s.path for s in sources}  # a set: the list's ``in`` was quadratic in the models
     parameters = {
         **conf_dict(conf),
         "images_root": str(root) if root else None,
         "manifest": str(Path(manifest).resolve()) if manifest else None,
         # --shared-names largest: the models left out, all their images being in larger ones
-        "left_out_models": [str(s.path.resolve()) for s in given_sources if s not in sources],
+        "left_out_models": [str(s.path.resolve()) for s in given_sources if s.path not in kept],
     }
     with atomic_output(output, overwrite) as tmp, _small_pages(), h5_output(tmp) as h5:
         create_store(h5)
