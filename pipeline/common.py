@@ -449,8 +449,9 @@ def check_self_contained(h5, path) -> None:
 
 
 # What h5py raises reading a corrupt HDF5 file (a bad signature, an address past the end,
-# a string that is not UTF-8, a message HDF5 does not know...).
-H5_READ_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError, IndexError)
+# a string that is not UTF-8, a message HDF5 does not know...; AttributeError: a table that
+# is a group or a named datatype, not a dataset, has no ``asstr``, ``shape``...).
+H5_READ_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError)
 
 
 def one_line(e: BaseException, limit: int = 200) -> str:

@@ -68,7 +68,7 @@ def _pairs_summary(h5: h5py.File) -> list[str]:
     split = h5["clusters/split"].asstr()[()]
     lines = [
         f"pair file   strategy {h5.attrs.get('strategy')}, scale measure "
-        f"{h5.attrs.get('scale_measure')}, {len(h5['images/name'])} images, "
+        f"{h5.attrs.get('scale_measure')}, {h5['images/name'].shape[0]} images, "
         f"{len(clusters)} clusters",
         f"source      {h5.attrs.get('source_store')} (sha256 {str(h5.attrs.get('source_store_sha256'))[:12]}…)",
         *_provenance(h5.attrs),

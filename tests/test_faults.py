@@ -253,6 +253,35 @@ def test_info_on_corrupt_files(world, tmp_path, name):
     one_error_line(cli("info", path), str(path))
 
 
+@pytest.mark.parametrize("what", ["datatype", "group"])
+@pytest.mark.parametrize("table", ["clusters/name", "images/name"])
+def test_a_table_that_is_no_dataset(world, tmp_path, what, table):
+    """A pair file where a table is a named datatype or a group, not a dataset (what a
+    flipped byte of its object header did, found by bench_faults: h5py's ``asstr`` of a
+    Datatype was an AttributeError and a traceback): one line naming the file for the
+    commands that read it, and no output."""
+    import shutil
+
+    path = tmp_path / "pairs.h5"
+    shutil.copy(world / "pairs.h5", path)
+    with h5py.File(path, "r+") as f:
+        del f[table]
+        if what == "datatype":
+            f[table] = np.dtype("f8")  # a committed (named) datatype
+        else:
+            f.create_group(table)
+    out = tmp_path / "out"
+    out.mkdir()
+    for args in (
+        ["export", path, "--format", "csv", "-o", out / "p.csv"],
+        ["evaluate", "--pairs", path, "--descriptors", world / "d.h5", "-o", out / "r.json"],
+        ["show", path, "-o", out / "t.png"],
+        ["info", path],
+    ):
+        one_error_line(cli(*args), str(path))
+    assert not list(out.iterdir())
+
+
 @pytest.fixture(scope="module")
 def bad_photos(world, tmp_path_factory):
     """A copy of the world's photos with one truncated JPEG and one file of junk bytes
