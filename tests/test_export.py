@@ -240,6 +240,29 @@ def test_cirtorch_keeps_names_with_spaces(mined, tmp_path):
     assert [cid_of(name), name] in rows and all(len(row) == 2 for row in rows)
 
 
+@pytest.mark.parametrize("split, keep", [("train", 0), ("val", 0), ("train", -1)])
+def test_cirtorch_refuses_queries_outside_their_split(mined, tmp_path, split, keep):
+    """cirtorch numbers queries and positives by their place among their split's
+    images: a pair file (valid HDF5) whose split's images lack one of them is one line
+    naming the pair file and the table (a KeyError before; found by bench_faults),
+    and nothing is written. ``keep``: how many of the images are left (-1: all but the
+    first query)."""
+    root, p = mined
+    pairs = tmp_path / "pairs.h5"
+    pairs.write_bytes((root / "pairs.h5").read_bytes())
+    with h5py.File(pairs, "r+") as f:
+        images = f[f"{split}/images"][()]
+        images = images[images != f[f"{split}/query"][0]] if keep < 0 else images[:keep]
+        del f[f"{split}/images"]
+        f[f"{split}/images"] = images
+    out = tmp_path / "db"
+    r = CliRunner().invoke(main, ["export", str(pairs), "--format", "cirtorch", "-o", str(out), "--neg-num", "1"])
+    errors = [line for line in r.stderr.splitlines() if line.startswith("sfmpairs: error:")]
+    assert r.exit_code == 2 and len(errors) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert f"{pairs}: corrupt pair file ({split}/query holds image" in errors[0], errors[0]
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["pairs.h5"]
+
+
 @pytest.mark.parametrize(
     "table, change",
     [
