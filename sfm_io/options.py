@@ -76,7 +76,9 @@ class ReconstructConf:
     )
     retrieval_image_size: int = setting(256, "retrieval: longer side of the photos the global descriptors see.")
     min_model_size: int = setting(
-        10, "Models with fewer registered photos are dropped, and said so (COLMAP's min_model_size)."
+        10,
+        "Models with fewer registered photos (after each photo is kept in its largest model only) are dropped, "
+        "and said so in the log and reconstruct.json (COLMAP's mapper itself keeps every model it makes).",
     )
     device: str = setting("auto", "auto, cpu or cuda (where pycolmap has it).", choices=("auto", "cpu", "cuda"))
 

@@ -205,16 +205,26 @@ def match_features(db: Path, conf: ReconstructConf, vocab_tree, device, pairs_fi
         pycolmap.match_vocabtree(db, pairing_options=pairing, device=device)
 
 
-def mapper_options(num_photos: int, min_model_size: int):
-    """The incremental mapper's options: COLMAP's, except that it may make as many
-    models as the photos allow (COLMAP stops at 50: a folder of more places lost the
-    rest) and keeps models from ``min_model_size`` photos (sfmpairs' minimum, applied
-    again once shared photos are taken out)."""
+# COLMAP's mapper is asked to keep every model it makes (it drops none under this
+# size): sfmpairs applies --min-model-size itself in clean_models, where each drop is
+# logged and recorded (COLMAP's own minimum dropped models without a word)
+MAPPER_MIN_MODEL_SIZE = 1
+
+
+def mapper_options(num_photos: int):
+    """The incremental mapper's options: COLMAP's, except that
+
+    - it keeps every model it makes (:data:`MAPPER_MIN_MODEL_SIZE`): models under
+      ``--min-model-size`` are dropped by :func:`clean_models`, and said so;
+    - it may make as many models as the photos allow: every model it keeps starts from
+      two photos of no other model, so at most ``num_photos // 2`` (COLMAP stops at 50:
+      a folder of more places lost the rest).
+    """
     import pycolmap
 
     options = pycolmap.IncrementalPipelineOptions()
-    options.max_num_models = max(options.max_num_models, num_photos // max(min_model_size, 2))
-    options.min_model_size = min_model_size
+    options.min_model_size = MAPPER_MIN_MODEL_SIZE
+    options.max_num_models = max(options.max_num_models, num_photos // 2)
     return options
 
 
@@ -322,7 +332,7 @@ def run_stages(
         with stages("expansion", f"matching photos that share a verified neighbour ({conf.expand} rounds at most)"):
             expand_matches(db, work, conf, device)
     with stages("mapping", "incremental mapping"):
-        models = map_models(db, images_dir, work, mapper_options(len(photos), conf.min_model_size))
+        models = map_models(db, images_dir, work, mapper_options(len(photos)))
     with stages("cleaning", f"each photo in one model, models of at least {conf.min_model_size} photos"):
         kept, dropped = clean_models(models, conf.min_model_size)
         registered = write_models(kept, work, images_dir, conf.min_model_size)

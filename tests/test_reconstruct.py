@@ -192,13 +192,58 @@ def test_a_full_disk_is_one_line(tmp_path):
     assert not (tmp_path / "models").exists()
 
 
-def test_the_mapper_may_make_a_model_per_place_and_keeps_small_ones_when_asked():
+def test_the_mapper_may_make_a_model_per_place_and_keeps_every_model():
     """COLMAP's mapper stops at 50 models: 2,000 photos of 100 places gave exactly 50
-    (benchmarks/bench_reconstruct.py). sfmpairs lets it make as many as the photos allow,
-    and passes --min-model-size on (COLMAP's mapper drops models under its own 10)."""
+    (benchmarks/bench_reconstruct.py). sfmpairs lets it make as many as the photos allow
+    (each model it keeps starts from two photos of no other) and asks it to keep every
+    model: --min-model-size is applied by clean_models, which says what it drops."""
     from sfmpairs.sfm_io.reconstruct import mapper_options
 
-    many = mapper_options(2_000, 10)
-    assert many.max_num_models >= 200 and many.min_model_size == 10
-    assert mapper_options(30, 10).max_num_models == 50  # never fewer than COLMAP's
-    assert mapper_options(2_000, 2).min_model_size == 2 and mapper_options(2_000, 2).max_num_models >= 1_000
+    many = mapper_options(2_000)
+    assert many.max_num_models == 1_000 and many.min_model_size == 1
+    assert mapper_options(30).max_num_models == 50  # never fewer than COLMAP's
+
+
+@pytest.fixture(scope="module")
+def two_places(tmp_path_factory):
+    """One folder of photos of two places: 14 photos in a/, 5 in b/ (320 x 240)."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("two_places")
+    for name, count, seed in (("a", 14, 2), ("b", 5, 5)):
+        synth(root / name, clusters=1, images_per_cluster=count, seed=seed, image_size=(320, 240))
+        shutil.copytree(root / name / "cluster_00" / "images", root / "photos" / name)
+    return root / "photos"
+
+
+def _model_names(folder):
+    from sfmpairs.sfm_io import colmap_binary
+
+    return [sorted(colmap_binary.read_model(m).names) for m in sorted((folder / "sparse").iterdir())]
+
+
+def test_a_small_place_is_kept_with_a_small_minimum(two_places, tmp_path):
+    """--min-model-size 2 keeps the 5-photo place as a model of its own: the mapper is
+    asked to keep every model (with COLMAP's options, its minimum of 10 dropped the
+    place inside the mapper, whatever --min-model-size said)."""
+    out = reconstruct(two_places, tmp_path / "models", min_model_size=2)
+    models = _model_names(tmp_path / "models")
+    assert len(models) == 2 and not out["dropped"], (out["models"], out["dropped"])
+    places = sorted({n.split("/")[0] for n in names} for names in models)
+    assert places == [{"a"}, {"b"}] and min(map(len, models)) >= 2
+
+
+def test_a_small_place_under_the_minimum_is_dropped_and_said(two_places, tmp_path, caplog):
+    """The default --min-model-size 10: the 5-photo place's model is made by the mapper
+    and then dropped by sfmpairs, in the log and in reconstruct.json, not left out
+    inside the mapper without a word."""
+    import json
+
+    out = reconstruct(two_places, tmp_path / "models")
+    assert [{n.split("/")[0] for n in names} for names in _model_names(tmp_path / "models")] == [{"a"}]
+    assert {n for n in out["unregistered"] if n.startswith("b/")} == {f"b/img_{k:03d}.jpg" for k in range(5)}
+    small = [d for d in out["dropped"] if d["in_larger_model"] == 0]  # a place of its own
+    assert len(small) == 1 and 2 <= small[0]["photos"] <= 5, out["dropped"]
+    assert "fewer than --min-model-size 10 photos" in small[0]["why"]
+    assert f"dropped mapper model {small[0]['mapper_model']} of {small[0]['photos']} photos" in caplog.text
+    assert json.loads((tmp_path / "models" / "reconstruct.json").read_text())["summary"]["dropped"] == out["dropped"]
