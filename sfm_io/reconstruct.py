@@ -218,13 +218,19 @@ def mapper_options(num_photos: int):
       ``--min-model-size`` are dropped by :func:`clean_models`, and said so;
     - it may make as many models as the photos allow: every model it keeps starts from
       two photos of no other model, so at most ``num_photos // 2`` (COLMAP stops at 50:
-      a folder of more places lost the rest).
+      a folder of more places lost the rest);
+    - it may try as many starts: each try, a model kept or a start given up, counts
+      against ``init_num_trials`` (COLMAP's 200) in each of the mapper's passes, which
+      bounded the models too (past 200 places, the places left were lost whatever
+      ``max_num_models`` allowed); it is at least twice ``max_num_models``. The mapper
+      still stops at once when no start is left to try.
     """
     import pycolmap
 
     options = pycolmap.IncrementalPipelineOptions()
     options.min_model_size = MAPPER_MIN_MODEL_SIZE
     options.max_num_models = max(options.max_num_models, num_photos // 2)
+    options.init_num_trials = max(options.init_num_trials, 2 * options.max_num_models)
     return options
 
 

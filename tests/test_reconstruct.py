@@ -201,7 +201,11 @@ def test_the_mapper_may_make_a_model_per_place_and_keeps_every_model():
 
     many = mapper_options(2_000)
     assert many.max_num_models == 1_000 and many.min_model_size == 1
-    assert mapper_options(30).max_num_models == 50  # never fewer than COLMAP's
+    # each start tried counts against init_num_trials (COLMAP's 200), models kept or not:
+    # at COLMAP's 200, a collection of more places lost the rest whatever max_num_models said
+    assert many.init_num_trials >= 2 * many.max_num_models
+    few = mapper_options(30)
+    assert few.max_num_models == 50 and few.init_num_trials == 200  # never fewer than COLMAP's
 
 
 @pytest.fixture(scope="module")
@@ -222,11 +226,23 @@ def _model_names(folder):
     return [sorted(colmap_binary.read_model(m).names) for m in sorted((folder / "sparse").iterdir())]
 
 
-def test_a_small_place_is_kept_with_a_small_minimum(two_places, tmp_path):
+def test_a_small_place_is_kept_with_a_small_minimum(two_places, tmp_path, monkeypatch):
     """--min-model-size 2 keeps the 5-photo place as a model of its own: the mapper is
     asked to keep every model (with COLMAP's options, its minimum of 10 dropped the
     place inside the mapper, whatever --min-model-size said)."""
+    import pycolmap
+
+    given = []
+    mapping = pycolmap.incremental_mapping
+
+    def spy(*args, **kwargs):
+        given.append(kwargs.get("options", args[3] if len(args) > 3 else None))
+        return mapping(*args, **kwargs)
+
+    monkeypatch.setattr(pycolmap, "incremental_mapping", spy)
     out = reconstruct(two_places, tmp_path / "models", min_model_size=2)
+    # the options reach the mapper: COLMAP's defaults are 10, 50 and 200
+    assert [(o.min_model_size, o.max_num_models, o.init_num_trials) for o in given] == [(1, 50, 200)]
     models = _model_names(tmp_path / "models")
     assert len(models) == 2 and not out["dropped"], (out["models"], out["dropped"])
     places = sorted({n.split("/")[0] for n in names} for names in models)
