@@ -33,6 +33,8 @@ from sfmpairs.common import SfmpairsError, progress
 logger = logging.getLogger("sfmpairs.reconstruct")
 
 DESCRIPTORS_PER_WORD = 20
+# descriptors quantised at once (whole photos, so about as many): see bow_descriptors
+QUANTISE_BATCH = 1 << 16
 
 default_conf = {
     "branching": 256,  # at most; words: its square (fewer for few photos, see bow_descriptors)
@@ -130,7 +132,7 @@ def _sample(db: Path, names: list[str], size: int, rng) -> tuple[np.ndarray, int
     return sample, total
 
 
-def _batches(photos, descriptors: int = 1 << 16):
+def _batches(photos, descriptors: int):
     """The descriptors of consecutive photos (``(i, d)`` in order) in lists of about
     ``descriptors`` rows, one entry a photo."""
     batch, rows = [], 0
@@ -160,7 +162,8 @@ def bow_descriptors(db: Path, names: list[str], conf: dict | None = None) -> spa
     del sample
     # the tf rows, CSR: each photo's distinct words and how often it has each
     indptr, word, count = [0], [], []
-    for batch in _batches(progress(read_sift(db, names), total=len(names), desc="bag of words", unit="photo")):
+    photos = progress(read_sift(db, names), total=len(names), desc="bag of words", unit="photo")
+    for batch in _batches(photos, QUANTISE_BATCH):
         # one quantisation of many photos' descriptors: the tree's per-cell products stay large
         w_all = words(root_sift(np.concatenate(batch)), vocab, b)
         for w in np.split(w_all, np.cumsum([len(d) for d in batch])[:-1]):

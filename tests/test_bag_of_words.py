@@ -11,6 +11,7 @@ import pytest
 from scipy.spatial.distance import cdist
 
 from sfmpairs import SfmpairsError
+from sfmpairs.sfm_io import bag_of_words
 from sfmpairs.sfm_io.bag_of_words import DESCRIPTORS_PER_WORD, bow_descriptors, kmeans, nearest, vocabulary, words
 
 
@@ -142,3 +143,51 @@ def test_photos_without_features_and_a_path_sqlite_would_misread(tmp_path):
     np.fill_diagonal(sim, -np.inf)
     assert np.all(place[np.argsort(-sim, axis=1)[:, :5]] == place[:, None])
     assert sorted(p.name for p in tmp_path.iterdir()) == [folder.name]
+
+
+def _brute_force_bow(photos: list[np.ndarray], vocab: list[np.ndarray], b: int) -> np.ndarray:
+    """The tf-idf rows by brute force: each photo's descriptors on their own (RootSIFT
+    in float64), each its nearest first-level centre then its nearest word of that cell
+    by scipy's distances, counted, weighted by log(N / photos with the word) and
+    L2-normalised."""
+    tf = np.zeros((len(photos), b * b))
+    for i, d in enumerate(photos):
+        x = d.astype(np.float64)
+        x = np.sqrt(x / np.maximum(x.sum(axis=1, keepdims=True), 1e-12))
+        for row, c in zip(x, cdist(x, vocab[0]).argmin(axis=1) if len(x) else []):
+            tf[i, c * b + cdist(row[None], vocab[1 + c]).argmin()] += 1
+    x = tf * np.log(len(photos) / np.maximum((tf > 0).sum(axis=0), 1))
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def test_photos_quantised_in_batches_keep_their_own_words(tmp_path, monkeypatch):
+    """The descriptors of many photos are quantised at once, in batches of about
+    QUANTISE_BATCH rows (65,536; 64 here, so that a small database makes many): photos
+    that fill a batch exactly, that cross its end, one of more than two batches, photos
+    without features (rows 0, or NULL as COLMAP writes) first, right after a batch's
+    end and last, one of them alone in the last batch. Each photo's row is that of its
+    own descriptors, against brute force."""
+    rng = np.random.default_rng(11)
+    sizes = [0, 37, 0, 27, 13, 0, 0, 64, 1, 63, 0, 150, 2, 0, 64, 0]
+    photos = [
+        np.clip(rng.random((n, 128)) ** 6 * 255 + rng.normal(scale=3, size=(n, 128)), 0, 255).astype(np.uint8)
+        for n in sizes
+    ]
+    names = _database(tmp_path / "database.db", photos)
+    with contextlib.closing(sqlite3.connect(tmp_path / "database.db")) as con:
+        for i in (2, 15):  # NULL data, as COLMAP writes for a photo without features (ids: reversed)
+            con.execute("UPDATE descriptors SET data = NULL WHERE image_id = ?", (len(photos) - i,))
+        con.commit()
+    vocabs, batches = [], []
+    learn, quantise = bag_of_words.vocabulary, bag_of_words.words
+    monkeypatch.setattr(bag_of_words, "vocabulary", lambda *a: vocabs.append(learn(*a)) or vocabs[-1])
+    monkeypatch.setattr(bag_of_words, "words", lambda x, *a: batches.append(len(x)) or quantise(x, *a))
+    monkeypatch.setattr(bag_of_words, "QUANTISE_BATCH", 64)
+    desc = bow_descriptors(tmp_path / "database.db", names)
+    b = round(np.sqrt(desc.shape[1]))
+    want = _brute_force_bow(photos, vocabs[0], b)
+    got = desc.toarray()
+    assert [desc[i].nnz for i, n in enumerate(sizes) if n == 0] == [0] * sizes.count(0)
+    np.testing.assert_array_equal(got != 0, want != 0)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert batches == [64, 77, 64, 150, 66, 0]  # the batches the photos were meant to make
