@@ -248,7 +248,8 @@ def map_models(db: Path, images_dir: Path, work: Path, options) -> list:
 def clean_models(models: list, min_model_size: int) -> tuple[list, list[dict]]:
     """Each photo in its largest model only, and models left with fewer than
     ``min_model_size`` registered photos dropped (:func:`.shared_names.keepers`): the
-    models kept and a record of each drop."""
+    models kept and a record of each drop. Every model kept, whether it lost photos or
+    not, loses its 3D points seen by fewer than two photos (:func:`.shared_names.deregister`)."""
     names = [sorted(img.name for img in rec.images.values() if img.has_pose) for rec in models]
     keeper = keepers(names, min_model_size)
     rank = {k: r for r, k in enumerate(by_size(names))}

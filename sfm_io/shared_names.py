@@ -10,6 +10,13 @@ it leaves that is then seen by fewer than two photos is dropped. ``reconstruct``
 drops the models left with fewer than its minimum of photos, and a photo of a dropped
 model then stays in the next largest model that has it (:func:`keepers`).
 
+Points seen by fewer than two distinct photos: ``reconstruct`` deletes them from every
+model it keeps (:func:`deregister`), so that each point of its output is seen by two of
+the model's photos at least (COLMAP's tracks may list a photo twice). ``ingest``
+removes them from the models that lose a photo (:func:`drop_images`) and reads the
+others as they are: its store counts the distinct photos seeing each point, and a
+point seen by one photo adds no co-observation either way.
+
 Two implementations of the one rule, each where its data is: :func:`deregister` on a
 pycolmap reconstruction (``reconstruct`` writes COLMAP models that other tools read, so
 they must be valid models), :func:`drop_images` on sfmpairs' own :class:`~.model.Model`
@@ -93,12 +100,13 @@ def drop_images(model: Model, keep: np.ndarray) -> Model:
 
 def deregister(rec, names: set[str]) -> int:
     """Deregister the images of ``rec`` (a pycolmap Reconstruction) named in ``names``,
-    in place; COLMAP deletes their observations (and points left with one). Points then
-    seen by fewer than two distinct images (a track may list an image twice) go too.
+    in place; COLMAP deletes their observations (and points left with one). Then every
+    point seen by fewer than two distinct images (a track may list an image twice) is
+    deleted, whether or not an image went: a point seen by one photo says nothing of
+    which photos see the same place, and each model ``reconstruct`` writes has every
+    point seen by two of its photos at least, not only the models that lost a photo.
     Returns the number of images deregistered."""
     gone = [img for img in rec.images.values() if img.name in names and img.has_pose]
-    if not gone:
-        return 0
     for img in gone:
         if rec.exists_frame(img.frame_id) and rec.frame(img.frame_id).has_pose:
             rec.deregister_frame(img.frame_id)

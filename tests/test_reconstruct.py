@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -57,20 +58,27 @@ def test_bad_reconstruct_input(tmp_path):
 
 
 # ----------------------------------------------------------- each photo in one model
-def _mapper_models(tmp_path, sizes_and_drops):
+def _mapper_models(tmp_path, sizes_and_drops, duplicate_fraction=0.0, seen_by_one=False):
     """pycolmap models as the mapper might leave them: copies of one random model
-    (40 images), each without the images whose indices are given."""
+    (40 images; a ``duplicate_fraction`` of its tracks list an image twice), each
+    without the images whose indices are given, and without the points then seen by
+    one image only (with ``seen_by_one``, with them: pycolmap deletes a point left
+    with one observation, not one left with two of one image)."""
     import pycolmap
 
     from sfmpairs.synthetic.models import random_reconstruction, write_model
 
-    write_model(random_reconstruction(40, 1500, track_length=5, duplicate_fraction=0.0, seed=7), tmp_path / "full")
+    full = tmp_path / f"full-{duplicate_fraction}"
+    if not full.is_dir():
+        write_model(random_reconstruction(40, 1500, 5, duplicate_fraction=duplicate_fraction, seed=7), full)
     models = []
     for drop in sizes_and_drops:
-        rec = pycolmap.Reconstruction(str(tmp_path / "full"))
+        rec = pycolmap.Reconstruction(str(full))
         ids = sorted(rec.reg_image_ids())
         for i in drop:
             rec.deregister_frame(rec.image(ids[i]).frame_id)
+        for pid in [] if seen_by_one else _seen_by_one(rec):
+            rec.delete_point3D(pid)
         models.append(rec)
     return models
 
@@ -79,14 +87,34 @@ def _names(rec):
     return {img.name for img in rec.images.values() if img.has_pose}
 
 
+def _seen_by_one(rec):
+    """The 3D points of ``rec`` seen by fewer than two distinct images."""
+    return [pid for pid, p in rec.points3D.items() if len({e.image_id for e in p.track.elements}) < 2]
+
+
+def _check_as_drop_images(tmp_path, rec, before):
+    """``rec``, read back, is what sfmpairs' own removal (numpy, on the model as read:
+    :func:`drop_images`) leaves of ``before`` without the images ``rec`` lacks."""
+    from sfmpairs.sfm_io import colmap_binary
+    from sfmpairs.sfm_io.shared_names import drop_images
+
+    for name, r in (("after", rec), ("before", before)):
+        shutil.rmtree(tmp_path / name, ignore_errors=True)
+        (tmp_path / name).mkdir()
+        r.write_binary(str(tmp_path / name))
+    got, m = colmap_binary.read_model(tmp_path / "after"), colmap_binary.read_model(tmp_path / "before")
+    want = drop_images(m, np.array([n in _names(rec) for n in m.names]))
+    assert got.names == want.names and got.point_ids.tolist() == want.point_ids.tolist()
+    np.testing.assert_array_equal(got.indptr, want.indptr)
+    np.testing.assert_array_equal(got.point, want.point)
+
+
 def test_each_photo_stays_in_its_largest_model_and_small_models_go(tmp_path):
     """Mapper models: a 2-photo start inside the large one (as issue 16 saw), the large
     one (images 0..29), and one of images 24..39 (6 shared). The 2-photo model goes
     (all in the larger), the last keeps 10 photos (30..39) and stays at the default
     minimum of 10; the points of the large model are untouched."""
-    from sfmpairs.sfm_io import colmap_binary
     from sfmpairs.sfm_io.reconstruct import clean_models
-    from sfmpairs.sfm_io.shared_names import drop_images
 
     small, large, late = _mapper_models(tmp_path, [range(2, 40), range(30, 40), range(0, 24)])
     large_points = large.num_points3D()
@@ -95,15 +123,38 @@ def test_each_photo_stays_in_its_largest_model_and_small_models_go(tmp_path):
     assert dropped[0]["in_larger_model"] == 2 and "larger model" in dropped[0]["why"]
     assert _names(large).isdisjoint(_names(late)) and len(_names(late)) == 10
     assert large.num_points3D() == large_points
-    # the late model as sfmpairs' own removal (numpy, on the model as read) leaves it
-    for name, rec in (("late", late), ("before", _mapper_models(tmp_path, [range(0, 24)])[0])):
-        (tmp_path / name).mkdir()
-        rec.write_binary(str(tmp_path / name))
-    got, m = colmap_binary.read_model(tmp_path / "late"), colmap_binary.read_model(tmp_path / "before")
-    want = drop_images(m, np.array([n in _names(late) for n in m.names]))
-    assert got.names == want.names and got.point_ids.tolist() == want.point_ids.tolist()
-    np.testing.assert_array_equal(got.indptr, want.indptr)
-    np.testing.assert_array_equal(got.point, want.point)
+    _check_as_drop_images(tmp_path, late, _mapper_models(tmp_path, [range(0, 24)])[0])
+
+
+def test_tracks_that_list_a_photo_twice_lose_the_points_left_seen_by_one(tmp_path):
+    """A fifth of the tracks list their first photo twice, as COLMAP's may. The late
+    model (images 0..19) leaves 10..19 to the large one (10..39): COLMAP's
+    deregistration keeps a point whose track is left with one photo listed twice (one
+    first seen by image 9, twice, then by 10..13); sfmpairs deletes it, and leaves the
+    model that its own removal on the model as read leaves."""
+    from sfmpairs.sfm_io.reconstruct import clean_models
+
+    large, late = _mapper_models(tmp_path, [range(0, 10), range(20, 40)], duplicate_fraction=0.2)
+    before = _mapper_models(tmp_path, [range(20, 40)], duplicate_fraction=0.2)[0]
+    assert not _seen_by_one(late)
+    kept, dropped = clean_models([large, late], min_model_size=10)
+    assert kept == [large, late] and not dropped and len(_names(late)) == 10
+    assert not _seen_by_one(late) and not _seen_by_one(large)
+    _check_as_drop_images(tmp_path, late, before)
+
+
+def test_every_kept_model_loses_its_points_seen_by_one_photo(tmp_path):
+    """A model that loses no photo is cleaned as one that does: its points seen by one
+    photo only (tracks listing a photo twice, whose other photos the mapper took out)
+    are deleted, so that every point reconstruct writes is seen by two photos at least."""
+    from sfmpairs.sfm_io.reconstruct import clean_models
+
+    (rec,) = _mapper_models(tmp_path, [range(0, 20)], duplicate_fraction=0.2, seen_by_one=True)
+    lonely, points = _seen_by_one(rec), rec.num_points3D()
+    assert len(lonely) == 5
+    kept, dropped = clean_models([rec], min_model_size=10)
+    assert kept == [rec] and not dropped and len(_names(rec)) == 20
+    assert not _seen_by_one(rec) and rec.num_points3D() == points - len(lonely)
 
 
 def test_a_photo_of_a_dropped_model_stays_in_a_smaller_one(tmp_path):
@@ -211,8 +262,6 @@ def test_the_mapper_may_make_a_model_per_place_and_keeps_every_model():
 @pytest.fixture(scope="module")
 def two_places(tmp_path_factory):
     """One folder of photos of two places: 14 photos in a/, 5 in b/ (320 x 240)."""
-    import shutil
-
     root = tmp_path_factory.mktemp("two_places")
     for name, count, seed in (("a", 14, 2), ("b", 5, 5)):
         synth(root / name, clusters=1, images_per_cluster=count, seed=seed, image_size=(320, 240))
