@@ -59,8 +59,11 @@ def read_sift(db: Path, names: list[str]):
             row = con.execute("SELECT rows, cols, data FROM descriptors WHERE image_id = ?", (image_id[name],))
             rows, cols, data = row.fetchone() or (0, 128, b"")
             data = data or b""  # COLMAP writes NULL for a photo without features
-            if rows and (cols != 128 or len(data) != rows * cols):
-                raise SfmpairsError(f"{db}: the SIFT descriptors of {name} are not {rows} x 128 bytes")
+            if (rows or data) and (cols != 128 or len(data) != rows * cols):  # bytes with rows = 0 too
+                raise SfmpairsError(
+                    f"{db}: the SIFT descriptors of {name} are not {rows} x 128 bytes (the table says "
+                    f"{rows} x {cols} and holds {len(data)} bytes)"
+                )
             yield i, np.frombuffer(data, np.uint8).reshape(-1, 128)
 
 

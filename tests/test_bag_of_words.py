@@ -125,6 +125,22 @@ def test_corrupt_descriptors_are_one_line_naming_the_database(tmp_path):
         bow_descriptors(tmp_path / "database.db", names)
 
 
+@pytest.mark.parametrize("size", [100, 256])
+def test_descriptors_of_no_rows_that_hold_bytes_are_one_line(tmp_path, size):
+    """rows = 0 with bytes in data (a damaged database, or one not COLMAP's): one line
+    naming the database and the photo, not a ValueError (100 bytes) nor descriptors
+    made up from the bytes (256 bytes: two rows the table does not have)."""
+    rng = np.random.default_rng(8)
+    photos, _ = _places(rng)
+    names = _database(tmp_path / "database.db", photos)
+    with contextlib.closing(sqlite3.connect(tmp_path / "database.db")) as con:
+        con.execute("UPDATE descriptors SET rows = 0, data = ? WHERE image_id = 2", (b"\x01" * size,))
+        con.commit()
+    name = names[len(photos) - 2]  # ids are in reverse of the names' order
+    with pytest.raises(SfmpairsError, match=rf"database\.db: the SIFT descriptors of {name} are not 0 x 128 bytes"):
+        bow_descriptors(tmp_path / "database.db", names)
+
+
 def test_photos_without_features_and_a_path_sqlite_would_misread(tmp_path):
     """A photo without SIFT features (COLMAP stores NULL) gets a row of zeros, wherever
     it is in the list; a database under a folder named with URI characters is read
