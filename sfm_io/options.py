@@ -67,7 +67,12 @@ class ReconstructConf:
         "retrieval, bow: branching of the two-level vocabulary tree, at most (words: up to its square; fewer for "
         "a small collection, about 20 SIFT descriptors a word).",
     )
-    seed: int = setting(0, "retrieval, bow: seed of the vocabulary's k-means.")
+    seed: int = setting(
+        0,
+        "Seed of COLMAP's random choices (the geometric check's RANSAC, the mapper's) and, with retrieval and bow, "
+        "of the vocabulary's k-means. Runs are then much alike, not always identical: COLMAP's threads number the "
+        "photos in the order they finish, and its mapper on several threads does not always give the same result.",
+    )
     checkpoint: str | None = setting(
         None,
         "retrieval: sfmpairs checkpoint for the global descriptors.",

@@ -186,23 +186,27 @@ def expand_matches(db: Path, work: Path, conf: ReconstructConf, device) -> int:
 
 
 def match_features(db: Path, conf: ReconstructConf, vocab_tree, device, pairs_file: Path | None = None) -> None:
-    """Matches and two-view geometries of the pairs the matcher proposes."""
+    """Matches and two-view geometries of the pairs the matcher proposes; the
+    geometric check's RANSAC seeded by ``conf.seed``."""
     import pycolmap
 
+    verification = pycolmap.TwoViewGeometryOptions()
+    verification.ransac.random_seed = conf.seed
+    common = {"verification_options": verification, "device": device}
     if conf.matcher == "exhaustive":
-        pycolmap.match_exhaustive(db, device=device)
+        pycolmap.match_exhaustive(db, **common)
     elif conf.matcher == "sequential":
         pairing = pycolmap.SequentialPairingOptions()
         pairing.overlap = conf.overlap
-        pycolmap.match_sequential(db, pairing_options=pairing, device=device)
+        pycolmap.match_sequential(db, pairing_options=pairing, **common)
     elif conf.matcher == "retrieval":
         pairing = pycolmap.ImportedPairingOptions()
         pairing.match_list_path = str(pairs_file)
-        pycolmap.match_image_pairs(db, pairing_options=pairing, device=device)
+        pycolmap.match_image_pairs(db, pairing_options=pairing, **common)
     else:
         pairing = pycolmap.VocabTreePairingOptions()
         pairing.vocab_tree_path = str(vocab_tree)
-        pycolmap.match_vocabtree(db, pairing_options=pairing, device=device)
+        pycolmap.match_vocabtree(db, pairing_options=pairing, **common)
 
 
 # COLMAP's mapper is asked to keep every model it makes (it drops none under this
@@ -211,7 +215,7 @@ def match_features(db: Path, conf: ReconstructConf, vocab_tree, device, pairs_fi
 MAPPER_MIN_MODEL_SIZE = 1
 
 
-def mapper_options(num_photos: int):
+def mapper_options(num_photos: int, seed: int = 0):
     """The incremental mapper's options: COLMAP's, except that
 
     - it keeps every model it makes (:data:`MAPPER_MIN_MODEL_SIZE`): models under
@@ -223,7 +227,9 @@ def mapper_options(num_photos: int):
       against ``init_num_trials`` (COLMAP's 200) in each of the mapper's passes, which
       bounded the models too (past 200 places, the places left were lost whatever
       ``max_num_models`` allowed); it is at least twice ``max_num_models``. The mapper
-      still stops at once when no start is left to try.
+      still stops at once when no start is left to try;
+    - its random choices (RANSAC, the order of tries) are seeded by ``seed``
+      (``--seed``; COLMAP's -1 seeds them from the clock), so that a run can be repeated.
     """
     import pycolmap
 
@@ -231,6 +237,7 @@ def mapper_options(num_photos: int):
     options.min_model_size = MAPPER_MIN_MODEL_SIZE
     options.max_num_models = max(options.max_num_models, num_photos // 2)
     options.init_num_trials = max(options.init_num_trials, 2 * options.max_num_models)
+    options.random_seed = seed
     return options
 
 
@@ -339,7 +346,7 @@ def run_stages(
         with stages("expansion", f"matching photos that share a verified neighbour ({conf.expand} rounds at most)"):
             expand_matches(db, work, conf, device)
     with stages("mapping", "incremental mapping"):
-        models = map_models(db, images_dir, work, mapper_options(len(photos)))
+        models = map_models(db, images_dir, work, mapper_options(len(photos), conf.seed))
     with stages("cleaning", f"each photo in one model, models of at least {conf.min_model_size} photos"):
         kept, dropped = clean_models(models, conf.min_model_size)
         registered = write_models(kept, work, images_dir, conf.min_model_size)

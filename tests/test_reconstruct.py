@@ -257,6 +257,8 @@ def test_the_mapper_may_make_a_model_per_place_and_keeps_every_model():
     assert many.init_num_trials >= 2 * many.max_num_models
     few = mapper_options(30)
     assert few.max_num_models == 50 and few.init_num_trials == 200  # never fewer than COLMAP's
+    # seeded (COLMAP's -1 seeds from the clock: no two runs alike)
+    assert few.random_seed == 0 and mapper_options(30, seed=7).random_seed == 7
 
 
 @pytest.fixture(scope="module")
@@ -281,17 +283,23 @@ def test_a_small_place_is_kept_with_a_small_minimum(two_places, tmp_path, monkey
     place inside the mapper, whatever --min-model-size said)."""
     import pycolmap
 
-    given = []
-    mapping = pycolmap.incremental_mapping
+    given, checks = [], []
+    mapping, matching = pycolmap.incremental_mapping, pycolmap.match_exhaustive
 
-    def spy(*args, **kwargs):
+    def spy_mapping(*args, **kwargs):
         given.append(kwargs.get("options", args[3] if len(args) > 3 else None))
         return mapping(*args, **kwargs)
 
-    monkeypatch.setattr(pycolmap, "incremental_mapping", spy)
-    out = reconstruct(two_places, tmp_path / "models", min_model_size=2)
-    # the options reach the mapper: COLMAP's defaults are 10, 50 and 200
-    assert [(o.min_model_size, o.max_num_models, o.init_num_trials) for o in given] == [(1, 50, 200)]
+    def spy_matching(*args, **kwargs):
+        checks.append(kwargs.get("verification_options"))
+        return matching(*args, **kwargs)
+
+    monkeypatch.setattr(pycolmap, "incremental_mapping", spy_mapping)
+    monkeypatch.setattr(pycolmap, "match_exhaustive", spy_matching)
+    out = reconstruct(two_places, tmp_path / "models", min_model_size=2, seed=3)
+    # the options reach the mapper: COLMAP's defaults are 10, 50, 200 and -1 (a seed from the clock)
+    assert [(o.min_model_size, o.max_num_models, o.init_num_trials, o.random_seed) for o in given] == [(1, 50, 200, 3)]
+    assert [c.ransac.random_seed for c in checks] == [3]  # and the geometric check's RANSAC is seeded
     models = _model_names(tmp_path / "models")
     assert len(models) == 2 and not out["dropped"], (out["models"], out["dropped"])
     places = sorted({n.split("/")[0] for n in names} for names in models)
