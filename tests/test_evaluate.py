@@ -432,3 +432,30 @@ def test_a_report_that_cannot_be_published_takes_its_picture_back(small_world, t
     r, out = _picture_run(small_world, tmp_path)
     one_error_line(r, "r.json", "written meanwhile")
     assert sorted(p.name for p in out.iterdir()) == ["r.json"] and (out / "r.json").read_text() == "another run's"
+
+
+@pytest.mark.parametrize("gone", [["gt_co_observed"], ["gt_image", "gt_co_observed"]])
+def test_val_ground_truth_cut_short_is_one_line(small_world, tmp_path, gone):
+    """A pair file (valid HDF5) whose val ground truth has its index (val/gt_indptr) but
+    not its tables (a flipped byte of a link name did it; found by bench_faults): one
+    line naming the pair file and the missing table, not a KeyError, and no report."""
+    import h5py
+
+    from conftest import cli, one_error_line
+    from sfmpairs.retrieval.descriptors import write_descriptors
+
+    pairs = tmp_path / "pairs.h5"
+    pairs.write_bytes((small_world / "pairs.h5").read_bytes())
+    with h5py.File(pairs, "r+") as f:
+        names = f["images/name"].asstr()[()]
+        for key in gone:
+            del f[f"val/{key}"]
+        if "gt_image" in gone:  # an index of nothing: what check_pairs lets by
+            n = len(f["val/gt_indptr"])
+            del f["val/gt_indptr"]
+            f["val/gt_indptr"] = np.zeros(n, np.int64)
+    d = np.random.default_rng(0).normal(size=(len(names), 8)).astype(np.float32)
+    write_descriptors(tmp_path / "d.h5", names, d / np.linalg.norm(d, axis=1, keepdims=True), {})
+    r = cli("evaluate", "--pairs", pairs, "--descriptors", tmp_path / "d.h5", "-o", tmp_path / "r.json")
+    one_error_line(r, f"{pairs}: corrupt pair file (val/gt_indptr without val/{gone[0]})")
+    assert not (tmp_path / "r.json").exists()
