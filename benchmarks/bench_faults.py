@@ -5,7 +5,12 @@ Fuzzing: byte flips, truncations, appended junk and extreme values written over 
 in every COLMAP file kind (binary: cameras, images, points3D, rigs, frames; text: the
 same) of several real models (../shared/data/colmap) and a synthetic rig model, in an
 SfM store, a pair file, a descriptor file, a whitening file, a checkpoint, a revisited
-ground-truth pickle and a photo; each given to the commands that read it, in-process
+ground-truth pickle and a photo; and files that are whole but mis-shaped (kinds
+``KIND:shapes``, :func:`reshape`): valid HDF5 one of whose datasets has the wrong shape,
+length, dtype or an extreme value (a pair file whose pool has a column too few, a store
+whose observation arrays differ in length...), a valid checkpoint one of whose weights
+or settings has the wrong shape or type. Each is given to the commands that read it
+(``info``, ``show``, every export, ``load_checkpoint``...), in-process
 (``sfmpairs.cli.main`` or the Python API) in forked worker processes. Each case is one of
 
 - ``ok``: the command finished (its output is removed for the next case);
@@ -20,6 +25,7 @@ how to reproduce them; exits 1 if any case is a failure, crash or hang.
 
     python benchmarks/bench_faults.py                 # >= 10,000 cases, about 5 min on 2 cores
     python benchmarks/bench_faults.py --cases 400     # a quick slice (tests/test_fuzz.py)
+    python benchmarks/bench_faults.py --cases 60000 --kind pairs:shapes   # one kind's share of 60,000
     python benchmarks/bench_faults.py --kill          # kill -9 trials, see kill_trials()
 """
 
@@ -79,6 +85,9 @@ def build_inputs(root: Path, scenes) -> None:
     from sfmpairs.sfm_io.ingest import ingest
     from sfmpairs.synthetic.world import synth
 
+    # the files record the command line (provenance): one whatever this run's options, so
+    # that a case's offsets, and --seed-of-case, are the same in every run
+    sys.argv = [sys.argv[0]]
     for scene in scenes:
         shutil.copytree(COLMAP / scene / "sparse" / "0", root / "bin" / scene)
     _synthetic_rig_model(root / "bin" / "synthetic-rig", text=False)
@@ -129,6 +138,10 @@ def _api(fn_name):
             from sfmpairs.retrieval.network import read_checkpoint
 
             read_checkpoint(path)
+        elif fn_name == "load_checkpoint":
+            from sfmpairs.retrieval.network import load_checkpoint
+
+            load_checkpoint(path)
 
     return run
 
@@ -143,13 +156,30 @@ def commands(w: Path, out: Path) -> dict:
     train = ["train", "--pairs", f"{w}/pairs.h5", "-o", f"{out}/run", "--weights", f"{w}/model.pt", "--epochs", "1"]
     train += ["--query-size", "4", "--pool-size", "8", "--neg-num", "1", "--image-size", "32", "--test-image-size"]
     train += ["32", "--workers", "0", "--device", "cpu", "-q"]
+    # the exports that read the store too are given the worker's copy (the pair file names
+    # the store it was mined from, the original)
+    export = ["export", f"{w}/pairs.h5", "-q", "--format"]
+    per_model = [*export, "hloc", "--per-model", "--store", f"{w}/sfm.h5", "-o", f"{out}/pm"]
+    megadepth = [*export, "megadepth", "--store", f"{w}/sfm.h5", "-o", f"{out}/md"]
+    extract = ["extract", "--model", f"{w}/model.pt", "--store", f"{w}/sfm.h5", "-o", f"{out}/d.h5", "-q"]
+    extract += ["--image-size", "32", "--workers", "0"]
     table = {
-        "store": [("mine", 6, mine), ("info", 2, ["info", f"{w}/sfm.h5"])],
+        "store": [
+            ("mine", 6, mine),
+            ("info", 2, ["info", f"{w}/sfm.h5"]),
+            ("export-hloc-per-model", 1.5, per_model),
+            ("export-megadepth", 1.5, megadepth),
+        ],
         "pairs": [
             ("whiten", 3, whi),
             ("evaluate", 3, eva),
-            ("export-hloc", 3, ["export", f"{w}/pairs.h5", "--format", "hloc", "-o", f"{out}/p.txt", "-q"]),
-            ("export-csv", 2, ["export", f"{w}/pairs.h5", "--format", "csv", "-o", f"{out}/p.csv", "-q"]),
+            ("export-hloc", 3, [*export, "hloc", "-o", f"{out}/p.txt"]),
+            ("export-csv", 2, [*export, "csv", "-o", f"{out}/p.csv"]),
+            ("export-cirtorch", 2, [*export, "cirtorch", "-o", f"{out}/cirtorch"]),
+            ("export-hloc-per-model", 1.5, per_model),
+            ("export-megadepth", 1.5, megadepth),
+            ("show", 1.5, ["show", f"{w}/pairs.h5", "-o", f"{out}/tuples.png", "--count", "2", "-q"]),
+            ("show-html", 1, ["show", f"{w}/pairs.h5", "-o", f"{out}/tuples.html", "--split", "val", "-q"]),
             ("info", 1, ["info", f"{w}/pairs.h5"]),
             ("train", 0.15, train),
         ],
@@ -160,7 +190,12 @@ def commands(w: Path, out: Path) -> dict:
             ("info", 1, ["info", f"{w}/d.h5"]),
         ],
         "whitening": [("evaluate", 4, [*eva, "--whitening", f"{w}/wh.h5"]), ("info", 1, ["info", f"{w}/wh.h5"])],
-        "checkpoint": [("read_checkpoint", 1.5, _api("read_checkpoint")), ("info", 0.5, ["info", f"{w}/model.pt"])],
+        "checkpoint": [
+            ("read_checkpoint", 1.5, _api("read_checkpoint")),
+            ("load_checkpoint", 1.5, _api("load_checkpoint")),
+            ("info", 1, ["info", f"{w}/model.pt"]),
+            ("extract", 0.3, extract),
+        ],
         "gnd": [("load_gnd", 6, _api("load_gnd"))],
         "photo": [("load_image", 6, _api("load_image"))],
     }
@@ -186,6 +221,14 @@ def targets(w: Path) -> list[tuple[str, str, float]]:
         ("photo", "photo.jpg"),
     ):
         out.append((kind, rel, 1.0))
+    for kind, rel in (
+        ("store", "sfm.h5"),
+        ("pairs", "pairs.h5"),
+        ("descriptors", "d.h5"),
+        ("whitening", "wh.h5"),
+        ("checkpoint", "model.pt"),
+    ):
+        out.append((f"{kind}:shapes", rel, 1.0))  # whole files, mis-shaped (reshape)
     return out
 
 
@@ -277,6 +320,112 @@ def mutate(data: bytes, seed: int, text: bool, metadata: np.ndarray | None = Non
     return bytes(b[: max(0, n - 1)]), "truncate last byte"
 
 
+# Mis-shaped but whole files: one dataset (or a checkpoint's weight or setting) replaced
+RESHAPES = ("drop-row", "add-row", "columns", "scalar", "empty", "extra-axis", "transpose", "dtype", "value")
+EXTREME_VALUES = (-1, -(2**31), 2**31 - 1, 2**62, np.nan, np.inf, -np.inf, 1e300)
+
+
+def _filler(data: np.ndarray, shape: tuple) -> np.ndarray:
+    """An array of ``shape`` of ``data``'s dtype, where ``data`` has no element to copy."""
+    return np.full(shape, b"x", dtype=object) if data.dtype == object else np.zeros(shape, data.dtype)
+
+
+def _reshaped(data: np.ndarray, op: str, rng) -> np.ndarray:
+    """``data`` changed by ``op`` (one of :data:`RESHAPES`)."""
+    if data.ndim == 0:  # a scalar: made an array, or of another type
+        op = "empty" if op in ("drop-row", "columns", "transpose") else op
+        data = data.reshape(1) if op in ("add-row", "extra-axis", "empty") else data
+    if op == "drop-row":
+        return data[:-1] if len(data) else data[:0]
+    if op == "add-row":
+        return np.concatenate([data, data[-1:] if len(data) else _filler(data, (1, *data.shape[1:]))])
+    if op == "columns":  # a column fewer or more; a table of one column made two
+        if data.ndim == 1:
+            return np.stack([data, data], axis=1)
+        k = data.shape[1]
+        return data[:, : k - 1] if k > 1 and rng.random() < 0.5 else np.concatenate([data, data[:, -1:]], axis=1)
+    if op == "scalar":  # a 0-d array of the same dtype
+        return np.array(data.reshape(-1)[0], dtype=data.dtype) if data.size else _filler(data, ())
+    if op == "empty":
+        return data[:0]
+    if op == "extra-axis":
+        return data[..., None] if rng.random() < 0.5 else data[None]
+    if op == "transpose":
+        return data.T if data.ndim > 1 else data.reshape(1, -1)
+    if op == "dtype":
+        if data.dtype.kind in "OSU":  # text as numbers
+            return np.zeros(data.shape, np.int64)
+        to = rng.choice(["float", "text", "bool", "int8", "uint"])
+        if to == "text":
+            return np.array([str(x).encode() for x in data.reshape(-1)], dtype="S").reshape(data.shape)
+        if to == "float":
+            return data.astype(np.float64) + (0.5 if data.dtype.kind in "iub" else 0.0)
+        return data.astype({"bool": np.bool_, "int8": np.int8, "uint": np.uint64}[str(to)])
+    # "value": an extreme value at a random place (an index past the end, a NaN...)
+    if not data.size or data.dtype.kind not in "iufb":
+        return data[:0]
+    data = data.copy()
+    v = EXTREME_VALUES[int(rng.integers(len(EXTREME_VALUES)))]
+    flat = data.reshape(-1)
+    k = int(rng.integers(flat.size))
+    if data.dtype.kind == "f":
+        flat[k] = v
+    elif data.dtype.kind in "iu":
+        info = np.iinfo(data.dtype)
+        flat[k] = min(max(int(v) if np.isfinite(v) else info.max, info.min), info.max)
+    else:
+        flat[k] = not flat[k]
+    return data
+
+
+def reshape(path: Path, seed: int) -> str:
+    """Make the whole file ``path`` mis-shaped, in place: an HDF5 file (still valid
+    HDF5) one of whose datasets is given the wrong length, column count, rank or dtype,
+    or an extreme value; a checkpoint (still a valid torch file) one of whose weights is
+    so changed, or one of whose settings or entries is of another type. Returns what was
+    done."""
+    rng = np.random.default_rng(seed)
+    op = str(rng.choice(RESHAPES))
+    if path.suffix == ".pt":
+        return _reshape_checkpoint(path, op, rng)
+    import h5py
+
+    with h5py.File(path, "r+") as f:
+        names = []
+        f.visititems(lambda n, o: names.append(n) if isinstance(o, h5py.Dataset) else None)
+        name = names[int(rng.integers(len(names)))]
+        old = f[name]
+        attrs, data = dict(old.attrs), old[()]
+        if isinstance(data, (bytes, str)):
+            data = np.array(data, dtype=object)
+        new = _reshaped(np.asarray(data), op, rng)
+        del f[name]
+        kw = {"dtype": h5py.string_dtype()} if new.dtype == object else {}
+        f.create_dataset(name, data=new, **kw)
+        f[name].attrs.update(attrs)
+    return f"{op} {name}: {np.shape(data)} {np.asarray(data).dtype} -> {new.shape} {new.dtype}"
+
+
+def _reshape_checkpoint(path: Path, op: str, rng) -> str:
+    import torch
+
+    state = torch.load(path, weights_only=True)
+    if rng.random() < 0.6:  # a weight
+        key = sorted(state["state_dict"])[int(rng.integers(len(state["state_dict"])))]
+        old = state["state_dict"][key]
+        new = _reshaped(old.numpy(), op, rng)
+        state["state_dict"][key] = torch.from_numpy(np.ascontiguousarray(new)) if new.dtype.kind != "S" else new
+        how = f"{op} state_dict {key}: {tuple(old.shape)} -> {np.shape(new)} {new.dtype}"
+    else:  # a setting or an entry, of another type or value
+        where = state["config"] if rng.random() < 0.7 else state
+        key = sorted(where)[int(rng.integers(len(where)))]
+        values = [None, "x", -1, 0, 10**12, 2.5, float("nan"), True, [1, 2], {"a": 1}, torch.zeros(2)]
+        where[key] = values[int(rng.integers(len(values)))]
+        how = f"{'config ' if where is state['config'] else ''}{key} = {where[key]!r}"
+    torch.save(state, path)
+    return how
+
+
 # ----------------------------------------------------------------------------- a case
 def _run_cli(args) -> tuple[int | str, str]:
     from sfmpairs.cli import main
@@ -324,11 +473,14 @@ def classify(code, stderr: str, out: Path) -> tuple[str, str]:
 
 
 def run_case(case: dict, w: Path, out: Path, originals: dict) -> tuple[str, str, str]:
-    rel = case["file"]
-    data, how = mutate(originals[rel], case["seed"], rel.startswith("txt/"), originals.get((rel, "metadata")))
-    (w / rel).write_bytes(data)
+    rel, kind = case["file"], case["kind"]
+    if kind.endswith(":shapes"):
+        (w / rel).write_bytes(originals[rel])
+        how = reshape(w / rel, case["seed"])
+    else:
+        data, how = mutate(originals[rel], case["seed"], rel.startswith("txt/"), originals.get((rel, "metadata")))
+        (w / rel).write_bytes(data)
     try:
-        kind = case["kind"]
         if kind.startswith("colmap"):
             folder = (w / rel).parent
             if case["command"] == "read_model":
@@ -337,7 +489,7 @@ def run_case(case: dict, w: Path, out: Path, originals: dict) -> tuple[str, str,
             else:
                 code, err = _run_cli(["ingest", folder, "-o", out / "sfm.h5", "-q"])
         else:
-            runner = {n: r for n, _, r in commands(w, out)[kind]}[case["command"]]
+            runner = {n: r for n, _, r in commands(w, out)[kind.split(":")[0]]}[case["command"]]
             code, err = _run_cli(runner) if isinstance(runner, list) else _run_api(runner, w / rel, out)
         outcome, detail = classify(code, err, out)
     finally:
@@ -425,8 +577,9 @@ def run_cases(cases, inputs: Path, work: Path, jobs: int, timeout: float, progre
             fh.close()
             del live[k]
             if current is not None and results[idx[current]] is None:  # it died in a case
-                sig = -os.waitstatus_to_exitcode(status)
-                results[idx[current]] = {**cases[idx[current]], "outcome": "crash", "detail": f"signal {sig}"}
+                code = os.waitstatus_to_exitcode(status)  # a signal, or an error of the worker's own
+                died = f"signal {-code}" if code < 0 else f"the worker exited {code} (an error of the benchmark's)"
+                results[idx[current]] = {**cases[idx[current]], "outcome": "crash", "detail": died}
                 done += 1
                 if current + 1 < len(sub):
                     live[k] = [*_spawn(sub, current + 1, inputs, work / f"job{k}"), sub, idx, None, time.monotonic()]
@@ -471,9 +624,18 @@ def report(results: list[dict], seconds: float, show: int = 3) -> dict:
         seen[key] += 1
         if seen[key] <= show:
             print(f"\n{r['outcome'].upper()} {r['kind']} ({r['file']}) via {r['command']}: {r.get('how')}")
-            print(f"  reproduce: --only {r['file']} --seed-of-case {r['seed']}")
+            which = f"--only {r['file']} --kind {r['kind']} --command {r['command']}"
+            print(f"  reproduce: {which} --seed-of-case {r['seed']}")
             print("  " + r.get("detail", "")[-800:].replace("\n", "\n  "))
-    return {"counts": {k: dict(v) for k, v in table.items()}, "total": dict(total), "cases": len(results)}
+    commands = defaultdict(Counter)  # per file kind and command: what the new kinds and commands did
+    for r in results:
+        commands[f"{r['kind']}/{r['command']}"][r["outcome"]] += 1
+    return {
+        "counts": {k: dict(v) for k, v in table.items()},
+        "commands": {k: dict(v) for k, v in sorted(commands.items())},
+        "total": dict(total),
+        "cases": len(results),
+    }
 
 
 def fuzz(args) -> int:
@@ -497,6 +659,10 @@ def fuzz(args) -> int:
         cases = plan(tmp / "inputs", args.cases, args.seed)
         if args.exclude:
             cases = [c for c in cases if c["command"] not in args.exclude.split(",")]
+        if args.kind:
+            cases = [c for c in cases if c["kind"] == args.kind]
+        if args.command:
+            cases = [c for c in cases if c["command"] == args.command]
         if args.only:
             cases = [c for c in cases if c["file"] == args.only]
             if args.seed_of_case is not None:
@@ -521,6 +687,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", help="only cases of this input file (as printed)")
     ap.add_argument("--exclude", help="leave out these commands (comma-separated, e.g. info)")
+    ap.add_argument("--kind", help="only cases of this file kind (as printed, e.g. pairs:shapes)")
+    ap.add_argument("--command", help="only cases of this command (as printed, e.g. export-cirtorch)")
     ap.add_argument("--seed-of-case", type=int, help="with --only: run the case of this seed")
     ap.add_argument("--json", help="write the counts here")
     ap.add_argument("--failures", help="write every failure, crash and hang here (JSON)")

@@ -107,8 +107,11 @@ def test_fuzz_synthetic_rig_model(tmp_path):
 def test_fault_benchmark_slice(tmp_path):
     """A slice of benchmarks/bench_faults.py: corrupted COLMAP files (binary and text),
     stores, pair files, descriptor, whitening and ground-truth files, checkpoints and
-    photos given to the commands that read them; none may end otherwise than with a
-    result or one line (no traceback, crash or hang), ``info`` included."""
+    photos, and whole but mis-shaped ones (``KIND:shapes``: HDF5 tables of the wrong
+    shape or dtype, checkpoints with a weight or setting of the wrong shape or type),
+    given to the commands that read them (``info``, ``show``, every export,
+    ``load_checkpoint``...); none may end otherwise than with a result or one line (no
+    traceback, crash or hang)."""
     import json
     import subprocess
     import sys
@@ -123,5 +126,20 @@ def test_fault_benchmark_slice(tmp_path):
         timeout=900,
     )
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-2000:]
-    total = json.loads((tmp_path / "counts.json").read_text())["total"]
+    summary = json.loads((tmp_path / "counts.json").read_text())
+    total = summary["total"]
     assert total.get("ok", 0) > 0 and total.get("error", 0) > 0 and sum(total.values()) >= 200, total
+    ran = set(summary["commands"])
+    for kind in ("store", "pairs", "descriptors", "whitening", "checkpoint"):
+        assert any(k.startswith(f"{kind}:shapes/") for k in ran), (kind, sorted(ran))
+    for case in (
+        "checkpoint/load_checkpoint",
+        "checkpoint/info",
+        "pairs/export-cirtorch",
+        "pairs/export-megadepth",
+        "pairs/export-hloc-per-model",
+        "store/export-megadepth",
+        "store/export-hloc-per-model",
+        "pairs/show",
+    ):
+        assert case in ran, (case, sorted(ran))
