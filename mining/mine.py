@@ -26,7 +26,7 @@ from sfmpairs.sfm_io.store import open_store, read_store
 from .negatives import hard_negatives
 from .options import MineConf
 from .pairfile import SPLITS, write_pair_file
-from .pools import pair_statistics, pool_members, unordered_pairs, worker_threads
+from .pools import load_kernels, pair_statistics, pool_members, unordered_pairs, worker_threads
 
 logger = logging.getLogger("sfmpairs.mine")
 
@@ -495,6 +495,7 @@ def mine(
     # the store's checksum, for the provenance: hashlib releases the GIL, so it runs
     # beside the mining on another core
     checksum = ThreadPoolExecutor(1).submit(file_sha256, store) if store.is_file() else None
+    ThreadPoolExecutor(1).submit(load_kernels)  # beside reading the store
     s = read_store(store, keys=store_keys())
     names, cluster_names = s["images/name"], s["clusters/name"]
     want_negatives = descriptors is not None and conf.negatives > 0

@@ -201,6 +201,17 @@ def _depth_statistics(lo, hi, n, indptr, point, xyz, rotation, tvec, focal, long
     return count, scale
 
 
+def load_kernels() -> None:
+    """Load the compiled kernel of the ``depth`` measure (from numba's cache: about
+    0.2 s, mostly LLVM starting; a first run compiles it) by computing the statistics
+    of a model of 3 images, with the argument types a store gives. Mining calls it on
+    a thread at its start, beside reading the store, rather than at the first model."""
+    xyz = np.array([[0.0, 0.0, 1.0], [0.0, 0.0, 2.0], [0.0, 0.0, 3.0]])
+    rotation, tvec = np.repeat(np.eye(3)[None], 3, axis=0), np.zeros((3, 3))
+    points = np.array([0, 1, 2] * 3, np.int32)  # the store's observations/point
+    pair_statistics(np.arange(0, 12, 3), points, xyz, rotation, tvec, np.ones(3), np.ones(3), np.array([1, 2, 5]), 3)
+
+
 def _log_focal(focal: np.ndarray, longer_side: np.ndarray):
     """``(log_f, no_scale)``, (n,) each: the log of each image's focal length in units of
     its longer side, and whether the image has none (e.g. EQUIRECTANGULAR), where
