@@ -54,6 +54,18 @@ _LAYOUT = [
     ("observations/point", np.int32, (), _OBS_CHUNK),
     ("observations/xy", np.float32, (2,), _OBS_CHUNK),
 ]
+# where the models came from (ingest's write_source_tables): (group/name, dtype, shape after the first axis)
+_SOURCES = [
+    ("clusters/name", _STR, ()),
+    ("clusters/source", _STR, ()),
+    ("models/name", _STR, ()),
+    ("models/path", _STR, ()),
+    ("models/format", _STR, ()),
+    ("models/cluster", np.int64, ()),
+    ("models/images_dir", _STR, ()),
+    ("models/image_range", np.int64, (2,)),
+    ("models/point_range", np.int64, (2,)),
+]
 
 
 def create_store(h5: h5py.File) -> None:
@@ -131,6 +143,13 @@ def write_table(h5: h5py.File, group: str, columns: dict) -> None:
 
 
 _FINITE = ("images/centre", "images/qvec", "images/tvec", "images/rotation", "points/xyz")
+_LARGEST = 1e150  # a coordinate beyond: its square overflows (distances, depths), so the store is corrupt
+
+
+def _not_finite(v) -> bool:
+    """Whether a pose or position table ``v`` holds a value no model has: not finite, or
+    so large that a distance computed from it is not."""
+    return isinstance(v, np.ndarray) and v.dtype.kind == "f" and not (np.abs(v) < _LARGEST).all()
 
 
 class _CheckedDataset(h5py.Dataset):
@@ -145,8 +164,8 @@ class _CheckedDataset(h5py.Dataset):
                 limit = self.file["points/xyz"].shape[0]
                 if v.min() < 0 or v.max() >= limit:
                     raise SfmpairsError(f"{self.file.filename}: corrupt SfM store ({name} out of range)")
-            if name in _FINITE and isinstance(v, np.ndarray) and v.dtype.kind == "f" and not np.isfinite(v).all():
-                raise SfmpairsError(f"{self.file.filename}: corrupt SfM store ({name} not finite)")
+            if name in _FINITE and _not_finite(v):
+                raise SfmpairsError(f"{self.file.filename}: corrupt SfM store ({name} not finite, or beyond 1e150)")
             return v
 
 
@@ -178,8 +197,14 @@ def read_store(path: str | Path, observations: bool = True, keys: list[str] | No
     them, or those named in ``keys``; ``observations=False`` leaves out the
     co-observation table but for ``observations/indptr``. The tables are checked
     against each other (:func:`check_store`): a corrupt store is one line."""
-    out = {}
+    out, tables = {}, {}  # tables: every dataset's (shape, dtype), whether read or not
     with open_store(path) as h5, h5_errors(path, "SfM store"):
+        h5.visititems(
+            lambda name, obj: (
+                tables.update({str(name): (obj.shape, obj.dtype)}) if isinstance(obj, h5py.Dataset) else None
+            )
+        )
+        check_tables(path, tables)  # before reading: each table as sfmpairs reads it
 
         def visit(name, obj):
             name = name if isinstance(name, str) else name.decode("utf-8", "replace")  # a corrupt name
@@ -191,37 +216,77 @@ def read_store(path: str | Path, observations: bool = True, keys: list[str] | No
                 out[name] = obj.asstr()[()] if h5py.check_string_dtype(obj.dtype) else obj[()]
 
         h5.visititems(visit)
-        shapes = {}
-        h5.visititems(
-            lambda name, obj: shapes.update({str(name): obj.shape}) if isinstance(obj, h5py.Dataset) else None
-        )
         out["attrs"] = {k: (v.item() if hasattr(v, "item") else v) for k, v in h5.attrs.items()}
         for key in ("parameters", "inputs"):
             if key in out["attrs"]:
                 out["attrs"][key] = json.loads(out["attrs"][key])
-    check_store(path, out, shapes)
+    check_store(path, out, tables)
     return out
 
 
-def _rows(shapes: dict, key: str, default=None):
-    return shapes[key][0] if key in shapes and len(shapes[key]) else default
+def _rows(tables: dict, key: str, default=None):
+    return tables[key][0][0] if key in tables and len(tables[key][0]) else default
 
 
-def check_store(path, s: dict, shapes: dict) -> None:
-    """The store's tables agree with each other (one row per image in every images/
-    table, observations/indptr a valid CSR index over observations/point, indices of
-    models, clusters and points in range, poses finite); what is read is checked, what
-    is not is checked by shape."""
-    n = _rows(shapes, "images/name")
-    bad = [k for k in shapes if k.startswith("images/") and _rows(shapes, k) != n]
-    if n is None or bad:
-        raise SfmpairsError(f"{path}: corrupt SfM store (images tables of different lengths: {bad[:3]})")
-    num_points = _rows(shapes, "points/xyz", 0)
-    num_obs = _rows(shapes, "observations/point", 0)
+def check_tables(path, tables: dict) -> None:
+    """Every table of the store that sfmpairs reads has its dimensions, its number of
+    rows (that of its group: images, points, observations, models, clusters) and its
+    kind of values (text, integers, floats); ``tables``: name -> (shape, dtype) of each
+    dataset. A missing table is refused too, but for the descriptive ones of models and
+    clusters (path, format, source, images_dir), which older stores may lack."""
+    rows = {group: _rows(tables, key) for group, key in _GROUP_ROWS.items()}
+    rows["indptr"] = None if rows["images"] is None else rows["images"] + 1
+    for name, dtype, tail in _EXPECTED:
+        if name not in tables:
+            if name.split("/")[1] in _OPTIONAL:
+                continue
+            raise SfmpairsError(f"{path}: corrupt SfM store (no {name})")
+        shape, found = tables[name]
+        width = (*tail[:-1], shape[-1]) if tail == (None,) and len(shape) == 2 else tail  # params: any width
+        want = rows["indptr" if name == "observations/indptr" else name.split("/")[0]]
+        if len(shape) != 1 + len(tail) or shape[1:] != width or (want is not None and shape[0] != want):
+            expect = ", ".join(str(d) for d in (want if want is not None else "n", *width))
+            raise SfmpairsError(
+                f"{path}: corrupt SfM store ({name} has shape {shape}, not ({expect}{',' * (not width)}))"
+            )
+        if _kind(found) != _kind(np.dtype(dtype)):
+            raise SfmpairsError(
+                f"{path}: corrupt SfM store ({name} holds {_kind(found)}, not {_kind(np.dtype(dtype))})"
+            )
+
+
+def _kind(dtype: np.dtype) -> str:
+    if h5py.check_string_dtype(dtype):
+        return "text"
+    return {"i": "integers", "u": "unsigned integers", "f": "floats"}.get(dtype.kind, f"{dtype} values")
+
+
+_EXPECTED = (
+    [(name, dtype, tail) for name, dtype, tail, _ in _LAYOUT] + _SOURCES + [("observations/indptr", np.int64, ())]
+)
+_GROUP_ROWS = {
+    "images": "images/name",
+    "points": "points/xyz",
+    "observations": "observations/point",
+    "models": "models/name",
+    "clusters": "clusters/name",
+}
+_OPTIONAL = ("path", "format", "source", "images_dir")
+
+
+def check_store(path, s: dict, tables: dict) -> None:
+    """The store's tables agree with each other (their shapes and kinds of values were
+    checked before reading, :func:`check_tables`): observations/indptr a valid CSR index over
+    observations/point, indices of models, clusters and points in range, poses
+    finite; what is read is checked, what is not is checked by shape."""
+    n = _rows(tables, "images/name")
+    num_points = _rows(tables, "points/xyz", 0)
+    num_obs = _rows(tables, "observations/point", 0)
     ranges = {
-        "images/model": _rows(shapes, "models/name"),
-        "images/cluster": _rows(shapes, "clusters/name"),
-        "points/model": _rows(shapes, "models/name"),
+        "images/model": _rows(tables, "models/name"),
+        "images/cluster": _rows(tables, "clusters/name"),
+        "models/cluster": _rows(tables, "clusters/name"),
+        "points/model": _rows(tables, "models/name"),
         "observations/point": num_points,
     }
     for key, limit in ranges.items():
@@ -240,6 +305,5 @@ def check_store(path, s: dict, shapes: dict) -> None:
     ):
         raise SfmpairsError(f"{path}: corrupt SfM store (observations/indptr is no index of observations/point)")
     for key in _FINITE:
-        v = s.get(key)
-        if v is not None and v.dtype.kind == "f" and not np.all(np.isfinite(v)):
-            raise SfmpairsError(f"{path}: corrupt SfM store ({key} not finite)")
+        if _not_finite(s.get(key)):
+            raise SfmpairsError(f"{path}: corrupt SfM store ({key} not finite, or beyond 1e150)")

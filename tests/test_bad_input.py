@@ -307,6 +307,42 @@ def _edit(path: Path, key: str, fn) -> None:
         f[key][...] = fn(v)
 
 
+def _replace(path: Path, key: str, fn) -> None:
+    """The dataset ``key`` of the HDF5 file ``path`` replaced by ``fn`` of its values
+    (any shape or dtype: a valid file of the wrong make)."""
+    import h5py
+
+    with h5py.File(path, "r+") as f:
+        v = f[key][()]
+        del f[key]
+        f[key] = fn(v)
+
+
+@pytest.mark.parametrize(
+    "key,fn,expect",
+    [
+        ("images/tvec", lambda v: v[:, :2], ", 2), not ("),
+        ("models/point_range", lambda v: v[:-1], "models/point_range has shape (3, 2), not (4, 2)"),
+        ("models/path", lambda v: np.stack([v, v], 1), "models/path has shape (4, 2), not (4,)"),
+        ("points/xyz", lambda v: v[None], "points/xyz has shape (1, "),
+        ("clusters/name", lambda v: np.arange(len(v)), "clusters/name holds integers, not text"),
+        ("observations/indptr", lambda v: v.astype(np.uint64), "holds unsigned integers, not integers"),
+        ("images/focal", lambda v: v.astype(np.int64), "images/focal holds integers, not floats"),
+        ("images/centre", lambda v: v * 1e300, "images/centre not finite, or beyond 1e150"),
+        ("observations/xy", lambda v: v[:-1], "observations/xy has shape"),
+    ],
+)
+def test_mis_shaped_store_tables(mined, tmp_path, key, fn, expect):
+    """A store that is valid HDF5 but one of whose tables has the wrong dimensions, rows
+    or kind of values (bench_faults' store:shapes found tracebacks in mine and the
+    exports): one line naming the table, nothing written."""
+    _replace(mined / "sfm.h5", key, fn)
+    code, err, _ = run_cli("mine", mined / "sfm.h5", "-o", tmp_path / "p.h5")
+    assert code == 2 and err.count("sfmpairs: error:") == 1 and expect in err and "Traceback" not in err, err
+    assert key in err
+    assert not (tmp_path / "p.h5").exists()
+
+
 @pytest.mark.parametrize(
     "key,fn,expect",
     [
