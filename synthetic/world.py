@@ -542,10 +542,9 @@ def synth_distractors(
 
 
 def _check_synth_options(output: Path, clusters, images_per_cluster, image_size, distractors, overwrite) -> None:
-    from sfmpairs.common import SfmpairsError
+    from sfmpairs.common import SfmpairsError, check_folder_output
 
-    if output.exists() and any(output.iterdir()) and not overwrite:
-        raise SfmpairsError(f"{output}: folder exists and is not empty; pass --overwrite")
+    check_folder_output(output, overwrite)  # before the work; also a name too long for the file system
     if clusters < 1 or images_per_cluster < 2:
         raise SfmpairsError("--clusters must be at least 1 and --images-per-cluster at least 2")
     if distractors < 0:

@@ -358,3 +358,15 @@ def test_depth_maps_are_exact(hard_world, tmp_path):
 
 def test_no_depth_maps_unless_asked(world):
     assert not list((world / "w").glob("*/stereo"))
+
+
+def test_synth_output_name_too_long(tmp_path):
+    """A folder name past the file system's limit: one line before any work, not the
+    traceback of an OSError (ENAMETOOLONG)."""
+    from click.testing import CliRunner
+
+    from sfmpairs.cli import main
+
+    r = CliRunner().invoke(main, ["synth", "-o", str(tmp_path / ("a" * 300)), "--clusters", "1"])
+    assert r.exit_code == 2 and "cannot write (File name too long)" in r.stderr and "Traceback" not in r.stderr
+    assert list(tmp_path.iterdir()) == []
