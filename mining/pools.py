@@ -25,10 +25,11 @@ import os
 import queue
 from concurrent.futures import ThreadPoolExecutor
 
-import numba
 import numpy as np
 from scipy import sparse
 from scipy.spatial import cKDTree
+
+from sfmpairs.compiled import compiled
 
 SCALE_MEASURES = ("depth", "bbox")
 _KEY_SPAN = 256.0  # the grid of sfmpairs <= 0.5's sort keys: pair * span + log ratio (|log ratio| <= 127)
@@ -160,7 +161,10 @@ def pair_statistics(
     Returns ``(count, scale)``, int64 and float64 (P,), in the order of ``pairs``;
     scale is NaN where a pair shares no point, or where it is undefined (a camera
     without focal length; a bounding box of zero area). Images go in batches of
-    ``batch_images`` consecutive lower images, on ``threads`` threads.
+    ``batch_images`` consecutive lower images, on ``threads`` threads. The ``depth``
+    measure's last bits depend on ``batch_images`` (its log ratios are rounded to the
+    grid of sfmpairs <= 0.5's sort keys, numbered within a batch): keep the default,
+    64, for the pair files of every version to stay bit-identical.
     """
     if measure not in SCALE_MEASURES:
         raise ValueError(f"unknown scale measure {measure!r}")
@@ -300,7 +304,7 @@ def _co_observations(i0, i1, n, indptr, point, trk, slot, keys):
     return pair[keep], source[keep], later[keep]
 
 
-@numba.njit(nogil=True, cache=True)
+@compiled
 def _depth_batch(
     i0, i1, indptr, point, label, track_ptr, track_image, position, log_size, lo_ptr, hi, slot, count, median
 ):
@@ -362,7 +366,7 @@ def _depth_batch(
         start += c
 
 
-@numba.njit(nogil=True, cache=True)
+@compiled
 def _median(a):
     """The median of ``a`` (reordered in place): the mean of its two middle values
     (one for an odd length), found by quickselect, as ``np.median`` gives it."""
@@ -376,11 +380,11 @@ def _median(a):
     return (lower + upper) / 2
 
 
-@numba.njit(nogil=True, cache=True)
+@compiled
 def _select(a, k):
     """The k-th smallest of ``a``, moved to a[k] with nothing larger before it and
     nothing smaller after it (Hoare's quickselect, median-of-three pivots; insertion
-    sort below 16 values)."""
+    sort of the last 17 values or fewer)."""
     lo, hi = 0, len(a) - 1
     while hi - lo > 16:
         mid = (lo + hi) // 2

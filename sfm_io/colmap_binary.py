@@ -16,10 +16,10 @@ import os
 import struct
 from pathlib import Path
 
-import numba
 import numpy as np
 
 from sfmpairs.common import SfmpairsError
+from sfmpairs.compiled import compiled
 
 from .checks import check_finite, check_pose_quaternions, check_unique
 from .model import INVALID_POINT3D_ID, Model, build_observations, camera_models, frame_table, poses_from_frames
@@ -93,6 +93,7 @@ def read_cameras(path: Path) -> dict[int, tuple[str, int, int, np.ndarray]]:
     num_params = np.full(max(table) + 1, -1, np.int64)  # by model id; -1: not a model
     for mid, (_, nparams, _) in table.items():
         num_params[mid] = nparams
+    data = None
     try:
         n = f.count(0, _CAMERA.size, "cameras")
         data = np.frombuffer(f.buf, np.uint8)
@@ -107,8 +108,8 @@ def read_cameras(path: Path) -> dict[int, tuple[str, int, int, np.ndarray]]:
         sizes = num_params[rec["model"]]  # each camera's parameters follow its head
         at = np.repeat(offsets + _CAMERA.size - 8 * (np.cumsum(sizes) - sizes), sizes)
         values = _records(data, at + 8 * np.arange(len(at)), np.dtype("<f8")).astype(np.float64)
-        del data
     finally:
+        data = None  # no view of the file left, so that it closes, on an error too
         f.close()
     ids = rec["id"]
     check_unique(ids, "camera", str(path))
@@ -128,7 +129,7 @@ def read_cameras(path: Path) -> dict[int, tuple[str, int, int, np.ndarray]]:
 _CAMERA_RECORD = np.dtype([("id", "<u4"), ("model", "<i4"), ("width", "<u8"), ("height", "<u8")])
 
 
-@numba.njit(nogil=True, cache=True)
+@compiled
 def _u64(data, off):
     """The little-endian uint64 at byte ``off`` of ``data`` (uint8), as int64; -1 if
     it does not fit."""
@@ -140,7 +141,7 @@ def _u64(data, off):
     return value
 
 
-@numba.njit(nogil=True, cache=True)
+@compiled
 def _camera_offsets(data, n, num_params):
     """The byte offset of each of the ``n`` records of cameras.bin (24 bytes, then
     ``num_params[model id]`` doubles), the offset after the last, and -1; or, where
@@ -305,7 +306,7 @@ def _image_failure(f: _File, head: int, name_end: int):
     f.fail(f"corrupt: image record {iid}")  # not reached: the walk stops for one of the above
 
 
-@numba.njit(nogil=True, cache=True)
+@compiled
 def _image_offsets(data, n, max_name):
     """Where each of the ``n`` records of images.bin lies: its head (64 bytes), the
     byte after its name's NUL, its 2D points and their number; and -1, or the index
@@ -351,7 +352,7 @@ def _point_offsets(f: _File) -> np.ndarray:
     return offsets
 
 
-@numba.njit(nogil=True, cache=True)
+@compiled
 def _point_walk(data, n, head):
     """The byte offset of each of the ``n`` records of points3D.bin (``head`` bytes,
     a uint64 track length, 8 bytes an element), the offset after the last, and -1;

@@ -21,10 +21,10 @@ import queue
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import numba
 import numpy as np
 
 from sfmpairs.common import SfmpairsError
+from sfmpairs.compiled import compiled
 
 INVALID_POINT3D_ID = np.uint64(2**64 - 1)
 
@@ -333,10 +333,13 @@ def _count_track_lengths(track: np.ndarray, idx: np.ndarray, counts) -> None:
     """Add to ``track`` (M,) one for each distinct (image, point) of a batch: ``idx``
     holds the points of its observations, image after image, ``counts`` of them per
     image (:func:`_count_distinct`)."""
-    _count_distinct(track, idx, np.asarray(counts, np.int64))
+    counts = np.asarray(counts, np.int64)
+    if counts.sum() != len(idx):  # the kernel trusts it
+        raise ValueError(f"{counts.sum()} observations counted per image, {len(idx)} given")
+    _count_distinct(track, idx, counts)
 
 
-@numba.njit(nogil=True, cache=True)
+@compiled
 def _count_distinct(track, idx, counts):
     """One more in ``track`` (>= 0) for each point of each run of ``idx`` (``counts``
     long, one an image), a point repeated within a run counted once: the first pass

@@ -149,7 +149,7 @@ _LARGEST = 1e150  # a coordinate beyond: its square overflows (distances, depths
 def _not_finite(v) -> bool:
     """Whether a pose or position table ``v`` holds a value no model has: not finite, or
     so large that a distance computed from it is not."""
-    return isinstance(v, np.ndarray) and v.dtype.kind == "f" and not (np.abs(v) < _LARGEST).all()
+    return isinstance(v, np.ndarray) and v.dtype.kind == "f" and not (np.abs(v, dtype=np.float64) < _LARGEST).all()
 
 
 class _CheckedDataset(h5py.Dataset):

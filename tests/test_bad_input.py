@@ -131,6 +131,39 @@ def test_corrupt_camera_record(synthetic_models, tmp_path, edit, expect):
     assert_clean_failure(tmp_path, [model], "cameras.bin", expect)
 
 
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps (Linux)")
+@pytest.mark.parametrize("edit", ["unknown model", "params past the end", "zero width"])
+def test_a_refused_cameras_file_is_closed(synthetic_models, tmp_path, edit):
+    """The file a reader refuses is no longer mapped while its error is kept (by a
+    caller, a logger, a future): no view of the map outlives the read."""
+    from sfmpairs import SfmpairsError
+    from sfmpairs.sfm_io.colmap_binary import read_cameras
+
+    path = tmp_path / "cameras.bin"
+    data = bytearray((synthetic_models["per-image-cameras"] / "binary" / "cameras.bin").read_bytes())
+    _break_camera(data, edit)
+    path.write_bytes(bytes(data))
+    with pytest.raises(SfmpairsError) as kept:
+        read_cameras(path)
+    assert kept.value is not None and str(path) not in Path("/proc/self/maps").read_text()
+
+
+def test_float32_positions_are_read_as_they_are(mined, tmp_path):
+    """A store whose points are float32 (another writer's, valid): read whole and
+    mined, with no warning from the check of their range (1e150 cast to float32
+    overflowed)."""
+    import warnings
+
+    from sfmpairs.sfm_io.store import read_store
+
+    _replace(mined / "sfm.h5", "points/xyz", lambda v: v.astype(np.float32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert read_store(mined / "sfm.h5")["points/xyz"].dtype == np.float32
+    code, err, _ = run_cli("mine", mined / "sfm.h5", "-o", tmp_path / "p.h5")
+    assert code == 0, err
+
+
 def _first_image(data: bytes) -> tuple[int, int, int]:
     """(id, byte offset of its name, of its 2D point count) of images.bin's first image."""
     name = 8 + 64

@@ -394,3 +394,14 @@ def test_track_lengths_count_each_image_once(dtype):
     _count_track_lengths(track, idx, counts)
     np.testing.assert_array_equal(track, expect)
     assert (expect > 0).all() and (np.bincount(idx, minlength=50) > expect).any()  # repeats were there
+
+
+def test_track_lengths_refuse_counts_that_do_not_add_up():
+    """The compiled count trusts that the rows' lengths add up to the observations
+    given (it would read past them): the wrapper checks it first."""
+    from sfmpairs.sfm_io.model import _count_track_lengths
+
+    track = np.zeros(5, np.int32)
+    with pytest.raises(ValueError, match="4 observations counted per image, 3 given"):
+        _count_track_lengths(track, np.array([0, 1, 2], np.int32), np.array([2, 2]))
+    assert not track.any()
