@@ -211,24 +211,10 @@ def targets(w: Path) -> list[tuple[str, str, float]]:
                 real = model.name != "synthetic-rig"
                 weight = 1.0 if fmt == "bin" else (3.0 if not real else 0.25)
                 out.append((f"colmap-{fmt}:{f.stem}", f"{fmt}/{model.name}/{f.name}", weight))
-    for kind, rel in (
-        ("store", "sfm.h5"),
-        ("pairs", "pairs.h5"),
-        ("descriptors", "d.h5"),
-        ("whitening", "wh.h5"),
-        ("checkpoint", "model.pt"),
-        ("gnd", "gnd.pkl"),
-        ("photo", "photo.jpg"),
-    ):
-        out.append((kind, rel, 1.0))
-    for kind, rel in (
-        ("store", "sfm.h5"),
-        ("pairs", "pairs.h5"),
-        ("descriptors", "d.h5"),
-        ("whitening", "wh.h5"),
-        ("checkpoint", "model.pt"),
-    ):
-        out.append((f"{kind}:shapes", rel, 1.0))  # whole files, mis-shaped (reshape)
+    tables = (("store", "sfm.h5"), ("pairs", "pairs.h5"), ("descriptors", "d.h5"), ("whitening", "wh.h5"))
+    tables += (("checkpoint", "model.pt"),)
+    out += [(kind, rel, 1.0) for kind, rel in (*tables, ("gnd", "gnd.pkl"), ("photo", "photo.jpg"))]
+    out += [(f"{kind}:shapes", rel, 1.0) for kind, rel in tables]  # whole files, mis-shaped (reshape)
     return out
 
 
