@@ -117,20 +117,6 @@ def check_cirtorch_names(p: dict, pairs) -> None:
     check_line_names(p["names"], _cirtorch_images(p), pairs, TSV, "cids.tsv (cid<TAB>name, one image a line)")
 
 
-def check_cirtorch_splits(p: dict, pairs) -> None:
-    """cirtorch numbers each split's queries and positives by their place among the
-    split's images (``cids``): one that is not among them is one line naming the pair
-    file (a damaged file; sfmpairs writes every query and positive into its split)."""
-    for split, s in p["splits"].items():
-        for key in ("query", "positive"):
-            outside = np.setdiff1d(s[key], s["images"])
-            if len(outside):
-                raise SfmpairsError(
-                    f"{pairs}: corrupt pair file ({split}/{key} holds image {int(outside[0])}, "
-                    f"which is not in {split}/images)"
-                )
-
-
 def _place_photos(p: dict, images_root: Path, ims: Path, copy: bool) -> int:
     used = np.unique(_cirtorch_images(p))
     for i in used:
@@ -236,7 +222,6 @@ def _export_folder(p: dict, pairs, output: Path, fmt: str, options: dict, proven
     overwrite = options["overwrite"]
     if fmt == "cirtorch":
         check_cirtorch_names(p, pairs)  # before any output
-        check_cirtorch_splits(p, pairs)
         check_cirtorch_clusters(p, pairs, options["neg_num"], options["strict"])
         root = Path(options["images_root"] or p["images_root"] or ".")
         target = output / "train" / CIRTORCH_NAME

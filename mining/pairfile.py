@@ -60,7 +60,8 @@ def check_pairs(path, p: dict) -> None:
     number of dimensions, image indices (queries, positives, pools, negatives, ground
     truth) within the images table, clusters within the clusters table, one (Q, K) shape
     for the pool tables (Q the queries) and one (Q, Nn) for the negatives', no padding
-    marked as passing, a valid CSR index of the val ground truth."""
+    marked as passing, each split's queries and positives among its images, a valid CSR
+    index of the val ground truth with both its tables."""
 
     def fail(what):
         raise SfmpairsError(f"{path}: corrupt pair file ({what})")
@@ -102,12 +103,19 @@ def check_pairs(path, p: dict) -> None:
                     fail(f"{split}/{key}: image indices out of range")
         if d["pool_passes"].dtype.kind != "b" or np.any(d["pool_passes"] & (pool < 0)):
             fail(f"{split}/pool_passes not true or false for each pool slot (false for padding)")
+        for key in ("query", "positive"):  # each into its split (cirtorch numbers them among its images)
+            outside = np.setdiff1d(d[key], d["images"])
+            if len(outside):
+                fail(f"{split}/{key} holds image {int(outside[0])}, which is not in {split}/images")
         if "gt_indptr" in d:
-            ip, gi = d["gt_indptr"], d.get("gt_image", np.zeros(0))
+            missing = [k for k in ("gt_image", "gt_co_observed") if k not in d]
+            if missing:
+                fail(f"{split}/gt_indptr without {split}/{missing[0]}")
+            ip, gi = d["gt_indptr"], d["gt_image"]
             bad = ip.dtype.kind not in "iu" or len(ip) != len(q) + 1 or ip[0] != 0 or ip[-1] != len(gi)
             if bad or np.any(np.diff(ip) < 0):
                 fail(f"{split}/gt_indptr is no index of {split}/gt_image")
-            if len(d.get("gt_co_observed", gi)) != len(gi):
+            if len(d["gt_co_observed"]) != len(gi):
                 fail(f"{split}/gt_co_observed and gt_image of different lengths")
 
 

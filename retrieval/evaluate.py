@@ -121,10 +121,7 @@ def val_ground_truth(
             f"val clusters (--val-clusters A,B)"
         )
     if positives == "covisible":
-        if "gt_indptr" in val:
-            missing = [k for k in ("gt_image", "gt_co_observed") if k not in val]
-            if missing:
-                raise SfmpairsError(f"{pairs}: corrupt pair file (val/gt_indptr without val/{missing[0]})")
+        if "gt_indptr" in val:  # with gt_image and gt_co_observed (check_pairs)
             indptr, image, count = val["gt_indptr"], val["gt_image"], val["gt_co_observed"]
             ok = [image[a:b][count[a:b] >= min_covisible] for a, b in zip(indptr[:-1], indptr[1:])]
         else:
