@@ -36,9 +36,17 @@ def check_output_path(path: str | os.PathLike, overwrite: bool, inputs=()) -> Pa
     """Refuse to overwrite a user's file unless asked, or to write over one of the
     command's ``inputs``; make sure the folder exists."""
     path = Path(path)
-    try:
+    with _cannot_write(path):
         return _check_output_path(path, overwrite, inputs)
-    except OSError as e:  # a name too long for the file system, a folder that cannot be searched
+
+
+@contextlib.contextmanager
+def _cannot_write(path: Path):
+    """What the checks of an output path meet from the file system (a name too long
+    for it, a folder that cannot be searched): one line naming ``path``."""
+    try:
+        yield
+    except OSError as e:
         raise SfmpairsError(f"{path}: cannot write ({e.strerror or e})") from None
 
 
@@ -233,10 +241,8 @@ def check_folder_output(target: str | os.PathLike, overwrite: bool, inputs=()) -
     with it, also a folder an earlier run wrote (:data:`FOLDER_MARKERS`), a file or a
     link. Otherwise one line naming ``target`` and why. Returns its real path."""
     target = Path(target)
-    try:
+    with _cannot_write(target):
         return _check_folder_output(target, overwrite, inputs)
-    except OSError as e:  # a name too long for the file system, a folder that cannot be searched
-        raise SfmpairsError(f"{target}: cannot write ({e.strerror or e})") from None
 
 
 def _check_folder_output(target: Path, overwrite: bool, inputs) -> Path:
