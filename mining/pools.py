@@ -48,13 +48,39 @@ def pool_members(centres: np.ndarray, k: int, extra: int = 8, workers: int | Non
         return np.zeros((n, 0), np.int64), np.zeros((n, 0))
     m = min(n, k + 1 + extra)  # a few more, so that ties at the k-th are resolved by index
     _, idx = cKDTree(centres).query(centres, m, workers=worker_threads(workers))
-    idx = np.asarray(idx).reshape(n, m)
-    dist = np.linalg.norm(centres[idx] - centres[:, None, :], axis=2)
-    is_self = idx == np.arange(n)[:, None]
-    dist[is_self] = np.inf
-    order = np.lexsort((idx, dist), axis=1)[:, :k]
-    rows = np.arange(n)[:, None]
-    return idx[rows, order], dist[rows, order]
+    pool, dist = np.empty((n, k), np.int64), np.empty((n, k))
+    _nearest_first(centres, np.asarray(idx, np.int64).reshape(n, m), pool, dist)
+    return pool, dist
+
+
+@compiled
+def _nearest_first(centres, idx, pool, dist):
+    """Each row of ``idx`` (the nearest neighbours of each image, the image itself
+    among them or not) ordered by (distance, index), the image itself left out, its
+    first k into ``pool`` and the distances into ``dist`` (n, k) (compiled). The
+    distances are numpy's ``linalg.norm`` of the difference, summed x, y, z; the rows
+    come from the k-d tree nearly in order, so an insertion sort does it."""
+    n, m = idx.shape
+    k = pool.shape[1]
+    d = np.empty(m)
+    j_of = np.empty(m, np.int64)
+    for q in range(n):
+        for t in range(m):
+            j = idx[q, t]
+            dx = centres[j, 0] - centres[q, 0]
+            dy = centres[j, 1] - centres[q, 1]
+            dz = centres[j, 2] - centres[q, 2]
+            v = np.inf if j == q else np.sqrt(dx * dx + dy * dy + dz * dz)
+            at = t
+            while at > 0 and (d[at - 1] > v or (d[at - 1] == v and j_of[at - 1] > j)):
+                d[at] = d[at - 1]
+                j_of[at] = j_of[at - 1]
+                at -= 1
+            d[at] = v
+            j_of[at] = j
+        for t in range(k):
+            pool[q, t] = j_of[t]
+            dist[q, t] = d[t]
 
 
 def worker_threads(threads: int | None) -> int:
@@ -114,18 +140,36 @@ def log_scale_by_track(track_ptr, track_image, xyz, axis, tz, log_f, chunk: int 
     """log(f / z) of every observation, in track order: the log of the point's apparent
     size in the image, f the focal length divided by the image's longer side and z the
     point's depth (clamped to 1e-12: COLMAP keeps points in front of the cameras).
-    ``xyz`` is in track order. Chunked, so that temporaries stay small."""
+    ``xyz`` is in track order. The depths are compiled (:func:`_depths`) and the logs
+    numpy's, chunk by chunk of points, so that each chunk stays in the cache."""
     out = np.empty(len(track_image))
-    lengths = np.diff(track_ptr)
     for p0 in range(0, len(xyz), chunk):
         p1 = min(len(xyz), p0 + chunk)
         s, e = track_ptr[p0], track_ptr[p1]
-        X = np.repeat(xyz[p0:p1], lengths[p0:p1], axis=0)
-        img = track_image[s:e]
-        a = axis[img]
-        z = np.einsum("ij,ij->i", X, a) + tz[img]
-        out[s:e] = log_f[img] - np.log(np.maximum(z, 1e-12))
+        _depths(p0, p1, track_ptr, track_image, xyz, axis, tz, out)
+        np.log(np.maximum(out[s:e], 1e-12, out=out[s:e]), out=out[s:e])
+        _log_size(s, e, track_image, log_f, out)
     return out
+
+
+@compiled
+def _depths(p0, p1, track_ptr, track_image, xyz, axis, tz, out):
+    """The depth z of each observation of points p0..p1-1 (track order) in its image,
+    into ``out`` (compiled): the point's position along the camera's viewing axis,
+    summed in the order numpy's ``einsum("ij,ij->i")`` sums (sfmpairs <= 0.6 used it):
+    x and z, then y, then the translation."""
+    for p in range(p0, p1):
+        x, y, z = xyz[p, 0], xyz[p, 1], xyz[p, 2]
+        for e in range(track_ptr[p], track_ptr[p + 1]):
+            i = track_image[e]
+            out[e] = (x * axis[i, 0] + z * axis[i, 2]) + y * axis[i, 1] + tz[i]
+
+
+@compiled
+def _log_size(s, e, track_image, log_f, out):
+    """``out[s:e]``, the logs of the depths, made log(f) - log(z) in place (compiled)."""
+    for k in range(s, e):
+        out[k] = log_f[track_image[k]] - out[k]
 
 
 def pair_statistics(
@@ -311,30 +355,40 @@ def _depth_batch(
     """The co-observed count and median log ratio of the pairs of lower images
     i0..i1-1, into ``count`` and ``median`` (compiled; releases the GIL).
 
-    The pairs of lower image i are ``lo_ptr[i]:lo_ptr[i+1]`` (higher images ``hi``);
-    the batch's pairs p0:p1, p0 = lo_ptr[i0], are numbered g = p - p0 within it.
+    The pairs of lower image i are ``lo_ptr[i]:lo_ptr[i+1]`` (higher images ``hi``).
     A pair (lo, hi) shares point p where p's track holds both images; the track lists
     its images in increasing order, so walking, for each observation of lo, the rest
     of its track finds each co-observation of the pair exactly once, from lo's side.
-    ``slot`` int64 (n,), all -1 on entry and on return, maps hi to g while lo's tracks
-    are walked. Each co-observation of a pair in the pools gives its log ratio,
-    ``log_size`` of hi's observation minus lo's; they are then grouped by pair, and
-    each group's median found by selection.
+    One lower image at a time, so that its buffers stay in the processor's cache:
+    ``slot`` int64 (n,), all -1 on entry and on return, maps hi to the pair's index
+    among lo's while lo's tracks are walked. Each co-observation of a pair in the
+    pools gives its log ratio, ``log_size`` of hi's observation minus lo's; they are
+    then grouped by pair, and each group's median found by selection.
 
     The log ratios are clipped to +-127 and rounded to the grid of the keys
-    g * 256 + log ratio that sfmpairs <= 0.5 sorted, so that scale changes stay
-    bit-identical to theirs (a change below 1e-9).
+    g * 256 + log ratio that sfmpairs <= 0.5 sorted, g the pair's index within the
+    batch (from ``lo_ptr[i0]``), so that scale changes stay bit-identical to theirs
+    (a change below 1e-9).
     """
-    p0, p1 = lo_ptr[i0], lo_ptr[i1]
-    walk = 0  # the track entries after the batch's observations: at most that many co-observations
-    for o in range(indptr[i0], indptr[i1]):
-        walk += track_ptr[label[point[o]] + 1] - position[o] - 1
-    pair = np.empty(walk, np.int64)
-    ratio = np.empty(walk, np.float64)
-    found = 0
+    p0 = lo_ptr[i0]
+    widest, longest = 0, 0  # the most pairs and track entries of one lower image
     for i in range(i0, i1):
-        for p in range(lo_ptr[i], lo_ptr[i + 1]):
-            slot[hi[p]] = p - p0
+        walk = 0
+        for o in range(indptr[i], indptr[i + 1]):
+            walk += track_ptr[label[point[o]] + 1] - position[o] - 1
+        longest = max(longest, walk)
+        widest = max(widest, lo_ptr[i + 1] - lo_ptr[i])
+    pair = np.empty(longest, np.int64)
+    ratio = np.empty(longest, np.float64)
+    grouped = np.empty(longest, np.float64)
+    fill = np.empty(widest, np.int64)
+    for i in range(i0, i1):
+        a, b = lo_ptr[i], lo_ptr[i + 1]
+        if a == b:
+            continue
+        for p in range(a, b):
+            slot[hi[p]] = p - a
+        found = 0
         for o in range(indptr[i], indptr[i + 1]):
             own = log_size[position[o]]
             for e in range(position[o] + 1, track_ptr[label[point[o]] + 1]):
@@ -343,27 +397,25 @@ def _depth_batch(
                     pair[found] = g
                     ratio[found] = log_size[e] - own
                     found += 1
-        for p in range(lo_ptr[i], lo_ptr[i + 1]):
+        for p in range(a, b):
             slot[hi[p]] = -1
-    for j in range(found):
-        count[p0 + pair[j]] += 1
-    fill = np.empty(p1 - p0, np.int64)  # where the next log ratio of pair g goes
-    total = 0
-    for g in range(p1 - p0):
-        fill[g] = total
-        total += count[p0 + g]
-    grouped = np.empty(total, np.float64)
-    for j in range(found):
-        g = pair[j]
-        key = float(g) * _KEY_SPAN
-        grouped[fill[g]] = (key + min(max(ratio[j], -127.0), 127.0)) - key
-        fill[g] += 1
-    start = 0
-    for g in range(p1 - p0):
-        c = count[p0 + g]
-        if c > 0:
-            median[p0 + g] = _median(grouped[start : start + c])
-        start += c
+        for j in range(found):
+            count[a + pair[j]] += 1
+        total = 0
+        for g in range(b - a):
+            fill[g] = total
+            total += count[a + g]
+        for j in range(found):
+            g = pair[j]
+            key = float(a - p0 + g) * _KEY_SPAN
+            grouped[fill[g]] = (key + min(max(ratio[j], -127.0), 127.0)) - key
+            fill[g] += 1
+        start = 0
+        for g in range(b - a):
+            c = count[a + g]
+            if c > 0:
+                median[a + g] = _median(grouped[start : start + c])
+            start += c
 
 
 @compiled
@@ -383,34 +435,45 @@ def _median(a):
 @compiled
 def _select(a, k):
     """The k-th smallest of ``a``, moved to a[k] with nothing larger before it and
-    nothing smaller after it (Hoare's quickselect, median-of-three pivots; insertion
-    sort of the last 17 values or fewer)."""
+    nothing smaller after it (quickselect, median-of-three pivots; insertion sort of
+    the last 7 values or fewer). The partition has no branch on the values (Lomuto's
+    scheme, branch-free): the data are random, so a branch would be mispredicted half
+    the time; it costs a third of Hoare's scheme's time on groups of about 200.
+    Copies of the pivot when nothing is smaller go first in one more pass, so that
+    equal values cannot make it quadratic."""
     lo, hi = 0, len(a) - 1
-    while hi - lo > 16:
+    while hi - lo > 6:
         mid = (lo + hi) // 2
         if a[mid] < a[lo]:
             a[mid], a[lo] = a[lo], a[mid]
         if a[hi] < a[lo]:
             a[hi], a[lo] = a[lo], a[hi]
-        if a[hi] < a[mid]:
+        if a[mid] < a[hi]:
             a[hi], a[mid] = a[mid], a[hi]
-        pivot = a[mid]
-        i, j = lo, hi
-        while i <= j:
-            while a[i] < pivot:
-                i += 1
-            while a[j] > pivot:
-                j -= 1
-            if i <= j:
-                a[i], a[j] = a[j], a[i]
-                i += 1
-                j -= 1
-        if k <= j:
-            hi = j
-        elif k >= i:
-            lo = i
-        else:  # j < k < i: a[k] equals the pivot, and sits where it belongs
-            return a[k]
+        pivot = a[hi]  # the median of a[lo], a[mid], a[hi], moved to hi
+        i = lo  # a[lo:i] < pivot <= a[i:j]
+        for j in range(lo, hi):
+            x = a[j]
+            a[j] = a[i]
+            a[i] = x
+            i += x < pivot
+        a[hi] = a[i]
+        a[i] = pivot
+        if i == lo:  # nothing smaller than the pivot: its copies to a[lo:i + 1]
+            for j in range(lo + 1, hi + 1):
+                x = a[j]
+                a[j] = a[i + 1]
+                a[i + 1] = x
+                i += x == pivot
+            if k <= i:
+                return pivot
+            lo = i + 1
+        elif k == i:
+            return pivot
+        elif k < i:
+            hi = i - 1
+        else:
+            lo = i + 1
     for x in range(lo + 1, hi + 1):
         v = a[x]
         y = x - 1

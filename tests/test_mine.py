@@ -541,9 +541,9 @@ def test_store_whose_model_observes_another_models_points(world, tmp_path):
     assert not (tmp_path / "p.h5").exists()
 
 
-@pytest.mark.parametrize("size", [1, 2, 3, 16, 17, 18, 64, 65, 300, 3_001, 3_000])
+@pytest.mark.parametrize("size", [1, 2, 3, 7, 8, 9, 16, 17, 18, 64, 65, 300, 3_001, 3_000])
 def test_median_is_numpys_median(size):
-    """The compiled median (quickselect; insertion sort below 16 values) gives exactly
+    """The compiled median (quickselect; insertion sort of 7 values or fewer) gives exactly
     ``np.median``, on shuffled values with many ties, sorted and reversed runs, and
     all-equal ones: every size class and both middles."""
     from sfmpairs.mining.pools import _median
@@ -586,3 +586,46 @@ def test_pair_statistics_on_the_legacy_grid():
     assert not np.array_equal(
         scale[1:], [np.exp(abs(np.median(log_size[:, hi] - log_size[:, lo]))) for lo, hi in [(0, 2), (1, 2)]]
     )
+
+
+@pytest.mark.parametrize("k", [3, 10, 100])
+def test_pools_are_nearest_first_with_ties_by_index(k):
+    """M(q): the k nearest camera centres, q left out, by (distance, index), against a
+    brute force over every pair. The centres lie on a small grid in a shuffled order,
+    so that many distances tie exactly and the k-d tree hands ties in any order; the
+    distances are numpy's ``linalg.norm`` of the difference, bit for bit."""
+    from sfmpairs.mining.pools import pool_members
+
+    rng = np.random.default_rng(k)
+    centres = rng.integers(0, 4, size=(60, 3)).astype(np.float64) * 0.5 + 0.1
+    pool, dist = pool_members(centres, k, workers=1)
+    full = np.linalg.norm(centres[None, :, :] - centres[:, None, :], axis=2)
+    kk = min(k, len(centres) - 1)
+    for q in range(len(centres)):
+        others = np.delete(np.arange(len(centres)), q)
+        order = others[np.lexsort((others, full[q, others]))][:kk]
+        assert pool[q].tolist() == order.tolist(), q
+        assert dist[q].tobytes() == full[q, order].tobytes(), q
+
+
+def test_log_sizes_are_numpys_bit_for_bit():
+    """log(f / z) of each observation equals numpy's formula of sfmpairs <= 0.6
+    (depth by ``einsum``, then ``log``) bit for bit: the scale changes of the pair files
+    of every version stay the same."""
+    from sfmpairs.mining.pools import log_scale_by_track
+
+    rng = np.random.default_rng(5)
+    points, images = 3_000, 40
+    lengths = rng.integers(0, 6, points)
+    track_ptr = np.concatenate([[0], np.cumsum(lengths)])
+    track_image = rng.integers(0, images, track_ptr[-1]).astype(np.int32)
+    xyz = rng.normal(scale=5.0, size=(points, 3))
+    axis = rng.normal(size=(images, 3))
+    tz = rng.normal(scale=20.0, size=images)
+    log_f = rng.normal(size=images)
+    got = log_scale_by_track(track_ptr, track_image, xyz, axis, tz, log_f, chunk=500)
+    X = np.repeat(xyz, lengths, axis=0)
+    z = np.einsum("ij,ij->i", X, axis[track_image]) + tz[track_image]
+    want = log_f[track_image] - np.log(np.maximum(z, 1e-12))
+    assert (z < 1e-12).any() and (z > 1).any()  # the clamp is reached, and so are real depths
+    assert got.tobytes() == want.tobytes()
