@@ -338,12 +338,13 @@ def time_fraction(root: Path, work: Path, fraction: float, repeats: int, steps: 
     """Each step of one fraction ``repeats`` times, alternating; a step ``X@base``
     runs step X with the sfmpairs package found under ``baseline``."""
     folders = [model_folder(root, k) for k in range(part(fraction))]
-    store, pairs = work / f"sfm-{fraction}.h5", work / f"pairs-{fraction}.h5"
     runs = {s: [] for s in steps}
     for r in range(repeats):
         for step in steps:
             name, _, base = step.partition("@")
             path = baseline if base else None
+            tag = "@base" if base else ""  # the older version writes files of its own, compared at the end
+            store, pairs = work / f"sfm-{fraction}{tag}.h5", work / f"pairs-{fraction}{tag}.h5"
             if name == "pycolmap":
                 runs[step].append(run_child(CHILD_PYCOLMAP, *folders))
             elif name == "ingest":
@@ -356,7 +357,38 @@ def time_fraction(root: Path, work: Path, fraction: float, repeats: int, steps: 
                 f"{children(x)}, cpu {x['cpu']:.2f}, load {x['load']:.2f}",
                 flush=True,
             )
+    if baseline is not None:
+        for kind in ("sfm", "pairs"):
+            ours, theirs = work / f"{kind}-{fraction}.h5", work / f"{kind}-{fraction}@base.h5"
+            if ours.exists() and theirs.exists():
+                verdict = compare_datasets(ours, theirs)
+                print(f"  {fraction:g} {ours.name} against the baseline's: {verdict}", flush=True)
     return runs
+
+
+def compare_datasets(a: Path, b: Path) -> str:
+    """Whether two HDF5 files hold the same datasets, value for value and bit for bit
+    (their attributes, which record when and how each was made, left out)."""
+    import h5py
+
+    with h5py.File(a, "r") as x, h5py.File(b, "r") as y:
+        names = []
+        x.visititems(lambda n, o: names.append(n) if isinstance(o, h5py.Dataset) else None)
+        extra = []
+        y.visititems(lambda n, o: extra.append(n) if isinstance(o, h5py.Dataset) and n not in x else None)
+        differ = [n for n in names if n not in y or not _same(x[n][()], y[n][()])]
+    if differ or extra:
+        return f"DIFFERENT: {', '.join(differ + extra)}"
+    return f"all {len(names)} datasets identical"
+
+
+def _same(u, v) -> bool:
+    u, v = np.asarray(u), np.asarray(v)
+    if u.shape != v.shape or u.dtype != v.dtype:
+        return False
+    if u.dtype.kind in "fciub":
+        return u.tobytes() == v.tobytes()
+    return bool(np.array_equal(u, v))
 
 
 def children(run: dict) -> str:

@@ -59,3 +59,31 @@ def test_corpus_shape_is_sfm120k():
     assert abs(sizes.sum() - 163_000) < 100 and np.median(sizes) == 102
     assert bench_corpus.part(0.125) == 90 and bench_corpus.part(1) == 713
     assert not np.array_equal(sizes, bench_corpus.model_sizes(1))
+
+
+def test_outputs_compared_with_the_baseline_bit_for_bit(tmp_path):
+    """The check that a faster version writes what the older one wrote: identical files
+    pass whatever their attributes; a value changed in its last bit, a dtype changed,
+    a dataset missing on either side are each named."""
+    import h5py
+
+    def write(path, scale, dtype=np.float64, extra=False, stamp="a"):
+        with h5py.File(path, "w") as f:
+            f["train/scale_change"] = np.array(scale, dtype)
+            f["train/query"] = np.arange(3)
+            f.attrs["created"] = stamp
+            if extra:
+                f["val/query"] = np.arange(2)
+
+    write(tmp_path / "a.h5", [1.0, 2.0, np.nan])
+    write(tmp_path / "same.h5", [1.0, 2.0, np.nan], stamp="b")
+    write(tmp_path / "bit.h5", [1.0, np.nextafter(2.0, 3.0), np.nan])
+    write(tmp_path / "type.h5", [1.0, 2.0, np.nan], np.float32)
+    write(tmp_path / "more.h5", [1.0, 2.0, np.nan], extra=True)
+    assert bench_corpus.compare_datasets(tmp_path / "a.h5", tmp_path / "same.h5") == "all 2 datasets identical"
+    for other in ("bit", "type"):
+        assert bench_corpus.compare_datasets(tmp_path / "a.h5", tmp_path / f"{other}.h5") == (
+            "DIFFERENT: train/scale_change"
+        )
+    assert bench_corpus.compare_datasets(tmp_path / "a.h5", tmp_path / "more.h5") == "DIFFERENT: val/query"
+    assert bench_corpus.compare_datasets(tmp_path / "more.h5", tmp_path / "a.h5") == "DIFFERENT: val/query"
