@@ -100,6 +100,33 @@ def unordered_pairs(pool: np.ndarray, n: int):
     return keys[np.r_[True, keys[1:] != keys[:-1]]] if len(keys) else keys
 
 
+def pair_index(pool: np.ndarray, pairs: np.ndarray, n: int) -> np.ndarray:
+    """(n, k): where each (query, candidate) of ``pool`` is in ``pairs``
+    (:func:`unordered_pairs`, which holds them all). The pairs of a lower image are one
+    run of ``pairs``: each is looked up by bisection within its run (compiled)."""
+    lo_ptr = np.searchsorted(pairs // n, np.arange(n + 1))  # the pairs of lower image i: lo_ptr[i]:lo_ptr[i+1]
+    which = np.empty(pool.shape, np.int64)
+    _pair_index(pool, pairs, lo_ptr, n, which)
+    return which
+
+
+@compiled
+def _pair_index(pool, pairs, lo_ptr, n, which):
+    for q in range(pool.shape[0]):
+        for t in range(pool.shape[1]):
+            c = pool[q, t]
+            lo, hi = min(q, c), max(q, c)
+            key = lo * n + hi
+            a, b = lo_ptr[lo], lo_ptr[lo + 1]  # the first pair >= key in a..b-1, as np.searchsorted
+            while a < b:
+                mid = (a + b) // 2
+                if pairs[mid] < key:
+                    a = mid + 1
+                else:
+                    b = mid
+            which[q, t] = a
+
+
 def tracks(indptr: np.ndarray, point: np.ndarray, num_points: int):
     """The co-observation table by point (CSC), points relabelled in the order of the
     first image that observes them, so that the tracks of neighbouring images lie
@@ -250,14 +277,17 @@ def _depth_statistics(lo, hi, n, indptr, point, xyz, rotation, tvec, focal, long
 
 
 def load_kernels() -> None:
-    """Load the compiled kernel of the ``depth`` measure (from numba's cache: about
-    0.2 s, mostly LLVM starting; a first run compiles it) by computing the statistics
-    of a model of 3 images, with the argument types a store gives. Mining calls it on
-    a thread at its start, beside reading the store, rather than at the first model."""
+    """Load the compiled kernels of pooling and of the ``depth`` measure (from numba's
+    cache: about 0.2 s, mostly LLVM starting; a first run compiles them) by pooling a
+    model of 3 images, with the argument types a store gives. Mining calls it on a
+    thread at its start, beside reading the store, rather than at the first model."""
     xyz = np.array([[0.0, 0.0, 1.0], [0.0, 0.0, 2.0], [0.0, 0.0, 3.0]])
     rotation, tvec = np.repeat(np.eye(3)[None], 3, axis=0), np.zeros((3, 3))
     points = np.array([0, 1, 2] * 3, np.int32)  # the store's observations/point
-    pair_statistics(np.arange(0, 12, 3), points, xyz, rotation, tvec, np.ones(3), np.ones(3), np.array([1, 2, 5]), 3)
+    pool, _ = pool_members(xyz, 2, workers=1)
+    pairs = unordered_pairs(pool, 3)
+    pair_index(pool, pairs, 3)
+    pair_statistics(np.arange(0, 12, 3), points, xyz, rotation, tvec, np.ones(3), np.ones(3), pairs, 3)
 
 
 def _log_focal(focal: np.ndarray, longer_side: np.ndarray):
