@@ -15,15 +15,15 @@ from pathlib import Path
 
 import numpy as np
 
-from sfmpairs.common import SfmpairsError, atomic_output, h5_output, progress, provenance_attrs
+from sfmpairs.common import SfmpairsError, atomic_output, progress, provenance_attrs
 from sfmpairs.config import conf_dict, make_conf
 
-from . import colmap_binary, colmap_pycolmap, colmap_text, store
+from . import colmap_binary, colmap_pycolmap, colmap_text, store, store_writer
 from .discover import MODEL_FILES, ModelSource, from_manifest, from_paths
 from .model import Model
 from .options import READERS, IngestConf
 from .shared_names import drop_images, keepers
-from .store import SCHEMA, SCHEMA_VERSION, append_columns, create_store, model_columns, write_table
+from .store import SCHEMA, SCHEMA_VERSION, model_columns
 
 logger = logging.getLogger("sfmpairs.ingest")
 
@@ -209,17 +209,18 @@ def check_addition(src: ModelSource, names: list[str], names_seen: dict[str, str
 
 
 def append_models(
-    h5, sources: list[ModelSource], prefixes: list[str], cluster_names: list[str], reader: str, leave=None
+    writer, sources: list[ModelSource], prefixes: list[str], cluster_names: list[str], reader: str, leave=None
 ) -> tuple[dict, list]:
-    """Read each model and append it to the store being written; the totals and each
-    model's (first image, first point, end image, end point). Image names (with their
-    folder prefix) must be unique across models; ``leave``: for each model, the names
-    it leaves out (see :func:`leave_shared_names`)."""
+    """Read each model and append it to the store being written (``writer``:
+    :func:`~.store_writer.store_writer`'s); the totals and each model's (first image,
+    first point, end image, end point). Image names (with their folder prefix) must be
+    unique across models; ``leave``: for each model, the names it leaves out (see
+    :func:`leave_shared_names`)."""
     cluster_index = {c: i for i, c in enumerate(cluster_names)}
     totals = {"images": 0, "points": 0, "observations": 0}
     names_seen: dict[str, str] = {}
     ranges = []
-    width = h5["images/params"].shape[1]
+    width = store.max_params()  # of images/params
     pending, pending_observations = [], 0  # models read, not yet written: small ones go together
     # closed on the way out: where an error stops the loop, the reading stops too
     with contextlib.closing(_read_ahead(sources, reader)) as models:
@@ -247,27 +248,21 @@ def append_models(
             )
             del model
             if pending_observations >= APPEND_OBSERVATIONS:
-                append_columns(h5, pending)
+                writer.append(pending)
                 pending, pending_observations = [], 0
-    append_columns(h5, pending)
+    writer.append(pending)
     return totals, ranges
 
 
-def write_source_tables(h5, sources: list[ModelSource], cluster_names: list[str], ranges: list) -> None:
+def source_tables(sources: list[ModelSource], cluster_names: list[str], ranges: list) -> dict:
     """The store's ``clusters`` and ``models`` tables: where each came from."""
     cluster_index = {c: i for i, c in enumerate(cluster_names)}
-    write_table(
-        h5,
-        "clusters",
-        {
+    return {
+        "clusters": {
             "name": cluster_names,
             "source": [";".join(str(s.path.resolve()) for s in sources if s.cluster == c) for c in cluster_names],
         },
-    )
-    write_table(
-        h5,
-        "models",
-        {
+        "models": {
             "name": [s.name for s in sources],
             "path": [str(s.path.resolve()) for s in sources],
             "format": [s.format for s in sources],
@@ -276,7 +271,7 @@ def write_source_tables(h5, sources: list[ModelSource], cluster_names: list[str]
             "image_range": [(r[0], r[2]) for r in ranges],
             "point_range": [(r[1], r[3]) for r in ranges],
         },
-    )
+    }
 
 
 def ingest(
@@ -312,12 +307,13 @@ def ingest(
         # --shared-names largest: the models left out, all their images being in larger ones
         "left_out_models": [str(s.path.resolve()) for s in given_sources if s.path not in kept],
     }
-    with atomic_output(output, overwrite) as tmp, _small_pages(), h5_output(tmp) as h5:
-        create_store(h5)
-        totals, ranges = append_models(h5, sources, prefixes, cluster_names, conf.reader, leave)
-        write_source_tables(h5, sources, cluster_names, ranges)
-        h5.attrs.update(provenance_attrs(SCHEMA, SCHEMA_VERSION, parameters, _inputs(sources)))
-        h5.attrs["images_root"] = str(root) if root else ""
+    inputs = _inputs(sources)
+    child = sum(f["bytes"] for i in inputs for f in i["files"].values()) >= store_writer.CHILD_INPUT_BYTES
+    with atomic_output(output, overwrite) as tmp, _small_pages(), store_writer.store_writer(tmp, output, child) as w:
+        totals, ranges = append_models(w, sources, prefixes, cluster_names, conf.reader, leave)
+        w.tables(source_tables(sources, cluster_names, ranges))
+        provenance = provenance_attrs(SCHEMA, SCHEMA_VERSION, parameters, inputs)
+        w.attrs({**provenance, "images_root": str(root) if root else ""})
     seconds = time.perf_counter() - t0
     logger.info(
         "wrote %s: %d clusters, %d models, %d images, %d points, %d observations in %.1f s",

@@ -125,7 +125,10 @@ def append_columns(h5: h5py.File, parts: list[dict]) -> None:
         return
     for name in parts[0]:
         values = [p[name] for p in parts]
-        values = [v for vs in values for v in vs] if isinstance(values[0], list) else np.concatenate(values)
+        if isinstance(values[0], list):
+            values = [v for vs in values for v in vs]
+        else:
+            values = values[0] if len(values) == 1 else np.concatenate(values)  # one: no copy
         ds = h5[name]
         n = len(ds)
         ds.resize(n + len(values), axis=0)

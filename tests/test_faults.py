@@ -56,6 +56,8 @@ def writing_commands(root: Path, out: Path) -> dict:
     w = str(root)
     return {
         "ingest": (["ingest", f"{w}/w", "-o", f"{out}/sfm.h5"], "sfm.h5"),
+        # written by a child process, as large inputs are (sfm_io/store_writer.py): see _run_limited
+        "ingest-child": (["ingest", f"{w}/w", "-o", f"{out}/sfm2.h5"], "sfm2.h5"),
         "mine": (["mine", f"{w}/sfm.h5", "-o", f"{out}/pairs.h5"], "pairs.h5"),
         "extract": (["extract", "--arch", "resnet18", "--store", f"{w}/sfm.h5", "-o", f"{out}/d.h5", *TINY], "d.h5"),
         "whiten": (
@@ -101,6 +103,10 @@ def _run_limited(limit: int, root: str, out: str) -> None:
             os.dup2(w, 2)
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
             resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+            if name == "ingest-child":
+                import sfmpairs.sfm_io.store_writer
+
+                sfmpairs.sfm_io.store_writer.CHILD_INPUT_BYTES = 0
             code = 0
             try:
                 main(args, prog_name="sfmpairs", standalone_mode=False)
