@@ -696,6 +696,8 @@ def kill_commands(w: Path, out: Path) -> dict:
     train += ["--workers", "0", "--device", "cpu", "-q"]
     return {
         "ingest": (["ingest", *sorted(str(p) for p in (w / "bin").iterdir()), "-o", f"{out}/sfm.h5"], "sfm.h5"),
+        # the store written by a child process, as inputs of 256 MB or more are (_sfmpairs)
+        "ingest-child": (["ingest", *sorted(str(p) for p in (w / "bin").iterdir()), "-o", f"{out}/sfm.h5"], "sfm.h5"),
         "mine": (["mine", f"{w}/sfm.h5", "-o", f"{out}/pairs.h5", "--descriptors", f"{w}/d.h5"], "pairs.h5"),
         "extract": (
             ["extract", "--model", f"{w}/model.pt", "--store", f"{w}/sfm.h5", "-o", f"{out}/d.h5"]
@@ -718,7 +720,7 @@ def check_output(name: str, path: Path) -> str | None:
     from sfmpairs.common import SfmpairsError
 
     try:
-        if name == "ingest":
+        if name.startswith("ingest"):
             from sfmpairs.sfm_io.store import read_store
 
             read_store(path)
@@ -757,10 +759,20 @@ def _temps(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.rglob("*") if p.name.endswith(".tmp") or ".tmp" in p.name)
 
 
-def _cli(args, timeout=600) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "sfmpairs", *map(str, args)], capture_output=True, text=True, timeout=timeout
-    )
+# the command line with the SfM store written by a child process whatever the input's size
+_CHILD_WRITER = (
+    "import sfmpairs.sfm_io.store_writer as w; w.CHILD_INPUT_BYTES = 0; "
+    "from sfmpairs.cli import main; main(prog_name='sfmpairs')"
+)
+
+
+def _sfmpairs(name: str) -> list[str]:
+    """How command ``name`` of :func:`kill_commands` starts sfmpairs."""
+    return [sys.executable, "-c", _CHILD_WRITER] if name == "ingest-child" else [sys.executable, "-m", "sfmpairs"]
+
+
+def _cli(args, timeout=600, name: str = "") -> subprocess.CompletedProcess:
+    return subprocess.run([*_sfmpairs(name), *map(str, args)], capture_output=True, text=True, timeout=timeout)
 
 
 def _weights(run: Path):
@@ -796,7 +808,7 @@ def kill_trials(args) -> int:
             ref.mkdir()
             cmd, output = kill_commands(w, ref)[name]
             t0 = time.monotonic()
-            r = _cli(cmd)
+            r = _cli(cmd, name=name)
             duration = time.monotonic() - t0
             if r.returncode:
                 problems.append(f"{name}: the uninterrupted run failed: {r.stderr[-500:]}")
@@ -808,7 +820,7 @@ def kill_trials(args) -> int:
                 out.mkdir()
                 cmd, output = kill_commands(w, out)[name]
                 p = subprocess.Popen(
-                    [sys.executable, "-m", "sfmpairs", *map(str, cmd)],
+                    [*_sfmpairs(name), *map(str, cmd)],
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
                 )
@@ -833,7 +845,7 @@ def kill_trials(args) -> int:
                 if name == "train" and (target / "last.pt").exists():
                     again = _cli(["train", "--resume", target, "--epochs", "3", "-q"])
                 else:
-                    again = _cli([*cmd, "--overwrite"] if target.exists() else cmd)
+                    again = _cli([*cmd, "--overwrite"] if target.exists() else cmd, name=name)
                 if again.returncode and name == "train" and "the run is finished" in again.stderr:
                     counts["had finished"] += 1  # killed after its last epoch: nothing to resume
                 elif again.returncode:
