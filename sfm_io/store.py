@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import h5py
 import numpy as np
 
 from ..common import SfmpairsError, check_schema, h5_errors, open_h5
-from .model import Model, camera_centres, camera_models, focal_lengths, quat_to_rotmat
+
+if TYPE_CHECKING:
+    from .model import Model
 
 SCHEMA = "sfmpairs/sfm-store"
 SCHEMA_VERSION = 1
@@ -25,7 +28,14 @@ _OBS_CHUNK = 1 << 19
 MAX_POINTS = 2**31 - 1  # observations/point is int32
 
 
+# .model is imported where it is used: the process that writes the store for ingest
+# (store_writer.py) needs neither it nor the compiled code it loads (numba, 100 MB)
+
+
 def max_params() -> int:
+    """The width of ``images/params``: the most parameters of any camera model."""
+    from .model import camera_models
+
     return max(n for _, n, _ in camera_models().values())
 
 
@@ -68,9 +78,9 @@ _SOURCES = [
 ]
 
 
-def create_store(h5: h5py.File) -> None:
-    """Empty, resizable datasets for :func:`append_model`."""
-    width = max_params()
+def create_store(h5: h5py.File, width: int) -> None:
+    """Empty, resizable datasets for :func:`append_columns` (``width``: of
+    ``images/params``, :func:`max_params`)."""
     for name, dtype, tail, chunk in _LAYOUT:
         tail = (width,) if tail == (None,) else tail
         h5.create_dataset(name, shape=(0, *tail), maxshape=(None, *tail), dtype=dtype, chunks=(chunk, *tail))
@@ -83,6 +93,8 @@ def model_columns(
     """One model's rows of every dataset of the store (``width``: of ``images/params``),
     its points numbered from ``point_offset`` and its observations from ``obs_offset``
     (the points and observations of the models before it)."""
+    from .model import camera_centres, focal_lengths, quat_to_rotmat
+
     n, m = model.num_images, model.num_points
     params = np.full((n, width), np.nan)
     for i, p in enumerate(model.params):

@@ -31,7 +31,7 @@ import numpy as np
 
 from sfmpairs.common import SfmpairsError, h5_output
 
-from .store import _LAYOUT, append_columns, create_store, write_table
+from .store import _LAYOUT, append_columns, create_store, max_params, write_table
 
 CHILD_INPUT_BYTES = 1 << 28  # inputs of at least this many bytes (COLMAP files) are written by a child
 _ALIGN = 64
@@ -70,7 +70,7 @@ def store_writer(tmp: Path, output: Path, child: bool):
             writer = ChildWriter(tmp, output)
     if writer is None:
         with h5_output(tmp) as h5:
-            create_store(h5)
+            create_store(h5, max_params())
             yield LocalWriter(h5)
         return
     try:
@@ -94,7 +94,7 @@ class ChildWriter:
         code = f"import sys; sys.path[:] = {sys.path!r}; from sfmpairs.sfm_io.store_writer import serve; serve()"
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-c", code, str(tmp), *map(str, self.slots)],
+                [sys.executable, "-c", code, str(tmp), str(max_params()), *map(str, self.slots)],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 pass_fds=self.slots,
@@ -188,12 +188,13 @@ class ChildWriter:
 
 
 def serve() -> None:
-    """The child's side of :class:`ChildWriter`: ``sys.argv`` holds the store's path and
-    the two buffers' file descriptors; messages come pickled on standard input, replies
-    go pickled to standard output. The end of its input without ``close`` (ingest
-    stopped or was killed) ends it, the store unfinished."""
+    """The child's side of :class:`ChildWriter`: ``sys.argv`` holds the store's path,
+    the width of ``images/params`` and the two buffers' file descriptors; messages
+    come pickled on standard input, replies go pickled to standard output. The end of
+    its input without ``close`` (ingest stopped or was killed) ends it, the store
+    unfinished."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a ^C stops ingest, which stops the child
-    tmp, slots = sys.argv[1], [int(fd) for fd in sys.argv[2:]]
+    tmp, width, slots = sys.argv[1], int(sys.argv[2]), [int(fd) for fd in sys.argv[3:]]
     inbox, outbox = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr  # nothing but replies on the reply channel
 
@@ -203,7 +204,7 @@ def serve() -> None:
 
     try:
         with h5_output(tmp) as h5:
-            create_store(h5)
+            create_store(h5, width)
             writer = LocalWriter(h5)
             while True:
                 message = pickle.load(inbox)
