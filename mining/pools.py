@@ -26,7 +26,6 @@ import queue
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-from scipy import sparse
 from scipy.spatial import cKDTree
 
 from sfmpairs.compiled import compiled
@@ -149,18 +148,47 @@ def tracks(indptr: np.ndarray, point: np.ndarray, num_points: int):
     """
     n, nnz = len(indptr) - 1, len(point)
     idx = np.int32 if max(nnz, n, num_points) < 2**31 else np.int64
-    image = np.repeat(np.arange(n, dtype=idx), np.diff(indptr))
-    first = np.full(num_points, n, idx)
-    first[point[::-1]] = image[::-1]  # the last write wins: the first image of each point
-    order = np.argsort(first, kind="stable")
-    label = np.empty(num_points, idx)
-    label[order] = np.arange(num_points, dtype=idx)
-    csc = sparse.csr_matrix(
-        (np.arange(nnz, dtype=idx), label[point], indptr.astype(idx)), shape=(n, num_points)
-    ).tocsc()
-    position = np.empty(nnz, np.int64)
-    position[csc.data] = np.arange(nnz)
-    return label, order, csc.indptr.astype(np.int64), csc.indices, csc.data, position
+    label, order = np.empty(num_points, idx), np.empty(num_points, np.int64)
+    track_ptr, position = np.zeros(num_points + 1, np.int64), np.empty(nnz, np.int64)
+    track_image, track_obs = np.empty(nnz, idx), np.empty(nnz, idx)
+    _tracks(indptr, point, label, order, track_ptr, track_image, track_obs, position)
+    return label, order, track_ptr, track_image, track_obs, position
+
+
+@compiled
+def _tracks(indptr, point, label, order, track_ptr, track_image, track_obs, position):
+    """:func:`tracks`' tables, filled in (``track_ptr`` zeros on entry; compiled): each
+    point's first image; the points by first image, ties by index (a counting sort);
+    the track lengths; then the observations image after image into their tracks,
+    which therefore list their images in increasing order (the CSR to CSC conversion)."""
+    n, num_points = len(indptr) - 1, len(label)
+    first = np.full(num_points, n, np.int64)  # n: observed by no image
+    for i in range(n):
+        for o in range(indptr[i], indptr[i + 1]):
+            if first[point[o]] == n:
+                first[point[o]] = i
+    start = np.zeros(n + 2, np.int64)  # where the tracks of the points first seen by image i begin
+    for p in range(num_points):
+        start[first[p] + 1] += 1
+    for i in range(1, n + 2):
+        start[i] += start[i - 1]
+    for p in range(num_points):
+        j = start[first[p]]
+        start[first[p]] = j + 1
+        order[j] = p
+        label[p] = j
+    for o in range(len(point)):
+        track_ptr[label[point[o]] + 1] += 1
+    for j in range(num_points):
+        track_ptr[j + 1] += track_ptr[j]
+    end = track_ptr[:-1].copy()  # where the next observation of each track goes
+    for i in range(n):
+        for o in range(indptr[i], indptr[i + 1]):
+            j = label[point[o]]
+            track_image[end[j]] = i
+            track_obs[end[j]] = o
+            position[o] = end[j]
+            end[j] += 1
 
 
 def log_scale_by_track(track_ptr, track_image, xyz, axis, tz, log_f, chunk: int = 1 << 16):

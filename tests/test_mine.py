@@ -629,3 +629,36 @@ def test_log_sizes_are_numpys_bit_for_bit():
     want = log_f[track_image] - np.log(np.maximum(z, 1e-12))
     assert (z < 1e-12).any() and (z > 1).any()  # the clamp is reached, and so are real depths
     assert got.tobytes() == want.tobytes()
+
+
+def test_tracks_are_scipys_csc_with_points_by_first_image():
+    """The co-observation table by point against scipy's CSR to CSC conversion, the
+    points relabelled by a stable sort on their first image: a random model with
+    points no image observes, images that observe nothing, and one point seen by all."""
+    from scipy import sparse
+
+    from sfmpairs.mining.pools import tracks
+
+    rng = np.random.default_rng(3)
+    n, num_points = 30, 400
+    rows = [rng.choice(num_points - 50, rng.integers(0, 40), replace=False) for _ in range(n)]
+    rows[4], rows[9] = np.zeros(0, np.int64), np.zeros(0, np.int64)
+    rows = [np.r_[r, 7] if 7 not in r else r for r in rows]  # point 7 in every image
+    indptr = np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int64)
+    point = np.concatenate(rows).astype(np.int32)
+    label, order, track_ptr, track_image, track_obs, position = tracks(indptr, point, num_points)
+
+    image = np.repeat(np.arange(n), np.diff(indptr))
+    first = np.full(num_points, n)
+    for o in range(len(point))[::-1]:
+        first[point[o]] = image[o]
+    want_order = np.argsort(first, kind="stable")
+    want_label = np.empty(num_points, np.int64)
+    want_label[want_order] = np.arange(num_points)
+    csc = sparse.csr_matrix((np.arange(len(point)), want_label[point], indptr), shape=(n, num_points)).tocsc()
+    assert order.tolist() == want_order.tolist() and label.tolist() == want_label.tolist()
+    assert track_ptr.tolist() == csc.indptr.tolist()
+    assert track_image.tolist() == csc.indices.tolist() and track_obs.tolist() == csc.data.tolist()
+    assert (track_obs[position] == np.arange(len(point))).all()
+    unobserved = num_points - len(np.unique(point))
+    assert unobserved >= 50 and (np.diff(track_ptr)[-unobserved:] == 0).all()  # empty tracks, last
