@@ -495,12 +495,23 @@ def _select(a, k):
     """The k-th smallest of ``a``, moved to a[k] with nothing larger before it and
     nothing smaller after it (quickselect, median-of-three pivots; insertion sort of
     the last 7 values or fewer). The partition has no branch on the values (Lomuto's
-    scheme, branch-free): the data are random, so a branch would be mispredicted half
-    the time; it costs a third of Hoare's scheme's time on groups of about 200.
+    scheme, branch-free): the data are random, so a branch would be mispredicted half the
+    time; it costs a third of Hoare's scheme's time on groups of about 200.
     Copies of the pivot when nothing is smaller go first in one more pass, so that
-    equal values cannot make it quadratic."""
+    equal values cannot make it quadratic; orders that defeat the median of three
+    (values rising then falling, say) get a heap sort of what is left after 2 log2(n)
+    + 8 partitions, so that it is O(n log n) whatever the values."""
     lo, hi = 0, len(a) - 1
+    budget = 8
+    size = len(a)
+    while size > 1:
+        budget += 2
+        size //= 2
     while hi - lo > 6:
+        budget -= 1
+        if budget < 0:
+            _heap_sort(a, lo, hi)
+            return a[k]
         mid = (lo + hi) // 2
         if a[mid] < a[lo]:
             a[mid], a[lo] = a[lo], a[mid]
@@ -540,6 +551,31 @@ def _select(a, k):
             y -= 1
         a[y + 1] = v
     return a[k]
+
+
+@compiled
+def _heap_sort(a, lo, hi):
+    """a[lo:hi + 1] sorted in place (heap sort: O(n log n) whatever the order)."""
+    n = hi - lo + 1
+    for start in range(n // 2 - 1, -1, -1):
+        _sift_down(a, lo, start, n)
+    for end in range(n - 1, 0, -1):
+        a[lo], a[lo + end] = a[lo + end], a[lo]
+        _sift_down(a, lo, 0, end)
+
+
+@compiled
+def _sift_down(a, lo, root, n):
+    while True:
+        child = 2 * root + 1
+        if child >= n:
+            return
+        if child + 1 < n and a[lo + child] < a[lo + child + 1]:
+            child += 1
+        if a[lo + root] >= a[lo + child]:
+            return
+        a[lo + root], a[lo + child] = a[lo + child], a[lo + root]
+        root = child
 
 
 def _bbox_scale(xy_norm, track_obs, pair, o0, source, later, shared):
