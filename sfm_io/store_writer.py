@@ -18,12 +18,14 @@ itself, by the same functions (:class:`LocalWriter`). Both write the same bytes.
 from __future__ import annotations
 
 import contextlib
+import logging
 import mmap
 import os
 import pickle
 import signal
 import subprocess
 import sys
+import tempfile
 from collections import deque
 from pathlib import Path
 
@@ -32,6 +34,8 @@ import numpy as np
 from sfmpairs.common import SfmpairsError, h5_output
 
 from .store import _LAYOUT, append_columns, create_store, max_params, write_table
+
+logger = logging.getLogger("sfmpairs.ingest")
 
 CHILD_INPUT_BYTES = 1 << 28  # inputs of at least this many bytes (COLMAP files) are written by a child
 _ALIGN = 64
@@ -66,7 +70,8 @@ def store_writer(tmp: Path, output: Path, child: bool):
     :class:`LocalWriter`. The store is complete when the block ends without error."""
     writer = None
     if child and hasattr(os, "memfd_create"):
-        with contextlib.suppress(OSError):  # no process to be had: written here
+        # no process to be had (no memfd left, no interpreter to start): written here
+        with contextlib.suppress(OSError, TypeError, ValueError):
             writer = ChildWriter(tmp, output)
     if writer is None:
         with h5_output(tmp) as h5:
@@ -83,28 +88,63 @@ def store_writer(tmp: Path, output: Path, child: bool):
 class ChildWriter:
     """The store's writes done by a child process (:func:`serve`), the rows handed over
     in shared memory. Errors of the child (a full disk included) are raised here, as
-    they would be in this process."""
+    they would be in this process. A child that cannot start (its interpreter cannot
+    import sfmpairs, say) is said in the log, and the store is written in this
+    process instead (:meth:`_started`, at the first write, by when the child has had
+    the time it needs to start)."""
 
     def __init__(self, tmp: Path, output: Path):
-        self.output = output
-        self.slots = [os.memfd_create("sfmpairs-store-rows") for _ in range(2)]
+        self.tmp, self.output = tmp, output
+        self.local: LocalWriter | None = None  # the fallback, where the child did not start
+        self.started = False
+        self.opened = contextlib.ExitStack()  # the fallback's open store
         self.sent: deque[int] = deque()  # slots handed to the child and not yet written
         self.next = 0
         # the child imports sfmpairs from where this process did, whatever set up its path
-        code = f"import sys; sys.path[:] = {sys.path!r}; from sfmpairs.sfm_io.store_writer import serve; serve()"
+        paths = [os.fspath(p) for p in sys.path if isinstance(p, (str, os.PathLike))]
+        code = f"import sys; sys.path[:] = {paths!r}; from sfmpairs.sfm_io.store_writer import serve; serve()"
+        self.errors = tempfile.TemporaryFile()  # the child's standard error, for the message
+        self.slots = []
         try:
+            self.slots = [os.memfd_create("sfmpairs-store-rows") for _ in range(2)]
             self.proc = subprocess.Popen(
                 [sys.executable, "-c", code, str(tmp), str(max_params()), *map(str, self.slots)],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
+                stderr=self.errors,
                 pass_fds=self.slots,
+                start_new_session=True,  # a ^C stops ingest, which stops it; no traceback of its own
             )
-        except OSError:
-            for fd in self.slots:
-                os.close(fd)
+        except BaseException:
+            self._close_files()
             raise
 
+    def _started(self) -> bool:
+        """Whether the child writes the store: its first reply, once, says it started;
+        where it ended without one, the store is opened here (:attr:`local`)."""
+        if not self.started:
+            self.started = True
+            try:
+                reply = pickle.load(self.proc.stdout)
+            except (EOFError, pickle.UnpicklingError):
+                logger.warning(
+                    "%s: the process to write it did not start (exit status %s%s); writing it in this process",
+                    self.output,
+                    self.proc.wait(),
+                    self._last_error(),
+                )
+                h5 = self.opened.enter_context(h5_output(self.tmp))
+                create_store(h5, max_params())
+                self.local = LocalWriter(h5)
+            else:
+                if reply[0] == "error":
+                    self._raise(reply)
+        return self.local is None
+
     def append(self, parts: list[dict]) -> None:
+        if not self._started():
+            self.local.append(parts)
+            return
         if not parts:
             return
         slot = self.next
@@ -133,13 +173,22 @@ class ChildWriter:
         self.sent.append(slot)
 
     def tables(self, tables: dict[str, dict]) -> None:
-        self._send(("tables", tables))
+        if self._started():
+            self._send(("tables", tables))
+        else:
+            self.local.tables(tables)
 
     def attrs(self, attrs: dict) -> None:
-        self._send(("attrs", attrs))
+        if self._started():
+            self._send(("attrs", attrs))
+        else:
+            self.local.attrs(attrs)
 
     def finish(self) -> None:
         """Let the child close the store, and wait for it; its error, if any, raised."""
+        if not self._started():
+            self.opened.close()  # a full disk raises here, as h5_output does
+            return
         self._send(("close",))
         while self._reply() != "closed":
             pass
@@ -154,8 +203,22 @@ class ChildWriter:
             self.proc.kill()
             self.proc.wait()
         self.proc.stdout.close()
+        with contextlib.suppress(Exception):  # after an error: the fallback's store closed, whatever it says
+            self.opened.close()
+        self._close_files()
+
+    def _close_files(self) -> None:
         for fd in self.slots:
             os.close(fd)
+        self.slots = []
+        self.errors.close()
+
+    def _last_error(self) -> str:
+        """The last line the child wrote to its standard error, as ``": line"``, or ``""``."""
+        self.errors.seek(0)
+        lines = [line.strip() for line in self.errors.read()[-4000:].decode("utf-8", "replace").splitlines()]
+        lines = [line for line in lines if line]
+        return f": {lines[-1]}" if lines else ""
 
     def _send(self, message) -> None:
         try:
@@ -174,17 +237,23 @@ class ChildWriter:
         if reply[0] == "written":
             self.sent.popleft()
         elif reply[0] == "error":
-            _, kind, errno, text = reply
-            if kind == "OSError":
-                raise OSError(errno, text)
-            if kind == "SfmpairsError":
-                raise SfmpairsError(text)
-            raise SfmpairsError(f"{self.output}: writing the SfM store failed ({kind}: {text}); nothing written")
+            self._raise(reply)
         return reply[0]
+
+    def _raise(self, reply) -> None:
+        """The child's error, raised here as it would have been raised in this process."""
+        _, kind, errno, text = reply
+        if kind == "OSError":
+            raise OSError(errno, text)
+        if kind == "SfmpairsError":
+            raise SfmpairsError(text)
+        raise SfmpairsError(f"{self.output}: writing the SfM store failed ({kind}: {text}); nothing written")
 
     def _died(self) -> SfmpairsError:
         code = self.proc.wait()
-        return SfmpairsError(f"{self.output}: the process writing it stopped (exit status {code}); nothing written")
+        return SfmpairsError(
+            f"{self.output}: the process writing it stopped (exit status {code}{self._last_error()}); nothing written"
+        )
 
 
 def serve() -> None:
@@ -206,6 +275,7 @@ def serve() -> None:
         with h5_output(tmp) as h5:
             create_store(h5, width)
             writer = LocalWriter(h5)
+            reply("ready")
             while True:
                 message = pickle.load(inbox)
                 if message[0] == "append":
@@ -218,12 +288,14 @@ def serve() -> None:
                     writer.attrs(message[1])
                 else:
                     break
-    except EOFError:
+    except (EOFError, BrokenPipeError):  # ingest stopped, or was killed
         return
     except BaseException as e:  # noqa: BLE001 - every error goes back to ingest, which names the file
-        reply("error", type(e).__name__, getattr(e, "errno", None), getattr(e, "strerror", None) or str(e))
+        with contextlib.suppress(BrokenPipeError):
+            reply("error", type(e).__name__, getattr(e, "errno", None), getattr(e, "strerror", None) or str(e))
         return
-    reply("closed")
+    with contextlib.suppress(BrokenPipeError):
+        reply("closed")
 
 
 def _append(writer: LocalWriter, fd: int, size: int, order: list, layout: list, strings: dict) -> None:

@@ -102,11 +102,10 @@ def _run_limited(limit: int, root: str, out: str) -> None:
             os.dup2(w, 1)
             os.dup2(w, 2)
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
-            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
             if name == "ingest-child":
-                import sfmpairs.sfm_io.store_writer
-
-                sfmpairs.sfm_io.store_writer.CHILD_INPUT_BYTES = 0
+                _child_writes_the_store()
+                limit = max(limit, 1 << 20)  # the rows' shared buffers fit, the store's first chunks do not
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
             code = 0
             try:
                 main(args, prog_name="sfmpairs", standalone_mode=False)
@@ -127,6 +126,20 @@ def _run_limited(limit: int, root: str, out: str) -> None:
         codes[name] = os.waitstatus_to_exitcode(status)
         print(f"=== {name}\n{text}", file=sys.stderr, flush=True)
     print(json.dumps(codes))
+
+
+def _child_writes_the_store() -> None:
+    """Ingest's store written by a child process whatever the input's size, and said
+    on standard error when the writer stops: ``child wrote: True`` (not the fallback)."""
+    from sfmpairs.sfm_io import store_writer
+
+    class Said(store_writer.ChildWriter):
+        def stop(self):
+            super().stop()
+            print(f"child wrote: {self.local is None}", file=sys.stderr)
+
+    store_writer.CHILD_INPUT_BYTES = 0
+    store_writer.ChildWriter = Said
 
 
 # Commands whose writing is not yet safe on a full disk, in files owned elsewhere (each
@@ -167,6 +180,10 @@ def test_a_full_disk_fails_cleanly(world, full_disk, name):
     assert codes[name] == 2, logs[name][-2000:]
     assert len(lines) == 1 and output in lines[0] and "Traceback" not in logs[name], logs[name][-2000:]
     assert not left
+    if name.startswith("ingest"):  # the file system's own words, however the store is written
+        assert "cannot write (File too large)" in lines[0], lines[0]
+    if name == "ingest-child":
+        assert "child wrote: True" in logs[name], logs[name][-2000:]
 
 
 def test_a_file_that_appears_meanwhile_is_not_replaced(tmp_path):

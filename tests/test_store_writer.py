@@ -58,7 +58,14 @@ def test_child_and_this_process_write_the_same_store(models, tmp_path, child, mo
     monkeypatch.setattr(store_writer, "CHILD_INPUT_BYTES", 1 << 62)
     ingest(models, tmp_path / "here.h5")
     assert len(child.made) == 1  # the second ingest wrote in this process
-    (a, attrs_a), (b, attrs_b) = _datasets(tmp_path / "child.h5"), _datasets(tmp_path / "here.h5")
+    a = _assert_same_stores(tmp_path / "child.h5", tmp_path / "here.h5")
+    assert len(a["observations/point"]) > 3 * 5_000  # several batches: each buffer filled more than once
+
+
+def _assert_same_stores(path_a, path_b) -> dict:
+    """Both stores hold the same datasets, bit for bit, and the same attributes (but
+    when and by which command they were made); the first's datasets."""
+    (a, attrs_a), (b, attrs_b) = _datasets(path_a), _datasets(path_b)
     assert a.keys() == b.keys() and len(a) >= 30
     for name in a:
         assert a[name].dtype == b[name].dtype and a[name].shape == b[name].shape, name
@@ -66,8 +73,8 @@ def test_child_and_this_process_write_the_same_store(models, tmp_path, child, mo
             assert a[name].tolist() == b[name].tolist(), name
         else:
             assert a[name].tobytes() == b[name].tobytes(), name
-    assert len(a["observations/point"]) > 3 * 5_000  # several batches: each buffer filled more than once
     assert attrs_a == attrs_b
+    return a
 
 
 def test_an_error_while_reading_stops_the_child_and_leaves_nothing(models, tmp_path, child):
@@ -82,11 +89,12 @@ def test_an_error_while_reading_stops_the_child_and_leaves_nothing(models, tmp_p
     assert list((tmp_path / "out").iterdir()) == []
 
 
-def test_a_child_that_dies_is_one_line_and_leaves_nothing(models, tmp_path, child, monkeypatch):
+def test_a_child_that_dies_midway_is_one_line_and_leaves_nothing(models, tmp_path, child, monkeypatch):
     class Dying(Spy):
-        def __init__(self, *args):
-            super().__init__(*args)
-            self.proc.kill()
+        def append(self, parts):
+            super().append(parts)
+            if len(self.sent) == 2:  # both buffers handed over: the next batch waits for the child
+                self.proc.kill()
 
     monkeypatch.setattr(store_writer, "ChildWriter", Dying)
     out = tmp_path / "out" / "sfm.h5"
@@ -94,6 +102,35 @@ def test_a_child_that_dies_is_one_line_and_leaves_nothing(models, tmp_path, chil
     with pytest.raises(SfmpairsError, match=r"sfm.h5: the process writing it stopped \(exit status -9\); nothing"):
         ingest(models, out)
     assert list(out.parent.iterdir()) == []
+
+
+@pytest.mark.parametrize("how", ["killed", "no interpreter"])
+def test_a_child_that_does_not_start_leaves_the_writing_here(models, tmp_path, child, monkeypatch, caplog, how):
+    """The child ends before it says it started: ingest says so in its log and writes
+    the store itself, the same store."""
+
+    class Unborn(Spy):
+        def __init__(self, *args):
+            super().__init__(*args)
+            self.proc.kill()
+
+    if how == "killed":
+        monkeypatch.setattr(store_writer, "ChildWriter", Unborn)
+    else:
+        monkeypatch.setattr(store_writer.sys, "executable", "/bin/false")  # runs, and exits 1 at once
+    ingest(models, tmp_path / "a.h5")
+    assert len(child.made) == 1 and "did not start" in caplog.text and "writing it in this process" in caplog.text
+    monkeypatch.setattr(store_writer, "CHILD_INPUT_BYTES", 1 << 62)
+    ingest(models, tmp_path / "b.h5")
+    _assert_same_stores(tmp_path / "a.h5", tmp_path / "b.h5")
+
+
+def test_a_path_object_in_sys_path_reaches_the_child(models, tmp_path, child, monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.setattr(store_writer.sys, "path", [Path(store_writer.sys.path[0]), *store_writer.sys.path[1:]])
+    ingest(models, tmp_path / "sfm.h5")
+    assert child.made[0].local is None and child.made[0].proc.returncode == 0  # the child wrote it
 
 
 def test_an_error_of_the_child_comes_back(models, tmp_path, child, monkeypatch):
