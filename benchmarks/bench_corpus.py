@@ -368,7 +368,8 @@ def time_fraction(root: Path, work: Path, fraction: float, repeats: int, steps: 
 
 def compare_datasets(a: Path, b: Path) -> str:
     """Whether two HDF5 files hold the same datasets, value for value and bit for bit
-    (their attributes, which record when and how each was made, left out)."""
+    (their attributes, which record when, by which version and how each was made, left
+    out; a dataset of one that is a group of the other differs)."""
     import h5py
 
     with h5py.File(a, "r") as x, h5py.File(b, "r") as y:
@@ -376,7 +377,7 @@ def compare_datasets(a: Path, b: Path) -> str:
         x.visititems(lambda n, o: names.append(n) if isinstance(o, h5py.Dataset) else None)
         extra = []
         y.visititems(lambda n, o: extra.append(n) if isinstance(o, h5py.Dataset) and n not in x else None)
-        differ = [n for n in names if n not in y or not _same(x[n][()], y[n][()])]
+        differ = [n for n in names if not isinstance(y.get(n), h5py.Dataset) or not _same(x[n][()], y[n][()])]
     if differ or extra:
         return f"DIFFERENT: {', '.join(differ + extra)}"
     return f"all {len(names)} datasets identical"

@@ -189,6 +189,20 @@ def _read_ahead(sources: list[ModelSource], reader: str):
 APPEND_OBSERVATIONS = 1 << 22  # models are written in groups of about this many observations
 
 
+def check_utf8(sources: list[ModelSource], prefixes: list[str]) -> None:
+    """The store holds names and paths as UTF-8 text: a model whose folder's name is not
+    (bytes the file system decoded as surrogates) is refused in one line, before any
+    writing."""
+    for src, prefix in zip(sources, prefixes):
+        for text in (str(src.path.resolve()), src.name, src.cluster, prefix, str(src.images_dir or "")):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise SfmpairsError(
+                    f"{os.fsencode(src.path)!r}: the path is not UTF-8 text, which the store needs; rename the folder"
+                ) from None
+
+
 def check_addition(src: ModelSource, names: list[str], names_seen: dict[str, str], points: int) -> None:
     """That the model of ``src`` may join the store: its image ``names`` are in no model
     before it (``names_seen``: name -> model, updated), and the store's ``points`` with
@@ -298,6 +312,7 @@ def ingest(
     leave, given_sources = None, sources
     if conf.shared_names == "largest":
         sources, prefixes, leave = leave_shared_names(sources, prefixes, conf.reader)
+    check_utf8(sources, prefixes)
     cluster_names = list(dict.fromkeys(s.cluster for s in sources))
     kept = {s.path for s in sources}  # a set: the list's ``in`` was quadratic in the models
     parameters = {

@@ -64,7 +64,7 @@ _LAYOUT = [
     ("observations/point", np.int32, (), _OBS_CHUNK),
     ("observations/xy", np.float32, (2,), _OBS_CHUNK),
 ]
-# where the models came from (ingest's write_source_tables): (group/name, dtype, shape after the first axis)
+# where the models came from (ingest's source_tables): (group/name, dtype, shape after the first axis)
 _SOURCES = [
     ("clusters/name", _STR, ()),
     ("clusters/source", _STR, ()),

@@ -11,7 +11,7 @@ shared memory (two Linux memfd buffers, used in turn: one is filled while the ch
 writes the other; no copy through a pipe) and goes on reading.
 
 Where memfd is missing (macOS, Windows) or the input is small (the child's start,
-about 0.3 s, would cost more than it saves), the store is written in the process
+about 0.2 s, would cost more than it saves), the store is written in the process
 itself, by the same functions (:class:`LocalWriter`). Both write the same bytes.
 """
 
@@ -31,13 +31,13 @@ from pathlib import Path
 
 import numpy as np
 
-from sfmpairs.common import SfmpairsError, h5_output
+from sfmpairs.common import SfmpairsError, h5_output, one_line
 
 from .store import _LAYOUT, append_columns, create_store, max_params, write_table
 
 logger = logging.getLogger("sfmpairs.ingest")
 
-CHILD_INPUT_BYTES = 1 << 28  # inputs of at least this many bytes (COLMAP files) are written by a child
+CHILD_INPUT_BYTES = 1 << 28  # inputs of at least this many bytes (256 MiB of COLMAP files) are written by a child
 _ALIGN = 64
 # the numeric datasets' types (text goes pickled)
 _DTYPES = {name: np.dtype(dtype) for name, dtype, _, _ in _LAYOUT if np.dtype(dtype).kind != "O"}
@@ -106,7 +106,8 @@ class ChildWriter:
         self.errors = tempfile.TemporaryFile()  # the child's standard error, for the message
         self.slots = []
         try:
-            self.slots = [os.memfd_create("sfmpairs-store-rows") for _ in range(2)]
+            for _ in range(2):
+                self.slots.append(os.memfd_create("sfmpairs-store-rows"))
             self.proc = subprocess.Popen(
                 [sys.executable, "-c", code, str(tmp), str(max_params()), *map(str, self.slots)],
                 stdin=subprocess.PIPE,
@@ -164,6 +165,8 @@ class ChildWriter:
         if os.fstat(fd).st_size < size:
             os.ftruncate(fd, size)
         if size:
+            # numpy's arrays over an mmap do not keep it open: no view may outlive it (a
+            # read after the close is a crash, not an error)
             with mmap.mmap(fd, size) as buffer:
                 for name, dtype, shape, offset in layout:
                     out = np.ndarray(shape, dtype, buffer=buffer, offset=offset)
@@ -291,8 +294,9 @@ def serve() -> None:
     except (EOFError, BrokenPipeError):  # ingest stopped, or was killed
         return
     except BaseException as e:  # noqa: BLE001 - every error goes back to ingest, which names the file
+        kind = "OSError" if isinstance(e, OSError) else type(e).__name__  # PermissionError too: its errno says
         with contextlib.suppress(BrokenPipeError):
-            reply("error", type(e).__name__, getattr(e, "errno", None), getattr(e, "strerror", None) or str(e))
+            reply("error", kind, getattr(e, "errno", None), getattr(e, "strerror", None) or one_line(e))
         return
     with contextlib.suppress(BrokenPipeError):
         reply("closed")
@@ -302,7 +306,7 @@ def _append(writer: LocalWriter, fd: int, size: int, order: list, layout: list, 
     """One batch of rows from the buffer ``fd``, as :meth:`ChildWriter.append` laid it
     out, written dataset by dataset in the order ``order`` (that of this process)."""
     buffer = mmap.mmap(fd, size, prot=mmap.PROT_READ) if size else None
-    try:
+    try:  # the views die before the mapping closes (see ChildWriter.append)
         columns = {name: np.ndarray(shape, dt, buffer=buffer, offset=offset) for name, dt, shape, offset in layout}
         columns.update(strings)
         writer.append([{name: columns[name] for name in order}])

@@ -78,7 +78,7 @@ def test_outputs_compared_with_the_baseline_bit_for_bit(tmp_path):
     write(tmp_path / "a.h5", [1.0, 2.0, np.nan])
     write(tmp_path / "same.h5", [1.0, 2.0, np.nan], stamp="b")
     write(tmp_path / "bit.h5", [1.0, np.nextafter(2.0, 3.0), np.nan])
-    write(tmp_path / "type.h5", [1.0, 2.0, np.nan], np.float32)
+    write(tmp_path / "type.h5", np.array([1.0, 2.0, np.nan]).view(np.int64), np.int64)  # the same bytes
     write(tmp_path / "more.h5", [1.0, 2.0, np.nan], extra=True)
     assert bench_corpus.compare_datasets(tmp_path / "a.h5", tmp_path / "same.h5") == "all 2 datasets identical"
     for other in ("bit", "type"):
@@ -87,3 +87,9 @@ def test_outputs_compared_with_the_baseline_bit_for_bit(tmp_path):
         )
     assert bench_corpus.compare_datasets(tmp_path / "a.h5", tmp_path / "more.h5") == "DIFFERENT: val/query"
     assert bench_corpus.compare_datasets(tmp_path / "more.h5", tmp_path / "a.h5") == "DIFFERENT: val/query"
+    with h5py.File(tmp_path / "group.h5", "w") as f:  # a group where the other has a dataset
+        f["train/scale_change/x"] = np.arange(2)
+        f["train/query"] = np.arange(3)
+    assert bench_corpus.compare_datasets(tmp_path / "a.h5", tmp_path / "group.h5") == (
+        "DIFFERENT: train/scale_change, train/scale_change/x"
+    )

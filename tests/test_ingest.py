@@ -405,3 +405,18 @@ def test_track_lengths_refuse_counts_that_do_not_add_up():
     with pytest.raises(ValueError, match="4 observations counted per image, 3 given"):
         _count_track_lengths(track, np.array([0, 1, 2], np.int32), np.array([2, 2]))
     assert not track.any()
+
+
+def test_a_folder_name_that_is_not_utf8_is_one_line(tmp_path):
+    """A model folder whose name has a byte that is not UTF-8 (the file system's names
+    are bytes): one line naming it, before anything is written; the store holds UTF-8."""
+    import os
+
+    from conftest import make_models
+
+    make_models(tmp_path / "src", scenes=1, images=8, points=200)
+    bad = Path(os.fsdecode(bytes(tmp_path) + b"/caf\xe9"))
+    os.rename(tmp_path / "src", bad)
+    with pytest.raises(SfmpairsError, match=r"caf\\xe9/scene_00/sparse/0'?: the path is not UTF-8 text"):
+        ingest([bad], tmp_path / "sfm.h5")
+    assert not (tmp_path / "sfm.h5").exists()

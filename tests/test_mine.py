@@ -696,3 +696,17 @@ def test_tracks_are_scipys_csc_with_points_by_first_image():
     assert (track_obs[position] == np.arange(len(point))).all()
     unobserved = num_points - len(np.unique(point))
     assert unobserved >= 50 and (np.diff(track_ptr)[-unobserved:] == 0).all()  # empty tracks, last
+
+
+def test_pair_index_is_searchsorted_over_all_pairs():
+    """Each pool slot's pair found by bisection within its lower image's run: the same
+    as numpy's searchsorted over every pair (from the review)."""
+    from sfmpairs.mining.pools import pair_index, pool_members, unordered_pairs
+
+    rng = np.random.default_rng(1)
+    for n, k in [(2, 1), (3, 2), (10, 9), (10, 3), (200, 20), (50, 49)]:
+        pool, _ = pool_members(rng.normal(size=(n, 3)), k, workers=1)
+        pairs = unordered_pairs(pool, n)
+        q = np.repeat(np.arange(n), pool.shape[1]).reshape(pool.shape)
+        want = np.searchsorted(pairs, np.minimum(q, pool) * n + np.maximum(q, pool))
+        assert np.array_equal(pair_index(pool, pairs, n), want)

@@ -53,8 +53,12 @@ def _datasets(path):
 
 
 def test_child_and_this_process_write_the_same_store(models, tmp_path, child, monkeypatch):
+    import os
+
+    open_files = len(os.listdir("/proc/self/fd"))
     ingest(models, tmp_path / "child.h5")
     assert len(child.made) == 1 and child.made[0].proc.returncode == 0
+    assert len(os.listdir("/proc/self/fd")) == open_files  # the buffers and pipes closed
     monkeypatch.setattr(store_writer, "CHILD_INPUT_BYTES", 1 << 62)
     ingest(models, tmp_path / "here.h5")
     assert len(child.made) == 1  # the second ingest wrote in this process
