@@ -37,7 +37,7 @@ from .store import _LAYOUT, append_columns, create_store, max_params, write_tabl
 
 logger = logging.getLogger("sfmpairs.ingest")
 
-CHILD_INPUT_BYTES = 1 << 28  # inputs of at least this many bytes (256 MiB of COLMAP files) are written by a child
+CHILD_INPUT_BYTES = 1 << 30  # inputs of at least this many bytes (1 GiB of COLMAP files) are written by a child
 _ALIGN = 64
 # the numeric datasets' types (text goes pickled)
 _DTYPES = {name: np.dtype(dtype) for name, dtype, _, _ in _LAYOUT if np.dtype(dtype).kind != "O"}
