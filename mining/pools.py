@@ -99,11 +99,18 @@ def unordered_pairs(pool: np.ndarray, n: int):
     return keys[np.r_[True, keys[1:] != keys[:-1]]] if len(keys) else keys
 
 
+def lower_runs(lo: np.ndarray, n: int) -> np.ndarray:
+    """(n + 1,): where the pairs of each lower image begin, ``lo`` being the sorted
+    lower images of :func:`unordered_pairs`' keys: the pairs of lower image i are
+    ``runs[i]:runs[i+1]``."""
+    return np.searchsorted(lo, np.arange(n + 1))
+
+
 def pair_index(pool: np.ndarray, pairs: np.ndarray, n: int) -> np.ndarray:
     """(n, k): where each (query, candidate) of ``pool`` is in ``pairs``
     (:func:`unordered_pairs`, which holds them all). The pairs of a lower image are one
     run of ``pairs``: each is looked up by bisection within its run (compiled)."""
-    lo_ptr = np.searchsorted(pairs // n, np.arange(n + 1))  # the pairs of lower image i: lo_ptr[i]:lo_ptr[i+1]
+    lo_ptr = lower_runs(pairs // n, n)
     which = np.empty(pool.shape, np.int64)
     _pair_index(pool, pairs, lo_ptr, n, which)
     return which
@@ -288,7 +295,7 @@ def _depth_statistics(lo, hi, n, indptr, point, xyz, rotation, tvec, focal, long
     log_f, no_scale = _log_focal(focal, longer_side)
     # float64 (nnz,) by track position: log(f / z) of each observation
     log_size = log_scale_by_track(track_ptr, track_image, xyz[order], rotation[:, 2, :], tvec[:, 2], log_f)
-    lo_ptr = np.searchsorted(lo, np.arange(n + 1))  # the pairs of lower image i: lo_ptr[i]:lo_ptr[i+1]
+    lo_ptr = lower_runs(lo, n)
     count = np.zeros(len(lo), np.int64)
     median = np.full(len(lo), np.nan)
     hi = hi.astype(np.int64)
@@ -358,7 +365,7 @@ def walk_pair_batches(lo, hi, n, indptr, point, trk, batch_images: int, threads,
     observation; ``later`` hi's track position)."""
     # ``lo`` is sorted (``pairs`` are keys lo * n + hi, sorted), so the pairs whose lower
     # image is i are the run lo_ptr[i]:lo_ptr[i+1] (lo_ptr (n + 1,)), those of a batch one run
-    lo_ptr = np.searchsorted(lo, np.arange(n + 1))
+    lo_ptr = lower_runs(lo, n)
 
     def run_batch(i0: int, slot: np.ndarray) -> None:
         i1 = min(n, i0 + batch_images)

@@ -64,6 +64,16 @@ class LocalWriter:
 
 
 @contextlib.contextmanager
+def local_writer(tmp: Path, width: int):
+    """A new store at ``tmp`` (``width``: of ``images/params``) written in this process:
+    its :class:`LocalWriter`; the store is closed, and a failed write raised
+    (:func:`~sfmpairs.common.h5_output`), when the block ends."""
+    with h5_output(tmp) as h5:
+        create_store(h5, width)
+        yield LocalWriter(h5)
+
+
+@contextlib.contextmanager
 def store_writer(tmp: Path, output: Path, child: bool):
     """A writer of a new store at ``tmp`` (the temporary path of ``output``, named in
     errors): a :class:`ChildWriter` where ``child`` is asked and memfd exists, else a
@@ -74,9 +84,8 @@ def store_writer(tmp: Path, output: Path, child: bool):
         with contextlib.suppress(OSError, TypeError, ValueError):
             writer = ChildWriter(tmp, output)
     if writer is None:
-        with h5_output(tmp) as h5:
-            create_store(h5, max_params())
-            yield LocalWriter(h5)
+        with local_writer(tmp, max_params()) as writer:
+            yield writer
         return
     try:
         yield writer
@@ -134,9 +143,7 @@ class ChildWriter:
                     self.proc.wait(),
                     self._last_error(),
                 )
-                h5 = self.opened.enter_context(h5_output(self.tmp))
-                create_store(h5, max_params())
-                self.local = LocalWriter(h5)
+                self.local = self.opened.enter_context(local_writer(self.tmp, max_params()))
             else:
                 if reply[0] == "error":
                     self._raise(reply)
@@ -275,9 +282,7 @@ def serve() -> None:
         outbox.flush()
 
     try:
-        with h5_output(tmp) as h5:
-            create_store(h5, width)
-            writer = LocalWriter(h5)
+        with local_writer(tmp, width) as writer:
             reply("ready")
             while True:
                 message = pickle.load(inbox)
