@@ -80,14 +80,15 @@ def check_not_input(output: str | os.PathLike, inputs) -> None:
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EIO}
 # The same errors as h5py and torch.save report them (RuntimeError or OSError with
 # HDF5's or PyTorch's own text).
-_WRITE_MESSAGES = (
-    "file write failed",
-    "No space left on device",
-    "File too large",
-    "Disk quota exceeded",
-    "unable to extend file",
-    "unexpected pos",  # torch.save: a write that came up short
-)
+_WRITE_MESSAGES = {  # text in a library's error -> the reason given (None: the text itself)
+    "file write failed": None,
+    "No space left on device": None,
+    "File too large": None,
+    "Disk quota exceeded": None,
+    "unable to extend file": None,
+    # torch.save, whose writer does not say why a write came up short
+    "unexpected pos": "a write came up short: a full disk or a file-size limit?",
+}
 
 
 def write_failure(e: BaseException) -> str | None:
@@ -97,10 +98,10 @@ def write_failure(e: BaseException) -> str | None:
         return e.strerror or os.strerror(e.errno)
     if isinstance(e, (OSError, RuntimeError)):
         text = str(e)
-        for m in _WRITE_MESSAGES:
+        for m, reason in _WRITE_MESSAGES.items():
             if m in text:
                 code = re.search(r"errno = (\d+)", text)
-                return os.strerror(int(code.group(1))) if code else m
+                return os.strerror(int(code.group(1))) if code else reason or m
     return None
 
 

@@ -186,6 +186,27 @@ def test_a_full_disk_fails_cleanly(world, full_disk, name):
         assert "child wrote: True" in logs[name], logs[name][-2000:]
 
 
+def test_a_checkpoint_that_does_not_fit_says_why(tmp_path):
+    """torch.save's short write ("unexpected pos", no errno) under a 64 KiB file-size
+    limit: one line that says what to check, and nothing left."""
+    code = f"""
+import resource, signal, torch
+from sfmpairs.common import SfmpairsError, atomic_output
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, 1 << 16))
+try:
+    with atomic_output({str(tmp_path / "last.pt")!r}) as tmp:  # as save_checkpoint writes
+        torch.save({{"weights": torch.zeros(100_000)}}, tmp)
+except SfmpairsError as e:
+    print(e)
+"""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    reason = "a write came up short: a full disk or a file-size limit?"
+    assert p.stdout.strip() == f"{tmp_path / 'last.pt'}: cannot write ({reason}); nothing written", p.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_file_that_appears_meanwhile_is_not_replaced(tmp_path):
     """Two writers of one output, interleaved: the first to finish wins, the second
     fails with one line and leaves the winner's file whole; no temporary file stays."""
