@@ -47,7 +47,6 @@ class _File:
         except OSError as e:
             raise SfmpairsError(f"{path}: cannot read ({e.strerror or e})") from None
         self.size = size
-        self._released = 0
 
     def fail(self, problem: str):
         raise SfmpairsError(f"{self.path}: {problem}")
@@ -71,13 +70,6 @@ class _File:
     def end(self, offset: int) -> None:
         if offset != self.size:
             self.fail(f"corrupt: {self.size - offset} unexpected bytes after the last record")
-
-    def release(self, upto: int) -> None:
-        """Drop the pages before ``upto`` from memory (they were read and are clean)."""
-        upto -= upto % mmap.PAGESIZE
-        if upto - self._released >= 1 << 25:
-            self.buf.madvise(mmap.MADV_DONTNEED, self._released, upto - self._released)
-            self._released = upto
 
     def close(self):
         try:
@@ -133,11 +125,18 @@ _CAMERA_RECORD = np.dtype([("id", "<u4"), ("model", "<i4"), ("width", "<u8"), ("
 def _u64(data, off):
     """The little-endian uint64 at byte ``off`` of ``data`` (uint8), as int64; -1 if
     it does not fit."""
-    value = 0
     if data[off + 7] >= 128:
         return -1
-    for k in range(7, -1, -1):
-        value = (value << 8) | np.int64(data[off + k])
+    return np.int64(_le64(data, off))
+
+
+@compiled
+def _le64(data, off):
+    """The little-endian uint64 at byte ``off`` of ``data`` (uint8); the caller checks
+    the bounds. Compiled to one unaligned load."""
+    value = np.uint64(0)
+    for k in range(8):
+        value |= np.uint64(data[off + k]) << np.uint64(8 * k)
     return value
 
 
@@ -398,35 +397,61 @@ def _gather_heads(f: _File, offsets: np.ndarray):
     return rec["id"].copy(), rec["xyz"].copy(), rec["track_length"].copy()
 
 
-def _point2d_batches(f: _File, ids: list, points: list, counts: list, batch: int = 1 << 16) -> list:
+def _point2d_batches(f: _File, ids: np.ndarray, points: np.ndarray, counts: np.ndarray, batch: int = 1 << 16) -> list:
     """The (read, size) batches of :func:`.model.build_observations`: runs of
     consecutive images of about ``batch`` 2D points, image k (``ids[k]``) with
-    ``counts[k]`` 2D points from byte ``points[k]`` on. Batching keeps numpy's per-call
-    overhead off the 10,000-image hot loop."""
-    tasks, start = [], 0
+    ``counts[k]`` 2D points from byte ``points[k]`` on. Each batch is read by one
+    compiled pass (:func:`_gather_points2d`), which releases Python's lock, so that
+    batches and the next model read on other threads."""
+    tasks, start, sizes = [], 0, counts.tolist()
     while start < len(ids):
         stop, total = start, 0
-        while stop < len(ids) and (stop == start or total + counts[stop] <= batch):
-            total += counts[stop]
+        while stop < len(ids) and (stop == start or total + sizes[stop] <= batch):
+            total += sizes[stop]
             stop += 1
 
-        def read(group=range(start, stop)):
-            block = np.concatenate([np.frombuffer(f.buf, "<f8", 3 * counts[k], points[k]) for k in group])
-            block = block.reshape(-1, 3)
-            point3d = block[:, 2].view("<u8")
-            valid = point3d != INVALID_POINT3D_ID
-            sizes = [counts[k] for k in group]
-            cum = np.concatenate([[0], np.cumsum(valid)])
-            ends = np.cumsum(sizes)
-            with np.errstate(over="ignore"):  # huge values become inf: check_finite reports them
-                xy = block[:, :2].astype(np.float32)
-            # (x, y) pairs as one complex64 each: a 1-D boolean index, numpy's fast path
-            xy = xy.view(np.complex64)[:, 0][valid].view(np.float32).reshape(-1, 2)
-            return [ids[k] for k in group], cum[ends] - cum[ends - sizes], point3d[valid], xy
+        def read(group=slice(start, stop)):
+            data = np.frombuffer(f.buf, np.uint8)
+            try:
+                per_image, point3d, xy = _gather_points2d(data, points[group], counts[group])
+            finally:
+                del data  # the mmap closes only once no view of it is left
+            return ids[group], per_image, point3d, xy
 
         tasks.append((read, total))
         start = stop
     return tasks
+
+
+@compiled
+def _gather_points2d(data, points, counts):
+    """The 2D points of images that name a 3D point, image after image, each in its 2D
+    point order: how many per image (int64), their 3D point ids (uint64) and their
+    (x, y) as float32 (huge values become inf, as numpy's cast makes them). Image k
+    has ``counts[k]`` 2D points (x, y as float64, then the id: 24 bytes) from byte
+    ``points[k]`` of ``data`` on; :func:`_image_offsets` checked that they fit."""
+    total = 0
+    for c in counts:
+        total += c
+    per_image = np.empty(len(counts), np.int64)
+    point3d = np.empty(total, np.uint64)
+    xy = np.empty((total, 2), np.float32)
+    n = 0
+    for k in range(len(counts)):
+        start, off = n, points[k]
+        for _ in range(counts[k]):
+            pid = _le64(data, off + 16)
+            if pid != _INVALID:
+                point3d[n] = pid
+                xy[n, 0] = np.float32(np.uint64(_le64(data, off)).view(np.float64))
+                xy[n, 1] = np.float32(np.uint64(_le64(data, off + 8)).view(np.float64))
+                n += 1
+            off += 24
+        per_image[k] = n - start
+    return per_image, point3d[:n], xy[:n]
+
+
+_INVALID = np.uint64(INVALID_POINT3D_ID)
 
 
 def read_model(folder: str | os.PathLike) -> Model:
@@ -454,8 +479,8 @@ def read_model(folder: str | os.PathLike) -> Model:
         check_finite(tvec, "image translation", str(images_path))
 
         at = order.tolist()
-        points, counts = heads["points"][order].tolist(), heads["counts"][order].tolist()
-        batches = _point2d_batches(f, image_ids.tolist(), points, counts)
+        points, counts = heads["points"][order], heads["counts"][order]
+        batches = _point2d_batches(f, image_ids, points, counts)
         observations = build_observations(
             batches, point_ids, file_tracks, str(images_path), str(folder / "points3D.bin")
         )

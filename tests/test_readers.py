@@ -344,3 +344,34 @@ def test_text_ids_too_large_for_their_column(synthetic_models, tmp_path, file, s
     with pytest.raises(SfmpairsError, match=rf"^{folder / file} line {no}: .*too large") as e:
         colmap_text.read_model(folder)
     assert "\n" not in str(e.value)
+
+
+def test_gathering_2d_points_equals_numpy_on_unaligned_records():
+    """The compiled pass over images.bin's 2D points against numpy's own reading of the
+    same bytes: records at every alignment, points with no 3D point left out, float64
+    values that float32 rounds, cannot hold (inf) or that are NaN or subnormal."""
+    rng = np.random.default_rng(3)
+    counts = np.array([5, 0, 7, 1, 9, 3, 6, 2], np.int64)
+    gaps = np.arange(len(counts)) + 1  # bytes before each image's records: every alignment mod 8
+    points, buf, pos = [], bytearray(), 0
+    records = []
+    for n, gap in zip(counts, gaps):
+        buf += bytes(int(gap))
+        pos += int(gap)
+        rec = np.zeros(n, [("x", "<f8"), ("y", "<f8"), ("id", "<u8")])
+        rec["x"] = rng.normal(0, 1e3, n)
+        rec["y"] = rng.choice([1e39, -1e39, np.nan, 1e-310, 0.1, 2.0**-149, 3.4028235677973366e38], n)
+        rec["id"] = np.where(rng.random(n) < 0.3, np.uint64(2**64 - 1), rng.integers(1, 2**63, n).astype(np.uint64))
+        points.append(pos)
+        buf += rec.tobytes()
+        pos += rec.nbytes
+        records.append(rec)
+    per_image, ids, xy = colmap_binary._gather_points2d(
+        np.frombuffer(bytes(buf), np.uint8), np.array(points, np.int64), counts
+    )
+    valid = [r[r["id"] != np.uint64(2**64 - 1)] for r in records]
+    assert per_image.tolist() == [len(v) for v in valid]
+    assert np.array_equal(ids, np.concatenate([v["id"] for v in valid]))
+    with np.errstate(over="ignore"):
+        expect = np.concatenate([np.stack([v["x"], v["y"]], 1) for v in valid]).astype(np.float32)
+    assert xy.dtype == np.float32 and np.array_equal(xy.view(np.uint32), expect.view(np.uint32))
