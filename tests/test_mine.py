@@ -710,3 +710,26 @@ def test_pair_index_is_searchsorted_over_all_pairs():
         q = np.repeat(np.arange(n), pool.shape[1]).reshape(pool.shape)
         want = np.searchsorted(pairs, np.minimum(q, pool) * n + np.maximum(q, pool))
         assert np.array_equal(pair_index(pool, pairs, n), want)
+
+
+def test_models_pooled_beside_others_take_one_thread(tmp_path, monkeypatch):
+    """The largest model is pooled on every core; models of at most half its
+    observations, which are pooled beside others, on one thread each."""
+    from sfmpairs.mining import mine as mine_module
+    from sfmpairs.synthetic.models import random_reconstruction, write_model
+
+    for m, n in enumerate((40, 6, 9)):
+        write_model(random_reconstruction(n, 30 * n, 4, seed=m), tmp_path / "colmap" / f"m{m}")
+    ingest([tmp_path / "colmap"], tmp_path / "sfm.h5")
+    images = np.diff(read_store(tmp_path / "sfm.h5", observations=False)["models/image_range"], axis=1)[:, 0]
+    seen = {}
+    real = mine_module.model_pools
+
+    def spy(m, first, *args):
+        seen[len(m["indptr"]) - 1] = args[-1]  # the model's images -> its threads
+        return real(m, first, *args)
+
+    monkeypatch.setattr(mine_module, "model_pools", spy)
+    mine(tmp_path / "sfm.h5", tmp_path / "pairs.h5", queries_per_cluster=0, val_fraction=0.34, workers=2)
+    assert sorted(images.tolist()) == [6, 9, 40]
+    assert seen == {40: None, 6: 1, 9: 1}
