@@ -87,7 +87,7 @@ _WRITE_MESSAGES = {  # text in a library's error -> the reason given (None: the 
     "Disk quota exceeded": None,
     "unable to extend file": None,
     # torch.save, whose writer does not say why a write came up short
-    "unexpected pos": "a write came up short: a full disk or a file-size limit?",
+    "unexpected pos": "a write came up short: a full disk, a quota or a file-size limit?",
 }
 
 

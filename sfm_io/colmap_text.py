@@ -236,7 +236,7 @@ def read_points(path: Path):
     return ids[order], xyz[order], tracks[order]
 
 
-def read_model(folder: str | os.PathLike) -> Model:
+def read_model(folder: str | os.PathLike, threads: int | None = None) -> Model:
     folder = Path(folder)
     cams = read_cameras(folder / "cameras.txt")
     point_ids, xyz, file_tracks = read_points(folder / "points3D.txt")
@@ -258,7 +258,9 @@ def read_model(folder: str | os.PathLike) -> Model:
     check_pose_quaternions(qvec, str(images_path))
     parsed = [_parse_points2d(r[5]) for r in recs]
     rows = [(lambda r=r, ids=ids, xy=xy: ([r[0]], [len(ids)], ids, xy), len(ids)) for r, (ids, xy) in zip(recs, parsed)]
-    observations = build_observations(rows, point_ids, file_tracks, str(images_path), str(folder / "points3D.txt"))
+    observations = build_observations(
+        rows, point_ids, file_tracks, str(images_path), str(folder / "points3D.txt"), threads
+    )
     check_finite(observations[2], "2D point position", str(images_path))
     return Model.from_arrays(
         folder, "text", image_ids, [r[4] for r in recs], camera_ids, qvec, tvec, cams, point_ids, xyz, observations

@@ -29,13 +29,14 @@ from .store import SCHEMA, SCHEMA_VERSION, model_columns
 logger = logging.getLogger("sfmpairs.ingest")
 
 
-def read_model(folder: str | os.PathLike, fmt: str, reader: str = "auto") -> Model:
-    """Read one model: the fast readers by default, pycolmap with ``reader="pycolmap"``."""
+def read_model(folder: str | os.PathLike, fmt: str, reader: str = "auto", threads: int | None = None) -> Model:
+    """Read one model: the fast readers by default (on ``threads`` threads: None, a
+    few), pycolmap with ``reader="pycolmap"``."""
     if reader == "pycolmap":
         return colmap_pycolmap.read_model(folder, fmt)
     if reader != "auto":
         raise SfmpairsError(f"unknown reader {reader!r} (choose from {', '.join(READERS)})")
-    return (colmap_binary if fmt == "binary" else colmap_text).read_model(folder)
+    return (colmap_binary if fmt == "binary" else colmap_text).read_model(folder, threads)
 
 
 def _image_prefixes(sources: list[ModelSource], images_root: Path | None, given: bool):
@@ -67,13 +68,10 @@ def _image_prefixes(sources: list[ModelSource], images_root: Path | None, given:
 def _inputs(sources: list[ModelSource]) -> list[dict]:
     out = []
     for s in sources:
-        ext = "bin" if s.format == "binary" else "txt"
         files = {}
-        for f in (*MODEL_FILES, "rigs", "frames"):
-            p = s.path / f"{f}.{ext}"
-            if p.exists():
-                st = p.stat()
-                files[p.name] = {"bytes": st.st_size, "mtime": int(st.st_mtime)}
+        for p in _model_files(s):
+            st = p.stat()
+            files[p.name] = {"bytes": st.st_size, "mtime": int(st.st_mtime)}
         out.append(
             {"path": str(s.path.resolve()), "format": s.format, "name": s.name, "cluster": s.cluster, "files": files}
         )
@@ -169,30 +167,48 @@ def _without(model: Model, names: list[str], leave: set[str]) -> tuple[Model, li
     return drop_images(model, keep), [n for n, k in zip(names, keep) if k]
 
 
-def _read_ahead(sources: list[ModelSource], reader: str):
-    """Each source's model in order; models k+1 and k+2 are read on two other threads
-    while the caller writes model k (three models in memory at most, :data:`READ_AHEAD`). Reading on two other
-    processes was tried and measured on the SfM-120k-shaped corpus: no faster (11.3 s
-    against 11.4 s), 2.7 CPU s and 300 MiB more, so it was taken out again."""
-    with ThreadPoolExecutor(READ_AHEAD) as ex:
-        ahead = deque(ex.submit(read_model, s.path, s.format, reader) for s in sources[:READ_AHEAD])
-        try:
-            for k in range(len(sources)):
-                model = ahead.popleft().result()
-                if k + READ_AHEAD < len(sources):
-                    s = sources[k + READ_AHEAD]
-                    ahead.append(ex.submit(read_model, s.path, s.format, reader))
-                yield model
-                del model
-        finally:
-            ex.shutdown(wait=False, cancel_futures=True)  # an error: the read under way is not waited for
-
-
-# models read ahead, each on a thread of its own: reading is compiled loops that
+# Models read ahead, each on a thread of its own: reading is compiled loops that
 # release Python's lock, so two reads overlap each other and the writing (measured on
 # the SfM-120k-shaped corpus, 8 runs each: median 7.06 s against 7.38 s with one, the
 # spread 6.7 to 7.2 s against 6.8 to 9.2 s, for 50 MiB more at the peak)
 READ_AHEAD = 2
+
+
+def _model_files(src: ModelSource):
+    """The files of a model that exist."""
+    ext = "bin" if src.format == "binary" else "txt"
+    return [p for f in (*MODEL_FILES, "rigs", "frames") if (p := src.path / f"{f}.{ext}").exists()]
+
+
+def _read_ahead(sources: list[ModelSource], reader: str):
+    """Each source's model in order, the next :data:`READ_AHEAD` read on as many
+    threads while the caller writes this one (READ_AHEAD + 1 models in memory at
+    most).
+
+    A model whose files are at most half the size of the largest's is read beside
+    others, on one thread; a larger one on a few (measured on the SfM-120k-shaped
+    corpus, every model on one thread against a few, 6 runs each: 8.7 CPU s against
+    9.3, the same store). On an error, or when the caller stops, the reads under way
+    are finished first (a thread cannot be stopped), those not begun are dropped.
+    Reading on two other processes was tried and measured on the corpus: no faster
+    (11.3 s against 11.4 s), 2.7 CPU s and 300 MiB more, so it was taken out again."""
+    size = [sum(p.stat().st_size for p in _model_files(s)) for s in sources]
+    alone = max(size, default=0) // 2
+
+    def read(k: int):
+        return read_model(sources[k].path, sources[k].format, reader, None if size[k] > alone else 1)
+
+    with ThreadPoolExecutor(READ_AHEAD) as ex:
+        ahead = deque(ex.submit(read, k) for k in range(min(READ_AHEAD, len(sources))))
+        try:
+            for k in range(len(sources)):
+                model = ahead.popleft().result()
+                if k + READ_AHEAD < len(sources):
+                    ahead.append(ex.submit(read, k + READ_AHEAD))
+                yield model
+                del model
+        finally:
+            ex.shutdown(wait=False, cancel_futures=True)  # reads not begun are dropped
 
 
 APPEND_OBSERVATIONS = 1 << 22  # models are written in groups of about this many observations

@@ -253,8 +253,10 @@ def build_observations(
     (``file_track_lengths``). Returns ``(indptr, point, xy, track_length)``,
     ``track_length`` counting the distinct images that observe each point.
 
-    Batches run on a few threads (numpy releases the GIL in its loops), each writing
-    at its own offset of the output; the gaps are squeezed out at the end.
+    Batches run on ``threads`` threads (None: one a core, at most 4; the binary
+    reader's batches and the steps below are compiled or numpy loops, which release
+    the GIL), each writing at its own offset of the output; the gaps are squeezed out
+    at the end.
     """
     lookup = point_lookup(point_ids)
     # batch b writes its observations at offsets[b]:offsets[b+1] of ``point`` and ``xy``

@@ -202,7 +202,7 @@ except SfmpairsError as e:
 """
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
-    reason = "a write came up short: a full disk or a file-size limit?"
+    reason = "a write came up short: a full disk, a quota or a file-size limit?"
     assert p.stdout.strip() == f"{tmp_path / 'last.pt'}: cannot write ({reason}); nothing written", p.stdout
     assert list(tmp_path.iterdir()) == []
 

@@ -420,3 +420,28 @@ def test_a_folder_name_that_is_not_utf8_is_one_line(tmp_path):
     with pytest.raises(SfmpairsError, match=r"caf\\xe9/scene_00/sparse/0'?: the path is not UTF-8 text"):
         ingest([bad], tmp_path / "sfm.h5")
     assert not (tmp_path / "sfm.h5").exists()
+
+
+def test_models_read_ahead_come_in_order_and_the_first_bad_one_stops_them(tmp_path):
+    """Two models read ahead on threads: the models in the given order, the first
+    corrupt model's one-line error where its turn comes (not a later one's, read
+    beside it), and a reader closed midway returns."""
+    from sfmpairs.sfm_io.ingest import _read_ahead, gather_sources
+    from sfmpairs.synthetic.models import random_reconstruction, write_model
+
+    sizes = (12, 5, 30, 8, 9, 6)  # the largest read on a few threads, the others on one
+    for k, n in enumerate(sizes):
+        write_model(random_reconstruction(n, 20 * n, 3, seed=k), tmp_path / f"m{k}")
+    sources, _ = gather_sources([tmp_path / f"m{k}" for k in range(len(sizes))], None, "model")
+    assert [m.num_images for m in _read_ahead(sources, "auto")] == list(sizes)
+    for k in (3, 4):  # both truncated: model 3's error comes first
+        data = (tmp_path / f"m{k}" / "images.bin").read_bytes()
+        (tmp_path / f"m{k}" / "images.bin").write_bytes(data[: len(data) // 2])
+    got = []
+    with pytest.raises(SfmpairsError, match=r"m3/images\.bin: truncated"):
+        for model in _read_ahead(sources, "auto"):
+            got.append(model.num_images)
+    assert got == list(sizes[:3])
+    reader = _read_ahead(sources, "auto")
+    assert next(reader).num_images == sizes[0]
+    reader.close()

@@ -348,8 +348,9 @@ def test_text_ids_too_large_for_their_column(synthetic_models, tmp_path, file, s
 
 def test_gathering_2d_points_equals_numpy_on_unaligned_records():
     """The compiled pass over images.bin's 2D points against numpy's own reading of the
-    same bytes: records at every alignment, points with no 3D point left out, float64
-    values that float32 rounds, cannot hold (inf) or that are NaN or subnormal."""
+    same bytes: records at every alignment, points with no 3D point left out (ids of
+    2**63 and more kept), float64 values that float32 rounds, cannot hold (inf), or
+    that are NaN, -0.0 or subnormal."""
     rng = np.random.default_rng(3)
     counts = np.array([5, 0, 7, 1, 9, 3, 6, 2], np.int64)
     gaps = np.arange(len(counts)) + 1  # bytes before each image's records: every alignment mod 8
@@ -360,8 +361,9 @@ def test_gathering_2d_points_equals_numpy_on_unaligned_records():
         pos += int(gap)
         rec = np.zeros(n, [("x", "<f8"), ("y", "<f8"), ("id", "<u8")])
         rec["x"] = rng.normal(0, 1e3, n)
-        rec["y"] = rng.choice([1e39, -1e39, np.nan, 1e-310, 0.1, 2.0**-149, 3.4028235677973366e38], n)
-        rec["id"] = np.where(rng.random(n) < 0.3, np.uint64(2**64 - 1), rng.integers(1, 2**63, n).astype(np.uint64))
+        rec["y"] = rng.choice([1e39, -1e39, np.nan, 1e-310, -0.0, 0.1, 2.0**-149, 3.4028235677973366e38], n)
+        ids = rng.choice(np.array([1, 2**63, 2**64 - 2], np.uint64), n)  # any id but 2**64 - 1 names a point
+        rec["id"] = np.where(rng.random(n) < 0.3, np.uint64(2**64 - 1), ids)
         points.append(pos)
         buf += rec.tobytes()
         pos += rec.nbytes
