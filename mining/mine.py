@@ -50,7 +50,7 @@ def model_arrays(h5, s: dict, a: int, b: int, pa: int, pb: int, measure: str) ->
     the image tables ``s`` (read whole, :func:`store_keys`: one read per table rather
     than one per model, each of which holds Python's lock) and its observations and
     points, read from the open store ``h5``, local to the model."""
-    indptr = h5["observations/indptr"][a : b + 1]
+    indptr = s["observations/indptr"][a : b + 1]
     ia, ib = int(indptr[0]), int(indptr[-1])
     out = {key: s[f"images/{key}"][a:b] for key in IMAGE_KEYS}
     out["indptr"] = indptr - ia

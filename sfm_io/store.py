@@ -169,28 +169,42 @@ def _not_finite(v) -> bool:
 
 class _CheckedDataset(h5py.Dataset):
     """A dataset of a store whose reads turn h5py's errors on a corrupt file into one
-    line naming the file (the store is read model by model, after :func:`open_store`)."""
+    line naming the file (the store is read model by model, after :func:`open_store`).
+    ``where`` names the file, ``key`` the dataset; ``limit``: for observations/point,
+    the store's number of points (looked up at the first read)."""
+
+    def __init__(self, bind, where: str, key: str):
+        super().__init__(bind)
+        self.where, self.key, self.limit = where, key, None
 
     def __getitem__(self, args, new_dtype=None):
-        with h5_errors(self.file.filename, "SfM store"):
+        with h5_errors(self.where, "SfM store"):
             v = super().__getitem__(args, new_dtype)
-            name = self.name.lstrip("/")
+            name = self.key
             if name == "observations/point" and np.size(v):
-                limit = self.file["points/xyz"].shape[0]
-                if v.min() < 0 or v.max() >= limit:
-                    raise SfmpairsError(f"{self.file.filename}: corrupt SfM store ({name} out of range)")
+                if self.limit is None:
+                    self.limit = self.file["points/xyz"].shape[0]
+                if v.min() < 0 or v.max() >= self.limit:
+                    raise SfmpairsError(f"{self.where}: corrupt SfM store ({name} out of range)")
             if name in _FINITE and _not_finite(v):
-                raise SfmpairsError(f"{self.file.filename}: corrupt SfM store ({name} not finite, or beyond 1e150)")
+                raise SfmpairsError(f"{self.where}: corrupt SfM store ({name} not finite, or beyond 1e150)")
             return v
 
 
 class _StoreFile(h5py.File):
-    """An SfM store open for reading: its datasets are :class:`_CheckedDataset`."""
+    """An SfM store open for reading: its datasets are :class:`_CheckedDataset`, each
+    opened once (mining reads a few of them for each of thousands of models)."""
 
     def __getitem__(self, name):
+        opened = self.__dict__.setdefault("_opened", {})
+        if name in opened:
+            return opened[name]
         with h5_errors(self.filename, "SfM store"):
             obj = super().__getitem__(name)
-            return _CheckedDataset(obj.id) if isinstance(obj, h5py.Dataset) else obj
+            if not isinstance(obj, h5py.Dataset):
+                return obj
+            opened[name] = _CheckedDataset(obj.id, self.filename, obj.name.lstrip("/"))
+            return opened[name]
 
 
 def open_store(path: str | Path) -> h5py.File:
