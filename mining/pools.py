@@ -91,12 +91,40 @@ def worker_threads(threads: int | None) -> int:
 
 
 def unordered_pairs(pool: np.ndarray, n: int):
-    """Sorted unique keys lo * n + hi (lo < hi) of every (query, candidate) pair."""
-    q = np.repeat(np.arange(n), pool.shape[1])
-    c = pool.ravel()
-    keys = np.minimum(q, c).astype(np.int64) * n + np.maximum(q, c)
-    keys.sort()  # then drop repeats: np.unique's hash table is several times slower here
-    return keys[np.r_[True, keys[1:] != keys[:-1]]] if len(keys) else keys
+    """Sorted unique keys lo * n + hi (lo < hi) of every (query, candidate) pair of
+    ``pool`` (n, k), local image indices (compiled: :func:`_unordered_pairs`)."""
+    return _unordered_pairs(np.ascontiguousarray(pool, np.int64), n)
+
+
+@compiled
+def _unordered_pairs(pool, n):
+    """The pairs bucketed by lower image (a counting sort), each bucket's higher images
+    sorted and their repeats dropped: about a pool's width in each bucket, against a
+    sort of all n * k keys (a third of the time on the SfM-120k-shaped corpus)."""
+    k = pool.shape[1]
+    start = np.zeros(n + 1, np.int64)
+    for q in range(n):
+        for t in range(k):
+            start[min(q, pool[q, t]) + 1] += 1
+    for i in range(n):
+        start[i + 1] += start[i]
+    fill = start[:-1].copy()
+    higher = np.empty(n * k, np.int64)
+    for q in range(n):
+        for t in range(k):
+            c = pool[q, t]
+            lo = min(q, c)
+            higher[fill[lo]] = max(q, c)
+            fill[lo] += 1
+    keys = np.empty(n * k, np.int64)
+    out = 0
+    for lo in range(n):
+        run = np.sort(higher[start[lo] : start[lo + 1]])
+        for j in range(len(run)):
+            if j == 0 or run[j] != run[j - 1]:
+                keys[out] = lo * n + run[j]
+                out += 1
+    return keys[:out].copy()
 
 
 def lower_runs(lo: np.ndarray, n: int) -> np.ndarray:

@@ -712,6 +712,20 @@ def test_pair_index_is_searchsorted_over_all_pairs():
         assert np.array_equal(pair_index(pool, pairs, n), want)
 
 
+def test_unordered_pairs_are_the_sorted_set_of_every_pool_pair():
+    """Against Python's own set of (min, max) pairs: each pair once however many pools
+    hold it (both images in each other's pool), sorted; no pair of an image with
+    itself."""
+    from sfmpairs.mining.pools import pool_members, unordered_pairs
+
+    rng = np.random.default_rng(4)
+    for n, k in [(1, 0), (2, 1), (3, 2), (10, 9), (10, 3), (300, 20), (60, 59)]:
+        pool, _ = pool_members(rng.normal(size=(n, 3)), k, workers=1)
+        want = sorted({min(q, c) * n + max(q, c) for q in range(n) for c in pool[q].tolist()})
+        got = unordered_pairs(pool, n)
+        assert got.dtype == np.int64 and got.tolist() == want, (n, k)
+
+
 def test_models_pooled_beside_others_take_one_thread(tmp_path, monkeypatch):
     """The largest model is pooled on every core; models of at most half its
     observations, which are pooled beside others, on one thread each."""
