@@ -47,14 +47,17 @@ IMAGE_KEYS = ("centre", "rotation", "tvec", "focal", "width", "height")  # the i
 
 def model_arrays(h5, s: dict, a: int, b: int, pa: int, pb: int, measure: str) -> dict:
     """What pooling needs of one model (images a..b-1, points pa..pb-1): its rows of
-    the image tables ``s`` (read whole, :func:`store_keys`: one read per table rather
-    than one per model, each of which holds Python's lock) and its observations and
-    points, read from the open store ``h5``, local to the model."""
+    the tables ``s`` (read whole, :func:`store_keys`: one read per table rather than
+    one per model, each of which holds Python's lock), observations/indptr among them,
+    and its observations and points, read from the open store ``h5``, local to the
+    model."""
     indptr = s["observations/indptr"][a : b + 1]
     ia, ib = int(indptr[0]), int(indptr[-1])
     out = {key: s[f"images/{key}"][a:b] for key in IMAGE_KEYS}
     out["indptr"] = indptr - ia
     out["point"] = h5["observations/point"][ia:ib] - pa
+    if len(out["point"]) != ib - ia:  # the file is not the one ``s`` was read from (replaced meanwhile)
+        raise SfmpairsError(f"{h5.filename}: changed while mining (observations {ia}..{ib - 1} are not there)")
     if len(out["point"]) and (out["point"].min() < 0 or out["point"].max() >= pb - pa):
         raise SfmpairsError(f"{h5.filename}: corrupt store: images {a}..{b - 1} observe points of another model")
     out["xyz"] = h5["points/xyz"][pa:pb]

@@ -92,7 +92,8 @@ def worker_threads(threads: int | None) -> int:
 
 def unordered_pairs(pool: np.ndarray, n: int):
     """Sorted unique keys lo * n + hi (lo < hi) of every (query, candidate) pair of
-    ``pool`` (n, k), local image indices (compiled: :func:`_unordered_pairs`)."""
+    ``pool`` (n, k): local image indices, 0 <= pool[q, t] < n and never q, as
+    :func:`pool_members` gives them (compiled: :func:`_unordered_pairs`)."""
     return _unordered_pairs(np.ascontiguousarray(pool, np.int64), n)
 
 
@@ -100,7 +101,8 @@ def unordered_pairs(pool: np.ndarray, n: int):
 def _unordered_pairs(pool, n):
     """The pairs bucketed by lower image (a counting sort), each bucket's higher images
     sorted and their repeats dropped: about a pool's width in each bucket, against a
-    sort of all n * k keys (a third of the time on the SfM-120k-shaped corpus)."""
+    sort of all n * k keys (about half the time: 17.7 ms against 33.1 ms for 5,664
+    images, k = 100)."""
     k = pool.shape[1]
     start = np.zeros(n + 1, np.int64)
     for q in range(n):

@@ -180,6 +180,15 @@ def _model_files(src: ModelSource):
     return [p for f in (*MODEL_FILES, "rigs", "frames") if (p := src.path / f"{f}.{ext}").exists()]
 
 
+def _bytes(src: ModelSource) -> int:
+    """The size of a model's files (a file that vanished counts 0: its reading says so)."""
+    total = 0
+    for p in _model_files(src):
+        with contextlib.suppress(OSError):
+            total += p.stat().st_size
+    return total
+
+
 def _read_ahead(sources: list[ModelSource], reader: str):
     """Each source's model in order, the next :data:`READ_AHEAD` read on as many
     threads while the caller writes this one (READ_AHEAD + 1 models in memory at
@@ -192,7 +201,7 @@ def _read_ahead(sources: list[ModelSource], reader: str):
     are finished first (a thread cannot be stopped), those not begun are dropped.
     Reading on two other processes was tried and measured on the corpus: no faster
     (11.3 s against 11.4 s), 2.7 CPU s and 300 MiB more, so it was taken out again."""
-    size = [sum(p.stat().st_size for p in _model_files(s)) for s in sources]
+    size = [_bytes(s) for s in sources]
     alone = max(size, default=0) // 2
 
     def read(k: int):

@@ -422,18 +422,28 @@ def test_a_folder_name_that_is_not_utf8_is_one_line(tmp_path):
     assert not (tmp_path / "sfm.h5").exists()
 
 
-def test_models_read_ahead_come_in_order_and_the_first_bad_one_stops_them(tmp_path):
-    """Two models read ahead on threads: the models in the given order, the first
+def test_models_read_ahead_come_in_order_and_the_first_bad_one_stops_them(tmp_path, monkeypatch):
+    """Two models read ahead on threads: the models in the given order, the largest
+    read on a few threads and those of at most half its size on one, the first
     corrupt model's one-line error where its turn comes (not a later one's, read
     beside it), and a reader closed midway returns."""
+    from sfmpairs.sfm_io import ingest as ingest_module
     from sfmpairs.sfm_io.ingest import _read_ahead, gather_sources
     from sfmpairs.synthetic.models import random_reconstruction, write_model
 
-    sizes = (12, 5, 30, 8, 9, 6)  # the largest read on a few threads, the others on one
+    sizes = (12, 5, 30, 8, 9, 6)
     for k, n in enumerate(sizes):
         write_model(random_reconstruction(n, 20 * n, 3, seed=k), tmp_path / f"m{k}")
     sources, _ = gather_sources([tmp_path / f"m{k}" for k in range(len(sizes))], None, "model")
+    threads, real = {}, ingest_module.read_model
+
+    def spy(folder, fmt, reader, threads_given):
+        threads[Path(folder).name] = threads_given
+        return real(folder, fmt, reader, threads_given)
+
+    monkeypatch.setattr(ingest_module, "read_model", spy)
     assert [m.num_images for m in _read_ahead(sources, "auto")] == list(sizes)
+    assert threads == {"m0": 1, "m1": 1, "m2": None, "m3": 1, "m4": 1, "m5": 1}
     for k in (3, 4):  # both truncated: model 3's error comes first
         data = (tmp_path / f"m{k}" / "images.bin").read_bytes()
         (tmp_path / f"m{k}" / "images.bin").write_bytes(data[: len(data) // 2])

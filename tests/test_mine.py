@@ -747,3 +747,24 @@ def test_models_pooled_beside_others_take_one_thread(tmp_path, monkeypatch):
     mine(tmp_path / "sfm.h5", tmp_path / "pairs.h5", queries_per_cluster=0, val_fraction=0.34, workers=2)
     assert sorted(images.tolist()) == [6, 9, 40]
     assert seen == {40: None, 6: 1, 9: 1}
+
+
+def test_a_store_replaced_while_mining_is_one_line(tmp_path):
+    """The tables read whole at the start and the file read model by model are two
+    opens of one path: where the file was replaced in between by a smaller store, the
+    model's observations are not there, which is said in one line (it was a read past
+    the end of the table in compiled code)."""
+    from sfmpairs.mining.mine import model_arrays, store_keys
+    from sfmpairs.sfm_io.store import open_store
+    from sfmpairs.synthetic.models import random_reconstruction, write_model
+
+    for name, sizes in (("big", (20, 30)), ("small", (20,))):
+        for m, n in enumerate(sizes):
+            write_model(random_reconstruction(n, 20 * n, 4, seed=m), tmp_path / name / f"m{m}")
+        ingest([tmp_path / name], tmp_path / f"{name}.h5")
+    s = read_store(tmp_path / "big.h5", keys=store_keys())
+    (a, b), (pa, pb) = s["models/image_range"][-1], s["models/point_range"][-1]
+    with open_store(tmp_path / "big.h5") as h5:  # the same file: the model's arrays
+        assert len(model_arrays(h5, s, int(a), int(b), int(pa), int(pb), "depth")["point"]) > 0
+    with open_store(tmp_path / "small.h5") as h5, pytest.raises(SfmpairsError, match="small.h5: changed while mining"):
+        model_arrays(h5, s, int(a), int(b), int(pa), int(pb), "depth")
