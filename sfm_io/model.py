@@ -118,8 +118,9 @@ def camera_model_ids() -> dict[str, int]:
     return {name: mid for mid, (name, _, _) in camera_models().items()}
 
 
-def focal_lengths(camera_model: list[str], params: list[np.ndarray]) -> np.ndarray:
-    """Mean focal length in pixels of each image's camera (NaN for models without one)."""
+def focal_lengths(camera_model: list[str], params: np.ndarray) -> np.ndarray:
+    """Mean focal length in pixels of each image's camera (NaN for models without one);
+    ``params`` (n, width): each image's camera parameters, padded (:func:`param_table`)."""
     table, ids = camera_models(), camera_model_ids()
     out = np.full(len(params), np.nan)
     models = np.array(camera_model, dtype=object)
@@ -127,7 +128,22 @@ def focal_lengths(camera_model: list[str], params: list[np.ndarray]) -> np.ndarr
         rows = np.flatnonzero(models == name)
         idxs = list(table[ids[name]][2])
         if idxs:
-            out[rows] = np.stack([params[r][idxs] for r in rows]).mean(axis=1)
+            out[rows] = params[np.ix_(rows, idxs)].mean(axis=1)
+    return out
+
+
+def param_table(params: list[np.ndarray], width: int) -> np.ndarray:
+    """(n, width) float64: each image's camera parameters, NaN after its last (one copy
+    for the usual model whose cameras all have as many parameters, not a row at a time)."""
+    out = np.full((len(params), width), np.nan)
+    lengths = {len(p) for p in params}
+    if len(lengths) == 1:
+        (length,) = lengths
+        if length:
+            out[:, :length] = np.vstack(params)
+        return out
+    for i, p in enumerate(params):
+        out[i, : len(p)] = p
     return out
 
 

@@ -93,12 +93,10 @@ def model_columns(
     """One model's rows of every dataset of the store (``width``: of ``images/params``),
     its points numbered from ``point_offset`` and its observations from ``obs_offset``
     (the points and observations of the models before it)."""
-    from .model import camera_centres, focal_lengths, quat_to_rotmat
+    from .model import camera_centres, focal_lengths, param_table, quat_to_rotmat
 
     n, m = model.num_images, model.num_points
-    params = np.full((n, width), np.nan)
-    for i, p in enumerate(model.params):
-        params[i, : len(p)] = p
+    params = param_table(model.params, width)
     point = model.point
     if point_offset:
         point = point + np.int32(point_offset)
@@ -112,7 +110,7 @@ def model_columns(
         "images/camera_model": model.camera_model,
         "images/params": params,
         "images/num_params": np.array([len(p) for p in model.params], np.uint8),
-        "images/focal": focal_lengths(model.camera_model, model.params),
+        "images/focal": focal_lengths(model.camera_model, params),
         "images/width": model.width,
         "images/height": model.height,
         "images/qvec": model.qvec,

@@ -377,3 +377,16 @@ def test_gathering_2d_points_equals_numpy_on_unaligned_records():
     with np.errstate(over="ignore"):
         expect = np.concatenate([np.stack([v["x"], v["y"]], 1) for v in valid]).astype(np.float32)
     assert xy.dtype == np.float32 and np.array_equal(xy.view(np.uint32), expect.view(np.uint32))
+
+
+def test_param_table_pads_each_images_parameters():
+    """The store's images/params rows: each image's camera parameters then NaN, for
+    cameras of one parameter count (one copy) and of several (row by row)."""
+    from sfmpairs.sfm_io.model import param_table
+
+    a, b, c = np.array([1.0, 2.0, 3.0]), np.array([4.0, 5.0, 6.0, 7.0]), np.zeros(0)
+    nan = np.nan
+    np.testing.assert_array_equal(param_table([a, a, a], 5), [[1, 2, 3, nan, nan]] * 3)
+    np.testing.assert_array_equal(param_table([a, b, c], 5), [[1, 2, 3, nan, nan], [4, 5, 6, 7, nan], [nan] * 5])
+    np.testing.assert_array_equal(param_table([c, c], 2), [[nan, nan]] * 2)
+    assert param_table([], 4).shape == (0, 4)
