@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sfmpairs.common import SfmpairsError, check_output_path, file_sha256, progress
+from sfmpairs.common import SfmpairsError, check_output_path, file_sha256, progress, threads_by_size
 from sfmpairs.config import conf_dict, make_conf
 from sfmpairs.retrieval.descriptors import read_descriptors
 from sfmpairs.sfm_io.store import open_store, read_store
@@ -457,8 +457,8 @@ def mine_all(h5, s: dict, split_of_cluster, conf: MineConf, desc, want_negatives
     # for each model and compete with the others' (measured on the SfM-120k-shaped
     # corpus, 6 runs each: 16.1 CPU s against 16.6, the same pair file); larger ones on
     # every core
-    alone = size.max(initial=0) // 2
-    pool = lambda x: pool_model(h5, s, x[0], conf, K, x[1], None if size[x[0]] > alone else 1)  # noqa: E731
+    threads = threads_by_size(size)
+    pool = lambda x: pool_model(h5, s, x[0], conf, K, x[1], threads[x[0]])  # noqa: E731
     results = in_order(pool, todo, [size[m] for m, _ in todo], workers)
     results = iter(progress(results, total=len(todo), desc="pools", unit="model"))
     cluster_size = np.bincount(s["images/cluster"], minlength=len(split_of_cluster))

@@ -483,6 +483,16 @@ def h5_errors(path, kind: str):
         raise SfmpairsError(f"{path}: corrupt or incomplete {kind} ({one_line(e)})") from None
 
 
+def threads_by_size(sizes) -> list[int | None]:
+    """The threads of each item of work that runs beside others (ingest's models read
+    ahead, mine's models pooled at once): one for an item of at most half the largest's
+    size, since it shares the cores with the others; None (a few, the callee's choice)
+    for a larger one, which runs mostly alone."""
+    sizes = [int(x) for x in sizes]
+    alone = max(sizes, default=0) // 2
+    return [None if x > alone else 1 for x in sizes]
+
+
 def now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 

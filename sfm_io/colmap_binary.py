@@ -443,7 +443,7 @@ def _gather_points2d(data, points, counts):
         start, off = n, points[k]
         for _ in range(counts[k]):
             pid = _le64(data, off + 16)
-            if pid != _INVALID:
+            if pid != INVALID_POINT3D_ID:
                 point3d[n] = pid
                 xy[n, 0] = np.float32(np.uint64(_le64(data, off)).view(np.float64))
                 xy[n, 1] = np.float32(np.uint64(_le64(data, off + 8)).view(np.float64))
@@ -451,9 +451,6 @@ def _gather_points2d(data, points, counts):
             off += 24
         per_image[k] = n - start
     return per_image, point3d[:n], xy[:n]
-
-
-_INVALID = np.uint64(INVALID_POINT3D_ID)
 
 
 def read_model(folder: str | os.PathLike, threads: int | None = None) -> Model:

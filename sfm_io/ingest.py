@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sfmpairs.common import SfmpairsError, atomic_output, progress, provenance_attrs
+from sfmpairs.common import SfmpairsError, atomic_output, progress, provenance_attrs, threads_by_size
 from sfmpairs.config import conf_dict, make_conf
 
 from . import colmap_binary, colmap_pycolmap, colmap_text, store, store_writer
@@ -201,11 +201,10 @@ def _read_ahead(sources: list[ModelSource], reader: str):
     are finished first (a thread cannot be stopped), those not begun are dropped.
     Reading on two other processes was tried and measured on the corpus: no faster
     (11.3 s against 11.4 s), 2.7 CPU s and 300 MiB more, so it was taken out again."""
-    size = [_bytes(s) for s in sources]
-    alone = max(size, default=0) // 2
+    threads = threads_by_size(_bytes(s) for s in sources)
 
     def read(k: int):
-        return read_model(sources[k].path, sources[k].format, reader, None if size[k] > alone else 1)
+        return read_model(sources[k].path, sources[k].format, reader, threads[k])
 
     with ThreadPoolExecutor(READ_AHEAD) as ex:
         ahead = deque(ex.submit(read, k) for k in range(min(READ_AHEAD, len(sources))))
