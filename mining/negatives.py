@@ -3,13 +3,20 @@ one per cluster (Radenovic et al.).
 
 Training calls :func:`hard_negatives` every epoch with the current network's
 descriptors, so it is written as batched matrix products: per batch of queries one
-product with the whole negative pool, then per-cluster maxima with ``reduceat``; no
-Python loop over the pool.
+product with the whole negative pool (BLAS), then one compiled pass over it that
+keeps each cluster's best image and the best clusters (:func:`_best_of_other_clusters`,
+the batch's rows split over the cores).
 """
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
+
+from sfmpairs.compiled import compiled
+
+from .pools import worker_threads
 
 
 def hard_negatives(
@@ -26,8 +33,10 @@ def hard_negatives(
     ``query_desc`` (Q, D) and ``pool_desc`` (P, D) are L2-normalised descriptors;
     ``query_cluster`` (Q,) and ``pool_cluster`` (P,) integer cluster labels. Returns
     ``(index, similarity)``, both (Q, num): indices into the pool (-1 where fewer than
-    ``num`` other clusters exist) and their inner products. Queries go in batches of
-    ``batch_size`` (None: :func:`query_batch`).
+    ``num`` other clusters exist) and their inner products. Within a cluster the first
+    pool image of the best similarity is taken; clusters of equal similarity come in
+    the order of their labels. Similarities that are not finite count as no match.
+    Queries go in batches of ``batch_size`` (None: :func:`query_batch`).
     """
     query_desc = np.asarray(query_desc, np.float32)
     pool_desc = np.asarray(pool_desc, np.float32)
@@ -36,66 +45,74 @@ def hard_negatives(
     similarity = np.full((Q, num), -np.inf, np.float32)
     if Q == 0 or P == 0 or num == 0:
         return index, similarity
-    groups = _cluster_groups(np.asarray(pool_cluster))
-    if not groups["grouped"]:  # once, not a gather of every batch's product
-        pool_desc = pool_desc[groups["by_cluster"]]
-    k = min(num, len(groups["labels"]))
+    labels, pool_label = np.unique(np.asarray(pool_cluster), return_inverse=True)  # dense, in label order
+    query_cluster = np.asarray(query_cluster)
+    own = np.minimum(np.searchsorted(labels, query_cluster), len(labels) - 1)
+    query_label = np.where(labels[own] == query_cluster, own, -1)  # -1: a cluster the pool lacks
+    k = min(num, len(labels))
     batch_size = batch_size or query_batch(P)
-    for q0 in range(0, Q, batch_size):
-        q1 = min(Q, q0 + batch_size)
-        sim = query_desc[q0:q1] @ pool_desc.T  # (B, P): the one big product, columns by cluster
-        index[q0:q1, :k], similarity[q0:q1, :k] = _best_of_other_clusters(sim, query_cluster[q0:q1], groups, k)
+    sim = np.empty((min(batch_size, Q), P), np.float32)  # one buffer for every batch's product
+
+    def best(a: int, b: int) -> None:  # queries a..b of the batch at q0
+        _best_of_other_clusters(
+            sim[a - q0 : b - q0], pool_label, len(labels), query_label[a:b], index[a:b, :k], similarity[a:b, :k]
+        )
+
+    splits = min(worker_threads(None), len(sim))
+    with ThreadPoolExecutor(splits) as ex:
+        for q0 in range(0, Q, batch_size):
+            q1 = min(Q, q0 + batch_size)
+            np.matmul(query_desc[q0:q1], pool_desc.T, out=sim[: q1 - q0])
+            rows = np.linspace(q0, q1, splits + 1).astype(np.int64)
+            list(ex.map(best, rows[:-1], rows[1:]))  # the compiled pass releases Python's lock
     return index, similarity
 
 
 def query_batch(pool_size: int, floats: int = 1 << 25) -> int:
     """Queries per matrix product: 256 to 1,024, as many as keep the (batch, pool)
     similarities within ``floats`` (128 MiB). Larger products run closer to the
-    bare product's speed (2,000 queries x 20,000 x 2048-d on 2 cores: 1.33x its time
-    in batches of 256, 1.11x in batches of 1,024)."""
+    bare product's speed (2,000 queries x 20,000 x 2048-d on 2 cores, three runs:
+    :func:`hard_negatives` took a median 1.27x its time in batches of 256, 1.14x in
+    batches of 1,024)."""
     return int(np.clip(floats // max(pool_size, 1), 256, 1024))
 
 
-def _cluster_groups(pool_cluster: np.ndarray) -> dict:
-    """The pool grouped by cluster: in the order ``by_cluster``, columns
-    ``[starts[c], ends[c])`` hold cluster ``labels[c]`` (sorted); ``grouped``: the pool
-    is already in that order (e.g. a store's split)."""
-    grouped = bool(np.all(pool_cluster[1:] >= pool_cluster[:-1]))
-    by_cluster = np.arange(len(pool_cluster)) if grouped else np.argsort(pool_cluster, kind="stable")
-    sorted_cluster = pool_cluster[by_cluster]
-    starts = np.flatnonzero(np.r_[True, sorted_cluster[1:] != sorted_cluster[:-1]])
-    ends = np.r_[starts[1:], len(pool_cluster)]
-    return dict(grouped=grouped, by_cluster=by_cluster, starts=starts, ends=ends, labels=sorted_cluster[starts])
-
-
-def _best_of_other_clusters(sim: np.ndarray, query_cluster: np.ndarray, groups: dict, k: int):
-    """For a batch of queries' similarities ``sim`` (B, P) to the pool, its columns in
-    the order ``groups["by_cluster"]`` (the pool grouped by cluster): the pool index
-    and similarity of the best image of each of the ``k`` most similar other clusters,
-    most similar first (-1 and -inf where there is none)."""
-    by_cluster, starts, ends, labels = (groups[key] for key in ("by_cluster", "starts", "ends", "labels"))
-    P = sim.shape[1]
-    rows = np.arange(len(sim))
-    best = np.maximum.reduceat(sim, starts, axis=1)  # (B, C) best of each cluster
-    own = np.searchsorted(labels, query_cluster)
-    own_ok = (own < len(labels)) & (labels[np.minimum(own, len(labels) - 1)] == query_cluster)
-    best[rows[own_ok], own[own_ok]] = -np.inf
-    top = (
-        np.argpartition(-best, k - 1, axis=1)[:, :k]
-        if k < best.shape[1]
-        else np.broadcast_to(np.arange(best.shape[1]), best.shape)
-    )
-    top_sim = np.take_along_axis(best, top, axis=1)
-    order = np.lexsort((top, -top_sim), axis=1)  # most similar first, ties by cluster
-    top = np.take_along_axis(top, order, axis=1)
-    top_sim = np.take_along_axis(top_sim, order, axis=1)
-    # within each chosen cluster, the first column that reaches its best
-    cols = starts[top][..., None] + np.arange(int((ends - starts).max()))  # (B, k, widest)
-    inside = cols < ends[top][..., None]
-    seg = np.where(inside, sim[rows[:, None, None], np.minimum(cols, P - 1)], -np.inf)
-    col = np.take_along_axis(cols, seg.argmax(axis=2)[..., None], axis=2)[..., 0]
-    ok = np.isfinite(top_sim)
-    return np.where(ok, by_cluster[col], -1), np.where(ok, top_sim, -np.inf)
+@compiled
+def _best_of_other_clusters(sim, pool_label, num_labels, query_label, index, similarity):
+    """For each query's similarities to the pool (a row of ``sim``, (B, P)), the pool
+    index and similarity of the best image of each of the k most similar clusters other
+    than its own (``query_label``, -1: none), most similar first, into ``index`` and
+    ``similarity`` (B, k), left as they are (-1, -inf) where fewer clusters have a
+    finite similarity (compiled). ``pool_label`` (P,): each pool image's cluster as
+    0..num_labels-1, in the order of the labels; a cluster's best is its first image
+    of the highest finite similarity, and clusters of equal similarity go by label."""
+    k = index.shape[1]
+    best = np.empty(num_labels, np.float32)
+    arg = np.empty(num_labels, np.int64)
+    for i in range(sim.shape[0]):
+        best[:] = -np.inf
+        arg[:] = -1
+        row = sim[i]
+        for j in range(row.shape[0]):
+            c = pool_label[j]
+            if best[c] < row[j] < np.inf:  # NaN never is
+                best[c] = row[j]
+                arg[c] = j
+        if query_label[i] >= 0:
+            best[query_label[i]] = -np.inf
+        n = 0  # the clusters kept so far, most similar first
+        for c in range(num_labels):
+            v = best[c]
+            if v == -np.inf or (n == k and v <= similarity[i, k - 1]):
+                continue
+            t = min(n, k - 1)  # where it goes: after every kept one at least as similar
+            while t > 0 and similarity[i, t - 1] < v:
+                similarity[i, t] = similarity[i, t - 1]
+                index[i, t] = index[i, t - 1]
+                t -= 1
+            similarity[i, t] = v
+            index[i, t] = arg[c]
+            n = min(n + 1, k)
 
 
 def random_negatives(query_cluster: np.ndarray, pool_cluster: np.ndarray, num: int, rng) -> np.ndarray:

@@ -336,6 +336,22 @@ def test_pair_file_records_how_it_was_made(world, tmp_path):
     assert p["clusters/split"][list(p["clusters/name"]).index("scene_02/sparse/0")] == "val"
 
 
+def _brute_force_negatives(qd, qc, pd, pc, num):
+    """Each query's hard negatives one by one: pool images by similarity (first index on
+    a tie), the first of each other cluster, clusters by (similarity, label)."""
+    index, similarity = [], []
+    for i in range(len(qd)):
+        s = pd @ qd[i]
+        best = {}
+        for j in np.argsort(-s, kind="stable"):
+            if pc[j] != qc[i] and pc[j] not in best and np.isfinite(s[j]):
+                best[pc[j]] = j
+        items = sorted(best.items(), key=lambda kv: (-s[kv[1]], kv[0]))[:num]
+        index.append([j for _, j in items] + [-1] * (num - len(items)))
+        similarity.append([s[j] for _, j in items] + [-np.inf] * (num - len(items)))
+    return np.array(index).reshape(len(qd), num), np.array(similarity).reshape(len(qd), num)
+
+
 def test_hard_negatives_against_brute_force():
     rng = np.random.default_rng(0)
     for _ in range(30):
@@ -346,16 +362,29 @@ def test_hard_negatives_against_brute_force():
         pd /= np.linalg.norm(pd, axis=1, keepdims=True)
         qc, pc = rng.integers(0, C, Q), rng.integers(0, C, P)
         idx, sim = hard_negatives(qd, qc, pd, pc, num, batch_size=int(rng.integers(1, 9)))
-        for i in range(Q):
-            s = pd @ qd[i]
-            best = {}
-            for j in np.argsort(-s, kind="stable"):
-                if pc[j] != qc[i] and pc[j] not in best:
-                    best[pc[j]] = j
-            items = sorted(best.items(), key=lambda kv: (-s[kv[1]], kv[0]))[:num]
-            expect = [j for _, j in items] + [-1] * (num - len(items))
-            assert list(idx[i]) == expect
-            np.testing.assert_allclose(sim[i][: len(items)], [s[j] for _, j in items], rtol=1e-5)
+        expect_idx, expect_sim = _brute_force_negatives(qd, qc, pd, pc, num)
+        np.testing.assert_array_equal(idx, expect_idx)
+        np.testing.assert_allclose(sim, expect_sim, rtol=1e-5)
+
+
+def test_hard_negatives_ties_and_non_finite():
+    """Small integer descriptors: many images of a cluster, and many clusters, tie
+    exactly. Within a cluster the first image is taken, and clusters of equal
+    similarity go by label, also at the last place kept; an image whose similarity is
+    NaN or infinite is never a negative."""
+    rng = np.random.default_rng(1)
+    for trial in range(40):
+        Q, P, C, num = rng.integers(1, 40), rng.integers(1, 200), rng.integers(1, 12), rng.integers(1, 8)
+        qd = rng.integers(-1, 2, size=(Q, 3)).astype(np.float32)
+        pd = rng.integers(-1, 2, size=(P, 3)).astype(np.float32)
+        if trial % 2:
+            pd[rng.random(P) < 0.2, 0] = rng.choice([np.nan, np.inf, -np.inf])
+        qc, pc = rng.integers(0, C, Q) * 3 - 4, rng.integers(0, C, P) * 3 - 4  # labels neither 0.. nor dense
+        with np.errstate(invalid="ignore"):
+            idx, sim = hard_negatives(qd, qc, pd, pc, num, batch_size=int(rng.integers(1, 9)))
+            expect_idx, expect_sim = _brute_force_negatives(qd, qc, pd, pc, num)
+        np.testing.assert_array_equal(idx, expect_idx)
+        np.testing.assert_array_equal(sim, expect_sim)
 
 
 # ----------------------------------------------------------------------------- bad input
