@@ -123,9 +123,10 @@ def focal_lengths(camera_model: list[str], params: np.ndarray) -> np.ndarray:
     ``params`` (n, width): each image's camera parameters, padded (:func:`param_table`)."""
     table, ids = camera_models(), camera_model_ids()
     out = np.full(len(params), np.nan)
-    models = np.array(camera_model, dtype=object)
-    for name in set(camera_model):
-        rows = np.flatnonzero(models == name)
+    names = set(camera_model)
+    models = np.array(camera_model, dtype=object) if len(names) > 1 else None  # None: one for every row
+    for name in names:
+        rows = np.arange(len(params)) if models is None else np.flatnonzero(models == name)
         idxs = list(table[ids[name]][2])
         if idxs:
             out[rows] = params[np.ix_(rows, idxs)].mean(axis=1)
@@ -140,7 +141,7 @@ def param_table(params: list[np.ndarray], width: int) -> np.ndarray:
     if len(lengths) == 1:
         (length,) = lengths
         if length:
-            out[:, :length] = np.vstack(params)
+            out[:, :length] = np.concatenate(params).reshape(-1, length)
         return out
     for i, p in enumerate(params):
         out[i, : len(p)] = p
@@ -169,9 +170,10 @@ def quat_to_rotmat(q: np.ndarray) -> np.ndarray:
     ).reshape(-1, 3, 3)
 
 
-def camera_centres(qvec: np.ndarray, tvec: np.ndarray) -> np.ndarray:
-    """Camera centres C = -R^T t, (N, 3)."""
-    R = quat_to_rotmat(qvec)
+def camera_centres(qvec: np.ndarray, tvec: np.ndarray, rotation: np.ndarray | None = None) -> np.ndarray:
+    """Camera centres C = -R^T t, (N, 3) (``rotation``: R where the caller has it,
+    :func:`quat_to_rotmat` of ``qvec``)."""
+    R = quat_to_rotmat(qvec) if rotation is None else rotation
     return -np.einsum("nji,nj->ni", R, tvec)
 
 

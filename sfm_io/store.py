@@ -97,6 +97,7 @@ def model_columns(
 
     n, m = model.num_images, model.num_points
     params = param_table(model.params, width)
+    rotation = quat_to_rotmat(model.qvec)
     point = model.point
     if point_offset:
         point = point + np.int32(point_offset)
@@ -115,8 +116,8 @@ def model_columns(
         "images/height": model.height,
         "images/qvec": model.qvec,
         "images/tvec": model.tvec,
-        "images/rotation": quat_to_rotmat(model.qvec),
-        "images/centre": camera_centres(model.qvec, model.tvec),
+        "images/rotation": rotation,
+        "images/centre": camera_centres(model.qvec, model.tvec, rotation),
         "points/xyz": model.xyz,
         "points/track_length": model.track_length,
         "points/colmap_id": model.point_ids,

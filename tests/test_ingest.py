@@ -284,6 +284,23 @@ def test_shared_names_refused_by_default(tmp_path):
     assert not (tmp_path / "sfm.h5").exists()
 
 
+def test_names_seen_in_an_earlier_model_or_twice_in_one():
+    """check_addition: a name of an earlier model, or one a model holds twice (a corrupt
+    images.bin), is refused naming the first such name and the model that had it; the
+    names of a model that passes are remembered."""
+    from sfmpairs.sfm_io.discover import ModelSource
+    from sfmpairs.sfm_io.ingest import check_addition
+
+    a, b = (ModelSource(Path(f"/m/{x}"), "binary", x, x, None) for x in "ab")
+    seen: dict[str, str] = {}
+    check_addition(a, ["1.jpg", "2.jpg"], seen, 10)
+    assert seen == {"1.jpg": "a", "2.jpg": "a"}
+    with pytest.raises(SfmpairsError, match=r"^/m/b: image name '2.jpg' is also in model a;"):
+        check_addition(b, ["3.jpg", "2.jpg", "1.jpg"], seen, 10)
+    with pytest.raises(SfmpairsError, match=r"^/m/b: image name '4.jpg' is also in model b;"):
+        check_addition(b, ["3.jpg", "4.jpg", "5.jpg", "4.jpg", "3.jpg"], {"1.jpg": "a"}, 10)
+
+
 def test_shared_names_largest_keeps_each_photo_in_its_largest_model(tmp_path):
     """sparse/1 (30 images) keeps images 10..24; sparse/0 (25) keeps 0..9, as pycolmap's
     deregistration of 10..24 leaves it (its observations, points seen by < 2 images)."""

@@ -390,3 +390,19 @@ def test_param_table_pads_each_images_parameters():
     np.testing.assert_array_equal(param_table([a, b, c], 5), [[1, 2, 3, nan, nan], [4, 5, 6, 7, nan], [nan] * 5])
     np.testing.assert_array_equal(param_table([c, c], 2), [[nan, nan]] * 2)
     assert param_table([], 4).shape == (0, 4)
+
+
+def test_focal_lengths_of_each_camera_model():
+    """images/focal: the mean of a camera's focal parameters, worked by hand for a
+    model of one camera model and for one of several (each row its own model's
+    parameters); NaN for a model without a focal length (none here: NaN padding)."""
+    from sfmpairs.sfm_io.model import focal_lengths, param_table
+
+    simple = np.array([500.0, 320.0, 240.0])  # SIMPLE_PINHOLE: f, cx, cy
+    pinhole = np.array([400.0, 600.0, 320.0, 240.0])  # PINHOLE: fx, fy, cx, cy
+    radial = np.array([700.0, 320.0, 240.0, 0.1])  # SIMPLE_RADIAL: f, cx, cy, k
+    params = param_table([simple, simple], 8)
+    np.testing.assert_array_equal(focal_lengths(["SIMPLE_PINHOLE"] * 2, params), [500.0, 500.0])
+    models = ["PINHOLE", "SIMPLE_RADIAL", "PINHOLE", "SIMPLE_PINHOLE"]
+    params = param_table([pinhole, radial, pinhole * 2, simple], 8)
+    np.testing.assert_array_equal(focal_lengths(models, params), [500.0, 700.0, 1000.0, 500.0])
