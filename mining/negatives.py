@@ -10,6 +10,7 @@ the batch's rows split over the cores).
 
 from __future__ import annotations
 
+import contextlib
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -26,6 +27,7 @@ def hard_negatives(
     pool_cluster: np.ndarray,
     num: int,
     batch_size: int | None = None,
+    workers: int | None = None,
 ):
     """The ``num`` pool images most similar (inner product) to each query, from
     clusters other than the query's, at most one per cluster, most similar first.
@@ -36,17 +38,24 @@ def hard_negatives(
     ``num`` other clusters exist) and their inner products. Within a cluster the first
     pool image of the best similarity is taken; clusters of equal similarity come in
     the order of their labels. Similarities that are not finite count as no match.
-    Queries go in batches of ``batch_size`` (None: :func:`query_batch`).
+    Queries go in batches of ``batch_size`` (None: :func:`query_batch`); each batch's
+    selection runs on ``workers`` threads (None: every core, at most 8; training
+    passes its ranks' share).
     """
     query_desc = np.asarray(query_desc, np.float32)
     pool_desc = np.asarray(pool_desc, np.float32)
+    query_cluster, pool_cluster = np.asarray(query_cluster), np.asarray(pool_cluster)
     Q, P = len(query_desc), len(pool_desc)
+    if query_cluster.shape != (Q,) or pool_cluster.shape != (P,):  # the compiled pass reads them unchecked
+        raise ValueError(
+            f"hard_negatives: {Q} queries with cluster labels of shape {query_cluster.shape}, "
+            f"{P} pool images with cluster labels of shape {pool_cluster.shape}: one label per image"
+        )
     index = np.full((Q, num), -1, np.int64)
     similarity = np.full((Q, num), -np.inf, np.float32)
     if Q == 0 or P == 0 or num == 0:
         return index, similarity
-    labels, pool_label = np.unique(np.asarray(pool_cluster), return_inverse=True)  # dense, in label order
-    query_cluster = np.asarray(query_cluster)
+    labels, pool_label = np.unique(pool_cluster, return_inverse=True)  # dense, in label order
     own = np.minimum(np.searchsorted(labels, query_cluster), len(labels) - 1)
     query_label = np.where(labels[own] == query_cluster, own, -1)  # -1: a cluster the pool lacks
     k = min(num, len(labels))
@@ -55,14 +64,17 @@ def hard_negatives(
 
     def best(a: int, b: int) -> None:  # queries a..b of the batch at q0
         _best_of_other_clusters(
-            sim[a - q0 : b - q0], pool_label, len(labels), query_label[a:b], index[a:b, :k], similarity[a:b, :k]
+            sim[a - q0 : b - q0], pool_label, len(labels), query_label[a:b], k, index[a:b], similarity[a:b]
         )
 
-    splits = min(worker_threads(None), len(sim))
-    with ThreadPoolExecutor(splits) as ex:
+    splits = min(worker_threads(workers), len(sim))
+    with ThreadPoolExecutor(splits) if splits > 1 else contextlib.nullcontext() as ex:
         for q0 in range(0, Q, batch_size):
             q1 = min(Q, q0 + batch_size)
             np.matmul(query_desc[q0:q1], pool_desc.T, out=sim[: q1 - q0])
+            if ex is None:
+                best(q0, q1)
+                continue
             rows = np.linspace(q0, q1, splits + 1).astype(np.int64)
             list(ex.map(best, rows[:-1], rows[1:]))  # the compiled pass releases Python's lock
     return index, similarity
@@ -78,15 +90,14 @@ def query_batch(pool_size: int, floats: int = 1 << 25) -> int:
 
 
 @compiled
-def _best_of_other_clusters(sim, pool_label, num_labels, query_label, index, similarity):
+def _best_of_other_clusters(sim, pool_label, num_labels, query_label, k, index, similarity):
     """For each query's similarities to the pool (a row of ``sim``, (B, P)), the pool
-    index and similarity of the best image of each of the k most similar clusters other
-    than its own (``query_label``, -1: none), most similar first, into ``index`` and
-    ``similarity`` (B, k), left as they are (-1, -inf) where fewer clusters have a
-    finite similarity (compiled). ``pool_label`` (P,): each pool image's cluster as
+    index and similarity of the best image of each of the ``k`` most similar clusters
+    other than its own (``query_label``, -1: none), most similar first, into the first
+    k columns of ``index`` and ``similarity`` (B, >= k), left as they are (-1, -inf)
+    where fewer clusters have a finite similarity (compiled). ``pool_label`` (P,): each pool image's cluster as
     0..num_labels-1, in the order of the labels; a cluster's best is its first image
     of the highest finite similarity, and clusters of equal similarity go by label."""
-    k = index.shape[1]
     best = np.empty(num_labels, np.float32)
     arg = np.empty(num_labels, np.int64)
     for i in range(sim.shape[0]):

@@ -361,10 +361,22 @@ def test_hard_negatives_against_brute_force():
         qd /= np.linalg.norm(qd, axis=1, keepdims=True)
         pd /= np.linalg.norm(pd, axis=1, keepdims=True)
         qc, pc = rng.integers(0, C, Q), rng.integers(0, C, P)
-        idx, sim = hard_negatives(qd, qc, pd, pc, num, batch_size=int(rng.integers(1, 9)))
+        workers = int(rng.integers(1, 4))  # rows split over 1 to 3 threads
+        idx, sim = hard_negatives(qd, qc, pd, pc, num, batch_size=int(rng.integers(1, 9)), workers=workers)
         expect_idx, expect_sim = _brute_force_negatives(qd, qc, pd, pc, num)
         np.testing.assert_array_equal(idx, expect_idx)
         np.testing.assert_allclose(sim, expect_sim, rtol=1e-5)
+
+
+def test_hard_negatives_of_no_queries_or_no_pool_or_labels_of_another_length():
+    d = np.eye(4, dtype=np.float32)
+    for q, p in ((d[:0], d), (d, d[:0])):
+        idx, sim = hard_negatives(q, np.zeros(len(q), int), p, np.arange(len(p)), 2)
+        assert idx.shape == sim.shape == (len(q), 2) and (idx == -1).all() and (sim == -np.inf).all()
+    wrong = [(np.zeros(3, int), np.arange(4)), (np.zeros(4, int), np.arange(40)), (np.zeros((4, 1)), np.arange(4))]
+    for qc, pc in wrong:
+        with pytest.raises(ValueError, match="one label per image"):  # not a read past the end in compiled code
+            hard_negatives(d, qc, d, pc, 2)
 
 
 def test_hard_negatives_ties_and_non_finite():

@@ -395,7 +395,7 @@ def test_param_table_pads_each_images_parameters():
 def test_focal_lengths_of_each_camera_model():
     """images/focal: the mean of a camera's focal parameters, worked by hand for a
     model of one camera model and for one of several (each row its own model's
-    parameters); NaN for a model without a focal length (none here: NaN padding)."""
+    parameters); NaN for a camera model without a focal length (EQUIRECTANGULAR)."""
     from sfmpairs.sfm_io.model import focal_lengths, param_table
 
     simple = np.array([500.0, 320.0, 240.0])  # SIMPLE_PINHOLE: f, cx, cy
@@ -406,3 +406,9 @@ def test_focal_lengths_of_each_camera_model():
     models = ["PINHOLE", "SIMPLE_RADIAL", "PINHOLE", "SIMPLE_PINHOLE"]
     params = param_table([pinhole, radial, pinhole * 2, simple], 8)
     np.testing.assert_array_equal(focal_lengths(models, params), [500.0, 700.0, 1000.0, 500.0])
+    equirect = np.array([2000.0, 1000.0])  # EQUIRECTANGULAR: two parameters, no focal length
+    params = param_table([equirect, equirect], 8)
+    np.testing.assert_array_equal(focal_lengths(["EQUIRECTANGULAR"] * 2, params), [np.nan, np.nan])
+    params = param_table([radial, equirect, simple], 8)
+    models = ["SIMPLE_RADIAL", "EQUIRECTANGULAR", "SIMPLE_PINHOLE"]
+    np.testing.assert_array_equal(focal_lengths(models, params), [700.0, np.nan, 500.0])

@@ -216,7 +216,14 @@ def mine_epoch(net, pairs: dict, conf: TrainConf, rng, device, root: Path, ranks
     queries, positives = queries[keep], positives[keep]
     qd = desc[row(queries)]
     if conf.negative_mining == "hard":
-        idx, _ = hard_negatives(qd, pairs["cluster"][queries], desc[row(pool)], pairs["cluster"][pool], conf.neg_num)
+        idx, _ = hard_negatives(
+            qd,
+            pairs["cluster"][queries],
+            desc[row(pool)],
+            pairs["cluster"][pool],
+            conf.neg_num,
+            workers=torch.get_num_threads(),  # this rank's share of the cores (torchrun: OMP_NUM_THREADS)
+        )
     else:
         idx = random_negatives(pairs["cluster"][queries], pairs["cluster"][pool], conf.neg_num, rng)
     negatives = np.where(idx >= 0, pool[np.maximum(idx, 0)], -1)
