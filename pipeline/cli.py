@@ -502,7 +502,7 @@ def show(output, pairs, images_root, split, query, count, seed, embed, overwrite
 def export(pairs, fmt, output, images_root, image_dir, store, overwrite, **options):
     """Pair files for other frameworks: cnnimageretrieval-pytorch (with its whitening
     pairs), hloc (store-wide names, or per model as the COLMAP models name the images),
-    pandas (CSV)."""
+    pandas (CSV), LoFTR and D2-Net (MegaDepth's scene files and depth maps)."""
     from sfmpairs.mining.export import export as run
 
     r = run(

@@ -410,6 +410,8 @@ def open_h5(path: str | os.PathLike, what: str, opener=None):
     except IsADirectoryError:
         raise SfmpairsError(f"{path}: is a folder, not a {what}") from None
     except OSError as e:
+        if "signature not found" in str(e):  # HDF5's words for "not HDF5 at all"
+            raise SfmpairsError(f"{path}: not an HDF5 file (expected: {what})") from None
         raise SfmpairsError(f"{path}: not an HDF5 file ({one_line(e)})") from None
     try:
         with h5_errors(path, what):

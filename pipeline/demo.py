@@ -175,8 +175,9 @@ def summary_text(result: dict, workdir: Path) -> str:
             f"val mAP per epoch: {per_epoch}",
             "pictures:",
             *[f"  {what:<24}{workdir / path}" for what, path in PICTURES],
-            f"outputs in {workdir}: world/ (photos, COLMAP models), sfm.h5, pairs.h5, run/ (last.pt, best.pt, "
-            "metrics.jsonl), pairs_negatives.h5; sfmpairs info FILE describes any of them",
+            f"outputs in {workdir}: world/ (photos, COLMAP models), sfm.h5, pairs.h5, init.pt (the untrained "
+            "network), eval_before.json, run/ (last.pt, best.pt, metrics.jsonl), eval_after.json, descriptors.h5, "
+            "pairs_negatives.h5; sfmpairs info FILE describes any of them",
             f"done in {result['seconds'] / 60:.1f} min",
         ]
     )

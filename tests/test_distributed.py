@@ -123,7 +123,7 @@ def test_two_ranks_train_the_weights_of_one_process_and_only_rank_0_writes(small
         "metrics.png",
     ] + (["tensorboard"] if (run / "tensorboard").exists() else [])
     log = proc.stdout + proc.stderr
-    assert log.count("epoch 0/0: loss") == 1 and "2 ranks (gloo)" in log  # one log: rank 0's
+    assert log.count("epoch 0 (1 of 1): loss") == 1 and "2 ranks (gloo)" in log  # one log: rank 0's
 
 
 def test_a_run_killed_during_an_epoch_resumes_under_torchrun(small_world, tmp_path):

@@ -851,9 +851,10 @@ def _log_start(conf: TrainConf, data: dict, val, start: int, device, run_dir: Pa
 
 def _log_epoch(conf: TrainConf, m: dict) -> None:
     logger.info(
-        "epoch %d/%d: loss %.4f, val mAP %s, %.1f s",
+        "epoch %d (%d of %d): loss %.4f, val mAP %s, %.1f s",  # numbered from 0, as in metrics.jsonl
         m["epoch"],
-        conf.epochs - 1,
+        m["epoch"] + 1,
+        conf.epochs,
         m["loss"],
         "-" if m["val_map"] is None else f"{100 * m['val_map']:.2f}",
         m["seconds"],
