@@ -284,8 +284,9 @@ def test_train_logs_a_start_line_a_line_per_epoch_and_a_closing_line(small_world
     start = [x for x in lines if x.startswith("train resnet18 + gem on cpu")]
     assert len(start) == 1 and f"12 of {train_queries} train queries" in start[0]
     assert "pool of 30 images" in start[0] and "3 hard negatives" in start[0] and str(run) in start[0]
-    epochs = [x for x in lines if re.fullmatch(r"epoch [01]/1: loss \d+\.\d{4}, val mAP \d+\.\d\d, \d+\.\d s", x)]
-    assert len(epochs) == 2
+    line = r"epoch (\d) \((\d) of 2\): loss \d+\.\d{4}, val mAP \d+\.\d\d, \d+\.\d s"
+    epochs = [m.groups() for x in lines if (m := re.fullmatch(line, x))]
+    assert epochs == [("0", "1"), ("1", "2")]
     best = max(json.loads(x)["val_map"] for x in (run / "metrics.jsonl").read_text().splitlines())
     best_epoch = load_checkpoint(run / "best.pt")[1]["epoch"]
     when = "before training: no epoch did better" if best_epoch == -1 else f"at epoch {best_epoch}"
