@@ -95,9 +95,10 @@ def _best_of_other_clusters(sim, pool_label, num_labels, query_label, k, index, 
     index and similarity of the best image of each of the ``k`` most similar clusters
     other than its own (``query_label``, -1: none), most similar first, into the first
     k columns of ``index`` and ``similarity`` (B, >= k), left as they are (-1, -inf)
-    where fewer clusters have a finite similarity (compiled). ``pool_label`` (P,): each pool image's cluster as
-    0..num_labels-1, in the order of the labels; a cluster's best is its first image
-    of the highest finite similarity, and clusters of equal similarity go by label."""
+    where fewer clusters have a finite similarity (compiled). ``pool_label`` (P,):
+    each pool image's cluster as 0..num_labels-1, in the order of the labels; a
+    cluster's best is its first image of the highest finite similarity, and clusters
+    of equal similarity go by label."""
     best = np.empty(num_labels, np.float32)
     arg = np.empty(num_labels, np.int64)
     for i in range(sim.shape[0]):

@@ -189,7 +189,7 @@ def _bytes(src: ModelSource) -> int:
     return total
 
 
-def _read_ahead(sources: list[ModelSource], reader: str):
+def _read_ahead(sources: list[ModelSource], reader: str, sizes: list[int] | None = None):
     """Each source's model in order, the next :data:`READ_AHEAD` read on as many
     threads while the caller writes this one (READ_AHEAD + 1 models in memory at
     most).
@@ -200,8 +200,9 @@ def _read_ahead(sources: list[ModelSource], reader: str):
     9.3, the same store). On an error, or when the caller stops, the reads under way
     are finished first (a thread cannot be stopped), those not begun are dropped.
     Reading on two other processes was tried and measured on the corpus: no faster
-    (11.3 s against 11.4 s), 2.7 CPU s and 300 MiB more, so it was taken out again."""
-    threads = threads_by_size(_bytes(s) for s in sources)
+    (11.3 s against 11.4 s), 2.7 CPU s and 300 MiB more, so it was taken out again.
+    ``sizes``: each model's bytes where the caller has them (None: looked up here)."""
+    threads = threads_by_size([_bytes(s) for s in sources] if sizes is None else sizes)
 
     def read(k: int):
         return read_model(sources[k].path, sources[k].format, reader, threads[k])
@@ -256,13 +257,19 @@ def check_addition(src: ModelSource, names: list[str], names_seen: dict[str, str
 
 
 def append_models(
-    writer, sources: list[ModelSource], prefixes: list[str], cluster_names: list[str], reader: str, leave=None
+    writer,
+    sources: list[ModelSource],
+    prefixes: list[str],
+    cluster_names: list[str],
+    reader: str,
+    leave=None,
+    sizes: list[int] | None = None,
 ) -> tuple[dict, list]:
     """Read each model and append it to the store being written (``writer``:
     :func:`~.store_writer.store_writer`'s); the totals and each model's (first image,
     first point, end image, end point). Image names (with their folder prefix) must be
     unique across models; ``leave``: for each model, the names it leaves out (see
-    :func:`leave_shared_names`)."""
+    :func:`leave_shared_names`); ``sizes``: each model's bytes (:func:`_read_ahead`)."""
     cluster_index = {c: i for i, c in enumerate(cluster_names)}
     totals = {"images": 0, "points": 0, "observations": 0}
     names_seen: dict[str, str] = {}
@@ -270,7 +277,7 @@ def append_models(
     width = store.max_params()  # of images/params
     pending, pending_observations = [], 0  # models read, not yet written: small ones go together
     # closed on the way out: where an error stops the loop, the reading stops too
-    with contextlib.closing(_read_ahead(sources, reader)) as models:
+    with contextlib.closing(_read_ahead(sources, reader, sizes)) as models:
         for k, (src, prefix) in enumerate(progress(list(zip(sources, prefixes)), desc="ingest", unit="model")):
             model = next(models)
             if model.num_images == 0:
@@ -356,9 +363,10 @@ def ingest(
         "left_out_models": [str(s.path.resolve()) for s in given_sources if s.path not in kept],
     }
     inputs = _inputs(sources)
-    child = sum(f["bytes"] for i in inputs for f in i["files"].values()) >= store_writer.CHILD_INPUT_BYTES
+    sizes = [sum(f["bytes"] for f in i["files"].values()) for i in inputs]  # each model's files, stat'ed once
+    child = sum(sizes) >= store_writer.CHILD_INPUT_BYTES
     with atomic_output(output, overwrite) as tmp, _small_pages(), store_writer.store_writer(tmp, output, child) as w:
-        totals, ranges = append_models(w, sources, prefixes, cluster_names, conf.reader, leave)
+        totals, ranges = append_models(w, sources, prefixes, cluster_names, conf.reader, leave, sizes)
         w.tables(source_tables(sources, cluster_names, ranges))
         provenance = provenance_attrs(SCHEMA, SCHEMA_VERSION, parameters, inputs)
         w.attrs({**provenance, "images_root": str(root) if root else ""})

@@ -461,6 +461,9 @@ def test_models_read_ahead_come_in_order_and_the_first_bad_one_stops_them(tmp_pa
     monkeypatch.setattr(ingest_module, "read_model", spy)
     assert [m.num_images for m in _read_ahead(sources, "auto")] == list(sizes)
     assert threads == {"m0": 1, "m1": 1, "m2": None, "m3": 1, "m4": 1, "m5": 1}
+    threads.clear()  # ingest itself, the sizes from the files it records
+    ingest([tmp_path / f"m{k}" for k in range(len(sizes))], tmp_path / "sfm.h5")
+    assert threads == {"m0": 1, "m1": 1, "m2": None, "m3": 1, "m4": 1, "m5": 1}
     for k in (3, 4):  # both truncated: model 3's error comes first
         data = (tmp_path / f"m{k}" / "images.bin").read_bytes()
         (tmp_path / f"m{k}" / "images.bin").write_bytes(data[: len(data) // 2])
