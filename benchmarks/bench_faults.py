@@ -696,8 +696,13 @@ def kill_commands(w: Path, out: Path) -> dict:
     train += ["--workers", "0", "--device", "cpu", "-q"]
     return {
         "ingest": (["ingest", *sorted(str(p) for p in (w / "bin").iterdir()), "-o", f"{out}/sfm.h5"], "sfm.h5"),
-        # the store written by a child process, as inputs of 256 MB or more are (_sfmpairs)
+        # the store written by a child process, as inputs of 1 GiB or more read on threads are (_sfmpairs)
         "ingest-child": (["ingest", *sorted(str(p) for p in (w / "bin").iterdir()), "-o", f"{out}/sfm.h5"], "sfm.h5"),
+        # the models read by other processes, one a batch, as inputs of 512 MiB or more are (_sfmpairs)
+        "ingest-processes": (
+            ["ingest", *sorted(str(p) for p in (w / "bin").iterdir()), "-o", f"{out}/sfm.h5"],
+            "sfm.h5",
+        ),
         "mine": (["mine", f"{w}/sfm.h5", "-o", f"{out}/pairs.h5", "--descriptors", f"{w}/d.h5"], "pairs.h5"),
         "extract": (
             ["extract", "--model", f"{w}/model.pt", "--store", f"{w}/sfm.h5", "-o", f"{out}/d.h5"]
@@ -759,16 +764,24 @@ def _temps(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.rglob("*") if p.name.endswith(".tmp") or ".tmp" in p.name)
 
 
-# the command line with the SfM store written by a child process whatever the input's size
-_CHILD_WRITER = (
-    "import sfmpairs.sfm_io.store_writer as w; w.CHILD_INPUT_BYTES = 0; "
-    "from sfmpairs.cli import main; main(prog_name='sfmpairs')"
-)
+# the command lines with the SfM store written by a child process, and with the models
+# read by other processes, whatever the input's size
+_STARTS = {
+    "ingest-child": (
+        "import sfmpairs.sfm_io.reading_processes as r; r.PROCESS_INPUT_BYTES = 1 << 62; "
+        "import sfmpairs.sfm_io.store_writer as w; w.CHILD_INPUT_BYTES = 0; "
+        "from sfmpairs.cli import main; main(prog_name='sfmpairs')"
+    ),
+    "ingest-processes": (
+        "import sfmpairs.sfm_io.reading_processes as r; r.PROCESS_INPUT_BYTES = 0; r.BATCH_BYTES = 1; "
+        "from sfmpairs.cli import main; main(prog_name='sfmpairs')"
+    ),
+}
 
 
 def _sfmpairs(name: str) -> list[str]:
     """How command ``name`` of :func:`kill_commands` starts sfmpairs."""
-    return [sys.executable, "-c", _CHILD_WRITER] if name == "ingest-child" else [sys.executable, "-m", "sfmpairs"]
+    return [sys.executable, "-c", _STARTS[name]] if name in _STARTS else [sys.executable, "-m", "sfmpairs"]
 
 
 def _cli(args, timeout=600, name: str = "") -> subprocess.CompletedProcess:

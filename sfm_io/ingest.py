@@ -19,7 +19,7 @@ import numpy as np
 from sfmpairs.common import SfmpairsError, atomic_output, progress, provenance_attrs, threads_by_size
 from sfmpairs.config import conf_dict, make_conf
 
-from . import colmap_binary, colmap_pycolmap, colmap_text, store, store_writer
+from . import colmap_binary, colmap_pycolmap, colmap_text, reading_processes, store, store_writer
 from .discover import MODEL_FILES, ModelSource, from_manifest, from_paths
 from .model import Model
 from .options import READERS, IngestConf
@@ -189,35 +189,104 @@ def _bytes(src: ModelSource) -> int:
     return total
 
 
-def _read_ahead(sources: list[ModelSource], reader: str, sizes: list[int] | None = None):
-    """Each source's model in order, the next :data:`READ_AHEAD` read on as many
-    threads while the caller writes this one (READ_AHEAD + 1 models in memory at
-    most).
+def model_columns_of(model: Model, task: dict) -> tuple[dict, tuple[int, int, int]]:
+    """The store's rows of the model of ``task`` (see :func:`reading_tasks`), its points
+    and observations numbered from 0, without the images it leaves to larger models;
+    and its (images, points, observations)."""
+    if model.num_images == 0:
+        raise SfmpairsError(f"{task['path']}: empty model (no registered images)")
+    model, names = _without(model, [task["prefix"] + n for n in model.names], task["leave"])
+    columns = model_columns(model, task["model"], task["cluster"], names, 0, 0, task["width"])
+    return columns, (model.num_images, model.num_points, len(model.point))
 
-    A model whose files are at most half the size of the largest's is read beside
-    others, on one thread; a larger one on a few (measured on the SfM-120k-shaped
-    corpus, every model on one thread against a few, 6 runs each: 8.7 CPU s against
-    9.3, the same store). On an error, or when the caller stops, the reads under way
-    are finished first (a thread cannot be stopped), those not begun are dropped.
-    Reading on two other processes was tried and measured on the corpus: no faster
-    (11.3 s against 11.4 s), 2.7 CPU s and 300 MiB more, so it was taken out again.
-    ``sizes``: each model's bytes where the caller has them (None: looked up here)."""
-    threads = threads_by_size([_bytes(s) for s in sources] if sizes is None else sizes)
 
-    def read(k: int):
-        return read_model(sources[k].path, sources[k].format, reader, threads[k])
+def reading_tasks(sources, prefixes, cluster_names, reader, leave=None, sizes=None) -> list[dict]:
+    """What reading each model takes (:func:`model_columns_of`): its folder, format and
+    reader, its threads (a model whose files are at most half the size of the
+    largest's is read beside others, on one thread; a larger one on a few: measured on
+    the SfM-120k-shaped corpus, every model on one thread against a few, 6 runs each:
+    8.7 CPU s against 9.3), its names' prefix, the names it leaves (``leave``, see
+    :func:`leave_shared_names`), its model and cluster index and the width of
+    ``images/params``. ``sizes``: each model's bytes where the caller has them."""
+    sizes = [_bytes(s) for s in sources] if sizes is None else sizes
+    threads = threads_by_size(sizes)
+    cluster_index = {c: i for i, c in enumerate(cluster_names)}
+    width = store.max_params()
+    return [
+        {
+            "path": src.path,
+            "format": src.format,
+            "reader": reader,
+            "threads": threads[k],
+            "prefix": prefixes[k],
+            "leave": leave[k] if leave else set(),
+            "model": k,
+            "cluster": cluster_index[src.cluster],
+            "width": width,
+            "bytes": sizes[k],
+        }
+        for k, src in enumerate(sources)
+    ]
+
+
+def _read_ahead(tasks: list[dict]):
+    """Each task's model as a batch of one, ``(columns, [sizes])``
+    (:func:`model_columns_of`), in order, the
+    next :data:`READ_AHEAD` models read on as many threads while the caller writes
+    this one (READ_AHEAD + 1 models in memory at most). On an error, or when the
+    caller stops, the reads under way are finished first (a thread cannot be stopped),
+    those not begun are dropped."""
+
+    def read(task: dict):
+        return read_model(task["path"], task["format"], task["reader"], task["threads"])
 
     with ThreadPoolExecutor(READ_AHEAD) as ex:
-        ahead = deque(ex.submit(read, k) for k in range(min(READ_AHEAD, len(sources))))
+        ahead = deque(ex.submit(read, tasks[k]) for k in range(min(READ_AHEAD, len(tasks))))
         try:
-            for k in range(len(sources)):
+            for k in range(len(tasks)):
                 model = ahead.popleft().result()
-                if k + READ_AHEAD < len(sources):
-                    ahead.append(ex.submit(read, k + READ_AHEAD))
-                yield model
+                if k + READ_AHEAD < len(tasks):
+                    ahead.append(ex.submit(read, tasks[k + READ_AHEAD]))
+                columns, counts = model_columns_of(model, tasks[k])
+                yield columns, [counts]
                 del model
         finally:
             ex.shutdown(wait=False, cancel_futures=True)  # reads not begun are dropped
+
+
+@contextlib.contextmanager
+def model_rows(tasks: list[dict], processes: bool):
+    """``(rows, shared)``: ``rows`` an iterator of batches of consecutive models, in
+    order, each as (columns, [(images, points, observations) of each model]) with the
+    models numbered after those before them in the batch (:func:`model_columns_of`).
+    Read in batches by other processes where ``processes`` and they can start
+    (:func:`.reading_processes.can_fork`; ``shared`` True: the columns are views of
+    shared memory, valid until the next batch is asked for), else one model a batch
+    on threads of this process (:func:`_read_ahead`). On the way out, the reading
+    stops."""
+    readers = None
+    if processes and reading_processes.can_fork():
+        try:
+            readers = reading_processes.ReadingProcesses(tasks, reading_processes.processes())
+        except OSError as e:  # no process or shared memory to be had
+            logger.warning("cannot start processes to read the models (%s); reading them on threads", e.strerror or e)
+    if readers is not None:
+        try:
+            yield (readers.next() for _ in tasks), True
+        finally:
+            readers.close()
+        return
+    with contextlib.closing(_read_ahead(tasks)) as rows:
+        yield rows, False
+
+
+def renumber(columns: dict, point_offset: int, obs_offset: int) -> None:
+    """Number a model's points and observations (from 0 in ``columns``) after those of
+    the models before it, in place."""
+    if point_offset:
+        columns["observations/point"] += np.int32(point_offset)
+    if obs_offset:
+        columns["observations/indptr"] += obs_offset
 
 
 APPEND_OBSERVATIONS = 1 << 22  # models are written in groups of about this many observations
@@ -256,56 +325,53 @@ def check_addition(src: ModelSource, names: list[str], names_seen: dict[str, str
         )
 
 
-def append_models(
-    writer,
-    sources: list[ModelSource],
-    prefixes: list[str],
-    cluster_names: list[str],
-    reader: str,
-    leave=None,
-    sizes: list[int] | None = None,
-) -> tuple[dict, list]:
-    """Read each model and append it to the store being written (``writer``:
-    :func:`~.store_writer.store_writer`'s); the totals and each model's (first image,
-    first point, end image, end point). Image names (with their folder prefix) must be
-    unique across models; ``leave``: for each model, the names it leaves out (see
-    :func:`leave_shared_names`); ``sizes``: each model's bytes (:func:`_read_ahead`)."""
-    cluster_index = {c: i for i, c in enumerate(cluster_names)}
+def append_models(writer, sources: list[ModelSource], rows, shared: bool = False) -> tuple[dict, list]:
+    """Append each model to the store being written (``writer``:
+    :func:`~.store_writer.store_writer`'s), its rows from ``rows`` (:func:`model_rows`:
+    batches of consecutive models; ``shared``: in shared memory); the totals and each
+    model's (first image, first point, end image, end point). Image names (with their
+    folder prefix) must be unique across models."""
     totals = {"images": 0, "points": 0, "observations": 0}
     names_seen: dict[str, str] = {}
     ranges = []
-    width = store.max_params()  # of images/params
-    pending, pending_observations = [], 0  # models read, not yet written: small ones go together
-    # closed on the way out: where an error stops the loop, the reading stops too
-    with contextlib.closing(_read_ahead(sources, reader, sizes)) as models:
-        for k, (src, prefix) in enumerate(progress(list(zip(sources, prefixes)), desc="ingest", unit="model")):
-            model = next(models)
-            if model.num_images == 0:
-                raise SfmpairsError(f"{src.path}: empty model (no registered images)")
-            model, names = _without(model, [prefix + n for n in model.names], leave[k] if leave else set())
-            check_addition(src, names, names_seen, totals["points"] + model.num_points)
-            start = (totals["images"], totals["points"])
-            c = cluster_index[src.cluster]
-            pending.append(model_columns(model, k, c, names, totals["points"], totals["observations"], width))
-            pending_observations += len(model.point)
-            totals["images"] += model.num_images
-            totals["points"] += model.num_points
-            totals["observations"] += len(model.point)
-            ranges.append((*start, totals["images"], totals["points"]))
-            logger.info(
-                "%s: %d images, %d points, %d observations (%s)",
-                src.name,
-                model.num_images,
-                model.num_points,
-                len(model.point),
-                src.format,
-            )
-            del model
-            if pending_observations >= APPEND_OBSERVATIONS:
-                writer.append(pending)
-                pending, pending_observations = [], 0
+    pending, pending_observations = [], 0  # batches read, not yet written: small ones go together
+    batch, counts, end = None, [], 0  # the batch of the models now, their sizes, its end
+    for k, src in enumerate(progress(sources, desc="ingest", unit="model")):
+        if k == end:
+            if batch is not None:  # the last batch's models all joined
+                pending, pending_observations = _write(writer, pending, pending_observations, batch, shared)
+            batch = None  # no view of shared memory may outlive its batch
+            batch, counts = next(rows)
+            renumber(batch, totals["points"], totals["observations"])
+            start, end, first = k, k + len(counts), 0  # first: the model's first image in the batch
+        images, points, observations = counts[k - start]
+        check_addition(src, batch["images/name"][first : first + images], names_seen, totals["points"] + points)
+        first += images
+        begin = (totals["images"], totals["points"])
+        totals["images"] += images
+        totals["points"] += points
+        totals["observations"] += observations
+        ranges.append((*begin, totals["images"], totals["points"]))
+        logger.info(
+            "%s: %d images, %d points, %d observations (%s)", src.name, images, points, observations, src.format
+        )
+    if batch is not None:
+        pending, _ = _write(writer, pending, pending_observations, batch, shared)
+    del batch
     writer.append(pending)
     return totals, ranges
+
+
+def _write(writer, pending: list, pending_observations: int, batch: dict, shared: bool):
+    """Write ``batch`` with the batches ``pending`` where they hold enough observations
+    together (:data:`APPEND_OBSERVATIONS`) or where ``batch`` is in shared memory (the
+    reading processes made it large enough), else keep it pending; the batches pending
+    then, and their observations."""
+    pending_observations += len(batch["observations/point"])
+    if shared or pending_observations >= APPEND_OBSERVATIONS:
+        writer.append([*pending, batch])
+        return [], 0
+    return [*pending, batch], pending_observations
 
 
 def source_tables(sources: list[ModelSource], cluster_names: list[str], ranges: list) -> dict:
@@ -364,12 +430,16 @@ def ingest(
     }
     inputs = _inputs(sources)
     sizes = [sum(f["bytes"] for f in i["files"].values()) for i in inputs]  # each model's files, stat'ed once
-    child = sum(sizes) >= store_writer.CHILD_INPUT_BYTES
-    with atomic_output(output, overwrite) as tmp, _small_pages(), store_writer.store_writer(tmp, output, child) as w:
-        totals, ranges = append_models(w, sources, prefixes, cluster_names, conf.reader, leave, sizes)
-        w.tables(source_tables(sources, cluster_names, ranges))
-        provenance = provenance_attrs(SCHEMA, SCHEMA_VERSION, parameters, inputs)
-        w.attrs({**provenance, "images_root": str(root) if root else ""})
+    tasks = reading_tasks(sources, prefixes, cluster_names, conf.reader, leave, sizes)
+    processes = sum(sizes) >= reading_processes.PROCESS_INPUT_BYTES
+    with atomic_output(output, overwrite) as tmp, _small_pages(), model_rows(tasks, processes) as (rows, shared):
+        # read by other processes, the models are written here; read on threads, by a child
+        child = not shared and sum(sizes) >= store_writer.CHILD_INPUT_BYTES
+        with store_writer.store_writer(tmp, output, child) as w:
+            totals, ranges = append_models(w, sources, rows, shared)
+            w.tables(source_tables(sources, cluster_names, ranges))
+            provenance = provenance_attrs(SCHEMA, SCHEMA_VERSION, parameters, inputs)
+            w.attrs({**provenance, "images_root": str(root) if root else ""})
     seconds = time.perf_counter() - t0
     logger.info(
         "wrote %s: %d clusters, %d models, %d images, %d points, %d observations in %.1f s",

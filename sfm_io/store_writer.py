@@ -1,7 +1,9 @@
 """Writing the SfM store: in ingest's own process, or in a child process while ingest
 reads the next models.
 
-Ingest reads COLMAP models on threads and appends their rows to the store. HDF5
+Where ingest reads COLMAP models on threads of its own (a large input in a process
+that cannot fork its reading processes, :mod:`.reading_processes`), it appends their
+rows to the store as it goes. HDF5
 writes through a Python file object (:func:`~sfmpairs.common.h5_output`, so that a
 full disk cannot crash it), and each of its writes waits for Python's lock, which the
 reading threads hold for a while at a time: on the SfM-120k-shaped corpus reading and

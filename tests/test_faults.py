@@ -58,6 +58,9 @@ def writing_commands(root: Path, out: Path) -> dict:
         "ingest": (["ingest", f"{w}/w", "-o", f"{out}/sfm.h5"], "sfm.h5"),
         # written by a child process, as large inputs are (sfm_io/store_writer.py): see _run_limited
         "ingest-child": (["ingest", f"{w}/w", "-o", f"{out}/sfm2.h5"], "sfm2.h5"),
+        # read by other processes, as large inputs are (sfm_io/reading_processes.py); their
+        # shared buffers do not fit the limit
+        "ingest-processes": (["ingest", f"{w}/w", "-o", f"{out}/sfm3.h5"], "sfm3.h5"),
         "mine": (["mine", f"{w}/sfm.h5", "-o", f"{out}/pairs.h5"], "pairs.h5"),
         "extract": (["extract", "--arch", "resnet18", "--store", f"{w}/sfm.h5", "-o", f"{out}/d.h5", *TINY], "d.h5"),
         "whiten": (
@@ -105,6 +108,8 @@ def _run_limited(limit: int, root: str, out: str) -> None:
             if name == "ingest-child":
                 _child_writes_the_store()
                 limit = max(limit, 1 << 20)  # the rows' shared buffers fit, the store's first chunks do not
+            if name == "ingest-processes":
+                _processes_read_the_models()
             resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
             code = 0
             try:
@@ -140,6 +145,21 @@ def _child_writes_the_store() -> None:
 
     store_writer.CHILD_INPUT_BYTES = 0
     store_writer.ChildWriter = Said
+
+
+def _processes_read_the_models() -> None:
+    """Ingest's models read by other processes whatever the input's size, one model a
+    batch, and said on standard error when they end: ``processes read: True``."""
+    from sfmpairs.sfm_io import reading_processes
+
+    class Said(reading_processes.ReadingProcesses):
+        def close(self):
+            super().close()
+            print(f"processes read: {True}", file=sys.stderr)
+
+    reading_processes.PROCESS_INPUT_BYTES = 0
+    reading_processes.BATCH_BYTES = 1
+    reading_processes.ReadingProcesses = Said
 
 
 # Commands whose writing is not yet safe on a full disk, in files owned elsewhere (each
@@ -184,6 +204,8 @@ def test_a_full_disk_fails_cleanly(world, full_disk, name):
         assert "cannot write (File too large)" in lines[0], lines[0]
     if name == "ingest-child":
         assert "child wrote: True" in logs[name], logs[name][-2000:]
+    if name == "ingest-processes":
+        assert "processes read: True" in logs[name], logs[name][-2000:]
 
 
 def test_a_checkpoint_that_does_not_fit_says_why(tmp_path):

@@ -445,13 +445,14 @@ def test_models_read_ahead_come_in_order_and_the_first_bad_one_stops_them(tmp_pa
     corrupt model's one-line error where its turn comes (not a later one's, read
     beside it), and a reader closed midway returns."""
     from sfmpairs.sfm_io import ingest as ingest_module
-    from sfmpairs.sfm_io.ingest import _read_ahead, gather_sources
+    from sfmpairs.sfm_io.ingest import _read_ahead, gather_sources, reading_tasks
     from sfmpairs.synthetic.models import random_reconstruction, write_model
 
     sizes = (12, 5, 30, 8, 9, 6)
     for k, n in enumerate(sizes):
         write_model(random_reconstruction(n, 20 * n, 3, seed=k), tmp_path / f"m{k}")
     sources, _ = gather_sources([tmp_path / f"m{k}" for k in range(len(sizes))], None, "model")
+    tasks = reading_tasks(sources, [""] * len(sources), [s.cluster for s in sources], "auto")
     threads, real = {}, ingest_module.read_model
 
     def spy(folder, fmt, reader, threads_given):
@@ -459,7 +460,7 @@ def test_models_read_ahead_come_in_order_and_the_first_bad_one_stops_them(tmp_pa
         return real(folder, fmt, reader, threads_given)
 
     monkeypatch.setattr(ingest_module, "read_model", spy)
-    assert [m.num_images for m in _read_ahead(sources, "auto")] == list(sizes)
+    assert [counts[0][0] for _, counts in _read_ahead(tasks)] == list(sizes)
     assert threads == {"m0": 1, "m1": 1, "m2": None, "m3": 1, "m4": 1, "m5": 1}
     threads.clear()  # ingest itself, the sizes from the files it records
     ingest([tmp_path / f"m{k}" for k in range(len(sizes))], tmp_path / "sfm.h5")
@@ -469,9 +470,9 @@ def test_models_read_ahead_come_in_order_and_the_first_bad_one_stops_them(tmp_pa
         (tmp_path / f"m{k}" / "images.bin").write_bytes(data[: len(data) // 2])
     got = []
     with pytest.raises(SfmpairsError, match=r"m3/images\.bin: truncated"):
-        for model in _read_ahead(sources, "auto"):
-            got.append(model.num_images)
+        for _, counts in _read_ahead(tasks):
+            got.append(counts[0][0])
     assert got == list(sizes[:3])
-    reader = _read_ahead(sources, "auto")
-    assert next(reader).num_images == sizes[0]
+    reader = _read_ahead(tasks)
+    assert next(reader)[1][0][0] == sizes[0]  # the first model's images
     reader.close()
