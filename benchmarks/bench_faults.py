@@ -27,6 +27,7 @@ how to reproduce them; exits 1 if any case is a failure, crash or hang.
     python benchmarks/bench_faults.py --cases 400     # a quick slice (tests/test_fuzz.py)
     python benchmarks/bench_faults.py --cases 60000 --kind pairs:shapes   # one kind's share of 60,000
     python benchmarks/bench_faults.py --kill          # kill -9 trials, see kill_trials()
+    python benchmarks/bench_faults.py --command ingest --processes   # ingest's reading processes
 """
 
 from __future__ import annotations
@@ -634,6 +635,11 @@ def fuzz(args) -> int:
     import sfmpairs.sfm_io.ingest  # noqa: F401
     import sfmpairs.train.train  # noqa: F401
 
+    if args.processes:  # ingest's forked reading processes, one model a batch, on every input
+        from sfmpairs.sfm_io import reading_processes
+
+        reading_processes.PROCESS_INPUT_BYTES = 0
+        reading_processes.BATCH_BYTES = 1
     scenes = [s for s in REAL_SCENES[: args.scenes] if (COLMAP / s).is_dir()]
     if not scenes:
         print(f"real COLMAP models not found at {COLMAP}: synthetic models only", file=sys.stderr)
@@ -679,6 +685,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="write the counts here")
     ap.add_argument("--failures", help="write every failure, crash and hang here (JSON)")
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--processes", action="store_true", help="ingest reads in forked processes on every input")
     ap.add_argument("--kill", action="store_true", help="kill -9 trials instead of fuzzing")
     ap.add_argument("--trials", type=int, default=20, help="--kill: trials per command")
     ap.add_argument("--commands", help="--kill: only these commands (comma-separated)")
