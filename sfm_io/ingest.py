@@ -272,7 +272,8 @@ def model_rows(tasks: list[dict], processes: bool):
             logger.warning("cannot start processes to read the models (%s); reading them on threads", e.strerror or e)
     if readers is not None:
         try:
-            yield (readers.next() for _ in tasks), True
+            # asked for once a batch, and once more where a model after a batch's last failed
+            yield iter(readers.next, None), True
         finally:
             readers.close()
         return
