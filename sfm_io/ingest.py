@@ -274,16 +274,18 @@ def model_rows(tasks: list[dict], processes: bool):
         try:
             # asked for once a batch, and once more where a model after a batch's last failed
             yield iter(readers.next, None), True
-        finally:
-            readers.close()
+        except BaseException:
+            readers.close(kill=True)
+            raise
+        readers.close()
         return
     with contextlib.closing(_read_ahead(tasks)) as rows:
         yield rows, False
 
 
 def renumber(columns: dict, point_offset: int, obs_offset: int) -> None:
-    """Number a model's points and observations (from 0 in ``columns``) after those of
-    the models before it, in place."""
+    """Number the points and observations of a model or batch (from 0 in ``columns``)
+    after those of the models before it, in place."""
     if point_offset:
         columns["observations/point"] += np.int32(point_offset)
     if obs_offset:

@@ -38,7 +38,7 @@ from collections import deque
 
 import numpy as np
 
-from sfmpairs.common import SfmpairsError, one_line
+from sfmpairs.common import SfmpairsError, one_line, write_failure
 
 # inputs of at least this many bytes of COLMAP files are read by processes (measured on
 # parts of the corpus, 3 runs each: 629 MB took 1.1 to 1.3 s against 1.4 to 1.8 s on
@@ -99,9 +99,10 @@ class _Buffer:
         """A view of the first ``size`` bytes (the file grown to them where ``grow``)."""
         if self.mapping is None or len(self.mapping) < size:
             self.close()
-            if grow and os.fstat(fd).st_size < size:
-                os.ftruncate(fd, size)
-            self.mapping = mmap.mmap(fd, max(size, mmap.PAGESIZE) if grow else size) if size else None
+            length = max(size, mmap.PAGESIZE) if grow else size  # a page at least, where it grows
+            if grow and os.fstat(fd).st_size < length:
+                os.ftruncate(fd, length)
+            self.mapping = mmap.mmap(fd, length) if size else None
         return memoryview(self.mapping)[:size] if self.mapping is not None else memoryview(b"")
 
     def close(self) -> None:
@@ -159,8 +160,10 @@ def _error(e: BaseException) -> tuple:
 def _raise(error: tuple, path) -> None:
     """Raise here the error :func:`_error` gave (``path``: the model's folder)."""
     kind, errno, text = error
-    if kind == "OSError":
+    if kind == "OSError" and write_failure(OSError(errno, text)):  # no room for the buffer: said as ingest's output's
         raise OSError(errno, text)
+    if kind == "OSError":
+        raise SfmpairsError(f"{path}: reading the model into shared memory failed ({text})")
     if kind == "SfmpairsError":
         raise SfmpairsError(text)
     raise SfmpairsError(f"{path}: reading the model failed ({kind}: {text})")
@@ -170,11 +173,21 @@ def can_fork() -> bool:
     """Whether reading processes can start here: Linux (memfd, fork) and this process
     on one thread, since a process forked from several threads can deadlock on a lock
     another thread held (a Jupyter kernel, a program's own threads)."""
-    return (
-        hasattr(os, "memfd_create")
-        and "fork" in multiprocessing.get_all_start_methods()
-        and threading.active_count() == 1
-    )
+    if not hasattr(os, "memfd_create") or "fork" not in multiprocessing.get_all_start_methods():
+        return False
+    if multiprocessing.current_process().daemon:  # a Pool's worker: it may have no children
+        return False
+    return not [t for t in threading.enumerate() if t is not threading.main_thread() and not _tqdm_monitor(t)]
+
+
+def _tqdm_monitor(thread: threading.Thread) -> bool:
+    """Whether ``thread`` is tqdm's monitor, which a progress bar leaves running: it
+    only sleeps and looks at the bars, and holds no lock the forked processes take."""
+    try:
+        from tqdm._monitor import TMonitor
+    except ImportError:
+        return False
+    return isinstance(thread, TMonitor)
 
 
 class ReadingProcesses:
@@ -203,7 +216,9 @@ class ReadingProcesses:
                 here, there = fork.Pipe()
                 # the process closes this process's ends of every pipe it inherits, so
                 # that each process sees the end of its input when this one ends
-                proc = fork.Process(target=serve, args=(there, fds, [*self.conns, here], os.getpid()), daemon=True)
+                proc = fork.Process(
+                    target=serve, args=(there, fds, [*self.conns, here], os.getpid(), self.batches), daemon=True
+                )
                 proc.start()
                 there.close()
                 self.conns.append(here)
@@ -216,7 +231,7 @@ class ReadingProcesses:
 
     def _ask(self) -> None:
         j = self.asked
-        self._send(j % self.count, ("read", self.batches[j]))
+        self._send(j % self.count, ("read", j))  # the process has the batches from the fork: small asks
         self.asked += 1
 
     def _send(self, p: int, message) -> None:
@@ -262,16 +277,24 @@ class ReadingProcesses:
         reading (its first not given out)."""
         self.procs[p].join()
         j = self.taken + (p - self.taken) % self.count
-        path = self.batches[min(j, len(self.batches) - 1)][0]["path"]
+        batch = self.batches[min(j, len(self.batches) - 1)]
+        what = (
+            f"{batch[0]['path']}"
+            if len(batch) == 1
+            else f"{batch[0]['path']} (or a model after it, to {batch[-1]['path']})"
+        )
         return SfmpairsError(
-            f"{path}: the process reading it stopped (exit status {self.procs[p].exitcode}); nothing written"
+            f"{what}: the process reading it stopped (exit status {self.procs[p].exitcode}); nothing written"
         )
 
-    def close(self) -> None:
-        """End the processes (they stop at the end of their input) and free the buffers."""
+    def close(self, kill: bool = False) -> None:
+        """End the processes (they stop at the end of their input; ``kill``: at once,
+        on an error or ^C, their reading no longer needed) and free the buffers."""
         for conn in self.conns:
             conn.close()
         for proc in self.procs:
+            if kill:
+                proc.kill()
             proc.join(timeout=60)
             if proc.exitcode is None:
                 proc.kill()
@@ -295,15 +318,17 @@ def _end_with(parent: int) -> None:
         os._exit(0)
 
 
-def serve(conn, fds: list[int], inherited: list, parent: int) -> None:
+def serve(conn, fds: list[int], inherited: list, parent: int, batches: list) -> None:
     """A reading process (:class:`ReadingProcesses`): requests come on ``conn``
-    (``("read", tasks)``, ``("free", slot)``), replies go back on it; ``fds`` are its
-    buffers; ``inherited``: the other pipes' ends it got from the fork, closed;
-    ``parent``: ingest's process. The end of its input, or of ingest, ends it."""
+    (``("read", j)``: read ``batches[j]``; ``("free", slot)``), replies go back on it;
+    ``fds`` are its buffers; ``inherited``: the other pipes' ends it got from the fork,
+    closed; ``parent``: ingest's process. The end of its input, or of ingest, ends it.
+    The requests are small, so that ingest never waits to send one while this process
+    waits to send a reply (a batch's names can fill a pipe)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a ^C stops ingest, which stops this
     _end_with(parent)
     for c in inherited:
         c.close()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a ^C stops ingest, which stops this
     buffers = [_Buffer() for _ in fds]
     free = deque(range(len(fds)))
     waiting: deque = deque()  # read requests that came while waiting for a free buffer
@@ -320,7 +345,7 @@ def serve(conn, fds: list[int], inherited: list, parent: int) -> None:
             message = waiting.popleft() if waiting else receive()
             if message is None:
                 continue
-            parts, counts, error = read_batch(message[1])
+            parts, counts, error = read_batch(batches[message[1]])
             while not free:
                 if (request := receive()) is not None:
                     waiting.append(request)

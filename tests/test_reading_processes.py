@@ -81,15 +81,31 @@ def test_processes_and_threads_write_the_same_store(models, tmp_path, processes,
     _assert_same_stores(tmp_path / "processes.h5", tmp_path / "threads.h5")
 
 
-def test_shared_names_leave_the_same_images(models, tmp_path, processes):
+@pytest.fixture(scope="module")
+def overlapping(tmp_path_factory):
+    """Three models at ``root/mK``: m1's first 15 image names are also m0's (m0 is
+    larger and keeps them), m2 shares none."""
+    from sfmpairs.synthetic.models import random_reconstruction, write_model
+
+    root = tmp_path_factory.mktemp("overlapping")
+    for k, (images, id_start) in enumerate([(30, 5), (20, 50), (10, 200)]):
+        write_model(random_reconstruction(images, 600, 3, id_start=id_start, seed=k), root / f"m{k}")
+    return root, [root / f"m{k}" for k in range(3)]
+
+
+def test_shared_names_leave_the_same_images(overlapping, tmp_path, processes):
     """Models that share image names (the images root given: the names are COLMAP's,
     not prefixed), each name kept in the largest model."""
+    import h5py
+
+    root, given = overlapping
     processes.setattr(reading_processes, "BATCH_BYTES", 1)
-    root = models[0].parents[2]
-    ingest(models, tmp_path / "processes.h5", images_root=root, shared_names="largest")
+    ingest(given, tmp_path / "processes.h5", images_root=root, shared_names="largest")
     assert len(Spy.made) == 1
+    with h5py.File(tmp_path / "processes.h5") as f:
+        assert [int((f["images/model"][()] == k).sum()) for k in range(3)] == [30, 5, 10]
     _threads(processes)
-    ingest(models, tmp_path / "threads.h5", images_root=root, shared_names="largest")
+    ingest(given, tmp_path / "threads.h5", images_root=root, shared_names="largest")
     _assert_same_stores(tmp_path / "processes.h5", tmp_path / "threads.h5")
 
 
@@ -202,9 +218,10 @@ def test_no_reading_process_outlives_a_killed_ingest(models, tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", code])
     try:
         deadline = time.monotonic() + 60
-        while len(children := _children(proc.pid)) < 2 and time.monotonic() < deadline:
+        count = reading_processes.processes()  # one a core, 2 to 4 (the 6 models, one a batch, make 6 batches)
+        while len(children := _children(proc.pid)) < count and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert len(children) == 2, children
+        assert len(children) == count, children
     finally:
         proc.kill()
         proc.wait()
@@ -269,3 +286,84 @@ def test_processes_that_cannot_start_leave_the_reading_to_threads(models, tmp_pa
     processes.undo()
     ingest(models, tmp_path / "b.h5")
     _assert_same_stores(tmp_path / "a.h5", tmp_path / "b.h5")
+
+
+def test_tiny_batches_and_more_batches_than_asked_at_the_start(models, tmp_path, processes):
+    """Models of a few hundred bytes of rows (under a page: a buffer's first use maps a
+    page of a file truncated to the rows), and more batches than the processes are
+    asked for at the start (each asked for again as the one before is written):
+    the same store as on threads."""
+    from sfmpairs.synthetic.models import random_reconstruction, write_model
+
+    processes.setattr(reading_processes, "BATCH_BYTES", 1)
+    given = []
+    for k in range(3):
+        given.append(tmp_path / "in" / f"tiny{k}")
+        write_model(random_reconstruction(2, 4, 2, seed=k), given[-1])
+    for copy in range(3):
+        for m in models[:2]:
+            given.append(tmp_path / "in" / f"copy{copy}_{m.parents[1].name}")
+            shutil.copytree(m, given[-1])
+    ingest(given, tmp_path / "processes.h5")
+    (made,) = Spy.made
+    assert len(made.batches) == 9 > made.count * (reading_processes.SLOTS + 1)
+    _threads(processes)
+    ingest(given, tmp_path / "threads.h5")
+    _assert_same_stores(tmp_path / "processes.h5", tmp_path / "threads.h5")
+
+
+def _ingest_here(args):
+    models, out = args
+    ingest(models, out)
+    return out
+
+
+def test_a_pool_worker_reads_on_threads(models, tmp_path, processes):
+    """A multiprocessing Pool's worker may not have children of its own: it reads on
+    threads, the same store."""
+    import multiprocessing
+
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        pool.apply(_ingest_here, ((models, tmp_path / "a.h5"),))
+    ingest(models, tmp_path / "b.h5")
+    assert len(Spy.made) == 1  # in this process only
+    _assert_same_stores(tmp_path / "a.h5", tmp_path / "b.h5")
+
+
+def test_tqdms_monitor_thread_does_not_stop_the_fork():
+    """A progress bar leaves tqdm's monitor thread running; another thread does stop it."""
+    from tqdm import tqdm
+    from tqdm._monitor import TMonitor
+
+    monitor = TMonitor(tqdm, 10)
+    try:
+        assert reading_processes.can_fork()
+        stop = threading.Event()
+        other = threading.Thread(target=stop.wait)
+        other.start()
+        assert not reading_processes.can_fork()
+        stop.set()
+        other.join()
+    finally:
+        monitor.exit()
+
+
+def test_asks_stay_small_whatever_the_names_left_out(overlapping, tmp_path, processes):
+    """Ingest's requests to the reading processes are a few bytes (the processes have
+    the batches from the fork), so that ingest never waits to send one while a
+    process waits to send it a reply: a request that carried a batch's names to
+    leave out (--shared-names) filled the pipe, both sides waiting for ever."""
+    import pickle
+
+    sent = []
+
+    class Measured(Spy):
+        def _send(self, p, message):
+            sent.append(len(pickle.dumps(message)))
+            super()._send(p, message)
+
+    processes.setattr(reading_processes, "ReadingProcesses", Measured)
+    processes.setattr(reading_processes, "BATCH_BYTES", 1)
+    root, given = overlapping
+    ingest(given, tmp_path / "sfm.h5", images_root=root, shared_names="largest")
+    assert len(sent) >= 2 * len(given) - 1 and max(sent) < 100  # asks and frees
