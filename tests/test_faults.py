@@ -153,8 +153,8 @@ def _processes_read_the_models() -> None:
     from sfmpairs.sfm_io import reading_processes
 
     class Said(reading_processes.ReadingProcesses):
-        def close(self):
-            super().close()
+        def close(self, kill=False):
+            super().close(kill)
             print(f"processes read: {True}", file=sys.stderr)
 
     reading_processes.PROCESS_INPUT_BYTES = 0
