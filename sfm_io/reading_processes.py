@@ -51,7 +51,8 @@ SLOTS = 2  # shared-memory buffers of each reading process: one is filled while 
 
 def processes() -> int:
     """How many reading processes: one a core, two at least (ingest's own process
-    writes beside them), four at most (more read faster than the store is written)."""
+    writes beside them), four at most (ingest's one process writes what they read;
+    measured on 2 cores only)."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
@@ -204,7 +205,9 @@ class ReadingProcesses:
         self.count = min(count, max(1, len(self.batches)))
         self.asked = 0  # batches asked for
         self.taken = 0  # batches given out
-        self.error = None  # the error of a model after a batch's last, raised at the next call
+        # a model's error, where its batch came with the models before it only: raised
+        # at the next call, once those have been checked
+        self.error = None
         self.procs, self.conns, self.slots, self.buffers = [], [], [], []
         self.held: tuple[int, int] | None = None  # (process, slot) of the batch given out last
         fork = multiprocessing.get_context("fork")
